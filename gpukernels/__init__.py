@@ -1,0 +1,12 @@
+"""CuPy CUDA kernels for decode attention; imports without a GPU, compiles on first use."""
+
+from .decode import decode
+from .merge_states import merge_states
+from .paged_decode import paged_decode
+from .split_kv import SplitKV, SplitKVPlan, plan_split_kv, split_kv
+from ._runtime import gpu_available
+
+__all__ = [
+    "decode", "split_kv", "merge_states", "paged_decode", "SplitKV", "SplitKVPlan", "plan_split_kv",
+    "gpu_available",
+]

@@ -1,0 +1,192 @@
+"""What every launcher shares: CuPy loaded on demand, compiled modules cached per template key,
+and a view of CuPy arrays and PyTorch CUDA tensors as raw device pointers.
+
+Nothing here touches the GPU at import time; CuPy is imported on the first launch, so the package
+imports on a machine with no GPU and no CuPy.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from decode_attention.contract import dtype_name
+
+CUDA_DIR = pathlib.Path(__file__).resolve().parent / "cuda"
+
+# dtype name -> C++ element type of the kernel templates.
+C_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
+KERNEL_DTYPES = tuple(C_TYPES)
+HEAD_DIMS = (64, 128, 256)
+COMPILE_OPTIONS = ("-std=c++17", "--use_fast_math")
+
+
+def cupy():
+    """The cupy module, or an ImportError that says how to get it."""
+    try:
+        import cupy as cp  # noqa: PLC0415 - imported on first use only
+    except ImportError as exc:  # pragma: no cover - depends on the machine
+        raise ImportError(
+            "gpukernels needs CuPy and a CUDA GPU: pip install 'decode-attention[cuda13]' "
+            "(or [cuda12]); the references (refattn) and the cost model work without them"
+        ) from exc
+    return cp
+
+
+def gpu_available() -> bool:
+    """True when CuPy imports and sees at least one CUDA device."""
+    try:
+        cp = cupy()
+        return cp.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # noqa: BLE001 - any failure means no usable GPU
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def module(source: str, name_expression: str):
+    """The compiled module of one kernel instantiation (`source` is a file in gpukernels/cuda)."""
+    cp = cupy()
+    code = (CUDA_DIR / f"{source}.cu").read_text()
+    options = COMPILE_OPTIONS + (f"-I{CUDA_DIR}",)
+    return cp.RawModule(code=code, options=options, name_expressions=[name_expression])
+
+
+def kernel(source: str, name_expression: str):
+    return module(source, name_expression).get_function(name_expression)
+
+
+@dataclass(frozen=True)
+class Device:
+    """A CUDA array seen through its pointer, whatever library owns it."""
+
+    obj: object
+    kind: str            # "cupy" or "torch"
+    ptr: int
+    shape: tuple
+    dtype: str
+    device_id: int
+    contiguous: bool
+
+
+def _is_torch(x) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
+
+
+def _is_cupy(x) -> bool:
+    return type(x).__module__.startswith("cupy") and hasattr(x, "data")
+
+
+def device_array(x, name: str) -> Device:
+    """View `x` (a CuPy array or a PyTorch CUDA tensor) as a device pointer; TypeError otherwise."""
+    if _is_torch(x):
+        if not x.is_cuda:
+            raise TypeError(f"{name} must be a CUDA tensor, got a tensor on {x.device}")
+        return Device(x, "torch", int(x.data_ptr()), tuple(x.shape), dtype_name(x),
+                      int(x.device.index), bool(x.is_contiguous()))
+    if _is_cupy(x):
+        return Device(x, "cupy", int(x.data.ptr), tuple(x.shape), dtype_name(x),
+                      int(x.device.id), bool(x.flags.c_contiguous))
+    raise TypeError(
+        f"{name} must be a CuPy array or a PyTorch CUDA tensor, got {type(x).__module__}."
+        f"{type(x).__name__}"
+    )
+
+
+def require_contiguous(a: Device, name: str) -> None:
+    if not a.contiguous:
+        raise ValueError(f"{name} must be contiguous (row-major), got a strided view of shape {a.shape}")
+
+
+def require_same_device(arrays: dict) -> int:
+    ids = {name: a.device_id for name, a in arrays.items() if a is not None}
+    if len(set(ids.values())) > 1:
+        raise ValueError(f"all arrays must be on one GPU, got devices {ids}")
+    return next(iter(ids.values()))
+
+
+def host_ints(x, name: str) -> np.ndarray:
+    """A host int64 copy of an index array from NumPy, a list, CuPy or PyTorch (a device copy syncs)."""
+    if x is None:
+        return None
+    if _is_torch(x):
+        if x.dtype.is_floating_point or x.dtype.is_complex or str(x.dtype) == "torch.bool":
+            raise TypeError(f"{name} must hold integers, got {x.dtype}")
+        return x.detach().cpu().numpy().astype(np.int64)
+    if _is_cupy(x):
+        x = x.get()
+    arr = np.asarray(x)
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
+    return arr.astype(np.int64)
+
+
+def _np_dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes  # noqa: PLC0415
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def empty(kind: str, shape: tuple, dtype: str, device_id: int):
+    """An uninitialised array of the caller's kind on the caller's device."""
+    if kind == "torch":
+        import torch  # noqa: PLC0415
+
+        return torch.empty(shape, dtype=getattr(torch, dtype), device=f"cuda:{device_id}")
+    cp = cupy()
+    with cp.cuda.Device(device_id):
+        return cp.empty(shape, dtype=_np_dtype(dtype))
+
+
+def zeros(kind: str, shape: tuple, dtype: str, device_id: int):
+    if kind == "torch":
+        import torch  # noqa: PLC0415
+
+        return torch.zeros(shape, dtype=getattr(torch, dtype), device=f"cuda:{device_id}")
+    cp = cupy()
+    with cp.cuda.Device(device_id):
+        return cp.zeros(shape, dtype=_np_dtype(dtype))
+
+
+def device_int32(x, kind: str, device_id: int, name: str):
+    """An int32 device copy of an index array (host or device), in the caller's kind."""
+    if kind == "torch":
+        import torch  # noqa: PLC0415
+
+        if _is_torch(x) and x.is_cuda and x.dtype == torch.int32 and x.is_contiguous():
+            return x
+        return torch.as_tensor(host_ints(x, name), dtype=torch.int32, device=f"cuda:{device_id}")
+    cp = cupy()
+    with cp.cuda.Device(device_id):
+        if _is_cupy(x) and x.dtype == np.int32 and x.flags.c_contiguous:
+            return x
+        return cp.asarray(host_ints(x, name), dtype=np.int32)
+
+
+def current_stream_ptr(kind: str, device_id: int) -> int:
+    """The caller's current stream: PyTorch's for tensors, CuPy's for CuPy arrays."""
+    if kind == "torch":
+        import torch  # noqa: PLC0415
+
+        return int(torch.cuda.current_stream(device_id).cuda_stream)
+    return int(cupy().cuda.get_current_stream().ptr)
+
+
+def launch(kern, grid, block, args, *, stream_ptr: int, device_id: int, shared_mem: int = 0) -> None:
+    """Launch on the caller's stream and device; pointers travel as uint64, scalars as exact C types."""
+    cp = cupy()
+    with cp.cuda.Device(device_id), cp.cuda.ExternalStream(stream_ptr):
+        kern(grid, block, args, shared_mem=shared_mem)
+
+
+def ptr(x) -> np.uint64:
+    """A kernel pointer argument from a device array or None (null)."""
+    if x is None:
+        return np.uint64(0)
+    if _is_torch(x):
+        return np.uint64(x.data_ptr())
+    return np.uint64(x.data.ptr)

@@ -1,0 +1,90 @@
+// Shared device helpers: 16-byte vector loads and their conversion to float32.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace decode_attention {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kLog2e = 1.4426950408889634f;
+// -inf, the lse of an empty state.
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+__device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
+
+// Elements of T in one 16-byte load.
+template <typename T>
+struct VecTraits {
+  static constexpr int kElems = 16 / static_cast<int>(sizeof(T));
+};
+
+// 16 bytes of T -> kElems float32 values.
+template <typename T>
+__device__ __forceinline__ void to_float(const uint4& raw, float* out);
+
+template <>
+__device__ __forceinline__ void to_float<__half>(const uint4& raw, float* out) {
+  const __half2* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __half22float2(h[i]);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+
+template <>
+__device__ __forceinline__ void to_float<__nv_bfloat16>(const uint4& raw, float* out) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+
+template <>
+__device__ __forceinline__ void to_float<float>(const uint4& raw, float* out) {
+  out[0] = __uint_as_float(raw.x);
+  out[1] = __uint_as_float(raw.y);
+  out[2] = __uint_as_float(raw.z);
+  out[3] = __uint_as_float(raw.w);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+
+// A streaming 16-byte load: the cache rows are read once, so they should not displace L2 lines
+// that are reused (the shared query, the split partials).
+__device__ __forceinline__ uint4 load_stream(const void* p) {
+  return __ldcs(reinterpret_cast<const uint4*>(p));
+}
+
+__device__ __forceinline__ uint4 zero_vec() { return make_uint4(0u, 0u, 0u, 0u); }
+
+// exp2 of a difference of running maxima, with the empty state (-inf) as the identity.
+__device__ __forceinline__ float rescale(float m_old, float m_new) {
+  return m_new == neg_inf() ? 0.0f : exp2f(m_old - m_new);
+}
+
+}  // namespace decode_attention
+
+namespace decode_attention {
+
+__device__ __forceinline__ void to_scalar_float(const __half* p, float* out) { *out = __half2float(*p); }
+__device__ __forceinline__ void to_scalar_float(const __nv_bfloat16* p, float* out) {
+  *out = __bfloat162float(*p);
+}
+__device__ __forceinline__ void to_scalar_float(const float* p, float* out) { *out = *p; }
+
+}  // namespace decode_attention

@@ -1,0 +1,622 @@
+// Single-query attention over a KV cache, cut along its length into chunks (Flash-Decoding).
+//
+// One thread block handles one chunk of one (sequence, KV head, head group): it streams each K/V
+// row of the chunk from memory once and serves every query head of the group from that read.
+// Inside a block, each warp takes every NUM_WARPS-th tile of rows; inside a warp, LANES_PER_ROW
+// lanes share one row (16 bytes each), so a warp load covers ROWS_PER_LOAD rows and every lane
+// keeps ROWS_PER_LANE rows of K and V in flight per tile. The online softmax runs in base 2 on
+// float32 with log2(e) folded into the query scale.
+//
+// With one chunk per sequence the block writes the output directly. Otherwise it writes a float32
+// partial (out, lse) and bumps the sequence's arrival counter; the last block to arrive merges the
+// partials in split order, writes the output and resets the counter, so a call is one launch.
+//
+// The same kernel reads a paged cache (PAGED): row t of sequence b lives at slot t % page_size of
+// page kv_indices[kv_indptr[b] + t / page_size].
+
+#include "common.cuh"
+
+namespace decode_attention {
+
+#ifndef DA_ROWS_PER_LANE
+#define DA_ROWS_PER_LANE 8
+#endif
+#ifndef DA_MIN_BLOCKS
+#define DA_MIN_BLOCKS 1
+#endif
+#ifndef DA_PIPELINE
+#define DA_PIPELINE 1
+#endif
+
+constexpr int NUM_WARPS = 4;
+constexpr int NUM_THREADS = NUM_WARPS * 32;
+constexpr int MIN_BLOCKS_PER_SM = DA_MIN_BLOCKS;
+constexpr bool PIPELINE = DA_PIPELINE;
+
+template <typename T, int HEAD_DIM, int GROUP>
+struct SplitKVShape {
+  static constexpr int VEC = VecTraits<T>::kElems;                         // elements per 16 bytes
+  static constexpr int LANES_PER_ROW = (HEAD_DIM / VEC) < 32 ? (HEAD_DIM / VEC) : 32;
+  static constexpr int VECS = HEAD_DIM / (VEC * LANES_PER_ROW);            // 16-byte loads per lane per row
+  static constexpr int ROWS_PER_LOAD = 32 / LANES_PER_ROW;
+  // Rows each lane holds per tile: 8 loads of K (and of V) in flight, fewer for wide groups so the
+  // scores stay in registers.
+  static constexpr int ROWS_PER_LANE = (GROUP >= 8 ? 4 : DA_ROWS_PER_LANE) / VECS;
+  static constexpr int WARP_ROWS = ROWS_PER_LOAD * ROWS_PER_LANE;           // rows of one warp tile
+  static constexpr int DIMS_PER_LANE = VEC * VECS;
+  static_assert(HEAD_DIM % (VEC * LANES_PER_ROW) == 0, "head_dim must fill whole 16-byte lanes");
+  static_assert(ROWS_PER_LANE >= 1, "tile too small");
+};
+
+// Offset (in elements) of row `row` of sequence `b`, KV head `kh`; -1 for a page index out of range.
+template <bool PAGED>
+__device__ __forceinline__ long long row_offset(int row, int b, int kh, int kv_len, int num_kv_heads,
+                                                int head_dim, const int* kv_indptr,
+                                                const int* kv_indices, int num_pages, int page_size) {
+  if constexpr (PAGED) {
+    const int page = __ldg(kv_indices + __ldg(kv_indptr + b) + row / page_size);
+    if (page < 0 || page >= num_pages) return -1;
+    const long long slot = static_cast<long long>(page) * page_size + row % page_size;
+    return (slot * num_kv_heads + kh) * head_dim;
+  } else {
+    const long long token = static_cast<long long>(b) * kv_len + row;
+    return (token * num_kv_heads + kh) * head_dim;
+  }
+}
+
+// The end of every block: merge the warps' states (in warp order), then either write the output
+// (one chunk) or write a float32 partial and, in the last block to arrive, merge all the partials of
+// this (sequence, KV head, head group) in split order.
+template <typename T, int HEAD_DIM, int GROUP>
+__device__ __forceinline__ void finish_block(const float (&smem_o)[NUM_WARPS][GROUP][HEAD_DIM],
+                                             const float (&smem_m)[NUM_WARPS][GROUP],
+                                             const float (&smem_l)[NUM_WARPS][GROUP],
+                                             T* __restrict__ out, float* __restrict__ lse,
+                                             float* __restrict__ partial_out,
+                                             float* __restrict__ partial_lse, int* __restrict__ counters,
+                                             int b, int split, int splits_here, int head0, int heads_here,
+                                             int batch, int num_qo_heads) {
+  __shared__ int smem_is_last;
+
+  // Merge the warps in warp order; each thread finishes some (head, dim) pairs of the block.
+  const bool direct = splits_here == 1;
+  for (int t = threadIdx.x; t < heads_here * HEAD_DIM; t += NUM_THREADS) {
+    const int g = t / HEAD_DIM;
+    const int d = t % HEAD_DIM;
+    float m_tot = neg_inf();
+#pragma unroll
+    for (int w = 0; w < NUM_WARPS; ++w) m_tot = fmaxf(m_tot, smem_m[w][g]);
+    float l_tot = 0.0f, o_tot = 0.0f;
+#pragma unroll
+    for (int w = 0; w < NUM_WARPS; ++w) {
+      const float a = rescale(smem_m[w][g], m_tot);
+      l_tot += smem_l[w][g] * a;
+      o_tot += smem_o[w][g][d] * a;
+    }
+    const float o_final = l_tot > 0.0f ? o_tot / l_tot : 0.0f;
+    const float lse_final = l_tot > 0.0f ? (m_tot + log2f(l_tot)) * kLn2 : neg_inf();
+    const int h = head0 + g;
+    if (direct) {
+      out[static_cast<long long>(b * num_qo_heads + h) * HEAD_DIM + d] = from_float<T>(o_final);
+      if (d == 0) lse[b * num_qo_heads + h] = lse_final;
+    } else {
+      const long long row = static_cast<long long>(split) * batch * num_qo_heads + b * num_qo_heads + h;
+      partial_out[row * HEAD_DIM + d] = o_final;
+      if (d == 0) partial_lse[row] = lse_final;
+    }
+  }
+  if (direct) return;
+
+  // Arrive; the last block of this (sequence, KV head, head group) merges the partials.
+  __threadfence();
+  __syncthreads();
+  int* counter = counters + blockIdx.y;
+  if (threadIdx.x == 0) {
+    const int arrived = atomicAdd(counter, 1);
+    smem_is_last = arrived == splits_here - 1;
+  }
+  __syncthreads();
+  if (!smem_is_last) return;
+  __threadfence();
+  const long long split_stride = static_cast<long long>(batch) * num_qo_heads;
+  for (int t = threadIdx.x; t < heads_here * HEAD_DIM; t += NUM_THREADS) {
+    const int g = t / HEAD_DIM;
+    const int d = t % HEAD_DIM;
+    const long long base = static_cast<long long>(b) * num_qo_heads + head0 + g;
+    float lse_max = neg_inf();
+#pragma unroll 8
+    for (int s = 0; s < splits_here; ++s) lse_max = fmaxf(lse_max, __ldcg(partial_lse + s * split_stride + base));
+    float w_sum = 0.0f, o_sum = 0.0f;
+#pragma unroll 8
+    for (int s = 0; s < splits_here; ++s) {
+      const float ls = __ldcg(partial_lse + s * split_stride + base);
+      const float o_s = __ldcg(partial_out + (s * split_stride + base) * HEAD_DIM + d);
+      const float w = lse_max == neg_inf() ? 0.0f : exp2f((ls - lse_max) * kLog2e);
+      w_sum += w;
+      o_sum = fmaf(w, o_s, o_sum);
+    }
+    out[base * HEAD_DIM + d] = from_float<T>(w_sum > 0.0f ? o_sum / w_sum : 0.0f);
+    if (d == 0) lse[base] = w_sum > 0.0f ? lse_max + log2f(w_sum) * kLn2 : neg_inf();
+  }
+  if (threadIdx.x == 0) *counter = 0;  // ready for the next call (and the next graph replay)
+}
+
+// What one block works on. Returns false when the block has nothing to do (a split beyond its
+// sequence's length, or a sequence whose length is impossible, whose output it then poisons).
+struct BlockWork {
+  int split, b, kh, head0, heads_here, splits_here, start, end;
+};
+
+template <typename T, int HEAD_DIM, int GROUP, bool PAGED>
+__device__ __forceinline__ bool block_work(BlockWork& w, T* __restrict__ out, float* __restrict__ lse,
+                                           const int* __restrict__ kv_lens,
+                                           const int* __restrict__ kv_indptr,
+                                           const int* __restrict__ kv_last_page_len, int kv_len,
+                                           int page_size, int num_qo_heads, int num_kv_heads,
+                                           int head_groups, int chunk_size) {
+  const int split = blockIdx.x;
+  const int hg = blockIdx.y % head_groups;
+  const int kh = (blockIdx.y / head_groups) % num_kv_heads;
+  const int b = blockIdx.y / (head_groups * num_kv_heads);
+  const int group_size = num_qo_heads / num_kv_heads;
+  const int head0 = kh * group_size + hg * GROUP;          // first query head of this block
+  const int heads_here = min(GROUP, group_size - hg * GROUP);
+
+  // This sequence's length; a length outside the cache poisons the output instead of reading past it.
+  int len;
+  bool bad_len = false;
+  if constexpr (PAGED) {
+    const int n = kv_indptr[b + 1] - kv_indptr[b];
+    len = n > 0 ? (n - 1) * page_size + kv_last_page_len[b] : 0;
+    bad_len = n < 0 || (n > 0 && (kv_last_page_len[b] < 1 || kv_last_page_len[b] > page_size));
+  } else {
+    len = kv_lens != nullptr ? kv_lens[b] : kv_len;
+    bad_len = len < 0 || len > kv_len;
+  }
+  bad_len = bad_len || len > static_cast<int>(gridDim.x) * chunk_size;  // the plan is too short for it
+  const int splits_here = bad_len ? 1 : max(1, (len + chunk_size - 1) / chunk_size);
+  if (split >= splits_here) return false;
+  if (bad_len) {
+    for (int t = threadIdx.x; t < heads_here * HEAD_DIM; t += NUM_THREADS) {
+      out[static_cast<long long>(b * num_qo_heads + head0 + t / HEAD_DIM) * HEAD_DIM + t % HEAD_DIM] =
+          from_float<T>(quiet_nan());
+    }
+    for (int g = threadIdx.x; g < heads_here; g += NUM_THREADS) {
+      lse[b * num_qo_heads + head0 + g] = quiet_nan();
+    }
+    return false;
+  }
+  const int start = split * chunk_size;
+  const int end = min(start + chunk_size, len);
+  w = BlockWork{split, b, kh, head0, heads_here, splits_here, start, end};
+  return true;
+}
+
+template <typename T, int HEAD_DIM, int GROUP, bool PAGED>
+__global__ void __launch_bounds__(NUM_THREADS, MIN_BLOCKS_PER_SM)
+split_kv_kernel(const T* __restrict__ q,                 // [batch, num_qo_heads, HEAD_DIM]
+                const T* __restrict__ k,                 // [batch, kv_len, Hkv, D] or [pages, page_size, Hkv, D]
+                const T* __restrict__ v,
+                const int* __restrict__ kv_lens,         // [batch] or null (contiguous)
+                const int* __restrict__ kv_indptr,       // [batch + 1] (paged)
+                const int* __restrict__ kv_indices,      // [nnz_pages] (paged)
+                const int* __restrict__ kv_last_page_len,  // [batch] (paged)
+                T* __restrict__ out,                     // [batch, num_qo_heads, HEAD_DIM]
+                float* __restrict__ lse,                 // [batch, num_qo_heads]
+                float* __restrict__ partial_out,         // [num_splits, batch, num_qo_heads, HEAD_DIM]
+                float* __restrict__ partial_lse,         // [num_splits, batch, num_qo_heads]
+                int* __restrict__ counters,              // [batch * num_kv_heads * head_groups]
+                int batch, int kv_len, int num_pages, int page_size, int num_qo_heads,
+                int num_kv_heads, int head_groups, int chunk_size, float scale_log2) {
+  using S = SplitKVShape<T, HEAD_DIM, GROUP>;
+  constexpr int VEC = S::VEC;
+  constexpr int LPR = S::LANES_PER_ROW;
+  constexpr int VECS = S::VECS;
+  constexpr int RPL = S::ROWS_PER_LOAD;
+  constexpr int R = S::ROWS_PER_LANE;
+  constexpr int DPL = S::DIMS_PER_LANE;
+
+  __shared__ float smem_o[NUM_WARPS][GROUP][HEAD_DIM];
+  __shared__ float smem_m[NUM_WARPS][GROUP];
+  __shared__ float smem_l[NUM_WARPS][GROUP];
+
+  BlockWork w;
+  if (!block_work<T, HEAD_DIM, GROUP, PAGED>(w, out, lse, kv_lens, kv_indptr, kv_last_page_len, kv_len,
+                                             page_size, num_qo_heads, num_kv_heads, head_groups,
+                                             chunk_size)) {
+    return;
+  }
+  const int split = w.split, b = w.b, kh = w.kh, head0 = w.head0, heads_here = w.heads_here;
+  const int splits_here = w.splits_here, start = w.start, end = w.end;
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int row_in_load = lane / LPR;
+  const int lane_col = lane % LPR;
+
+  // Query heads of the group in registers, scaled so that scores come out in log2 units.
+  float qf[GROUP][DPL];
+#pragma unroll
+  for (int g = 0; g < GROUP; ++g) {
+#pragma unroll
+    for (int j = 0; j < VECS; ++j) {
+      const int dim = (j * LPR + lane_col) * VEC;
+      if (g < heads_here) {
+        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(
+            q + static_cast<long long>(b * num_qo_heads + head0 + g) * HEAD_DIM + dim));
+        to_float<T>(raw, &qf[g][j * VEC]);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) qf[g][j * VEC + e] *= scale_log2;
+      } else {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) qf[g][j * VEC + e] = 0.0f;
+      }
+    }
+  }
+
+  float m[GROUP], l[GROUP], o[GROUP][DPL];
+#pragma unroll
+  for (int g = 0; g < GROUP; ++g) {
+    m[g] = neg_inf();
+    l[g] = 0.0f;
+#pragma unroll
+    for (int e = 0; e < DPL; ++e) o[g][e] = 0.0f;
+  }
+
+  // Software pipeline within each warp: V of this tile and K of the next tile are in flight while
+  // the scores and the output of this tile are computed, so a warp never waits on both at once.
+  const int stride = NUM_WARPS * S::WARP_ROWS;
+  uint4 kb[R][VECS], vb[R][VECS];
+  long long off[R];   // element offsets of this tile's rows; -1 for a row outside the chunk
+  int tile = start + warp * S::WARP_ROWS;
+  bool bad_page = false;
+  auto locate = [&](int first_row, long long (&offsets)[R]) {
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      const int row = first_row + i * RPL + row_in_load;
+      offsets[i] = -1;
+      if (row < end) {
+        offsets[i] = row_offset<PAGED>(row, b, kh, kv_len, num_kv_heads, HEAD_DIM, kv_indptr,
+                                       kv_indices, num_pages, page_size);
+        bad_page = bad_page || offsets[i] < 0;
+      }
+    }
+  };
+  auto load_rows = [&](const T* base, const long long (&offsets)[R], uint4 (&buf)[R][VECS]) {
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+#pragma unroll
+      for (int j = 0; j < VECS; ++j) {
+        buf[i][j] = offsets[i] >= 0 ? load_stream(base + offsets[i] + (j * LPR + lane_col) * VEC)
+                                    : zero_vec();
+      }
+    }
+  };
+  if (tile < end) {
+    locate(tile, off);
+    if (PIPELINE) load_rows(k, off, kb);
+  }
+  for (; tile < end; tile += stride) {
+    if (!PIPELINE) load_rows(k, off, kb);
+    load_rows(v, off, vb);
+    bool valid[R];
+#pragma unroll
+    for (int i = 0; i < R; ++i) valid[i] = off[i] >= 0;
+
+    // Partial dot products over this lane's dims, then summed across the lanes of a row.
+    float s[GROUP][R];
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+#pragma unroll
+      for (int g = 0; g < GROUP; ++g) s[g][i] = 0.0f;
+#pragma unroll
+      for (int j = 0; j < VECS; ++j) {
+        float kf[VEC];
+        to_float<T>(kb[i][j], kf);
+#pragma unroll
+        for (int g = 0; g < GROUP; ++g) {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) s[g][i] = fmaf(qf[g][j * VEC + e], kf[e], s[g][i]);
+        }
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g) {
+#pragma unroll
+      for (int i = 0; i < R; ++i) {
+#pragma unroll
+        for (int offset = LPR / 2; offset >= 1; offset /= 2) {
+          s[g][i] += __shfl_xor_sync(kFullMask, s[g][i], offset);
+        }
+        if (!valid[i]) s[g][i] = neg_inf();
+      }
+    }
+    // Scores are in registers: K's buffer is free for the next tile.
+    if (tile + stride < end) {
+      locate(tile + stride, off);
+      if (PIPELINE) load_rows(k, off, kb);
+    }
+    // A page index out of range poisons the result rather than reading outside the cache.
+    if (bad_page) {
+#pragma unroll
+      for (int g = 0; g < GROUP; ++g) s[g][0] = quiet_nan();
+    }
+
+    // Online softmax update; s becomes the probabilities.
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g) {
+      float m_new = m[g];
+#pragma unroll
+      for (int i = 0; i < R; ++i) m_new = fmaxf(m_new, s[g][i]);
+      const float alpha = rescale(m[g], m_new);
+      float p_sum = 0.0f;
+#pragma unroll
+      for (int i = 0; i < R; ++i) {
+        s[g][i] = m_new == neg_inf() ? 0.0f : exp2f(s[g][i] - m_new);
+        p_sum += s[g][i];
+      }
+      l[g] = l[g] * alpha + p_sum;
+      m[g] = m_new;
+#pragma unroll
+      for (int e = 0; e < DPL; ++e) o[g][e] *= alpha;
+    }
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+#pragma unroll
+      for (int j = 0; j < VECS; ++j) {
+        float vf[VEC];
+        to_float<T>(vb[i][j], vf);
+#pragma unroll
+        for (int g = 0; g < GROUP; ++g) {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) o[g][j * VEC + e] = fmaf(s[g][i], vf[e], o[g][j * VEC + e]);
+        }
+      }
+    }
+  }
+
+  // Merge the row groups of the warp (lanes holding the same dims for different rows).
+#pragma unroll
+  for (int offset = LPR; offset < 32; offset *= 2) {
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g) {
+      const float m_other = __shfl_xor_sync(kFullMask, m[g], offset);
+      const float l_other = __shfl_xor_sync(kFullMask, l[g], offset);
+      const float m_new = fmaxf(m[g], m_other);
+      const float a_self = rescale(m[g], m_new);
+      const float a_other = rescale(m_other, m_new);
+      l[g] = l[g] * a_self + l_other * a_other;
+#pragma unroll
+      for (int e = 0; e < DPL; ++e) {
+        const float o_other = __shfl_xor_sync(kFullMask, o[g][e], offset);
+        o[g][e] = o[g][e] * a_self + o_other * a_other;
+      }
+      m[g] = m_new;
+    }
+  }
+  if (row_in_load == 0) {
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g) {
+#pragma unroll
+      for (int j = 0; j < VECS; ++j) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) smem_o[warp][g][(j * LPR + lane_col) * VEC + e] = o[g][j * VEC + e];
+      }
+      if (lane == 0) {
+        smem_m[warp][g] = m[g];
+        smem_l[warp][g] = l[g];
+      }
+    }
+  }
+  __syncthreads();
+  finish_block<T, HEAD_DIM, GROUP>(smem_o, smem_m, smem_l, out, lse, partial_out, partial_lse, counters,
+                                   b, split, splits_here, head0, heads_here, batch, num_qo_heads);
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core form for float16 / bfloat16 (head_dim 64 or 128): the same blocks, chunks, warp
+// tiles and epilogue, but each warp computes the scores of its 16 rows for all heads of the group
+// with mma.sync (query heads as the 16 rows of A, zero-padded) and the output likewise, so the
+// arithmetic per row costs a few instructions instead of a few hundred. K and V are loaded
+// straight from global memory into the operand registers: the head_dim index is permuted
+// consistently in Q and K (a dot product does not care about order), and in V and the output (each
+// output element goes back to its own dim), which makes every load 16 contiguous bytes.
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], unsigned a0, unsigned a2, unsigned b0,
+                                          unsigned b1);
+
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], unsigned a0, unsigned a2,
+                                                  unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], unsigned a0, unsigned a2,
+                                                         unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+}
+
+template <typename T>
+__device__ __forceinline__ unsigned pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ unsigned pack2<__half>(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const unsigned*>(&h);
+}
+template <>
+__device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const unsigned*>(&h);
+}
+
+__device__ __forceinline__ unsigned word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+template <typename T, int HEAD_DIM, int GROUP, bool PAGED>
+__global__ void __launch_bounds__(NUM_THREADS, MIN_BLOCKS_PER_SM)
+split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                    const int* __restrict__ kv_lens, const int* __restrict__ kv_indptr,
+                    const int* __restrict__ kv_indices, const int* __restrict__ kv_last_page_len,
+                    T* __restrict__ out, float* __restrict__ lse, float* __restrict__ partial_out,
+                    float* __restrict__ partial_lse, int* __restrict__ counters, int batch, int kv_len,
+                    int num_pages, int page_size, int num_qo_heads, int num_kv_heads, int head_groups,
+                    int chunk_size, float scale_log2) {
+  static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "tensor-core path: head_dim 64 or 128");
+  static_assert(GROUP <= 8, "at most 8 query heads per block (rows 8..15 of A stay zero)");
+  constexpr int WARP_ROWS = 16;             // rows per warp tile: two n-tiles of 8 for the scores
+  constexpr int CHUNKS = HEAD_DIM / 32;     // 16-byte loads per K row per lane (4 lanes per row)
+  constexpr int VCHUNKS = HEAD_DIM / 64;    // 16-byte loads per V row per lane (8 lanes per row)
+  constexpr int DIM_TILES = HEAD_DIM / 8;   // n-tiles of the output
+
+  __shared__ float smem_o[NUM_WARPS][GROUP][HEAD_DIM];
+  __shared__ float smem_m[NUM_WARPS][GROUP];
+  __shared__ float smem_l[NUM_WARPS][GROUP];
+
+  BlockWork w;
+  if (!block_work<T, HEAD_DIM, GROUP, PAGED>(w, out, lse, kv_lens, kv_indptr, kv_last_page_len, kv_len,
+                                             page_size, num_qo_heads, num_kv_heads, head_groups,
+                                             chunk_size)) {
+    return;
+  }
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int gid = lane >> 2;   // row of A / column of B and C
+  const int tig = lane & 3;    // thread in group
+
+  // Q as A fragments: head `gid`, dims c*32 + tig*8 + [0, 8) for chunk c (the K permutation).
+  uint4 qa[CHUNKS];
+#pragma unroll
+  for (int c = 0; c < CHUNKS; ++c) {
+    qa[c] = gid < w.heads_here
+                ? __ldg(reinterpret_cast<const uint4*>(
+                      q + static_cast<long long>(w.b * num_qo_heads + w.head0 + gid) * HEAD_DIM +
+                      c * 32 + tig * 8))
+                : zero_vec();
+  }
+
+  float o[DIM_TILES][4];
+#pragma unroll
+  for (int j = 0; j < DIM_TILES; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+  float m = neg_inf();   // running max of head gid (same in the 4 lanes of a group)
+  float l = 0.0f;        // this lane's share of the running sum
+
+  const int stride = NUM_WARPS * WARP_ROWS;
+  bool bad_page = false;
+  auto offset_of = [&](int row) -> long long {
+    if (row >= w.end) return -1;
+    const long long off = row_offset<PAGED>(row, w.b, w.kh, kv_len, num_kv_heads, HEAD_DIM, kv_indptr,
+                                            kv_indices, num_pages, page_size);
+    bad_page = bad_page || off < 0;
+    return off;
+  };
+  // K rows of a tile for this lane: tile + n*8 + gid (n = 0, 1); V rows: tile + {0, 1, 8, 9} + 2*tig.
+  uint4 kb[2][CHUNKS], vb[4][VCHUNKS];
+  auto load_k = [&](int tile) {
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+      const long long off = offset_of(tile + n * 8 + gid);
+#pragma unroll
+      for (int c = 0; c < CHUNKS; ++c) kb[n][c] = off >= 0 ? load_stream(k + off + c * 32 + tig * 8) : zero_vec();
+    }
+  };
+  auto load_v = [&](int tile) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const long long off = offset_of(tile + (r & 1) + (r >> 1) * 8 + 2 * tig);
+#pragma unroll
+      for (int c = 0; c < VCHUNKS; ++c) vb[r][c] = off >= 0 ? load_stream(v + off + c * 64 + gid * 8) : zero_vec();
+    }
+  };
+
+  int tile = w.start + warp * WARP_ROWS;
+  if (tile < w.end) load_k(tile);
+  for (; tile < w.end; tile += stride) {
+    load_v(tile);
+    // Scores: s[n][0..1] = head gid, rows tile + n*8 + 2*tig + {0, 1}; s[n][2..3] are padding rows.
+    float s[2][4];
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+      s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+      for (int c = 0; c < CHUNKS; ++c) {
+        mma_16816<T>(s[n], qa[c].x, qa[c].y, kb[n][c].x, kb[n][c].y);
+        mma_16816<T>(s[n], qa[c].z, qa[c].w, kb[n][c].z, kb[n][c].w);
+      }
+    }
+    if (tile + stride < w.end) load_k(tile + stride);
+
+    float m_new = m;
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int row = tile + n * 8 + 2 * tig + e;
+        s[n][e] = row < w.end ? s[n][e] * scale_log2 : neg_inf();
+        m_new = fmaxf(m_new, s[n][e]);
+      }
+    }
+    m_new = fmaxf(m_new, __shfl_xor_sync(kFullMask, m_new, 1));
+    m_new = fmaxf(m_new, __shfl_xor_sync(kFullMask, m_new, 2));
+    if (bad_page) m_new = quiet_nan();
+    const float alpha = rescale(m, m_new);
+    m = m_new;
+    float p[2][2];
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        p[n][e] = m_new == neg_inf() ? 0.0f : exp2f(s[n][e] - m_new);
+        l = l * (n == 0 && e == 0 ? alpha : 1.0f) + p[n][e];
+      }
+    }
+    // P as the A fragment: k index = row within the tile (n-tile 0: k 0..7, n-tile 1: k 8..15).
+    const unsigned pa0 = pack2<T>(p[0][0], p[0][1]);
+    const unsigned pa2 = pack2<T>(p[1][0], p[1][1]);
+#pragma unroll
+    for (int j = 0; j < DIM_TILES; ++j) {
+      o[j][0] *= alpha;
+      o[j][1] *= alpha;
+      // B fragment for dim n-tile j: column gid is dim (j/8)*64 + gid*8 + j%8; rows are the tile's
+      // rows 2*tig + {0,1} (b0) and 8 + 2*tig + {0,1} (b1): pair the halves of two V rows.
+      const int c = j / 8, e = j % 8;
+      const unsigned sel = (e & 1) ? 0x7632u : 0x5410u;
+      const unsigned b0 = __byte_perm(word(vb[0][c], e >> 1), word(vb[1][c], e >> 1), sel);
+      const unsigned b1 = __byte_perm(word(vb[2][c], e >> 1), word(vb[3][c], e >> 1), sel);
+      mma_16816<T>(o[j], pa0, pa2, b0, b1);
+    }
+  }
+
+  // Sum l over the 4 lanes of a group; then write this warp's state: o[j][e] is head gid,
+  // dim (j/8)*64 + (2*tig + e)*8 + j%8.
+  l += __shfl_xor_sync(kFullMask, l, 1);
+  l += __shfl_xor_sync(kFullMask, l, 2);
+  if (gid < GROUP) {
+#pragma unroll
+    for (int j = 0; j < DIM_TILES; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) smem_o[warp][gid][(j / 8) * 64 + (2 * tig + e) * 8 + j % 8] = o[j][e];
+    }
+    if (tig == 0) {
+      smem_m[warp][gid] = m;
+      smem_l[warp][gid] = l;
+    }
+  }
+  __syncthreads();
+  finish_block<T, HEAD_DIM, GROUP>(smem_o, smem_m, smem_l, out, lse, partial_out, partial_lse, counters,
+                                   w.b, w.split, w.splits_here, w.head0, w.heads_here, batch,
+                                   num_qo_heads);
+}
+
+}  // namespace decode_attention

@@ -1,0 +1,323 @@
+"""Flash-Decoding on the GPU: split the KV cache along its length, attend to the chunks in
+parallel, merge the partial states in the same launch.
+
+Two ways to call it:
+
+* `split_kv(q, k, v, kv_lens)` checks everything (index values included, which copies them to the
+  host), plans and runs: the simple way.
+* `SplitKV(plan).run(q, k, v, kv_lens)` runs a plan made once with `plan_split_kv(...)`, reusable
+  across layers and steps. It does no host synchronisation and, given `out` and `lse`, no
+  allocation, so it can be captured in a CUDA graph. Index values are not read on the host there;
+  a length or page index outside the cache turns that sequence's output into NaN instead of being
+  read out of bounds.
+
+Example (on a GPU)::
+
+    import cupy as cp
+    from gpukernels import split_kv
+    q = cp.random.standard_normal((1, 32, 128)).astype(cp.float16)
+    k = cp.random.standard_normal((1, 32768, 8, 128)).astype(cp.float16)
+    v = cp.random.standard_normal((1, 32768, 8, 128)).astype(cp.float16)
+    out, lse = split_kv(q, k, v)          # out: [1, 32, 128] float16, lse: [1, 32] float32
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+from costmodel.split_kv import HEADS_PER_BLOCK_CHOICES, NUM_WARPS, SplitKVPlan, plan_split_kv
+from decode_attention.contract import check_decode, check_paged
+
+from . import _runtime as rt
+
+__all__ = ["SplitKV", "split_kv", "plan_split_kv", "SplitKVPlan"]
+
+_LOG2E = 1.4426950408889634
+
+
+# float16/bfloat16 at these head dims run on the tensor cores; the rest on the CUDA cores.
+TENSOR_CORE_DTYPES = ("float16", "bfloat16")
+TENSOR_CORE_HEAD_DIMS = (64, 128)
+
+
+def uses_tensor_cores(dtype: str, head_dim: int) -> bool:
+    return dtype in TENSOR_CORE_DTYPES and head_dim in TENSOR_CORE_HEAD_DIMS
+
+
+def name_expression(dtype: str, head_dim: int, heads_per_block: int, paged: bool) -> str:
+    """The kernel template instantiation for one key (also compiled by the CI compile check)."""
+    kernel = "split_kv_mma_kernel" if uses_tensor_cores(dtype, head_dim) else "split_kv_kernel"
+    return (
+        f"decode_attention::{kernel}<{rt.C_TYPES[dtype]}, {head_dim}, {heads_per_block}, "
+        f"{'true' if paged else 'false'}>"
+    )
+
+
+def all_name_expressions() -> list[str]:
+    """Every instantiation the launchers can ask for."""
+    return [
+        name_expression(dtype, head_dim, g, paged)
+        for dtype in rt.KERNEL_DTYPES
+        for head_dim in rt.HEAD_DIMS
+        for g in HEADS_PER_BLOCK_CHOICES
+        for paged in (False, True)
+    ]
+
+
+def _kernel(plan: SplitKVPlan, paged: bool):
+    return rt.kernel("split_kv", name_expression(plan.dtype, plan.head_dim, plan.heads_per_block, paged))
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_id: int) -> int:
+    cp = rt.cupy()
+    return int(cp.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"])
+
+
+def check_kernel_dtype_and_head_dim(dtype: str, head_dim: int) -> None:
+    if dtype not in rt.KERNEL_DTYPES:
+        raise TypeError(f"q must be one of {', '.join(rt.KERNEL_DTYPES)} for the GPU kernels, got {dtype}")
+    if head_dim not in rt.HEAD_DIMS:
+        raise ValueError(
+            f"head_dim must be one of {', '.join(map(str, rt.HEAD_DIMS))} for the GPU kernels, got {head_dim}"
+        )
+
+
+class _Workspace:
+    """Partial results and arrival counters of split plans, grown on demand, one per stream.
+
+    The counters start at zero and every call leaves them at zero (the merging block resets its
+    counter), so the buffers can be reused call after call on the same stream.
+    """
+
+    def __init__(self, kind: str, device_id: int):
+        self.kind = kind
+        self.device_id = device_id
+        self.floats = None
+        self.counters = None
+
+    def ensure(self, plan: SplitKVPlan):
+        n_float = plan.partial_out_elems + plan.partial_lse_elems
+        if self.floats is None or _numel(self.floats) < n_float:
+            self.floats = rt.empty(self.kind, (max(n_float, 1),), "float32", self.device_id)
+        if self.counters is None or _numel(self.counters) < plan.counter_elems:
+            self.counters = rt.zeros(self.kind, (max(plan.counter_elems, 1),), "int32", self.device_id)
+        return self
+
+    def pointers(self, plan: SplitKVPlan):
+        base = int(rt.ptr(self.floats))
+        return (
+            np.uint64(base),
+            np.uint64(base + 4 * plan.partial_out_elems),
+            rt.ptr(self.counters),
+        )
+
+
+def _numel(x) -> int:
+    return int(math.prod(x.shape))
+
+
+_WORKSPACES: dict = {}
+
+
+def _shared_workspace(kind: str, device_id: int, stream_ptr: int) -> _Workspace:
+    key = (kind, device_id, stream_ptr)
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = _Workspace(kind, device_id)
+    return _WORKSPACES[key]
+
+
+class SplitKV:
+    """A split-KV plan bound to its own workspace; `run` many times without host synchronisation.
+
+    >>> plan = plan_split_kv(8, 32, 8, 128, 32768, dtype="float16")   # doctest: +SKIP
+    >>> dec = SplitKV(plan)                                           # doctest: +SKIP
+    >>> out, lse = dec.run(q, k, v, kv_lens_on_gpu)                   # doctest: +SKIP
+    """
+
+    def __init__(self, plan: SplitKVPlan):
+        if not isinstance(plan, SplitKVPlan):
+            raise TypeError(f"plan must be a SplitKVPlan, got {type(plan).__name__}")
+        check_kernel_dtype_and_head_dim(plan.dtype, plan.head_dim)
+        self.plan = plan
+        self._workspace = None
+
+    def _workspace_for(self, kind: str, device_id: int) -> _Workspace:
+        if self._workspace is None or self._workspace.device_id != device_id:
+            self._workspace = _Workspace(kind, device_id)
+        return self._workspace.ensure(self.plan)
+
+    def run(self, q, k, v, kv_lens=None, *, sm_scale=None, out=None, lse=None):
+        """Contiguous cache; `kv_lens` None or an int32 device array [batch] (values not checked here)."""
+        return _launch(self.plan, q, k, v, kv_lens=kv_lens, paged=None, sm_scale=sm_scale, out=out,
+                       lse=lse, workspace=self._workspace_for)
+
+    def run_paged(self, q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, *,
+                  sm_scale=None, out=None, lse=None):
+        """Paged cache; the three index arrays as int32 device arrays (values not checked here)."""
+        return _launch(self.plan, q, k_cache, v_cache, kv_lens=None,
+                       paged=(kv_indptr, kv_indices, kv_last_page_len), sm_scale=sm_scale, out=out,
+                       lse=lse, workspace=self._workspace_for)
+
+
+def _expect_shape(a: rt.Device, name: str, template: str, expected: tuple) -> None:
+    ok = len(a.shape) == len(expected) and all(e is None or e == s for e, s in zip(expected, a.shape))
+    if not ok:
+        shown = ", ".join("*" if e is None else str(e) for e in expected)
+        raise ValueError(f"{name} must be {template} = [{shown}], got {a.shape}")
+
+
+def _expect_index(x, name: str, length: int, device_id: int):
+    if x is None:
+        return None
+    a = rt.device_array(x, name)
+    if a.dtype != "int32":
+        raise TypeError(f"{name} must be an int32 device array for SplitKV.run, got {a.dtype}")
+    _expect_shape(a, name, "[n]", (length,) if length is not None else (None,))
+    rt.require_contiguous(a, name)
+    if a.device_id != device_id:
+        raise ValueError(f"{name} must be on GPU {device_id}, got GPU {a.device_id}")
+    return x
+
+
+def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace):
+    """Check shapes against the plan (metadata only: no synchronisation) and launch."""
+    qa, ka, va = rt.device_array(q, "q"), rt.device_array(k, "k"), rt.device_array(v, "v")
+    B, Hq, Hkv, D = plan.batch, plan.num_qo_heads, plan.num_kv_heads, plan.head_dim
+    _expect_shape(qa, "q", "[batch, num_qo_heads, head_dim]", (B, Hq, D))
+    if paged is None:
+        _expect_shape(ka, "k", "[batch, kv_len, num_kv_heads, head_dim]", (B, None, Hkv, D))
+    else:
+        _expect_shape(ka, "k_cache", "[num_pages, page_size, num_kv_heads, head_dim]",
+                      (None, plan.page_size, Hkv, D))
+    _expect_shape(va, "v" if paged is None else "v_cache", "the shape of k", ka.shape)
+    for name, a in (("q", qa), ("k", ka), ("v", va)):
+        if a.dtype != plan.dtype:
+            raise TypeError(f"{name} must be {plan.dtype} as planned, got {a.dtype}")
+        rt.require_contiguous(a, name)
+    device_id = rt.require_same_device({"q": qa, "k": ka, "v": va})
+    kind = qa.kind
+    if paged is None:
+        kv_len = ka.shape[1]
+        if kv_lens is None and kv_len > plan.num_splits * plan.chunk_size:
+            raise ValueError(
+                f"k holds kv_len = {kv_len} tokens but the plan covers {plan.num_splits * plan.chunk_size}"
+            )
+        kv_lens = _expect_index(kv_lens, "kv_lens", B, device_id)
+        indptr = indices = last = None
+        num_pages, page_size = 0, 1
+    else:
+        kv_len = 0
+        indptr = _expect_index(paged[0], "kv_indptr", B + 1, device_id)
+        indices = _expect_index(paged[1], "kv_indices", None, device_id)
+        last = _expect_index(paged[2], "kv_last_page_len", B, device_id)
+        num_pages, page_size = ka.shape[0], plan.page_size
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(D)
+    if not (isinstance(sm_scale, (int, float, np.floating, np.integer)) and math.isfinite(sm_scale)):
+        raise ValueError(f"sm_scale must be a finite real number, got {sm_scale!r}")
+
+    if out is None:
+        out = rt.empty(kind, (B, Hq, D), plan.dtype, device_id)
+    else:
+        oa = rt.device_array(out, "out")
+        _expect_shape(oa, "out", "[batch, num_qo_heads, head_dim]", (B, Hq, D))
+        if oa.dtype != plan.dtype:
+            raise TypeError(f"out must be {plan.dtype}, got {oa.dtype}")
+        rt.require_contiguous(oa, "out")
+    if lse is None:
+        lse = rt.empty(kind, (B, Hq), "float32", device_id)
+    else:
+        la = rt.device_array(lse, "lse")
+        _expect_shape(la, "lse", "[batch, num_qo_heads]", (B, Hq))
+        if la.dtype != "float32":
+            raise TypeError(f"lse must be float32, got {la.dtype}")
+        rt.require_contiguous(la, "lse")
+    if B == 0:
+        return out, lse
+
+    stream_ptr = rt.current_stream_ptr(kind, device_id)
+    ws = workspace(kind, device_id) if plan.num_splits > 1 else None
+    p_out, p_lse, counters = ws.pointers(plan) if ws is not None else (np.uint64(0),) * 3
+    args = (
+        rt.ptr(q), rt.ptr(k), rt.ptr(v), rt.ptr(kv_lens), rt.ptr(indptr), rt.ptr(indices), rt.ptr(last),
+        rt.ptr(out), rt.ptr(lse), p_out, p_lse, counters,
+        np.int32(B), np.int32(kv_len), np.int32(num_pages), np.int32(page_size), np.int32(Hq),
+        np.int32(Hkv), np.int32(plan.head_groups), np.int32(plan.chunk_size),
+        np.float32(sm_scale * _LOG2E),
+    )
+    rt.launch(_kernel(plan, paged is not None), plan.grid, (NUM_WARPS * 32,), args,
+              stream_ptr=stream_ptr, device_id=device_id)
+    return out, lse
+
+
+def split_kv(q, k, v, kv_lens=None, *, num_splits=None, plan=None, sm_scale=None, out=None, lse=None):
+    """Attention of one query per sequence over a contiguous cache, the cache split along its length.
+
+    q: [batch, num_qo_heads, head_dim]; k, v: [batch, kv_len, num_kv_heads, head_dim]; kv_lens:
+    optional [batch] valid lengths (host or device; read on the host to check them). `num_splits`
+    None lets the plan choose from the cost model, 1 disables splitting. Returns (out, lse): out in
+    q's dtype and kind, lse float32 (natural log).
+    """
+    qa = rt.device_array(q, "q")
+    rt.device_array(k, "k")
+    rt.device_array(v, "v")
+    lens_host = rt.host_ints(kv_lens, "kv_lens")
+    problem, lens_host = check_decode(q, k, v, lens_host, sm_scale=sm_scale, dtypes=rt.KERNEL_DTYPES)
+    check_kernel_dtype_and_head_dim(problem.dtype, problem.head_dim)
+    if plan is None:
+        max_len = int(lens_host.max()) if lens_host.size else 0
+        plan = plan_split_kv(problem.batch, problem.num_qo_heads, problem.num_kv_heads,
+                             problem.head_dim, max_len, dtype=problem.dtype, num_splits=num_splits,
+                             num_sms=num_sms(qa.device_id))
+    elif num_splits is not None:
+        raise ValueError("give either plan or num_splits, not both")
+    if int(lens_host.max(initial=0)) > plan.num_splits * plan.chunk_size:
+        raise ValueError(
+            f"kv_lens reach {int(lens_host.max())} tokens but the plan covers {plan.num_splits * plan.chunk_size}"
+        )
+    lens_dev = None if kv_lens is None else rt.device_int32(kv_lens, qa.kind, qa.device_id, "kv_lens")
+    stream_ptr = rt.current_stream_ptr(qa.kind, qa.device_id)
+    ws = _shared_workspace(qa.kind, qa.device_id, stream_ptr)
+    return _launch(plan, q, k, v, kv_lens=lens_dev, paged=None, sm_scale=problem.sm_scale, out=out,
+                   lse=lse, workspace=lambda kind, dev: ws.ensure(plan))
+
+
+def paged_split_kv(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, *, num_splits=None,
+                   plan=None, sm_scale=None, out=None, lse=None):
+    """The paged form of `split_kv`; see `gpukernels.paged_decode`."""
+    qa = rt.device_array(q, "q")
+    rt.device_array(k_cache, "k_cache")
+    rt.device_array(v_cache, "v_cache")
+    indptr_h = rt.host_ints(kv_indptr, "kv_indptr")
+    indices_h = rt.host_ints(kv_indices, "kv_indices")
+    last_h = rt.host_ints(kv_last_page_len, "kv_last_page_len")
+    problem, lens_host = check_paged(q, k_cache, v_cache, indptr_h, indices_h, last_h,
+                                     sm_scale=sm_scale, dtypes=rt.KERNEL_DTYPES)
+    check_kernel_dtype_and_head_dim(problem.dtype, problem.head_dim)
+    if plan is None:
+        max_len = int(lens_host.max()) if lens_host.size else 0
+        plan = plan_split_kv(problem.batch, problem.num_qo_heads, problem.num_kv_heads,
+                             problem.head_dim, max_len, dtype=problem.dtype, num_splits=num_splits,
+                             num_sms=num_sms(qa.device_id), page_size=problem.page_size)
+    elif num_splits is not None:
+        raise ValueError("give either plan or num_splits, not both")
+    if plan.page_size != problem.page_size:
+        raise ValueError(f"the plan is for page_size {plan.page_size}, the cache has {problem.page_size}")
+    if int(lens_host.max(initial=0)) > plan.num_splits * plan.chunk_size:
+        raise ValueError(
+            f"sequences reach {int(lens_host.max())} tokens but the plan covers {plan.num_splits * plan.chunk_size}"
+        )
+    kind, dev = qa.kind, qa.device_id
+    paged = (
+        rt.device_int32(kv_indptr, kind, dev, "kv_indptr"),
+        rt.device_int32(kv_indices if len(indices_h) else np.zeros(1, np.int64), kind, dev, "kv_indices"),
+        rt.device_int32(kv_last_page_len, kind, dev, "kv_last_page_len"),
+    )
+    stream_ptr = rt.current_stream_ptr(kind, dev)
+    ws = _shared_workspace(kind, dev, stream_ptr)
+    return _launch(plan, q, k_cache, v_cache, kv_lens=None, paged=paged, sm_scale=problem.sm_scale,
+                   out=out, lse=lse, workspace=lambda kind_, dev_: ws.ensure(plan))
