@@ -1,0 +1,148 @@
+"""GPU specifications as data (`costmodel/data/gpus.json`): datasheet figures, overridden by the
+ceilings this project's benchmark measured.
+
+The model uses three ceilings: `stream_bytes_per_s` (what a read-mostly kernel can pull from HBM:
+the measured read rate when known, else the measured copy rate, else a fraction of the datasheet),
+`matmul_flops_per_s` (fp16 dense tensor-core rate) and `vector_flops_per_s` (fp32 CUDA-core rate).
+
+>>> gpu = get_gpu("NVIDIA H100 80GB HBM3")
+>>> gpu.num_sms, gpu.key
+(132, 'h100_sxm')
+>>> get_gpu("H100").with_measured(copy_bytes_per_s=3.1e12).stream_bytes_per_s
+3100000000000.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+__all__ = ["GPUSpec", "get_gpu", "gpu_names", "gpu_for_num_sms"]
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    key: str                          # short id, e.g. "h100_sxm"
+    name: str
+    num_sms: int
+    l2_bytes: int
+    hbm_capacity_bytes: int
+    hbm_bytes_per_s: float            # datasheet peak
+    copy_bytes_per_s: float           # device-to-device copy, (bytes read + written) / time
+    read_bytes_per_s: float | None    # read-only reduction, bytes read / time; None if not measured
+    matmul_flops_per_s: float         # fp16 dense tensor-core rate in use (measured if known)
+    vector_flops_per_s: float         # fp32 CUDA-core FMA rate (datasheet)
+    l2_bytes_per_s: float             # L2 -> SM read rate (estimate)
+    max_blocks_per_sm: int
+    smem_bytes_per_sm: int
+    datasheet_matmul_flops_per_s: float
+    source: str                       # where the ceilings come from
+
+    @property
+    def stream_bytes_per_s(self) -> float:
+        """Ceiling of a kernel that mostly reads: measured read rate, else the copy rate."""
+        return self.read_bytes_per_s if self.read_bytes_per_s else self.copy_bytes_per_s
+
+    def with_measured(
+        self,
+        *,
+        copy_bytes_per_s: float | None = None,
+        read_bytes_per_s: float | None = None,
+        matmul_flops_per_s: float | None = None,
+    ) -> "GPUSpec":
+        """This GPU with ceilings measured in one benchmark run; None keeps the current value."""
+        changes = {}
+        for field, value in (
+            ("copy_bytes_per_s", copy_bytes_per_s),
+            ("read_bytes_per_s", read_bytes_per_s),
+            ("matmul_flops_per_s", matmul_flops_per_s),
+        ):
+            if value is None:
+                continue
+            value = float(value)
+            if not value > 0:
+                raise ValueError(f"{field} must be > 0, got {value!r}")
+            changes[field] = value
+        if not changes:
+            return self
+        return dataclasses.replace(self, source=f"{self.source}; overridden by a run's measurements", **changes)
+
+
+@functools.lru_cache(maxsize=1)
+def _data() -> dict:
+    text = resources.files("costmodel").joinpath("data/gpus.json").read_text()
+    return json.loads(text)
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[\s_\-]+", " ", name.strip().lower())
+
+
+@functools.lru_cache(maxsize=None)
+def _spec(key: str) -> GPUSpec:
+    data = _data()
+    entry = data["gpus"][key]
+    sheet, measured = entry["datasheet"], entry.get("measured", {})
+    copy = measured.get("copy_bytes_per_s")
+    matmul = measured.get("matmul_flops_per_s")
+    source = measured.get("source") or (
+        f"datasheet; copy = {data['unmeasured_copy_fraction']} x HBM peak and "
+        f"matmul = {data['unmeasured_matmul_fraction']} x tensor peak until measured"
+    )
+    return GPUSpec(
+        key=key,
+        name=entry["name"],
+        num_sms=int(sheet["num_sms"]),
+        l2_bytes=int(sheet["l2_bytes"]),
+        hbm_capacity_bytes=int(sheet["hbm_capacity_bytes"]),
+        hbm_bytes_per_s=float(sheet["hbm_bytes_per_s"]),
+        copy_bytes_per_s=float(copy or sheet["hbm_bytes_per_s"] * data["unmeasured_copy_fraction"]),
+        read_bytes_per_s=measured.get("read_bytes_per_s"),
+        matmul_flops_per_s=float(matmul or sheet["matmul_flops_per_s"] * data["unmeasured_matmul_fraction"]),
+        vector_flops_per_s=float(sheet["vector_flops_per_s"]),
+        l2_bytes_per_s=float(sheet["l2_bytes_per_s"]),
+        max_blocks_per_sm=int(sheet["max_blocks_per_sm"]),
+        smem_bytes_per_sm=int(sheet["smem_bytes_per_sm"]),
+        datasheet_matmul_flops_per_s=float(sheet["matmul_flops_per_s"]),
+        source=source,
+    )
+
+
+def gpu_names() -> list[str]:
+    """Keys of the GPUs in the data file."""
+    return list(_data()["gpus"])
+
+
+def get_gpu(name: "str | GPUSpec") -> GPUSpec:
+    """The spec for a key ("h100_sxm"), a short name ("H100") or a device name as CUDA reports it
+    ("NVIDIA H100 80GB HBM3"). A GPUSpec is returned as is."""
+    if isinstance(name, GPUSpec):
+        return name
+    if not isinstance(name, str):
+        raise TypeError(f"gpu must be a name or a GPUSpec, got {type(name).__name__}")
+    wanted = _normalize(name)
+    gpus = _data()["gpus"]
+    for key, entry in gpus.items():
+        if wanted in {_normalize(key), _normalize(entry["name"]), *map(_normalize, entry["aliases"])}:
+            return _spec(key)
+    # Device names carry extra words ("NVIDIA H100 80GB HBM3 MIG 1g.10gb"): match a family token.
+    for key, entry in gpus.items():
+        family = _normalize(entry["aliases"][0])
+        if re.search(rf"\b{re.escape(family)}\b", wanted):
+            return _spec(key)
+    known = ", ".join(sorted({a for e in gpus.values() for a in e["aliases"][:1]} | set(gpus)))
+    raise ValueError(f"unknown GPU {name!r}; known: {known}")
+
+
+def gpu_for_num_sms(num_sms: int) -> GPUSpec:
+    """A spec for a plan that only knows its SM count: the first listed GPU with that many SMs,
+    else the first GPU with its SM count replaced."""
+    for key in gpu_names():
+        spec = _spec(key)
+        if spec.num_sms == num_sms:
+            return spec
+    return dataclasses.replace(_spec(gpu_names()[0]), num_sms=int(num_sms))

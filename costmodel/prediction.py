@@ -1,0 +1,266 @@
+"""The time model shared by every variant: from what each launch moves and computes to seconds.
+
+A variant's module describes its call as one or more `Launch`es: bytes per tensor, FLOPs, and the
+bytes each thread block streams, in the order the GPU dispatches the blocks. This module turns
+that into a `Prediction`. For one launch::
+
+    hbm_s      = (hbm_bytes + lookup_bytes) / (bw_fraction * stream_bytes_per_s)
+    l2_s       = (hbm_bytes + l2_hit_bytes) / l2_bytes_per_s            (re-reads served by L2)
+    memory_s   = max(hbm_s, l2_s)
+    compute_s  = (matmul_flops / (matmul_fraction * matmul_flops_per_s)
+                  + vector_flops / (vector_fraction * vector_flops_per_s)) / min(1, blocks / num_sms)
+    schedule_s = makespan of the blocks on num_sms * blocks_per_sm slots, every block streaming its
+                 bytes at min(block_bytes_per_s, delivered_bytes_per_s / streaming_blocks), after
+                 block_round_trip_s per dependent round trip; delivered_bytes_per_s is the stream
+                 ceiling, or bytes / memory_s when L2 hits make the memory system faster
+    time_s     = launch_s + max(memory_s, compute_s, schedule_s)
+
+`memory_s` and `compute_s` are the roofline; `schedule_s` adds what the roofline ignores: too few
+blocks to keep enough bytes in flight, a last partial wave, blocks that wait on a merge. A
+multi-launch variant sums its launches. `bound` says which term decided: "memory" or "compute"
+when the roofline explains most of the time, "latency" when launches, round trips and idle SMs
+take more than the roofline does.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+from .calibration import Calibration, load_calibration
+from .gpus import GPUSpec, get_gpu
+
+__all__ = ["Launch", "Prediction", "predict_launches", "makespan_s", "DTYPE_BYTES", "dtype_bytes"]
+
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+F32 = 4  # bytes of a float32 / int32
+
+
+def dtype_bytes(dtype: str) -> int:
+    try:
+        return DTYPE_BYTES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}") from None
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as the time model sees it.
+
+    `block_runs`: (bytes one block streams, dependent round trips it waits, number of such blocks),
+    run-length encoded in dispatch order (blockIdx.x fastest). Empty blocks that exit at once are
+    (0, 0, n).
+    """
+
+    name: str
+    bytes_by_tensor: dict[str, int]
+    block_runs: tuple[tuple[int, int, int], ...]
+    matmul_flops: int = 0
+    vector_flops: int = 0
+    l2_hit_bytes: int = 0       # part of bytes_by_tensor expected to come from L2, not HBM
+    page_lookups: int = 0       # dependent page-table loads (paged caches)
+    blocks_per_sm: int | None = None  # resident blocks per SM; None: the calibrated decode kernel's
+    useful_flops: int | None = None   # FLOPs of the math (padding excluded); None: matmul + vector
+
+    @property
+    def flops(self) -> int:
+        return self.matmul_flops + self.vector_flops if self.useful_flops is None else self.useful_flops
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(n for _, _, n in self.block_runs)
+
+    @property
+    def busy_blocks(self) -> int:
+        return sum(n for b, r, n in self.block_runs if b or r)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    variant: str
+    bytes_by_tensor: dict[str, int]   # bytes the blocks move per tensor (what the schedule reads/writes)
+    hbm_bytes: int                    # of those, the DRAM traffic (L2 re-reads excluded)
+    l2_hit_bytes: int
+    flops: int
+    num_blocks: int
+    waves: float                      # blocks / (num_sms * blocks_per_sm) of the largest launch
+    launches: int
+    bound: str                        # "memory", "compute" or "latency"
+    time_s: float
+    terms: dict[str, float] = field(default_factory=dict)  # every time term, seconds
+
+    @property
+    def time_us(self) -> float:
+        return self.time_s * 1e6
+
+    @property
+    def time_ms(self) -> float:
+        return self.time_s * 1e3
+
+    @property
+    def intensity_flops_per_byte(self) -> float:
+        return self.flops / self.hbm_bytes if self.hbm_bytes else float("inf")
+
+    @property
+    def achieved_flops_per_s(self) -> float:
+        return self.flops / self.time_s if self.time_s else 0.0
+
+    @property
+    def achieved_bytes_per_s(self) -> float:
+        return self.hbm_bytes / self.time_s if self.time_s else 0.0
+
+
+def makespan_s(
+    block_runs, *, slots: int, block_bytes_per_s: float, total_bytes_per_s: float, round_trip_s: float
+) -> float:
+    """Fluid schedule of blocks over `slots` resident places, dispatched in order as places free up.
+
+    A block first waits its round trips (holding its place, using no bandwidth), then streams its
+    bytes; the streaming blocks share the bandwidth equally, each at
+    min(block_bytes_per_s, total_bytes_per_s / streaming). Event-driven: one step per distinct
+    group of blocks becoming ready or finishing.
+    """
+    streaming_heap: list[float] = []   # finishing points on the common progress axis (bytes per block)
+    streaming: dict[float, int] = {}
+    waiting_heap: list[tuple[float, float]] = []   # (ready time, bytes to stream)
+    waiting: dict[tuple[float, float], int] = {}
+    n_streaming = n_waiting = 0
+    progress = 0.0                     # bytes every streaming block has moved since time 0
+    time = 0.0
+
+    def stream(work: float, count: int) -> None:
+        nonlocal n_streaming
+        end = progress + work
+        if end in streaming:
+            streaming[end] += count
+        else:
+            streaming[end] = count
+            heapq.heappush(streaming_heap, end)
+        n_streaming += count
+
+    runs = iter(block_runs)
+    run = next(runs, None)
+    left = run[2] if run else 0
+    while True:
+        while n_streaming + n_waiting < slots and run is not None:
+            if left:
+                take = min(slots - n_streaming - n_waiting, left)
+                work, trips = float(run[0]), run[1]
+                if trips:
+                    key = (time + trips * round_trip_s, work)
+                    if key in waiting:
+                        waiting[key] += take
+                    else:
+                        waiting[key] = take
+                        heapq.heappush(waiting_heap, key)
+                    n_waiting += take
+                elif work:
+                    stream(work, take)
+                left -= take
+            if left == 0:
+                run = next(runs, None)
+                left = run[2] if run else 0
+        if n_streaming + n_waiting == 0:
+            return time
+        rate = min(block_bytes_per_s, total_bytes_per_s / n_streaming) if n_streaming else 0.0
+        finish_dt = (streaming_heap[0] - progress) / rate if n_streaming else float("inf")
+        ready_dt = waiting_heap[0][0] - time if n_waiting else float("inf")
+        if finish_dt <= ready_dt:
+            end = heapq.heappop(streaming_heap)
+            time += finish_dt
+            progress = end
+            n_streaming -= streaming.pop(end)
+        else:
+            key = heapq.heappop(waiting_heap)
+            count = waiting.pop(key)
+            progress += rate * ready_dt
+            time = key[0]
+            n_waiting -= count
+            if key[1]:
+                stream(key[1], count)
+
+
+def _launch_terms(launch: Launch, gpu: GPUSpec, cal: Calibration) -> dict[str, float]:
+    bytes_moved = sum(launch.bytes_by_tensor.values())
+    hbm_bytes = bytes_moved - launch.l2_hit_bytes
+    stream = cal.bw_fraction * gpu.stream_bytes_per_s
+    lookup_bytes = launch.page_lookups * cal.page_lookup_bytes
+    hbm_s = (hbm_bytes + lookup_bytes) / stream
+    l2_s = bytes_moved / gpu.l2_bytes_per_s
+    sm_share = min(1.0, max(launch.busy_blocks, 1) / gpu.num_sms)
+    compute_s = (
+        launch.matmul_flops / (cal.matmul_fraction * gpu.matmul_flops_per_s)
+        + launch.vector_flops / (cal.vector_fraction * gpu.vector_flops_per_s)
+    ) / sm_share
+    runs = launch.block_runs
+    if lookup_bytes and bytes_moved:
+        # spread the lookups' cost over the blocks in proportion to their bytes
+        scale = 1.0 + lookup_bytes / bytes_moved
+        runs = tuple((b * scale, r, n) for b, r, n in runs)
+    memory_s = max(hbm_s, l2_s)
+    # Blocks share the rate at which the memory system delivers all their bytes: the stream rate,
+    # or faster when part of the bytes are L2 hits.
+    delivered = (bytes_moved + lookup_bytes) / memory_s if memory_s > 0 else stream
+    schedule_s = makespan_s(
+        runs,
+        slots=gpu.num_sms * (launch.blocks_per_sm or cal.blocks_per_sm),
+        block_bytes_per_s=cal.block_bytes_per_s,
+        total_bytes_per_s=max(stream, delivered),
+        round_trip_s=cal.block_round_trip_s,
+    )
+    return {
+        "launch_s": cal.launch_s,
+        "hbm_s": hbm_s,
+        "page_lookup_s": lookup_bytes / stream,
+        "l2_s": l2_s,
+        "memory_s": memory_s,
+        "compute_s": compute_s,
+        "schedule_s": schedule_s,
+        "time_s": cal.launch_s + max(memory_s, compute_s, schedule_s),
+    }
+
+
+def predict_launches(
+    variant: str,
+    launches: "list[Launch] | tuple[Launch, ...]",
+    *,
+    gpu: "GPUSpec | str",
+    calibration: Calibration | None = None,
+) -> Prediction:
+    """Sum the launches of one call into a Prediction."""
+    gpu = get_gpu(gpu)
+    cal = calibration or load_calibration(gpu.key)
+    terms: dict[str, float] = {}
+    totals = dict.fromkeys(("launch_s", "hbm_s", "page_lookup_s", "l2_s", "memory_s", "compute_s",
+                            "schedule_s", "time_s"), 0.0)
+    bytes_by_tensor: dict[str, int] = {}
+    for launch in launches:
+        t = _launch_terms(launch, gpu, cal)
+        for k, v in t.items():
+            totals[k] += v
+            if len(launches) > 1:
+                terms[f"{launch.name}.{k}"] = v
+        for k, v in launch.bytes_by_tensor.items():
+            bytes_by_tensor[k] = bytes_by_tensor.get(k, 0) + int(v)
+    terms = {**totals, **terms}
+    roofline_s = totals["memory_s"] if totals["memory_s"] >= totals["compute_s"] else totals["compute_s"]
+    overhead_s = totals["time_s"] - roofline_s
+    if overhead_s > roofline_s:
+        bound = "latency"
+    else:
+        bound = "compute" if totals["compute_s"] > totals["memory_s"] else "memory"
+    l2_hit = sum(l.l2_hit_bytes for l in launches)
+    return Prediction(
+        variant=variant,
+        bytes_by_tensor=bytes_by_tensor,
+        hbm_bytes=sum(bytes_by_tensor.values()) - l2_hit,
+        l2_hit_bytes=l2_hit,
+        flops=sum(l.flops for l in launches),
+        num_blocks=sum(l.num_blocks for l in launches),
+        waves=max((l.num_blocks / (gpu.num_sms * (l.blocks_per_sm or cal.blocks_per_sm))
+                   for l in launches), default=0.0),
+        launches=len(launches),
+        bound=bound,
+        time_s=totals["time_s"],
+        terms=terms,
+    )
