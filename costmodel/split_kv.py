@@ -9,18 +9,31 @@ One thread block handles one chunk for the `heads_per_block` query heads of one 
 each K/V row once for all of them. With more than one split, each block writes a float32 partial
 `(out, lse)` to the workspace and the last block of its (sequence, KV head, head group) to finish
 merges the partials (an atomic counter decides which block is last), so a call is one launch.
+
+The split count is the cost model's decision: `choose_num_splits` predicts the time of every
+candidate count (waves of blocks over the SMs, the partial-result write and read traffic, the
+merging block's extra work) and takes the fastest. `predict` is the prediction for a plan.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+
+import numpy as np
+
+from .calibration import Calibration, load_calibration
+from .gpus import GPUSpec, get_gpu, gpu_for_num_sms
+from .prediction import F32, Launch, Prediction, dtype_bytes, predict_launches
 
 # Kernel constants the plan must agree with (gpukernels/cuda/decode.cu reads the same numbers).
 NUM_WARPS = 4                # warps per thread block
 TILE_TOKENS = 64             # tokens one block consumes per iteration (NUM_WARPS warps x 16 rows)
-MIN_CHUNK_TOKENS = 256       # shorter chunks spend more on setup and merge than they gain
+MIN_CHUNK_TOKENS = 256       # the shortest chunk the split choice considers
 HEADS_PER_BLOCK_CHOICES = (1, 2, 4, 8)  # query heads served by one block (template parameter)
+ROWS_PER_WARP_TILE = TILE_TOKENS // NUM_WARPS  # rows one warp reads per step (page lookups per tile)
+SPLIT_TIE_TOLERANCE = 0.01   # a split count must beat a smaller one by more than this to be chosen
 DEFAULT_NUM_SMS = 132        # H100 SXM; plans for another GPU pass its count
 
 
@@ -100,16 +113,79 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def choose_num_splits(base_blocks: int, max_kv_len: int, num_sms: int) -> int:
-    """Initial split choice: about four resident blocks per SM, chunks no shorter than MIN_CHUNK_TOKENS."""
-    if max_kv_len <= MIN_CHUNK_TOKENS:
-        return 1
-    target_blocks = 4 * num_sms
-    if base_blocks >= target_blocks:
-        return 1
-    want = max(1, round(target_blocks / base_blocks))
-    cap = max(1, max_kv_len // MIN_CHUNK_TOKENS)
-    return max(1, min(want, cap))
+def _make_plan(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, dtype, num_splits, num_sms,
+               page_size) -> SplitKVPlan:
+    """The plan for a given split count (inputs already checked): equal chunks of whole tiles; the
+    split count may shrink when rounding makes chunks cover more."""
+    group_size = num_qo_heads // num_kv_heads
+    heads_per_block = heads_per_block_for(group_size)
+    head_groups = -(-group_size // heads_per_block)
+    chunk_size = _round_up(max(1, math.ceil(max(max_kv_len, 1) / num_splits)), TILE_TOKENS)
+    num_splits = max(1, -(-max_kv_len // chunk_size))
+    return SplitKVPlan(
+        batch=batch, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        dtype=dtype, max_kv_len=max_kv_len, chunk_size=chunk_size, num_splits=num_splits,
+        heads_per_block=heads_per_block, head_groups=head_groups, num_sms=num_sms,
+        page_size=page_size,
+    )
+
+
+def candidate_num_splits(base_blocks: int, max_kv_len: int, num_sms: int, blocks_per_sm: int) -> range:
+    """Split counts worth predicting: from 1 up to chunks of MIN_CHUNK_TOKENS or two full waves of
+    resident blocks, whichever comes first (more blocks than that cannot fill the GPU better)."""
+    by_length = max(1, max_kv_len // MIN_CHUNK_TOKENS)
+    by_waves = max(1, -(-2 * num_sms * blocks_per_sm // base_blocks))
+    return range(1, min(by_length, by_waves) + 1)
+
+
+def choose_num_splits(
+    batch: int,
+    num_qo_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    max_kv_len: int,
+    *,
+    dtype: str = "float16",
+    num_sms: int = DEFAULT_NUM_SMS,
+    page_size: int = 0,
+    gpu: "GPUSpec | str | None" = None,
+    calibration: Calibration | None = None,
+) -> int:
+    """The split count with the least predicted time, every sequence at `max_kv_len`.
+
+    More splits add blocks (filling more SMs, shortening each block's stream) but also partial
+    results to write and read back and a longer merge; the prediction weighs both. Among counts
+    within SPLIT_TIE_TOLERANCE of the best, the smallest wins (less workspace, fewer partials).
+    `gpu` defaults to the listed GPU with `num_sms` SMs; the plan's `num_sms` always rules.
+    """
+    spec = gpu_for_num_sms(num_sms) if gpu is None else get_gpu(gpu)
+    cal = calibration or load_calibration(spec.key)
+    return _choose_num_splits(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, dtype,
+                              num_sms, page_size, spec, cal)
+
+
+@functools.lru_cache(maxsize=4096)
+def _choose_num_splits(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, dtype, num_sms,
+                       page_size, spec, cal) -> int:
+    if spec.num_sms != num_sms:
+        spec = _with_num_sms(spec, num_sms)
+    base = _make_plan(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, dtype, 1, num_sms,
+                      page_size)
+    base_blocks = base.num_blocks
+    times: dict[int, float] = {}
+    for s in candidate_num_splits(base_blocks, max_kv_len, num_sms, cal.blocks_per_sm):
+        plan = base if s == 1 else _make_plan(batch, num_qo_heads, num_kv_heads, head_dim,
+                                              max_kv_len, dtype, s, num_sms, page_size)
+        if plan.num_splits not in times:
+            times[plan.num_splits] = predict(plan, gpu=spec, calibration=cal).time_s
+    best = min(times.values())
+    return min(s for s, t in times.items() if t <= best * (1.0 + SPLIT_TIE_TOLERANCE))
+
+
+def _with_num_sms(spec: GPUSpec, num_sms: int) -> GPUSpec:
+    import dataclasses
+
+    return dataclasses.replace(spec, num_sms=int(num_sms))
 
 
 def plan_split_kv(
@@ -123,8 +199,10 @@ def plan_split_kv(
     num_splits: int | None = None,
     num_sms: int = DEFAULT_NUM_SMS,
     page_size: int = 0,
+    gpu: "GPUSpec | str | None" = None,
 ) -> SplitKVPlan:
-    """Cut a decode call into blocks. `num_splits=None` lets the plan choose; 1 means no split."""
+    """Cut a decode call into blocks. `num_splits=None` lets the cost model choose (for `gpu`, by
+    default the listed GPU with `num_sms` SMs); 1 means no split."""
     for name, value in (
         ("batch", batch), ("num_qo_heads", num_qo_heads), ("num_kv_heads", num_kv_heads),
         ("head_dim", head_dim), ("num_sms", num_sms),
@@ -133,24 +211,148 @@ def plan_split_kv(
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if not isinstance(max_kv_len, int) or max_kv_len < 0:
         raise ValueError(f"max_kv_len must be an int >= 0, got {max_kv_len!r}")
+    if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 0:
+        raise ValueError(f"page_size must be an int >= 0 (0: contiguous), got {page_size!r}")
     if num_qo_heads % num_kv_heads != 0:
         raise ValueError(
             f"num_qo_heads must be a multiple of num_kv_heads, got {num_qo_heads} and {num_kv_heads}"
         )
-    group_size = num_qo_heads // num_kv_heads
-    heads_per_block = heads_per_block_for(group_size)
-    head_groups = -(-group_size // heads_per_block)
-    base_blocks = batch * num_kv_heads * head_groups
     if num_splits is None:
-        num_splits = choose_num_splits(base_blocks, max_kv_len, num_sms)
+        num_splits = choose_num_splits(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len,
+                                       dtype=dtype, num_sms=num_sms, page_size=page_size, gpu=gpu)
     elif not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
-    # Equal chunks, whole tiles; the split count may shrink when rounding makes chunks cover more.
-    chunk_size = _round_up(max(1, math.ceil(max(max_kv_len, 1) / num_splits)), TILE_TOKENS)
-    num_splits = max(1, -(-max_kv_len // chunk_size))
-    return SplitKVPlan(
-        batch=batch, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-        dtype=dtype, max_kv_len=max_kv_len, chunk_size=chunk_size, num_splits=num_splits,
-        heads_per_block=heads_per_block, head_groups=head_groups, num_sms=num_sms,
-        page_size=page_size,
+    return _make_plan(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, dtype, num_splits,
+                      num_sms, page_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction
+# ---------------------------------------------------------------------------------------------
+
+def _kv_lens(plan: SplitKVPlan, kv_lens) -> np.ndarray:
+    if kv_lens is None:
+        return np.full(plan.batch, plan.max_kv_len, dtype=np.int64)
+    lens = np.asarray(kv_lens)
+    if lens.shape != (plan.batch,) or not np.issubdtype(lens.dtype, np.integer):
+        raise ValueError(f"kv_lens must be int [batch] = [{plan.batch}], got {lens.dtype} {lens.shape}")
+    lens = lens.astype(np.int64)
+    covered = plan.num_splits * plan.chunk_size
+    if lens.size and (lens.min() < 0 or lens.max() > covered):
+        raise ValueError(f"kv_lens must lie in [0, {covered}] for this plan, got {lens.min()}..{lens.max()}")
+    return lens
+
+
+def page_lookups_per_head(kv_len: int, page_size: int) -> int:
+    """Page-table lookups to read one KV head of a sequence: one per page a warp tile touches."""
+    if page_size == 0 or kv_len == 0:
+        return 0
+    r0 = np.arange(0, kv_len, ROWS_PER_WARP_TILE, dtype=np.int64)
+    r1 = np.minimum(r0 + ROWS_PER_WARP_TILE, kv_len)
+    return int(np.sum((r1 - 1) // page_size - r0 // page_size + 1))
+
+
+def _append_run(runs: list, block_bytes: int, round_trips: int, count: int) -> None:
+    if count <= 0:
+        return
+    if runs and runs[-1][0] == block_bytes and runs[-1][1] == round_trips:
+        runs[-1][2] += count
+    else:
+        runs.append([block_bytes, round_trips, count])
+
+
+@functools.lru_cache(maxsize=1024)
+def _sequence_runs_cached(plan: SplitKVPlan, kv_len: int, splits: int, served_by_group: tuple, elem: int):
+    d = plan.head_dim
+    runs: list = []
+    for served in served_by_group:
+        q_b = served * d * elem
+        out_b = served * (d * elem + F32)
+        if plan.num_splits == 1:
+            _append_run(runs, 2 * kv_len * d * elem + q_b + out_b, 1, 1)
+            continue
+        part_b = served * (d + 1) * F32 + F32                       # partial (out, lse) + arrival
+        full = 2 * plan.chunk_size * d * elem + q_b + part_b
+        last_tokens = kv_len - (splits - 1) * plan.chunk_size
+        merge = splits * served * (d + 1) * F32 + out_b + F32        # read partials, write out, reset
+        _append_run(runs, full, 1, splits - 1)
+        _append_run(runs, 2 * last_tokens * d * elem + q_b + part_b + merge, 2, 1)
+        _append_run(runs, 0, 0, plan.num_splits - splits)           # no chunk: exits at once
+    return tuple(map(tuple, runs))
+
+
+def _sequence_runs(plan, kv_len, splits, served_by_group, elem):
+    """Blocks of one KV head of one sequence, in dispatch order: (bytes, round trips, count)."""
+    return _sequence_runs_cached(plan, kv_len, splits, tuple(served_by_group), elem)
+
+
+def split_kv_launch(plan: SplitKVPlan, kv_lens=None, *, name: str = "split_kv") -> Launch:
+    """What one launch of the plan moves: bytes per tensor as the kernel's schedule moves them
+    (each head group reads its chunk's K/V rows; each block reads its heads' q; with splits every
+    block writes a float32 partial and the merging block reads them back) and every block's bytes
+    in dispatch order (splits of one (sequence, KV head, head group) row first, row after row)."""
+    lens = _kv_lens(plan, kv_lens)
+    elem = dtype_bytes(plan.dtype)
+    d, hq, hkv, hg = plan.head_dim, plan.num_qo_heads, plan.num_kv_heads, plan.head_groups
+    split = plan.num_splits > 1
+    splits = np.maximum(1, -(-lens // plan.chunk_size))
+    rows_per_seq = hkv * hg
+    kv_rows = int(lens.sum()) * rows_per_seq
+    q_heads = int(splits.sum()) * hq
+    blocks_with_chunk = int(splits.sum()) * rows_per_seq
+    merges = plan.batch * rows_per_seq if split else 0
+    lookups = rows_per_seq * sum(page_lookups_per_head(int(L), plan.page_size) * int(n)
+                                 for L, n in zip(*np.unique(lens, return_counts=True)))
+    partial_states = q_heads if split else 0
+    bytes_by_tensor = {
+        "k": kv_rows * d * elem,
+        "v": kv_rows * d * elem,
+        "q": q_heads * d * elem,
+        "out": plan.batch * hq * d * elem,
+        "lse": plan.batch * hq * F32,
+        "partial_out_write": partial_states * d * F32,
+        "partial_lse_write": partial_states * F32,
+        "partial_out_read": partial_states * d * F32,
+        "partial_lse_read": partial_states * F32,
+        "counters": (blocks_with_chunk + merges) * F32 if split else 0,
+        "page_table": lookups * 4,
+    }
+    # Re-reads of the same rows by the other head groups of a KV head: expected from L2.
+    l2_hit = (bytes_by_tensor["k"] + bytes_by_tensor["v"]) * (hg - 1) // hg
+
+    served_by_group = [min(plan.heads_per_block, plan.group_size - g * plan.heads_per_block)
+                       for g in range(hg)]
+    runs: list = []
+    for L, s_b in zip(lens.tolist(), splits.tolist()):
+        seq_runs = _sequence_runs(plan, L, s_b, served_by_group, elem)
+        for _kh in range(hkv):
+            for block_bytes, trips, count in seq_runs:
+                _append_run(runs, block_bytes, trips, count)
+    return Launch(
+        name=name,
+        bytes_by_tensor=bytes_by_tensor,
+        block_runs=tuple(map(tuple, runs)),
+        vector_flops=4 * int(lens.sum()) * hq * d,
+        l2_hit_bytes=l2_hit,
+        page_lookups=lookups,
     )
+
+
+def predict(
+    plan: SplitKVPlan,
+    *,
+    kv_lens=None,
+    gpu: "GPUSpec | str",
+    calibration: Calibration | None = None,
+    variant: str = "split_kv",
+) -> Prediction:
+    """Predicted time of one launch of `plan` on `gpu`; `kv_lens` [batch] default all at max_kv_len.
+
+    >>> p = predict(plan_split_kv(1, 32, 8, 128, 32768), gpu="H100")
+    >>> p.bound, p.launches, p.bytes_by_tensor["k"] == 32768 * 8 * 128 * 2
+    ('memory', 1, True)
+    """
+    if not isinstance(plan, SplitKVPlan):
+        raise TypeError(f"plan must be a SplitKVPlan, got {type(plan).__name__}")
+    return predict_launches(variant, [split_kv_launch(plan, kv_lens, name=variant)], gpu=gpu,
+                            calibration=calibration)

@@ -1,0 +1,57 @@
+"""Decode over a paged KV cache: the split-KV schedule, rows gathered through the page table.
+
+The plan is a `SplitKVPlan` with `page_size > 0`. Bytes are those of the contiguous schedule plus
+the page-table entries read; each page-table lookup is a dependent load before the rows it points
+at can be fetched, which the model charges as `page_lookup_bytes` of equivalent traffic (fitted
+on paged results; small pages mean many lookups per byte).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .calibration import Calibration
+from .gpus import GPUSpec
+from .prediction import Prediction
+from .split_kv import DEFAULT_NUM_SMS, SplitKVPlan, plan_split_kv
+from .split_kv import predict as _predict_split_kv
+
+__all__ = ["plan_paged_decode", "predict", "kv_lens_from_pages"]
+
+
+def plan_paged_decode(
+    batch: int,
+    num_qo_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    max_kv_len: int,
+    *,
+    page_size: int,
+    dtype: str = "float16",
+    num_splits: int | None = None,
+    num_sms: int = DEFAULT_NUM_SMS,
+    gpu: "GPUSpec | str | None" = None,
+) -> SplitKVPlan:
+    if not isinstance(page_size, int) or page_size < 1:
+        raise ValueError(f"page_size must be a positive int, got {page_size!r}")
+    return plan_split_kv(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, dtype=dtype,
+                         num_splits=num_splits, num_sms=num_sms, page_size=page_size, gpu=gpu)
+
+
+def kv_lens_from_pages(kv_indptr, kv_last_page_len, page_size: int) -> np.ndarray:
+    """Tokens per sequence of a page table: full pages plus the filled part of the last one."""
+    indptr = np.asarray(kv_indptr, dtype=np.int64)
+    last = np.asarray(kv_last_page_len, dtype=np.int64)
+    pages = np.diff(indptr)
+    return np.where(pages > 0, (pages - 1) * page_size + last, 0)
+
+
+def predict(
+    plan: SplitKVPlan, *, kv_lens=None, gpu: "GPUSpec | str", calibration: Calibration | None = None
+) -> Prediction:
+    if not isinstance(plan, SplitKVPlan):
+        raise TypeError(f"plan must be a SplitKVPlan, got {type(plan).__name__}")
+    if plan.page_size < 1:
+        raise ValueError("paged_decode needs a plan with page_size >= 1")
+    return _predict_split_kv(plan, kv_lens=kv_lens, gpu=gpu, calibration=calibration,
+                             variant="paged_decode")
