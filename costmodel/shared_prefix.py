@@ -1,0 +1,223 @@
+"""One prefix shared by every sequence, plus a suffix of each sequence's own tokens.
+
+Three ways to run it, all predicted here (`METHODS`):
+
+* `"hydragen"` (Juravsky et al., 2024): one fused launch. The prefix is read once; the queries of
+  all sequences and all heads of a GQA group form one matrix per KV head, multiplied with each
+  prefix chunk on tensor cores; the suffixes are read like split-KV chunks; partial states are
+  merged by LSE in the same launch. Plan: `HydragenPlan` (chunk sizes chosen by the model).
+* `"bifurcated"` (Athiwaratkun et al., 2024), as the published method runs it: a logits product
+  against the prefix for all samples at once, a batched one against each suffix, a softmax over
+  their concatenation, and two products for the output; six launches with the logits and
+  probabilities written to memory between them. `fused=True` predicts instead a single-launch
+  kernel of the same arithmetic, which costs what Hydragen's launch costs.
+* `"naive"`: the existing approach: the prefix copied into every sequence's cache and the whole
+  cache read by split-KV decode (`costmodel.split_kv`'s own plan).
+
+Bytes per the bifurcated paper's Eq. 5/6: without sharing `g*k*b*(m_c + m_d)` KV elements, with it
+`g*k*(m_c + b*m_d)` (g KV heads, k head dim, b batch, m_c prefix, m_d suffix); FLOPs the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .calibration import Calibration, load_calibration
+from .gpus import GPUSpec, get_gpu, gpu_for_num_sms
+from .prediction import Launch, Prediction, dtype_bytes, predict_launches
+from .segments import MMA_ROWS, QUERY_TILE_ROWS, SegmentGroup, best_chunks, segments_launch
+from .split_kv import DEFAULT_NUM_SMS, plan_split_kv
+from .split_kv import predict as _predict_split_kv
+
+__all__ = ["SharedPrefixShape", "HydragenPlan", "plan_hydragen", "predict", "METHODS"]
+
+METHODS = ("hydragen", "bifurcated", "naive")
+
+
+@dataclass(frozen=True)
+class SharedPrefixShape:
+    batch: int
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim: int
+    prefix_len: int
+    suffix_len: int                       # the suffix cache's length (the longest suffix)
+    dtype: str = "float16"
+    suffix_lens: tuple[int, ...] | None = None   # valid suffix tokens per sequence; None: all suffix_len
+
+    def __post_init__(self):
+        for name in ("batch", "num_qo_heads", "num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("prefix_len", "suffix_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.num_qo_heads % self.num_kv_heads:
+            raise ValueError(f"num_qo_heads must be a multiple of num_kv_heads, got "
+                             f"{self.num_qo_heads} and {self.num_kv_heads}")
+        dtype_bytes(self.dtype)
+        if self.suffix_lens is not None:
+            lens = tuple(int(n) for n in self.suffix_lens)
+            if len(lens) != self.batch or min(lens) < 0 or max(lens) > self.suffix_len:
+                raise ValueError(f"suffix_lens must be [batch] = [{self.batch}] values in "
+                                 f"[0, {self.suffix_len}], got {self.suffix_lens!r}")
+            object.__setattr__(self, "suffix_lens", lens)
+
+    @property
+    def group_size(self) -> int:
+        return self.num_qo_heads // self.num_kv_heads
+
+    def lens(self) -> tuple[int, ...]:
+        return self.suffix_lens if self.suffix_lens is not None else (self.suffix_len,) * self.batch
+
+    def suffix_groups(self) -> dict[int, int]:
+        """Distinct suffix length -> number of sequences with it."""
+        out: dict[int, int] = {}
+        for n in self.lens():
+            out[n] = out.get(n, 0) + 1
+        return out
+
+
+@dataclass(frozen=True)
+class HydragenPlan:
+    shape: SharedPrefixShape
+    prefix_chunk_size: int       # tokens of the prefix per block
+    suffix_chunk_size: int       # tokens of a suffix per block
+    num_sms: int = DEFAULT_NUM_SMS
+
+    def groups(self) -> list[SegmentGroup]:
+        s = self.shape
+        groups = [SegmentGroup("prefix", s.prefix_len, s.batch, 1, self.prefix_chunk_size)]
+        for n, count in sorted(s.suffix_groups().items()):
+            groups.append(SegmentGroup("suffix", n, 1, count, self.suffix_chunk_size))
+        return groups
+
+    @property
+    def parts_per_sequence(self) -> int:
+        """Partial states merged per query head (the longest suffix's sequence)."""
+        s = self.shape
+        prefix_parts = -(-s.prefix_len // self.prefix_chunk_size)
+        return prefix_parts + -(-s.suffix_len // self.suffix_chunk_size)
+
+    def launch(self) -> Launch:
+        s = self.shape
+        return segments_launch(
+            "hydragen", batch=s.batch, num_qo_heads=s.num_qo_heads, num_kv_heads=s.num_kv_heads,
+            head_dim=s.head_dim, dtype=s.dtype, groups=self.groups(),
+            parts_per_sequence=max(1, self.parts_per_sequence),
+        )
+
+
+def plan_hydragen(
+    shape: SharedPrefixShape,
+    *,
+    num_sms: int = DEFAULT_NUM_SMS,
+    gpu: "GPUSpec | str | None" = None,
+    calibration: Calibration | None = None,
+    prefix_chunk_size: int | None = None,
+    suffix_chunk_size: int | None = None,
+) -> HydragenPlan:
+    """Chunk sizes the model predicts fastest (given ones are kept)."""
+    spec = get_gpu(gpu) if gpu is not None else gpu_for_num_sms(num_sms)
+    cal = calibration or load_calibration(spec.key)
+    fixed = [prefix_chunk_size, suffix_chunk_size]
+
+    def time_of(chunks):
+        plan = HydragenPlan(shape, *(f or c for f, c in zip(fixed, chunks)), num_sms=num_sms)
+        return predict_launches("shared_prefix:hydragen", [plan.launch()], gpu=spec, calibration=cal).time_s
+
+    chunks = best_chunks([shape.prefix_len, shape.suffix_len], time_of)
+    return HydragenPlan(shape, *(f or c for f, c in zip(fixed, chunks)), num_sms=num_sms)
+
+
+def _tiles(rows: int) -> list[int]:
+    return [min(QUERY_TILE_ROWS, rows - t) for t in range(0, rows, QUERY_TILE_ROWS)]
+
+
+def _even_blocks(total_bytes: int, block_bytes: int, round_trips: int = 1) -> tuple:
+    """Block runs for a launch whose traffic is spread evenly over blocks of about block_bytes."""
+    n = max(1, -(-total_bytes // block_bytes))
+    return ((total_bytes / n, round_trips, n),)
+
+
+# Library kernels of the published bifurcated method (cuBLAS products, PyTorch elementwise):
+# about 64 KiB of traffic per block, eight blocks resident per SM.
+LIBRARY_BLOCK_BYTES = 64 * 1024
+LIBRARY_BLOCKS_PER_SM = 8
+
+
+def bifurcated_launches(shape: SharedPrefixShape) -> list[Launch]:
+    """The six launches of the published bifurcated attention, in order."""
+    s = shape
+    elem = dtype_bytes(s.dtype)
+    b, hq, hkv, d, p = s.batch, s.num_qo_heads, s.num_kv_heads, s.head_dim, s.prefix_len
+    suffix_tokens = sum(s.lens())
+    rows = b * s.group_size                       # query rows per KV head in the prefix products
+    padded = sum(MMA_ROWS * -(-r // MMA_ROWS) for r in _tiles(rows))
+    tiles = len(_tiles(rows))
+    q = b * hq * d * elem
+    prefix_kv = p * hkv * d * elem                # one of K or V of the prefix
+    suffix_kv = suffix_tokens * hkv * d * elem
+    logits_p, logits_s = b * hq * p * elem, b * hq * s.suffix_len * elem
+    logits = logits_p + logits_s
+    out = b * hq * d * elem
+
+    def library(name, bytes_by_tensor, *, matmul=0, vector=0, useful=None, l2_hit=0):
+        total = sum(bytes_by_tensor.values())
+        return Launch(name=name, bytes_by_tensor=bytes_by_tensor,
+                      block_runs=_even_blocks(total, LIBRARY_BLOCK_BYTES),
+                      matmul_flops=matmul, vector_flops=vector, useful_flops=useful,
+                      l2_hit_bytes=l2_hit, blocks_per_sm=LIBRARY_BLOCKS_PER_SM)
+
+    return [
+        library("prefix_logits", {"q": q, "k_prefix": prefix_kv * tiles, "logits_prefix_write": logits_p},
+                matmul=2 * hkv * padded * p * d, useful=2 * b * hq * p * d,
+                l2_hit=prefix_kv * (tiles - 1)),
+        library("suffix_logits", {"q": q, "k_suffix": suffix_kv, "logits_suffix_write": logits_s},
+                vector=2 * hq * suffix_tokens * d),
+        library("concat", {"logits_read": logits, "logits_cat_write": logits}),
+        library("softmax", {"logits_cat_read": logits, "probs_write": logits},
+                vector=5 * b * hq * (p + s.suffix_len)),
+        library("prefix_values", {"probs_prefix_read": logits_p, "v_prefix": prefix_kv * tiles,
+                                  "out_prefix_write": out},
+                matmul=2 * hkv * padded * p * d, useful=2 * b * hq * p * d,
+                l2_hit=prefix_kv * (tiles - 1)),
+        library("suffix_values", {"probs_suffix_read": logits_s, "v_suffix": suffix_kv,
+                                  "out_prefix_read": out, "out": out},
+                vector=2 * hq * suffix_tokens * d),
+    ]
+
+
+def predict(
+    shape: SharedPrefixShape,
+    *,
+    method: str = "hydragen",
+    gpu: "GPUSpec | str",
+    calibration: Calibration | None = None,
+    plan: HydragenPlan | None = None,
+    fused: bool = False,
+) -> Prediction:
+    """Prediction for one shared-prefix call by `method` (see METHODS)."""
+    if not isinstance(shape, SharedPrefixShape):
+        raise TypeError(f"shape must be a SharedPrefixShape, got {type(shape).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    spec = get_gpu(gpu)
+    cal = calibration or load_calibration(spec.key)
+    variant = f"shared_prefix:{method}"
+    if method == "naive":
+        total = shape.prefix_len + shape.suffix_len
+        naive = plan_split_kv(shape.batch, shape.num_qo_heads, shape.num_kv_heads, shape.head_dim,
+                              total, dtype=shape.dtype, num_sms=spec.num_sms, gpu=spec)
+        lens = [shape.prefix_len + n for n in shape.lens()]
+        return _predict_split_kv(naive, kv_lens=lens, gpu=spec, calibration=cal, variant=variant)
+    if method == "bifurcated" and not fused:
+        return predict_launches(variant, bifurcated_launches(shape), gpu=spec, calibration=cal)
+    if plan is None:
+        plan = plan_hydragen(shape, num_sms=spec.num_sms, gpu=spec, calibration=cal)
+    elif plan.shape != shape:
+        raise ValueError("plan was made for another shape")
+    return predict_launches(variant, [plan.launch()], gpu=spec, calibration=cal)
+
