@@ -82,7 +82,8 @@ def _require_dtype(x, name: str, dtypes) -> str:
     _require_array(x, name)
     name_of_dtype = dtype_name(x)
     if name_of_dtype not in dtypes:
-        raise TypeError(f"{name} must have dtype {' or '.join(dtypes)}, got {name_of_dtype}")
+        allowed = dtypes[0] if len(dtypes) == 1 else f"{', '.join(dtypes[:-1])} or {dtypes[-1]}"
+        raise TypeError(f"{name} must have dtype {allowed}, got {name_of_dtype}")
     return name_of_dtype
 
 
