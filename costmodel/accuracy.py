@@ -1,0 +1,170 @@
+"""How well the model predicts the committed measurements: |predicted - measured| / measured per
+suite, median and 90th percentile, against the targets (median <= 7%, p90 <= 15%).
+
+Result files live at `results/<gpu>/<suite>.json` (BENCHMARKS.md); only this project's variants
+are scored, peers are not. Each file is predicted on its own GPU with the ceilings its run
+measured (`meta`), with the calibration fitted for that GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .calibration import Calibration, load_calibration
+from .gpus import GPUSpec, get_gpu
+from .rows import UnsupportedRow, is_ours, predict_row
+
+__all__ = [
+    "MEDIAN_TARGET", "P90_TARGET", "ResultFile", "RowError", "SuiteAccuracy", "find_results_dir",
+    "load_results", "gpu_for_meta", "row_errors", "summarize", "format_report",
+]
+
+MEDIAN_TARGET = 0.07
+P90_TARGET = 0.15
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    path: Path
+    gpu_slug: str             # the directory under results/
+    suite: str                # the file's stem
+    meta: dict
+    rows: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RowError:
+    gpu_slug: str
+    suite: str
+    impl: str
+    measured_s: float
+    predicted_s: float
+    row: dict
+
+    @property
+    def rel_error(self) -> float:
+        return abs(self.predicted_s - self.measured_s) / self.measured_s
+
+
+@dataclass(frozen=True)
+class SuiteAccuracy:
+    suite: str                # suite name, or "all"
+    count: int
+    median: float
+    p90: float
+
+    @property
+    def meets_target(self) -> bool:
+        return self.median <= MEDIAN_TARGET and self.p90 <= P90_TARGET
+
+
+def find_results_dir(start: "str | Path | None" = None) -> Path | None:
+    """The `results/` directory of the checkout at or above `start` (default: the working
+    directory), else the one beside this package's source; None if there is none."""
+    here = Path(start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        if (d / "results").is_dir() and (d / "pyproject.toml").exists():
+            return d / "results"
+    beside = Path(__file__).resolve().parent.parent / "results"
+    return beside if beside.is_dir() else None
+
+
+def load_results(root: "str | Path | None" = None) -> list[ResultFile]:
+    """Every `<gpu>/<suite>.json` under `root` (default: `find_results_dir()`), sorted."""
+    root = Path(root) if root is not None else find_results_dir()
+    if root is None or not root.is_dir():
+        return []
+    files = []
+    for path in sorted(root.glob("*/*.json")):
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or "rows" not in data:
+            raise ValueError(f"{path}: not a result file (expected {{'meta': ..., 'rows': [...]}})")
+        files.append(ResultFile(path=path, gpu_slug=path.parent.name, suite=path.stem,
+                                meta=data.get("meta", {}), rows=list(data["rows"])))
+    return files
+
+
+def gpu_for_meta(meta: dict, fallback: str | None = None) -> GPUSpec:
+    """The GPU a run measured on, with the ceilings it measured."""
+    name = meta.get("gpu") or fallback
+    if not name:
+        raise ValueError("result meta names no gpu")
+    return get_gpu(name).with_measured(
+        copy_bytes_per_s=meta.get("copy_bytes_per_s"),
+        read_bytes_per_s=meta.get("read_bytes_per_s"),
+        matmul_flops_per_s=meta.get("matmul_flops_per_s"),
+    )
+
+
+def row_errors(
+    files: list[ResultFile],
+    *,
+    calibration: "Calibration | dict[str, Calibration] | None" = None,
+    suites: "set[str] | None" = None,
+) -> tuple[list[RowError], list[tuple[str, str, str]]]:
+    """Predicted against measured for every row of our variants; also the rows that could not be
+    predicted as (suite, impl, reason). `calibration`: one for every GPU, or one per GPU key
+    (others load theirs), or None to load each GPU's."""
+    errors, unsupported = [], []
+    for f in files:
+        if suites is not None and f.suite not in suites:
+            continue
+        gpu = gpu_for_meta(f.meta, fallback=f.gpu_slug)
+        if isinstance(calibration, dict):
+            cal = calibration.get(gpu.key) or load_calibration(gpu.key)
+        else:
+            cal = calibration or load_calibration(gpu.key)
+        for row in f.rows:
+            if not is_ours(row):
+                continue
+            suite = str(row.get("suite", f.suite))
+            measured_ms = row.get("time_ms")
+            if measured_ms is None or not measured_ms > 0:
+                unsupported.append((suite, str(row.get("impl")), "no time_ms"))
+                continue
+            try:
+                p = predict_row(row, gpu, calibration=cal)
+            except UnsupportedRow as e:
+                unsupported.append((suite, str(row.get("impl")), str(e)))
+                continue
+            errors.append(RowError(f.gpu_slug, suite, str(row["impl"]), measured_ms * 1e-3, p.time_s, row))
+    return errors, unsupported
+
+
+def _stats(name: str, errs: list[float]) -> SuiteAccuracy:
+    a = np.asarray(errs, dtype=np.float64)
+    return SuiteAccuracy(name, int(a.size), float(np.median(a)), float(np.percentile(a, 90)))
+
+
+def summarize(errors: list[RowError]) -> list[SuiteAccuracy]:
+    """One line per suite (in first-seen order), then "all"; empty if there are no errors."""
+    by_suite: dict[str, list[float]] = {}
+    for e in errors:
+        by_suite.setdefault(e.suite, []).append(e.rel_error)
+    out = [_stats(s, errs) for s, errs in by_suite.items()]
+    if errors:
+        out.append(_stats("all", [e.rel_error for e in errors]))
+    return out
+
+
+def _pct(x: float) -> str:
+    return "nan" if math.isnan(x) else f"{100 * x:5.1f}%"
+
+
+def format_report(summary: list[SuiteAccuracy], unsupported=(), *, title: str = "") -> str:
+    lines = [title] if title else []
+    lines.append(f"{'suite':<16} {'rows':>5} {'median':>8} {'p90':>8}   target: median <= "
+                 f"{MEDIAN_TARGET:.0%}, p90 <= {P90_TARGET:.0%}")
+    for s in summary:
+        mark = "ok" if s.meets_target else "MISSED"
+        lines.append(f"{s.suite:<16} {s.count:>5} {_pct(s.median):>8} {_pct(s.p90):>8}   {mark}")
+    if unsupported:
+        lines.append(f"{len(unsupported)} row(s) of our variants could not be predicted:")
+        for suite, impl, reason in unsupported[:10]:
+            lines.append(f"  {suite} {impl}: {reason}")
+    return "\n".join(lines)
