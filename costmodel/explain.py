@@ -1,0 +1,214 @@
+"""For a workload, predict every applicable variant, rank them, and say in one sentence why the
+winner wins.
+
+A workload is one decode step of `batch` sequences whose contexts are a `prefix_len`-token prefix
+shared by all of them plus `suffix_len` tokens of their own, of which a `density` fraction is
+attended (1.0: dense). The baseline is `decode` on the concatenated cache (the prefix copied into
+every sequence, one block per sequence and KV head): what runs without any of the techniques.
+
+>>> e = explain(Workload(batch=16, prefix_len=8192, suffix_len=256), gpu="H100")
+>>> e.winner
+'shared_prefix:hydragen'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import decode, paged_decode, shared_prefix, span, split_kv, tree
+from .calibration import Calibration, load_calibration
+from .gpus import GPUSpec, get_gpu
+from .models import LLAMA3_8B
+from .prediction import Prediction
+
+__all__ = ["Workload", "VariantRow", "Explanation", "explain", "builtin_workloads", "format_explanation",
+           "format_bytes", "BASELINE"]
+
+BASELINE = "decode"
+
+
+@dataclass(frozen=True)
+class Workload:
+    batch: int = 16
+    num_qo_heads: int = LLAMA3_8B.num_qo_heads
+    num_kv_heads: int = LLAMA3_8B.num_kv_heads
+    head_dim: int = LLAMA3_8B.head_dim
+    prefix_len: int = 8192          # tokens shared by every sequence
+    suffix_len: int = 256           # each sequence's own tokens
+    density: float = 1.0            # fraction of each context attended (spans); 1.0 is dense
+    num_spans: int = 8              # spans per sequence when density < 1
+    page_size: int = 16             # for paged_decode
+    dtype: str = "float16"
+    title: str = ""
+
+    def __post_init__(self):
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"density must lie in (0, 1], got {self.density!r}")
+        for name in ("batch", "num_qo_heads", "num_kv_heads", "head_dim", "num_spans", "page_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("prefix_len", "suffix_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.context_len < 1:
+            raise ValueError("the context (prefix_len + suffix_len) must hold at least one token")
+        if self.num_qo_heads % self.num_kv_heads:
+            raise ValueError(f"num_qo_heads must be a multiple of num_kv_heads, got "
+                             f"{self.num_qo_heads} and {self.num_kv_heads}")
+
+    @property
+    def context_len(self) -> int:
+        return self.prefix_len + self.suffix_len
+
+    @property
+    def shares_prefix(self) -> bool:
+        return self.prefix_len > 0 and self.batch > 1
+
+    def describe(self) -> str:
+        ctx = (f"{self.batch} sequences sharing a prefix of {self.prefix_len} tokens, "
+               f"{self.suffix_len} own tokens each"
+               if self.shares_prefix else f"{self.batch} sequences of {self.context_len} tokens")
+        sparse = f", {self.density:.1%} attended in {self.num_spans} spans" if self.density < 1 else ""
+        return (f"{ctx}{sparse}; {self.num_qo_heads} query heads, {self.num_kv_heads} KV heads, "
+                f"head_dim {self.head_dim}, {self.dtype}")
+
+
+@dataclass(frozen=True)
+class VariantRow:
+    variant: str
+    prediction: Prediction
+    speedup: float       # baseline time / this variant's time
+    plan: str            # how the call is cut, in words
+
+
+@dataclass(frozen=True)
+class Explanation:
+    workload: Workload
+    gpu: GPUSpec
+    rows: tuple[VariantRow, ...]      # fastest first
+    winner: str
+    why: str
+
+    def row(self, variant: str) -> VariantRow:
+        for r in self.rows:
+            if r.variant == variant:
+                return r
+        raise KeyError(variant)
+
+
+def builtin_workloads() -> list[Workload]:
+    """The README's example: a Llama-3-8B-like layer, 16 samples of one 8k prompt with 256 own
+    tokens each; and 8 sequences of 32k tokens attending to 12.5% of them in 8 spans."""
+    return [
+        Workload(title="16 samples of one 8k-token prompt"),
+        Workload(batch=8, prefix_len=0, suffix_len=32768, density=0.125, num_spans=8,
+                 title="sparse spans over a 32k-token context"),
+    ]
+
+
+def _predictions(w: Workload, gpu: GPUSpec, cal: Calibration) -> list[tuple[str, Prediction, str]]:
+    b, hq, hkv, d, n = w.batch, w.num_qo_heads, w.num_kv_heads, w.head_dim, w.context_len
+    out = []
+    base = decode.plan_decode(b, hq, hkv, d, n, dtype=w.dtype, num_sms=gpu.num_sms)
+    out.append(("decode", decode.predict(base, gpu=gpu, calibration=cal),
+                f"{base.num_blocks} blocks, whole cache per block"))
+    sk = split_kv.plan_split_kv(b, hq, hkv, d, n, dtype=w.dtype, num_sms=gpu.num_sms, gpu=gpu)
+    out.append(("split_kv", split_kv.predict(sk, gpu=gpu, calibration=cal),
+                f"{sk.num_splits} splits of {sk.chunk_size} tokens"))
+    pg = paged_decode.plan_paged_decode(b, hq, hkv, d, n, page_size=w.page_size, dtype=w.dtype,
+                                        num_sms=gpu.num_sms, gpu=gpu)
+    out.append(("paged_decode", paged_decode.predict(pg, gpu=gpu, calibration=cal),
+                f"pages of {w.page_size}, {pg.num_splits} splits"))
+    if w.shares_prefix:
+        shape = shared_prefix.SharedPrefixShape(b, hq, hkv, d, w.prefix_len, w.suffix_len, w.dtype)
+        hp = shared_prefix.plan_hydragen(shape, num_sms=gpu.num_sms, gpu=gpu, calibration=cal)
+        out.append(("shared_prefix:hydragen",
+                    shared_prefix.predict(shape, method="hydragen", gpu=gpu, calibration=cal, plan=hp),
+                    f"prefix chunks of {hp.prefix_chunk_size}, suffix chunks of {hp.suffix_chunk_size}"))
+        out.append(("shared_prefix:bifurcated",
+                    shared_prefix.predict(shape, method="bifurcated", gpu=gpu, calibration=cal),
+                    "published form: 6 launches, logits in memory"))
+        ts = tree.TreeShape(b, hq, hkv, d, ((1, w.prefix_len), (b, w.suffix_len)), w.dtype)
+        tp = tree.plan_tree(ts, num_sms=gpu.num_sms, gpu=gpu, calibration=cal)
+        out.append(("tree", tree.predict(ts, gpu=gpu, calibration=cal, plan=tp),
+                    f"2 levels, chunks of {' / '.join(map(str, tp.chunk_sizes))}"))
+    if w.density < 1.0:
+        shape = span.SpanShape.from_density(b, hq, hkv, d, n, density=w.density, num_spans=w.num_spans,
+                                            dtype=w.dtype)
+        sp = span.plan_span(shape, num_sms=gpu.num_sms, gpu=gpu, calibration=cal)
+        out.append(("span", span.predict(shape, gpu=gpu, calibration=cal, plan=sp),
+                    f"{sp.items_per_sequence} work items of <= {sp.chunk_size} tokens per sequence"))
+    return out
+
+
+def format_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _why(w: Workload, gpu: GPUSpec, win: VariantRow, base: VariantRow) -> str:
+    p, q = win.prediction, base.prediction
+    if win.variant == base.variant:
+        return (f"{base.variant} is already the fastest: {q.num_blocks} blocks keep the "
+                f"{gpu.num_sms} SMs busy and it moves no more than the {format_bytes(q.hbm_bytes)} "
+                "the others must move.")
+    reasons = []
+    byte_ratio = q.hbm_bytes / max(p.hbm_bytes, 1)
+    if byte_ratio >= 1.25:
+        if win.variant.startswith(("shared_prefix", "tree")):
+            cause = (f"it reads the {w.prefix_len}-token shared prefix once instead of once per "
+                     f"sequence ({w.batch} times)")
+        elif win.variant == "span":
+            cause = f"it reads only the attended {w.density:.1%} of each context"
+        else:
+            cause = "it moves fewer bytes"
+        reasons.append(f"{cause}: {format_bytes(p.hbm_bytes)} of memory traffic instead of "
+                       f"{format_bytes(q.hbm_bytes)} ({byte_ratio:.1f}x less)")
+    if p.num_blocks >= 2 * q.num_blocks and q.num_blocks < gpu.num_sms:
+        reasons.append(f"it cuts the work into {p.num_blocks} blocks where {base.variant} has "
+                       f"{q.num_blocks} for {gpu.num_sms} SMs")
+    if not reasons:
+        reasons.append(f"it has the least overhead ({p.launches} launch{'es' if p.launches > 1 else ''}, "
+                       f"{p.num_blocks} blocks)")
+    ceiling = p.achieved_bytes_per_s / gpu.stream_bytes_per_s
+    return (f"{win.variant} wins, {win.speedup:.1f}x faster than {base.variant}, because "
+            f"{' and '.join(reasons)}; it is {p.bound}-bound, reaching {ceiling:.0%} of the "
+            f"{gpu.stream_bytes_per_s / 1e12:.1f} TB/s memory ceiling.")
+
+
+def explain(workload: Workload, gpu: "GPUSpec | str" = "H100", *,
+            calibration: Calibration | None = None) -> Explanation:
+    gpu = get_gpu(gpu)
+    cal = calibration or load_calibration(gpu.key)
+    preds = _predictions(workload, gpu, cal)
+    base_time = next(p.time_s for name, p, _ in preds if name == BASELINE)
+    rows = sorted((VariantRow(name, p, base_time / p.time_s, plan) for name, p, plan in preds),
+                  key=lambda r: r.prediction.time_s)
+    base = next(r for r in rows if r.variant == BASELINE)
+    return Explanation(workload, gpu, tuple(rows), rows[0].variant, _why(workload, gpu, rows[0], base))
+
+
+def format_explanation(e: Explanation, measured_s: "dict[str, float] | None" = None) -> str:
+    """The table: one line per variant, fastest first; `measured_s` adds a measured column."""
+    head = (f"{'variant':<26} {'HBM bytes':>10} {'GFLOP':>8} {'blocks':>7} {'waves':>6} "
+            f"{'bound':>8} {'time':>10} {'speedup':>8}")
+    if measured_s is not None:
+        head += f" {'measured':>10}"
+    lines = [f"{e.workload.title or 'workload'}: {e.workload.describe()}",
+             f"on {e.gpu.name} ({e.gpu.num_sms} SMs, {e.gpu.stream_bytes_per_s / 1e12:.2f} TB/s, "
+             f"{e.gpu.matmul_flops_per_s / 1e12:.0f} TFLOP/s); baseline: {BASELINE} on the "
+             "concatenated cache", head, "-" * len(head)]
+    for r in e.rows:
+        p = r.prediction
+        line = (f"{r.variant:<26} {format_bytes(p.hbm_bytes):>10} {p.flops / 1e9:>8.2f} "
+                f"{p.num_blocks:>7} {p.waves:>6.2f} {p.bound:>8} {p.time_us:>8.1f}us {r.speedup:>7.2f}x")
+        if measured_s is not None:
+            m = measured_s.get(r.variant)
+            line += f" {m * 1e6:>8.1f}us" if m is not None else f" {'-':>10}"
+        lines.append(line)
+    lines.append(e.why)
+    return "\n".join(lines)
