@@ -17,12 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .prediction import F32, Launch, dtype_bytes
-from .split_kv import TILE_TOKENS, heads_per_block_for
+from .split_kv import MMA_ROWS, TILE_TOKENS, heads_per_block_for
 
 __all__ = ["SegmentGroup", "segments_launch", "QUERY_TILE_ROWS", "MMA_ROWS", "chunk_candidates", "best_chunks"]
 
 QUERY_TILE_ROWS = 64   # query rows one tensor-core block serves
-MMA_ROWS = 16          # tensor-core tile height: a block's rows are padded to a multiple of this
 
 
 @dataclass(frozen=True)

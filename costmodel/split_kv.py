@@ -33,6 +33,8 @@ TILE_TOKENS = 64             # tokens one block consumes per iteration (NUM_WARP
 MIN_CHUNK_TOKENS = 256       # the shortest chunk the split choice considers
 HEADS_PER_BLOCK_CHOICES = (1, 2, 4, 8)  # query heads served by one block (template parameter)
 ROWS_PER_WARP_TILE = TILE_TOKENS // NUM_WARPS  # rows one warp reads per step (page lookups per tile)
+TENSOR_CORE_DTYPES = ("float16", "bfloat16")  # the kernel's mma path; float32 runs on CUDA cores
+MMA_ROWS = 16                # rows of a tensor-core tile: a block's query heads are padded to it
 SPLIT_TIE_TOLERANCE = 0.01   # a split count must beat a smaller one by more than this to be chosen
 DEFAULT_NUM_SMS = 132        # H100 SXM; plans for another GPU pass its count
 
@@ -328,13 +330,21 @@ def split_kv_launch(plan: SplitKVPlan, kv_lens=None, *, name: str = "split_kv") 
         for _kh in range(hkv):
             for block_bytes, trips, count in seq_runs:
                 _append_run(runs, block_bytes, trips, count)
+    useful_flops = 4 * int(lens.sum()) * hq * d
+    if plan.dtype in TENSOR_CORE_DTYPES:
+        # mma.sync m16n8k16: a block's query heads are the 16 rows of A, zero-padded
+        padded_rows = sum(MMA_ROWS * -(-served // MMA_ROWS) for served in served_by_group)
+        flops = {"matmul_flops": 4 * int(lens.sum()) * hkv * padded_rows * d}
+    else:
+        flops = {"vector_flops": useful_flops}
     return Launch(
         name=name,
         bytes_by_tensor=bytes_by_tensor,
         block_runs=tuple(map(tuple, runs)),
-        vector_flops=4 * int(lens.sum()) * hq * d,
+        useful_flops=useful_flops,
         l2_hit_bytes=l2_hit,
         page_lookups=lookups,
+        **flops,
     )
 
 
