@@ -1,0 +1,338 @@
+"""The cost model: GPU data, the time equation, every variant's bytes and time, the split choice."""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from costmodel import decode, merge_states, paged_decode, shared_prefix, span, split_kv, tree
+from costmodel.calibration import DEFAULT_CALIBRATION, Calibration, load_calibration
+from costmodel.gpus import GPUSpec, get_gpu, gpu_for_num_sms, gpu_names
+from costmodel.prediction import Launch, makespan_s, predict_launches
+from costmodel.split_kv import TILE_TOKENS, plan_split_kv
+
+H100 = get_gpu("H100")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPUs and calibration data
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, key", [
+    ("H100", "h100_sxm"), ("NVIDIA H100 80GB HBM3", "h100_sxm"), ("h100_sxm", "h100_sxm"),
+    ("H200", "h200"), ("NVIDIA H200", "h200"), ("A100", "a100_80gb"),
+    ("NVIDIA A100-SXM4-80GB", "a100_80gb"),
+])
+def test_get_gpu_accepts_short_and_device_names(name, key):
+    assert get_gpu(name).key == key
+
+
+def test_get_gpu_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown GPU 'TPU v5'"):
+        get_gpu("TPU v5")
+    with pytest.raises(TypeError):
+        get_gpu(132)
+
+
+def test_every_gpu_has_consistent_ceilings():
+    for key in gpu_names():
+        g = get_gpu(key)
+        assert g.num_sms > 0 and g.l2_bytes > 0
+        assert 0 < g.copy_bytes_per_s <= g.hbm_bytes_per_s
+        assert 0 < g.matmul_flops_per_s <= g.datasheet_matmul_flops_per_s
+        assert g.vector_flops_per_s < g.matmul_flops_per_s
+
+
+def test_measured_ceilings_override_the_datasheet():
+    g = H100.with_measured(copy_bytes_per_s=2.9e12, read_bytes_per_s=3.2e12, matmul_flops_per_s=7e14)
+    assert (g.copy_bytes_per_s, g.stream_bytes_per_s, g.matmul_flops_per_s) == (2.9e12, 3.2e12, 7e14)
+    assert H100.stream_bytes_per_s == H100.copy_bytes_per_s == 3.0e12   # BENCHMARKS.md's measured copy
+    assert H100.with_measured() is H100
+    with pytest.raises(ValueError):
+        H100.with_measured(copy_bytes_per_s=0)
+
+
+def test_gpu_for_num_sms():
+    assert gpu_for_num_sms(108).key == "a100_80gb"
+    assert gpu_for_num_sms(77).num_sms == 77
+
+
+def test_calibration_data_loads_and_says_where_it_comes_from():
+    cal = load_calibration("h100_sxm")
+    assert isinstance(cal, Calibration) and cal.source
+    assert load_calibration("no_such_gpu") == load_calibration(None)
+    with pytest.raises(ValueError, match="unknown calibration constants"):
+        Calibration.from_json({"launch_s": 1e-6, "warp_speed": 9})
+
+
+# ---------------------------------------------------------------------------------------------
+# The time equation
+# ---------------------------------------------------------------------------------------------
+
+def test_makespan_waves_and_bandwidth_sharing():
+    # 10 blocks of 1 MB on 4 slots; each waits 1 ms, then streams at min(1 GB/s, 2 GB/s / active):
+    # two full waves of 1 + 2 ms, then 2 blocks at 1 GB/s: 1 + 1 ms.
+    t = makespan_s([(1e6, 1, 10)], slots=4, block_bytes_per_s=1e9, total_bytes_per_s=2e9, round_trip_s=1e-3)
+    assert t == pytest.approx(8e-3)
+    # blocks that exit at once cost nothing
+    assert makespan_s([(0, 0, 100)], slots=4, block_bytes_per_s=1e9, total_bytes_per_s=2e9,
+                      round_trip_s=1e-3) == 0.0
+
+
+def test_makespan_is_work_conserving_when_saturated():
+    rng = np.random.default_rng(0)
+    work = rng.integers(1, 10, size=300) * 1e5
+    runs = [(w, 0, 1) for w in work]
+    t = makespan_s(runs, slots=1000, block_bytes_per_s=1e12, total_bytes_per_s=1e9, round_trip_s=0)
+    assert t == pytest.approx(work.sum() / 1e9)
+
+
+def test_prediction_terms_add_up():
+    launch = Launch("x", {"a": 10**9}, ((10**9 // 1000, 1, 1000),), vector_flops=10**9)
+    p = predict_launches("x", [launch], gpu=H100, calibration=DEFAULT_CALIBRATION)
+    t = p.terms
+    assert p.time_s == pytest.approx(t["launch_s"] + max(t["memory_s"], t["compute_s"], t["schedule_s"]))
+    assert t["hbm_s"] == pytest.approx(1e9 / (DEFAULT_CALIBRATION.bw_fraction * H100.stream_bytes_per_s))
+    assert p.bound == "memory" and p.launches == 1 and p.num_blocks == 1000
+    two = predict_launches("y", [launch, launch], gpu=H100, calibration=DEFAULT_CALIBRATION)
+    assert two.time_s == pytest.approx(2 * p.time_s) and two.launches == 2
+    assert two.bytes_by_tensor["a"] == 2 * 10**9 and "x.time_s" in two.terms
+
+
+# ---------------------------------------------------------------------------------------------
+# split_kv, decode, paged_decode
+# ---------------------------------------------------------------------------------------------
+
+shapes = st.tuples(
+    st.integers(1, 64),                                   # batch
+    st.sampled_from([(32, 8), (32, 32), (28, 4), (8, 1), (64, 8), (16, 2)]),
+    st.sampled_from([64, 128]),
+    st.integers(0, 140_000),                              # max_kv_len
+)
+
+
+@settings(max_examples=40)
+@given(shapes)
+@example((1, (32, 8), 128, 1))
+@example((1, (32, 8), 128, 339))
+def test_plan_keeps_the_kernel_invariants(shape):
+    batch, (hq, hkv), d, n = shape
+    plan = plan_split_kv(batch, hq, hkv, d, n)
+    assert plan.chunk_size % TILE_TOKENS == 0
+    assert plan.num_splits == max(1, -(-n // plan.chunk_size))
+    assert plan.num_splits * plan.chunk_size >= n
+    assert plan.heads_per_block * plan.head_groups >= hq // hkv
+
+
+@pytest.mark.parametrize("args", [(1, 32, 8, 128, 4096), (1, 32, 8, 128, 32768), (8, 32, 8, 128, 32768),
+                                  (64, 32, 8, 128, 16384), (2, 28, 4, 64, 5000)])
+def test_split_choice_is_the_fastest_predicted(args):
+    chosen = plan_split_kv(*args)
+    best = chosen_time = split_kv.predict(chosen, gpu=H100).time_s
+    cal = load_calibration(H100.key)
+    base_blocks = plan_split_kv(*args, num_splits=1).num_blocks
+    for s in split_kv.candidate_num_splits(base_blocks, args[-1], H100.num_sms, cal.blocks_per_sm):
+        best = min(best, split_kv.predict(plan_split_kv(*args, num_splits=s), gpu=H100).time_s)
+    assert chosen_time <= best * (1 + split_kv.SPLIT_TIE_TOLERANCE)
+
+
+def test_split_choice_follows_the_gpu():
+    # an A100 has fewer SMs and less bandwidth: never more blocks than an H100 would want
+    h = plan_split_kv(1, 32, 8, 128, 32768, num_sms=132)
+    a = plan_split_kv(1, 32, 8, 128, 32768, num_sms=108)
+    assert a.num_sms == 108 and a.num_splits <= h.num_splits
+    assert plan_split_kv(1, 32, 8, 128, 32768, gpu="H200").num_sms == 132
+
+
+def test_splitting_pays_at_batch_one_and_not_at_large_batch():
+    long = plan_split_kv(1, 32, 8, 128, 32768)
+    assert long.num_splits > 4
+    fast = split_kv.predict(long, gpu=H100)
+    slow = decode.predict(decode.plan_decode(1, 32, 8, 128, 32768), gpu=H100)
+    assert slow.time_s > 5 * fast.time_s
+    assert slow.bound == "latency" and fast.bound == "memory"
+    assert plan_split_kv(64, 32, 8, 128, 16384).num_splits == 1
+
+
+def test_large_decode_is_near_its_bandwidth_floor():
+    p = split_kv.predict(plan_split_kv(64, 32, 8, 128, 16384), gpu=H100)
+    floor = p.hbm_bytes / H100.stream_bytes_per_s
+    assert p.bound == "memory"
+    assert floor < p.time_s < 1.15 * floor
+
+
+def test_split_kv_bytes_itemised():
+    plan = plan_split_kv(2, 32, 8, 128, 4096, num_splits=4)
+    p = split_kv.predict(plan, gpu=H100)
+    b = p.bytes_by_tensor
+    assert b["k"] == b["v"] == 2 * 4096 * 8 * 128 * 2
+    assert b["q"] == 4 * 2 * 32 * 128 * 2                       # each split's block reads q
+    assert b["out"] == 2 * 32 * 128 * 2 and b["lse"] == 2 * 32 * 4
+    assert b["partial_out_write"] == b["partial_out_read"] == 4 * 2 * 32 * 128 * 4
+    assert b["partial_lse_write"] == b["partial_lse_read"] == 4 * 2 * 32 * 4
+    assert p.hbm_bytes == sum(b.values()) and p.num_blocks == plan.num_blocks == 64
+    unsplit = decode.predict(plan_split_kv(2, 32, 8, 128, 4096, num_splits=1), gpu=H100).bytes_by_tensor
+    assert unsplit["partial_out_write"] == unsplit["counters"] == 0
+
+
+def test_bytes_match_the_schedule_the_simulator_walks():
+    simulate = pytest.importorskip("costmodel.simulate")
+    rng = np.random.default_rng(1)
+    for args, kw in [((3, 28, 4, 64, 339), {}), ((2, 32, 8, 128, 5000), {"num_splits": 7}),
+                     ((4, 32, 2, 128, 1000), {"num_splits": 3, "page_size": 5}),
+                     ((3, 12, 1, 64, 700), {"num_splits": 4, "page_size": 16})]:
+        plan = plan_split_kv(*args, **kw)
+        lens = rng.integers(0, plan.max_kv_len + 1, plan.batch)
+        walked = simulate.traffic(plan, lens)
+        predicted = split_kv.predict(plan, kv_lens=lens, gpu=H100).bytes_by_tensor
+        for key, value in walked.items():
+            if key not in ("blocks", "tiles"):
+                assert predicted[key] == value, (args, kw, key)
+
+
+def test_head_groups_reread_from_l2():
+    plan = plan_split_kv(1, 32, 1, 128, 8192, num_splits=1)       # MQA: 32 heads, 4 groups of 8
+    assert plan.head_groups == 4
+    p = decode.predict(plan, gpu=H100)
+    kv = p.bytes_by_tensor["k"] + p.bytes_by_tensor["v"]
+    assert p.l2_hit_bytes == kv * 3 // 4 and p.hbm_bytes == sum(p.bytes_by_tensor.values()) - p.l2_hit_bytes
+
+
+def test_ragged_lengths_cost_what_they_read():
+    plan = plan_split_kv(4, 32, 8, 128, 8192, num_splits=4)
+    full = split_kv.predict(plan, gpu=H100)
+    short = split_kv.predict(plan, kv_lens=np.array([8192, 100, 0, 4000]), gpu=H100)
+    assert short.bytes_by_tensor["k"] == (8192 + 100 + 4000) * 8 * 128 * 2
+    assert short.time_s < full.time_s
+    with pytest.raises(ValueError, match="kv_lens"):
+        split_kv.predict(plan, kv_lens=[1, 2, 3], gpu=H100)
+
+
+def test_decode_needs_an_unsplit_plan():
+    with pytest.raises(ValueError, match="num_splits = 4"):
+        decode.predict(plan_split_kv(1, 32, 8, 128, 4096, num_splits=4), gpu=H100)
+
+
+def test_small_pages_cost_more():
+    def t(page_size):
+        plan = paged_decode.plan_paged_decode(8, 32, 8, 128, 8192, page_size=page_size, num_splits=2)
+        return paged_decode.predict(plan, gpu=H100)
+    p1, p16, p128 = t(1), t(16), t(128)
+    assert p1.bytes_by_tensor["page_table"] > p16.bytes_by_tensor["page_table"] > 0
+    assert p1.time_s > p16.time_s >= p128.time_s
+    contiguous = split_kv.predict(plan_split_kv(8, 32, 8, 128, 8192, num_splits=2), gpu=H100)
+    assert p128.time_s >= contiguous.time_s
+    assert paged_decode.kv_lens_from_pages([0, 3, 3, 5], [7, 0, 16], 16).tolist() == [39, 0, 32]
+
+
+def test_merge_states_bytes():
+    p = merge_states.predict(merge_states.MergeStatesShape(4, 2, 8, 64, "float16"), gpu=H100)
+    assert p.bytes_by_tensor == {"states_out": 4 * 16 * 64 * 2, "states_lse": 4 * 16 * 4,
+                                 "out": 16 * 64 * 2, "lse": 16 * 4}
+    assert p.num_blocks == 16 and p.bound == "latency"
+
+
+# ---------------------------------------------------------------------------------------------
+# shared_prefix, tree, span
+# ---------------------------------------------------------------------------------------------
+
+def test_shared_prefix_reads_the_prefix_once():
+    b, hkv, d, P, S = 16, 32, 128, 8192, 256
+    shape = shared_prefix.SharedPrefixShape(b, 32, hkv, d, P, S)
+    h = shared_prefix.predict(shape, method="hydragen", gpu=H100)
+    n = shared_prefix.predict(shape, method="naive", gpu=H100)
+    f = shared_prefix.predict(shape, method="bifurcated", gpu=H100)
+    kv_elems = 2 * hkv * d
+    assert h.bytes_by_tensor["k_prefix"] == P * hkv * d * 2                 # once (16 rows: one tile)
+    assert h.bytes_by_tensor["k_suffix"] == b * S * hkv * d * 2
+    # the bifurcated paper's Eq. 5/6: g*k*b*(m_c + m_d) without sharing, g*k*(m_c + b*m_d) with it
+    assert n.bytes_by_tensor["k"] + n.bytes_by_tensor["v"] == kv_elems * b * (P + S) * 2
+    assert (h.bytes_by_tensor["k_prefix"] + h.bytes_by_tensor["v_prefix"] + h.bytes_by_tensor["k_suffix"]
+            + h.bytes_by_tensor["v_suffix"]) == kv_elems * (P + b * S) * 2
+    assert h.flops == n.flops == 4 * b * 32 * (P + S) * d
+    assert h.launches == 1 and f.launches == 6
+    assert h.time_s < f.time_s < n.time_s
+    assert n.time_s > 5 * h.time_s
+    fused = shared_prefix.predict(shape, method="bifurcated", fused=True, gpu=H100)
+    assert fused.launches == 1 and fused.time_s == pytest.approx(h.time_s)
+
+
+def test_shared_prefix_checks_its_shape():
+    with pytest.raises(ValueError, match="suffix_lens"):
+        shared_prefix.SharedPrefixShape(2, 8, 2, 64, 100, 10, suffix_lens=(5, 11))
+    with pytest.raises(ValueError, match="method"):
+        shared_prefix.predict(shared_prefix.SharedPrefixShape(2, 8, 2, 64, 100, 10), method="cascade", gpu=H100)
+
+
+def test_gqa_prefix_is_a_tensor_core_product():
+    shape = shared_prefix.SharedPrefixShape(128, 32, 8, 128, 32768, 256)
+    plan = shared_prefix.plan_hydragen(shape, gpu=H100)
+    launch = plan.launch()
+    assert launch.matmul_flops > 0
+    # 128 sequences x 4 heads = 512 query rows per KV head: 8 tiles, the later ones read from L2
+    assert launch.l2_hit_bytes == 7 * 2 * 32768 * 8 * 128 * 2
+    assert plan.parts_per_sequence == -(-32768 // plan.prefix_chunk_size) + 1
+
+
+def test_two_level_tree_is_hydragen():
+    sp = shared_prefix.SharedPrefixShape(16, 32, 32, 128, 4096, 256)
+    t = tree.TreeShape(16, 32, 32, 128, ((1, 4096), (16, 256)))
+    assert tree.predict(t, gpu=H100).time_s == pytest.approx(
+        shared_prefix.predict(sp, method="hydragen", gpu=H100).time_s)
+
+
+def test_tree_levels_are_read_once_each():
+    t = tree.TreeShape(64, 32, 32, 128, ((1, 4096), (8, 2048), (64, 256)))
+    p = tree.predict(t, gpu=H100)
+    row = 32 * 128 * 2
+    assert p.bytes_by_tensor["k_level0"] == 4096 * row
+    assert p.bytes_by_tensor["k_level1"] == 8 * 2048 * row
+    assert p.bytes_by_tensor["k_level2"] == 64 * 256 * row
+    assert t.context_len == 4096 + 2048 + 256
+    with pytest.raises(ValueError, match="num_segments"):
+        tree.TreeShape(64, 32, 32, 128, ((3, 10),))
+
+
+@pytest.mark.parametrize("density, num_spans", [(0.125, 8), (0.25, 16), (0.5, 64)])
+def test_spans_read_only_the_attended_tokens(density, num_spans):
+    dense = split_kv.predict(plan_split_kv(8, 32, 8, 128, 32768), gpu=H100)
+    shape = span.SpanShape.from_density(8, 32, 8, 128, 32768, density=density, num_spans=num_spans)
+    p = span.predict(shape, gpu=H100)
+    assert shape.attended_len == round(density * 32768) and len(shape.span_lens) == num_spans
+    assert p.bytes_by_tensor["k"] == 8 * shape.attended_len * 8 * 128 * 2
+    assert p.time_s < 1.2 * density * dense.time_s
+
+
+def test_sinks_and_window():
+    shape = span.SpanShape.sinks_window(8, 32, 8, 128, 32768, num_sinks=4, window=4096)
+    assert shape.span_lens == (4, 4096)
+    assert span.SpanShape.sinks_window(1, 8, 8, 64, 100, num_sinks=4, window=4096).span_lens == (4, 96)
+    with pytest.raises(ValueError, match="density"):
+        span.SpanShape.from_density(1, 8, 8, 64, 100, density=1.5, num_spans=2)
+
+
+def test_plans_are_checked_against_their_shape():
+    a = span.SpanShape.from_density(1, 8, 8, 64, 1000, density=0.5, num_spans=2)
+    b = dataclasses.replace(a, batch=2)
+    with pytest.raises(ValueError, match="another shape"):
+        span.predict(b, gpu=H100, plan=span.plan_span(a))
+
+
+def test_predictions_scale_with_the_gpu():
+    plan = plan_split_kv(16, 32, 8, 128, 32768)
+    h100 = split_kv.predict(plan, gpu="H100").time_s
+    h200 = split_kv.predict(plan, gpu="H200").time_s
+    a100 = split_kv.predict(plan, gpu="A100").time_s
+    assert a100 > h100 > h200
+    assert h100 / h200 == pytest.approx(4.3 / 3.0, rel=0.1)
+
+
+def test_units_and_derived_quantities():
+    p = split_kv.predict(plan_split_kv(1, 32, 8, 128, 4096), gpu=H100)
+    assert p.time_us == pytest.approx(p.time_s * 1e6) and p.time_ms == pytest.approx(p.time_s * 1e3)
+    assert p.intensity_flops_per_byte == pytest.approx(p.flops / p.hbm_bytes)
+    assert math.isfinite(p.achieved_bytes_per_s) and p.waves > 0
+    assert isinstance(H100, GPUSpec)
