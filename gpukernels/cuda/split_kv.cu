@@ -18,20 +18,11 @@
 
 namespace decode_attention {
 
-#ifndef DA_ROWS_PER_LANE
-#define DA_ROWS_PER_LANE 8
-#endif
-#ifndef DA_MIN_BLOCKS
-#define DA_MIN_BLOCKS 1
-#endif
-#ifndef DA_PIPELINE
-#define DA_PIPELINE 1
-#endif
-
 constexpr int NUM_WARPS = 4;
 constexpr int NUM_THREADS = NUM_WARPS * 32;
-constexpr int MIN_BLOCKS_PER_SM = DA_MIN_BLOCKS;
-constexpr bool PIPELINE = DA_PIPELINE;
+// Tensor-core path: two resident blocks per SM at least (measured on H100: better than one block
+// with more registers). The CUDA-core path needs its registers for wide groups and head_dim 256.
+constexpr int MMA_MIN_BLOCKS_PER_SM = 2;
 
 template <typename T, int HEAD_DIM, int GROUP>
 struct SplitKVShape {
@@ -41,7 +32,7 @@ struct SplitKVShape {
   static constexpr int ROWS_PER_LOAD = 32 / LANES_PER_ROW;
   // Rows each lane holds per tile: 8 loads of K (and of V) in flight, fewer for wide groups so the
   // scores stay in registers.
-  static constexpr int ROWS_PER_LANE = (GROUP >= 8 ? 4 : DA_ROWS_PER_LANE) / VECS;
+  static constexpr int ROWS_PER_LANE = (GROUP >= 8 ? 4 : 8) / VECS;
   static constexpr int WARP_ROWS = ROWS_PER_LOAD * ROWS_PER_LANE;           // rows of one warp tile
   static constexpr int DIMS_PER_LANE = VEC * VECS;
   static_assert(HEAD_DIM % (VEC * LANES_PER_ROW) == 0, "head_dim must fill whole 16-byte lanes");
@@ -193,7 +184,7 @@ __device__ __forceinline__ bool block_work(BlockWork& w, T* __restrict__ out, fl
 }
 
 template <typename T, int HEAD_DIM, int GROUP, bool PAGED>
-__global__ void __launch_bounds__(NUM_THREADS, MIN_BLOCKS_PER_SM)
+__global__ void __launch_bounds__(NUM_THREADS)
 split_kv_kernel(const T* __restrict__ q,                 // [batch, num_qo_heads, HEAD_DIM]
                 const T* __restrict__ k,                 // [batch, kv_len, Hkv, D] or [pages, page_size, Hkv, D]
                 const T* __restrict__ v,
@@ -294,10 +285,9 @@ split_kv_kernel(const T* __restrict__ q,                 // [batch, num_qo_heads
   };
   if (tile < end) {
     locate(tile, off);
-    if (PIPELINE) load_rows(k, off, kb);
+    load_rows(k, off, kb);
   }
   for (; tile < end; tile += stride) {
-    if (!PIPELINE) load_rows(k, off, kb);
     load_rows(v, off, vb);
     bool valid[R];
 #pragma unroll
@@ -334,7 +324,7 @@ split_kv_kernel(const T* __restrict__ q,                 // [batch, num_qo_heads
     // Scores are in registers: K's buffer is free for the next tile.
     if (tile + stride < end) {
       locate(tile + stride, off);
-      if (PIPELINE) load_rows(k, off, kb);
+      load_rows(k, off, kb);
     }
     // A page index out of range poisons the result rather than reading outside the cache.
     if (bad_page) {
@@ -465,7 +455,7 @@ __device__ __forceinline__ unsigned word(const uint4& v, int i) {
 }
 
 template <typename T, int HEAD_DIM, int GROUP, bool PAGED>
-__global__ void __launch_bounds__(NUM_THREADS, MIN_BLOCKS_PER_SM)
+__global__ void __launch_bounds__(NUM_THREADS, MMA_MIN_BLOCKS_PER_SM)
 split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                     const int* __restrict__ kv_lens, const int* __restrict__ kv_indptr,
                     const int* __restrict__ kv_indices, const int* __restrict__ kv_last_page_len,

@@ -1,0 +1,115 @@
+"""Compile every kernel instantiation with nvcc for sm_90 and fail on an error or a register spill.
+
+Runs on a machine with no GPU (nvcc only). Prints ptxas's register and shared-memory report for
+each instantiation, so the log shows what every kernel costs.
+
+    python -m gpukernels.compile_check [--arch sm_90] [--jobs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import _runtime as rt
+from .split_kv import all_name_expressions
+
+_ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(\S+)'")
+_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_USAGE = re.compile(r"Used (\d+) registers.*?(?:, (\d+) bytes smem)?$")
+
+
+def merge_states_expressions() -> list[str]:
+    return [f"decode_attention::merge_states_kernel<{c}>" for c in rt.C_TYPES.values()]
+
+
+def _translation_unit(source: str, expressions: list[str]) -> str:
+    lines = [f'#include "{source}.cu"', "", "void* decode_attention_instances[] = {"]
+    lines += [f"    (void*)&{expr}," for expr in expressions]
+    lines += ["};", ""]
+    return "\n".join(lines)
+
+
+def _compile(nvcc: str, arch: str, source: str, expressions: list[str], workdir: Path, tag: str):
+    unit = workdir / f"unit_{tag}.cu"
+    unit.write_text(_translation_unit(source, expressions))
+    cmd = [nvcc, f"-arch={arch}", *rt.COMPILE_OPTIONS, f"-I{rt.CUDA_DIR}", "-Xptxas", "-v",
+           "-c", str(unit), "-o", str(workdir / f"{tag}.o")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    return tag, proc.returncode, proc.stdout + proc.stderr
+
+
+def _report(log: str) -> list[tuple[str, int, int, int]]:
+    """(mangled name, registers, smem bytes, spill bytes) per compiled entry."""
+    rows, name, spill = [], None, 0
+    for line in log.splitlines():
+        m = _ENTRY.search(line)
+        if m:
+            name, spill = m.group(1), 0
+            continue
+        m = _SPILL.search(line)
+        if m and name:
+            spill = int(m.group(1)) + int(m.group(2))
+            continue
+        m = _USAGE.search(line)
+        if m and name:
+            rows.append((name, int(m.group(1)), int(m.group(2) or 0), spill))
+            name = None
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gpukernels.compile_check", description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="sm_90")
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args(argv)
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        print("compile check: nvcc not found on PATH", file=sys.stderr)
+        return 2
+    groups: dict[str, tuple[str, list[str]]] = {}
+    for expr in all_name_expressions():
+        tag = "split_kv_" + re.sub(r"\W+", "_", expr.split("<", 1)[1].split(",")[0])
+        groups.setdefault(tag, ("split_kv", []))[1].append(expr)
+    groups["merge_states"] = ("merge_states", merge_states_expressions())
+    n_total = sum(len(e) for _, e in groups.values())
+    print(f"compiling {n_total} kernel instantiations for {args.arch} in {len(groups)} units", flush=True)
+    start = time.time()
+    failed = False
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(_compile, nvcc, args.arch, src, exprs, Path(tmp), tag)
+                   for tag, (src, exprs) in groups.items()]
+        for fut in concurrent.futures.as_completed(futures):
+            tag, rc, log = fut.result()
+            if rc != 0:
+                failed = True
+                print(f"[{tag}] nvcc failed:\n{log}", file=sys.stderr)
+                continue
+            unit_rows = _report(log)
+            rows += unit_rows
+            print(f"[{tag}] {len(unit_rows)} entries compiled ({time.time() - start:.0f} s)", flush=True)
+    print(f"{'registers':>9} {'smem B':>7} {'spill B':>7}  kernel")
+    for name, regs, smem, spill in sorted(rows):
+        print(f"{regs:>9} {smem:>7} {spill:>7}  {name}")
+    spills = [r for r in rows if r[3] > 0]
+    if spills:
+        failed = True
+        print(f"{len(spills)} instantiations spill registers", file=sys.stderr)
+    if len(rows) < n_total and not failed:
+        failed = True
+        print(f"expected {n_total} compiled entries, found {len(rows)}", file=sys.stderr)
+    print(f"compile check {'FAILED' if failed else 'passed'}: {len(rows)} entries, "
+          f"{time.time() - start:.0f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
