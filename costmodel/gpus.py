@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
+import numpy as np
+
 __all__ = ["GPUSpec", "get_gpu", "gpu_names", "gpu_for_num_sms"]
 
 
@@ -46,6 +48,12 @@ class GPUSpec:
     def stream_bytes_per_s(self) -> float:
         """Ceiling of a kernel that mostly reads: measured read rate, else the copy rate."""
         return self.read_bytes_per_s if self.read_bytes_per_s else self.copy_bytes_per_s
+
+    def roofline_flops_per_s(self, intensity_flops_per_byte, *, tensor_cores: bool = True):
+        """The roofline: attainable FLOP/s at an arithmetic intensity (FLOP per HBM byte), the
+        lesser of streaming at the memory ceiling and the tensor-core (or CUDA-core) rate."""
+        peak = self.matmul_flops_per_s if tensor_cores else self.vector_flops_per_s
+        return np.minimum(np.asarray(intensity_flops_per_byte, dtype=np.float64) * self.stream_bytes_per_s, peak)
 
     def with_measured(
         self,

@@ -31,6 +31,7 @@ class Reproduction:
     columns: tuple[str, ...]
     rows: tuple[dict, ...]
     predicted: str                 # the claim, as the model predicts it
+    published_points: tuple = ()   # (column, ((x, published value), ...)) pairs, for plots
 
     def column(self, name: str) -> list:
         return [r[name] for r in self.rows]
@@ -126,6 +127,7 @@ def bifurcated(gpu: "GPUSpec | str" = "A100", *, context: int = 8192, suffix_len
         columns=("samples", "naive_us", "bifurcated_us", "hydragen_us", "attn_speedup",
                  "step_naive_ms", "step_bifurcated_ms", "step_speedup"),
         rows=tuple(rows),
+        published_points=(("step_speedup", ((16, 2.1), (32, 6.2))),),
         predicted=(f"per-step speedup {quoted}, growing with the samples as the copied prompt's "
                    f"reads grow; attention alone {by[samples[-1]]['attn_speedup']:.1f}x at "
                    f"{samples[-1]} samples."),
@@ -190,6 +192,7 @@ def sparse_spans(gpu: "GPUSpec | str" = "H100", *, batch: int = 8, kv_len: int =
         step_dense = model.num_layers * dense.time_s + rest
         step_span = model.num_layers * p.time_s + rest
         rows.append({"spans": label, "density": shape.density, "dense_us": dense.time_us, "span_us": p.time_us,
+                     "density_x_dense_us": shape.density * dense.time_us,
                      "vs_density_x_dense": p.time_s / (shape.density * dense.time_s),
                      "attn_speedup": dense.time_s / p.time_s, "step_speedup": step_dense / step_span})
     worst = max(r["vs_density_x_dense"] for r in rows)
@@ -199,7 +202,8 @@ def sparse_spans(gpu: "GPUSpec | str" = "H100", *, batch: int = 8, kv_len: int =
         published="28% higher decode throughput (self-selected attention span); constant memory with sinks + window",
         setting=(f"{model.name}-like layer ({hq} query heads, {hkv} KV heads, head_dim {d}), batch {batch}, "
                  f"{kv_len} tokens, fp16, on {gpu.name}; step = layers x attention + weights"),
-        columns=("spans", "density", "dense_us", "span_us", "vs_density_x_dense", "attn_speedup", "step_speedup"),
+        columns=("spans", "density", "dense_us", "span_us", "density_x_dense_us", "vs_density_x_dense",
+                 "attn_speedup", "step_speedup"),
         rows=tuple(rows),
         predicted=(f"span time stays within {worst:.2f}x of density x dense time; per-step throughput "
                    f"gain {min(r['step_speedup'] for r in rows) - 1:.0%} to {max(r['step_speedup'] for r in rows) - 1:.0%} "
