@@ -1,0 +1,108 @@
+"""Run a representative set of GPU kernel calls and compare each with the float64 reference.
+
+Small enough to run under compute-sanitizer (memcheck, racecheck): every kernel family, every
+dtype, head dims 64/128/256, GQA 28/4, ragged lengths, split and unsplit, page sizes 1 and 16 with
+a shuffled page table. Exits 1 if any output is off by more than its dtype's tolerance.
+
+    decode-attention verify
+    python -m decode_attention.verify
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+# Error bounds on ||out - ref|| / ||ref||, per input dtype (the GPU test suite uses the same numbers).
+OUT_RTOL = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+
+
+def _cases():
+    for dtype in ("float16", "bfloat16", "float32"):
+        for head_dim in (64, 128, 256):
+            yield dtype, head_dim, 28, 4, "split_kv", 3
+            yield dtype, head_dim, 8, 8, "decode", 1
+        yield dtype, 128, 32, 8, "paged1", None
+        yield dtype, 128, 32, 8, "paged16", 2
+        yield dtype, 128, 16, 16, "merge_states", None
+
+
+def _to_device(x, dtype):
+    import cupy as cp
+
+    if dtype == "bfloat16":
+        import torch
+
+        return torch.from_numpy(x.astype(np.float32)).cuda().to(torch.bfloat16)
+    return cp.asarray(x.astype(dtype))
+
+
+def _to_host(x):
+    if hasattr(x, "get"):
+        return x.get().astype(np.float64)
+    return x.float().cpu().numpy().astype(np.float64)
+
+
+def run_case(rng, dtype, head_dim, hq, hkv, kind, num_splits) -> float:
+    import gpukernels
+    import refattn
+
+    batch, kv_len = 3, 300
+    rounded = lambda a: _to_host(_to_device(a, dtype))  # noqa: E731 - inputs as the GPU sees them
+    if kind == "merge_states":
+        outs = rng.standard_normal((5, batch, hq, head_dim))
+        lses = rng.standard_normal((5, batch, hq)).astype(np.float32) * 3
+        lses[0, 0] = -np.inf
+        ref_out, _ = refattn.merge_states(rounded(outs), lses)
+        import cupy as cp
+
+        out, _ = gpukernels.merge_states(_to_device(outs, dtype), cp.asarray(lses))
+    else:
+        q = rounded(rng.standard_normal((batch, hq, head_dim)))
+        k = rounded(rng.standard_normal((batch, kv_len, hkv, head_dim)))
+        v = rounded(rng.standard_normal((batch, kv_len, hkv, head_dim)))
+        kv_lens = np.array([kv_len, 1, 0])[:batch]
+        ref_out, _ = refattn.decode(q, k, v, kv_lens)
+        qd = _to_device(q, dtype)
+        if kind.startswith("paged"):
+            page_size = int(kind[len("paged"):])
+            kc, vc, indptr, indices, last = refattn.paged_from_contiguous(
+                k, v, kv_lens, page_size=page_size, shuffle=1, extra_pages=2)
+            out, _ = gpukernels.paged_decode(qd, _to_device(kc, dtype), _to_device(vc, dtype), indptr,
+                                             indices, last, num_splits=num_splits)
+        else:
+            fn = gpukernels.decode if kind == "decode" else gpukernels.split_kv
+            kwargs = {} if kind == "decode" else {"num_splits": num_splits}
+            out, _ = fn(qd, _to_device(k, dtype), _to_device(v, dtype), kv_lens, **kwargs)
+    got = _to_host(out)
+    if not np.all(np.isfinite(got)):
+        return float("inf")
+    return float(np.linalg.norm(got - ref_out) / np.linalg.norm(ref_out))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="decode-attention verify", description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from gpukernels import gpu_available
+
+    if not gpu_available():
+        print("verify needs CuPy and a CUDA GPU; none found here", file=sys.stderr)
+        return 2
+    rng = np.random.default_rng(args.seed)
+    failures = 0
+    print(f"{'dtype':<9} {'D':>4} {'Hq/Hkv':>7} {'kernel':<13} {'rel err':>9}  ")
+    for dtype, head_dim, hq, hkv, kind, num_splits in _cases():
+        err = run_case(rng, dtype, head_dim, hq, hkv, kind, num_splits)
+        ok = err <= OUT_RTOL[dtype]
+        failures += not ok
+        print(f"{dtype:<9} {head_dim:>4} {f'{hq}/{hkv}':>7} {kind:<13} {err:>9.2e}  {'ok' if ok else 'FAIL'}",
+              flush=True)
+    print(f"verify: {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""GPU kernels against the float64 references (decode, split_kv, merge_states, paged_decode).
+
+Skipped with a reason when CuPy or a CUDA GPU is missing; nothing touches the device at import.
+Every run writes into outputs poisoned with NaN first, so an element the kernel never wrote fails.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+import refattn
+from tolerances import LSE_ATOL, OUT_RTOL, lse_error, rel_error
+
+try:
+    import cupy as cp
+
+    _HAVE_GPU = cp.cuda.runtime.getDeviceCount() > 0
+except Exception:  # noqa: BLE001 - no CuPy, no driver or no device
+    cp = None
+    _HAVE_GPU = False
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not _HAVE_GPU, reason="needs CuPy and a CUDA GPU (run on the GPU machine)"),
+]
+
+DTYPES = ("float16", "bfloat16", "float32")
+HEAD_DIMS = (64, 128, 256)
+# (num_qo_heads, num_kv_heads): MHA, GQA 4, GQA 7 (28/4), MQA, group 16 (two head groups).
+HEADS = ((8, 8), (32, 8), (28, 4), (8, 1), (32, 2))
+LENGTHS = (0, 1, 17, 339, 4097)
+
+
+def _host_dtype(name):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _device(x_host):
+    """Copy a host array to the GPU as a torch tensor for bfloat16 (CuPy lacks it), CuPy otherwise."""
+    if x_host.dtype == _host_dtype("bfloat16"):
+        import torch
+
+        return torch.from_numpy(x_host.view(np.uint16).astype(np.int16)).cuda().view(torch.bfloat16)
+    return cp.asarray(x_host)
+
+
+def _host(x):
+    if hasattr(x, "data_ptr") and not hasattr(x, "get"):
+        import torch
+
+        if x.dtype == torch.bfloat16:
+            return x.float().cpu().numpy()
+        return x.cpu().numpy()
+    return cp.asnumpy(x)
+
+
+def _poisoned(like, shape, dtype):
+    """Output buffers filled with NaN in the caller's kind."""
+    if hasattr(like, "data_ptr") and not hasattr(like, "get"):
+        import torch
+
+        return torch.full(shape, float("nan"), dtype=getattr(torch, dtype), device=like.device)
+    return cp.full(shape, np.nan, dtype=_host_dtype(dtype))
+
+
+def _random(rng, shape, dtype, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(_host_dtype(dtype))
+
+
+def _check(out, lse, ref_out, ref_lse, dtype):
+    o, l = _host(out).astype(np.float64), _host(lse).astype(np.float64)
+    assert not np.any(np.isnan(o)), "output has NaN (unwritten or wrong)"
+    err = rel_error(o, ref_out)
+    assert err <= OUT_RTOL[dtype], f"out rel error {err:.3g} > {OUT_RTOL[dtype]} ({dtype})"
+    lerr = lse_error(l, ref_lse)
+    assert lerr <= LSE_ATOL[dtype] * 4, f"lse error {lerr:.3g} ({dtype})"
+
+
+@st.composite
+def decode_cases(draw):
+    dtype = draw(st.sampled_from(DTYPES))
+    head_dim = draw(st.sampled_from(HEAD_DIMS))
+    hq, hkv = draw(st.sampled_from(HEADS))
+    batch = draw(st.integers(1, 3))
+    kv_len = draw(st.sampled_from(LENGTHS + (64, 100, 1000)))
+    ragged = draw(st.booleans())
+    num_splits = draw(st.sampled_from((None, 1, 2, 3, 7)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return dtype, head_dim, hq, hkv, batch, kv_len, ragged, num_splits, seed
+
+
+@given(decode_cases())
+@example(("float16", 128, 28, 4, 2, 4097, True, None, 1))
+@example(("bfloat16", 128, 32, 8, 1, 339, False, 3, 2))
+@example(("float32", 256, 8, 1, 3, 1, True, None, 3))
+@example(("float16", 64, 32, 2, 2, 0, False, 2, 4))
+def test_split_kv_matches_reference(case):
+    import gpukernels
+
+    dtype, head_dim, hq, hkv, batch, kv_len, ragged, num_splits, seed = case
+    rng = np.random.default_rng(seed)
+    q = _random(rng, (batch, hq, head_dim), dtype)
+    k = _random(rng, (batch, kv_len, hkv, head_dim), dtype)
+    v = _random(rng, (batch, kv_len, hkv, head_dim), dtype)
+    kv_lens = rng.integers(0, kv_len + 1, size=batch) if ragged else None
+    ref_out, ref_lse = refattn.decode(q, k, v, kv_lens)
+    qd, kd, vd = _device(q), _device(k), _device(v)
+    out = _poisoned(qd, (batch, hq, head_dim), dtype)
+    lse = _poisoned(qd, (batch, hq), "float32")
+    res = gpukernels.split_kv(qd, kd, vd, kv_lens, num_splits=num_splits, out=out, lse=lse)
+    assert res[0] is out and res[1] is lse
+    _check(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kv_len", [1, 339, 4097, 100003])
+def test_decode_lengths(dtype, kv_len):
+    import gpukernels
+
+    rng = np.random.default_rng(kv_len)
+    q = _random(rng, (1, 28, 128), dtype)
+    k = _random(rng, (1, kv_len, 4, 128), dtype)
+    v = _random(rng, (1, kv_len, 4, 128), dtype)
+    ref_out, ref_lse = refattn.decode(q, k, v)
+    for fn in (gpukernels.decode, gpukernels.split_kv):
+        out, lse = fn(_device(q), _device(k), _device(v))
+        _check(out, lse, ref_out, ref_lse, dtype)
+
+
+def test_large_scores_stay_finite():
+    import gpukernels
+
+    rng = np.random.default_rng(7)
+    q = _random(rng, (2, 8, 64), "float32", scale=30.0)
+    k = _random(rng, (2, 500, 8, 64), "float32", scale=30.0)
+    v = _random(rng, (2, 500, 8, 64), "float32")
+    ref_out, ref_lse = refattn.decode(q, k, v)
+    assert np.max(np.abs(ref_lse)) > 1e3
+    out, lse = gpukernels.split_kv(cp.asarray(q), cp.asarray(k), cp.asarray(v), num_splits=4)
+    o = cp.asnumpy(out)
+    assert np.all(np.isfinite(o))
+    assert rel_error(o, ref_out) < 1e-4
+    assert np.max(np.abs(cp.asnumpy(lse) - ref_lse) / np.abs(ref_lse)) < 1e-5
+
+
+@st.composite
+def paged_cases(draw):
+    dtype = draw(st.sampled_from(DTYPES))
+    head_dim = draw(st.sampled_from(HEAD_DIMS))
+    hq, hkv = draw(st.sampled_from(HEADS))
+    batch = draw(st.integers(1, 3))
+    kv_len = draw(st.sampled_from((0, 1, 17, 339, 1000)))
+    page_size = draw(st.sampled_from((1, 3, 16, 64)))
+    num_splits = draw(st.sampled_from((None, 1, 3)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return dtype, head_dim, hq, hkv, batch, kv_len, page_size, num_splits, seed
+
+
+@given(paged_cases())
+@example(("float16", 128, 28, 4, 3, 339, 1, None, 5))
+@example(("bfloat16", 128, 32, 8, 2, 1000, 16, 3, 6))
+@example(("float32", 64, 8, 8, 2, 17, 64, None, 7))
+def test_paged_decode_matches_reference(case):
+    import gpukernels
+
+    dtype, head_dim, hq, hkv, batch, kv_len, page_size, num_splits, seed = case
+    rng = np.random.default_rng(seed)
+    q = _random(rng, (batch, hq, head_dim), dtype)
+    k = _random(rng, (batch, kv_len, hkv, head_dim), dtype)
+    v = _random(rng, (batch, kv_len, hkv, head_dim), dtype)
+    kv_lens = rng.integers(0, kv_len + 1, size=batch)
+    k_cache, v_cache, indptr, indices, last = refattn.paged_from_contiguous(
+        k, v, kv_lens, page_size=page_size, shuffle=seed, extra_pages=3)
+    ref_out, ref_lse = refattn.decode(q, k, v, kv_lens)
+    qd = _device(q)
+    out = _poisoned(qd, (batch, hq, head_dim), dtype)
+    lse = _poisoned(qd, (batch, hq), "float32")
+    gpukernels.paged_decode(qd, _device(k_cache.astype(_host_dtype(dtype))),
+                            _device(v_cache.astype(_host_dtype(dtype))), indptr, indices, last,
+                            num_splits=num_splits, out=out, lse=lse)
+    _check(out, lse, ref_out, ref_lse, dtype)
+
+
+@given(st.sampled_from(("float16", "float32")), st.integers(1, 9), st.integers(1, 3),
+       st.sampled_from((64, 128)), st.integers(0, 2**31 - 1))
+def test_merge_states_matches_reference(dtype, num_states, batch, head_dim, seed):
+    import gpukernels
+
+    rng = np.random.default_rng(seed)
+    outs = _random(rng, (num_states, batch, 4, head_dim), dtype)
+    lses = (rng.standard_normal((num_states, batch, 4)) * 5).astype(np.float32)
+    lses[rng.random(lses.shape) < 0.3] = -np.inf  # empty states are the identity
+    ref_out, ref_lse = refattn.merge_states(outs, lses)
+    out, lse = gpukernels.merge_states(cp.asarray(outs), cp.asarray(lses))
+    _check(out, lse, ref_out, ref_lse, dtype)
+
+
+def test_torch_in_torch_out_without_copies():
+    import torch
+
+    import gpukernels
+
+    q = torch.randn(2, 32, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, 700, 8, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(2, 700, 8, 128, device="cuda", dtype=torch.bfloat16)
+    out, lse = gpukernels.split_kv(q, k, v)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.bfloat16 and out.is_cuda
+    assert isinstance(lse, torch.Tensor) and lse.dtype == torch.float32
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float().unsqueeze(2), k.float().transpose(1, 2), v.float().transpose(1, 2), enable_gqa=True
+    ).squeeze(2)
+    assert rel_error(out.float().cpu().numpy(), ref.cpu().numpy()) < OUT_RTOL["bfloat16"]
+
+
+def test_plan_run_in_a_cuda_graph():
+    import gpukernels
+
+    rng = np.random.default_rng(11)
+    batch, hq, hkv, d, kv_len = 3, 32, 8, 128, 5000
+    q = cp.asarray(_random(rng, (batch, hq, d), "float16"))
+    k = cp.asarray(_random(rng, (batch, kv_len, hkv, d), "float16"))
+    v = cp.asarray(_random(rng, (batch, kv_len, hkv, d), "float16"))
+    lens_host = np.array([5000, 1234, 1], dtype=np.int32)
+    kv_lens = cp.asarray(lens_host)
+    plan = gpukernels.plan_split_kv(batch, hq, hkv, d, kv_len, dtype="float16", num_splits=6)
+    runner = gpukernels.SplitKV(plan)
+    out = cp.full((batch, hq, d), np.nan, dtype=cp.float16)
+    lse = cp.full((batch, hq), np.nan, dtype=cp.float32)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        runner.run(q, k, v, kv_lens, out=out, lse=lse)  # warm-up: compile and allocate
+        stream.synchronize()
+        out.fill(np.nan)
+        stream.begin_capture()
+        runner.run(q, k, v, kv_lens, out=out, lse=lse)
+        graph = stream.end_capture()
+        for trial in range(3):
+            # Replays pick up new inputs in place: the plan holds no host data about them.
+            q[...] = cp.asarray(_random(rng, (batch, hq, d), "float16"))
+            out.fill(np.nan)
+            graph.launch(stream)
+            stream.synchronize()
+            ref_out, ref_lse = refattn.decode(cp.asnumpy(q), cp.asnumpy(k), cp.asnumpy(v), lens_host)
+            _check(out, lse, ref_out, ref_lse, "float16")
+
+
+def test_offsets_past_two_to_the_31_elements():
+    """A cache of more than 2^31 elements: the last sequence starts beyond int32 offsets."""
+    import gpukernels
+
+    batch, hkv, d, kv_len = 2, 8, 128, 1_100_000     # 2 * 1.1e6 * 8 * 128 = 2.25e9 elements
+    free, _ = cp.cuda.runtime.memGetInfo()
+    if free < 2 * batch * kv_len * hkv * d * 2 + (1 << 30):
+        pytest.skip("not enough GPU memory for a 2^31-element cache")
+    rng = np.random.default_rng(3)
+    k = cp.empty((batch, kv_len, hkv, d), dtype=cp.float16)
+    v = cp.empty((batch, kv_len, hkv, d), dtype=cp.float16)
+    k[...] = 0.5
+    v[...] = 0.0
+    # The last 300 tokens of sequence 1 hold random data; everything before them is constant.
+    tail_k = _random(rng, (300, hkv, d), "float16")
+    tail_v = _random(rng, (300, hkv, d), "float16")
+    k[1, -300:] = cp.asarray(tail_k)
+    v[1, -300:] = cp.asarray(tail_v)
+    q = cp.asarray(_random(rng, (batch, 32, d), "float16"))
+    assert k.size > 2**31
+    out, lse = gpukernels.split_kv(q, k, v)
+    # Reference for sequence 1 from its tail plus the constant part, computed exactly.
+    qh = cp.asnumpy(q)[1:2].astype(np.float64)
+    kfull = np.concatenate([np.full((1, 1, hkv, d), 0.5), tail_k[None].astype(np.float64)], axis=1)
+    vfull = np.concatenate([np.zeros((1, 1, hkv, d)), tail_v[None].astype(np.float64)], axis=1)
+    s_const = refattn.decode(qh, kfull[:, :1], vfull[:, :1])[1]          # lse of one constant row
+    tail_out, tail_lse = refattn.decode(qh, kfull[:, 1:], vfull[:, 1:])
+    n_const = kv_len - 300
+    const_lse = s_const + math.log(n_const)
+    ref_lse = np.logaddexp(const_lse, tail_lse)
+    ref_out = tail_out * np.exp(tail_lse - ref_lse)[..., None]            # constant rows have v = 0
+    _check(out[1:2], lse[1:2], ref_out, ref_lse, "float16")
+
+
+@pytest.mark.parametrize(
+    "call, exc, name",
+    [
+        (lambda g, q, k, v: g.split_kv(q, k[:, :, :3], v), ValueError, "k"),
+        (lambda g, q, k, v: g.split_kv(q.astype(cp.float32), k, v), TypeError, "k"),
+        (lambda g, q, k, v: g.split_kv(q, k, v, np.array([5, 999])), ValueError, "kv_lens"),
+        (lambda g, q, k, v: g.split_kv(q, k, v, num_splits=0), ValueError, "num_splits"),
+        (lambda g, q, k, v: g.split_kv(q[:, :, :32], k[..., :32], v[..., :32]), ValueError, "head_dim"),
+        (lambda g, q, k, v: g.split_kv(cp.asnumpy(q), k, v), TypeError, "q"),
+        (lambda g, q, k, v: g.split_kv(q, k, v, sm_scale=float("nan")), ValueError, "sm_scale"),
+        (lambda g, q, k, v: g.split_kv(q, k[:, :, :, ::2], v[:, :, :, ::2]), ValueError, "k"),
+        (lambda g, q, k, v: g.paged_decode(q, k, v, np.array([0, 1, 2]), np.array([0, 9]),
+                                           np.array([4, 4])), ValueError, "kv_indices"),
+        (lambda g, q, k, v: g.merge_states(k, q), ValueError, "lses"),
+    ],
+)
+def test_malformed_inputs_raise_before_launch(call, exc, name):
+    import gpukernels
+
+    q = cp.zeros((2, 8, 64), dtype=cp.float16)
+    k = cp.zeros((2, 10, 4, 64), dtype=cp.float16)
+    v = cp.zeros((2, 10, 4, 64), dtype=cp.float16)
+    with pytest.raises(exc) as info:
+        call(gpukernels, q, k, v)
+    assert name in str(info.value)
