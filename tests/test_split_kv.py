@@ -10,13 +10,23 @@ from hypothesis import strategies as st
 
 import refattn
 from refattn.split_kv import DEFAULT_CHUNK_SIZE, chunk_size_for
-from strategies import assert_same_state, decode_cases, merged_out_rtol, oracle_decode
+from strategies import (
+    abs_values,
+    assert_same_state,
+    decode_cases,
+    merged_out_rtol,
+    oracle_decode,
+)
 
 split_kv_module = importlib.import_module("refattn.split_kv")
 
 
 def _whole(case):
     return refattn.decode(case.q, case.k, case.v, case.kv_lens, sm_scale=case.sm_scale)
+
+
+def _magnitude(case):
+    return _whole(abs_values(case))[0]
 
 
 @given(decode_cases(), st.data())
@@ -26,7 +36,7 @@ def test_any_num_splits_equals_decode(case, data):
     got = refattn.split_kv(
         case.q, case.k, case.v, case.kv_lens, num_splits=num_splits, sm_scale=case.sm_scale
     )
-    assert_same_state(got, _whole(case))
+    assert_same_state(got, _whole(case), magnitude=_magnitude(case))
 
 
 @given(decode_cases(), st.data())
@@ -35,7 +45,7 @@ def test_any_chunk_size_equals_decode(case, data):
     got = refattn.split_kv(
         case.q, case.k, case.v, case.kv_lens, chunk_size=chunk_size, sm_scale=case.sm_scale
     )
-    assert_same_state(got, _whole(case))
+    assert_same_state(got, _whole(case), magnitude=_magnitude(case))
 
 
 @given(decode_cases(dtype="float64"), st.integers(1, 9))
@@ -43,7 +53,8 @@ def test_matches_oracle_to_1e12(case, num_splits):
     got = refattn.split_kv(
         case.q, case.k, case.v, case.kv_lens, num_splits=num_splits, sm_scale=case.sm_scale
     )
-    assert_same_state(got, oracle_decode(case.q, case.k, case.v, case.kv_lens, case.scale))
+    want = oracle_decode(case.q, case.k, case.v, case.kv_lens, case.scale)
+    assert_same_state(got, want, magnitude=_magnitude(case))
 
 
 def test_default_chunking_equals_decode_on_a_long_cache():
@@ -103,7 +114,8 @@ def test_scores_of_1e4_across_chunks(kv_len, num_splits, sign, seed):
     want_lse = np.full((1, 2), sign * 1e4 + rel.max() + np.log(np.exp(rel - rel.max()).sum()))
     got = refattn.split_kv(q, k, v, num_splits=num_splits, sm_scale=1.0)
     # The chunks' lse values sit near 1e4, so the merge is as exact as an lse of 1e4 can be.
-    assert_same_state(got, (want_out, want_lse), out_rtol=merged_out_rtol(1e4))
+    magnitude = np.broadcast_to(weights @ np.abs(v[0, :, 0]), (1, 2, 3))
+    assert_same_state(got, (want_out, want_lse), out_rtol=merged_out_rtol(1e4), magnitude=magnitude)
 
 
 @given(decode_cases(max_kv_len=0), st.integers(1, 4))
