@@ -14,7 +14,7 @@ fi
 step() { echo "== $1"; }
 
 step "GPU tests"
-HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-gpu} python3 -m pytest -q -p no:cacheprovider -m gpu tests/ \
+HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-gpu} python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests/ \
   2>&1 | tee "$OUT/gpu-tests.log" | tail -n 15
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 

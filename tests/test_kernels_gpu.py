@@ -258,7 +258,7 @@ def test_offsets_past_two_to_the_31_elements():
     import gpukernels
 
     batch, hkv, d, kv_len = 2, 8, 128, 1_100_000     # 2 * 1.1e6 * 8 * 128 = 2.25e9 elements
-    free, _ = cp.cuda.runtime.memGetInfo()
+    free, _ = cp.cuda.runtime.memGetInfo()  # 9 GB of cache
     if free < 2 * batch * kv_len * hkv * d * 2 + (1 << 30):
         pytest.skip("not enough GPU memory for a 2^31-element cache")
     rng = np.random.default_rng(3)
@@ -300,7 +300,8 @@ def test_offsets_past_two_to_the_31_elements():
         (lambda g, q, k, v: g.split_kv(q, k[:, :, :, ::2], v[:, :, :, ::2]), ValueError, "k"),
         (lambda g, q, k, v: g.paged_decode(q, k, v, np.array([0, 1, 2]), np.array([0, 9]),
                                            np.array([4, 4])), ValueError, "kv_indices"),
-        (lambda g, q, k, v: g.merge_states(k, q), ValueError, "lses"),
+        (lambda g, q, k, v: g.merge_states(k, q.astype(cp.float32)), ValueError, "lses"),
+        (lambda g, q, k, v: g.merge_states(k, k[..., 0]), TypeError, "lses"),
     ],
 )
 def test_malformed_inputs_raise_before_launch(call, exc, name):
