@@ -252,7 +252,7 @@ def _check_query(q, dtypes) -> tuple[int, int, int, str]:
 
 def _check_pair(k, v, k_name: str, v_name: str, dims, dtype: str, positive,
                 first: str = "q") -> tuple[int, ...]:
-    """A key array and its value array: `first`'s dtype, shape `dims`, the value shaped as the key."""
+    """A key array and its value array: `first`'s dtype, shape `dims`, value shaped as key."""
     _require_same_dtype(k, k_name, dtype, first)
     shape = _require_shape(k, k_name, dims, positive=positive)
     _require_same_dtype(v, v_name, dtype, first)
@@ -261,7 +261,7 @@ def _check_pair(k, v, k_name: str, v_name: str, dims, dtype: str, positive,
 
 
 def _check_heads(num_qo_heads: int, num_kv_heads: int, kv_heads_at: str) -> None:
-    """GQA needs whole groups: `kv_heads_at` says where num_kv_heads came from, e.g. "k.shape[2]"."""
+    """GQA needs whole groups; `kv_heads_at` names where num_kv_heads came from ("k.shape[2]")."""
     if num_qo_heads % num_kv_heads != 0:
         raise ValueError(
             f"num_qo_heads (q.shape[1] = {num_qo_heads}) must be a multiple of num_kv_heads "
