@@ -140,7 +140,8 @@ def huge_score_cases(draw):
     rel = sign * offsets
     weights = np.exp(rel - rel.max())
     weights /= weights.sum()
-    want_out = np.einsum("s,bshd->bhd", weights, np.repeat(v.astype(np.float64), num_qo_heads // num_kv_heads, axis=2))
+    v_per_head = np.repeat(v.astype(np.float64), num_qo_heads // num_kv_heads, axis=2)
+    want_out = np.einsum("s,bshd->bhd", weights, v_per_head)
     want_lse = sign * 1e4 + rel.max() + np.log(np.sum(np.exp(rel - rel.max())))
     return q, k, v, want_out, np.full((batch, num_qo_heads), want_lse)
 

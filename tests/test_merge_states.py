@@ -67,9 +67,8 @@ def test_commutative(parts, random):
 def test_empty_states_change_nothing(parts, num_empty):
     outs, lses = parts
     junk = np.full((num_empty, *outs.shape[1:]), np.nan)  # an empty state's out is never read
-    merged = refattn.merge_states(
-        np.concatenate([junk, outs]), np.concatenate([np.full((num_empty, *lses.shape[1:]), -np.inf), lses])
-    )
+    empties = np.full((num_empty, *lses.shape[1:]), -np.inf)
+    merged = refattn.merge_states(np.concatenate([junk, outs]), np.concatenate([empties, lses]))
     empty = np.isneginf(lses[0])
     want_out = np.where(empty[..., None], 0.0, outs[0])
     np.testing.assert_array_equal(merged[1], lses[0])

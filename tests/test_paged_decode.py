@@ -67,10 +67,13 @@ def test_sequences_may_share_pages():
     kv_indices = np.array([2, 0, 2, 0, 3, 0])
     last = np.array([4, 1, 3])
     got = refattn.paged_decode(q, k_cache, v_cache, kv_indptr, kv_indices, last)
+    def tokens(cache, pages, n):
+        return cache[pages].reshape(-1, heads, head_dim)[:n]
+
     contexts = [
-        (k_cache[[2, 0]].reshape(-1, heads, head_dim), v_cache[[2, 0]].reshape(-1, heads, head_dim)),
-        (k_cache[[2, 0, 3]].reshape(-1, heads, head_dim)[:9], v_cache[[2, 0, 3]].reshape(-1, heads, head_dim)[:9]),
-        (k_cache[0, :3], v_cache[0, :3]),
+        (tokens(k_cache, [2, 0], 8), tokens(v_cache, [2, 0], 8)),
+        (tokens(k_cache, [2, 0, 3], 9), tokens(v_cache, [2, 0, 3], 9)),
+        (tokens(k_cache, [0], 3), tokens(v_cache, [0], 3)),
     ]
     assert_same_state(got, oracle(q, contexts, 1 / np.sqrt(head_dim)))
 

@@ -54,8 +54,10 @@ class PrefixCase:
     def concatenated(self):
         """The same context as one contiguous cache: k, v [B, P + S, Hkv, D] and kv_lens."""
         batch = self.q.shape[0]
-        k = np.concatenate([np.broadcast_to(self.k_prefix, (batch, *self.k_prefix.shape)), self.k_suffix], axis=1)
-        v = np.concatenate([np.broadcast_to(self.v_prefix, (batch, *self.v_prefix.shape)), self.v_suffix], axis=1)
+        k_prefix = np.broadcast_to(self.k_prefix, (batch, *self.k_prefix.shape))  # [B, P, Hkv, D]
+        v_prefix = np.broadcast_to(self.v_prefix, (batch, *self.v_prefix.shape))
+        k = np.concatenate([k_prefix, self.k_suffix], axis=1)
+        v = np.concatenate([v_prefix, self.v_suffix], axis=1)
         return k, v, self.k_prefix.shape[0] + self.lens
 
     def magnitude(self):
@@ -169,7 +171,8 @@ def test_scores_of_1e4(method, sign):
     top = rel.max(axis=1, keepdims=True)
     weights = np.exp(rel - top) / np.exp(rel - top).sum(axis=1, keepdims=True)
     want_out = np.repeat(np.einsum("bs,bsd->bd", weights, v[:, :, 0])[:, None], 2, axis=1)
-    want_lse = np.repeat(sign * 1e4 + top + np.log(np.exp(rel - top).sum(axis=1, keepdims=True)), 2, axis=1)
+    lse = sign * 1e4 + top + np.log(np.exp(rel - top).sum(axis=1, keepdims=True))  # [B, 1]
+    want_lse = np.repeat(lse, 2, axis=1)
     got = refattn.shared_prefix(q, k[0, :prefix_len], v[0, :prefix_len], k[:, prefix_len:],
                                 v[:, prefix_len:], method=method, sm_scale=1.0)
     magnitude = np.repeat(np.einsum("bs,bsd->bd", weights, np.abs(v[:, :, 0]))[:, None], 2, axis=1)
