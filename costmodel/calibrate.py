@@ -3,11 +3,14 @@
 
     python -m costmodel.calibrate [--results DIR] [--dry-run]
 
-Fitted (FITTED_FIELDS): the launch overhead, a block's round-trip latency, what one block streams
-on its own, and the fraction of the measured stream ceiling reached; the resident blocks per SM
-are chosen among BLOCKS_PER_SM_CHOICES. The loss is the mean squared log ratio of predicted to
-measured time over the decode rows of this project's variants; the search is Nelder-Mead on the
-logarithms of the constants, kept inside BOUNDS. Every other suite is then a validation.
+Fitted in two stages. First, on the contiguous rows (FITTED_FIELDS): the launch overhead, a
+block's round-trip latency, what one block streams on its own, the fraction of the measured
+stream ceiling reached and how sharply the blocks' streams saturate it; the resident blocks per
+SM are chosen among BLOCKS_PER_SM_CHOICES. Then, the others held, on the paged rows of the same
+suite (PAGED_FITTED_FIELDS): a page lookup's latency and its traffic-equivalent. The loss is the
+mean squared log ratio of predicted to measured time over the decode rows of this project's
+variants; the search is Nelder-Mead on the logarithms of the constants, kept inside BOUNDS. Every
+other suite is then a validation.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from .accuracy import format_report, gpu_for_meta, load_results, row_errors, summarize
-from .calibration import DEFAULT_CALIBRATION, FITTED_FIELDS, Calibration, save_calibration
+from .calibration import (DEFAULT_CALIBRATION, FITTED_FIELDS, PAGED_FITTED_FIELDS, Calibration,
+                          load_calibration, save_calibration)
 from .gpus import GPUSpec
 from .rows import UnsupportedRow, is_ours, predict_row
 
-__all__ = ["FIT_SUITE", "BOUNDS", "fit_calibration", "fit_results", "nelder_mead", "main"]
+__all__ = ["FIT_SUITE", "BOUNDS", "fit_calibration", "fit_samples", "fit_results", "nelder_mead", "main"]
 
 FIT_SUITE = "decode"
 BOUNDS = {
@@ -33,8 +37,11 @@ BOUNDS = {
     "block_round_trip_s": (5e-8, 2e-5),
     "block_bytes_per_s": (3e9, 1e12),
     "bw_fraction": (0.5, 1.3),
+    "contention_exponent": (1.0, 30.0),
+    "page_lookup_s": (1e-9, 5e-6),
+    "page_lookup_bytes": (1.0, 2e4),
 }
-BLOCKS_PER_SM_CHOICES = (2, 4, 8, 16)
+BLOCKS_PER_SM_CHOICES = (2, 4, 8)
 
 
 def nelder_mead(f, x0, *, step: float = 0.3, max_evals: int = 400, tol: float = 1e-7):
@@ -137,17 +144,35 @@ def _samples(files) -> dict[str, list]:
     return out
 
 
+def _is_paged(row: dict) -> bool:
+    return int(row.get("page_size") or 0) > 0
+
+
+def fit_samples(samples, *, start: Calibration | None = None, max_evals: int = 400,
+                source: str = "") -> Calibration:
+    """The two-stage fit: contiguous rows first, then the paged rows with the rest held."""
+    start = start or load_calibration(None)
+    contiguous = [s for s in samples if not _is_paged(s[0])]
+    paged = [s for s in samples if _is_paged(s[0])]
+    cal = start
+    if contiguous:
+        cal, _ = fit_calibration(contiguous, start=start, max_evals=max_evals)
+    if paged:
+        cal, _ = fit_calibration(paged, start=cal, fields=PAGED_FITTED_FIELDS,
+                                 blocks_per_sm_choices=(cal.blocks_per_sm,), max_evals=max_evals)
+    return dataclasses.replace(cal, source=source or f"fitted on {len(samples)} {FIT_SUITE} rows")
+
+
 def fit_results(root: "str | Path | None" = None, *, max_evals: int = 400) -> dict[str, Calibration]:
     """One fitted Calibration per GPU that has a decode suite under `root`."""
     files = load_results(root)
     fitted = {}
     for key, samples in _samples(files).items():
-        commits = sorted({str(f.meta.get("commit", "?"))[:12] for f in files
-                          if f.suite == FIT_SUITE and gpu_for_meta(f.meta, f.gpu_slug).key == key})
-        cal, _ = fit_calibration(samples, max_evals=max_evals,
-                                 source=f"fitted on {len(samples)} {FIT_SUITE} rows of results/ "
-                                        f"(commit {', '.join(commits)})")
-        fitted[key] = cal
+        runs = sorted({f"{f.meta.get('date', '?')} {f.meta.get('commit') or 'no commit'}" for f in files
+                       if f.suite == FIT_SUITE and gpu_for_meta(f.meta, f.gpu_slug).key == key})
+        fitted[key] = fit_samples(samples, max_evals=max_evals,
+                                  source=f"fitted on {len(samples)} {FIT_SUITE} rows of results/ "
+                                         f"(run {', '.join(runs)})")
     return fitted
 
 
@@ -164,7 +189,8 @@ def main(argv: "list[str] | None" = None) -> int:
               "the model keeps its datasheet-derived defaults")
         return 0
     for key, cal in fitted.items():
-        print(f"{key}: " + ", ".join(f"{f} = {getattr(cal, f):.4g}" for f in (*FITTED_FIELDS, "blocks_per_sm")))
+        print(f"{key}: " + ", ".join(f"{f} = {getattr(cal, f):.4g}"
+                                     for f in (*FITTED_FIELDS, *PAGED_FITTED_FIELDS, "blocks_per_sm")))
         if not args.dry_run:
             print(f"  written to {save_calibration(key, cal)}")
     errors, unsupported = row_errors(files, calibration=fitted)

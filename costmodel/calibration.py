@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["Calibration", "load_calibration", "calibration_path", "DEFAULT_CALIBRATION", "FITTED_FIELDS"]
+__all__ = ["Calibration", "load_calibration", "calibration_path", "DEFAULT_CALIBRATION", "FITTED_FIELDS",
+           "PAGED_FITTED_FIELDS"]
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,10 @@ class Calibration:
     block_round_trip_s: float = 1.0e-6   # a block's dependent memory round trips: load q, first tile, epilogue
     block_bytes_per_s: float = 3.0e10    # what one block can stream on its own (bytes in flight / latency)
     bw_fraction: float = 0.97            # of the GPU's stream ceiling a well-fed kernel reaches
+    contention_exponent: float = 2.5     # how sharply blocks' streams saturate the memory system
     blocks_per_sm: int = 4               # resident decode blocks per SM (shared memory and registers)
-    page_lookup_bytes: float = 512.0     # equivalent bytes one page-table lookup costs (dependent load)
+    page_lookup_s: float = 2.0e-7        # a page-table lookup's latency on its block's path
+    page_lookup_bytes: float = 512.0     # traffic-equivalent of a lookup's scattered page (row misses)
     matmul_fraction: float = 0.6         # of the tensor-core rate an attention-shaped product reaches
     vector_fraction: float = 0.5         # of the fp32 CUDA-core rate the softmax/dot loops reach
     source: str = "datasheet-derived defaults, not fitted: no committed decode results yet"
@@ -45,7 +48,9 @@ DEFAULT_CALIBRATION = Calibration()
 
 # The constants `costmodel.calibrate` fits on a decode suite (others keep their defaults until a
 # suite that exercises them is used).
-FITTED_FIELDS = ("launch_s", "block_round_trip_s", "block_bytes_per_s", "bw_fraction")
+FITTED_FIELDS = ("launch_s", "block_round_trip_s", "block_bytes_per_s", "bw_fraction",
+                 "contention_exponent")
+PAGED_FITTED_FIELDS = ("page_lookup_s", "page_lookup_bytes")   # fitted on paged rows, the others held
 
 
 def calibration_path() -> Path:

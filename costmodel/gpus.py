@@ -2,7 +2,7 @@
 ceilings this project's benchmark measured.
 
 The model uses three ceilings: `stream_bytes_per_s` (what a read-mostly kernel can pull from HBM:
-the measured read rate when known, else the measured copy rate, else a fraction of the datasheet),
+the better of the measured read and copy rates, a fraction of the datasheet until measured),
 `matmul_flops_per_s` (fp16 dense tensor-core rate) and `vector_flops_per_s` (fp32 CUDA-core rate).
 
 >>> gpu = get_gpu("NVIDIA H100 80GB HBM3")
@@ -46,8 +46,9 @@ class GPUSpec:
 
     @property
     def stream_bytes_per_s(self) -> float:
-        """Ceiling of a kernel that mostly reads: measured read rate, else the copy rate."""
-        return self.read_bytes_per_s if self.read_bytes_per_s else self.copy_bytes_per_s
+        """Ceiling of a kernel that mostly reads: the better of the measured read-only rate and the
+        copy rate (BENCHMARKS.md: a read-only kernel can pass the copy figure, never fall below it)."""
+        return max(self.read_bytes_per_s or 0.0, self.copy_bytes_per_s)
 
     def roofline_flops_per_s(self, intensity_flops_per_byte, *, tensor_cores: bool = True):
         """The roofline: attainable FLOP/s at an arithmetic intensity (FLOP per HBM byte), the

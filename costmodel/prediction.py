@@ -10,9 +10,11 @@ that into a `Prediction`. For one launch::
     compute_s  = (matmul_flops / (matmul_fraction * matmul_flops_per_s)
                   + vector_flops / (vector_fraction * vector_flops_per_s)) / min(1, blocks / num_sms)
     schedule_s = makespan of the blocks on num_sms * blocks_per_sm slots, every block streaming its
-                 bytes at min(block_bytes_per_s, delivered_bytes_per_s / streaming_blocks), after
-                 block_round_trip_s per dependent round trip; delivered_bytes_per_s is the stream
-                 ceiling, or bytes / memory_s when L2 hits make the memory system faster
+                 bytes at the smooth minimum (exponent contention_exponent) of block_bytes_per_s and
+                 delivered_bytes_per_s / streaming_blocks, after block_round_trip_s per dependent
+                 round trip; page_lookup_s per page-table lookup lowers block_bytes_per_s (in
+                 seconds per byte); delivered_bytes_per_s is the stream ceiling, or bytes /
+                 memory_s when L2 hits make the memory system faster
     time_s     = launch_s + max(memory_s, compute_s, schedule_s)
 
 `memory_s` and `compute_s` are the roofline; `schedule_s` adds what the roofline ignores: too few
@@ -25,12 +27,13 @@ take more than the roofline does.
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass, field
 
 from .calibration import Calibration, load_calibration
 from .gpus import GPUSpec, get_gpu
 
-__all__ = ["Launch", "Prediction", "predict_launches", "makespan_s", "DTYPE_BYTES", "dtype_bytes"]
+__all__ = ["Launch", "Prediction", "predict_launches", "makespan_s", "stream_rate", "DTYPE_BYTES", "dtype_bytes"]
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 F32 = 4  # bytes of a float32 / int32
@@ -72,7 +75,7 @@ class Launch:
 
     @property
     def busy_blocks(self) -> int:
-        return sum(n for b, r, n in self.block_runs if b or r)
+        return sum(n for b, trips, n in self.block_runs if b or trips)
 
 
 @dataclass(frozen=True)
@@ -110,15 +113,28 @@ class Prediction:
         return self.hbm_bytes / self.time_s if self.time_s else 0.0
 
 
+def stream_rate(streaming: int, *, block_bytes_per_s: float, total_bytes_per_s: float,
+                contention_exponent: float) -> float:
+    """Bytes per second each of `streaming` blocks gets: a smooth minimum of what one block can
+    keep in flight and its equal share of the memory system, (a^-p + b^-p)^(-1/p). Queues grow as
+    the load nears the ceiling, so the knee is rounded; p = inf is the hard minimum."""
+    share = total_bytes_per_s / streaming
+    if math.isinf(contention_exponent):
+        return min(block_bytes_per_s, share)
+    p = contention_exponent
+    return (block_bytes_per_s ** -p + share ** -p) ** (-1.0 / p)
+
+
 def makespan_s(
-    block_runs, *, slots: int, block_bytes_per_s: float, total_bytes_per_s: float, round_trip_s: float
+    block_runs, *, slots: int, block_bytes_per_s: float, total_bytes_per_s: float,
+    contention_exponent: float = math.inf,
 ) -> float:
     """Fluid schedule of blocks over `slots` resident places, dispatched in order as places free up.
 
-    A block first waits its round trips (holding its place, using no bandwidth), then streams its
-    bytes; the streaming blocks share the bandwidth equally, each at
-    min(block_bytes_per_s, total_bytes_per_s / streaming). Event-driven: one step per distinct
-    group of blocks becoming ready or finishing.
+    `block_runs`: (bytes to stream, seconds to wait, number of such blocks) in dispatch order. A
+    block first waits (dependent round trips: it holds its place, using no bandwidth), then streams
+    its bytes; the streaming blocks share the memory system equally (`stream_rate`). Event-driven:
+    one step per distinct group of blocks becoming ready or finishing.
     """
     streaming_heap: list[float] = []   # finishing points on the common progress axis (bytes per block)
     streaming: dict[float, int] = {}
@@ -145,9 +161,9 @@ def makespan_s(
         while n_streaming + n_waiting < slots and run is not None:
             if left:
                 take = min(slots - n_streaming - n_waiting, left)
-                work, trips = float(run[0]), run[1]
-                if trips:
-                    key = (time + trips * round_trip_s, work)
+                work, wait_s = float(run[0]), float(run[1])
+                if wait_s > 0:
+                    key = (time + wait_s, work)
                     if key in waiting:
                         waiting[key] += take
                     else:
@@ -162,7 +178,9 @@ def makespan_s(
                 left = run[2] if run else 0
         if n_streaming + n_waiting == 0:
             return time
-        rate = min(block_bytes_per_s, total_bytes_per_s / n_streaming) if n_streaming else 0.0
+        rate = stream_rate(n_streaming, block_bytes_per_s=block_bytes_per_s,
+                           total_bytes_per_s=total_bytes_per_s,
+                           contention_exponent=contention_exponent) if n_streaming else 0.0
         finish_dt = (streaming_heap[0] - progress) / rate if n_streaming else float("inf")
         ready_dt = waiting_heap[0][0] - time if n_waiting else float("inf")
         if finish_dt <= ready_dt:
@@ -192,11 +210,12 @@ def _launch_terms(launch: Launch, gpu: GPUSpec, cal: Calibration) -> dict[str, f
         launch.matmul_flops / (cal.matmul_fraction * gpu.matmul_flops_per_s)
         + launch.vector_flops / (cal.vector_fraction * gpu.vector_flops_per_s)
     ) / sm_share
-    runs = launch.block_runs
-    if lookup_bytes and bytes_moved:
-        # spread the lookups' cost over the blocks in proportion to their bytes
-        scale = 1.0 + lookup_bytes / bytes_moved
-        runs = tuple((b * scale, r, n) for b, r, n in runs)
+    # each block waits its round trips, then streams its bytes; page lookups add their traffic
+    # (spread over the blocks by bytes) and slow each block's own stream by their latency per byte
+    scale = 1.0 + lookup_bytes / bytes_moved if bytes_moved else 1.0
+    runs = [(b * scale, trips * cal.block_round_trip_s, n) for b, trips, n in launch.block_runs]
+    lookup_s_per_byte = launch.page_lookups * cal.page_lookup_s / bytes_moved if bytes_moved else 0.0
+    block_bytes_per_s = 1.0 / (1.0 / cal.block_bytes_per_s + lookup_s_per_byte)
     memory_s = max(hbm_s, l2_s)
     # Blocks share the rate at which the memory system delivers all their bytes: the stream rate,
     # or faster when part of the bytes are L2 hits.
@@ -204,9 +223,9 @@ def _launch_terms(launch: Launch, gpu: GPUSpec, cal: Calibration) -> dict[str, f
     schedule_s = makespan_s(
         runs,
         slots=gpu.num_sms * (launch.blocks_per_sm or cal.blocks_per_sm),
-        block_bytes_per_s=cal.block_bytes_per_s,
+        block_bytes_per_s=block_bytes_per_s,
         total_bytes_per_s=max(stream, delivered),
-        round_trip_s=cal.block_round_trip_s,
+        contention_exponent=cal.contention_exponent,
     )
     return {
         "launch_s": cal.launch_s,

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .prediction import F32, Launch, dtype_bytes
-from .split_kv import MMA_ROWS, TILE_TOKENS, heads_per_block_for
+from .split_kv import MMA_ROWS, TILE_TOKENS, _append_run, heads_per_block_for
 
 __all__ = ["SegmentGroup", "segments_launch", "QUERY_TILE_ROWS", "MMA_ROWS", "chunk_candidates", "best_chunks"]
 
@@ -49,15 +49,6 @@ class SegmentGroup:
     @property
     def shared(self) -> bool:
         return self.sharers > 1
-
-
-def _append_run(runs: list, block_bytes: int, round_trips: int, count: int) -> None:
-    if count <= 0:
-        return
-    if runs and runs[-1][0] == block_bytes and runs[-1][1] == round_trips:
-        runs[-1][2] += count
-    else:
-        runs.append([block_bytes, round_trips, count])
 
 
 def _row_tiles(rows: int) -> list[int]:

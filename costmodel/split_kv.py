@@ -17,6 +17,7 @@ merging block's extra work) and takes the fastest. `predict` is the prediction f
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -170,7 +171,7 @@ def choose_num_splits(
 def _choose_num_splits(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, dtype, num_sms,
                        page_size, spec, cal) -> int:
     if spec.num_sms != num_sms:
-        spec = _with_num_sms(spec, num_sms)
+        spec = dataclasses.replace(spec, num_sms=num_sms)
     base = _make_plan(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, dtype, 1, num_sms,
                       page_size)
     base_blocks = base.num_blocks
@@ -182,12 +183,6 @@ def _choose_num_splits(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, 
             times[plan.num_splits] = predict(plan, gpu=spec, calibration=cal).time_s
     best = min(times.values())
     return min(s for s, t in times.items() if t <= best * (1.0 + SPLIT_TIE_TOLERANCE))
-
-
-def _with_num_sms(spec: GPUSpec, num_sms: int) -> GPUSpec:
-    import dataclasses
-
-    return dataclasses.replace(spec, num_sms=int(num_sms))
 
 
 def plan_split_kv(
@@ -245,12 +240,13 @@ def _kv_lens(plan: SplitKVPlan, kv_lens) -> np.ndarray:
     return lens
 
 
-def page_lookups_per_head(kv_len: int, page_size: int) -> int:
-    """Page-table lookups to read one KV head of a sequence: one per page a warp tile touches."""
-    if page_size == 0 or kv_len == 0:
+def page_lookups(start: int, end: int, page_size: int) -> int:
+    """Page-table lookups to read tokens [start, end) of one KV head, `start` a multiple of the
+    warp tile: one per page each warp tile touches (0 for a contiguous cache)."""
+    if page_size == 0 or end <= start:
         return 0
-    r0 = np.arange(0, kv_len, ROWS_PER_WARP_TILE, dtype=np.int64)
-    r1 = np.minimum(r0 + ROWS_PER_WARP_TILE, kv_len)
+    r0 = np.arange(start, end, ROWS_PER_WARP_TILE, dtype=np.int64)
+    r1 = np.minimum(r0 + ROWS_PER_WARP_TILE, end)
     return int(np.sum((r1 - 1) // page_size - r0 // page_size + 1))
 
 
@@ -264,8 +260,10 @@ def _append_run(runs: list, block_bytes: int, round_trips: int, count: int) -> N
 
 
 @functools.lru_cache(maxsize=1024)
-def _sequence_runs_cached(plan: SplitKVPlan, kv_len: int, splits: int, served_by_group: tuple, elem: int):
+def _sequence_runs(plan: SplitKVPlan, kv_len: int, served_by_group: tuple, elem: int) -> tuple:
+    """Blocks of one KV head of one sequence, in dispatch order: (bytes, round trips, count)."""
     d = plan.head_dim
+    splits = plan.splits_for(kv_len)
     runs: list = []
     for served in served_by_group:
         q_b = served * d * elem
@@ -273,19 +271,14 @@ def _sequence_runs_cached(plan: SplitKVPlan, kv_len: int, splits: int, served_by
         if plan.num_splits == 1:
             _append_run(runs, 2 * kv_len * d * elem + q_b + out_b, 1, 1)
             continue
-        part_b = served * (d + 1) * F32 + F32                       # partial (out, lse) + arrival
+        part_b = served * (d + 1) * F32 + F32                        # partial (out, lse) + arrival
         full = 2 * plan.chunk_size * d * elem + q_b + part_b
         last_tokens = kv_len - (splits - 1) * plan.chunk_size
         merge = splits * served * (d + 1) * F32 + out_b + F32        # read partials, write out, reset
         _append_run(runs, full, 1, splits - 1)
         _append_run(runs, 2 * last_tokens * d * elem + q_b + part_b + merge, 2, 1)
-        _append_run(runs, 0, 0, plan.num_splits - splits)           # no chunk: exits at once
+        _append_run(runs, 0, 0, plan.num_splits - splits)            # no chunk: exits at once
     return tuple(map(tuple, runs))
-
-
-def _sequence_runs(plan, kv_len, splits, served_by_group, elem):
-    """Blocks of one KV head of one sequence, in dispatch order: (bytes, round trips, count)."""
-    return _sequence_runs_cached(plan, kv_len, splits, tuple(served_by_group), elem)
 
 
 def split_kv_launch(plan: SplitKVPlan, kv_lens=None, *, name: str = "split_kv") -> Launch:
@@ -303,7 +296,7 @@ def split_kv_launch(plan: SplitKVPlan, kv_lens=None, *, name: str = "split_kv") 
     q_heads = int(splits.sum()) * hq
     blocks_with_chunk = int(splits.sum()) * rows_per_seq
     merges = plan.batch * rows_per_seq if split else 0
-    lookups = rows_per_seq * sum(page_lookups_per_head(int(L), plan.page_size) * int(n)
+    lookups = rows_per_seq * sum(page_lookups(0, int(L), plan.page_size) * int(n)
                                  for L, n in zip(*np.unique(lens, return_counts=True)))
     partial_states = q_heads if split else 0
     bytes_by_tensor = {
@@ -325,11 +318,11 @@ def split_kv_launch(plan: SplitKVPlan, kv_lens=None, *, name: str = "split_kv") 
     served_by_group = [min(plan.heads_per_block, plan.group_size - g * plan.heads_per_block)
                        for g in range(hg)]
     runs: list = []
-    for L, s_b in zip(lens.tolist(), splits.tolist()):
-        seq_runs = _sequence_runs(plan, L, s_b, served_by_group, elem)
+    for L in lens.tolist():
+        seq_runs = _sequence_runs(plan, L, tuple(served_by_group), elem)
         for _kh in range(hkv):
-            for block_bytes, trips, count in seq_runs:
-                _append_run(runs, block_bytes, trips, count)
+            for run in seq_runs:
+                _append_run(runs, *run)
     useful_flops = 4 * int(lens.sum()) * hq * d
     if plan.dtype in TENSOR_CORE_DTYPES:
         # mma.sync m16n8k16: a block's query heads are the 16 rows of A, zero-padded

@@ -82,7 +82,9 @@ def test_hydragen_reproduction():
 
 def test_sparse_spans_reproduction():
     r = papers.sparse_spans()
-    assert all(x < 1.2 for x in r.column("vs_density_x_dense"))
+    assert all(x < 1.5 for x in r.column("vs_density_x_dense"))   # the launch does not shrink
+    speedups = r.column("attn_speedup")[:3]                         # 12.5%, 25%, 50%
+    assert speedups == sorted(speedups, reverse=True)
     assert all(x > 1.0 for x in r.column("step_speedup"))
 
 
