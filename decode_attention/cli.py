@@ -20,6 +20,7 @@ import sys
 import numpy as np
 
 from costmodel import accuracy as acc
+from costmodel import get_gpu
 from costmodel.explain import Workload, builtin_workloads, explain, format_explanation
 
 __all__ = ["main", "reference_check", "reduced_workload"]
@@ -146,58 +147,77 @@ def _detected_gpu_name() -> str | None:
         return None
 
 
-def _time_gpu(fn, *, reps: int = 20) -> float:
-    """Median seconds of fn() between CUDA events, L2 flushed (a 256 MB write) before each run."""
-    import cupy as cp
-
-    flush = cp.empty(256 * 1024 * 1024 // 4, dtype=cp.float32)
-    for _ in range(3):
-        fn()
-    start, stop = cp.cuda.Event(), cp.cuda.Event()
-    times = []
-    for _ in range(reps):
-        flush.fill(0)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, stop) * 1e-3)
-    return float(np.median(times))
+def _equal_spans(w: Workload) -> tuple[np.ndarray, np.ndarray]:
+    """int32 (span_indptr, spans): `num_spans` equal spans per sequence, spread evenly over its
+    context, covering `density` of it (the shape the span prediction assumes)."""
+    n = w.context_len
+    length = max(1, round(w.density * n) // w.num_spans)
+    stride = n // w.num_spans
+    starts = np.arange(w.num_spans) * stride
+    one = np.stack([starts, np.minimum(starts + length, n)], axis=1)
+    spans = np.tile(one, (w.batch, 1)).astype(np.int32)
+    return np.arange(0, w.batch * w.num_spans + 1, w.num_spans, dtype=np.int32), spans
 
 
-def measure_on_gpu(w: Workload, *, reps: int = 20) -> dict[str, float]:
-    """Median seconds of the kernels gpukernels has, on the full-size workload (the contiguous and
-    paged variants on the concatenated cache)."""
+def measure_on_gpu(w: Workload, gpu, *, reps: int = 20) -> dict[str, float]:
+    """Median seconds of the kernels gpukernels has for this workload, full size, timed like the
+    benchmark (`gpukernels.bench.Timer`); each run on the plan its prediction describes."""
     import cupy as cp
 
     import gpukernels
+    from gpukernels.bench import Timer
 
+    from costmodel.split_kv import plan_split_kv
+
+    timer = Timer(reps)
     rng = cp.random.default_rng(0)
-    dtype = cp.dtype(w.dtype)
-    shape = (w.batch, w.context_len, w.num_kv_heads, w.head_dim)
-    q = rng.standard_normal((w.batch, w.num_qo_heads, w.head_dim), dtype=cp.float32).astype(dtype)
-    k = rng.standard_normal(shape, dtype=cp.float32).astype(dtype)
-    v = rng.standard_normal(shape, dtype=cp.float32).astype(dtype)
-    out = {}
-    out["decode"] = _time_gpu(lambda: gpukernels.decode(q, k, v), reps=reps)
-    out["split_kv"] = _time_gpu(lambda: gpukernels.split_kv(q, k, v), reps=reps)
-    pages_per_seq = -(-w.context_len // w.page_size)
-    num_pages = w.batch * pages_per_seq
-    k_cache = rng.standard_normal((num_pages, w.page_size, w.num_kv_heads, w.head_dim),
-                                  dtype=cp.float32).astype(dtype)
-    v_cache = rng.standard_normal(k_cache.shape, dtype=cp.float32).astype(dtype)
-    indptr = cp.arange(0, num_pages + 1, pages_per_seq, dtype=cp.int32)
-    indices = cp.asarray(np.random.default_rng(0).permutation(num_pages).astype(np.int32))
-    last = cp.full(w.batch, w.context_len - (pages_per_seq - 1) * w.page_size, dtype=cp.int32)
-    out["paged_decode"] = _time_gpu(
-        lambda: gpukernels.paged_decode(q, k_cache, v_cache, indptr, indices, last), reps=reps)
-    return out
+
+    def normal(shape):
+        return rng.standard_normal(shape, dtype=cp.float32).astype(w.dtype)
+
+    b, hq, hkv, d, n = w.batch, w.num_qo_heads, w.num_kv_heads, w.head_dim, w.context_len
+    q = normal((b, hq, d))
+    k, v = normal((b, n, hkv, d)), normal((b, n, hkv, d))
+    out, lse = cp.empty((b, hq, d), dtype=w.dtype), cp.empty((b, hq), dtype=cp.float32)
+    seconds = {}
+    for name, num_splits, page_size in (("decode", 1, 0), ("split_kv", None, 0), ("paged_decode", None, w.page_size)):
+        plan = plan_split_kv(b, hq, hkv, d, n, dtype=w.dtype, num_splits=num_splits,
+                             num_sms=gpu.num_sms, page_size=page_size, gpu=gpu)
+        runner = gpukernels.SplitKV(plan)
+        if not page_size:
+            seconds[name] = 1e-3 * timer(lambda: runner.run(q, k, v, out=out, lse=lse))
+            continue
+        pages = -(-n // page_size)
+        pad = ((0, 0), (0, pages * page_size - n), (0, 0), (0, 0))
+        k_cache = cp.pad(k, pad).reshape(-1, page_size, hkv, d)
+        v_cache = cp.pad(v, pad).reshape(-1, page_size, hkv, d)
+        indptr = cp.arange(b + 1, dtype=cp.int32) * pages
+        indices = cp.asarray(np.random.default_rng(0).permutation(b * pages).astype(np.int32))
+        last = cp.full((b,), n - (pages - 1) * page_size, dtype=cp.int32)
+        seconds[name] = 1e-3 * timer(lambda: runner.run_paged(q, k_cache, v_cache, indptr, indices, last,
+                                                              out=out, lse=lse))
+        del k_cache, v_cache
+    # Variants the kernels may not have yet take the references' arguments (DESIGN.md).
+    if w.shares_prefix and hasattr(gpukernels, "shared_prefix"):
+        k_prefix, v_prefix = k[0, :w.prefix_len], v[0, :w.prefix_len]
+        k_suffix, v_suffix = k[:, w.prefix_len:].copy(), v[:, w.prefix_len:].copy()
+        k_prefix, v_prefix = k_prefix.copy(), v_prefix.copy()
+        for method in ("hydragen", "bifurcated"):
+            seconds[f"shared_prefix:{method}"] = 1e-3 * timer(lambda: gpukernels.shared_prefix(
+                q, k_prefix, v_prefix, k_suffix, v_suffix, method=method))
+    if w.density < 1.0 and hasattr(gpukernels, "span"):
+        span_indptr, spans = (cp.asarray(a) for a in _equal_spans(w))
+        seconds["span"] = 1e-3 * timer(lambda: gpukernels.span(q, k, v, span_indptr, spans))
+    return seconds
 
 
 def _cmd_explain(args) -> int:
     workloads = _workloads_from_args(args)
     has_gpu = not args.no_gpu and _gpu_present()
-    gpu = args.gpu or (_detected_gpu_name() if has_gpu else None) or "H100"
+    try:
+        gpu = get_gpu(args.gpu or (_detected_gpu_name() if has_gpu else None) or "H100")
+    except ValueError as err:
+        raise SystemExit(f"explain: {err}") from None
     for i, w in enumerate(workloads):
         if i:
             print()
@@ -208,7 +228,7 @@ def _cmd_explain(args) -> int:
         measured = None
         if has_gpu:
             try:
-                measured = measure_on_gpu(w, reps=args.reps)
+                measured = measure_on_gpu(w, gpu, reps=args.reps)
             except Exception as err:   # a kernel that cannot run this shape: say so, keep going
                 print(f"(GPU measurement failed: {type(err).__name__}: {err})")
         print(format_explanation(e, measured))

@@ -7,6 +7,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from decode_attention import cli
@@ -63,6 +64,14 @@ def test_reference_check_catches_nothing_on_agreeing_references():
     assert {name for name, *_ in diffs} == {"split_kv", "paged_decode", "shared_prefix:hydragen",
                                             "shared_prefix:bifurcated", "tree"}
     assert max(max(d_out, d_lse) for _, d_out, d_lse in diffs) < cli.AGREEMENT_ATOL
+
+
+def test_equal_spans_cover_the_density():
+    w = cli.Workload(batch=3, prefix_len=0, suffix_len=1000, density=0.25, num_spans=4)
+    span_indptr, spans = cli._equal_spans(w)
+    assert span_indptr.tolist() == [0, 4, 8, 12] and spans.dtype == np.int32
+    lengths = spans[:, 1] - spans[:, 0]
+    assert lengths.sum() == 3 * 248 and np.all(spans[1:4, 0] >= spans[0:3, 1])
 
 
 def test_accuracy_without_results(capsys, tmp_path):
