@@ -21,11 +21,16 @@ from .rows import UnsupportedRow, is_ours, predict_row
 
 __all__ = [
     "MEDIAN_TARGET", "P90_TARGET", "ResultFile", "RowError", "SuiteAccuracy", "find_results_dir",
-    "load_results", "gpu_for_meta", "row_errors", "summarize", "format_report",
+    "load_results", "gpu_for_meta", "row_errors", "summarize", "format_report", "SpeedupError",
+    "speedup_errors",
 ]
 
 MEDIAN_TARGET = 0.07
 P90_TARGET = 0.15
+SPEEDUP_TARGET = 0.15            # predicted speedup over the baseline, relative to the measured one
+BASELINES = ("decode", "shared_prefix:naive")   # what a variant's speedup is measured against
+WORKLOAD_KEYS = ("dtype", "batch", "num_qo_heads", "num_kv_heads", "head_dim", "kv_len", "prefix_len",
+                 "suffix_len", "density", "num_spans", "num_sinks", "window", "levels", "num_states")
 
 
 @dataclass(frozen=True)
@@ -152,17 +157,57 @@ def summarize(errors: list[RowError]) -> list[SuiteAccuracy]:
     return out
 
 
+@dataclass(frozen=True)
+class SpeedupError:
+    suite: str
+    impl: str
+    baseline: str
+    measured: float           # baseline time / variant time, measured
+    predicted: float
+
+    @property
+    def rel_error(self) -> float:
+        return abs(self.predicted - self.measured) / self.measured
+
+
+def speedup_errors(errors: list[RowError]) -> list[SpeedupError]:
+    """Predicted against measured speedup of every variant over the baseline measured on the same
+    workload in the same file (BASELINES, the first present)."""
+    groups: dict[tuple, dict[str, RowError]] = {}
+    for e in errors:
+        key = (e.gpu_slug, e.suite, *(repr(e.row.get(k)) for k in WORKLOAD_KEYS))
+        groups.setdefault(key, {})[e.impl] = e
+    out = []
+    for by_impl in groups.values():
+        base = next((by_impl[b] for b in BASELINES if b in by_impl), None)
+        if base is None:
+            continue
+        for impl, e in by_impl.items():
+            if impl != base.impl:
+                out.append(SpeedupError(e.suite, impl, base.impl, base.measured_s / e.measured_s,
+                                        base.predicted_s / e.predicted_s))
+    return out
+
+
 def _pct(x: float) -> str:
     return "nan" if math.isnan(x) else f"{100 * x:5.1f}%"
 
 
-def format_report(summary: list[SuiteAccuracy], unsupported=(), *, title: str = "") -> str:
+def format_report(summary: list[SuiteAccuracy], unsupported=(), *, title: str = "",
+                  speedups: "list[SpeedupError]" = ()) -> str:
     lines = [title] if title else []
     lines.append(f"{'suite':<16} {'rows':>5} {'median':>8} {'p90':>8}   target: median <= "
                  f"{MEDIAN_TARGET:.0%}, p90 <= {P90_TARGET:.0%}")
     for s in summary:
         mark = "ok" if s.meets_target else "MISSED"
         lines.append(f"{s.suite:<16} {s.count:>5} {_pct(s.median):>8} {_pct(s.p90):>8}   {mark}")
+    if speedups:
+        worst = max(speedups, key=lambda e: e.rel_error)
+        ok = sum(e.rel_error <= SPEEDUP_TARGET for e in speedups)
+        lines.append(f"speedups over the baseline: {ok} of {len(speedups)} predicted within "
+                     f"{SPEEDUP_TARGET:.0%} of measured; worst {worst.impl} over {worst.baseline} "
+                     f"({worst.suite}): predicted {worst.predicted:.2f}x, measured {worst.measured:.2f}x"
+                     f"   {'ok' if ok == len(speedups) else 'MISSED'}")
     if unsupported:
         lines.append(f"{len(unsupported)} row(s) of our variants could not be predicted:")
         for suite, impl, reason in unsupported[:10]:

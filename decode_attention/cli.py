@@ -278,10 +278,12 @@ def _cmd_accuracy(args) -> int:
         print(f"results under {where} hold no rows of this project's variants: nothing to score")
         return 1 if args.check and unsupported else 0
     gpus = sorted({e.gpu_slug for e in errors})
-    print(acc.format_report(acc.summarize(errors), unsupported,
+    summary, speedups = acc.summarize(errors), acc.speedup_errors(errors)
+    print(acc.format_report(summary, unsupported, speedups=speedups,
                             title=f"cost model accuracy over {len(errors)} rows ({', '.join(gpus)}):"))
     if args.check:
-        missed = [s.suite for s in acc.summarize(errors) if not s.meets_target]
+        missed = [s.suite for s in summary if not s.meets_target]
+        missed += [e.impl for e in speedups if e.rel_error > acc.SPEEDUP_TARGET]
         if missed or unsupported:
             return 1
     return 0

@@ -102,8 +102,11 @@ def test_fit_on_decode_then_validate_on_the_other_suites(tmp_path):
     assert set(summary) == {"decode", "shared_prefix", "tree", "span", "paged", "all"}
     assert summary["all"].meets_target, summary
     assert summary["all"].median < np.median([e.rel_error for e in before])
-    text = acc.format_report(list(summary.values()), unsupported)
-    assert "decode" in text and "median" in text and "MISSED" not in text
+    speedups = acc.speedup_errors(errors)
+    assert {(e.impl, e.baseline) for e in speedups} == {("split_kv", "decode")}
+    assert len(speedups) == 7 and all(e.rel_error < acc.SPEEDUP_TARGET for e in speedups)
+    text = acc.format_report(list(summary.values()), unsupported, speedups=speedups)
+    assert "decode" in text and "median" in text and "7 of 7" in text and "MISSED" not in text
 
 
 def test_a_wrong_model_misses_the_target(tmp_path):
@@ -173,6 +176,7 @@ def test_committed_results_meet_the_targets():
     if not errors and not unsupported:
         pytest.skip("no committed results of this project's variants under results/ yet")
     assert not unsupported, f"rows the model cannot predict: {unsupported}"
-    summary = acc.summarize(errors)
+    summary, speedups = acc.summarize(errors), acc.speedup_errors(errors)
     missed = [s for s in summary if not s.meets_target]
-    assert not missed, "\n" + acc.format_report(summary)
+    missed += [e for e in speedups if e.rel_error > acc.SPEEDUP_TARGET]
+    assert not missed, "\n" + acc.format_report(summary, speedups=speedups)
