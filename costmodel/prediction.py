@@ -262,7 +262,7 @@ def predict_launches(
         for k, v in launch.bytes_by_tensor.items():
             bytes_by_tensor[k] = bytes_by_tensor.get(k, 0) + int(v)
     terms = {**totals, **terms}
-    roofline_s = totals["memory_s"] if totals["memory_s"] >= totals["compute_s"] else totals["compute_s"]
+    roofline_s = max(totals["memory_s"], totals["compute_s"])
     overhead_s = totals["time_s"] - roofline_s
     if overhead_s > roofline_s:
         bound = "latency"
