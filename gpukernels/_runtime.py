@@ -176,11 +176,46 @@ def current_stream_ptr(kind: str, device_id: int) -> int:
     return int(cupy().cuda.get_current_stream().ptr)
 
 
+_STREAMS: dict = {}
+
+
+def _stream(stream_ptr: int, device_id: int):
+    """A CuPy view of a foreign stream, made once per (stream, device): making one costs more than
+    a launch."""
+    key = (stream_ptr, device_id)
+    if key not in _STREAMS:
+        cp = cupy()
+        with cp.cuda.Device(device_id):
+            make = getattr(cp.cuda.Stream, "from_external", None)
+            _STREAMS[key] = (
+                cp.cuda.ExternalStream(stream_ptr, device_id) if make is None or stream_ptr == 0
+                else _from_external(cp, stream_ptr, device_id)
+            )
+    return _STREAMS[key]
+
+
+def _from_external(cp, stream_ptr: int, device_id: int):
+    class _Handle:  # the CUDA stream protocol: (version, handle)
+        def __cuda_stream__(self):
+            return (0, stream_ptr)
+
+    try:
+        return cp.cuda.Stream.from_external(_Handle())
+    except Exception:  # noqa: BLE001 - an older CuPy: the plain external stream
+        return cp.cuda.ExternalStream(stream_ptr, device_id)
+
+
 def launch(kern, grid, block, args, *, stream_ptr: int, device_id: int, shared_mem: int = 0) -> None:
     """Launch on the caller's stream and device; pointers travel as uint64, scalars as exact C types."""
     cp = cupy()
-    with cp.cuda.Device(device_id), cp.cuda.ExternalStream(stream_ptr):
+    if cp.cuda.runtime.getDevice() != device_id:
+        with cp.cuda.Device(device_id), _stream(stream_ptr, device_id):
+            kern(grid, block, args, shared_mem=shared_mem)
+    elif cp.cuda.get_current_stream().ptr == stream_ptr:
         kern(grid, block, args, shared_mem=shared_mem)
+    else:
+        with _stream(stream_ptr, device_id):
+            kern(grid, block, args, shared_mem=shared_mem)
 
 
 def ptr(x) -> np.uint64:

@@ -222,6 +222,7 @@ def run_decode_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool) -> list[
 
     import gpukernels
     from costmodel.rows import predict_row
+    from gpukernels.split_kv import num_sms
 
     rows = []
     grid = DECODE_GRID[:2] if quick else DECODE_GRID
@@ -234,10 +235,10 @@ def run_decode_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool) -> list[
         base = {"suite": "decode", "dtype": "float16", "batch": batch, "num_qo_heads": NUM_QO_HEADS,
                 "num_kv_heads": num_kv_heads, "head_dim": HEAD_DIM, "kv_len": kv_len,
                 "unique_bytes": unique_bytes, "flops": flops, "floor_ms": floor_s * 1e3}
-        sms = gpukernels.split_kv.__globals__["num_sms"](cp.cuda.Device().id)
+        sms = num_sms(cp.cuda.Device().id)
         ours = {
             "split_kv": gpukernels.plan_split_kv(batch, NUM_QO_HEADS, num_kv_heads, HEAD_DIM, kv_len,
-                                                 dtype="float16", num_sms=sms),
+                                                 dtype="float16", num_sms=sms, gpu=gpu),
             "decode": gpukernels.plan_split_kv(batch, NUM_QO_HEADS, num_kv_heads, HEAD_DIM, kv_len,
                                                dtype="float16", num_splits=1, num_sms=sms),
         }
@@ -259,7 +260,7 @@ def run_decode_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool) -> list[
         indices = cp.arange(batch * pages_per_seq, dtype=cp.int32)
         last = cp.full((batch,), kv_len - (pages_per_seq - 1) * PAGE_SIZE, dtype=cp.int32)
         plan = gpukernels.plan_split_kv(batch, NUM_QO_HEADS, num_kv_heads, HEAD_DIM, kv_len,
-                                        dtype="float16", num_sms=sms, page_size=PAGE_SIZE)
+                                        dtype="float16", num_sms=sms, page_size=PAGE_SIZE, gpu=gpu)
         runner = gpukernels.SplitKV(plan)
         t = timer(lambda: runner.run_paged(q, kp, vp, indptr, indices, last))
         row = {**base, "impl": "paged_decode", "page_size": PAGE_SIZE, "num_splits": plan.num_splits,
