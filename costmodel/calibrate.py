@@ -41,7 +41,7 @@ BOUNDS = {
     "page_lookup_s": (1e-9, 5e-6),
     "page_lookup_bytes": (1.0, 2e4),
 }
-BLOCKS_PER_SM_CHOICES = (2, 4, 8)
+BLOCKS_PER_SM_CHOICES = (1, 2, 4, 8)
 
 
 def nelder_mead(f, x0, *, step: float = 0.3, max_evals: int = 400, tol: float = 1e-7):

@@ -39,6 +39,7 @@ DECODE_GRID = [
 NUM_QO_HEADS = 32
 HEAD_DIM = 128
 PAGE_SIZE = 16
+SWEEP_SPLITS = (1, 2, 4, 8, 16, 32, 64)
 FLUSH_BYTES = 256 << 20
 
 
@@ -217,7 +218,7 @@ def _flashinfer_peer(q, k, v, batch, num_kv_heads, kv_len):
         return {}
 
 
-def run_decode_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool) -> list[dict]:
+def run_decode_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool, sweep: bool = True) -> list[dict]:
     import cupy as cp
 
     import gpukernels
@@ -242,13 +243,19 @@ def run_decode_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool) -> list[
             "decode": gpukernels.plan_split_kv(batch, NUM_QO_HEADS, num_kv_heads, HEAD_DIM, kv_len,
                                                dtype="float16", num_splits=1, num_sms=sms),
         }
-        for impl, plan in ours.items():
+        # The split count swept too (rows marked "forced"): what the plan's choice is measured against.
+        sweep_splits = [s for s in SWEEP_SPLITS if sweep and (s == 1 or kv_len // s >= 256)]
+        for s in sweep_splits:
+            ours[f"forced:{s}"] = gpukernels.plan_split_kv(batch, NUM_QO_HEADS, num_kv_heads, HEAD_DIM,
+                                                         kv_len, dtype="float16", num_splits=s, num_sms=sms)
+        for key, plan in ours.items():
+            impl = "split_kv" if key.startswith("forced") else key
             runner = gpukernels.SplitKV(plan)
             out = cp.empty((batch, NUM_QO_HEADS, HEAD_DIM), dtype=cp.float16)
             lse = cp.empty((batch, NUM_QO_HEADS), dtype=cp.float32)
             t = timer(lambda: runner.run(q, k, v, out=out, lse=lse))
             row = {**base, "impl": impl, "num_splits": plan.num_splits, "chunk_size": plan.chunk_size,
-                   "time_ms": t}
+                   "time_ms": t, "plan": "forced" if key.startswith("forced") else "auto"}
             row["predicted_ms"] = predict_row(row, gpu).time_s * 1e3
             rows.append(row)
         # Paged: the same cache cut into pages of PAGE_SIZE, page table in order.
@@ -294,9 +301,11 @@ def format_table(rows: list[dict]) -> str:
         best = min((r["time_ms"] for r in peers), default=None)
         for r in group:
             vs = f"{best / r['time_ms']:.2f}x" if best else "-"
+            impl = r["impl"] + (f" /{r['num_splits']}" if "num_splits" in r else "")
+            impl += " *" if r.get("plan") == "auto" else ""
             pred = f"{r['predicted_ms'] * 1e3:8.1f}" if "predicted_ms" in r else f"{'-':>8}"
             lines.append(f"{key[0]:>5} {key[1]:>4} {key[2]:>7} {r['floor_ms'] * 1e3:>9.1f}  "
-                         f"{r['impl']:<18} {r['time_ms'] * 1e3:>9.1f} {r['frac']:>5.2f} {vs:>12} {pred}")
+                         f"{impl:<18} {r['time_ms'] * 1e3:>9.1f} {r['frac']:>5.2f} {vs:>12} {pred}")
     return "\n".join(lines)
 
 
@@ -306,6 +315,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--out", default="results", help="results folder (a <gpu>/ subfolder is made)")
     parser.add_argument("--quick", action="store_true", help="first two grid rows only, not for results")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the rows with forced split counts")
     args = parser.parse_args(argv)
 
     from gpukernels._runtime import gpu_available
@@ -325,7 +335,7 @@ def main(argv=None) -> int:
     _progress(f"{meta['gpu']}: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, read "
               f"{ceilings['read_bytes_per_s'] / 1e12:.2f} TB/s, fp16 matmul "
               f"{ceilings['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s")
-    rows = run_decode_suite(timer, ceilings, gpu, quick=args.quick)
+    rows = run_decode_suite(timer, ceilings, gpu, quick=args.quick, sweep=not args.no_sweep)
     if not args.quick:
         out_dir = Path(args.out) / gpu_slug(meta["gpu"])
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -335,6 +345,7 @@ def main(argv=None) -> int:
         if os.environ.get("OUT"):
             Path(os.environ["OUT"], f"{args.suite}.json").write_text(path.read_text())
     print(format_table(rows))
+    print("/n: split count; *: the plan's own choice")
     return 0
 
 
