@@ -25,7 +25,7 @@ class Calibration:
     block_bytes_per_s: float = 3.0e10    # what one block can stream on its own (bytes in flight / latency)
     bw_fraction: float = 0.97            # of the GPU's stream ceiling a well-fed kernel reaches
     contention_exponent: float = 2.5     # how sharply blocks' streams saturate the memory system
-    blocks_per_sm: int = 4               # resident decode blocks per SM (shared memory and registers)
+    blocks_per_sm: int = 1               # resident decode blocks per SM (128 KB of pipeline stages each)
     page_lookup_s: float = 2.0e-7        # a page-table lookup's latency on its block's path
     page_lookup_bytes: float = 512.0     # traffic-equivalent of a lookup's scattered page (row misses)
     matmul_fraction: float = 0.6         # of the tensor-core rate an attention-shaped product reaches

@@ -539,17 +539,43 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   auto slot = [&](int stage, int i) -> uint4* {
     return smem_stage + ((stage * NUM_WARPS + warp) * SLOTS + i) * 32 + lane;
   };
+  // The six rows a lane copies per tile: K rows tile + n*8 + gid (n = 0, 1), V rows
+  // tile + {0, 1, 8, 9} + 2*tig.
+  auto lane_row = [&](int tile, int i) -> int {
+    return i < 2 ? tile + i * 8 + gid : tile + ((i - 2) & 1) + ((i - 2) >> 1) * 8 + 2 * tig;
+  };
+  // Paged caches: the page of each of those rows, read one tile ahead of its copy so the lookup's
+  // latency hides behind a tile of work instead of stalling the copies.
+  int pages[6];
+  const int page_base = PAGED ? __ldg(kv_indptr + w.b) : 0;
+  auto look_up = [&](int tile) {
+    if constexpr (PAGED) {
+#pragma unroll
+      for (int i = 0; i < 6; ++i) {
+        const int row = lane_row(tile, i);
+        pages[i] = row < w.end ? __ldg(kv_indices + page_base + row / page_size) : 0;
+      }
+    }
+  };
+  auto offset_of = [&](int row, int page) -> long long {
+    if (row >= w.end) return -1;
+    long long token;
+    if constexpr (PAGED) {
+      if (page < 0 || page >= num_pages) {
+        bad_page = true;
+        return -1;
+      }
+      token = static_cast<long long>(page) * page_size + row % page_size;
+    } else {
+      token = static_cast<long long>(w.b) * kv_len + row;
+    }
+    return (token * num_kv_heads + w.kh) * HEAD_DIM;
+  };
   auto issue = [&](int tile, int stage) {
     if (tile < w.end) {
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
-        const int row = tile + n * 8 + gid;
-        long long off = -1;
-        if (row < w.end) {
-          off = row_offset<PAGED>(row, w.b, w.kh, kv_len, num_kv_heads, HEAD_DIM, kv_indptr, kv_indices,
-                                  num_pages, page_size);
-          bad_page = bad_page || off < 0;
-        }
+        const long long off = offset_of(lane_row(tile, n), pages[n]);
 #pragma unroll
         for (int c = 0; c < CHUNKS; ++c) {
           cp_async_16(slot(stage, n * CHUNKS + c), k + (off >= 0 ? off + c * 32 + tig * 8 : 0), off >= 0);
@@ -557,13 +583,7 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
       }
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
-        const int row = tile + (r & 1) + (r >> 1) * 8 + 2 * tig;
-        long long off = -1;
-        if (row < w.end) {
-          off = row_offset<PAGED>(row, w.b, w.kh, kv_len, num_kv_heads, HEAD_DIM, kv_indptr, kv_indices,
-                                  num_pages, page_size);
-          bad_page = bad_page || off < 0;
-        }
+        const long long off = offset_of(lane_row(tile, 2 + r), pages[2 + r]);
 #pragma unroll
         for (int c = 0; c < VCHUNKS; ++c) {
           cp_async_16(slot(stage, MmaSlots<HEAD_DIM>::K + r * VCHUNKS + c),
@@ -576,11 +596,16 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
 
   const int first = w.start + warp * WARP_ROWS;
 #pragma unroll
-  for (int st = 0; st < STAGES - 1; ++st) issue(first + st * stride, st);
+  for (int st = 0; st < STAGES - 1; ++st) {
+    look_up(first + st * stride);
+    issue(first + st * stride, st);
+  }
+  look_up(first + (STAGES - 1) * stride);
   int stage = 0;
   for (int tile = first; tile < w.end; tile += stride) {
     // The stage read in the previous iteration is free again (its values were consumed).
     issue(tile + (STAGES - 1) * stride, (stage + STAGES - 1) % STAGES);
+    look_up(tile + STAGES * stride);
     cp_async_wait<STAGES - 1>();   // this lane's copies of this tile have landed
 
     // Scores: s[n][0..1] = head gid, rows tile + n*8 + 2*tig + {0, 1}; s[n][2..3] are padding rows.
