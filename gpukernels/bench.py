@@ -74,6 +74,19 @@ class Timer:
         return float(np.median(times))
 
 
+def host_us(fn, calls: int = 20) -> float:
+    """Host time of one call (launch overhead: argument checks, allocation, the launch itself)."""
+    import cupy as cp
+
+    cp.cuda.Device().synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    cp.cuda.Device().synchronize()
+    return elapsed / calls * 1e6
+
+
 def measure_ceilings(timer: Timer) -> dict:
     """Copy bandwidth (read + write), read-only bandwidth, and the fp16 matmul rate, measured now."""
     cp = timer.cp
@@ -254,8 +267,9 @@ def run_decode_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool, sweep: b
             out = cp.empty((batch, NUM_QO_HEADS, HEAD_DIM), dtype=cp.float16)
             lse = cp.empty((batch, NUM_QO_HEADS), dtype=cp.float32)
             t = timer(lambda: runner.run(q, k, v, out=out, lse=lse))
+            host = host_us(lambda: runner.run(q, k, v, out=out, lse=lse))
             row = {**base, "impl": impl, "num_splits": plan.num_splits, "chunk_size": plan.chunk_size,
-                   "time_ms": t, "plan": "forced" if key.startswith("forced") else "auto"}
+                   "time_ms": t, "host_us": host, "plan": "forced" if key.startswith("forced") else "auto"}
             row["predicted_ms"] = predict_row(row, gpu).time_s * 1e3
             rows.append(row)
         # Paged: the same cache cut into pages of PAGE_SIZE, page table in order.
@@ -270,18 +284,20 @@ def run_decode_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool, sweep: b
                                         dtype="float16", num_sms=sms, page_size=PAGE_SIZE, gpu=gpu)
         runner = gpukernels.SplitKV(plan)
         t = timer(lambda: runner.run_paged(q, kp, vp, indptr, indices, last))
+        host = host_us(lambda: runner.run_paged(q, kp, vp, indptr, indices, last))
         row = {**base, "impl": "paged_decode", "page_size": PAGE_SIZE, "num_splits": plan.num_splits,
-               "chunk_size": plan.chunk_size, "time_ms": t}
+               "chunk_size": plan.chunk_size, "time_ms": t, "host_us": host}
         row["predicted_ms"] = predict_row(row, gpu).time_s * 1e3
         rows.append(row)
         del kp, vp
         for label, fn in _peers(q, k, v, batch, num_kv_heads, kv_len).items():
             try:
                 t = timer(fn)
+                host = host_us(fn)
             except Exception as exc:  # noqa: BLE001
                 _progress(f"  {label} failed: {str(exc).splitlines()[0][:80]}")
                 continue
-            rows.append({**base, "impl": label, "time_ms": t})
+            rows.append({**base, "impl": label, "time_ms": t, "host_us": host})
         for row in rows:
             if "frac" not in row:
                 row["frac"] = row["floor_ms"] / row["time_ms"]
@@ -292,7 +308,7 @@ def run_decode_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool, sweep: b
 
 def format_table(rows: list[dict]) -> str:
     lines = [f"{'batch':>5} {'Hkv':>4} {'kv_len':>7} {'floor us':>9}  {'impl':<18} {'time us':>9} "
-             f"{'frac':>5} {'vs best peer':>12} {'pred us':>8}"]
+             f"{'frac':>5} {'vs best peer':>12} {'pred us':>8} {'host us':>8}"]
     keyed: dict = {}
     for r in rows:
         keyed.setdefault((r["batch"], r["num_kv_heads"], r["kv_len"]), []).append(r)
@@ -305,7 +321,8 @@ def format_table(rows: list[dict]) -> str:
             impl += " *" if r.get("plan") == "auto" else ""
             pred = f"{r['predicted_ms'] * 1e3:8.1f}" if "predicted_ms" in r else f"{'-':>8}"
             lines.append(f"{key[0]:>5} {key[1]:>4} {key[2]:>7} {r['floor_ms'] * 1e3:>9.1f}  "
-                         f"{impl:<18} {r['time_ms'] * 1e3:>9.1f} {r['frac']:>5.2f} {vs:>12} {pred}")
+                         f"{impl:<18} {r['time_ms'] * 1e3:>9.1f} {r['frac']:>5.2f} {vs:>12} {pred} "
+                         f"{r.get('host_us', float('nan')):>8.1f}")
     return "\n".join(lines)
 
 

@@ -47,19 +47,25 @@ TENSOR_CORE_HEAD_DIMS = (64, 128)
 # 2 to 4 stages within 2% at batch 1; 4 best at large batch (1401 vs 1429 us at 64 x 8 x 16k),
 # though its 128 KB leave room for one block per SM. 8 warps per block instead of 4: 1-3% slower.
 PIPELINE_STAGES = 4
+# Paged caches: each lane also waits on page-table reads; 3 stages measured faster there.
+PIPELINE_STAGES_PAGED = 3
 _SLOT_BYTES = 16
+
+
+def stages_for(paged: bool) -> int:
+    return PIPELINE_STAGES_PAGED if paged else PIPELINE_STAGES
 
 
 def uses_tensor_cores(dtype: str, head_dim: int) -> bool:
     return dtype in TENSOR_CORE_DTYPES and head_dim in TENSOR_CORE_HEAD_DIMS
 
 
-def dynamic_smem_bytes(dtype: str, head_dim: int) -> int:
+def dynamic_smem_bytes(dtype: str, head_dim: int, paged: bool = False) -> int:
     """Shared memory of the tensor-core path: [stages][warps][16-byte slots per lane][32 lanes]."""
     if not uses_tensor_cores(dtype, head_dim):
         return 0
     slots = 2 * (head_dim // 32) + 4 * (head_dim // 64)
-    return PIPELINE_STAGES * NUM_WARPS * slots * 32 * _SLOT_BYTES
+    return stages_for(paged) * NUM_WARPS * slots * 32 * _SLOT_BYTES
 
 
 def name_expression(dtype: str, head_dim: int, heads_per_block: int, paged: bool) -> str:
@@ -68,7 +74,7 @@ def name_expression(dtype: str, head_dim: int, heads_per_block: int, paged: bool
     if uses_tensor_cores(dtype, head_dim):
         return (
             f"decode_attention::split_kv_mma_kernel<{rt.C_TYPES[dtype]}, {head_dim}, {heads_per_block}, "
-            f"{paged_arg}, {PIPELINE_STAGES}>"
+            f"{paged_arg}, {stages_for(paged)}>"
         )
     return (
         f"decode_attention::split_kv_kernel<{rt.C_TYPES[dtype]}, {head_dim}, {heads_per_block}, "
@@ -88,8 +94,14 @@ def all_name_expressions() -> list[str]:
 
 
 def _kernel(plan: SplitKVPlan, paged: bool):
-    kern = rt.kernel("split_kv", name_expression(plan.dtype, plan.head_dim, plan.heads_per_block, paged))
-    smem = dynamic_smem_bytes(plan.dtype, plan.head_dim)
+    return _kernel_for(plan.dtype, plan.head_dim, plan.heads_per_block, paged)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_for(dtype: str, head_dim: int, heads_per_block: int, paged: bool):
+    """The compiled kernel of one key, its shared-memory limit raised once (not on every launch)."""
+    kern = rt.kernel("split_kv", name_expression(dtype, head_dim, heads_per_block, paged))
+    smem = dynamic_smem_bytes(dtype, head_dim, paged)
     if smem and kern.max_dynamic_shared_size_bytes < smem:
         kern.max_dynamic_shared_size_bytes = smem
     return kern
@@ -288,7 +300,7 @@ def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace):
     )
     rt.launch(_kernel(plan, paged is not None), plan.grid, (NUM_WARPS * 32,), args,
               stream_ptr=stream_ptr, device_id=device_id,
-              shared_mem=dynamic_smem_bytes(plan.dtype, plan.head_dim))
+              shared_mem=dynamic_smem_bytes(plan.dtype, plan.head_dim, paged is not None))
     return out, lse
 
 
