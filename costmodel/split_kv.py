@@ -123,7 +123,7 @@ def _make_plan(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, dtype, n
     group_size = num_qo_heads // num_kv_heads
     heads_per_block = heads_per_block_for(group_size)
     head_groups = -(-group_size // heads_per_block)
-    chunk_size = _round_up(max(1, math.ceil(max(max_kv_len, 1) / num_splits)), TILE_TOKENS)
+    chunk_size = chunk_size_for(max_kv_len, num_splits)
     num_splits = max(1, -(-max_kv_len // chunk_size))
     return SplitKVPlan(
         batch=batch, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
@@ -131,6 +131,15 @@ def _make_plan(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, dtype, n
         heads_per_block=heads_per_block, head_groups=head_groups, num_sms=num_sms,
         page_size=page_size,
     )
+
+
+def chunk_size_for(max_kv_len: int, num_splits: int) -> int:
+    """Tokens per chunk: the power of two (at least TILE_TOKENS) that covers max_kv_len in at most
+    num_splits chunks. Measured on H100 (1 x 8 KV heads x 4k, fp16): chunks of 512 and 256 rows ran
+    in 18.3 and 19.4 us, chunks of 384 and 320 rows in 23.0 and 25.0 us; at 32k, 2048-row chunks
+    beat 2240 and 1088 by 12-24%. Why whole powers of two stream better is not established."""
+    want = max(1, math.ceil(max(max_kv_len, 1) / num_splits))
+    return max(TILE_TOKENS, 1 << (want - 1).bit_length())
 
 
 def candidate_num_splits(base_blocks: int, max_kv_len: int, num_sms: int, blocks_per_sm: int) -> range:

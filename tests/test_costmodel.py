@@ -312,9 +312,11 @@ def test_spans_read_only_the_attended_tokens(density, num_spans):
     p = span.predict(shape, gpu=H100)
     assert shape.attended_len == round(density * 32768) and len(shape.span_lens) == num_spans
     assert p.bytes_by_tensor["k"] == 8 * shape.attended_len * 8 * 128 * 2
-    # what scales with the density is the time past the launch
+    # what scales with the density is the time past the launch; short spans (64 of 256 tokens at
+    # 50%) also pay each block's fixed round trip, so the bound leaves room for that
     launch_s = load_calibration(H100.key).launch_s
-    assert p.time_s - launch_s < 1.3 * density * (dense.time_s - launch_s)
+    assert p.time_s < dense.time_s
+    assert p.time_s - launch_s < 1.5 * density * (dense.time_s - launch_s)
 
 
 def test_sinks_and_window():
