@@ -172,9 +172,12 @@ class SpeedupError:
 
 def speedup_errors(errors: list[RowError]) -> list[SpeedupError]:
     """Predicted against measured speedup of every variant over the baseline measured on the same
-    workload in the same file (BASELINES, the first present)."""
+    workload in the same file (BASELINES, the first present), each variant with its plan's own
+    choices (rows with `"plan": "forced"` are left out)."""
     groups: dict[tuple, dict[str, RowError]] = {}
     for e in errors:
+        if e.row.get("plan") == "forced":
+            continue  # sweep rows of a forced split count: the speedup is the plan's own choice's
         key = (e.gpu_slug, e.suite, *(repr(e.row.get(k)) for k in WORKLOAD_KEYS))
         groups.setdefault(key, {})[e.impl] = e
     out = []

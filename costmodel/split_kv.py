@@ -31,6 +31,21 @@ from .prediction import F32, Launch, Prediction, dtype_bytes, predict_launches
 # Kernel constants the plan must agree with (gpukernels/cuda/decode.cu reads the same numbers).
 NUM_WARPS = 4                # warps per thread block
 TILE_TOKENS = 64             # tokens one block consumes per iteration (NUM_WARPS warps x 16 rows)
+PIPELINE_STAGES = 4          # tiles per warp in flight on the tensor-core path (contiguous cache)
+PIPELINE_STAGES_PAGED = 3    # the same for a paged cache
+TENSOR_CORE_HEAD_DIMS = (64, 128)
+SMEM_PER_SM_BYTES = 228 * 1024  # Hopper; what the pipeline stages of resident blocks share
+
+
+def pipeline_stage_bytes(head_dim: int) -> int:
+    """Shared memory of one pipeline stage of a block: each lane's 16-byte K and V pieces of a tile."""
+    slots = 2 * (head_dim // 32) + 4 * (head_dim // 64)
+    return NUM_WARPS * 32 * slots * 16
+
+
+def tensor_core_blocks_per_sm(head_dim: int, stages: int) -> int:
+    """Blocks of the tensor-core kernel an SM holds, as its shared memory allows (1 KB reserved each)."""
+    return max(1, SMEM_PER_SM_BYTES // (stages * pipeline_stage_bytes(head_dim) + 1024))
 MIN_CHUNK_TOKENS = 256       # the shortest chunk the split choice considers
 HEADS_PER_BLOCK_CHOICES = (1, 2, 4, 8)  # query heads served by one block (template parameter)
 ROWS_PER_WARP_TILE = TILE_TOKENS // NUM_WARPS  # rows one warp reads per step (page lookups per tile)
@@ -348,6 +363,14 @@ def split_kv_launch(plan: SplitKVPlan, kv_lens=None, *, name: str = "split_kv") 
         flops = {"matmul_flops": 4 * int(lens.sum()) * hkv * padded_rows * d}
     else:
         flops = {"vector_flops": useful_flops}
+    # One block streams at a rate set by the tiles it keeps in flight; the calibration measures the
+    # contiguous tensor-core kernel, whose paged form keeps one tile fewer per warp.
+    # Its pipeline's shared memory also sets how many blocks an SM holds (the calibration fits
+    # that number for the contiguous kernel; the paged one's follows from its stages).
+    stream_fraction, blocks_per_sm = 1.0, None
+    if plan.page_size and plan.dtype in TENSOR_CORE_DTYPES and plan.head_dim in TENSOR_CORE_HEAD_DIMS:
+        stream_fraction = (PIPELINE_STAGES_PAGED - 1) / (PIPELINE_STAGES - 1)
+        blocks_per_sm = tensor_core_blocks_per_sm(plan.head_dim, PIPELINE_STAGES_PAGED)
     return Launch(
         name=name,
         bytes_by_tensor=bytes_by_tensor,
@@ -355,6 +378,8 @@ def split_kv_launch(plan: SplitKVPlan, kv_lens=None, *, name: str = "split_kv") 
         useful_flops=useful_flops,
         l2_hit_bytes=l2_hit,
         page_lookups=lookups,
+        stream_fraction=stream_fraction,
+        blocks_per_sm=blocks_per_sm,
         **flops,
     )
 

@@ -28,7 +28,9 @@ import math
 
 import numpy as np
 
-from costmodel.split_kv import HEADS_PER_BLOCK_CHOICES, NUM_WARPS, SplitKVPlan, plan_split_kv
+from costmodel.split_kv import (HEADS_PER_BLOCK_CHOICES, NUM_WARPS, PIPELINE_STAGES,
+                                 PIPELINE_STAGES_PAGED, TENSOR_CORE_DTYPES, TENSOR_CORE_HEAD_DIMS,
+                                 SplitKVPlan, pipeline_stage_bytes, plan_split_kv)
 from decode_attention.contract import check_decode, check_paged
 
 from . import _runtime as rt
@@ -38,18 +40,12 @@ __all__ = ["SplitKV", "split_kv", "plan_split_kv", "SplitKVPlan"]
 _LOG2E = 1.4426950408889634
 
 
-# float16/bfloat16 at these head dims run on the tensor cores; the rest on the CUDA cores.
-TENSOR_CORE_DTYPES = ("float16", "bfloat16")
-TENSOR_CORE_HEAD_DIMS = (64, 128)
-
-
-# Tiles each warp keeps in flight through shared memory on the tensor-core path. Measured on H100:
-# 2 to 4 stages within 2% at batch 1; 4 best at large batch (1401 vs 1429 us at 64 x 8 x 16k),
-# though its 128 KB leave room for one block per SM. 8 warps per block instead of 4: 1-3% slower.
-PIPELINE_STAGES = 4
-# Paged caches: each lane also waits on page-table reads; 3 stages measured faster there.
-PIPELINE_STAGES_PAGED = 3
-_SLOT_BYTES = 16
+# float16/bfloat16 at TENSOR_CORE_HEAD_DIMS run on the tensor cores, the rest on the CUDA cores.
+# Tiles each warp keeps in flight through shared memory there (PIPELINE_STAGES, with the other
+# constants the plan and the kernels share in costmodel.split_kv). Measured on H100: 2 to 4 stages
+# within 2% at batch 1; 4 best at large batch (1401 vs 1429 us at 64 x 8 x 16k), though its 128 KB
+# leave room for one block per SM; 8 warps per block instead of 4: 1-3% slower. Paged caches, where
+# each lane also waits on page-table reads, run 3 stages (1454 vs 2108 us at 64 x 8 x 16k).
 
 
 def stages_for(paged: bool) -> int:
@@ -64,8 +60,7 @@ def dynamic_smem_bytes(dtype: str, head_dim: int, paged: bool = False) -> int:
     """Shared memory of the tensor-core path: [stages][warps][16-byte slots per lane][32 lanes]."""
     if not uses_tensor_cores(dtype, head_dim):
         return 0
-    slots = 2 * (head_dim // 32) + 4 * (head_dim // 64)
-    return stages_for(paged) * NUM_WARPS * slots * 32 * _SLOT_BYTES
+    return stages_for(paged) * pipeline_stage_bytes(head_dim)
 
 
 def name_expression(dtype: str, head_dim: int, heads_per_block: int, paged: bool) -> str:
