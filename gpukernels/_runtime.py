@@ -131,25 +131,16 @@ def _np_dtype(name: str):
     return np.dtype(name)
 
 
-def empty(kind: str, shape: tuple, dtype: str, device_id: int):
-    """An uninitialised array of the caller's kind on the caller's device."""
+def empty(kind: str, shape: tuple, dtype: str, device_id: int, *, zero: bool = False):
+    """An array of the caller's kind on the caller's device: uninitialised, or zeros with `zero`."""
     if kind == "torch":
         import torch  # noqa: PLC0415
 
-        return torch.empty(shape, dtype=getattr(torch, dtype), device=f"cuda:{device_id}")
+        make = torch.zeros if zero else torch.empty
+        return make(shape, dtype=getattr(torch, dtype), device=f"cuda:{device_id}")
     cp = cupy()
     with cp.cuda.Device(device_id):
-        return cp.empty(shape, dtype=_np_dtype(dtype))
-
-
-def zeros(kind: str, shape: tuple, dtype: str, device_id: int):
-    if kind == "torch":
-        import torch  # noqa: PLC0415
-
-        return torch.zeros(shape, dtype=getattr(torch, dtype), device=f"cuda:{device_id}")
-    cp = cupy()
-    with cp.cuda.Device(device_id):
-        return cp.zeros(shape, dtype=_np_dtype(dtype))
+        return (cp.zeros if zero else cp.empty)(shape, dtype=_np_dtype(dtype))
 
 
 def device_int32(x, kind: str, device_id: int, name: str):

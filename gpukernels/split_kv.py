@@ -148,7 +148,8 @@ class _Workspace:
         if self.floats is None or _numel(self.floats) < n_float:
             self.floats = rt.empty(self.kind, (max(n_float, 1),), "float32", self.device_id)
         if self.counters is None or _numel(self.counters) < plan.counter_elems:
-            self.counters = rt.zeros(self.kind, (max(plan.counter_elems, 1),), "int32", self.device_id)
+            self.counters = rt.empty(self.kind, (max(plan.counter_elems, 1),), "int32", self.device_id,
+                                     zero=True)
         return self
 
     def pointers(self, plan: SplitKVPlan):
