@@ -571,30 +571,66 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     }
     return (token * num_kv_heads + w.kh) * HEAD_DIM;
   };
+  // Contiguous caches: each lane's six row pointers start at the first tile and advance by a
+  // constant per tile, so a copy costs no address arithmetic (measured: the per-row 64-bit offset
+  // math was most of the loop's instructions, and at batch 1 the loop is issue-bound).
+  const int first = w.start + warp * WARP_ROWS;
+  const long long tile_step = static_cast<long long>(stride) * num_kv_heads * HEAD_DIM;
+  const T* kp[2];
+  const T* vp[4];
+  if constexpr (!PAGED) {
+    const long long seq0 = (static_cast<long long>(w.b) * kv_len * num_kv_heads + w.kh) * HEAD_DIM;
+#pragma unroll
+    for (int i = 0; i < 6; ++i) {
+      const long long at = seq0 + static_cast<long long>(lane_row(first, i)) * num_kv_heads * HEAD_DIM;
+      if (i < 2) kp[i] = k + at + tig * 8;
+      else vp[i - 2] = v + at + gid * 8;
+    }
+  }
   auto issue = [&](int tile, int stage) {
     if (tile < w.end) {
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
-        const long long off = offset_of(lane_row(tile, n), pages[n]);
-#pragma unroll
-        for (int c = 0; c < CHUNKS; ++c) {
-          cp_async_16(slot(stage, n * CHUNKS + c), k + (off >= 0 ? off + c * 32 + tig * 8 : 0), off >= 0);
+        const T* src;
+        bool valid;
+        if constexpr (PAGED) {
+          const long long off = offset_of(lane_row(tile, n), pages[n]);
+          valid = off >= 0;
+          src = valid ? k + off + tig * 8 : k;
+        } else {
+          valid = lane_row(tile, n) < w.end;
+          src = valid ? kp[n] : k;
         }
+#pragma unroll
+        for (int c = 0; c < CHUNKS; ++c) cp_async_16(slot(stage, n * CHUNKS + c), src + c * 32, valid);
       }
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
-        const long long off = offset_of(lane_row(tile, 2 + r), pages[2 + r]);
+        const T* src;
+        bool valid;
+        if constexpr (PAGED) {
+          const long long off = offset_of(lane_row(tile, 2 + r), pages[2 + r]);
+          valid = off >= 0;
+          src = valid ? v + off + gid * 8 : v;
+        } else {
+          valid = lane_row(tile, 2 + r) < w.end;
+          src = valid ? vp[r] : v;
+        }
 #pragma unroll
         for (int c = 0; c < VCHUNKS; ++c) {
-          cp_async_16(slot(stage, MmaSlots<HEAD_DIM>::K + r * VCHUNKS + c),
-                      v + (off >= 0 ? off + c * 64 + gid * 8 : 0), off >= 0);
+          cp_async_16(slot(stage, MmaSlots<HEAD_DIM>::K + r * VCHUNKS + c), src + c * 64, valid);
         }
       }
     }
     cp_async_commit();  // one group per tile, empty past the end, so the counting stays uniform
+    if constexpr (!PAGED) {
+#pragma unroll
+      for (int n = 0; n < 2; ++n) kp[n] += tile_step;
+#pragma unroll
+      for (int r = 0; r < 4; ++r) vp[r] += tile_step;
+    }
   };
 
-  const int first = w.start + warp * WARP_ROWS;
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) {
     look_up(first + st * stride);
