@@ -51,7 +51,7 @@ HEADS_PER_BLOCK_CHOICES = (1, 2, 4, 8)  # query heads served by one block (templ
 ROWS_PER_WARP_TILE = TILE_TOKENS // NUM_WARPS  # rows one warp reads per step (page lookups per tile)
 TENSOR_CORE_DTYPES = ("float16", "bfloat16")  # the kernel's mma path; float32 runs on CUDA cores
 MMA_ROWS = 16                # rows of a tensor-core tile: a block's query heads are padded to it
-SPLIT_TIE_TOLERANCE = 0.05   # predictions this close count as a tie, settled by how full the waves are
+SPLIT_TIE_TOLERANCE = 0.02   # a split count must beat a smaller one by more than this to be chosen
 DEFAULT_NUM_SMS = 132        # H100 SXM; plans for another GPU pass its count
 
 
@@ -182,9 +182,7 @@ def choose_num_splits(
 
     More splits add blocks (filling more SMs, shortening each block's stream) but also partial
     results to write and read back and a longer merge; the prediction weighs both. Among counts
-    within SPLIT_TIE_TOLERANCE of the best, the one whose last wave leaves the fewest block slots
-    idle wins, then the smallest (less workspace, fewer partials): on H100, 104 blocks of 132
-    slots measured 13% slower than 128 although the model puts them within 1%.
+    within SPLIT_TIE_TOLERANCE of the best, the smallest wins (less workspace, fewer partials).
     `gpu` defaults to the listed GPU with `num_sms` SMs; the plan's `num_sms` always rules.
     """
     spec = gpu_for_num_sms(num_sms) if gpu is None else get_gpu(gpu)
@@ -208,14 +206,7 @@ def _choose_num_splits(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, 
         if plan.num_splits not in times:
             times[plan.num_splits] = predict(plan, gpu=spec, calibration=cal).time_s
     best = min(times.values())
-    close = [s for s, t in times.items() if t <= best * (1.0 + SPLIT_TIE_TOLERANCE)]
-    slots = num_sms * cal.blocks_per_sm
-    return max(close, key=lambda s: (round(_wave_fill(base_blocks * s, slots), 1), -s))
-
-
-def _wave_fill(blocks: int, slots: int) -> float:
-    """Busy fraction of the resident-block slots over the waves `blocks` take (1.0: no idle SM)."""
-    return blocks / (-(-blocks // slots) * slots)
+    return min(s for s, t in times.items() if t <= best * (1.0 + SPLIT_TIE_TOLERANCE))
 
 
 def plan_split_kv(
