@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import platform
 import subprocess
 import sys
@@ -359,8 +358,6 @@ def main(argv=None) -> int:
         path = out_dir / f"{args.suite}.json"
         path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
         _progress(f"wrote {path}")
-        if os.environ.get("OUT"):
-            Path(os.environ["OUT"], f"{args.suite}.json").write_text(path.read_text())
     print(format_table(rows))
     print("/n: split count; *: the plan's own choice")
     return 0

@@ -31,5 +31,8 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   step "decode benchmark"
   python3 -m gpukernels.bench --out results 2>"$OUT/bench-progress.log" | tee "$OUT/bench-table.txt"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  for f in results/*/decode.json; do  # keep each GPU's file under its own folder
+    mkdir -p "$OUT/$(basename "$(dirname "$f")")" && cp "$f" "$OUT/$(basename "$(dirname "$f")")/"
+  done
 fi
 exit $status
