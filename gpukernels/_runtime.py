@@ -79,15 +79,26 @@ def _is_cupy(x) -> bool:
     return type(x).__module__.startswith("cupy") and hasattr(x, "data")
 
 
+_DTYPE_NAMES: dict = {}
+
+
+def _dtype_name(dtype) -> str:
+    """dtype_name, remembered per dtype object: NumPy's own name lookup costs microseconds a call."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = dtype_name(dtype)
+    return name
+
+
 def device_array(x, name: str) -> Device:
     """View `x` (a CuPy array or a PyTorch CUDA tensor) as a device pointer; TypeError otherwise."""
     if _is_torch(x):
         if not x.is_cuda:
             raise TypeError(f"{name} must be a CUDA tensor, got a tensor on {x.device}")
-        return Device(x, "torch", int(x.data_ptr()), tuple(x.shape), dtype_name(x),
+        return Device(x, "torch", int(x.data_ptr()), tuple(x.shape), _dtype_name(x.dtype),
                       int(x.device.index), bool(x.is_contiguous()))
     if _is_cupy(x):
-        return Device(x, "cupy", int(x.data.ptr), tuple(x.shape), dtype_name(x),
+        return Device(x, "cupy", int(x.data.ptr), tuple(x.shape), _dtype_name(x.dtype),
                       int(x.device.id), bool(x.flags.c_contiguous))
     raise TypeError(
         f"{name} must be a CuPy array or a PyTorch CUDA tensor, got {type(x).__module__}."
