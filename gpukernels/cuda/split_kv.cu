@@ -536,8 +536,9 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
 
   const int stride = NUM_WARPS * WARP_ROWS;
   bool bad_page = false;
+  uint4* const my_slots = smem_stage + warp * SLOTS * 32 + lane;   // this lane's slots of stage 0
   auto slot = [&](int stage, int i) -> uint4* {
-    return smem_stage + ((stage * NUM_WARPS + warp) * SLOTS + i) * 32 + lane;
+    return my_slots + stage * (NUM_WARPS * SLOTS * 32) + i * 32;
   };
   // The six rows a lane copies per tile: K rows tile + n*8 + gid (n = 0, 1), V rows
   // tile + {0, 1, 8, 9} + 2*tig.
@@ -690,10 +691,16 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
 #pragma unroll
       for (int c = 0; c < VCHUNKS; ++c) vb[r][c] = *slot(stage, MmaSlots<HEAD_DIM>::K + r * VCHUNKS + c);
     }
+    // Once the running max settles, alpha is 1 in every lane: skip the rescale (exact).
+    if (__any_sync(kFullMask, alpha != 1.0f)) {
+#pragma unroll
+      for (int j = 0; j < DIM_TILES; ++j) {
+        o[j][0] *= alpha;
+        o[j][1] *= alpha;
+      }
+    }
 #pragma unroll
     for (int j = 0; j < DIM_TILES; ++j) {
-      o[j][0] *= alpha;
-      o[j][1] *= alpha;
       // B fragment for dim n-tile j: column gid is dim (j/8)*64 + gid*8 + j%8; rows are the tile's
       // rows 2*tig + {0,1} (b0) and 8 + 2*tig + {0,1} (b1): pair the halves of two V rows.
       const int c = j / 8, e = j % 8;
