@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .prediction import F32, Launch, dtype_bytes
+from .calibration import load_calibration
+from .gpus import get_gpu
+from .prediction import F32, Launch, Prediction, dtype_bytes, predict_launches
 from .split_kv import MMA_ROWS, TILE_TOKENS, _append_run, heads_per_block_for
 
 __all__ = ["SegmentGroup", "segments_launch", "QUERY_TILE_ROWS", "MMA_ROWS", "chunk_candidates", "best_chunks"]
@@ -179,3 +181,18 @@ def best_chunks(lengths: list[int], predict_time, *, passes: int = 2) -> list[in
             break
     return chunks
 
+
+
+def predict_planned(variant: str, shape, shape_type, make_plan, *, gpu, calibration=None,
+                    plan=None) -> Prediction:
+    """Predict a one-launch segment variant (span, tree): check the shape, plan it unless a plan
+    for it is given, and time the plan's launch."""
+    if not isinstance(shape, shape_type):
+        raise TypeError(f"shape must be a {shape_type.__name__}, got {type(shape).__name__}")
+    spec = get_gpu(gpu)
+    cal = calibration or load_calibration(spec.key)
+    if plan is None:
+        plan = make_plan(shape, num_sms=spec.num_sms, gpu=spec, calibration=cal)
+    elif plan.shape != shape:
+        raise ValueError("plan was made for another shape")
+    return predict_launches(variant, [plan.launch()], gpu=spec, calibration=cal)

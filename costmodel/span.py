@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from .calibration import Calibration, load_calibration
 from .gpus import GPUSpec, get_gpu, gpu_for_num_sms
 from .prediction import Launch, Prediction, dtype_bytes, predict_launches
-from .segments import SegmentGroup, best_chunks, segments_launch
+from .segments import SegmentGroup, best_chunks, predict_planned, segments_launch
 from .split_kv import DEFAULT_NUM_SMS, heads_per_block_for
 
 __all__ = ["SpanShape", "SpanPlan", "plan_span", "predict", "WORK_ITEM_BYTES"]
@@ -134,12 +134,5 @@ def predict(
     calibration: Calibration | None = None,
     plan: SpanPlan | None = None,
 ) -> Prediction:
-    if not isinstance(shape, SpanShape):
-        raise TypeError(f"shape must be a SpanShape, got {type(shape).__name__}")
-    spec = get_gpu(gpu)
-    cal = calibration or load_calibration(spec.key)
-    if plan is None:
-        plan = plan_span(shape, num_sms=spec.num_sms, gpu=spec, calibration=cal)
-    elif plan.shape != shape:
-        raise ValueError("plan was made for another shape")
-    return predict_launches("span", [plan.launch()], gpu=spec, calibration=cal)
+    return predict_planned("span", shape, SpanShape, plan_span, gpu=gpu, calibration=calibration,
+                           plan=plan)

@@ -300,6 +300,29 @@ def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace):
     return out, lse
 
 
+def _checked_plan(problem, lens_host, device_id: int, plan, num_splits, page_size: int) -> SplitKVPlan:
+    """The caller's plan, or one made for this problem; either way it must cover every sequence."""
+    if plan is None:
+        max_len = int(lens_host.max()) if lens_host.size else 0
+        plan = plan_split_kv(problem.batch, problem.num_qo_heads, problem.num_kv_heads,
+                             problem.head_dim, max_len, dtype=problem.dtype, num_splits=num_splits,
+                             num_sms=num_sms(device_id), page_size=page_size, gpu=device_gpu(device_id))
+    elif num_splits is not None:
+        raise ValueError("give either plan or num_splits, not both")
+    if plan.page_size != page_size:
+        raise ValueError(f"the plan is for page_size {plan.page_size}, the cache has {page_size}")
+    covered = plan.num_splits * plan.chunk_size
+    if int(lens_host.max(initial=0)) > covered:
+        raise ValueError(f"sequences reach {int(lens_host.max())} tokens but the plan covers {covered}")
+    return plan
+
+
+def _stream_workspace(kind: str, device_id: int, plan: SplitKVPlan):
+    """The workspace argument of `_launch` for one-off calls: shared per stream, grown to the plan."""
+    ws = _shared_workspace(kind, device_id, rt.current_stream_ptr(kind, device_id))
+    return lambda _kind, _dev: ws.ensure(plan)
+
+
 def split_kv(q, k, v, kv_lens=None, *, num_splits=None, plan=None, sm_scale=None, out=None, lse=None):
     """Attention of one query per sequence over a contiguous cache, the cache split along its length.
 
@@ -314,22 +337,10 @@ def split_kv(q, k, v, kv_lens=None, *, num_splits=None, plan=None, sm_scale=None
     lens_host = rt.host_ints(kv_lens, "kv_lens")
     problem, lens_host = check_decode(q, k, v, lens_host, sm_scale=sm_scale, dtypes=rt.KERNEL_DTYPES)
     check_kernel_dtype_and_head_dim(problem.dtype, problem.head_dim)
-    if plan is None:
-        max_len = int(lens_host.max()) if lens_host.size else 0
-        plan = plan_split_kv(problem.batch, problem.num_qo_heads, problem.num_kv_heads,
-                             problem.head_dim, max_len, dtype=problem.dtype, num_splits=num_splits,
-                             num_sms=num_sms(qa.device_id), gpu=device_gpu(qa.device_id))
-    elif num_splits is not None:
-        raise ValueError("give either plan or num_splits, not both")
-    if int(lens_host.max(initial=0)) > plan.num_splits * plan.chunk_size:
-        raise ValueError(
-            f"kv_lens reach {int(lens_host.max())} tokens but the plan covers {plan.num_splits * plan.chunk_size}"
-        )
+    plan = _checked_plan(problem, lens_host, qa.device_id, plan, num_splits, 0)
     lens_dev = None if kv_lens is None else rt.device_int32(kv_lens, qa.kind, qa.device_id, "kv_lens")
-    stream_ptr = rt.current_stream_ptr(qa.kind, qa.device_id)
-    ws = _shared_workspace(qa.kind, qa.device_id, stream_ptr)
     return _launch(plan, q, k, v, kv_lens=lens_dev, paged=None, sm_scale=problem.sm_scale, out=out,
-                   lse=lse, workspace=lambda kind, dev: ws.ensure(plan))
+                   lse=lse, workspace=_stream_workspace(qa.kind, qa.device_id, plan))
 
 
 def paged_split_kv(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, *, num_splits=None,
@@ -344,27 +355,12 @@ def paged_split_kv(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len,
     problem, lens_host = check_paged(q, k_cache, v_cache, indptr_h, indices_h, last_h,
                                      sm_scale=sm_scale, dtypes=rt.KERNEL_DTYPES)
     check_kernel_dtype_and_head_dim(problem.dtype, problem.head_dim)
-    if plan is None:
-        max_len = int(lens_host.max()) if lens_host.size else 0
-        plan = plan_split_kv(problem.batch, problem.num_qo_heads, problem.num_kv_heads,
-                             problem.head_dim, max_len, dtype=problem.dtype, num_splits=num_splits,
-                             num_sms=num_sms(qa.device_id), page_size=problem.page_size,
-                             gpu=device_gpu(qa.device_id))
-    elif num_splits is not None:
-        raise ValueError("give either plan or num_splits, not both")
-    if plan.page_size != problem.page_size:
-        raise ValueError(f"the plan is for page_size {plan.page_size}, the cache has {problem.page_size}")
-    if int(lens_host.max(initial=0)) > plan.num_splits * plan.chunk_size:
-        raise ValueError(
-            f"sequences reach {int(lens_host.max())} tokens but the plan covers {plan.num_splits * plan.chunk_size}"
-        )
+    plan = _checked_plan(problem, lens_host, qa.device_id, plan, num_splits, problem.page_size)
     kind, dev = qa.kind, qa.device_id
     paged = (
         rt.device_int32(kv_indptr, kind, dev, "kv_indptr"),
         rt.device_int32(kv_indices if len(indices_h) else np.zeros(1, np.int64), kind, dev, "kv_indices"),
         rt.device_int32(kv_last_page_len, kind, dev, "kv_last_page_len"),
     )
-    stream_ptr = rt.current_stream_ptr(kind, dev)
-    ws = _shared_workspace(kind, dev, stream_ptr)
     return _launch(plan, q, k_cache, v_cache, kv_lens=None, paged=paged, sm_scale=problem.sm_scale,
-                   out=out, lse=lse, workspace=lambda kind_, dev_: ws.ensure(plan))
+                   out=out, lse=lse, workspace=_stream_workspace(kind, dev, plan))
