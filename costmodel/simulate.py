@@ -1,6 +1,6 @@
 """A CPU twin of the decode kernels: runs a `SplitKVPlan` exactly as the GPU does.
 
-The twin walks the same blocks, chunks and warp tiles as `gpukernels`' decode kernels and does the
+The twin walks the same blocks, splits and warp tiles as `gpukernels`' decode kernels and does the
 same float32 arithmetic on the same upcast inputs, so tests on a machine with no GPU check the
 schedule the GPU runs, and `traffic` counts the bytes of that schedule rather than of an idealized
 one.
@@ -9,10 +9,11 @@ Schedule of one call (names from `costmodel.split_kv`):
 
 * One block per (split s, sequence b, KV head kh, head group hg). It serves the query heads
   `h = kh * group_size + hg * heads_per_block + i` for the `i < heads_per_block` that stay inside
-  the group, and reads each K/V row of its chunk `[s * chunk_size, min((s + 1) * chunk_size, kv_len))`
-  once for all of them. Blocks with `s >= plan.splits_for(kv_len)` have no chunk and exit at once.
+  the group, and reads each K/V row of its split once for all of them. With
+  `S = plan.splits_for(kv_len)` splits, split s takes the tiles of TILE_TOKENS rows numbered
+  s, s + S, s + 2S, ... (`plan.split_rows(kv_len)[s]`). Blocks with `s >= S` exit at once.
 * Warp w of the block takes warp tiles i = 0, 1, ...: rows
-  `[c0 + (i * NUM_WARPS + w) * 16, +16)` clipped to the chunk end, and keeps one online-softmax
+  `[(s + i * S) * TILE_TOKENS + w * 16, +16)` clipped to kv_len, and keeps one online-softmax
   state per served head, in base 2 (log2(e) folded into the scale)::
 
       score_j = dot(q_h, k_j) * scale_log2           scale_log2 = float32(sm_scale * log2(e))
@@ -46,7 +47,7 @@ __all__ = [
     "simulate_split_kv",
     "simulate_paged_decode",
     "simulate_merge_states",
-    "block_chunks",
+    "block_tiles",
     "traffic",
 ]
 
@@ -68,22 +69,15 @@ KERNEL_DTYPES = tuple(ELEM_BYTES)
 
 @njit(cache=True)
 def _splits_for(kv_len, chunk_size):
-    """Chunks that hold tokens of a sequence (at least one, even when empty); as the plan's."""
+    """Splits that hold tokens of a sequence (at least one, even when empty); as the plan's."""
     return max(1, (kv_len + chunk_size - 1) // chunk_size)
 
 
 @njit(cache=True)
-def _chunk(s, kv_len, chunk_size):
-    """[start, end) tokens of split s; empty (end <= start) past the sequence."""
-    start = s * chunk_size
-    return start, min(start + chunk_size, kv_len)
-
-
-@njit(cache=True)
-def _warp_tile(c0, c1, w, i):
-    """[start, end) rows of warp w's i-th tile in the chunk [c0, c1); empty once past the chunk."""
-    start = c0 + (i * NUM_WARPS + w) * ROWS_PER_WARP_TILE
-    return start, min(start + ROWS_PER_WARP_TILE, c1)
+def _warp_tile(s, splits, kv_len, w, i):
+    """[start, end) rows of warp w's i-th tile in split s of `splits`; empty once past kv_len."""
+    start = (s + i * splits) * TILE_TOKENS + w * ROWS_PER_WARP_TILE
+    return start, min(start + ROWS_PER_WARP_TILE, kv_len)
 
 
 @njit(cache=True)
@@ -138,9 +132,9 @@ def _merge_lse(o1, lse1, o2, lse2):
 
 
 @njit(cache=True)
-def _run_block(q, k, v, b, h0, served, kh, c0, c1, scale_log2,
+def _run_block(q, k, v, b, h0, served, kh, s, splits, kv_len, scale_log2,
                seq_stride, page_size, kv_indptr, kv_indices, m, l, o):
-    """One block: heads h0 .. h0+served-1 of sequence b over chunk [c0, c1) -> merged (m, l, o)."""
+    """One block: heads h0 .. h0+served-1 of sequence b over split s of `splits` -> merged (m, l, o)."""
     head_dim = q.shape[2]
     warp_m = np.full((NUM_WARPS, served), _NEG_INF, dtype=np.float32)
     warp_l = np.zeros((NUM_WARPS, served), dtype=np.float32)
@@ -150,7 +144,7 @@ def _run_block(q, k, v, b, h0, served, kh, c0, c1, scale_log2,
     for w in range(NUM_WARPS):
         i = 0
         while True:
-            r0, r1 = _warp_tile(c0, c1, w, i)
+            r0, r1 = _warp_tile(s, splits, kv_len, w, i)
             if r0 >= r1:
                 break
             for j in range(served):
@@ -215,14 +209,14 @@ def _simulate(q, k, v, kv_lens, scale_log2, chunk_size, num_splits, heads_per_bl
     for s in range(num_splits):
         for b in range(batch):
             kv_len = kv_lens[b]
-            if s >= _splits_for(kv_len, chunk_size):
-                continue  # no chunk of this sequence: the block exits at once
-            c0, c1 = _chunk(s, kv_len, chunk_size)
+            splits = _splits_for(kv_len, chunk_size)
+            if s >= splits:
+                continue  # no split s for this sequence: the block exits at once
             for kh in range(num_kv_heads):
                 for hg in range(head_groups):
                     served = _heads_served(hg, heads_per_block, group_size)
                     h0 = kh * group_size + hg * heads_per_block
-                    _run_block(q, k, v, b, h0, served, kh, c0, c1, scale_log2,
+                    _run_block(q, k, v, b, h0, served, kh, s, splits, kv_len, scale_log2,
                                seq_stride, page_size, kv_indptr, kv_indices, m, l, o)
                     for j in range(served):
                         if num_splits == 1:
@@ -270,7 +264,6 @@ def _walk(kv_lens, num_kv_heads, group_size, chunk_size, num_splits, heads_per_b
             splits = _splits_for(kv_len, chunk_size)
             if s >= splits:
                 continue
-            c0, c1 = _chunk(s, kv_len, chunk_size)
             for kh in range(num_kv_heads):
                 for hg in range(head_groups):
                     served = _heads_served(hg, heads_per_block, group_size)
@@ -279,7 +272,7 @@ def _walk(kv_lens, num_kv_heads, group_size, chunk_size, num_splits, heads_per_b
                     for w in range(NUM_WARPS):
                         i = 0
                         while True:
-                            r0, r1 = _warp_tile(c0, c1, w, i)
+                            r0, r1 = _warp_tile(s, splits, kv_len, w, i)
                             if r0 >= r1:
                                 break
                             tiles += 1
@@ -301,7 +294,7 @@ def traffic(plan: SplitKVPlan, kv_lens=None, *, elem_bytes: int | None = None) -
     `elem_bytes` defaults to the size of `plan.dtype`. Keys:
 
     * `k`, `v`: each valid row once per block that reads it, i.e. once per head group;
-    * `q`: the served query heads of every block that has a chunk;
+    * `q`: the served query heads of every block that has work;
     * `out`, `lse`: the final outputs (out in the input dtype, lse float32), each written once;
     * `partial_out_write`, `partial_lse_write`, `partial_out_read`, `partial_lse_read`: the float32
       workspace with more than one split (every block writes its partial; the merging block reads
@@ -309,7 +302,7 @@ def traffic(plan: SplitKVPlan, kv_lens=None, *, elem_bytes: int | None = None) -
     * `counters`: int32 arrival counters with splits, one atomic per block plus one reset per merge;
     * `page_table`: int32 `kv_indices` entries looked up, one per page a warp tile touches (paged
       plans only, 0 otherwise);
-    * `blocks`, `tiles`: blocks that have a chunk (the others exit at once) and warp tiles they run.
+    * `blocks`, `tiles`: blocks that have work (the others exit at once) and warp tiles they run.
     """
     if not isinstance(plan, SplitKVPlan):
         raise TypeError(f"plan must be a SplitKVPlan, got {type(plan).__name__}")
@@ -343,36 +336,34 @@ def traffic(plan: SplitKVPlan, kv_lens=None, *, elem_bytes: int | None = None) -
     }
 
 
-def block_chunks(plan: SplitKVPlan, kv_lens=None) -> np.ndarray:
-    """The blocks that have a chunk, in launch order: int64 rows (split, seq, kv_head, head_group,
-    start, end), computed by the same schedule functions the simulator runs."""
+def block_tiles(plan: SplitKVPlan, kv_lens=None) -> np.ndarray:
+    """The blocks that have work, in launch order: int64 rows (split, seq, kv_head, head_group,
+    first, step, end), the block reading the tiles of TILE_TOKENS rows that start at
+    `range(first, end, step)`; computed by the same schedule functions the simulator runs."""
     if not isinstance(plan, SplitKVPlan):
         raise TypeError(f"plan must be a SplitKVPlan, got {type(plan).__name__}")
     kv_lens = _host_kv_lens(plan, kv_lens)
-    return _block_chunks(kv_lens, plan.num_kv_heads, plan.chunk_size, plan.num_splits,
-                         plan.head_groups)
+    return _block_tiles(kv_lens, plan.num_kv_heads, plan.chunk_size, plan.num_splits,
+                        plan.head_groups)
 
 
 @njit(cache=True)
-def _block_chunks(kv_lens, num_kv_heads, chunk_size, num_splits, head_groups):
+def _block_tiles(kv_lens, num_kv_heads, chunk_size, num_splits, head_groups):
     rows = []
     for s in range(num_splits):
         for b in range(kv_lens.shape[0]):
-            if s >= _splits_for(kv_lens[b], chunk_size):
+            splits = _splits_for(kv_lens[b], chunk_size)
+            if s >= splits:
                 continue
-            c0, c1 = _chunk(s, kv_lens[b], chunk_size)
+            first, _ = _warp_tile(s, splits, kv_lens[b], 0, 0)
+            step = splits * TILE_TOKENS
             for kh in range(num_kv_heads):
                 for hg in range(head_groups):
-                    rows.append((s, b, kh, hg, c0, c1))
-    table = np.empty((len(rows), 6), dtype=np.int64)
+                    rows.append((s, b, kh, hg, first, step, kv_lens[b]))
+    table = np.empty((len(rows), 7), dtype=np.int64)
     for r in range(len(rows)):
-        s, b, kh, hg, c0, c1 = rows[r]
-        table[r, 0] = s
-        table[r, 1] = b
-        table[r, 2] = kh
-        table[r, 3] = hg
-        table[r, 4] = c0
-        table[r, 5] = c1
+        for c in range(7):
+            table[r, c] = rows[r][c]
     return table
 
 

@@ -2,8 +2,10 @@
 
 Protocol: CUDA events around each call, warm-up first, median of `--reps` repetitions, L2 flushed
 between repetitions by writing a 256 MB buffer; inputs are fresh random normals. The run measures
-its own ceilings (device-to-device copy, read-only reduction, fp16 matmul) and reports for every
-row `floor = max(unique bytes / bandwidth, flops / matmul rate)` and `frac = floor / time`.
+its own ceilings (device-to-device copy, a streaming read, fp16 matmul) and reports for every
+row `floor = max(unique bytes / bandwidth, flops / matmul rate)` and `frac = floor / time`. Every
+row also carries `stream_ms`: the time, under the same protocol, of a kernel that does nothing but
+read the row's K and V once; no attention kernel can beat it, whatever the ceilings say.
 Peers: PyTorch SDPA (cuDNN and flash backends), FlashInfer's paged decode when installed, and a
 naive CuPy matmul attention. Results go to `results/<gpu>/decode.json`.
 
@@ -40,6 +42,53 @@ HEAD_DIM = 128
 PAGE_SIZE = 16
 SWEEP_SPLITS = (1, 2, 4, 8, 16, 32, 64)
 FLUSH_BYTES = 256 << 20
+
+# A pure streaming read (16-byte loads, four in flight per thread, a grid of 4 blocks per SM) of one
+# or two buffers in one launch: the read-bandwidth ceiling, and the fastest any kernel can read a
+# row's K and V. The xor keeps the loads alive; the store never happens for random data.
+_STREAM_READ = r"""
+extern "C" __global__ void stream_read(const uint4* __restrict__ a, long long na,
+                                       const uint4* __restrict__ b, long long nb, unsigned* sink) {
+  const long long n = na + nb;
+  const long long step = static_cast<long long>(gridDim.x) * blockDim.x;
+  unsigned acc = 0;
+  long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (; i + 3 * step < n; i += 4 * step) {
+    uint4 v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const long long j = i + u * step;
+      v[u] = j < na ? a[j] : b[j - na];
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+  }
+  for (; i < n; i += step) {
+    const uint4 v = i < na ? a[i] : b[i - na];
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x9e3779b9u) sink[0] = acc;
+}
+"""
+
+
+class StreamRead:
+    """Times a read of whole buffers (sizes multiple of 16 bytes) with the pure streaming kernel."""
+
+    def __init__(self):
+        import cupy as cp
+
+        self.cp = cp
+        self.kernel = cp.RawKernel(_STREAM_READ, "stream_read")
+        self.sink = cp.zeros(1, dtype=cp.uint32)
+        sms = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"]
+        self.grid = (4 * sms,)
+
+    def __call__(self, a, b=None):
+        cp = self.cp
+        b = a if b is None else b
+        nb = b.nbytes // 16 if b is not a else 0
+        self.kernel(self.grid, (512,), (a, cp.int64(a.nbytes // 16), b, cp.int64(nb), self.sink))
 
 
 def _progress(msg: str) -> None:
@@ -87,14 +136,15 @@ def host_us(fn, calls: int = 20) -> float:
 
 
 def measure_ceilings(timer: Timer) -> dict:
-    """Copy bandwidth (read + write), read-only bandwidth, and the fp16 matmul rate, measured now."""
+    """Copy bandwidth (read + write), streaming-read bandwidth, and the fp16 matmul rate, measured now."""
     cp = timer.cp
     n = 2 << 30
     src = cp.ones(n // 2, dtype=cp.float16)
     dst = cp.empty_like(src)
     t_copy = timer(lambda: dst.__setitem__(Ellipsis, src))
     copy_bps = 2 * src.nbytes / (t_copy / 1e3)
-    t_read = timer(lambda: src.sum(dtype=cp.float32))
+    stream = StreamRead()
+    t_read = timer(lambda: stream(src))
     read_bps = src.nbytes / (t_read / 1e3)
     del src, dst
     m = 8192
@@ -111,8 +161,13 @@ def _meta(ceilings: dict, command: str) -> dict:
     props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
     name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
     try:
+        here = Path(__file__).resolve().parent
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+                                text=True, cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, cwd=here).stdout.strip()
+        if commit and dirty:
+            commit += "+changes"  # the tree differs from that commit
     except OSError:
         commit = ""
     try:
@@ -238,6 +293,7 @@ def run_decode_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool, sweep: b
     from gpukernels.split_kv import num_sms
 
     rows = []
+    stream = StreamRead()
     grid = DECODE_GRID[:2] if quick else DECODE_GRID
     for i, (batch, num_kv_heads, kv_len) in enumerate(grid, 1):
         _progress(f"decode {i}/{len(grid)}: batch {batch}, {num_kv_heads} KV heads, kv_len {kv_len}")
@@ -249,6 +305,8 @@ def run_decode_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool, sweep: b
                 "num_kv_heads": num_kv_heads, "head_dim": HEAD_DIM, "kv_len": kv_len,
                 "unique_bytes": unique_bytes, "flops": flops, "floor_ms": floor_s * 1e3}
         sms = num_sms(cp.cuda.Device().id)
+        # The fastest anything can read these K and V bytes, in this run, under the same flush.
+        base["stream_ms"] = timer(lambda: stream(k, v))
         ours = {
             "split_kv": gpukernels.plan_split_kv(batch, NUM_QO_HEADS, num_kv_heads, HEAD_DIM, kv_len,
                                                  dtype="float16", num_sms=sms, gpu=gpu),
@@ -306,7 +364,7 @@ def run_decode_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool, sweep: b
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'batch':>5} {'Hkv':>4} {'kv_len':>7} {'floor us':>9}  {'impl':<18} {'time us':>9} "
+    lines = [f"{'batch':>5} {'Hkv':>4} {'kv_len':>7} {'floor us':>9} {'read us':>8}  {'impl':<18} {'time us':>9} "
              f"{'frac':>5} {'vs best peer':>12} {'pred us':>8} {'host us':>8}"]
     keyed: dict = {}
     for r in rows:
@@ -319,7 +377,8 @@ def format_table(rows: list[dict]) -> str:
             impl = r["impl"] + (f" /{r['num_splits']}" if "num_splits" in r else "")
             impl += " *" if r.get("plan") == "auto" else ""
             pred = f"{r['predicted_ms'] * 1e3:8.1f}" if "predicted_ms" in r else f"{'-':>8}"
-            lines.append(f"{key[0]:>5} {key[1]:>4} {key[2]:>7} {r['floor_ms'] * 1e3:>9.1f}  "
+            read = f"{r['stream_ms'] * 1e3:8.1f}" if "stream_ms" in r else f"{'-':>8}"
+            lines.append(f"{key[0]:>5} {key[1]:>4} {key[2]:>7} {r['floor_ms'] * 1e3:>9.1f} {read}  "
                          f"{impl:<18} {r['time_ms'] * 1e3:>9.1f} {r['frac']:>5.2f} {vs:>12} {pred} "
                          f"{r.get('host_us', float('nan')):>8.1f}")
     return "\n".join(lines)
@@ -359,7 +418,7 @@ def main(argv=None) -> int:
         path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
         _progress(f"wrote {path}")
     print(format_table(rows))
-    print("/n: split count; *: the plan's own choice")
+    print("/n: split count; *: the plan's own choice; read us: a kernel that only reads K and V once")
     return 0
 
 

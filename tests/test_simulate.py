@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from costmodel.simulate import (
     ROWS_PER_WARP_TILE,
-    block_chunks,
+    block_tiles,
     simulate_merge_states,
     simulate_paged_decode,
     simulate_split_kv,
@@ -201,15 +201,15 @@ def plans_and_lengths(draw):
 
 
 @given(plans_and_lengths())
-def test_block_chunks_are_the_plans(plan_and_lens):
+def test_block_tiles_are_the_plans(plan_and_lens):
     plan, kv_lens = plan_and_lens
-    table = block_chunks(plan, kv_lens)  # rows: split, seq, kv_head, head_group, start, end
+    table = block_tiles(plan, kv_lens)  # rows: split, seq, kv_head, head_group, first, step, end
     for b, kv_len in enumerate(kv_lens):
         for kh in range(plan.num_kv_heads):
             for hg in range(plan.head_groups):
                 mine = table[(table[:, 1] == b) & (table[:, 2] == kh) & (table[:, 3] == hg)]
                 assert mine[:, 0].tolist() == list(range(plan.splits_for(int(kv_len))))
-                assert [tuple(r) for r in mine[:, 4:].tolist()] == plan.chunk_bounds(int(kv_len))
+                assert [range(r[4], r[6], r[5]) for r in mine.tolist()] == plan.split_rows(int(kv_len))
     assert len(table) <= plan.num_blocks
 
 
