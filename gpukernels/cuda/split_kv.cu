@@ -19,6 +19,17 @@
 
 #include "common.cuh"
 
+// Profiling aid, off by default: built with -DDA_TIMING, the tensor-core kernel records per block
+// (by block id) globaltimer stamps into da_times: [0] start, [1] loop done, [2] end, [3] SM id,
+// and finish_block [4] partial written, [5] fenced, [6] arrived, [7] merged.
+#ifdef DA_TIMING
+extern "C" __device__ unsigned long long da_times[8192][8];
+#define DA_STAMP(i) do { unsigned long long t_; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_)); \
+  if (threadIdx.x == 0) da_times[blockIdx.y * gridDim.x + blockIdx.x][i] = t_; } while (0)
+#else
+#define DA_STAMP(i) do {} while (0)
+#endif
+
 namespace decode_attention {
 
 constexpr int NUM_WARPS = 4;
@@ -64,6 +75,7 @@ __device__ __forceinline__ long long row_offset(int row, int b, int kh, int kv_l
   }
 }
 
+
 // The end of every block: merge the warps' states (in warp order), then either write the output
 // (one split) or write a float32 partial and, in the last block to arrive, merge all the partials of
 // this (sequence, KV head, head group) in split order.
@@ -106,9 +118,11 @@ __device__ __forceinline__ void finish_block(const float (&smem_o)[NUM_WARPS][GR
     }
   }
   if (direct) return;
+  DA_STAMP(4);
 
   // Arrive; the last block of this (sequence, KV head, head group) merges the partials.
   __threadfence();
+  DA_STAMP(5);
   __syncthreads();
   int* counter = counters + seq_head_index();
   if (threadIdx.x == 0) {
@@ -116,28 +130,58 @@ __device__ __forceinline__ void finish_block(const float (&smem_o)[NUM_WARPS][GR
     smem_is_last = arrived == splits_here - 1;
   }
   __syncthreads();
+  DA_STAMP(6);
   if (!smem_is_last) return;
   __threadfence();
+  // Each thread merges 4 adjacent dims of one head over all splits, loading MERGE_BATCH splits at
+  // once so the partials arrive in one L2 round trip per batch (measured on H100: a two-pass merge
+  // with one value per load took 2.7-4.4 us after the last block's loop; this takes under 1 us).
+  constexpr int MERGE_BATCH = 8;
   const long long split_stride = static_cast<long long>(batch) * num_qo_heads;
-  for (int t = threadIdx.x; t < heads_here * HEAD_DIM; t += NUM_THREADS) {
-    const int g = t / HEAD_DIM;
-    const int d = t % HEAD_DIM;
+  for (int t = threadIdx.x; t < heads_here * (HEAD_DIM / 4); t += NUM_THREADS) {
+    const int g = t / (HEAD_DIM / 4);
+    const int d = (t % (HEAD_DIM / 4)) * 4;
     const long long base = static_cast<long long>(b) * num_qo_heads + head0 + g;
-    float lse_max = neg_inf();
-#pragma unroll 8
-    for (int s = 0; s < splits_here; ++s) lse_max = fmaxf(lse_max, __ldcg(partial_lse + s * split_stride + base));
-    float w_sum = 0.0f, o_sum = 0.0f;
-#pragma unroll 8
-    for (int s = 0; s < splits_here; ++s) {
-      const float ls = __ldcg(partial_lse + s * split_stride + base);
-      const float o_s = __ldcg(partial_out + (s * split_stride + base) * HEAD_DIM + d);
-      const float w = lse_max == neg_inf() ? 0.0f : exp2f((ls - lse_max) * kLog2e);
-      w_sum += w;
-      o_sum = fmaf(w, o_s, o_sum);
+    float m_run = neg_inf(), w_sum = 0.0f;
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int s0 = 0; s0 < splits_here; s0 += MERGE_BATCH) {
+      float ls[MERGE_BATCH];
+      float4 os[MERGE_BATCH];
+#pragma unroll
+      for (int u = 0; u < MERGE_BATCH; ++u) {
+        const long long row = (s0 + u) * split_stride + base;
+        const bool here = s0 + u < splits_here;
+        ls[u] = here ? __ldcg(partial_lse + row) : neg_inf();
+        os[u] = here ? __ldcg(reinterpret_cast<const float4*>(partial_out + row * HEAD_DIM + d))
+                     : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      }
+      float m_new = m_run;
+#pragma unroll
+      for (int u = 0; u < MERGE_BATCH; ++u) m_new = fmaxf(m_new, ls[u]);
+      if (m_new == neg_inf()) continue;  // only empty states so far
+      const float a = m_run == neg_inf() ? 0.0f : exp2f((m_run - m_new) * kLog2e);
+      w_sum *= a;
+      acc.x *= a; acc.y *= a; acc.z *= a; acc.w *= a;
+#pragma unroll
+      for (int u = 0; u < MERGE_BATCH; ++u) {
+        const float w = ls[u] == neg_inf() ? 0.0f : exp2f((ls[u] - m_new) * kLog2e);
+        w_sum += w;
+        acc.x = fmaf(w, os[u].x, acc.x);
+        acc.y = fmaf(w, os[u].y, acc.y);
+        acc.z = fmaf(w, os[u].z, acc.z);
+        acc.w = fmaf(w, os[u].w, acc.w);
+      }
+      m_run = m_new;
     }
-    out[base * HEAD_DIM + d] = from_float<T>(w_sum > 0.0f ? o_sum / w_sum : 0.0f);
-    if (d == 0) lse[base] = w_sum > 0.0f ? lse_max + log2f(w_sum) * kLn2 : neg_inf();
+    const float inv = w_sum > 0.0f ? 1.0f / w_sum : 0.0f;
+    T* o = out + base * HEAD_DIM + d;
+    o[0] = from_float<T>(acc.x * inv);
+    o[1] = from_float<T>(acc.y * inv);
+    o[2] = from_float<T>(acc.z * inv);
+    o[3] = from_float<T>(acc.w * inv);
+    if (d == 0) lse[base] = w_sum > 0.0f ? m_run + log2f(w_sum) * kLn2 : neg_inf();
   }
+  DA_STAMP(7);
   if (threadIdx.x == 0) *counter = 0;  // ready for the next call (and the next graph replay)
 }
 
@@ -520,6 +564,10 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   __shared__ float smem_m[NUM_WARPS][GROUP];
   __shared__ float smem_l[NUM_WARPS][GROUP];
 
+#ifdef DA_TIMING
+  unsigned long long t_start;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_start));
+#endif
   BlockWork w;
   if (!block_work<T, HEAD_DIM, GROUP, PAGED>(w, out, lse, kv_lens, kv_indptr, kv_last_page_len, kv_len,
                                              page_size, num_qo_heads, num_kv_heads, head_groups,
@@ -746,9 +794,23 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     }
   }
   __syncthreads();
+#ifdef DA_TIMING
+  unsigned long long t_loop;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_loop));
+#endif
   finish_block<T, HEAD_DIM, GROUP>(smem_o, smem_m, smem_l, out, lse, partial_out, partial_lse, counters,
                                    w.b, w.split, w.splits_here, w.head0, w.heads_here, batch,
                                    num_qo_heads);
+#ifdef DA_TIMING
+  unsigned long long t_end;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_end));
+  if (threadIdx.x == 0) {
+    unsigned smid;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+    const int id = blockIdx.y * gridDim.x + blockIdx.x;
+    da_times[id][0] = t_start; da_times[id][1] = t_loop; da_times[id][2] = t_end; da_times[id][3] = smid;
+  }
+#endif
 }
 
 }  // namespace decode_attention
