@@ -90,30 +90,40 @@ __device__ __forceinline__ void finish_block(const float (&smem_o)[NUM_WARPS][GR
                                              int batch, int num_qo_heads) {
   __shared__ int smem_is_last;
 
-  // Merge the warps in warp order; each thread finishes some (head, dim) pairs of the block.
+  // Merge the warps in warp order; each thread finishes 4 adjacent dims of one head at a time.
   const bool direct = splits_here == 1;
-  for (int t = threadIdx.x; t < heads_here * HEAD_DIM; t += NUM_THREADS) {
-    const int g = t / HEAD_DIM;
-    const int d = t % HEAD_DIM;
+  for (int t = threadIdx.x; t < heads_here * (HEAD_DIM / 4); t += NUM_THREADS) {
+    const int g = t / (HEAD_DIM / 4);
+    const int d = (t % (HEAD_DIM / 4)) * 4;
     float m_tot = neg_inf();
 #pragma unroll
     for (int w = 0; w < NUM_WARPS; ++w) m_tot = fmaxf(m_tot, smem_m[w][g]);
-    float l_tot = 0.0f, o_tot = 0.0f;
+    float l_tot = 0.0f;
+    float4 o_tot = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
     for (int w = 0; w < NUM_WARPS; ++w) {
       const float a = rescale(smem_m[w][g], m_tot);
+      const float4 o_w = *reinterpret_cast<const float4*>(&smem_o[w][g][d]);
       l_tot += smem_l[w][g] * a;
-      o_tot += smem_o[w][g][d] * a;
+      o_tot.x = fmaf(o_w.x, a, o_tot.x);
+      o_tot.y = fmaf(o_w.y, a, o_tot.y);
+      o_tot.z = fmaf(o_w.z, a, o_tot.z);
+      o_tot.w = fmaf(o_w.w, a, o_tot.w);
     }
-    const float o_final = l_tot > 0.0f ? o_tot / l_tot : 0.0f;
+    const float inv = l_tot > 0.0f ? 1.0f / l_tot : 0.0f;
+    const float4 o_final = make_float4(o_tot.x * inv, o_tot.y * inv, o_tot.z * inv, o_tot.w * inv);
     const float lse_final = l_tot > 0.0f ? (m_tot + log2f(l_tot)) * kLn2 : neg_inf();
     const int h = head0 + g;
     if (direct) {
-      out[static_cast<long long>(b * num_qo_heads + h) * HEAD_DIM + d] = from_float<T>(o_final);
+      T* o = out + static_cast<long long>(b * num_qo_heads + h) * HEAD_DIM + d;
+      o[0] = from_float<T>(o_final.x);
+      o[1] = from_float<T>(o_final.y);
+      o[2] = from_float<T>(o_final.z);
+      o[3] = from_float<T>(o_final.w);
       if (d == 0) lse[b * num_qo_heads + h] = lse_final;
     } else {
       const long long row = static_cast<long long>(split) * batch * num_qo_heads + b * num_qo_heads + h;
-      partial_out[row * HEAD_DIM + d] = o_final;
+      *reinterpret_cast<float4*>(partial_out + row * HEAD_DIM + d) = o_final;
       if (d == 0) partial_lse[row] = lse_final;
     }
   }
@@ -260,7 +270,7 @@ split_kv_kernel(const T* __restrict__ q,                 // [batch, num_qo_heads
   constexpr int R = S::ROWS_PER_LANE;
   constexpr int DPL = S::DIMS_PER_LANE;
 
-  __shared__ float smem_o[NUM_WARPS][GROUP][HEAD_DIM];
+  __shared__ __align__(16) float smem_o[NUM_WARPS][GROUP][HEAD_DIM];
   __shared__ float smem_m[NUM_WARPS][GROUP];
   __shared__ float smem_l[NUM_WARPS][GROUP];
 
