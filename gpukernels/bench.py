@@ -155,6 +155,21 @@ def measure_ceilings(timer: Timer) -> dict:
     return {"copy_bytes_per_s": copy_bps, "read_bytes_per_s": read_bps, "matmul_flops_per_s": mm_fps}
 
 
+def source_digest() -> str:
+    """SHA-256 (first 16 hex digits) of the package sources the results depend on: every .py, .cu
+    and .cuh file of decode_attention, refattn, costmodel and gpukernels, by relative path and
+    content, so a result file can be matched to a checkout even when no git metadata travelled."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for pkg in ("decode_attention", "refattn", "costmodel", "gpukernels"):
+        for path in sorted((root / pkg).rglob("*")):
+            if path.suffix in (".py", ".cu", ".cuh") and "__pycache__" not in path.parts:
+                h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def _meta(ceilings: dict, command: str) -> dict:
     import cupy as cp
 
@@ -184,6 +199,7 @@ def _meta(ceilings: dict, command: str) -> dict:
         "num_sms": int(props["multiProcessorCount"]),
         "l2_bytes": int(props["l2CacheSize"]),
         "commit": commit,
+        "source_digest": source_digest(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         **ceilings,
