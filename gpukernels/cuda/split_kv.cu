@@ -527,13 +527,13 @@ __device__ __forceinline__ unsigned word(const uint4& v, int i) {
 // Through L1 (.ca), so the lanes that share a 32-byte sector make one request: with .cg each
 // 16-byte piece reached L2 on its own (measured on H100: 50% L2 hit rate, twice the L2 traffic,
 // 25% slower). A row past the sequence is zero-filled without a read.
-// The L2::256B hint has L2 fetch the whole 256-byte row piece of a KV head on the first request
-// (measured on H100: 0.5-1% faster, never slower). An L2 evict_first policy was also measured: it
-// looks 8% faster at 1x8x32k after a benchmark's write flush only because it leaves the flush's
-// dirty lines in L2 (their write-back falls outside the timed call), and it is 5% slower at 128k.
+// No L2 hints: an L2::256B prefetch hint measured 0.5-1% faster on H100 and 7-10% slower on H200
+// (64 x 8 x 16k: 1052 against 939 us). An L2 evict_first policy looks 8% faster at 1x8x32k on H100
+// after a benchmark's write flush only because it leaves the flush's dirty lines in L2 (their
+// write-back falls outside the timed call), and it is 5% slower at 128k.
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
                "r"(valid ? 16 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
