@@ -10,6 +10,7 @@ Peers: PyTorch SDPA (cuDNN and flash backends), FlashInfer's paged decode when i
 naive CuPy matmul attention. Results go to `results/<gpu>/decode.json`.
 
     decode-attention bench [--suite decode] [--reps 30] [--out results] [--quick]
+    decode-attention bench --report results/h100/decode.json      (a result file as Markdown)
     python -m gpukernels.bench ...
 """
 
@@ -400,6 +401,35 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+_PEER_NAMES = {"peer:cudnn": "cuDNN", "peer:flash": "flash", "peer:flashinfer": "FlashInfer paged"}
+
+
+def format_markdown(rows: list[dict]) -> str:
+    """One line per grid row of a result file: split_kv with its plan against the best peer, the
+    paged kernel against FlashInfer's, and the time of a kernel that only reads K and V once."""
+    lines = ["| batch | KV heads | kv_len | floor us | read-only us | split_kv us | frac | best peer us "
+             "| vs peer | paged_decode us | FlashInfer paged us |", "|" + "---|" * 11]
+    keyed: dict = {}
+    for r in rows:
+        keyed.setdefault((r["batch"], r["num_kv_heads"], r["kv_len"]), []).append(r)
+    for (batch, hkv, kv_len), group in keyed.items():
+        ours = next((r for r in group if r["impl"] == "split_kv" and r.get("plan") == "auto"), None)
+        paged = next((r for r in group if r["impl"] == "paged_decode"), None)
+        peers = [r for r in group if r["impl"] in _PEER_NAMES]
+        if ours is None or not peers:
+            continue
+        best = min(peers, key=lambda r: r["time_ms"])
+        fi = next((r for r in peers if r["impl"] == "peer:flashinfer"), None)
+        us = lambda r: f"{r['time_ms'] * 1e3:.1f}"  # noqa: E731
+        lines.append(
+            f"| {batch} | {hkv} | {kv_len} | {ours['floor_ms'] * 1e3:.1f} | "
+            f"{ours['stream_ms'] * 1e3:.1f} | {us(ours)} ({ours['num_splits']}) | {ours['frac']:.3f} | "
+            f"{us(best)} ({_PEER_NAMES[best['impl']]}) | {100 * (ours['time_ms'] / best['time_ms'] - 1):+.1f}% | "
+            + (f"{us(paged)} ({paged['num_splits']})" if paged else "-") + " | "
+            + (us(fi) if fi else "-") + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="decode-attention bench", description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=["decode"], default="decode")
@@ -407,7 +437,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="results", help="results folder (a <gpu>/ subfolder is made)")
     parser.add_argument("--quick", action="store_true", help="first two grid rows only, not for results")
     parser.add_argument("--no-sweep", action="store_true", help="skip the rows with forced split counts")
+    parser.add_argument("--report", metavar="JSON", help="print a result file as a Markdown table and exit "
+                        "(no GPU needed)")
     args = parser.parse_args(argv)
+    if args.report:
+        print(format_markdown(json.loads(Path(args.report).read_text())["rows"]))
+        return 0
 
     from gpukernels._runtime import gpu_available
 
