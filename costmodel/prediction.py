@@ -63,6 +63,7 @@ class Launch:
     l2_hit_bytes: int = 0       # part of bytes_by_tensor expected to come from L2, not HBM
     page_lookups: int = 0       # dependent page-table loads (paged caches)
     stream_fraction: float = 1.0  # one block's stream rate relative to the calibrated kernel's
+    paged: bool = False           # reads a paged cache (its stream rate takes cal.paged_stream_scale)
     blocks_per_sm: int | None = None  # resident blocks per SM; None: the calibrated decode kernel's
     useful_flops: int | None = None   # FLOPs of the math (padding excluded); None: matmul + vector
 
@@ -216,7 +217,8 @@ def _launch_terms(launch: Launch, gpu: GPUSpec, cal: Calibration) -> dict[str, f
     scale = 1.0 + lookup_bytes / bytes_moved if bytes_moved else 1.0
     runs = [(b * scale, trips * cal.block_round_trip_s, n) for b, trips, n in launch.block_runs]
     lookup_s_per_byte = launch.page_lookups * cal.page_lookup_s / bytes_moved if bytes_moved else 0.0
-    block_bytes_per_s = 1.0 / (1.0 / (cal.block_bytes_per_s * launch.stream_fraction) + lookup_s_per_byte)
+    fraction = launch.stream_fraction * (cal.paged_stream_scale if launch.paged else 1.0)
+    block_bytes_per_s = 1.0 / (1.0 / (cal.block_bytes_per_s * fraction) + lookup_s_per_byte)
     memory_s = max(hbm_s, l2_s)
     # Blocks share the rate at which the memory system delivers all their bytes: the stream rate,
     # or faster when part of the bytes are L2 hits.

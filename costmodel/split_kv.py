@@ -34,7 +34,7 @@ from .prediction import F32, Launch, Prediction, dtype_bytes, predict_launches
 NUM_WARPS = 4                # warps per thread block
 TILE_TOKENS = 64             # tokens one block consumes per iteration (NUM_WARPS warps x 16 rows)
 PIPELINE_STAGES = 4          # tiles per warp in flight on the tensor-core path (contiguous cache)
-PIPELINE_STAGES_PAGED = 3    # the same for a paged cache
+PIPELINE_STAGES_PAGED = 2    # the same for a paged cache (its 64 KB leave room for 3 blocks per SM)
 TENSOR_CORE_HEAD_DIMS = (64, 128)
 SMEM_PER_SM_BYTES = 228 * 1024  # Hopper; what the pipeline stages of resident blocks share
 
@@ -360,7 +360,8 @@ def split_kv_launch(plan: SplitKVPlan, kv_lens=None, *, name: str = "split_kv") 
     else:
         flops = {"vector_flops": useful_flops}
     # One block streams at a rate set by the tiles it keeps in flight; the calibration measures the
-    # contiguous tensor-core kernel, whose paged form keeps one tile fewer per warp.
+    # contiguous tensor-core kernel, whose paged form keeps fewer tiles per warp (the calibration
+    # scales that estimate for paged blocks: paged_stream_scale).
     # Its pipeline's shared memory also sets how many blocks an SM holds (the calibration fits
     # that number for the contiguous kernel; the paged one's follows from its stages).
     stream_fraction, blocks_per_sm = 1.0, None
@@ -375,6 +376,7 @@ def split_kv_launch(plan: SplitKVPlan, kv_lens=None, *, name: str = "split_kv") 
         l2_hit_bytes=l2_hit,
         page_lookups=lookups,
         stream_fraction=stream_fraction,
+        paged=bool(plan.page_size),
         blocks_per_sm=blocks_per_sm,
         **flops,
     )

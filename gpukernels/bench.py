@@ -354,15 +354,22 @@ def run_decode_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool, sweep: b
         indptr = cp.arange(batch + 1, dtype=cp.int32) * pages_per_seq
         indices = cp.arange(batch * pages_per_seq, dtype=cp.int32)
         last = cp.full((batch,), kv_len - (pages_per_seq - 1) * PAGE_SIZE, dtype=cp.int32)
-        plan = gpukernels.plan_split_kv(batch, NUM_QO_HEADS, num_kv_heads, HEAD_DIM, kv_len,
-                                        dtype="float16", num_sms=sms, page_size=PAGE_SIZE, gpu=gpu)
-        runner = gpukernels.SplitKV(plan)
-        t = timer(lambda: runner.run_paged(q, kp, vp, indptr, indices, last))
-        host = host_us(lambda: runner.run_paged(q, kp, vp, indptr, indices, last))
-        row = {**base, "impl": "paged_decode", "page_size": PAGE_SIZE, "num_splits": plan.num_splits,
-               "chunk_size": plan.chunk_size, "time_ms": t, "host_us": host}
-        row["predicted_ms"] = predict_row(row, gpu).time_s * 1e3
-        rows.append(row)
+        paged_plans = {"auto": gpukernels.plan_split_kv(batch, NUM_QO_HEADS, num_kv_heads, HEAD_DIM, kv_len,
+                                                        dtype="float16", num_sms=sms, page_size=PAGE_SIZE,
+                                                        gpu=gpu)}
+        for s in sweep_splits:
+            paged_plans[f"forced:{s}"] = gpukernels.plan_split_kv(
+                batch, NUM_QO_HEADS, num_kv_heads, HEAD_DIM, kv_len, dtype="float16", num_splits=s,
+                num_sms=sms, page_size=PAGE_SIZE)
+        for key, plan in paged_plans.items():
+            runner = gpukernels.SplitKV(plan)
+            t = timer(lambda: runner.run_paged(q, kp, vp, indptr, indices, last))
+            host = host_us(lambda: runner.run_paged(q, kp, vp, indptr, indices, last))
+            row = {**base, "impl": "paged_decode", "page_size": PAGE_SIZE, "num_splits": plan.num_splits,
+                   "chunk_size": plan.chunk_size, "time_ms": t, "host_us": host,
+                   "plan": "forced" if key.startswith("forced") else "auto"}
+            row["predicted_ms"] = predict_row(row, gpu).time_s * 1e3
+            rows.append(row)
         del kp, vp
         for label, fn in _peers(q, k, v, batch, num_kv_heads, kv_len).items():
             try:
@@ -414,7 +421,7 @@ def format_markdown(rows: list[dict]) -> str:
         keyed.setdefault((r["batch"], r["num_kv_heads"], r["kv_len"]), []).append(r)
     for (batch, hkv, kv_len), group in keyed.items():
         ours = next((r for r in group if r["impl"] == "split_kv" and r.get("plan") == "auto"), None)
-        paged = next((r for r in group if r["impl"] == "paged_decode"), None)
+        paged = next((r for r in group if r["impl"] == "paged_decode" and r.get("plan", "auto") == "auto"), None)
         peers = [r for r in group if r["impl"] in _PEER_NAMES]
         if ours is None or not peers:
             continue

@@ -59,15 +59,29 @@ struct SplitKVShape {
   static_assert(ROWS_PER_LANE >= 1, "tile too small");
 };
 
+// row / page_size and row % page_size: a shift and a mask for a power of two (every usual page
+// size), a division otherwise. A division by a runtime value costs about 20 instructions, and the
+// tensor-core loop needs six of each per tile (measured on H200: the paged kernel was issue-bound).
+struct PageDiv {
+  int size, shift = 0;
+  bool pow2;
+  __device__ explicit PageDiv(int s) : size(s), pow2(s > 0 && (s & (s - 1)) == 0) {
+    while (pow2 && (1 << shift) < s) ++shift;
+  }
+  __device__ __forceinline__ int div(int x) const { return pow2 ? x >> shift : x / size; }
+  __device__ __forceinline__ int mod(int x) const { return pow2 ? x & (size - 1) : x % size; }
+};
+
 // Offset (in elements) of row `row` of sequence `b`, KV head `kh`; -1 for a page index out of range.
 template <bool PAGED>
 __device__ __forceinline__ long long row_offset(int row, int b, int kh, int kv_len, int num_kv_heads,
                                                 int head_dim, const int* kv_indptr,
                                                 const int* kv_indices, int num_pages, int page_size) {
   if constexpr (PAGED) {
-    const int page = __ldg(kv_indices + __ldg(kv_indptr + b) + row / page_size);
+    const PageDiv pdiv(page_size);
+    const int page = __ldg(kv_indices + __ldg(kv_indptr + b) + pdiv.div(row));
     if (page < 0 || page >= num_pages) return -1;
-    const long long slot = static_cast<long long>(page) * page_size + row % page_size;
+    const long long slot = static_cast<long long>(page) * page_size + pdiv.mod(row);
     return (slot * num_kv_heads + kh) * head_dim;
   } else {
     const long long token = static_cast<long long>(b) * kv_len + row;
@@ -622,28 +636,26 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   // latency hides behind a tile of work instead of stalling the copies.
   int pages[6];
   const int page_base = PAGED ? __ldg(kv_indptr + w.b) : 0;
+  const PageDiv pdiv(page_size);
+  const long long page_elems = static_cast<long long>(page_size) * num_kv_heads * HEAD_DIM;
+  const int row_elems = num_kv_heads * HEAD_DIM;
   auto look_up = [&](int tile) {
     if constexpr (PAGED) {
 #pragma unroll
       for (int i = 0; i < 6; ++i) {
         const int row = lane_row(tile, i);
-        pages[i] = row < w.end ? __ldg(kv_indices + page_base + row / page_size) : 0;
+        pages[i] = row < w.end ? __ldg(kv_indices + page_base + pdiv.div(row)) : 0;
       }
     }
   };
+  // Paged caches only (contiguous ones advance pointers, below).
   auto offset_of = [&](int row, int page) -> long long {
     if (row >= w.end) return -1;
-    long long token;
-    if constexpr (PAGED) {
-      if (page < 0 || page >= num_pages) {
-        bad_page = true;
-        return -1;
-      }
-      token = static_cast<long long>(page) * page_size + row % page_size;
-    } else {
-      token = static_cast<long long>(w.b) * kv_len + row;
+    if (page < 0 || page >= num_pages) {
+      bad_page = true;
+      return -1;
     }
-    return (token * num_kv_heads + w.kh) * HEAD_DIM;
+    return page * page_elems + static_cast<long long>(pdiv.mod(row)) * row_elems + w.kh * HEAD_DIM;
   };
   // Contiguous caches: each lane's six row pointers start at the first tile and advance by a
   // constant per tile, so a copy costs no address arithmetic (measured: the per-row 64-bit offset
