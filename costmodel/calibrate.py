@@ -41,7 +41,7 @@ BOUNDS = {
     "contention_exponent": (1.0, 30.0),
     "page_lookup_s": (1e-9, 5e-6),
     "page_lookup_bytes": (1.0, 2e4),
-    "paged_stream_scale": (0.2, 5.0),
+    "paged_stream_scale": (0.2, 50.0),
 }
 BLOCKS_PER_SM_CHOICES = (1, 2, 4, 8)
 
