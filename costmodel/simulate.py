@@ -24,8 +24,9 @@ Schedule of one call (names from `costmodel.split_kv`):
 
 * The NUM_WARPS warp states are merged in warp order; an empty state is the identity.
 * One split: `out = o / l` cast to q's dtype, `lse = (m + log2(l)) * ln(2)` in float32.
-  More splits: every block writes a float32 partial `(o / l, lse)`; the partials of splits
-  `0 .. splits_for(kv_len) - 1` are merged in split order with the natural-log LSE merge.
+  More splits: every block writes a float32 partial `(o / l, lse)`; the last block merges the
+  partials of splits `0 .. splits_for(kv_len) - 1` in split order, MERGE_BATCH at a time, with a
+  running max of their natural-log LSEs and weights `exp2((lse - max) * log2(e))`.
   An empty sequence gives `out = 0`, `lse = -inf`.
 
 Every value is float32, as on the GPU; the inputs are upcast from float16, bfloat16 or float32
@@ -131,6 +132,41 @@ def _merge_lse(o1, lse1, o2, lse2):
     return lse
 
 
+MERGE_BATCH = 8   # partials the merging block loads at once (split_kv.cu finish_block)
+_LOG2E32 = np.float32(LOG2E)
+
+
+@njit(cache=True)
+def _merge_splits(outs, lses, b, h, num_states, out):
+    """The merging block's merge of (b, h): splits in order, MERGE_BATCH at a time, a running max
+    over the natural-log lse and float32 weights exp2((lse - max) * log2(e)); returns the lse."""
+    acc = np.zeros(out.shape[0], dtype=np.float32)
+    m_run = _NEG_INF
+    w_sum = _ZERO
+    for s0 in range(0, num_states, MERGE_BATCH):
+        top = min(s0 + MERGE_BATCH, num_states)
+        m_new = m_run
+        for s in range(s0, top):
+            if lses[s, b, h] > m_new:   # a NaN never wins the max (fmaxf), but poisons the sum
+                m_new = lses[s, b, h]
+        if m_new == _NEG_INF:
+            continue
+        a = _ZERO if m_run == _NEG_INF else np.exp2((m_run - m_new) * _LOG2E32)
+        w_sum *= a
+        acc *= a
+        for s in range(s0, top):
+            ls = lses[s, b, h]
+            w = _ZERO if ls == _NEG_INF else np.exp2((ls - m_new) * _LOG2E32)
+            w_sum += w
+            for d in range(acc.shape[0]):
+                acc[d] += w * outs[s, b, h, d]
+        m_run = m_new
+    inv = np.float32(1.0) / w_sum if w_sum > _ZERO else _ZERO
+    for d in range(out.shape[0]):
+        out[d] = acc[d] * inv
+    return m_run + np.log2(w_sum) * _LN2 if w_sum > _ZERO else _NEG_INF
+
+
 @njit(cache=True)
 def _run_block(q, k, v, b, h0, served, kh, s, splits, kv_len, scale_log2,
                seq_stride, page_size, kv_indptr, kv_indices, m, l, o):
@@ -228,7 +264,7 @@ def _simulate(q, k, v, kv_lens, scale_log2, chunk_size, num_splits, heads_per_bl
         for b in range(batch):
             splits = _splits_for(kv_lens[b], chunk_size)
             for h in range(num_qo_heads):
-                lse[b, h] = _merge_partials(part_out, part_lse, b, h, splits, out[b, h])
+                lse[b, h] = _merge_splits(part_out, part_lse, b, h, splits, out[b, h])
 
 
 @njit(cache=True)
