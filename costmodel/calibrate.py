@@ -7,8 +7,8 @@ Fitted in two stages. First, on the contiguous rows (FITTED_FIELDS): the launch 
 block's round-trip latency, what one block streams on its own, the fraction of the measured
 stream ceiling reached and how sharply the blocks' streams saturate it; the resident blocks per
 SM are chosen among BLOCKS_PER_SM_CHOICES. Then, the others held, on the paged rows of the same
-suite (PAGED_FITTED_FIELDS): a page lookup's latency and its traffic-equivalent, and how far a paged
-block's stream rate departs from the estimate its pipeline depth gives. The loss is the
+suite (PAGED_FITTED_FIELDS): a page lookup's latency and its traffic-equivalent, and a paged block's
+stream rate relative to a contiguous one's. The loss is the
 mean squared log ratio of predicted to measured time over the decode rows of this project's
 variants; the search is Nelder-Mead on the logarithms of the constants, kept inside BOUNDS. Every
 other suite is then a validation.
@@ -41,7 +41,7 @@ BOUNDS = {
     "contention_exponent": (1.0, 30.0),
     "page_lookup_s": (1e-9, 5e-6),
     "page_lookup_bytes": (1.0, 2e4),
-    "paged_stream_scale": (0.2, 50.0),
+    "paged_stream_fraction": (0.05, 20.0),
 }
 BLOCKS_PER_SM_CHOICES = (1, 2, 4, 8)
 

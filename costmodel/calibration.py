@@ -28,7 +28,9 @@ class Calibration:
     blocks_per_sm: int = 1               # resident decode blocks per SM (128 KB of pipeline stages each)
     page_lookup_s: float = 2.0e-7        # a page-table lookup's latency on its block's path
     page_lookup_bytes: float = 512.0     # traffic-equivalent of a lookup's scattered page (row misses)
-    paged_stream_scale: float = 1.0      # a paged block's stream rate over its estimate from its stages
+    paged_stream_fraction: float = 1 / 3  # a paged block's stream rate over a contiguous one's
+                                          # (default: tiles in flight, 1 of the paged kernel's 2
+                                          # stages against 3 of 4)
     matmul_fraction: float = 0.6         # of the tensor-core rate an attention-shaped product reaches
     vector_fraction: float = 0.5         # of the fp32 CUDA-core rate the softmax/dot loops reach
     source: str = "datasheet-derived defaults, not fitted: no committed decode results yet"
@@ -51,7 +53,7 @@ DEFAULT_CALIBRATION = Calibration()
 # suite that exercises them is used).
 FITTED_FIELDS = ("launch_s", "block_round_trip_s", "block_bytes_per_s", "bw_fraction",
                  "contention_exponent")
-PAGED_FITTED_FIELDS = ("page_lookup_s", "page_lookup_bytes", "paged_stream_scale")  # on paged rows, the rest held
+PAGED_FITTED_FIELDS = ("page_lookup_s", "page_lookup_bytes", "paged_stream_fraction")  # on paged rows, the rest held
 
 
 def calibration_path() -> Path:

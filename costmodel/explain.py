@@ -19,7 +19,7 @@ from . import decode, paged_decode, shared_prefix, span, split_kv, tree
 from .calibration import Calibration, load_calibration
 from .gpus import GPUSpec, get_gpu
 from .models import LLAMA3_8B
-from .prediction import Prediction
+from .prediction import Prediction, check_shape_fields
 
 __all__ = ["Workload", "VariantRow", "Explanation", "explain", "builtin_workloads", "format_explanation",
            "format_bytes", "BASELINE"]
@@ -44,19 +44,10 @@ class Workload:
     def __post_init__(self):
         if not 0.0 < self.density <= 1.0:
             raise ValueError(f"density must lie in (0, 1], got {self.density!r}")
-        for name in ("batch", "num_qo_heads", "num_kv_heads", "head_dim", "num_spans", "page_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("prefix_len", "suffix_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        check_shape_fields(self, ("batch", "num_qo_heads", "num_kv_heads", "head_dim", "num_spans", "page_size"),
+                           ("prefix_len", "suffix_len"))
         if self.context_len < 1:
             raise ValueError("the context (prefix_len + suffix_len) must hold at least one token")
-        if self.num_qo_heads % self.num_kv_heads:
-            raise ValueError(f"num_qo_heads must be a multiple of num_kv_heads, got "
-                             f"{self.num_qo_heads} and {self.num_kv_heads}")
 
     @property
     def context_len(self) -> int:

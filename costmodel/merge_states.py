@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .calibration import Calibration
 from .gpus import GPUSpec
-from .prediction import F32, Launch, Prediction, dtype_bytes, predict_launches
+from .prediction import F32, Launch, Prediction, check_shape_fields, dtype_bytes, predict_launches
 
 __all__ = ["MergeStatesShape", "predict", "merge_states_launch", "MERGE_BLOCKS_PER_SM"]
 
@@ -27,10 +27,7 @@ class MergeStatesShape:
     dtype: str = "float32"    # of the states' out and of the merged out; lse is float32
 
     def __post_init__(self):
-        for name in ("num_states", "batch", "num_heads", "head_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_shape_fields(self, ("num_states", "batch", "num_heads", "head_dim"))
         dtype_bytes(self.dtype)
 
 

@@ -46,6 +46,28 @@ def dtype_bytes(dtype: str) -> int:
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}") from None
 
 
+def check_shape_fields(shape, positive=(), nonnegative=()) -> None:
+    """The checks every workload shape of the model shares: the named fields are ints >= 1
+    (`positive`) or >= 0 (`nonnegative`), and the query heads split evenly over the KV heads when
+    the shape has both."""
+    for name in positive:
+        value = getattr(shape, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for name in nonnegative:
+        value = getattr(shape, name)
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if "num_kv_heads" in positive:
+        check_head_grouping(shape.num_qo_heads, shape.num_kv_heads)
+
+
+def check_head_grouping(num_qo_heads: int, num_kv_heads: int) -> None:
+    if num_qo_heads % num_kv_heads:
+        raise ValueError(f"num_qo_heads must be a multiple of num_kv_heads, got "
+                         f"{num_qo_heads} and {num_kv_heads}")
+
+
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch as the time model sees it.
@@ -62,8 +84,8 @@ class Launch:
     vector_flops: int = 0
     l2_hit_bytes: int = 0       # part of bytes_by_tensor expected to come from L2, not HBM
     page_lookups: int = 0       # dependent page-table loads (paged caches)
-    stream_fraction: float = 1.0  # one block's stream rate relative to the calibrated kernel's
-    paged: bool = False           # reads a paged cache (its stream rate takes cal.paged_stream_scale)
+    paged_pipeline: bool = False  # the tensor-core kernel on a paged cache: blocks stream at
+                                  # cal.paged_stream_fraction of the calibrated kernel's rate
     blocks_per_sm: int | None = None  # resident blocks per SM; None: the calibrated decode kernel's
     useful_flops: int | None = None   # FLOPs of the math (padding excluded); None: matmul + vector
 
@@ -217,7 +239,7 @@ def _launch_terms(launch: Launch, gpu: GPUSpec, cal: Calibration) -> dict[str, f
     scale = 1.0 + lookup_bytes / bytes_moved if bytes_moved else 1.0
     runs = [(b * scale, trips * cal.block_round_trip_s, n) for b, trips, n in launch.block_runs]
     lookup_s_per_byte = launch.page_lookups * cal.page_lookup_s / bytes_moved if bytes_moved else 0.0
-    fraction = launch.stream_fraction * (cal.paged_stream_scale if launch.paged else 1.0)
+    fraction = cal.paged_stream_fraction if launch.paged_pipeline else 1.0
     block_bytes_per_s = 1.0 / (1.0 / (cal.block_bytes_per_s * fraction) + lookup_s_per_byte)
     memory_s = max(hbm_s, l2_s)
     # Blocks share the rate at which the memory system delivers all their bytes: the stream rate,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from .calibration import Calibration, load_calibration
 from .gpus import GPUSpec, get_gpu, gpu_for_num_sms
-from .prediction import Launch, Prediction, dtype_bytes, predict_launches
+from .prediction import Launch, Prediction, check_shape_fields, dtype_bytes, predict_launches
 from .segments import MMA_ROWS, QUERY_TILE_ROWS, SegmentGroup, best_chunks, segments_launch
 from .split_kv import DEFAULT_NUM_SMS, plan_split_kv
 from .split_kv import predict as _predict_split_kv
@@ -46,17 +46,8 @@ class SharedPrefixShape:
     suffix_lens: tuple[int, ...] | None = None   # valid suffix tokens per sequence; None: all suffix_len
 
     def __post_init__(self):
-        for name in ("batch", "num_qo_heads", "num_kv_heads", "head_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("prefix_len", "suffix_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        if self.num_qo_heads % self.num_kv_heads:
-            raise ValueError(f"num_qo_heads must be a multiple of num_kv_heads, got "
-                             f"{self.num_qo_heads} and {self.num_kv_heads}")
+        check_shape_fields(self, ("batch", "num_qo_heads", "num_kv_heads", "head_dim"),
+                           ("prefix_len", "suffix_len"))
         dtype_bytes(self.dtype)
         if self.suffix_lens is not None:
             lens = tuple(int(n) for n in self.suffix_lens)

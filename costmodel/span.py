@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .calibration import Calibration, load_calibration
 from .gpus import GPUSpec, get_gpu, gpu_for_num_sms
-from .prediction import Launch, Prediction, dtype_bytes, predict_launches
+from .prediction import Launch, Prediction, check_shape_fields, dtype_bytes, predict_launches
 from .segments import SegmentGroup, best_chunks, predict_planned, segments_launch
 from .split_kv import DEFAULT_NUM_SMS, heads_per_block_for
 
@@ -34,13 +34,7 @@ class SpanShape:
     dtype: str = "float16"
 
     def __post_init__(self):
-        for name in ("batch", "num_qo_heads", "num_kv_heads", "head_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.num_qo_heads % self.num_kv_heads:
-            raise ValueError(f"num_qo_heads must be a multiple of num_kv_heads, got "
-                             f"{self.num_qo_heads} and {self.num_kv_heads}")
+        check_shape_fields(self, ("batch", "num_qo_heads", "num_kv_heads", "head_dim"))
         dtype_bytes(self.dtype)
         lens = tuple(int(n) for n in self.span_lens)
         if any(n < 0 for n in lens) or sum(lens) > self.kv_len:

@@ -28,7 +28,7 @@ import numpy as np
 
 from .calibration import Calibration, load_calibration
 from .gpus import GPUSpec, get_gpu, gpu_for_num_sms
-from .prediction import F32, Launch, Prediction, dtype_bytes, predict_launches
+from .prediction import F32, Launch, Prediction, check_head_grouping, dtype_bytes, predict_launches
 
 # Kernel constants the plan must agree with (gpukernels/cuda/decode.cu reads the same numbers).
 NUM_WARPS = 4                # warps per thread block
@@ -128,8 +128,14 @@ class SplitKVPlan:
         return [range(s * TILE_TOKENS, kv_len, splits * TILE_TOKENS) for s in range(splits)]
 
     def split_tokens(self, kv_len: int) -> list[int]:
-        """Tokens each split of a sequence of this length reads."""
-        return [sum(min(TILE_TOKENS, kv_len - t) for t in rows) for rows in self.split_rows(kv_len)]
+        """Tokens each split of a sequence of this length reads: whole tiles, less the last tile's
+        shortfall in the split that holds it."""
+        splits = self.splits_for(kv_len)
+        tiles = -(-kv_len // TILE_TOKENS)
+        tokens = [len(range(s, tiles, splits)) * TILE_TOKENS for s in range(splits)]
+        if tiles:
+            tokens[(tiles - 1) % splits] -= tiles * TILE_TOKENS - kv_len
+        return tokens
 
 
 def _round_up(x: int, m: int) -> int:
@@ -239,10 +245,7 @@ def plan_split_kv(
         raise ValueError(f"max_kv_len must be an int >= 0, got {max_kv_len!r}")
     if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 0:
         raise ValueError(f"page_size must be an int >= 0 (0: contiguous), got {page_size!r}")
-    if num_qo_heads % num_kv_heads != 0:
-        raise ValueError(
-            f"num_qo_heads must be a multiple of num_kv_heads, got {num_qo_heads} and {num_kv_heads}"
-        )
+    check_head_grouping(num_qo_heads, num_kv_heads)
     if num_splits is None:
         num_splits = choose_num_splits(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len,
                                        dtype=dtype, num_sms=num_sms, page_size=page_size, gpu=gpu)
@@ -359,15 +362,12 @@ def split_kv_launch(plan: SplitKVPlan, kv_lens=None, *, name: str = "split_kv") 
         flops = {"matmul_flops": 4 * int(lens.sum()) * hkv * padded_rows * d}
     else:
         flops = {"vector_flops": useful_flops}
-    # One block streams at a rate set by the tiles it keeps in flight; the calibration measures the
-    # contiguous tensor-core kernel, whose paged form keeps fewer tiles per warp (the calibration
-    # scales that estimate for paged blocks: paged_stream_scale).
-    # Its pipeline's shared memory also sets how many blocks an SM holds (the calibration fits
-    # that number for the contiguous kernel; the paged one's follows from its stages).
-    stream_fraction, blocks_per_sm = 1.0, None
-    if plan.page_size and plan.dtype in TENSOR_CORE_DTYPES and plan.head_dim in TENSOR_CORE_HEAD_DIMS:
-        stream_fraction = (PIPELINE_STAGES_PAGED - 1) / (PIPELINE_STAGES - 1)
-        blocks_per_sm = tensor_core_blocks_per_sm(plan.head_dim, PIPELINE_STAGES_PAGED)
+    # The calibration measures the contiguous tensor-core kernel; its paged form streams at a rate of
+    # its own (fitted: cal.paged_stream_fraction), and its pipeline's shared memory sets how many of
+    # its blocks an SM holds.
+    paged_pipeline = bool(plan.page_size) and plan.dtype in TENSOR_CORE_DTYPES \
+        and plan.head_dim in TENSOR_CORE_HEAD_DIMS
+    blocks_per_sm = tensor_core_blocks_per_sm(plan.head_dim, PIPELINE_STAGES_PAGED) if paged_pipeline else None
     return Launch(
         name=name,
         bytes_by_tensor=bytes_by_tensor,
@@ -375,8 +375,7 @@ def split_kv_launch(plan: SplitKVPlan, kv_lens=None, *, name: str = "split_kv") 
         useful_flops=useful_flops,
         l2_hit_bytes=l2_hit,
         page_lookups=lookups,
-        stream_fraction=stream_fraction,
-        paged=bool(plan.page_size),
+        paged_pipeline=paged_pipeline,
         blocks_per_sm=blocks_per_sm,
         **flops,
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import platform
@@ -74,7 +75,7 @@ extern "C" __global__ void stream_read(const uint4* __restrict__ a, long long na
 
 
 class StreamRead:
-    """Times a read of whole buffers (sizes multiple of 16 bytes) with the pure streaming kernel."""
+    """Reads whole buffers (sizes multiple of 16 bytes) with the pure streaming kernel, in one launch."""
 
     def __init__(self):
         import cupy as cp
@@ -87,9 +88,15 @@ class StreamRead:
 
     def __call__(self, a, b=None):
         cp = self.cp
-        b = a if b is None else b
-        nb = b.nbytes // 16 if b is not a else 0
-        self.kernel(self.grid, (512,), (a, cp.int64(a.nbytes // 16), b, cp.int64(nb), self.sink))
+        nb = 0 if b is None else b.nbytes // 16
+        self.kernel(self.grid, (512,), (a, cp.int64(a.nbytes // 16), a if b is None else b, cp.int64(nb),
+                                        self.sink))
+
+
+@functools.lru_cache(maxsize=None)
+def stream_read() -> StreamRead:
+    """The one StreamRead of this process (its kernel compiled once)."""
+    return StreamRead()
 
 
 def _progress(msg: str) -> None:
@@ -144,7 +151,7 @@ def measure_ceilings(timer: Timer) -> dict:
     dst = cp.empty_like(src)
     t_copy = timer(lambda: dst.__setitem__(Ellipsis, src))
     copy_bps = 2 * src.nbytes / (t_copy / 1e3)
-    stream = StreamRead()
+    stream = stream_read()
     t_read = timer(lambda: stream(src))
     read_bps = src.nbytes / (t_read / 1e3)
     del src, dst
@@ -302,15 +309,40 @@ def _flashinfer_peer(q, k, v, batch, num_kv_heads, kv_len):
         return {}
 
 
+def _plans_to_time(batch, num_kv_heads, kv_len, sms, gpu, sweep_splits, *, page_size=0) -> dict:
+    """The plan's own choice ("auto") and one plan per swept split count ("forced:<n>")."""
+    import gpukernels
+
+    make = functools.partial(gpukernels.plan_split_kv, batch, NUM_QO_HEADS, num_kv_heads, HEAD_DIM, kv_len,
+                             dtype="float16", num_sms=sms, page_size=page_size)
+    return {"auto": make(gpu=gpu), **{f"forced:{s}": make(num_splits=s) for s in sweep_splits}}
+
+
+def _plan_rows(plans: dict, impl: str, run, base: dict, timer, gpu) -> list[dict]:
+    """Time `run(runner)` for each plan: one row each, with the model's prediction for that plan."""
+    import gpukernels
+    from costmodel.rows import predict_row
+
+    rows = []
+    for key, plan in plans.items():
+        runner = gpukernels.SplitKV(plan)
+        call = functools.partial(run, runner)
+        row = {**base, "impl": impl, "num_splits": plan.num_splits, "chunk_size": plan.chunk_size,
+               "time_ms": timer(call), "host_us": host_us(call),
+               "plan": "forced" if key.startswith("forced") else "auto"}
+        row["predicted_ms"] = predict_row(row, gpu).time_s * 1e3
+        rows.append(row)
+    return rows
+
+
 def run_decode_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool, sweep: bool = True) -> list[dict]:
     import cupy as cp
 
     import gpukernels
-    from costmodel.rows import predict_row
     from gpukernels.split_kv import num_sms
 
     rows = []
-    stream = StreamRead()
+    stream = stream_read()
     grid = DECODE_GRID[:2] if quick else DECODE_GRID
     for i, (batch, num_kv_heads, kv_len) in enumerate(grid, 1):
         _progress(f"decode {i}/{len(grid)}: batch {batch}, {num_kv_heads} KV heads, kv_len {kv_len}")
@@ -324,28 +356,17 @@ def run_decode_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool, sweep: b
         sms = num_sms(cp.cuda.Device().id)
         # The fastest anything can read these K and V bytes, in this run, under the same flush.
         base["stream_ms"] = timer(lambda: stream(k, v))
-        ours = {
-            "split_kv": gpukernels.plan_split_kv(batch, NUM_QO_HEADS, num_kv_heads, HEAD_DIM, kv_len,
-                                                 dtype="float16", num_sms=sms, gpu=gpu),
-            "decode": gpukernels.plan_split_kv(batch, NUM_QO_HEADS, num_kv_heads, HEAD_DIM, kv_len,
-                                               dtype="float16", num_splits=1, num_sms=sms),
-        }
-        # The split count swept too (rows marked "forced"): what the plan's choice is measured against.
+        # Each kernel with its plan's own split count ("auto") and with the counts swept ("forced"):
+        # what the plan's choice is measured against.
         sweep_splits = [s for s in SWEEP_SPLITS if sweep and (s == 1 or kv_len // s >= 256)]
-        for s in sweep_splits:
-            ours[f"forced:{s}"] = gpukernels.plan_split_kv(batch, NUM_QO_HEADS, num_kv_heads, HEAD_DIM,
-                                                         kv_len, dtype="float16", num_splits=s, num_sms=sms)
-        for key, plan in ours.items():
-            impl = "split_kv" if key.startswith("forced") else key
-            runner = gpukernels.SplitKV(plan)
-            out = cp.empty((batch, NUM_QO_HEADS, HEAD_DIM), dtype=cp.float16)
-            lse = cp.empty((batch, NUM_QO_HEADS), dtype=cp.float32)
-            t = timer(lambda: runner.run(q, k, v, out=out, lse=lse))
-            host = host_us(lambda: runner.run(q, k, v, out=out, lse=lse))
-            row = {**base, "impl": impl, "num_splits": plan.num_splits, "chunk_size": plan.chunk_size,
-                   "time_ms": t, "host_us": host, "plan": "forced" if key.startswith("forced") else "auto"}
-            row["predicted_ms"] = predict_row(row, gpu).time_s * 1e3
-            rows.append(row)
+        plans = functools.partial(_plans_to_time, batch, num_kv_heads, kv_len, sms, gpu, sweep_splits)
+        out = cp.empty((batch, NUM_QO_HEADS, HEAD_DIM), dtype=cp.float16)
+        lse = cp.empty((batch, NUM_QO_HEADS), dtype=cp.float32)
+        run = lambda runner: runner.run(q, k, v, out=out, lse=lse)  # noqa: E731
+        rows += _plan_rows(plans(), "split_kv", run, base, timer, gpu)
+        unsplit = gpukernels.plan_split_kv(batch, NUM_QO_HEADS, num_kv_heads, HEAD_DIM, kv_len,
+                                           dtype="float16", num_splits=1, num_sms=sms)
+        rows += _plan_rows({"auto": unsplit}, "decode", run, base, timer, gpu)
         # Paged: the same cache cut into pages of PAGE_SIZE, page table in order.
         pages_per_seq = -(-kv_len // PAGE_SIZE)
         pad = pages_per_seq * PAGE_SIZE - kv_len
@@ -354,22 +375,9 @@ def run_decode_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool, sweep: b
         indptr = cp.arange(batch + 1, dtype=cp.int32) * pages_per_seq
         indices = cp.arange(batch * pages_per_seq, dtype=cp.int32)
         last = cp.full((batch,), kv_len - (pages_per_seq - 1) * PAGE_SIZE, dtype=cp.int32)
-        paged_plans = {"auto": gpukernels.plan_split_kv(batch, NUM_QO_HEADS, num_kv_heads, HEAD_DIM, kv_len,
-                                                        dtype="float16", num_sms=sms, page_size=PAGE_SIZE,
-                                                        gpu=gpu)}
-        for s in sweep_splits:
-            paged_plans[f"forced:{s}"] = gpukernels.plan_split_kv(
-                batch, NUM_QO_HEADS, num_kv_heads, HEAD_DIM, kv_len, dtype="float16", num_splits=s,
-                num_sms=sms, page_size=PAGE_SIZE)
-        for key, plan in paged_plans.items():
-            runner = gpukernels.SplitKV(plan)
-            t = timer(lambda: runner.run_paged(q, kp, vp, indptr, indices, last))
-            host = host_us(lambda: runner.run_paged(q, kp, vp, indptr, indices, last))
-            row = {**base, "impl": "paged_decode", "page_size": PAGE_SIZE, "num_splits": plan.num_splits,
-                   "chunk_size": plan.chunk_size, "time_ms": t, "host_us": host,
-                   "plan": "forced" if key.startswith("forced") else "auto"}
-            row["predicted_ms"] = predict_row(row, gpu).time_s * 1e3
-            rows.append(row)
+        run_paged = lambda runner: runner.run_paged(q, kp, vp, indptr, indices, last)  # noqa: E731
+        rows += _plan_rows(plans(page_size=PAGE_SIZE), "paged_decode", run_paged,
+                           {**base, "page_size": PAGE_SIZE}, timer, gpu)
         del kp, vp
         for label, fn in _peers(q, k, v, batch, num_kv_heads, kv_len).items():
             try:
@@ -387,13 +395,18 @@ def run_decode_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool, sweep: b
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    lines = [f"{'batch':>5} {'Hkv':>4} {'kv_len':>7} {'floor us':>9} {'read us':>8}  {'impl':<18} {'time us':>9} "
-             f"{'frac':>5} {'vs best peer':>12} {'pred us':>8} {'host us':>8}"]
+def _by_shape(rows: list[dict]) -> dict:
+    """Rows grouped by grid row (batch, num_kv_heads, kv_len), in order of first appearance."""
     keyed: dict = {}
     for r in rows:
         keyed.setdefault((r["batch"], r["num_kv_heads"], r["kv_len"]), []).append(r)
-    for key, group in keyed.items():
+    return keyed
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'batch':>5} {'Hkv':>4} {'kv_len':>7} {'floor us':>9} {'read us':>8}  {'impl':<18} {'time us':>9} "
+             f"{'frac':>5} {'vs best peer':>12} {'pred us':>8} {'host us':>8}"]
+    for key, group in _by_shape(rows).items():
         peers = [r for r in group if r["impl"].startswith("peer:") and r["impl"] != "peer:naive"]
         best = min((r["time_ms"] for r in peers), default=None)
         for r in group:
@@ -416,10 +429,7 @@ def format_markdown(rows: list[dict]) -> str:
     paged kernel against FlashInfer's, and the time of a kernel that only reads K and V once."""
     lines = ["| batch | KV heads | kv_len | floor us | read-only us | split_kv us | frac | best peer us "
              "| vs peer | paged_decode us | FlashInfer paged us |", "|" + "---|" * 11]
-    keyed: dict = {}
-    for r in rows:
-        keyed.setdefault((r["batch"], r["num_kv_heads"], r["kv_len"]), []).append(r)
-    for (batch, hkv, kv_len), group in keyed.items():
+    for (batch, hkv, kv_len), group in _by_shape(rows).items():
         ours = next((r for r in group if r["impl"] == "split_kv" and r.get("plan") == "auto"), None)
         paged = next((r for r in group if r["impl"] == "paged_decode" and r.get("plan", "auto") == "auto"), None)
         peers = [r for r in group if r["impl"] in _PEER_NAMES]

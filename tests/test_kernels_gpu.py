@@ -76,6 +76,13 @@ def _random(rng, shape, dtype, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(_host_dtype(dtype))
 
 
+def _random_qkv(rng, dtype, batch, hq, hkv, kv_len, head_dim):
+    """q [batch, hq, head_dim] and a contiguous K, V [batch, kv_len, hkv, head_dim]."""
+    return (_random(rng, (batch, hq, head_dim), dtype),
+            _random(rng, (batch, kv_len, hkv, head_dim), dtype),
+            _random(rng, (batch, kv_len, hkv, head_dim), dtype))
+
+
 def _check(out, lse, ref_out, ref_lse, dtype):
     o, l = _host(out).astype(np.float64), _host(lse).astype(np.float64)
     assert not np.any(np.isnan(o)), "output has NaN (unwritten or wrong)"
@@ -108,9 +115,7 @@ def test_split_kv_matches_reference(case):
 
     dtype, head_dim, hq, hkv, batch, kv_len, ragged, num_splits, seed = case
     rng = np.random.default_rng(seed)
-    q = _random(rng, (batch, hq, head_dim), dtype)
-    k = _random(rng, (batch, kv_len, hkv, head_dim), dtype)
-    v = _random(rng, (batch, kv_len, hkv, head_dim), dtype)
+    q, k, v = _random_qkv(rng, dtype, batch, hq, hkv, kv_len, head_dim)
     kv_lens = rng.integers(0, kv_len + 1, size=batch) if ragged else None
     ref_out, ref_lse = refattn.decode(q, k, v, kv_lens)
     qd, kd, vd = _device(q), _device(k), _device(v)
@@ -127,9 +132,7 @@ def test_decode_lengths(dtype, kv_len):
     import gpukernels
 
     rng = np.random.default_rng(kv_len)
-    q = _random(rng, (1, 28, 128), dtype)
-    k = _random(rng, (1, kv_len, 4, 128), dtype)
-    v = _random(rng, (1, kv_len, 4, 128), dtype)
+    q, k, v = _random_qkv(rng, dtype, 1, 28, 4, kv_len, 128)
     ref_out, ref_lse = refattn.decode(q, k, v)
     for fn in (gpukernels.decode, gpukernels.split_kv):
         out, lse = fn(_device(q), _device(k), _device(v))
@@ -174,9 +177,7 @@ def test_paged_decode_matches_reference(case):
 
     dtype, head_dim, hq, hkv, batch, kv_len, page_size, num_splits, seed = case
     rng = np.random.default_rng(seed)
-    q = _random(rng, (batch, hq, head_dim), dtype)
-    k = _random(rng, (batch, kv_len, hkv, head_dim), dtype)
-    v = _random(rng, (batch, kv_len, hkv, head_dim), dtype)
+    q, k, v = _random_qkv(rng, dtype, batch, hq, hkv, kv_len, head_dim)
     kv_lens = rng.integers(0, kv_len + 1, size=batch)
     k_cache, v_cache, indptr, indices, last = refattn.paged_from_contiguous(
         k, v, kv_lens, page_size=page_size, shuffle=seed, extra_pages=3)

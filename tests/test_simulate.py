@@ -22,7 +22,7 @@ from costmodel.simulate import (
     simulate_split_kv,
     traffic,
 )
-from costmodel.split_kv import plan_split_kv
+from costmodel.split_kv import TILE_TOKENS, plan_split_kv
 from refattn import decode, merge_states, paged_decode, paged_from_contiguous
 from tolerances import LSE_ATOL, OUT_RTOL, lse_error, rel_error
 
@@ -211,6 +211,15 @@ def test_block_tiles_are_the_plans(plan_and_lens):
                 assert mine[:, 0].tolist() == list(range(plan.splits_for(int(kv_len))))
                 assert [range(r[4], r[6], r[5]) for r in mine.tolist()] == plan.split_rows(int(kv_len))
     assert len(table) <= plan.num_blocks
+
+
+@given(plans_and_lengths())
+def test_split_tokens_count_the_split_rows(plan_and_lens):
+    plan, kv_lens = plan_and_lens
+    for kv_len in map(int, kv_lens):
+        tokens = plan.split_tokens(kv_len)
+        assert tokens == [sum(min(TILE_TOKENS, kv_len - t) for t in rows) for rows in plan.split_rows(kv_len)]
+        assert sum(tokens) == kv_len
 
 
 @given(plans_and_lengths())

@@ -19,17 +19,6 @@
 
 #include "common.cuh"
 
-// Profiling aid, off by default: built with -DDA_TIMING, the tensor-core kernel records per block
-// (by block id) globaltimer stamps into da_times: [0] start, [1] loop done, [2] end, [3] SM id,
-// and finish_block [4] partial written, [5] fenced, [6] arrived, [7] merged.
-#ifdef DA_TIMING
-extern "C" __device__ unsigned long long da_times[8192][8];
-#define DA_STAMP(i) do { unsigned long long t_; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_)); \
-  if (threadIdx.x == 0) da_times[blockIdx.y * gridDim.x + blockIdx.x][i] = t_; } while (0)
-#else
-#define DA_STAMP(i) do {} while (0)
-#endif
-
 namespace decode_attention {
 
 constexpr int NUM_WARPS = 4;
@@ -76,12 +65,11 @@ struct PageDiv {
 template <bool PAGED>
 __device__ __forceinline__ long long row_offset(int row, int b, int kh, int kv_len, int num_kv_heads,
                                                 int head_dim, const int* kv_indptr,
-                                                const int* kv_indices, int num_pages, int page_size) {
+                                                const int* kv_indices, int num_pages, const PageDiv& pdiv) {
   if constexpr (PAGED) {
-    const PageDiv pdiv(page_size);
     const int page = __ldg(kv_indices + __ldg(kv_indptr + b) + pdiv.div(row));
     if (page < 0 || page >= num_pages) return -1;
-    const long long slot = static_cast<long long>(page) * page_size + pdiv.mod(row);
+    const long long slot = static_cast<long long>(page) * pdiv.size + pdiv.mod(row);
     return (slot * num_kv_heads + kh) * head_dim;
   } else {
     const long long token = static_cast<long long>(b) * kv_len + row;
@@ -142,11 +130,9 @@ __device__ __forceinline__ void finish_block(const float (&smem_o)[NUM_WARPS][GR
     }
   }
   if (direct) return;
-  DA_STAMP(4);
 
   // Arrive; the last block of this (sequence, KV head, head group) merges the partials.
   __threadfence();
-  DA_STAMP(5);
   __syncthreads();
   int* counter = counters + seq_head_index();
   if (threadIdx.x == 0) {
@@ -154,7 +140,6 @@ __device__ __forceinline__ void finish_block(const float (&smem_o)[NUM_WARPS][GR
     smem_is_last = arrived == splits_here - 1;
   }
   __syncthreads();
-  DA_STAMP(6);
   if (!smem_is_last) return;
   __threadfence();
   // Each thread merges 4 adjacent dims of one head over all splits, loading MERGE_BATCH splits at
@@ -205,7 +190,6 @@ __device__ __forceinline__ void finish_block(const float (&smem_o)[NUM_WARPS][GR
     o[3] = from_float<T>(acc.w * inv);
     if (d == 0) lse[base] = w_sum > 0.0f ? m_run + log2f(w_sum) * kLn2 : neg_inf();
   }
-  DA_STAMP(7);
   if (threadIdx.x == 0) *counter = 0;  // ready for the next call (and the next graph replay)
 }
 
@@ -344,6 +328,7 @@ split_kv_kernel(const T* __restrict__ q,                 // [batch, num_qo_heads
   long long off[R];   // element offsets of this tile's rows; -1 for a row past the sequence
   int tile = w.first + warp * S::WARP_ROWS;
   bool bad_page = false;
+  const PageDiv pdiv(page_size);
   auto locate = [&](int first_row, long long (&offsets)[R]) {
 #pragma unroll
     for (int i = 0; i < R; ++i) {
@@ -351,7 +336,7 @@ split_kv_kernel(const T* __restrict__ q,                 // [batch, num_qo_heads
       offsets[i] = -1;
       if (row < end) {
         offsets[i] = row_offset<PAGED>(row, b, kh, kv_len, num_kv_heads, HEAD_DIM, kv_indptr,
-                                       kv_indices, num_pages, page_size);
+                                       kv_indices, num_pages, pdiv);
         bad_page = bad_page || offsets[i] < 0;
       }
     }
@@ -588,10 +573,6 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   __shared__ float smem_m[NUM_WARPS][GROUP];
   __shared__ float smem_l[NUM_WARPS][GROUP];
 
-#ifdef DA_TIMING
-  unsigned long long t_start;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_start));
-#endif
   BlockWork w;
   if (!block_work<T, HEAD_DIM, GROUP, PAGED>(w, out, lse, kv_lens, kv_indptr, kv_last_page_len, kv_len,
                                              page_size, num_qo_heads, num_kv_heads, head_groups,
@@ -816,23 +797,9 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     }
   }
   __syncthreads();
-#ifdef DA_TIMING
-  unsigned long long t_loop;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_loop));
-#endif
   finish_block<T, HEAD_DIM, GROUP>(smem_o, smem_m, smem_l, out, lse, partial_out, partial_lse, counters,
                                    w.b, w.split, w.splits_here, w.head0, w.heads_here, batch,
                                    num_qo_heads);
-#ifdef DA_TIMING
-  unsigned long long t_end;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_end));
-  if (threadIdx.x == 0) {
-    unsigned smid;
-    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
-    const int id = blockIdx.y * gridDim.x + blockIdx.x;
-    da_times[id][0] = t_start; da_times[id][1] = t_loop; da_times[id][2] = t_end; da_times[id][3] = smid;
-  }
-#endif
 }
 
 }  // namespace decode_attention
