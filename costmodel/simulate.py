@@ -291,9 +291,9 @@ def _merge_states(outs, lses, out, lse):
 @njit(cache=True)
 def _walk(kv_lens, num_kv_heads, group_size, chunk_size, num_splits, heads_per_block,
           head_groups, page_size):
-    """Counts over the schedule: (blocks, tiles, kv_rows, q_heads, page_lookups, merges,
-    partial_states_read)."""
-    blocks = tiles = kv_rows = q_heads = page_lookups = merges = partials_read = 0
+    """Counts over the schedule: (blocks, tiles, kv_rows, q_heads, page_lookups, counter_ops,
+    partial states written, each read back once)."""
+    blocks = tiles = kv_rows = q_heads = page_lookups = counter_ops = partials = 0
     for s in range(num_splits):
         for b in range(kv_lens.shape[0]):
             kv_len = kv_lens[b]
@@ -316,11 +316,14 @@ def _walk(kv_lens, num_kv_heads, group_size, chunk_size, num_splits, heads_per_b
                             if page_size > 0:
                                 page_lookups += (r1 - 1) // page_size - r0 // page_size + 1
                             i += 1
-                    if num_splits > 1 and s == splits - 1:
-                        # the last block to arrive merges; which one it is does not change the count
-                        merges += 1
-                        partials_read += splits * served
-    return blocks, tiles, kv_rows, q_heads, page_lookups, merges, partials_read
+                    if splits > 1:
+                        # every block writes a partial and arrives; the last block to arrive
+                        # merges (which one it is does not change the counts) and resets the counter
+                        partials += served
+                        counter_ops += 1
+                        if s == splits - 1:
+                            counter_ops += 1
+    return blocks, tiles, kv_rows, q_heads, page_lookups, counter_ops, partials
 
 
 def traffic(plan: SplitKVPlan, kv_lens=None, *, elem_bytes: int | None = None) -> dict[str, int]:
@@ -333,9 +336,11 @@ def traffic(plan: SplitKVPlan, kv_lens=None, *, elem_bytes: int | None = None) -
     * `q`: the served query heads of every block that has work;
     * `out`, `lse`: the final outputs (out in the input dtype, lse float32), each written once;
     * `partial_out_write`, `partial_lse_write`, `partial_out_read`, `partial_lse_read`: the float32
-      workspace with more than one split (every block writes its partial; the merging block reads
-      the `splits_for(kv_len)` partials of its heads); 0 without splits;
-    * `counters`: int32 arrival counters with splits, one atomic per block plus one reset per merge;
+      workspace of sequences with more than one split (every block writes its partial; the merging
+      block reads the `splits_for(kv_len)` partials of its heads); 0 for a sequence with one split,
+      which writes its output directly;
+    * `counters`: int32 arrival counters of those sequences, one atomic per block plus one reset
+      per merge;
     * `page_table`: int32 `kv_indices` entries looked up, one per page a warp tile touches (paged
       plans only, 0 otherwise);
     * `blocks`, `tiles`: blocks that have work (the others exit at once) and warp tiles they run.
@@ -347,13 +352,11 @@ def traffic(plan: SplitKVPlan, kv_lens=None, *, elem_bytes: int | None = None) -
     else:
         elem_bytes = contract.check_positive_int(elem_bytes, "elem_bytes")
     kv_lens = _host_kv_lens(plan, kv_lens)
-    blocks, tiles, kv_rows, q_heads, page_lookups, merges, partials_read = _walk(
+    blocks, tiles, kv_rows, q_heads, page_lookups, counter_ops, partials = _walk(
         kv_lens, plan.num_kv_heads, plan.group_size, plan.chunk_size, plan.num_splits,
         plan.heads_per_block, plan.head_groups, plan.page_size,
     )
-    split = plan.num_splits > 1
     outputs = plan.batch * plan.num_qo_heads
-    partials_written = q_heads if split else 0
     f32 = 4
     return {
         "k": kv_rows * plan.head_dim * elem_bytes,
@@ -361,11 +364,11 @@ def traffic(plan: SplitKVPlan, kv_lens=None, *, elem_bytes: int | None = None) -
         "q": q_heads * plan.head_dim * elem_bytes,
         "out": outputs * plan.head_dim * elem_bytes,
         "lse": outputs * f32,
-        "partial_out_write": partials_written * plan.head_dim * f32,
-        "partial_lse_write": partials_written * f32,
-        "partial_out_read": partials_read * plan.head_dim * f32,
-        "partial_lse_read": partials_read * f32,
-        "counters": (blocks + merges) * f32 if split else 0,
+        "partial_out_write": partials * plan.head_dim * f32,
+        "partial_lse_write": partials * f32,
+        "partial_out_read": partials * plan.head_dim * f32,
+        "partial_lse_read": partials * f32,
+        "counters": counter_ops * f32,
         "page_table": page_lookups * 4,
         "blocks": blocks,
         "tiles": tiles,

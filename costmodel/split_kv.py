@@ -8,9 +8,10 @@ Schedule: every (sequence, KV head, head group) pair is cut along the KV length 
 TILE_TOKENS, and with S splits split `s` takes tiles s, s + S, s + 2S, ... (`split_rows`), so the
 blocks of a sequence stream one front of adjacent rows rather than S fronts a chunk apart (measured
 on H100: 1-3% faster at batch 1). One thread block handles one split for the `heads_per_block`
-query heads of one head group, reading each K/V row once for all of them. With more than one split, each block writes a float32 partial
-`(out, lse)` to the workspace and the last block of its (sequence, KV head, head group) to finish
-merges the partials (an atomic counter decides which block is last), so a call is one launch.
+query heads of one head group, reading each K/V row once for all of them. A sequence with one split
+writes its output directly. With more, each block writes a float32 partial `(out, lse)` to the
+workspace and the last block of its (sequence, KV head, head group) to finish merges the partials
+(an atomic counter decides which block is last), so a call is one launch.
 
 The split count is the cost model's decision: `choose_num_splits` predicts the time of every
 candidate count (waves of blocks over the SMs, the partial-result write and read traffic, the
@@ -300,8 +301,9 @@ def _sequence_runs(plan: SplitKVPlan, kv_len: int, served_by_group: tuple, elem:
     for served in served_by_group:
         q_b = served * d * elem
         out_b = served * (d * elem + F32)
-        if plan.num_splits == 1:
+        if splits == 1:                                              # writes its output directly
             _append_run(runs, 2 * kv_len * d * elem + q_b + out_b, 1, 1)
+            _append_run(runs, 0, 0, plan.num_splits - 1)
             continue
         part_b = served * (d + 1) * F32 + F32                        # partial (out, lse) + arrival
         merge = splits * served * (d + 1) * F32 + out_b + F32        # read partials, write out, reset
@@ -321,16 +323,18 @@ def split_kv_launch(plan: SplitKVPlan, kv_lens=None, *, name: str = "split_kv") 
     lens = _kv_lens(plan, kv_lens)
     elem = dtype_bytes(plan.dtype)
     d, hq, hkv, hg = plan.head_dim, plan.num_qo_heads, plan.num_kv_heads, plan.head_groups
-    split = plan.num_splits > 1
     splits = np.maximum(1, -(-lens // plan.chunk_size))
     rows_per_seq = hkv * hg
     kv_rows = int(lens.sum()) * rows_per_seq
     q_heads = int(splits.sum()) * hq
-    blocks_with_chunk = int(splits.sum()) * rows_per_seq
-    merges = plan.batch * rows_per_seq if split else 0
+    # Sequences with more than one split: every block writes a partial per served head and bumps
+    # the counter; one block per (sequence, KV head, head group) merges and resets it. A sequence
+    # with one split writes its output directly.
+    merged = splits[splits > 1]
+    partial_states = int(merged.sum()) * hq
+    counter_ops = (int(merged.sum()) + merged.size) * rows_per_seq
     lookups = rows_per_seq * sum(page_lookups(0, int(L), plan.page_size) * int(n)
                                  for L, n in zip(*np.unique(lens, return_counts=True)))
-    partial_states = q_heads if split else 0
     bytes_by_tensor = {
         "k": kv_rows * d * elem,
         "v": kv_rows * d * elem,
@@ -341,7 +345,7 @@ def split_kv_launch(plan: SplitKVPlan, kv_lens=None, *, name: str = "split_kv") 
         "partial_lse_write": partial_states * F32,
         "partial_out_read": partial_states * d * F32,
         "partial_lse_read": partial_states * F32,
-        "counters": (blocks_with_chunk + merges) * F32 if split else 0,
+        "counters": counter_ops * F32,
         "page_table": lookups * 4,
     }
     # Re-reads of the same rows by the other head groups of a KV head: expected from L2.
