@@ -78,6 +78,12 @@ __device__ __forceinline__ long long row_offset(int row, int b, int kh, int kv_l
 }
 
 
+__device__ __forceinline__ int atomic_add_acq_rel(int* p, int v) {
+  int old;
+  asm volatile("atom.add.acq_rel.gpu.global.s32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+  return old;
+}
+
 // The end of every block: merge the warps' states (in warp order), then either write the output
 // (one split) or write a float32 partial and, in the last block to arrive, merge all the partials of
 // this (sequence, KV head, head group) in split order.
@@ -131,17 +137,18 @@ __device__ __forceinline__ void finish_block(const float (&smem_o)[NUM_WARPS][GR
   }
   if (direct) return;
 
-  // Arrive; the last block of this (sequence, KV head, head group) merges the partials.
-  __threadfence();
+  // Arrive; the last block of this (sequence, KV head, head group) merges the partials. The block's
+  // partial writes are ordered before the arrival by the barrier and thread 0's release; the
+  // merging block's loads after the other blocks' partials by thread 0's acquire and the barrier
+  // (acq_rel instead of __threadfence's sequentially consistent fence in every thread).
   __syncthreads();
   int* counter = counters + seq_head_index();
   if (threadIdx.x == 0) {
-    const int arrived = atomicAdd(counter, 1);
+    const int arrived = atomic_add_acq_rel(counter, 1);
     smem_is_last = arrived == splits_here - 1;
   }
   __syncthreads();
   if (!smem_is_last) return;
-  __threadfence();
   // Each thread merges 4 adjacent dims of one head over all splits, loading MERGE_BATCH splits at
   // once so the partials arrive in one L2 round trip per batch (measured on H100: a two-pass merge
   // with one value per load took 2.7-4.4 us after the last block's loop; this takes under 1 us).
