@@ -164,7 +164,10 @@ def chunk_size_for(max_kv_len: int, num_splits: int) -> int:
     """Tokens per split: the power of two (at least TILE_TOKENS) that covers max_kv_len in at most
     num_splits splits. Measured on H100 when splits still read contiguous chunks (1 x 8 KV heads x
     4k, fp16): chunks of 512 and 256 rows ran in 18.3 and 19.4 us, chunks of 384 and 320 rows in
-    23.0 and 25.0 us; at 32k, 2048-row chunks beat 2240 and 1088 by 12-24%."""
+    23.0 and 25.0 us; at 32k, 2048-row chunks beat 2240 and 1088 by 12-24%. With interleaved tiles
+    the split count still has to be a power of two: at 1 x 8 x 128k, 10, 12 and 14 splits (chunks
+    of whole tiles) ran in 214-215, 214 and 199 us against 189 at 8 and 192 at 16; at 32k, 10 and
+    12 splits in 66 us against 61 at 8 and 16."""
     want = max(1, math.ceil(max(max_kv_len, 1) / num_splits))
     return max(TILE_TOKENS, 1 << (want - 1).bit_length())
 
