@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import pathlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -58,9 +58,9 @@ def kernel(source: str, name_expression: str):
     return module(source, name_expression).get_function(name_expression)
 
 
-@dataclass(frozen=True)
-class Device:
-    """A CUDA array seen through its pointer, whatever library owns it."""
+class Device(NamedTuple):
+    """A CUDA array seen through its pointer, whatever library owns it (a tuple: cheap to make on
+    every call)."""
 
     obj: object
     kind: str            # "cupy" or "torch"
@@ -71,12 +71,30 @@ class Device:
     contiguous: bool
 
 
+_KINDS: dict = {}
+
+
+def _kind(x) -> "str | None":
+    """"torch", "cupy" or None for the type of `x`, decided once per type."""
+    t = type(x)
+    kind = _KINDS.get(t, False)
+    if kind is False:
+        if t.__module__.startswith("torch") and hasattr(t, "data_ptr"):
+            kind = "torch"
+        elif t.__module__.startswith("cupy") and hasattr(t, "data"):
+            kind = "cupy"
+        else:
+            kind = None
+        _KINDS[t] = kind
+    return kind
+
+
 def _is_torch(x) -> bool:
-    return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
+    return _kind(x) == "torch"
 
 
 def _is_cupy(x) -> bool:
-    return type(x).__module__.startswith("cupy") and hasattr(x, "data")
+    return _kind(x) == "cupy"
 
 
 _DTYPE_NAMES: dict = {}
@@ -92,14 +110,16 @@ def _dtype_name(dtype) -> str:
 
 def device_array(x, name: str) -> Device:
     """View `x` (a CuPy array or a PyTorch CUDA tensor) as a device pointer; TypeError otherwise."""
-    if _is_torch(x):
+    kind = _kind(x)
+    if kind == "cupy":
+        data = x.data
+        return Device(x, "cupy", data.ptr, x.shape, _dtype_name(x.dtype), data.device_id,
+                      x.flags.c_contiguous)
+    if kind == "torch":
         if not x.is_cuda:
             raise TypeError(f"{name} must be a CUDA tensor, got a tensor on {x.device}")
         return Device(x, "torch", int(x.data_ptr()), tuple(x.shape), _dtype_name(x.dtype),
                       int(x.device.index), bool(x.is_contiguous()))
-    if _is_cupy(x):
-        return Device(x, "cupy", int(x.data.ptr), tuple(x.shape), _dtype_name(x.dtype),
-                      int(x.device.id), bool(x.flags.c_contiguous))
     raise TypeError(
         f"{name} must be a CuPy array or a PyTorch CUDA tensor, got {type(x).__module__}."
         f"{type(x).__name__}"

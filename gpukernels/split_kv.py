@@ -144,23 +144,26 @@ class _Workspace:
         self.device_id = device_id
         self.floats = None
         self.counters = None
+        self._pointers = (None, None)   # (partial_out_elems, kernel arguments) of the last plan
 
     def ensure(self, plan: SplitKVPlan):
         n_float = plan.partial_out_elems + plan.partial_lse_elems
         if self.floats is None or _numel(self.floats) < n_float:
             self.floats = rt.empty(self.kind, (max(n_float, 1),), "float32", self.device_id)
+            self._pointers = (None, None)
         if self.counters is None or _numel(self.counters) < plan.counter_elems:
             self.counters = rt.empty(self.kind, (max(plan.counter_elems, 1),), "int32", self.device_id,
                                      zero=True)
+            self._pointers = (None, None)
         return self
 
     def pointers(self, plan: SplitKVPlan):
-        base = int(rt.ptr(self.floats))
-        return (
-            np.uint64(base),
-            np.uint64(base + 4 * plan.partial_out_elems),
-            rt.ptr(self.counters),
-        )
+        """(partial_out, partial_lse, counters) kernel arguments; remembered until a buffer grows."""
+        n_out = plan.partial_out_elems
+        if self._pointers[0] != n_out:
+            base = int(rt.ptr(self.floats))
+            self._pointers = (n_out, (np.uint64(base), np.uint64(base + 4 * n_out), rt.ptr(self.counters)))
+        return self._pointers[1]
 
 
 def _numel(x) -> int:
@@ -193,9 +196,11 @@ class SplitKV:
         self._workspace = None
 
     def _workspace_for(self, kind: str, device_id: int) -> _Workspace:
-        if self._workspace is None or self._workspace.device_id != device_id:
-            self._workspace = _Workspace(kind, device_id)
-        return self._workspace.ensure(self.plan)
+        # Its own workspace, made for its one plan: sized once per device and kind.
+        ws = self._workspace
+        if ws is None or ws.device_id != device_id or ws.kind != kind:
+            ws = self._workspace = _Workspace(kind, device_id).ensure(self.plan)
+        return ws
 
     def run(self, q, k, v, kv_lens=None, *, sm_scale=None, out=None, lse=None):
         """Contiguous cache; `kv_lens` None or an int32 device array [batch] (values not checked here)."""
@@ -290,8 +295,8 @@ def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace):
     ws = workspace(kind, device_id) if plan.num_splits > 1 else None
     p_out, p_lse, counters = ws.pointers(plan) if ws is not None else (np.uint64(0),) * 3
     args = (
-        rt.ptr(q), rt.ptr(k), rt.ptr(v), rt.ptr(kv_lens), rt.ptr(indptr), rt.ptr(indices), rt.ptr(last),
-        rt.ptr(out), rt.ptr(lse), p_out, p_lse, counters,
+        np.uint64(qa.ptr), np.uint64(ka.ptr), np.uint64(va.ptr), rt.ptr(kv_lens), rt.ptr(indptr),
+        rt.ptr(indices), rt.ptr(last), rt.ptr(out), rt.ptr(lse), p_out, p_lse, counters,
         np.int32(B), np.int32(kv_len), np.int32(num_pages), np.int32(page_size), np.int32(Hq),
         np.int32(Hkv), np.int32(plan.head_groups), np.int32(plan.chunk_size),
         np.float32(sm_scale * _LOG2E),
