@@ -35,9 +35,14 @@ from .prediction import F32, Launch, Prediction, check_head_grouping, dtype_byte
 NUM_WARPS = 4                # warps per thread block
 TILE_TOKENS = 64             # tokens one block consumes per iteration (NUM_WARPS warps x 16 rows)
 PIPELINE_STAGES = 4          # tiles per warp in flight on the tensor-core path (contiguous cache)
-PIPELINE_STAGES_PAGED = 2    # the same for a paged cache (its 64 KB leave room for 3 blocks per SM)
+PIPELINE_STAGES_PAGED = 2    # the same for a paged cache (2 blocks per SM at head_dim 128: registers)
 TENSOR_CORE_HEAD_DIMS = (64, 128)
 SMEM_PER_SM_BYTES = 228 * 1024  # Hopper; what the pipeline stages of resident blocks share
+REGISTERS_PER_SM = 65536
+# Registers per thread of the tensor-core kernel (the most over its instantiations of a head_dim,
+# contiguous or paged), as ptxas reports them for sm_90. `python -m gpukernels.compile_check` fails
+# when a kernel's count would give an SM a different number of resident blocks than this does.
+TENSOR_CORE_REGISTERS = {64: 118, 128: 172}
 
 
 def pipeline_stage_bytes(head_dim: int) -> int:
@@ -46,9 +51,20 @@ def pipeline_stage_bytes(head_dim: int) -> int:
     return NUM_WARPS * 32 * slots * 16
 
 
+def blocks_per_sm_by_registers(registers_per_thread: int) -> int:
+    """Blocks of NUM_WARPS warps an SM's registers hold (allocated 8 per thread at a time)."""
+    return REGISTERS_PER_SM // (-(-registers_per_thread // 8) * 8 * NUM_WARPS * 32)
+
+
 def tensor_core_blocks_per_sm(head_dim: int, stages: int) -> int:
-    """Blocks of the tensor-core kernel an SM holds, as its shared memory allows (1 KB reserved each)."""
-    return max(1, SMEM_PER_SM_BYTES // (stages * pipeline_stage_bytes(head_dim) + 1024))
+    """Blocks of the tensor-core kernel an SM holds: as many as its shared memory (1 KB reserved
+    each) and its registers allow. Head_dim 128: 1 with 4 stages (shared memory), 2 with 2 stages
+    (registers)."""
+    by_smem = SMEM_PER_SM_BYTES // (stages * pipeline_stage_bytes(head_dim) + 1024)
+    by_registers = blocks_per_sm_by_registers(TENSOR_CORE_REGISTERS[head_dim])
+    return max(1, min(by_smem, by_registers))
+
+
 MIN_CHUNK_TOKENS = 256       # the shortest chunk the split choice considers
 HEADS_PER_BLOCK_CHOICES = (1, 2, 4, 8)  # query heads served by one block (template parameter)
 ROWS_PER_WARP_TILE = TILE_TOKENS // NUM_WARPS  # rows one warp reads per step (page lookups per tile)

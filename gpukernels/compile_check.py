@@ -1,7 +1,8 @@
 """Compile every kernel instantiation with nvcc for sm_90 and fail on an error or a register spill.
 
 Runs on a machine with no GPU (nvcc only). Prints ptxas's register and shared-memory report for
-each instantiation, so the log shows what every kernel costs.
+each instantiation, so the log shows what every kernel costs, and fails too when a tensor-core
+kernel's registers give an SM another number of resident blocks than the cost model assumes.
 
     python -m gpukernels.compile_check [--arch sm_90] [--jobs 2]
 """
@@ -17,6 +18,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from costmodel.split_kv import TENSOR_CORE_REGISTERS, blocks_per_sm_by_registers
 
 from . import _runtime as rt
 from .split_kv import all_name_expressions
@@ -65,6 +68,24 @@ def _report(log: str) -> list[tuple[str, int, int, int]]:
     return rows
 
 
+_MMA_HEAD_DIM = re.compile(r"split_kv_mma_kernelI\w+?Li(\d+)E")
+
+
+def _residency_problem(name: str, registers: int) -> "str | None":
+    """A message when a tensor-core kernel's registers give an SM another number of resident
+    blocks than the cost model assumes (costmodel.split_kv.TENSOR_CORE_REGISTERS), else None."""
+    m = _MMA_HEAD_DIM.search(name)
+    if not m:
+        return None
+    head_dim = int(m.group(1))
+    want = blocks_per_sm_by_registers(TENSOR_CORE_REGISTERS[head_dim])
+    got = blocks_per_sm_by_registers(registers)
+    if got == want:
+        return None
+    return (f"{name}: {registers} registers per thread hold {got} blocks per SM; the cost model "
+            f"assumes {want} (update costmodel.split_kv.TENSOR_CORE_REGISTERS[{head_dim}])")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpukernels.compile_check", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="sm_90")
@@ -103,6 +124,11 @@ def main(argv=None) -> int:
     if spills:
         failed = True
         print(f"{len(spills)} instantiations spill registers", file=sys.stderr)
+    for name, regs, _, _ in rows:
+        problem = _residency_problem(name, regs)
+        if problem:
+            failed = True
+            print(problem, file=sys.stderr)
     if len(rows) < n_total and not failed:
         failed = True
         print(f"expected {n_total} compiled entries, found {len(rows)}", file=sys.stderr)

@@ -45,9 +45,11 @@ _LOG2E = 1.4426950408889634
 # constants the plan and the kernels share in costmodel.split_kv). Measured on H100: 2 to 4 stages
 # within 2% at batch 1; 4 best at large batch (1401 vs 1429 us at 64 x 8 x 16k), though its 128 KB
 # leave room for one block per SM; 8 warps per block instead of 4: 1-3% slower. Paged caches, where
-# each lane also waits on page-table reads, run 2 stages and three blocks per SM (measured with
-# pages of 16, 2 against 3 stages: H100 1429 vs 1454 us at 64 x 8 x 16k and 190.7 vs 200.8 at
-# 1 x 8 x 128k; H200 981 vs 1083 and 148 vs 158; 4 stages, one block per SM, 30-50% slower).
+# each lane also waits on page-table reads, run 2 stages (measured with pages of 16, 2 against 3
+# stages: H100 1429 vs 1454 us at 64 x 8 x 16k and 190.7 vs 200.8 at 1 x 8 x 128k; H200 981 vs
+# 1083 and 148 vs 158; 4 stages, one block per SM, 30-50% slower). Their shared memory would
+# leave room for three blocks per SM, but at head_dim 128 the registers (172 per thread) hold two;
+# forcing three (168 registers) measured 1310 against 988 us at 64 x 8 x 16k on H200.
 
 
 def stages_for(paged: bool) -> int:

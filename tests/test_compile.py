@@ -14,3 +14,18 @@ def test_every_instantiation_compiles_without_spills(capsys):
     print(report)  # the register and shared-memory table goes to the log
     assert rc == 0, report[-2000:]
     assert "compile check passed" in report
+
+
+def test_residency_check_flags_a_register_count_that_changes_blocks_per_sm():
+    from costmodel.split_kv import TENSOR_CORE_REGISTERS, blocks_per_sm_by_registers, tensor_core_blocks_per_sm
+
+    name = "_ZN16decode_attention19split_kv_mma_kernelI6__halfLi128ELi8ELb1ELi2EEEvPKT_"
+    assert compile_check._residency_problem(name, TENSOR_CORE_REGISTERS[128]) is None
+    assert compile_check._residency_problem(name, 176) is None          # same allocation as 172
+    assert "3 blocks per SM" in compile_check._residency_problem(name, 168)
+    assert compile_check._residency_problem("split_kv_kernelI6__halfLi128E", 250) is None  # CUDA cores
+    # 65536 registers / (176 allocated x 128 threads): 2 blocks; the paged pipeline's shared
+    # memory alone would allow 3, the contiguous one's 1
+    assert blocks_per_sm_by_registers(172) == 2 and blocks_per_sm_by_registers(118) == 4
+    assert tensor_core_blocks_per_sm(128, 2) == 2 and tensor_core_blocks_per_sm(128, 4) == 1
+    assert tensor_core_blocks_per_sm(64, 2) == 4 and tensor_core_blocks_per_sm(64, 4) == 3
