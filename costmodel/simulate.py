@@ -40,7 +40,7 @@ import math
 import numpy as np
 from numba import njit
 
-from costmodel.split_kv import NUM_WARPS, TILE_TOKENS, SplitKVPlan
+from costmodel.split_kv import MERGE_BATCH, NUM_WARPS, TILE_TOKENS, SplitKVPlan
 from decode_attention import contract
 
 __all__ = [
@@ -132,7 +132,6 @@ def _merge_lse(o1, lse1, o2, lse2):
     return lse
 
 
-MERGE_BATCH = 8   # partials the merging block loads at once (split_kv.cu finish_block)
 _LOG2E32 = np.float32(LOG2E)
 
 

@@ -31,24 +31,41 @@ from .calibration import Calibration, load_calibration
 from .gpus import GPUSpec, get_gpu, gpu_for_num_sms
 from .prediction import F32, Launch, Prediction, check_head_grouping, dtype_bytes, predict_launches
 
-# Kernel constants the plan must agree with (gpukernels/cuda/decode.cu reads the same numbers).
+# Kernel constants the plan must agree with (gpukernels/cuda/split_kv.cu has the same numbers).
 NUM_WARPS = 4                # warps per thread block
 TILE_TOKENS = 64             # tokens one block consumes per iteration (NUM_WARPS warps x 16 rows)
 PIPELINE_STAGES = 4          # tiles per warp in flight on the tensor-core path (contiguous cache)
 PIPELINE_STAGES_PAGED = 2    # the same for a paged cache (2 blocks per SM at head_dim 128: registers)
 TENSOR_CORE_HEAD_DIMS = (64, 128)
+TENSOR_CORE_DTYPES = ("float16", "bfloat16")  # the kernel's mma path; float32 runs on CUDA cores
 SMEM_PER_SM_BYTES = 228 * 1024  # Hopper; what the pipeline stages of resident blocks share
 REGISTERS_PER_SM = 65536
 # Registers per thread of the tensor-core kernel (the most over its instantiations of a head_dim,
 # contiguous or paged), as ptxas reports them for sm_90. `python -m gpukernels.compile_check` fails
 # when a kernel's count would give an SM a different number of resident blocks than this does.
 TENSOR_CORE_REGISTERS = {64: 118, 128: 172}
+MIN_CHUNK_TOKENS = 256       # the shortest chunk the split choice considers
+HEADS_PER_BLOCK_CHOICES = (1, 2, 4, 8)  # query heads served by one block (template parameter)
+ROWS_PER_WARP_TILE = TILE_TOKENS // NUM_WARPS  # rows one warp reads per step (page lookups per tile)
+MMA_ROWS = 16                # rows of a tensor-core tile: a block's query heads are padded to it
+MERGE_BATCH = 8              # partials the merging block loads per round trip (finish_block)
+# A split count must beat a smaller one by more than this to be chosen (fewer splits: less
+# workspace, fewer partials). 2%: with 3%, the refitted paged model on H100 took half the best
+# count on 4 rows of the committed sweeps, up to 4.4% slower; with 2%, every plan of both GPUs'
+# result files is within 1.4% of the sweep's best.
+SPLIT_TIE_TOLERANCE = 0.02
+DEFAULT_NUM_SMS = 132        # H100 SXM; plans for another GPU pass its count
 
 
 def pipeline_stage_bytes(head_dim: int) -> int:
     """Shared memory of one pipeline stage of a block: each lane's 16-byte K and V pieces of a tile."""
     slots = 2 * (head_dim // 32) + 4 * (head_dim // 64)
     return NUM_WARPS * 32 * slots * 16
+
+
+def uses_tensor_cores(dtype: str, head_dim: int) -> bool:
+    """Whether the tensor-core (mma.sync) kernel serves this dtype and head_dim."""
+    return dtype in TENSOR_CORE_DTYPES and head_dim in TENSOR_CORE_HEAD_DIMS
 
 
 def blocks_per_sm_by_registers(registers_per_thread: int) -> int:
@@ -63,19 +80,6 @@ def tensor_core_blocks_per_sm(head_dim: int, stages: int) -> int:
     by_smem = SMEM_PER_SM_BYTES // (stages * pipeline_stage_bytes(head_dim) + 1024)
     by_registers = blocks_per_sm_by_registers(TENSOR_CORE_REGISTERS[head_dim])
     return max(1, min(by_smem, by_registers))
-
-
-MIN_CHUNK_TOKENS = 256       # the shortest chunk the split choice considers
-HEADS_PER_BLOCK_CHOICES = (1, 2, 4, 8)  # query heads served by one block (template parameter)
-ROWS_PER_WARP_TILE = TILE_TOKENS // NUM_WARPS  # rows one warp reads per step (page lookups per tile)
-TENSOR_CORE_DTYPES = ("float16", "bfloat16")  # the kernel's mma path; float32 runs on CUDA cores
-MMA_ROWS = 16                # rows of a tensor-core tile: a block's query heads are padded to it
-# A split count must beat a smaller one by more than this to be chosen (fewer splits: less
-# workspace, fewer partials). 2%: with 3%, the refitted paged model on H100 took half the best
-# count on 4 rows of the committed sweeps, up to 4.4% slower; with 2%, every plan of both GPUs'
-# result files is within 1.4% of the sweep's best.
-SPLIT_TIE_TOLERANCE = 0.02
-DEFAULT_NUM_SMS = 132        # H100 SXM; plans for another GPU pass its count
 
 
 def heads_per_block_for(group_size: int) -> int:
@@ -157,10 +161,6 @@ class SplitKVPlan:
         if tiles:
             tokens[(tiles - 1) % splits] -= tiles * TILE_TOKENS - kv_len
         return tokens
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
 
 
 def _make_plan(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, dtype, num_splits, num_sms,
@@ -390,10 +390,9 @@ def split_kv_launch(plan: SplitKVPlan, kv_lens=None, *, name: str = "split_kv") 
     else:
         flops = {"vector_flops": useful_flops}
     # The calibration measures the contiguous tensor-core kernel; its paged form streams at a rate of
-    # its own (fitted: cal.paged_stream_fraction), and its pipeline's shared memory sets how many of
-    # its blocks an SM holds.
-    paged_pipeline = bool(plan.page_size) and plan.dtype in TENSOR_CORE_DTYPES \
-        and plan.head_dim in TENSOR_CORE_HEAD_DIMS
+    # its own (fitted: cal.paged_stream_fraction), and its pipeline's shared memory and its registers
+    # set how many of its blocks an SM holds.
+    paged_pipeline = bool(plan.page_size) and uses_tensor_cores(plan.dtype, plan.head_dim)
     blocks_per_sm = tensor_core_blocks_per_sm(plan.head_dim, PIPELINE_STAGES_PAGED) if paged_pipeline else None
     return Launch(
         name=name,

@@ -29,8 +29,8 @@ import math
 import numpy as np
 
 from costmodel.split_kv import (HEADS_PER_BLOCK_CHOICES, NUM_WARPS, PIPELINE_STAGES,
-                                 PIPELINE_STAGES_PAGED, TENSOR_CORE_DTYPES, TENSOR_CORE_HEAD_DIMS,
-                                 SplitKVPlan, pipeline_stage_bytes, plan_split_kv)
+                                 PIPELINE_STAGES_PAGED, SplitKVPlan, pipeline_stage_bytes,
+                                 plan_split_kv, uses_tensor_cores)
 from decode_attention.contract import check_decode, check_paged
 
 from . import _runtime as rt
@@ -54,10 +54,6 @@ _LOG2E = 1.4426950408889634
 
 def stages_for(paged: bool) -> int:
     return PIPELINE_STAGES_PAGED if paged else PIPELINE_STAGES
-
-
-def uses_tensor_cores(dtype: str, head_dim: int) -> bool:
-    return dtype in TENSOR_CORE_DTYPES and head_dim in TENSOR_CORE_HEAD_DIMS
 
 
 def dynamic_smem_bytes(dtype: str, head_dim: int, paged: bool = False) -> int:
