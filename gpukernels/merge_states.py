@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-
-import numpy as np
+import functools
 
 from decode_attention.contract import check_merge_states
 
@@ -12,6 +11,16 @@ from . import _runtime as rt
 __all__ = ["merge_states"]
 
 _THREADS = 128
+
+
+# The kernel's arguments: outs, lses, out, lse; num_states (int32), rows (int64), head_dim (int32).
+MERGE_SIGNATURE = "ppppiqi"
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(dtype: str) -> rt.Kernel:
+    return rt.Kernel("merge_states", f"decode_attention::merge_states_kernel<{rt.C_TYPES[dtype]}>",
+                     MERGE_SIGNATURE)
 
 
 def merge_states(outs, lses):
@@ -31,9 +40,7 @@ def merge_states(outs, lses):
     rows = batch * heads
     if rows == 0:
         return out, lse
-    name = f"decode_attention::merge_states_kernel<{rt.C_TYPES[oa.dtype]}>"
-    args = (rt.ptr(outs), rt.ptr(lses), rt.ptr(out), rt.ptr(lse), np.int32(num_states),
-            np.int64(rows), np.int32(head_dim))
-    rt.launch(rt.kernel("merge_states", name), (rows,), (_THREADS,), args,
-              stream_ptr=rt.current_stream_ptr(oa.kind, device_id), device_id=device_id)
+    args = (oa.ptr, la.ptr, rt.address(out), rt.address(lse), num_states, rows, head_dim)
+    _kernel(oa.dtype)((rows,), (_THREADS,), args, stream_ptr=rt.current_stream_ptr(oa.kind, device_id),
+                      device_id=device_id)
     return out, lse

@@ -92,14 +92,17 @@ def _kernel(plan: SplitKVPlan, paged: bool):
     return _kernel_for(plan.dtype, plan.head_dim, plan.heads_per_block, paged)
 
 
+# The kernels' arguments: q, k, v, kv_lens, kv_indptr, kv_indices, kv_last_page_len, out, lse,
+# partial_out, partial_lse, counters; batch, kv_len, num_pages, page_size, num_qo_heads,
+# num_kv_heads, head_groups, chunk_size; scale_log2.
+KERNEL_SIGNATURE = "p" * 12 + "i" * 8 + "f"
+
+
 @functools.lru_cache(maxsize=None)
-def _kernel_for(dtype: str, head_dim: int, heads_per_block: int, paged: bool):
-    """The compiled kernel of one key, its shared-memory limit raised once (not on every launch)."""
-    kern = rt.kernel("split_kv", name_expression(dtype, head_dim, heads_per_block, paged))
-    smem = dynamic_smem_bytes(dtype, head_dim, paged)
-    if smem and kern.max_dynamic_shared_size_bytes < smem:
-        kern.max_dynamic_shared_size_bytes = smem
-    return kern
+def _kernel_for(dtype: str, head_dim: int, heads_per_block: int, paged: bool) -> rt.Kernel:
+    """The compiled kernel of one key (its shared-memory limit is raised once per device)."""
+    return rt.Kernel("split_kv", name_expression(dtype, head_dim, heads_per_block, paged),
+                     KERNEL_SIGNATURE, shared_mem=dynamic_smem_bytes(dtype, head_dim, paged))
 
 
 @functools.lru_cache(maxsize=None)
@@ -159,8 +162,8 @@ class _Workspace:
         """(partial_out, partial_lse, counters) kernel arguments; remembered until a buffer grows."""
         n_out = plan.partial_out_elems
         if self._pointers[0] != n_out:
-            base = int(rt.ptr(self.floats))
-            self._pointers = (n_out, (np.uint64(base), np.uint64(base + 4 * n_out), rt.ptr(self.counters)))
+            base = rt.address(self.floats)
+            self._pointers = (n_out, (base, base + 4 * n_out, rt.address(self.counters)))
         return self._pointers[1]
 
 
@@ -214,6 +217,8 @@ class SplitKV:
 
 
 def _expect_shape(a: rt.Device, name: str, template: str, expected: tuple) -> None:
+    if a.shape == expected:
+        return
     ok = len(a.shape) == len(expected) and all(e is None or e == s for e, s in zip(expected, a.shape))
     if not ok:
         shown = ", ".join("*" if e is None else str(e) for e in expected)
@@ -248,7 +253,9 @@ def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace):
         if a.dtype != plan.dtype:
             raise TypeError(f"{name} must be {plan.dtype} as planned, got {a.dtype}")
         rt.require_contiguous(a, name)
-    device_id = rt.require_same_device({"q": qa, "k": ka, "v": va})
+    device_id = qa.device_id
+    if not device_id == ka.device_id == va.device_id:
+        rt.require_same_device({"q": qa, "k": ka, "v": va})
     kind = qa.kind
     if paged is None:
         kv_len = ka.shape[1]
@@ -272,36 +279,43 @@ def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace):
 
     if out is None:
         out = rt.empty(kind, (B, Hq, D), plan.dtype, device_id)
+        out_ptr = rt.address(out)
     else:
         oa = rt.device_array(out, "out")
         _expect_shape(oa, "out", "[batch, num_qo_heads, head_dim]", (B, Hq, D))
         if oa.dtype != plan.dtype:
             raise TypeError(f"out must be {plan.dtype}, got {oa.dtype}")
         rt.require_contiguous(oa, "out")
+        if oa.device_id != device_id:
+            raise ValueError(f"out must be on GPU {device_id}, got GPU {oa.device_id}")
+        out_ptr = oa.ptr
     if lse is None:
         lse = rt.empty(kind, (B, Hq), "float32", device_id)
+        lse_ptr = rt.address(lse)
     else:
         la = rt.device_array(lse, "lse")
         _expect_shape(la, "lse", "[batch, num_qo_heads]", (B, Hq))
         if la.dtype != "float32":
             raise TypeError(f"lse must be float32, got {la.dtype}")
         rt.require_contiguous(la, "lse")
+        if la.device_id != device_id:
+            raise ValueError(f"lse must be on GPU {device_id}, got GPU {la.device_id}")
+        lse_ptr = la.ptr
     if B == 0:
         return out, lse
 
     stream_ptr = rt.current_stream_ptr(kind, device_id)
     ws = workspace(kind, device_id) if plan.num_splits > 1 else None
-    p_out, p_lse, counters = ws.pointers(plan) if ws is not None else (np.uint64(0),) * 3
+    p_out, p_lse, counters = ws.pointers(plan) if ws is not None else (0, 0, 0)
+    address = rt.address
     args = (
-        np.uint64(qa.ptr), np.uint64(ka.ptr), np.uint64(va.ptr), rt.ptr(kv_lens), rt.ptr(indptr),
-        rt.ptr(indices), rt.ptr(last), rt.ptr(out), rt.ptr(lse), p_out, p_lse, counters,
-        np.int32(B), np.int32(kv_len), np.int32(num_pages), np.int32(page_size), np.int32(Hq),
-        np.int32(Hkv), np.int32(plan.head_groups), np.int32(plan.chunk_size),
-        np.float32(sm_scale * _LOG2E),
+        qa.ptr, ka.ptr, va.ptr, address(kv_lens), address(indptr), address(indices), address(last),
+        out_ptr, lse_ptr, p_out, p_lse, counters,
+        B, kv_len, num_pages, page_size, Hq, Hkv, plan.head_groups, plan.chunk_size,
+        sm_scale * _LOG2E,
     )
-    rt.launch(_kernel(plan, paged is not None), plan.grid, (NUM_WARPS * 32,), args,
-              stream_ptr=stream_ptr, device_id=device_id,
-              shared_mem=dynamic_smem_bytes(plan.dtype, plan.head_dim, paged is not None))
+    _kernel(plan, paged is not None)(plan.grid, (NUM_WARPS * 32,), args, stream_ptr=stream_ptr,
+                                     device_id=device_id)
     return out, lse
 
 
