@@ -383,7 +383,7 @@ def split_kv_launch(plan: SplitKVPlan, kv_lens=None, *, name: str = "split_kv") 
             for run in seq_runs:
                 _append_run(runs, *run)
     useful_flops = 4 * int(lens.sum()) * hq * d
-    if plan.dtype in TENSOR_CORE_DTYPES:
+    if uses_tensor_cores(plan.dtype, plan.head_dim):
         # mma.sync m16n8k16: a block's query heads are the 16 rows of A, zero-padded
         padded_rows = sum(MMA_ROWS * -(-served // MMA_ROWS) for served in served_by_group)
         flops = {"matmul_flops": 4 * int(lens.sum()) * hkv * padded_rows * d}

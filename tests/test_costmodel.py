@@ -352,3 +352,17 @@ def test_units_and_derived_quantities():
     assert p.intensity_flops_per_byte == pytest.approx(p.flops / p.hbm_bytes)
     assert math.isfinite(p.achieved_bytes_per_s) and p.waves > 0
     assert isinstance(H100, GPUSpec)
+
+
+@pytest.mark.parametrize("dtype,head_dim,on_tensor_cores", [
+    ("float16", 128, True), ("bfloat16", 64, True), ("float16", 256, False), ("float32", 128, False)])
+def test_split_kv_flops_land_on_the_units_that_run_them(dtype, head_dim, on_tensor_cores):
+    from costmodel.split_kv import plan_split_kv, split_kv_launch
+
+    plan = plan_split_kv(2, 32, 8, head_dim, 4096, dtype=dtype, num_sms=132)
+    launch = split_kv_launch(plan)
+    useful = 4 * 2 * 4096 * 32 * head_dim
+    if on_tensor_cores:   # 4 query heads per block padded to the 16 rows of an mma tile
+        assert (launch.matmul_flops, launch.vector_flops) == (4 * useful, 0)
+    else:                 # head_dim 256 and float32 run on the CUDA cores
+        assert (launch.matmul_flops, launch.vector_flops) == (0, useful)
