@@ -47,6 +47,7 @@ TENSOR_CORE_REGISTERS = {64: 118, 128: 172}
 MIN_CHUNK_TOKENS = 256       # the shortest chunk the split choice considers
 HEADS_PER_BLOCK_CHOICES = (1, 2, 4, 8)  # query heads served by one block (template parameter)
 ROWS_PER_WARP_TILE = TILE_TOKENS // NUM_WARPS  # rows one warp reads per step (page lookups per tile)
+MAX_GRID_Y = 65535           # blocks a CUDA grid holds along y (and z)
 MMA_ROWS = 16                # rows of a tensor-core tile: a block's query heads are padded to it
 MERGE_BATCH = 8              # partials the merging block loads per round trip (finish_block)
 # A split count must beat a smaller one by more than this to be chosen (fewer splits: less
@@ -114,9 +115,13 @@ class SplitKVPlan:
         return self.num_splits * self.batch * self.num_kv_heads * self.head_groups
 
     @property
-    def grid(self) -> tuple[int, int]:
-        """(x, y) grid of the decode kernel: x over splits, y over (sequence, KV head, head group)."""
-        return (self.num_splits, self.batch * self.num_kv_heads * self.head_groups)
+    def grid(self) -> tuple[int, int, int]:
+        """(x, y, z) grid of the decode kernel: x over splits, y over (sequence, KV head, head group),
+        continued in z past the MAX_GRID_Y rows y can hold (fewer than z blocks of the last z row
+        are empty)."""
+        rows = self.batch * self.num_kv_heads * self.head_groups
+        z = max(1, -(-rows // MAX_GRID_Y))
+        return (self.num_splits, -(-rows // z), z)
 
     @property
     def partial_out_elems(self) -> int:

@@ -136,6 +136,15 @@ def test_plan_keeps_the_kernel_invariants(shape):
     assert plan.heads_per_block * plan.head_groups >= hq // hkv
 
 
+@pytest.mark.parametrize("batch, hkv, want", [(1, 8, (8, 1)), (2047, 32, (65504, 1)),
+                                              (2048, 32, (32768, 2)), (4100, 32, (43734, 3))])
+def test_grid_rows_continue_in_z_past_65535(batch, hkv, want):
+    plan = plan_split_kv(batch, 32, hkv, 64, 100, num_splits=1)
+    rows = batch * hkv * plan.head_groups
+    assert plan.grid == (1, *want)
+    assert plan.grid[1] <= 65535 and 0 <= plan.grid[1] * plan.grid[2] - rows < plan.grid[2]
+
+
 @pytest.mark.parametrize("args", [(1, 32, 8, 128, 4096), (1, 32, 8, 128, 32768), (8, 32, 8, 128, 32768),
                                   (64, 32, 8, 128, 16384), (2, 28, 4, 64, 5000)])
 def test_split_choice_is_the_fastest_predicted(args):

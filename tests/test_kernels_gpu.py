@@ -288,6 +288,40 @@ def test_offsets_past_two_to_the_31_elements():
     _check(out[1:2], lse[1:2], ref_out, ref_lse, "float16")
 
 
+@pytest.mark.parametrize("dtype, num_splits, paged",
+                         [("float16", 1, False), ("float16", 2, False), ("float32", 2, False), ("float16", 2, True)])
+def test_more_sequence_heads_than_a_grid_row_holds(dtype, num_splits, paged):
+    """batch x KV heads past 65535: the grid continues in z, and every sequence head is written."""
+    import gpukernels
+
+    batch, hq, hkv, d, kv_len = 2100, 32, 32, 64, 40          # 67200 (sequence, KV head) pairs
+    rng = np.random.default_rng(11)
+    q, k, v = _random_qkv(rng, dtype, batch, hq, hkv, kv_len, d)
+    kv_lens = rng.integers(1, kv_len + 1, size=batch)
+    ref_out, ref_lse = refattn.decode(q, k, v, kv_lens)
+    plan = gpukernels.plan_split_kv(batch, hq, hkv, d, kv_len, dtype=dtype, num_splits=num_splits)
+    qd = cp.asarray(q)
+    out = _poisoned(qd, (batch, hq, d), dtype)
+    lse = _poisoned(qd, (batch, hq), "float32")
+    if paged:   # pages of 8 rows; each sequence's pages stored in reverse order
+        pages = kv_len // 8
+        kp, vp = (x.reshape(batch, pages, 8, hkv, d)[:, ::-1].reshape(-1, 8, hkv, d) for x in (k, v))
+        used = -(-kv_lens // 8)
+        table = np.concatenate([b * pages + pages - 1 - np.arange(used[b]) for b in range(batch)])
+        indptr = np.concatenate([[0], np.cumsum(used)])
+        last = kv_lens - (used - 1) * 8
+        plan = gpukernels.plan_split_kv(batch, hq, hkv, d, kv_len, dtype=dtype, num_splits=num_splits,
+                                        page_size=8)
+        gpukernels.SplitKV(plan).run_paged(
+            qd, cp.asarray(np.ascontiguousarray(kp)), cp.asarray(np.ascontiguousarray(vp)),
+            *(cp.asarray(x.astype(np.int32)) for x in (indptr, table, last)), out=out, lse=lse)
+    else:
+        gpukernels.SplitKV(plan).run(qd, cp.asarray(k), cp.asarray(v), cp.asarray(kv_lens.astype(np.int32)),
+                                     out=out, lse=lse)
+    assert plan.grid[2] == 2
+    _check(out, lse, ref_out, ref_lse, dtype)
+
+
 @pytest.mark.parametrize(
     "call, exc, name",
     [

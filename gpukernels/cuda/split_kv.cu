@@ -23,10 +23,11 @@ namespace decode_attention {
 
 constexpr int NUM_WARPS = 4;
 constexpr int TILE_TOKENS = 64;   // the unit the splits interleave by (costmodel.split_kv.TILE_TOKENS)
-// Grid: x runs over the splits, y over (sequence, KV head, head group). Launching the KV heads of a
-// split next to each other instead measured the same on H100.
+// Grid: x runs over the splits, y over (sequence, KV head, head group), continued in z past the
+// 65535 rows y can hold (blocks past the last row do nothing). Launching the KV heads of a split
+// next to each other instead measured the same on H100.
 __device__ __forceinline__ int split_index() { return blockIdx.x; }
-__device__ __forceinline__ int seq_head_index() { return blockIdx.y; }
+__device__ __forceinline__ int seq_head_index() { return blockIdx.z * gridDim.y + blockIdx.y; }
 __device__ __forceinline__ int grid_splits() { return gridDim.x; }
 constexpr int NUM_THREADS = NUM_WARPS * 32;
 // Tensor-core path: two resident blocks per SM at least (measured on H100: better than one block
@@ -211,9 +212,10 @@ template <typename T, int HEAD_DIM, int GROUP, bool PAGED>
 __device__ __forceinline__ bool block_work(BlockWork& w, T* __restrict__ out, float* __restrict__ lse,
                                            const int* __restrict__ kv_lens,
                                            const int* __restrict__ kv_indptr,
-                                           const int* __restrict__ kv_last_page_len, int kv_len,
-                                           int page_size, int num_qo_heads, int num_kv_heads,
-                                           int head_groups, int chunk_size) {
+                                           const int* __restrict__ kv_last_page_len, int batch,
+                                           int kv_len, int page_size, int num_qo_heads,
+                                           int num_kv_heads, int head_groups, int chunk_size) {
+  if (seq_head_index() >= batch * num_kv_heads * head_groups) return false;   // the z tail
   const int split = split_index();
   const int hg = seq_head_index() % head_groups;
   const int kh = (seq_head_index() / head_groups) % num_kv_heads;
@@ -280,9 +282,9 @@ split_kv_kernel(const T* __restrict__ q,                 // [batch, num_qo_heads
   __shared__ float smem_l[NUM_WARPS][GROUP];
 
   BlockWork w;
-  if (!block_work<T, HEAD_DIM, GROUP, PAGED>(w, out, lse, kv_lens, kv_indptr, kv_last_page_len, kv_len,
-                                             page_size, num_qo_heads, num_kv_heads, head_groups,
-                                             chunk_size)) {
+  if (!block_work<T, HEAD_DIM, GROUP, PAGED>(w, out, lse, kv_lens, kv_indptr, kv_last_page_len, batch,
+                                             kv_len, page_size, num_qo_heads, num_kv_heads,
+                                             head_groups, chunk_size)) {
     return;
   }
   const int split = w.split, b = w.b, kh = w.kh, head0 = w.head0, heads_here = w.heads_here;
@@ -581,9 +583,9 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   __shared__ float smem_l[NUM_WARPS][GROUP];
 
   BlockWork w;
-  if (!block_work<T, HEAD_DIM, GROUP, PAGED>(w, out, lse, kv_lens, kv_indptr, kv_last_page_len, kv_len,
-                                             page_size, num_qo_heads, num_kv_heads, head_groups,
-                                             chunk_size)) {
+  if (!block_work<T, HEAD_DIM, GROUP, PAGED>(w, out, lse, kv_lens, kv_indptr, kv_last_page_len, batch,
+                                             kv_len, page_size, num_qo_heads, num_kv_heads,
+                                             head_groups, chunk_size)) {
     return;
   }
   const int lane = threadIdx.x & 31;
