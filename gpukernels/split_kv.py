@@ -182,7 +182,8 @@ def _shared_workspace(kind: str, device_id: int, stream_ptr: int) -> _Workspace:
 
 
 class SplitKV:
-    """A split-KV plan bound to its own workspace; `run` many times without host synchronisation.
+    """A split-KV plan bound to its own workspace (one per stream it runs on); `run` many times
+    without host synchronisation.
 
     >>> plan = plan_split_kv(8, 32, 8, 128, 32768, dtype="float16")   # doctest: +SKIP
     >>> dec = SplitKV(plan)                                           # doctest: +SKIP
@@ -194,13 +195,16 @@ class SplitKV:
             raise TypeError(f"plan must be a SplitKVPlan, got {type(plan).__name__}")
         check_kernel_dtype_and_head_dim(plan.dtype, plan.head_dim)
         self.plan = plan
-        self._workspace = None
+        self._workspaces: dict = {}   # (kind, device, stream) -> _Workspace
 
-    def _workspace_for(self, kind: str, device_id: int) -> _Workspace:
-        # Its own workspace, made for its one plan: sized once per device and kind.
-        ws = self._workspace
-        if ws is None or ws.device_id != device_id or ws.kind != kind:
-            ws = self._workspace = _Workspace(kind, device_id).ensure(self.plan)
+    def _workspace_for(self, kind: str, device_id: int, stream_ptr: int) -> _Workspace:
+        # Its own workspace per stream, sized once for its one plan: two streams running the plan
+        # at once must not share partials and arrival counters. Each is kept while the SplitKV
+        # lives, since a CUDA graph captured on that stream holds its addresses.
+        key = (kind, device_id, stream_ptr)
+        ws = self._workspaces.get(key)
+        if ws is None:
+            ws = self._workspaces[key] = _Workspace(kind, device_id).ensure(self.plan)
         return ws
 
     def run(self, q, k, v, kv_lens=None, *, sm_scale=None, out=None, lse=None):
@@ -305,7 +309,7 @@ def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace):
         return out, lse
 
     stream_ptr = rt.current_stream_ptr(kind, device_id)
-    ws = workspace(kind, device_id) if plan.num_splits > 1 else None
+    ws = workspace(kind, device_id, stream_ptr) if plan.num_splits > 1 else None
     p_out, p_lse, counters = ws.pointers(plan) if ws is not None else (0, 0, 0)
     address = rt.address
     args = (
@@ -339,7 +343,7 @@ def _checked_plan(problem, lens_host, device_id: int, plan, num_splits, page_siz
 def _stream_workspace(kind: str, device_id: int, plan: SplitKVPlan):
     """The workspace argument of `_launch` for one-off calls: shared per stream, grown to the plan."""
     ws = _shared_workspace(kind, device_id, rt.current_stream_ptr(kind, device_id))
-    return lambda _kind, _dev: ws.ensure(plan)
+    return lambda _kind, _dev, _stream: ws.ensure(plan)
 
 
 def split_kv(q, k, v, kv_lens=None, *, num_splits=None, plan=None, sm_scale=None, out=None, lse=None):

@@ -254,6 +254,35 @@ def test_plan_run_in_a_cuda_graph():
             _check(out, lse, ref_out, ref_lse, "float16")
 
 
+def test_one_plan_on_two_streams_at_once():
+    """Each stream gets its own partials and arrival counters: runs that overlap stay correct."""
+    import gpukernels
+
+    rng = np.random.default_rng(12)
+    batch, hq, hkv, d, kv_len = 2, 32, 8, 128, 20000
+    plan = gpukernels.plan_split_kv(batch, hq, hkv, d, kv_len, dtype="float16", num_splits=8)
+    runner = gpukernels.SplitKV(plan)
+    streams = [cp.cuda.Stream(non_blocking=True) for _ in range(2)]
+    cases = []
+    for stream in streams:
+        q, k, v = _random_qkv(rng, "float16", batch, hq, hkv, kv_len, d)
+        with stream:
+            dev = [cp.asarray(x) for x in (q, k, v)]
+            out = _poisoned(dev[0], (batch, hq, d), "float16")
+            lse = _poisoned(dev[0], (batch, hq), "float32")
+        stream.synchronize()
+        cases.append((q, k, v, dev, out, lse))
+    for _ in range(5):              # queued back to back on both streams, free to overlap
+        for stream, (_, _, _, dev, out, lse) in zip(streams, cases):
+            with stream:
+                runner.run(*dev, out=out, lse=lse)
+    for stream in streams:
+        stream.synchronize()
+    for q, k, v, _, out, lse in cases:
+        _check(out, lse, *refattn.decode(q, k, v), "float16")
+    assert len(runner._workspaces) == 2
+
+
 def test_offsets_past_two_to_the_31_elements():
     """A cache of more than 2^31 elements: the last sequence starts beyond int32 offsets."""
     import gpukernels
