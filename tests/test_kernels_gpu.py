@@ -255,7 +255,9 @@ def test_plan_run_in_a_cuda_graph():
 
 
 def test_one_plan_on_two_streams_at_once():
-    """Each stream gets its own partials and arrival counters: runs that overlap stay correct."""
+    """Each stream gets its own partials and arrival counters, so runs that overlap stay correct.
+    Whether two runs do overlap depends on timing (on an H100 machine a shared workspace gave no
+    wrong output in 40 tries), so the buffers themselves are compared as well."""
     import gpukernels
 
     rng = np.random.default_rng(12)
@@ -280,7 +282,8 @@ def test_one_plan_on_two_streams_at_once():
         stream.synchronize()
     for q, k, v, _, out, lse in cases:
         _check(out, lse, *refattn.decode(q, k, v), "float16")
-    assert len(runner._workspaces) == 2
+    first, second = (runner._workspace_for("cupy", 0, stream.ptr).pointers(plan) for stream in streams)
+    assert not set(first) & set(second)
 
 
 def test_offsets_past_two_to_the_31_elements():
