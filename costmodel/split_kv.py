@@ -111,17 +111,21 @@ class SplitKVPlan:
         return self.num_qo_heads // self.num_kv_heads
 
     @property
+    def seq_heads(self) -> int:
+        """(sequence, KV head, head group) rows: the blocks of one split."""
+        return self.batch * self.num_kv_heads * self.head_groups
+
+    @property
     def num_blocks(self) -> int:
-        return self.num_splits * self.batch * self.num_kv_heads * self.head_groups
+        return self.num_splits * self.seq_heads
 
     @property
     def grid(self) -> tuple[int, int, int]:
         """(x, y, z) grid of the decode kernel: x over splits, y over (sequence, KV head, head group),
         continued in z past the MAX_GRID_Y rows y can hold (fewer than z blocks of the last z row
         are empty)."""
-        rows = self.batch * self.num_kv_heads * self.head_groups
-        z = max(1, -(-rows // MAX_GRID_Y))
-        return (self.num_splits, -(-rows // z), z)
+        z = max(1, -(-self.seq_heads // MAX_GRID_Y))
+        return (self.num_splits, -(-self.seq_heads // z), z)
 
     @property
     def partial_out_elems(self) -> int:
@@ -141,7 +145,7 @@ class SplitKVPlan:
         """int32 arrival counters, one per (sequence, KV head, head group); reset by the merging block."""
         if self.num_splits == 1:
             return 0
-        return self.batch * self.num_kv_heads * self.head_groups
+        return self.seq_heads
 
     @property
     def workspace_bytes(self) -> int:

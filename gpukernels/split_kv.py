@@ -242,6 +242,18 @@ def _expect_index(x, name: str, length: int, device_id: int):
     return x
 
 
+def _expect_output(x, name: str, template: str, shape: tuple, dtype: str, device_id: int) -> int:
+    """The address of a caller's output array, checked: shape, dtype, contiguous, on the inputs' GPU."""
+    a = rt.device_array(x, name)
+    _expect_shape(a, name, template, shape)
+    if a.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {a.dtype}")
+    rt.require_contiguous(a, name)
+    if a.device_id != device_id:
+        raise ValueError(f"{name} must be on GPU {device_id}, got GPU {a.device_id}")
+    return a.ptr
+
+
 def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace):
     """Check shapes against the plan (metadata only: no synchronisation) and launch."""
     qa, ka, va = rt.device_array(q, "q"), rt.device_array(k, "k"), rt.device_array(v, "v")
@@ -285,26 +297,13 @@ def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace):
         out = rt.empty(kind, (B, Hq, D), plan.dtype, device_id)
         out_ptr = rt.address(out)
     else:
-        oa = rt.device_array(out, "out")
-        _expect_shape(oa, "out", "[batch, num_qo_heads, head_dim]", (B, Hq, D))
-        if oa.dtype != plan.dtype:
-            raise TypeError(f"out must be {plan.dtype}, got {oa.dtype}")
-        rt.require_contiguous(oa, "out")
-        if oa.device_id != device_id:
-            raise ValueError(f"out must be on GPU {device_id}, got GPU {oa.device_id}")
-        out_ptr = oa.ptr
+        out_ptr = _expect_output(out, "out", "[batch, num_qo_heads, head_dim]", (B, Hq, D), plan.dtype,
+                                 device_id)
     if lse is None:
         lse = rt.empty(kind, (B, Hq), "float32", device_id)
         lse_ptr = rt.address(lse)
     else:
-        la = rt.device_array(lse, "lse")
-        _expect_shape(la, "lse", "[batch, num_qo_heads]", (B, Hq))
-        if la.dtype != "float32":
-            raise TypeError(f"lse must be float32, got {la.dtype}")
-        rt.require_contiguous(la, "lse")
-        if la.device_id != device_id:
-            raise ValueError(f"lse must be on GPU {device_id}, got GPU {la.device_id}")
-        lse_ptr = la.ptr
+        lse_ptr = _expect_output(lse, "lse", "[batch, num_qo_heads]", (B, Hq), "float32", device_id)
     if B == 0:
         return out, lse
 
@@ -340,10 +339,9 @@ def _checked_plan(problem, lens_host, device_id: int, plan, num_splits, page_siz
     return plan
 
 
-def _stream_workspace(kind: str, device_id: int, plan: SplitKVPlan):
+def _stream_workspace(plan: SplitKVPlan):
     """The workspace argument of `_launch` for one-off calls: shared per stream, grown to the plan."""
-    ws = _shared_workspace(kind, device_id, rt.current_stream_ptr(kind, device_id))
-    return lambda _kind, _dev, _stream: ws.ensure(plan)
+    return lambda kind, device_id, stream_ptr: _shared_workspace(kind, device_id, stream_ptr).ensure(plan)
 
 
 def split_kv(q, k, v, kv_lens=None, *, num_splits=None, plan=None, sm_scale=None, out=None, lse=None):
@@ -363,7 +361,7 @@ def split_kv(q, k, v, kv_lens=None, *, num_splits=None, plan=None, sm_scale=None
     plan = _checked_plan(problem, lens_host, qa.device_id, plan, num_splits, 0)
     lens_dev = None if kv_lens is None else rt.device_int32(kv_lens, qa.kind, qa.device_id, "kv_lens")
     return _launch(plan, q, k, v, kv_lens=lens_dev, paged=None, sm_scale=problem.sm_scale, out=out,
-                   lse=lse, workspace=_stream_workspace(qa.kind, qa.device_id, plan))
+                   lse=lse, workspace=_stream_workspace(plan))
 
 
 def paged_split_kv(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, *, num_splits=None,
@@ -386,4 +384,4 @@ def paged_split_kv(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len,
         rt.device_int32(kv_last_page_len, kind, dev, "kv_last_page_len"),
     )
     return _launch(plan, q, k_cache, v_cache, kv_lens=None, paged=paged, sm_scale=problem.sm_scale,
-                   out=out, lse=lse, workspace=_stream_workspace(kind, dev, plan))
+                   out=out, lse=lse, workspace=_stream_workspace(plan))
