@@ -25,12 +25,12 @@ class Calibration:
     block_bytes_per_s: float = 3.0e10    # what one block can stream on its own (bytes in flight / latency)
     bw_fraction: float = 0.97            # of the GPU's stream ceiling a well-fed kernel reaches
     contention_exponent: float = 2.5     # how sharply blocks' streams saturate the memory system
-    blocks_per_sm: int = 1               # resident decode blocks per SM (128 KB of pipeline stages each)
+    blocks_per_sm: int = 1               # resident decode blocks per SM as the schedule sees them (fitted)
     page_lookup_s: float = 2.0e-7        # a page-table lookup's latency on its block's path
     page_lookup_bytes: float = 512.0     # traffic-equivalent of a lookup's scattered page (row misses)
-    paged_stream_fraction: float = 1 / 3  # a paged block's stream rate over a contiguous one's
+    paged_stream_fraction: float = 1 / 2  # a paged block's stream rate over a contiguous one's
                                           # (default: tiles in flight, 1 of the paged kernel's 2
-                                          # stages against 3 of 4)
+                                          # stages against 2 of 3)
     matmul_fraction: float = 0.6         # of the tensor-core rate an attention-shaped product reaches
     vector_fraction: float = 0.5         # of the fp32 CUDA-core rate the softmax/dot loops reach
     source: str = "datasheet-derived defaults, not fitted: no committed decode results yet"

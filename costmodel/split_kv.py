@@ -34,16 +34,16 @@ from .prediction import F32, Launch, Prediction, check_head_grouping, dtype_byte
 # Kernel constants the plan must agree with (gpukernels/cuda/split_kv.cu has the same numbers).
 NUM_WARPS = 4                # warps per thread block
 TILE_TOKENS = 64             # tokens one block consumes per iteration (NUM_WARPS warps x 16 rows)
-PIPELINE_STAGES = 4          # tiles per warp in flight on the tensor-core path (contiguous cache)
+PIPELINE_STAGES = 3          # tiles per warp in flight on the tensor-core path (contiguous cache)
 PIPELINE_STAGES_PAGED = 2    # the same for a paged cache (2 blocks per SM at head_dim 128: registers)
 TENSOR_CORE_HEAD_DIMS = (64, 128)
 TENSOR_CORE_DTYPES = ("float16", "bfloat16")  # the kernel's mma path; float32 runs on CUDA cores
 SMEM_PER_SM_BYTES = 228 * 1024  # Hopper; what the pipeline stages of resident blocks share
 REGISTERS_PER_SM = 65536
-# Registers per thread of the tensor-core kernel (the most over its instantiations of a head_dim,
-# contiguous or paged), as ptxas reports them for sm_90. `python -m gpukernels.compile_check` fails
-# when a kernel's count would give an SM a different number of resident blocks than this does.
-TENSOR_CORE_REGISTERS = {64: 118, 128: 172}
+# Registers per thread of the tensor-core kernel by (head_dim, paged): the most over the
+# instantiations of that key, as ptxas reports them for sm_90. `python -m gpukernels.compile_check`
+# fails when a kernel's count would give an SM a different number of resident blocks than this does.
+TENSOR_CORE_REGISTERS = {(64, False): 115, (64, True): 119, (128, False): 166, (128, True): 174}
 MIN_CHUNK_TOKENS = 256       # the shortest chunk the split choice considers
 HEADS_PER_BLOCK_CHOICES = (1, 2, 4, 8)  # query heads served by one block (template parameter)
 ROWS_PER_WARP_TILE = TILE_TOKENS // NUM_WARPS  # rows one warp reads per step (page lookups per tile)
@@ -74,12 +74,12 @@ def blocks_per_sm_by_registers(registers_per_thread: int) -> int:
     return REGISTERS_PER_SM // (-(-registers_per_thread // 8) * 8 * NUM_WARPS * 32)
 
 
-def tensor_core_blocks_per_sm(head_dim: int, stages: int) -> int:
+def tensor_core_blocks_per_sm(head_dim: int, stages: int, paged: bool = False) -> int:
     """Blocks of the tensor-core kernel an SM holds: as many as its shared memory (1 KB reserved
-    each) and its registers allow. Head_dim 128: 1 with 4 stages (shared memory), 2 with 2 stages
-    (registers)."""
+    each) and its registers allow. Head_dim 128: 2 with the contiguous cache's 3 stages (shared
+    memory) and with the paged cache's 2 (registers)."""
     by_smem = SMEM_PER_SM_BYTES // (stages * pipeline_stage_bytes(head_dim) + 1024)
-    by_registers = blocks_per_sm_by_registers(TENSOR_CORE_REGISTERS[head_dim])
+    by_registers = blocks_per_sm_by_registers(TENSOR_CORE_REGISTERS[head_dim, paged])
     return max(1, min(by_smem, by_registers))
 
 
@@ -402,7 +402,8 @@ def split_kv_launch(plan: SplitKVPlan, kv_lens=None, *, name: str = "split_kv") 
     # its own (fitted: cal.paged_stream_fraction), and its pipeline's shared memory and its registers
     # set how many of its blocks an SM holds.
     paged_pipeline = bool(plan.page_size) and uses_tensor_cores(plan.dtype, plan.head_dim)
-    blocks_per_sm = tensor_core_blocks_per_sm(plan.head_dim, PIPELINE_STAGES_PAGED) if paged_pipeline else None
+    blocks_per_sm = (tensor_core_blocks_per_sm(plan.head_dim, PIPELINE_STAGES_PAGED, paged=True)
+                     if paged_pipeline else None)
     return Launch(
         name=name,
         bytes_by_tensor=bytes_by_tensor,

@@ -375,7 +375,7 @@ def run_decode_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool, sweep: b
         indptr = cp.arange(batch + 1, dtype=cp.int32) * pages_per_seq
         indices = cp.arange(batch * pages_per_seq, dtype=cp.int32)
         last = cp.full((batch,), kv_len - (pages_per_seq - 1) * PAGE_SIZE, dtype=cp.int32)
-        run_paged = lambda runner: runner.run_paged(q, kp, vp, indptr, indices, last)  # noqa: E731
+        run_paged = lambda runner: runner.run_paged(q, kp, vp, indptr, indices, last, out=out, lse=lse)  # noqa: E731
         rows += _plan_rows(plans(page_size=PAGE_SIZE), "paged_decode", run_paged,
                            {**base, "page_size": PAGE_SIZE}, timer, gpu)
         del kp, vp

@@ -19,7 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from costmodel.split_kv import TENSOR_CORE_REGISTERS, blocks_per_sm_by_registers
+from costmodel.split_kv import (SMEM_PER_SM_BYTES, blocks_per_sm_by_registers, pipeline_stage_bytes,
+                                 tensor_core_blocks_per_sm)
 
 from . import _runtime as rt
 from .split_kv import all_name_expressions
@@ -68,22 +69,25 @@ def _report(log: str) -> list[tuple[str, int, int, int]]:
     return rows
 
 
-_MMA_HEAD_DIM = re.compile(r"split_kv_mma_kernelI\w+?Li(\d+)E")
+_MMA_KEY = re.compile(r"split_kv_mma_kernelI\w+?Li(\d+)ELi\d+ELb([01])ELi(\d+)E")
 
 
 def _residency_problem(name: str, registers: int) -> "str | None":
     """A message when a tensor-core kernel's registers give an SM another number of resident
-    blocks than the cost model assumes (costmodel.split_kv.TENSOR_CORE_REGISTERS), else None."""
-    m = _MMA_HEAD_DIM.search(name)
+    blocks than the cost model assumes (costmodel.split_kv.TENSOR_CORE_REGISTERS), else None.
+    Residency is what both the registers and the instantiation's pipeline stages allow."""
+    m = _MMA_KEY.search(name)
     if not m:
         return None
-    head_dim = int(m.group(1))
-    want = blocks_per_sm_by_registers(TENSOR_CORE_REGISTERS[head_dim])
-    got = blocks_per_sm_by_registers(registers)
+    head_dim, paged, stages = int(m.group(1)), m.group(2) == "1", int(m.group(3))
+    want = tensor_core_blocks_per_sm(head_dim, stages, paged)
+    by_smem = SMEM_PER_SM_BYTES // (stages * pipeline_stage_bytes(head_dim) + 1024)
+    got = max(1, min(by_smem, blocks_per_sm_by_registers(registers)))
     if got == want:
         return None
-    return (f"{name}: {registers} registers per thread hold {got} blocks per SM; the cost model "
-            f"assumes {want} (update costmodel.split_kv.TENSOR_CORE_REGISTERS[{head_dim}])")
+    return (f"{name}: {registers} registers per thread and {stages} pipeline stages hold {got} blocks "
+            f"per SM; the cost model assumes {want} (update "
+            f"costmodel.split_kv.TENSOR_CORE_REGISTERS[{head_dim}, {paged}])")
 
 
 def main(argv=None) -> int:

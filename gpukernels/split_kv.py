@@ -42,13 +42,16 @@ _LOG2E = 1.4426950408889634
 
 # float16/bfloat16 at TENSOR_CORE_HEAD_DIMS run on the tensor cores, the rest on the CUDA cores.
 # Tiles each warp keeps in flight through shared memory there (PIPELINE_STAGES, with the other
-# constants the plan and the kernels share in costmodel.split_kv). Measured on H100: 2 to 4 stages
-# within 2% at batch 1; 4 best at large batch (1401 vs 1429 us at 64 x 8 x 16k), though its 128 KB
-# leave room for one block per SM; 8 warps per block instead of 4: 1-3% slower. Paged caches, where
+# constants the plan and the kernels share in costmodel.split_kv). Contiguous caches: 3 stages,
+# two blocks per SM (96 KB each), with the plan choosing about one block per SM at batch 1.
+# Measured on H100 with whole-row copies (us, stages/splits): 1 x 8 x 128k 4/8 193.2, 4/16 190.8,
+# 3/16 186.9, 2/16 187.2; 1 x 32 x 32k 4/4 189.7, 3/4 187.7, 2/4 186.9; 8 x 8 x 32k 4/1 368.9,
+# 3/2 357.7, 2/2 354.0; 64 x 8 x 16k 4/1 1400.9, 3/2 1390.6, 2/1 1397.5; 16 x 32 x 8k 4/1 704.9,
+# 3/2 703.9, 2/1 725.1 (3 stages: never more than 1% from the best). Paged caches, where
 # each lane also waits on page-table reads, run 2 stages (measured with pages of 16, 2 against 3
 # stages: H100 1429 vs 1454 us at 64 x 8 x 16k and 190.7 vs 200.8 at 1 x 8 x 128k; H200 981 vs
 # 1083 and 148 vs 158; 4 stages, one block per SM, 30-50% slower). Their shared memory would
-# leave room for three blocks per SM, but at head_dim 128 the registers (172 per thread) hold two;
+# leave room for three blocks per SM, but at head_dim 128 the registers (174 per thread) hold two;
 # forcing three (168 registers) measured 1310 against 988 us at 64 x 8 x 16k on H200.
 
 

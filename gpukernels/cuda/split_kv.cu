@@ -486,8 +486,11 @@ split_kv_kernel(const T* __restrict__ q,                 // [batch, num_qo_heads
 // tiles and epilogue, but each warp computes the scores of its 16 rows for all heads of the group
 // with mma.sync (query heads as the 16 rows of A, zero-padded) and the output likewise, so the
 // arithmetic per row costs a few instructions instead of a few hundred. K and V stream through a
-// cp.async pipeline in shared memory, STAGES tiles deep per warp; each lane copies exactly the
-// 16-byte pieces it later reads as operands, so no lane waits on another. The head_dim index is permuted
+// cp.async pipeline in shared memory, STAGES tiles deep per warp. From a contiguous cache each
+// warp copy instruction takes whole rows and drops every 16-byte piece into the slot of the lane
+// that reads it (a warp barrier after the wait); so does a paged cache whose pages hold whole warp
+// tiles (pages of 16 rows and up); from smaller pages each lane copies exactly the pieces it later
+// reads as operands. The head_dim index is permuted
 // consistently in Q and K (a dot product does not care about order), and in V and the output (each
 // output element goes back to its own dim), which makes every load 16 contiguous bytes.
 
@@ -534,7 +537,8 @@ __device__ __forceinline__ unsigned word(const uint4& v, int i) {
 
 // Through L1 (.ca), so the lanes that share a 32-byte sector make one request: with .cg each
 // 16-byte piece reached L2 on its own (measured on H100: 50% L2 hit rate, twice the L2 traffic,
-// 25% slower). A row past the sequence is zero-filled without a read.
+// 25% slower; with whole-row copies .cg still measured 1 x 8 x 128k in 265 against 189 us). A row
+// past the sequence is zero-filled without a read.
 // No L2 hints: an L2::256B prefetch hint measured 0.5-1% faster on H100 and 7-10% slower on H200
 // (64 x 8 x 16k: 1052 against 939 us). An L2 evict_first policy looks 8% faster at 1x8x32k on H100
 // after a benchmark's write flush only because it leaves the flush's dirty lines in L2 (their
@@ -661,64 +665,93 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     const int slot = whole_tiles ? pdiv.mod(tile) + (row - tile) : pdiv.mod(row);
     return page * page_elems + static_cast<long long>(slot) * row_elems + w.kh * HEAD_DIM;
   };
-  // Contiguous caches: each lane's six row pointers start at the first tile and advance by a
-  // constant per tile, so a copy costs no address arithmetic (measured: the per-row 64-bit offset
-  // math was most of the loop's instructions, and at batch 1 the loop is issue-bound).
+  // Contiguous caches, and pages that hold whole warp tiles: each warp copy instruction takes
+  // whole rows (ROWS_PER_COPY rows of PIECES 16-byte pieces: full 128-byte lines), and each piece
+  // lands in the slot of the lane that reads it as an operand (measured on H100 with read-only
+  // kernels: copying each lane's own operand pieces, half lines of 8 rows per instruction, read
+  // 1 x 8 x 128k in 198 against 188 us). A lane's pieces sit at a constant distance from one
+  // pointer per cache (contiguous: advancing by a constant per tile; paged: from the tile's page).
+  constexpr int PIECES = HEAD_DIM / 8;           // 16-byte pieces per row
+  constexpr int ROWS_PER_COPY = 32 / PIECES;
+  constexpr int COPIES = WARP_ROWS / ROWS_PER_COPY;   // of K (and of V) per lane per tile
+  static_assert(COPIES == MmaSlots<HEAD_DIM>::K, "one K slot per copy");
+  const int copy_row = lane / PIECES, copy_piece = lane % PIECES;
   const int first = w.first + warp * WARP_ROWS;
   const long long tile_step = static_cast<long long>(stride) * num_kv_heads * HEAD_DIM;
-  const T* kp[2];
-  const T* vp[4];
+  const long long copy_step = static_cast<long long>(ROWS_PER_COPY) * num_kv_heads * HEAD_DIM;
+  const T* kp = k;
+  const T* vp = v;
   if constexpr (!PAGED) {
-    const long long seq0 = (static_cast<long long>(w.b) * kv_len * num_kv_heads + w.kh) * HEAD_DIM;
-#pragma unroll
-    for (int i = 0; i < 6; ++i) {
-      const long long at = seq0 + static_cast<long long>(lane_row(first, i)) * num_kv_heads * HEAD_DIM;
-      if (i < 2) kp[i] = k + at + tig * 8;
-      else vp[i - 2] = v + at + gid * 8;
-    }
+    const long long at = (static_cast<long long>(w.b) * kv_len + first + copy_row) * row_elems +
+                         w.kh * HEAD_DIM + copy_piece * 8;
+    kp = k + at;
+    vp = v + at;
   }
+  // Where copy i of this lane lands: K row r's piece pc is read by lane (r % 8) * 4 + pc % 4 from
+  // slot (r / 8) * CHUNKS + pc / 4; V row r's piece pc by lane (pc % 8) * 4 + (r % 8) / 2 from slot
+  // K + (r % 2 + (r / 8) * 2) * VCHUNKS + pc / 8 (the operand layouts below).
+  uint4* const warp_slots = smem_stage + warp * SLOTS * 32;
+  auto k_dst = [&](int stage, int i) -> uint4* {
+    const int r = i * ROWS_PER_COPY + copy_row;
+    return warp_slots + stage * (NUM_WARPS * SLOTS * 32) +
+           ((r / 8) * CHUNKS + copy_piece / 4) * 32 + (r % 8) * 4 + copy_piece % 4;
+  };
+  auto v_dst = [&](int stage, int i) -> uint4* {
+    const int r = i * ROWS_PER_COPY + copy_row;
+    return warp_slots + stage * (NUM_WARPS * SLOTS * 32) +
+           (MmaSlots<HEAD_DIM>::K + (r % 2 + (r / 8) * 2) * VCHUNKS + copy_piece / 8) * 32 +
+           (copy_piece % 8) * 4 + (r % 8) / 2;
+  };
   auto issue = [&](int tile, int stage) {
-    if (tile < w.end) {
+    if constexpr (PAGED) {
+      if (tile < w.end && whole_tiles) {
+        // The warp tile lies in one page: whole rows, as from a contiguous cache.
+        const int page = pages[0];
+        const bool page_ok = page >= 0 && page < num_pages;
+        bad_page = bad_page || !page_ok;
+        const long long at = page_ok ? page * page_elems +
+                                           static_cast<long long>(pdiv.mod(tile) + copy_row) * row_elems +
+                                           w.kh * HEAD_DIM + copy_piece * 8
+                                     : 0;
 #pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        const T* src;
-        bool valid;
-        if constexpr (PAGED) {
+        for (int i = 0; i < COPIES; ++i) {
+          const bool valid = page_ok && tile + i * ROWS_PER_COPY + copy_row < w.end;
+          cp_async_16(k_dst(stage, i), k + (valid ? at + i * copy_step : 0), valid);
+          cp_async_16(v_dst(stage, i), v + (valid ? at + i * copy_step : 0), valid);
+        }
+      } else if (tile < w.end) {
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
           const long long off = offset_of(tile, n);
-          valid = off >= 0;
-          src = valid ? k + off + tig * 8 : k;
-        } else {
-          valid = lane_row(tile, n) < w.end;
-          src = valid ? kp[n] : k;
+          const bool valid = off >= 0;
+          const T* src = valid ? k + off + tig * 8 : k;
+#pragma unroll
+          for (int c = 0; c < CHUNKS; ++c) cp_async_16(slot(stage, n * CHUNKS + c), src + c * 32, valid);
         }
 #pragma unroll
-        for (int c = 0; c < CHUNKS; ++c) cp_async_16(slot(stage, n * CHUNKS + c), src + c * 32, valid);
-      }
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const T* src;
-        bool valid;
-        if constexpr (PAGED) {
+        for (int r = 0; r < 4; ++r) {
           const long long off = offset_of(tile, 2 + r);
-          valid = off >= 0;
-          src = valid ? v + off + gid * 8 : v;
-        } else {
-          valid = lane_row(tile, 2 + r) < w.end;
-          src = valid ? vp[r] : v;
-        }
+          const bool valid = off >= 0;
+          const T* src = valid ? v + off + gid * 8 : v;
 #pragma unroll
-        for (int c = 0; c < VCHUNKS; ++c) {
-          cp_async_16(slot(stage, MmaSlots<HEAD_DIM>::K + r * VCHUNKS + c), src + c * 64, valid);
+          for (int c = 0; c < VCHUNKS; ++c) {
+            cp_async_16(slot(stage, MmaSlots<HEAD_DIM>::K + r * VCHUNKS + c), src + c * 64, valid);
+          }
         }
       }
+    } else {
+      if (tile < w.end) {
+#pragma unroll
+        for (int i = 0; i < COPIES; ++i) {
+          const bool valid = tile + i * ROWS_PER_COPY + copy_row < w.end;
+          cp_async_16(k_dst(stage, i), valid ? kp + i * copy_step : k, valid);
+          cp_async_16(v_dst(stage, i), valid ? vp + i * copy_step : v, valid);
+        }
+      }
+      kp += tile_step;
+      vp += tile_step;
     }
     cp_async_commit();  // one group per tile, empty past the end, so the counting stays uniform
-    if constexpr (!PAGED) {
-#pragma unroll
-      for (int n = 0; n < 2; ++n) kp[n] += tile_step;
-#pragma unroll
-      for (int r = 0; r < 4; ++r) vp[r] += tile_step;
-    }
   };
 
 #pragma unroll
@@ -729,10 +762,13 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   look_up(first + (STAGES - 1) * stride);
   int stage = 0;
   for (int tile = first; tile < w.end; tile += stride) {
-    // The stage read in the previous iteration is free again (its values were consumed).
+    // The stage read in the previous iteration is free again (its values were consumed by every
+    // lane of the warp: with whole-row copies, lanes fill each other's slots).
+    __syncwarp();
     issue(tile + (STAGES - 1) * stride, (stage + STAGES - 1) % STAGES);
     look_up(tile + STAGES * stride);
     cp_async_wait<STAGES - 1>();   // this lane's copies of this tile have landed
+    __syncwarp();   // and every lane's
 
     // Scores: s[n][0..1] = head gid, rows tile + n*8 + 2*tig + {0, 1}; s[n][2..3] are padding rows.
     float s[2][4];
