@@ -74,12 +74,15 @@ def blocks_per_sm_by_registers(registers_per_thread: int) -> int:
     return REGISTERS_PER_SM // (-(-registers_per_thread // 8) * 8 * NUM_WARPS * 32)
 
 
-def tensor_core_blocks_per_sm(head_dim: int, stages: int, paged: bool = False) -> int:
+def tensor_core_blocks_per_sm(head_dim: int, stages: int, paged: bool = False, *,
+                              registers: int | None = None) -> int:
     """Blocks of the tensor-core kernel an SM holds: as many as its shared memory (1 KB reserved
-    each) and its registers allow. Head_dim 128: 2 with the contiguous cache's 3 stages (shared
-    memory) and with the paged cache's 2 (registers)."""
+    each) and its registers (default: TENSOR_CORE_REGISTERS) allow. Head_dim 128: 2 with the
+    contiguous cache's 3 stages (shared memory) and with the paged cache's 2 (registers)."""
     by_smem = SMEM_PER_SM_BYTES // (stages * pipeline_stage_bytes(head_dim) + 1024)
-    by_registers = blocks_per_sm_by_registers(TENSOR_CORE_REGISTERS[head_dim, paged])
+    if registers is None:
+        registers = TENSOR_CORE_REGISTERS[head_dim, paged]
+    by_registers = blocks_per_sm_by_registers(registers)
     return max(1, min(by_smem, by_registers))
 
 

@@ -19,8 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from costmodel.split_kv import (SMEM_PER_SM_BYTES, blocks_per_sm_by_registers, pipeline_stage_bytes,
-                                 tensor_core_blocks_per_sm)
+from costmodel.split_kv import tensor_core_blocks_per_sm
 
 from . import _runtime as rt
 from .split_kv import all_name_expressions
@@ -81,8 +80,7 @@ def _residency_problem(name: str, registers: int) -> "str | None":
         return None
     head_dim, paged, stages = int(m.group(1)), m.group(2) == "1", int(m.group(3))
     want = tensor_core_blocks_per_sm(head_dim, stages, paged)
-    by_smem = SMEM_PER_SM_BYTES // (stages * pipeline_stage_bytes(head_dim) + 1024)
-    got = max(1, min(by_smem, blocks_per_sm_by_registers(registers)))
+    got = tensor_core_blocks_per_sm(head_dim, stages, registers=registers)
     if got == want:
         return None
     return (f"{name}: {registers} registers per thread and {stages} pipeline stages hold {got} blocks "

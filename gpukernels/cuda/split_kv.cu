@@ -652,18 +652,16 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
       }
     }
   };
-  // Paged caches only (contiguous ones advance pointers, below): the offset of the lane's row i of
-  // a tile, or -1 past the end or on a page out of range (which poisons the output).
+  // Pages smaller than a warp tile (each lane copies its own operand rows): the offset of the
+  // lane's row i of a tile, or -1 past the end or on a page out of range (which poisons the output).
   auto offset_of = [&](int tile, int i) -> long long {
     const int row = lane_row(tile, i);
     if (row >= w.end) return -1;
-    const int page = whole_tiles ? pages[0] : pages[i];
-    if (page < 0 || page >= num_pages) {
+    if (pages[i] < 0 || pages[i] >= num_pages) {
       bad_page = true;
       return -1;
     }
-    const int slot = whole_tiles ? pdiv.mod(tile) + (row - tile) : pdiv.mod(row);
-    return page * page_elems + static_cast<long long>(slot) * row_elems + w.kh * HEAD_DIM;
+    return pages[i] * page_elems + static_cast<long long>(pdiv.mod(row)) * row_elems + w.kh * HEAD_DIM;
   };
   // Contiguous caches, and pages that hold whole warp tiles: each warp copy instruction takes
   // whole rows (ROWS_PER_COPY rows of PIECES 16-byte pieces: full 128-byte lines), and each piece
@@ -677,8 +675,8 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   static_assert(COPIES == MmaSlots<HEAD_DIM>::K, "one K slot per copy");
   const int copy_row = lane / PIECES, copy_piece = lane % PIECES;
   const int first = w.first + warp * WARP_ROWS;
-  const long long tile_step = static_cast<long long>(stride) * num_kv_heads * HEAD_DIM;
-  const long long copy_step = static_cast<long long>(ROWS_PER_COPY) * num_kv_heads * HEAD_DIM;
+  const long long tile_step = static_cast<long long>(stride) * row_elems;
+  const long long copy_step = static_cast<long long>(ROWS_PER_COPY) * row_elems;
   const T* kp = k;
   const T* vp = v;
   if constexpr (!PAGED) {
@@ -702,6 +700,15 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
            (MmaSlots<HEAD_DIM>::K + (r % 2 + (r / 8) * 2) * VCHUNKS + copy_piece / 8) * 32 +
            (copy_piece % 8) * 4 + (r % 8) / 2;
   };
+  // The whole-row copies of the warp tile at `tile`, this lane's first K and V pieces at kr and vr.
+  auto copy_rows = [&](int tile, int stage, const T* kr, const T* vr, bool ok) {
+#pragma unroll
+    for (int i = 0; i < COPIES; ++i) {
+      const bool valid = ok && tile + i * ROWS_PER_COPY + copy_row < w.end;
+      cp_async_16(k_dst(stage, i), valid ? kr + i * copy_step : k, valid);
+      cp_async_16(v_dst(stage, i), valid ? vr + i * copy_step : v, valid);
+    }
+  };
   auto issue = [&](int tile, int stage) {
     if constexpr (PAGED) {
       if (tile < w.end && whole_tiles) {
@@ -713,12 +720,7 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
                                            static_cast<long long>(pdiv.mod(tile) + copy_row) * row_elems +
                                            w.kh * HEAD_DIM + copy_piece * 8
                                      : 0;
-#pragma unroll
-        for (int i = 0; i < COPIES; ++i) {
-          const bool valid = page_ok && tile + i * ROWS_PER_COPY + copy_row < w.end;
-          cp_async_16(k_dst(stage, i), k + (valid ? at + i * copy_step : 0), valid);
-          cp_async_16(v_dst(stage, i), v + (valid ? at + i * copy_step : 0), valid);
-        }
+        copy_rows(tile, stage, k + at, v + at, page_ok);
       } else if (tile < w.end) {
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
@@ -740,14 +742,7 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
         }
       }
     } else {
-      if (tile < w.end) {
-#pragma unroll
-        for (int i = 0; i < COPIES; ++i) {
-          const bool valid = tile + i * ROWS_PER_COPY + copy_row < w.end;
-          cp_async_16(k_dst(stage, i), valid ? kp + i * copy_step : k, valid);
-          cp_async_16(v_dst(stage, i), valid ? vp + i * copy_step : v, valid);
-        }
-      }
+      if (tile < w.end) copy_rows(tile, stage, kp, vp, true);
       kp += tile_step;
       vp += tile_step;
     }
