@@ -29,6 +29,20 @@ Schedule of one call (names from `costmodel.split_kv`):
   running max of their natural-log LSEs and weights `exp2((lse - max) * log2(e))`.
   An empty sequence gives `out = 0`, `lse = -inf`.
 
+Non-finite input is never hidden (DESIGN.md), so the twin does what the kernels must, and what
+CUDA's `fmaxf` would not (it returns the other operand when one is NaN, so a NaN score would drop
+out of the running max and a -inf score would pass for a masked token):
+
+* a score that is not finite (a NaN or infinity in q or in an attended K row always gives one) is
+  made NaN, and every running max propagates NaN (`_max_or_nan`), so the state of that head, and
+  its `out` and `lse`, become NaN;
+* a NaN or infinity in an attended V row reaches `o` unchanged; an output element that is not
+  finite is written as NaN (`out[d]`, in the block's normalization and after the split merge);
+* a partial `lse` that is NaN poisons the merge the same way; in `simulate_merge_states` an lse of
+  NaN or +inf makes that head's `out` and `lse` NaN, an lse of -inf is the empty state (identity);
+* rows past a sequence's length are never read, and an empty sequence gives `out = 0`,
+  `lse = -inf` whatever q holds.
+
 Every value is float32, as on the GPU; the inputs are upcast from float16, bfloat16 or float32
 before entering numba, which has no bfloat16.
 """
@@ -57,6 +71,8 @@ ROWS_PER_WARP_TILE = TILE_TOKENS // NUM_WARPS  # K/V rows one warp scores per st
 LOG2E = 1.4426950408889634
 _LN2 = np.float32(math.log(2.0))
 _NEG_INF = np.float32(-np.inf)
+_POS_INF = np.float32(np.inf)
+_NAN = np.float32(np.nan)
 _ZERO = np.float32(0.0)
 
 # The kernels' input dtypes (a plan names its dtype) and their sizes; float64 is not one of them.
@@ -100,6 +116,21 @@ def _kv_row(b, t, seq_stride, page_size, kv_indptr, kv_indices):
 # ---------------------------------------------------------------------------------------------
 
 @njit(cache=True)
+def _max_or_nan(a, b):
+    """max(a, b), NaN if either is NaN: a NaN must poison the running max, not drop out of it
+    (CUDA's fmaxf, and Python's max with the NaN second, would return the other operand)."""
+    if math.isnan(a) or math.isnan(b):
+        return _NAN
+    return a if a >= b else b
+
+
+@njit(cache=True)
+def _nan_unless_finite(x):
+    """An output element computed from a non-finite value is written as NaN, never as +-inf."""
+    return x if math.isfinite(x) else _NAN
+
+
+@njit(cache=True)
 def _merge_base2(m1, l1, o1, m2, l2, o2):
     """Fold state 2 into state 1 (base-2 running max m, sum l, unnormalized o); returns (m, l)."""
     if m2 == _NEG_INF:
@@ -107,7 +138,7 @@ def _merge_base2(m1, l1, o1, m2, l2, o2):
     if m1 == _NEG_INF:
         o1[:] = o2
         return m2, l2
-    m = max(m1, m2)
+    m = _max_or_nan(m1, m2)  # a poisoned (NaN) warp state poisons the merge
     a1 = np.exp2(m1 - m)
     a2 = np.exp2(m2 - m)
     for d in range(o1.shape[0]):
@@ -117,9 +148,13 @@ def _merge_base2(m1, l1, o1, m2, l2, o2):
 
 @njit(cache=True)
 def _merge_lse(o1, lse1, o2, lse2):
-    """Fold the normalized state (o2, lse2) into (o1, lse1), natural log; returns the new lse."""
+    """Fold the normalized state (o2, lse2) into (o1, lse1), natural log; returns the new lse.
+    An lse2 of -inf is the empty state; NaN or +inf (in either) gives out = NaN, lse = NaN."""
     if lse2 == _NEG_INF:
         return lse1
+    if math.isnan(lse1) or math.isnan(lse2) or lse2 == _POS_INF:
+        o1[:] = _NAN
+        return _NAN
     if lse1 == _NEG_INF:
         o1[:] = o2
         return lse2
@@ -146,8 +181,7 @@ def _merge_splits(outs, lses, b, h, num_states, out):
         top = min(s0 + MERGE_BATCH, num_states)
         m_new = m_run
         for s in range(s0, top):
-            if lses[s, b, h] > m_new:   # a NaN never wins the max (fmaxf), but poisons the sum
-                m_new = lses[s, b, h]
+            m_new = _max_or_nan(m_new, lses[s, b, h])  # a NaN partial poisons the merge
         if m_new == _NEG_INF:
             continue
         a = _ZERO if m_run == _NEG_INF else np.exp2((m_run - m_new) * _LOG2E32)
@@ -160,10 +194,13 @@ def _merge_splits(outs, lses, b, h, num_states, out):
             for d in range(acc.shape[0]):
                 acc[d] += w * outs[s, b, h, d]
         m_run = m_new
-    inv = np.float32(1.0) / w_sum if w_sum > _ZERO else _ZERO
+    if m_run == _NEG_INF:  # every split empty
+        out[:] = _ZERO
+        return _NEG_INF
+    inv = np.float32(1.0) / w_sum  # w_sum >= 1 (the max split weighs 1), or NaN if poisoned
     for d in range(out.shape[0]):
-        out[d] = acc[d] * inv
-    return m_run + np.log2(w_sum) * _LN2 if w_sum > _ZERO else _NEG_INF
+        out[d] = _nan_unless_finite(acc[d] * inv)
+    return m_run + np.log2(w_sum) * _LN2
 
 
 @njit(cache=True)
@@ -190,10 +227,11 @@ def _run_block(q, k, v, b, h0, served, kh, s, splits, kv_len, scale_log2,
                     dot = _ZERO
                     for d in range(head_dim):
                         dot += q[b, h, d] * k[row, kh, d]
-                    scores[t - r0] = dot * scale_log2
-                    tile_max = max(tile_max, scores[t - r0])
+                    # A NaN or infinity in q or k: the score, and from it the state, is NaN.
+                    scores[t - r0] = _nan_unless_finite(dot * scale_log2)
+                    tile_max = _max_or_nan(tile_max, scores[t - r0])
                 m_old = warp_m[w, j]
-                m_new = max(m_old, tile_max)
+                m_new = _max_or_nan(m_old, tile_max)
                 alpha = _ZERO if m_old == _NEG_INF else np.exp2(m_old - m_new)
                 p_sum = _ZERO
                 pv[:] = _ZERO
@@ -218,12 +256,13 @@ def _run_block(q, k, v, b, h0, served, kh, s, splits, kv_len, scale_log2,
 
 @njit(cache=True)
 def _normalize(m, l, o, out):
-    """Block state -> (out = o / l, natural-log lse); the empty state gives (0, -inf)."""
+    """Block state -> (out = o / l, natural-log lse); the empty state gives (0, -inf), a poisoned
+    one (m = NaN) gives NaN, and an element of o made non-finite by V gives out[d] = NaN."""
     if m == _NEG_INF:
         out[:] = _ZERO
         return _NEG_INF
     for d in range(out.shape[0]):
-        out[d] = o[d] / l
+        out[d] = _nan_unless_finite(o[d] / l)
     return (m + np.log2(l)) * _LN2
 
 
@@ -273,6 +312,8 @@ def _merge_partials(outs, lses, b, h, num_states, out):
     lse = _NEG_INF
     for s in range(num_states):
         lse = _merge_lse(out, lse, outs[s, b, h], lses[s, b, h])
+    for d in range(out.shape[0]):
+        out[d] = _nan_unless_finite(out[d])  # a non-finite partial out stays visible, as NaN
     return lse
 
 
@@ -469,7 +510,9 @@ def simulate_merge_states(outs, lses):
 
     outs: [num_states, batch, num_heads, head_dim] (float32 partials; float16 / bfloat16 are
     upcast), lses: [num_states, batch, num_heads] float32. Empty states (lse = -inf) are the
-    identity; no states at all give the empty state. Returns (out in outs' dtype, lse float32).
+    identity; no states at all give the empty state. An lse of NaN or +inf makes that head's out
+    and lse NaN; a NaN or infinity in a non-empty state's out[d] makes the merged out[d] NaN.
+    Returns (out in outs' dtype, lse float32).
     """
     contract.check_merge_states(outs, lses, dtypes=KERNEL_DTYPES)
     _check_host_arrays(outs=outs, lses=lses)

@@ -18,7 +18,7 @@ import numpy as np
 
 from decode_attention import contract
 
-from ._common import attend, upcast
+from ._common import attend
 
 
 def decode(q, k, v, kv_lens=None, *, sm_scale=None):
@@ -34,9 +34,17 @@ def decode(q, k, v, kv_lens=None, *, sm_scale=None):
     kv_lens int [batch] (default: kv_len for every sequence).
     Returns float64 out [batch, num_qo_heads, head_dim] and lse [batch, num_qo_heads];
     a sequence with kv_lens[b] = 0 gets out = 0, lse = -inf.
+
+    Non-finite input: a non-finite score s[b, h, l] (a NaN or infinity in q[b, h] or in an
+    attended key k[b, l, h // G] gives one) makes out[b, h] and lse[b, h] NaN; a NaN or infinity
+    in an attended value v[b, l, j, d] makes out[b, h, d] NaN for the heads h of KV head j.
+    Tokens at l >= kv_lens[b] are never read.
+
+    One sequence and one KV head at a time, upcast to float64 only then: memory stays a few
+    times one head's cache, not the whole cache in float64.
     """
     problem, kv_lens = contract.check_decode(q, k, v, kv_lens, sm_scale=sm_scale)
-    q, k, v = upcast(q), upcast(k), upcast(v)  # q: [B, Hq, D]; k, v: [B, S, Hkv, D]
+    q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)  # q: [B, Hq, D]; k, v: [B, S, Hkv, D]
     out = np.zeros((problem.batch, problem.num_qo_heads, problem.head_dim))  # [B, Hq, D]
     lse = np.zeros((problem.batch, problem.num_qo_heads))  # [B, Hq]
     for b in range(problem.batch):

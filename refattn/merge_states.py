@@ -26,7 +26,7 @@ import numpy as np
 
 from decode_attention import contract
 
-from ._common import upcast
+from ._common import nan_unless_finite, upcast
 
 
 def merge_states(outs, lses):
@@ -39,6 +39,10 @@ def merge_states(outs, lses):
     States with lse = -inf are empty and contribute nothing, whatever their out holds; if every
     state is empty (or num_states = 0) the result is out = 0, lse = -inf.
 
+    Non-finite input is never hidden: an lse of NaN or +inf in any state makes that (sequence,
+    head)'s out and lse NaN; a NaN or infinity in outs[i, ..., d] of a non-empty state i makes
+    the merged out[..., d] NaN.
+
     outs [num_states, batch, num_heads, head_dim] (any float dtype), lses [num_states, batch,
     num_heads] (float32 or float64). Returns float64 out [batch, num_heads, head_dim] and
     lse [batch, num_heads].
@@ -47,17 +51,24 @@ def merge_states(outs, lses):
     outs, lses = upcast(outs), upcast(lses)  # outs: [N, B, H, D]; lses: [N, B, H]
     if num_states == 0:
         return np.zeros((batch, num_heads, head_dim)), np.full((batch, num_heads), -np.inf)
+    poisoned = np.any(np.isnan(lses) | np.isposinf(lses), axis=0)  # [B, H]: made NaN at the end
+    nonempty = np.isfinite(lses)  # [N, B, H]
+    lses = np.where(nonempty, lses, -np.inf)  # a poisoned state weighs 0 until then
     lse_max = np.max(lses, axis=0)  # [B, H]
     shift = np.where(np.isfinite(lse_max), lse_max, 0.0)  # all-empty: avoid -inf - -inf
     weights = np.exp(lses - shift)  # [N, B, H]; empty states weigh exactly 0
-    total = np.sum(weights, axis=0)  # [B, H]
-    nonempty = total > 0
-    # An empty state's out is ignored, not multiplied by 0 (it may hold anything, even NaN).
-    weighted = np.where((weights > 0)[..., None], weights[..., None] * outs, 0.0)  # [N, B, H, D]
+    total = np.sum(weights, axis=0)  # [B, H]; >= 1 unless every state is empty
+    # An empty state's out is ignored, not multiplied by 0 (it may hold anything, even NaN); a
+    # non-empty one's is multiplied even by a weight that underflowed to 0, so NaN stays NaN.
+    with np.errstate(invalid="ignore"):  # 0 * inf in a state's out: NaN is the answer
+        weighted = np.where(nonempty[..., None], weights[..., None] * outs, 0.0)  # [N, B, H, D]
     out = np.divide(
         weighted.sum(axis=0), total[..., None],
-        out=np.zeros((batch, num_heads, head_dim)), where=nonempty[..., None],
+        out=np.zeros((batch, num_heads, head_dim)), where=total[..., None] > 0,
     )  # [B, H, D]
+    out = nan_unless_finite(out)
     with np.errstate(divide="ignore"):
         lse = shift + np.log(total)  # [B, H]; -inf where every state is empty
+    out[poisoned] = np.nan
+    lse[poisoned] = np.nan
     return out, lse

@@ -24,7 +24,7 @@ import numpy as np
 
 from decode_attention import contract
 
-from ._common import attend, upcast
+from ._common import attend
 
 
 def paged_decode(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, *, sm_scale=None):
@@ -37,15 +37,17 @@ def paged_decode(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, *
 
     q [batch, num_qo_heads, head_dim]; k_cache, v_cache [num_pages, page_size, num_kv_heads,
     head_dim]; kv_indptr int [batch+1]; kv_indices int [nnz_pages]; kv_last_page_len int [batch].
-    Returns float64 out [batch, num_qo_heads, head_dim], lse [batch, num_qo_heads].
+    Returns float64 out [batch, num_qo_heads, head_dim], lse [batch, num_qo_heads]. Non-finite
+    input as in `refattn.decode`; slots outside a sequence's tokens are never read.
     """
     problem, kv_lens = contract.check_paged(
         q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale=sm_scale
     )
     kv_indptr = contract.as_index_array(kv_indptr, "kv_indptr")  # [B+1]
     kv_indices = contract.as_index_array(kv_indices, "kv_indices")  # [nnz_pages]
-    q = upcast(q)  # [B, Hq, D]
-    k_cache, v_cache = upcast(k_cache), upcast(v_cache)  # [P, page_size, Hkv, D]
+    q = np.asarray(q)  # [B, Hq, D]
+    # [P, page_size, Hkv, D], in their own dtype: `attend` upcasts one sequence's head at a time
+    k_cache, v_cache = np.asarray(k_cache), np.asarray(v_cache)
     hkv_d = (problem.num_kv_heads, problem.head_dim)
     out = np.zeros((problem.batch, problem.num_qo_heads, problem.head_dim))  # [B, Hq, D]
     lse = np.zeros((problem.batch, problem.num_qo_heads))  # [B, Hq]

@@ -31,7 +31,7 @@ import numpy as np
 
 from decode_attention import contract
 
-from ._common import attend_shared, softmax_with_lse, upcast
+from ._common import attend_shared, nan_unless_finite, softmax_with_lse, upcast
 from .decode import decode
 from .merge_states import merge_states
 
@@ -51,7 +51,8 @@ def shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, suffix_lens=None, *
     q [batch, num_qo_heads, head_dim]; k_prefix, v_prefix [prefix_len, num_kv_heads, head_dim];
     k_suffix, v_suffix [batch, suffix_len, num_kv_heads, head_dim]; suffix_lens int [batch]
     (default: suffix_len). Returns float64 out [batch, num_qo_heads, head_dim] and
-    lse [batch, num_qo_heads]; nothing to attend to gives out = 0, lse = -inf.
+    lse [batch, num_qo_heads]; nothing to attend to gives out = 0, lse = -inf. Non-finite input
+    as in `refattn.decode`, with both methods; suffix padding is never read.
     """
     problem, suffix_lens = contract.check_shared_prefix(
         q, k_prefix, v_prefix, k_suffix, v_suffix, suffix_lens, sm_scale=sm_scale, method=method
@@ -64,7 +65,7 @@ def shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, suffix_lens=None, *
 def _hydragen(problem, q, k_prefix, v_prefix, k_suffix, v_suffix, suffix_lens):
     # Prefix: every query row of every sequence against the prefix, one matrix product per KV head.
     prefix_out, prefix_lse = attend_shared(
-        upcast(q), upcast(k_prefix), upcast(v_prefix), problem.sm_scale
+        np.asarray(q), np.asarray(k_prefix), np.asarray(v_prefix), problem.sm_scale
     )  # [B, Hq, D], [B, Hq]
     # Suffix: each sequence against its own tokens.
     suffix_out, suffix_lse = decode(
@@ -83,12 +84,18 @@ def _bifurcated(problem, q, k_prefix, v_prefix, k_suffix, v_suffix, suffix_lens)
     # logits_prefix: [B, Hkv, G, P]
     logits_suffix = np.einsum("bjid,btjd->bjit", q_groups, k_suffix) * problem.sm_scale
     # logits_suffix: [B, Hkv, G, S]
-    padding = np.arange(problem.suffix_len)[None, :] >= suffix_lens[:, None]  # [B, S]
-    logits_suffix = np.where(padding[:, None, None, :], -np.inf, logits_suffix)
-    probs, lse = softmax_with_lse(np.concatenate([logits_prefix, logits_suffix], axis=-1))
-    # probs: [B, Hkv, G, P + S]; lse: [B, Hkv, G]
-    out = (
-        np.einsum("bjip,pjd->bjid", probs[..., :prefix_len], v_prefix)
-        + np.einsum("bjit,btjd->bjid", probs[..., prefix_len:], v_suffix)
-    )  # [B, Hkv, G, D]
+    attended = np.concatenate([
+        np.ones((batch, prefix_len), dtype=bool),
+        np.arange(problem.suffix_len)[None, :] < suffix_lens[:, None],
+    ], axis=1)  # [B, P + S]: the prefix, then each sequence's own suffix tokens
+    probs, lse = softmax_with_lse(
+        np.concatenate([logits_prefix, logits_suffix], axis=-1), attended[:, None, None, :]
+    )  # probs: [B, Hkv, G, P + S], exactly 0 on padding; lse: [B, Hkv, G]
+    # Padding is never read: its values are replaced, not multiplied by 0 (they may be NaN).
+    v_suffix = np.where(attended[:, prefix_len:, None, None], v_suffix, 0.0)  # [B, S, Hkv, D]
+    with np.errstate(invalid="ignore"):  # inf - inf from non-finite input: NaN is the answer
+        out = nan_unless_finite(
+            np.einsum("bjip,pjd->bjid", probs[..., :prefix_len], v_prefix)
+            + np.einsum("bjit,btjd->bjid", probs[..., prefix_len:], v_suffix)
+        )  # [B, Hkv, G, D]
     return out.reshape(batch, problem.num_qo_heads, d), lse.reshape(batch, problem.num_qo_heads)

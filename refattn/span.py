@@ -23,7 +23,7 @@ import numpy as np
 
 from decode_attention import contract
 
-from ._common import attend, upcast
+from ._common import attend
 
 
 def span(q, k, v, span_indptr, spans, *, sm_scale=None):
@@ -35,11 +35,12 @@ def span(q, k, v, span_indptr, spans, *, sm_scale=None):
     q [batch, num_qo_heads, head_dim]; k, v [batch, kv_len, num_kv_heads, head_dim];
     span_indptr int [batch+1]; spans int [num_spans, 2].
     Returns float64 out [batch, num_qo_heads, head_dim], lse [batch, num_qo_heads]; a sequence
-    without spans gets out = 0, lse = -inf.
+    without spans gets out = 0, lse = -inf. Non-finite input as in `refattn.decode`; tokens
+    outside a sequence's spans are never read.
     """
     problem = contract.check_span(q, k, v, span_indptr, spans, sm_scale=sm_scale)
     span_indptr, spans = contract.check_spans(span_indptr, spans, problem.batch, problem.kv_len)
-    q, k, v = upcast(q), upcast(k), upcast(v)  # q: [B, Hq, D]; k, v: [B, S, Hkv, D]
+    q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)  # q: [B, Hq, D]; k, v: [B, S, Hkv, D]
     out = np.zeros((problem.batch, problem.num_qo_heads, problem.head_dim))  # [B, Hq, D]
     lse = np.zeros((problem.batch, problem.num_qo_heads))  # [B, Hq]
     for b in range(problem.batch):

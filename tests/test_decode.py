@@ -2,6 +2,7 @@
 
 import doctest
 import importlib
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -188,6 +189,25 @@ def test_fixed_larger_case_with_odd_sizes():
     kv_lens = np.array([339, 1, 200])
     got = refattn.decode(q, k, v, kv_lens)
     assert_same_state(got, oracle_decode(q, k, v, kv_lens, 1 / 8))
+
+
+def test_long_cache_is_never_copied_whole_in_float64():
+    # One 128k-token sequence, 32 query / 8 KV heads, head_dim 128, float16, cut to 2048 tokens.
+    # One KV head's K and V in float64 take half the inputs' bytes (8 bytes, not 2, for 1 of 8
+    # heads); a float64 copy of the whole cache takes 4x them, with heads repeated over the
+    # group of 4, 16x more. numpy reports its allocations to tracemalloc.
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((1, 32, 128)).astype(np.float16)
+    k, v = rng.standard_normal((2, 1, 2048, 8, 128), dtype=np.float32).astype(np.float16)
+    tracemalloc.start()
+    try:
+        got = refattn.decode(q, k, v)
+        peak_bytes = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    input_bytes = k.nbytes + v.nbytes
+    assert peak_bytes < 2 * input_bytes, f"peak {peak_bytes / input_bytes:.1f}x the cache's bytes"
+    assert_same_state(got, refattn.split_kv(q, k, v, chunk_size=300))
 
 
 @given(decode_cases())

@@ -4,6 +4,7 @@ import doctest
 import importlib
 
 import numpy as np
+import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -128,6 +129,51 @@ def test_accepts_every_float_dtype_for_outs(dtype, lse_dtype, data):
     out, lse = refattn.merge_states(outs, lses)
     assert out.dtype == np.float64 and lse.dtype == np.float64
     assert np.isneginf(lse[0, 2]) and np.all(out[0, 2] == 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite input: a NaN or +inf lse poisons its (sequence, head); -inf is the empty state.
+
+
+@given(states(), st.data())
+def test_nan_or_plus_inf_lse_makes_its_head_nan(parts, data):
+    outs, lses = parts
+    num_states, batch, num_heads = lses.shape
+    sites = data.draw(st.lists(
+        st.tuples(st.integers(0, num_states - 1), st.integers(0, batch - 1),
+                  st.integers(0, num_heads - 1), st.sampled_from([np.nan, np.inf])),
+        min_size=1, max_size=3,
+    ), label="sites")
+    bad = lses.copy()
+    poisoned = np.zeros((batch, num_heads), dtype=bool)
+    for i, b, h, value in sites:
+        bad[i, b, h] = value
+        poisoned[b, h] = True
+    out, lse = refattn.merge_states(outs, bad)
+    assert np.all(np.isnan(out[poisoned])) and np.all(np.isnan(lse[poisoned]))
+    clean_out, clean_lse = refattn.merge_states(outs, lses)
+    np.testing.assert_array_equal(out[~poisoned], clean_out[~poisoned])
+    np.testing.assert_array_equal(lse[~poisoned], clean_lse[~poisoned])
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_bad_lse_is_not_hidden_by_empty_states(value):
+    # Alone, or among empty states: still NaN, never the empty state's 0 / -inf.
+    for lses in ([value], [-np.inf, value, -np.inf]):
+        lses = np.array(lses)[:, None, None]  # [N, 1, 1]
+        out, lse = refattn.merge_states(np.ones((len(lses), 1, 1, 2)), lses)
+        assert np.all(np.isnan(out)) and np.isnan(lse[0, 0])
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("state", [0, 1])
+def test_bad_out_of_a_nonempty_state_makes_its_element_nan(value, state):
+    # State 1 weighs exp(-1e4) = 0 in float64, yet it is not empty: its bad element still shows.
+    outs = np.ones((2, 1, 1, 3))
+    outs[state, 0, 0, 1] = value
+    out, lse = refattn.merge_states(outs, np.array([[[0.0]], [[-1e4]]]))
+    assert np.isnan(out[0, 0, 1])
+    assert out[0, 0, 0] == 1.0 and out[0, 0, 2] == 1.0 and lse[0, 0] == 0.0
 
 
 def test_docstring_example_runs():

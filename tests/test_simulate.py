@@ -181,6 +181,124 @@ def test_merge_states_empty_state_is_identity():
 
 
 # ----------------------------------------------------------------------------------------------
+# Non-finite input: NaN exactly where the reference has it (see refattn/_common.py), never a
+# plausible 0 or -inf, and never from rows the schedule does not attend.
+
+BAD_VALUES = [np.nan, np.inf, -np.inf]
+
+
+@given(
+    schedule_cases(max_kv_len=200),
+    st.lists(st.tuples(st.sampled_from(["q", "k", "v"]), st.integers(0, 10**6),
+                       st.sampled_from(BAD_VALUES)), min_size=1, max_size=3),
+    st.sampled_from(PAGE_SIZES),
+)
+@example(dict(  # q NaN in a head of a 3-split sequence, -inf in a key, +inf in a value
+    dtype="float16", batch=3, num_qo_heads=6, num_kv_heads=2, head_dim=8, kv_len=150,
+    kv_lens=np.array([150, 0, 70]), plan_len=150, num_splits=3, num_sms=132, sm_scale=None,
+    seed=3,
+), [("q", 4, np.nan), ("k", 2 * 150 * 16 + 5 * 16 + 9, -np.inf), ("v", 3 * 16 + 2, np.inf)], 3)
+def test_bad_values_give_nan_where_the_reference_does(case, sites, page_size):
+    q, k, v = make_inputs(case)  # rows past each sequence's length already hold NaN
+    for name, position, value in sites:
+        x = {"q": q, "k": k, "v": v}[name]
+        if x.size:
+            x.reshape(-1)[position % x.size] = value
+    out, lse = simulate_split_kv(make_plan(case), q, k, v, case["kv_lens"],
+                                 sm_scale=case["sm_scale"])
+    ref_out, ref_lse = decode(q, k, v, case["kv_lens"], sm_scale=case["sm_scale"])
+    np.testing.assert_array_equal(np.isnan(lse), np.isnan(ref_lse))
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    np.testing.assert_array_equal(np.isnan(out.astype(np.float32)), np.isnan(ref_out))
+    assert not np.any(np.isinf(out.astype(np.float32)))
+    read = ~np.isnan(ref_out)  # the rest is as close to the reference as without bad values
+    assert_close_to_reference(np.where(read, out, 0), np.where(np.isnan(lse), 0, lse),
+                              np.where(read, ref_out, 0), np.where(np.isnan(ref_lse), 0, ref_lse),
+                              case["dtype"])
+
+    # The paged schedule differs only in addressing: the same values, NaN included.
+    paged = paged_from_contiguous(
+        k, v, case["kv_lens"], page_size=page_size, shuffle=case["seed"], extra_pages=2)
+    paged_out, paged_lse = simulate_paged_decode(
+        make_plan(case, page_size=page_size), q, *paged, sm_scale=case["sm_scale"])
+    np.testing.assert_array_equal(paged_out.astype(np.float32), out.astype(np.float32))
+    np.testing.assert_array_equal(paged_lse, lse)
+
+
+def _one_sequence(dtype=np.float32, kv_len=300, num_qo_heads=4, num_kv_heads=2, head_dim=16):
+    rng = np.random.default_rng(11)
+    q = rng.standard_normal((1, num_qo_heads, head_dim)).astype(dtype)
+    k, v = rng.standard_normal((2, 1, kv_len, num_kv_heads, head_dim)).astype(dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("value", BAD_VALUES)
+def test_bad_query_head_gives_nan_not_the_empty_state(num_splits, value):
+    # A NaN score never wins fmaxf, so a running max left at -inf made the head look empty.
+    q, k, v = _one_sequence()
+    q[0, 1] = value  # every element of head 1
+    plan = plan_split_kv(1, 4, 2, 16, 300, dtype="float32", num_splits=num_splits)
+    out, lse = simulate_split_kv(plan, q, k, v)
+    assert np.all(np.isnan(out[0, 1])) and np.isnan(lse[0, 1])
+    assert np.all(np.isfinite(out[0, [0, 2, 3]])) and np.all(np.isfinite(lse[0, [0, 2, 3]]))
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_key_of_minus_inf_is_not_a_masked_token(num_splits):
+    q, k, v = _one_sequence()
+    q[...] = np.abs(q)
+    k[0, 200, 0] = -np.inf  # q . k = -inf would weigh the token 0, as if it were masked
+    plan = plan_split_kv(1, 4, 2, 16, 300, dtype="float32", num_splits=num_splits)
+    out, lse = simulate_split_kv(plan, q, k, v)
+    assert np.all(np.isnan(out[0, :2])) and np.all(np.isnan(lse[0, :2]))  # KV head 0's heads
+    assert np.all(np.isfinite(out[0, 2:])) and np.all(np.isfinite(lse[0, 2:]))
+
+
+@pytest.mark.parametrize("value", BAD_VALUES)
+def test_bad_value_element_gives_nan_not_inf(value):
+    q, k, v = _one_sequence()
+    v[0, 7, 1, 5] = value
+    plan = plan_split_kv(1, 4, 2, 16, 300, dtype="float32", num_splits=3)
+    out, lse = simulate_split_kv(plan, q, k, v)
+    assert np.all(np.isnan(out[0, 2:, 5]))
+    assert np.sum(np.isnan(out)) == 2 and np.all(np.isfinite(lse))
+
+
+def test_empty_sequence_ignores_a_bad_query():
+    q, k, v = _one_sequence()
+    q[...] = np.nan
+    plan = plan_split_kv(1, 4, 2, 16, 300, dtype="float32", num_splits=3)
+    out, lse = simulate_split_kv(plan, q, k, v, [0])
+    assert np.all(out == 0) and np.all(np.isneginf(lse))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_merge_states_bad_lse_gives_nan(value):
+    rng = np.random.default_rng(12)
+    outs = rng.standard_normal((3, 2, 4, 8)).astype(np.float32)
+    lses = rng.standard_normal((3, 2, 4)).astype(np.float32)
+    lses[:, 1, 2] = -np.inf  # (1, 2): empty states ...
+    lses[1, 1, 2] = value  # ... and one bad one, which used to pass for the whole
+    lses[2, 0, 3] = value
+    out, lse = simulate_merge_states(outs, lses)
+    ref_out, ref_lse = merge_states(outs, lses)
+    for got, want in ((out, ref_out), (lse, ref_lse)):
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert np.isnan(lse[1, 2]) and np.isnan(lse[0, 3]) and np.sum(np.isnan(lse)) == 2
+
+
+@pytest.mark.parametrize("value", BAD_VALUES)
+def test_merge_states_bad_out_gives_nan_element(value):
+    rng = np.random.default_rng(13)
+    outs = rng.standard_normal((3, 1, 2, 8)).astype(np.float32)
+    lses = rng.standard_normal((3, 1, 2)).astype(np.float32)
+    outs[0, 0, 1, 6] = value
+    out, lse = simulate_merge_states(outs, lses)
+    assert np.isnan(out[0, 1, 6]) and np.sum(np.isnan(out)) == 1 and np.all(np.isfinite(lse))
+
+
+# ----------------------------------------------------------------------------------------------
 # The schedule and its traffic against the plan
 
 
