@@ -4,25 +4,33 @@
 One module per variant (`split_kv`, `decode`, `paged_decode`, `merge_states`, `shared_prefix`,
 `tree`, `span`), each with a `predict`; `predict_row` predicts a benchmark result row of any
 suite; `explain` ranks the variants for a workload; `papers` reproduces the published claims;
-`accuracy` and `calibrate` hold the model to the committed measurements.
+`accuracy` and `calibrate` hold the model to the committed measurements. Predictions and
+explanations print as tables with units (`format_prediction`, `format_explanation`) and render
+as HTML tables in a notebook. GPUs are named exactly (`get_gpu`, `gpu_names`: the table in
+`data/gpus.json`); a plan made for a GPU takes its SM count.
 """
 
 from .calibration import Calibration, load_calibration
-from .explain import Workload, explain
-from .gpus import GPUSpec, get_gpu
+from .display import format_explanation, format_prediction
+from .explain import Explanation, Workload, explain
+from .gpus import GPUSpec, get_gpu, gpu_names
 from .prediction import Prediction
 from .rows import UnsupportedRow, predict_row
 from .split_kv import SplitKVPlan, plan_split_kv
 
 __all__ = [
     "Calibration",
+    "Explanation",
     "GPUSpec",
     "Prediction",
     "SplitKVPlan",
     "UnsupportedRow",
     "Workload",
     "explain",
+    "format_explanation",
+    "format_prediction",
     "get_gpu",
+    "gpu_names",
     "load_calibration",
     "plan_split_kv",
     "predict_row",

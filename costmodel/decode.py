@@ -10,7 +10,7 @@ from __future__ import annotations
 from .calibration import Calibration
 from .gpus import GPUSpec
 from .prediction import Prediction
-from .split_kv import DEFAULT_NUM_SMS, SplitKVPlan, plan_split_kv
+from .split_kv import SplitKVPlan, plan_split_kv
 from .split_kv import predict as _predict_split_kv
 
 __all__ = ["plan_decode", "predict"]
@@ -24,11 +24,14 @@ def plan_decode(
     max_kv_len: int,
     *,
     dtype: str = "float16",
-    num_sms: int = DEFAULT_NUM_SMS,
+    num_sms: int | None = None,
     page_size: int = 0,
+    gpu: "GPUSpec | str | None" = None,
 ) -> SplitKVPlan:
+    """The unsplit plan; `gpu` and `num_sms` as in `plan_split_kv` (the plan takes the GPU's SM
+    count)."""
     return plan_split_kv(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, dtype=dtype,
-                         num_splits=1, num_sms=num_sms, page_size=page_size)
+                         num_splits=1, num_sms=num_sms, page_size=page_size, gpu=gpu)
 
 
 def predict(

@@ -9,6 +9,9 @@ every sequence, one block per sequence and KV head): what runs without any of th
 >>> e = explain(Workload(batch=16, prefix_len=8192, suffix_len=256), gpu="H100")
 >>> e.winner
 'shared_prefix:hydragen'
+
+`print(e)` (or `e` in a notebook) shows the table: one row per variant with its time, speedup,
+traffic and rates in units, and the sentence on why the winner wins.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import decode, paged_decode, shared_prefix, span, split_kv, tree
-from .calibration import Calibration, load_calibration
+from .calibration import Calibration
+from .display import explanation_html, format_bytes, format_explanation, format_seconds
 from .gpus import GPUSpec, get_gpu
 from .models import LLAMA3_8B
-from .prediction import Prediction, check_shape_fields
+from .prediction import Prediction, calibration_for, check_fraction, check_shape_fields
 
 __all__ = ["Workload", "VariantRow", "Explanation", "explain", "builtin_workloads", "format_explanation",
            "format_bytes", "BASELINE"]
@@ -42,10 +46,14 @@ class Workload:
     title: str = ""
 
     def __post_init__(self):
-        if not 0.0 < self.density <= 1.0:
-            raise ValueError(f"density must lie in (0, 1], got {self.density!r}")
+        # sizes: ints (NumPy integers too), stored as int; TypeError for a wrong type, ValueError
+        # for a wrong value
         check_shape_fields(self, ("batch", "num_qo_heads", "num_kv_heads", "head_dim", "num_spans", "page_size"),
                            ("prefix_len", "suffix_len"))
+        object.__setattr__(self, "density", check_fraction(self.density, "density", low_open=True))
+        for name in ("dtype", "title"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a str, got {type(getattr(self, name)).__name__}")
         if self.context_len < 1:
             raise ValueError("the context (prefix_len + suffix_len) must hold at least one token")
 
@@ -66,27 +74,46 @@ class Workload:
                 f"head_dim {self.head_dim}, {self.dtype}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class VariantRow:
     variant: str
     prediction: Prediction
     speedup: float       # baseline time / this variant's time
     plan: str            # how the call is cut, in words
 
+    def __repr__(self) -> str:
+        return (f"<VariantRow {self.variant}: {format_seconds(self.prediction.time_s)}, "
+                f"{self.speedup:.2f}x the baseline, {self.plan}>")
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, repr=False)
 class Explanation:
+    """What `explain` returns. Prints as a table (`str`, `repr`) and renders as one in a notebook
+    (`_repr_html_`); `rows[i].prediction` holds each variant's bytes and time terms."""
+
     workload: Workload
     gpu: GPUSpec
     rows: tuple[VariantRow, ...]      # fastest first
     winner: str
     why: str
 
+    @property
+    def baseline(self) -> str:
+        return BASELINE
+
     def row(self, variant: str) -> VariantRow:
         for r in self.rows:
             if r.variant == variant:
                 return r
         raise KeyError(variant)
+
+    def __str__(self) -> str:
+        return format_explanation(self)
+
+    __repr__ = __str__
+
+    def _repr_html_(self) -> str:
+        return explanation_html(self)
 
 
 def builtin_workloads() -> list[Workload]:
@@ -99,22 +126,25 @@ def builtin_workloads() -> list[Workload]:
     ]
 
 
+def _splits(n: int) -> str:
+    return f"{n} split{'' if n == 1 else 's'}"
+
+
 def _predictions(w: Workload, gpu: GPUSpec, cal: Calibration) -> list[tuple[str, Prediction, str]]:
     b, hq, hkv, d, n = w.batch, w.num_qo_heads, w.num_kv_heads, w.head_dim, w.context_len
     out = []
-    base = decode.plan_decode(b, hq, hkv, d, n, dtype=w.dtype, num_sms=gpu.num_sms)
+    base = decode.plan_decode(b, hq, hkv, d, n, dtype=w.dtype, gpu=gpu)
     out.append(("decode", decode.predict(base, gpu=gpu, calibration=cal),
                 f"{base.num_blocks} blocks, whole cache per block"))
-    sk = split_kv.plan_split_kv(b, hq, hkv, d, n, dtype=w.dtype, num_sms=gpu.num_sms, gpu=gpu)
+    sk = split_kv.plan_split_kv(b, hq, hkv, d, n, dtype=w.dtype, gpu=gpu)
     out.append(("split_kv", split_kv.predict(sk, gpu=gpu, calibration=cal),
-                f"{sk.num_splits} splits of {sk.chunk_size} tokens"))
-    pg = paged_decode.plan_paged_decode(b, hq, hkv, d, n, page_size=w.page_size, dtype=w.dtype,
-                                        num_sms=gpu.num_sms, gpu=gpu)
+                f"{_splits(sk.num_splits)} of {sk.chunk_size} tokens"))
+    pg = paged_decode.plan_paged_decode(b, hq, hkv, d, n, page_size=w.page_size, dtype=w.dtype, gpu=gpu)
     out.append(("paged_decode", paged_decode.predict(pg, gpu=gpu, calibration=cal),
-                f"pages of {w.page_size}, {pg.num_splits} splits"))
+                f"pages of {w.page_size}, {_splits(pg.num_splits)}"))
     if w.shares_prefix:
         shape = shared_prefix.SharedPrefixShape(b, hq, hkv, d, w.prefix_len, w.suffix_len, w.dtype)
-        hp = shared_prefix.plan_hydragen(shape, num_sms=gpu.num_sms, gpu=gpu, calibration=cal)
+        hp = shared_prefix.plan_hydragen(shape, gpu=gpu, calibration=cal)
         out.append(("shared_prefix:hydragen",
                     shared_prefix.predict(shape, method="hydragen", gpu=gpu, calibration=cal, plan=hp),
                     f"prefix chunks of {hp.prefix_chunk_size}, suffix chunks of {hp.suffix_chunk_size}"))
@@ -122,23 +152,16 @@ def _predictions(w: Workload, gpu: GPUSpec, cal: Calibration) -> list[tuple[str,
                     shared_prefix.predict(shape, method="bifurcated", gpu=gpu, calibration=cal),
                     "published form: 6 launches, logits in memory"))
         ts = tree.TreeShape(b, hq, hkv, d, ((1, w.prefix_len), (b, w.suffix_len)), w.dtype)
-        tp = tree.plan_tree(ts, num_sms=gpu.num_sms, gpu=gpu, calibration=cal)
+        tp = tree.plan_tree(ts, gpu=gpu, calibration=cal)
         out.append(("tree", tree.predict(ts, gpu=gpu, calibration=cal, plan=tp),
                     f"2 levels, chunks of {' / '.join(map(str, tp.chunk_sizes))}"))
     if w.density < 1.0:
         shape = span.SpanShape.from_density(b, hq, hkv, d, n, density=w.density, num_spans=w.num_spans,
                                             dtype=w.dtype)
-        sp = span.plan_span(shape, num_sms=gpu.num_sms, gpu=gpu, calibration=cal)
+        sp = span.plan_span(shape, gpu=gpu, calibration=cal)
         out.append(("span", span.predict(shape, gpu=gpu, calibration=cal, plan=sp),
                     f"{sp.items_per_sequence} work items of <= {sp.chunk_size} tokens per sequence"))
     return out
-
-
-def format_bytes(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
 
 
 def _why(w: Workload, gpu: GPUSpec, win: VariantRow, base: VariantRow) -> str:
@@ -173,33 +196,15 @@ def _why(w: Workload, gpu: GPUSpec, win: VariantRow, base: VariantRow) -> str:
 
 def explain(workload: Workload, gpu: "GPUSpec | str" = "H100", *,
             calibration: Calibration | None = None) -> Explanation:
+    """Predict every variant that applies to `workload` on `gpu`, fastest first, and say why the
+    winner wins. The result prints as a table (and renders as one in a notebook)."""
+    if not isinstance(workload, Workload):
+        raise TypeError(f"workload must be a Workload, got {type(workload).__name__}")
     gpu = get_gpu(gpu)
-    cal = calibration or load_calibration(gpu.key)
+    cal = calibration_for(gpu, calibration)
     preds = _predictions(workload, gpu, cal)
     base_time = next(p.time_s for name, p, _ in preds if name == BASELINE)
     rows = sorted((VariantRow(name, p, base_time / p.time_s, plan) for name, p, plan in preds),
                   key=lambda r: r.prediction.time_s)
     base = next(r for r in rows if r.variant == BASELINE)
     return Explanation(workload, gpu, tuple(rows), rows[0].variant, _why(workload, gpu, rows[0], base))
-
-
-def format_explanation(e: Explanation, measured_s: "dict[str, float] | None" = None) -> str:
-    """The table: one line per variant, fastest first; `measured_s` adds a measured column."""
-    head = (f"{'variant':<26} {'HBM bytes':>10} {'GFLOP':>8} {'blocks':>7} {'waves':>6} "
-            f"{'bound':>8} {'time':>10} {'speedup':>8}")
-    if measured_s is not None:
-        head += f" {'measured':>10}"
-    lines = [f"{e.workload.title or 'workload'}: {e.workload.describe()}",
-             f"on {e.gpu.name} ({e.gpu.num_sms} SMs, {e.gpu.stream_bytes_per_s / 1e12:.2f} TB/s, "
-             f"{e.gpu.matmul_flops_per_s / 1e12:.0f} TFLOP/s); baseline: {BASELINE} on the "
-             "concatenated cache", head, "-" * len(head)]
-    for r in e.rows:
-        p = r.prediction
-        line = (f"{r.variant:<26} {format_bytes(p.hbm_bytes):>10} {p.flops / 1e9:>8.2f} "
-                f"{p.num_blocks:>7} {p.waves:>6.2f} {p.bound:>8} {p.time_us:>8.1f}us {r.speedup:>7.2f}x")
-        if measured_s is not None:
-            m = measured_s.get(r.variant)
-            line += f" {m * 1e6:>8.1f}us" if m is not None else f" {'-':>10}"
-        lines.append(line)
-    lines.append(e.why)
-    return "\n".join(lines)

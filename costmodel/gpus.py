@@ -8,6 +8,8 @@ the better of the measured read and copy rates, a fraction of the datasheet unti
 >>> gpu = get_gpu("NVIDIA H100 80GB HBM3")
 >>> gpu.num_sms, gpu.key
 (132, 'h100_sxm')
+>>> get_gpu("nvidia a100-sxm4-40gb").num_sms
+108
 >>> get_gpu("H100").with_measured(copy_bytes_per_s=3.1e12).stream_bytes_per_s
 3100000000000.0
 """
@@ -23,7 +25,10 @@ from importlib import resources
 
 import numpy as np
 
-__all__ = ["GPUSpec", "get_gpu", "gpu_names", "gpu_for_num_sms"]
+from decode_attention.contract import check_positive_int
+
+__all__ = ["GPUSpec", "get_gpu", "gpu_names", "gpu_aliases", "gpu_for_num_sms", "plan_gpu",
+           "normalize_gpu_name"]
 
 
 @dataclass(frozen=True)
@@ -87,8 +92,21 @@ def _data() -> dict:
     return json.loads(text)
 
 
-def _normalize(name: str) -> str:
-    return re.sub(r"[\s_\-]+", " ", name.strip().lower())
+def normalize_gpu_name(name: str) -> str:
+    """The form names are matched in: case-folded, each run of spaces, '-' and '_' one space."""
+    return re.sub(r"[\s_\-]+", " ", name.casefold()).strip()
+
+
+@functools.lru_cache(maxsize=1)
+def _index() -> dict[str, str]:
+    """Normalised name -> key, over every GPU's key, name and aliases (the table of known names)."""
+    index: dict[str, str] = {}
+    for key, entry in _data()["gpus"].items():
+        for name in (key, entry["name"], *entry["aliases"]):
+            wanted = normalize_gpu_name(name)
+            if index.setdefault(wanted, key) != key:
+                raise ValueError(f"gpus.json gives the name {name!r} to both {index[wanted]} and {key}")
+    return index
 
 
 @functools.lru_cache(maxsize=None)
@@ -126,32 +144,61 @@ def gpu_names() -> list[str]:
     return list(_data()["gpus"])
 
 
+def gpu_aliases() -> dict[str, list[str]]:
+    """Every name each GPU answers to, by key: its key, its full name and its aliases."""
+    return {key: [key, entry["name"], *entry["aliases"]] for key, entry in _data()["gpus"].items()}
+
+
 def get_gpu(name: "str | GPUSpec") -> GPUSpec:
     """The spec for a key ("h100_sxm"), a short name ("H100") or a device name as CUDA reports it
-    ("NVIDIA H100 80GB HBM3"). A GPUSpec is returned as is."""
+    ("NVIDIA H100 80GB HBM3"). A GPUSpec is returned as is.
+
+    Names match exactly, after case-folding and reading each run of spaces, '-' and '_' as one
+    space: "nvidia a100-sxm4-80gb" is the A100 SXM 80GB, but "H100 80GB HBM3 MIG 1g.10gb" (a slice
+    with fewer SMs) or a part missing from gpus.json is a ValueError listing the known names,
+    never the nearest GPU.
+    """
     if isinstance(name, GPUSpec):
         return name
     if not isinstance(name, str):
-        raise TypeError(f"gpu must be a name or a GPUSpec, got {type(name).__name__}")
-    wanted = _normalize(name)
-    gpus = _data()["gpus"]
-    for key, entry in gpus.items():
-        if wanted in {_normalize(key), _normalize(entry["name"]), *map(_normalize, entry["aliases"])}:
-            return _spec(key)
-    # Device names carry extra words ("NVIDIA H100 80GB HBM3 MIG 1g.10gb"): match a family token.
-    for key, entry in gpus.items():
-        family = _normalize(entry["aliases"][0])
-        if re.search(rf"\b{re.escape(family)}\b", wanted):
-            return _spec(key)
-    known = ", ".join(sorted({a for e in gpus.values() for a in e["aliases"][:1]} | set(gpus)))
-    raise ValueError(f"unknown GPU {name!r}; known: {known}")
+        raise TypeError(f"gpu must be a GPU name (str) or a GPUSpec, got {type(name).__name__} {name!r}")
+    wanted = normalize_gpu_name(name)
+    if not wanted:
+        raise ValueError(f"gpu must name a GPU, got the empty name {name!r}; known: {_known_names()}")
+    key = _index().get(wanted)
+    if key is None:
+        raise ValueError(f"unknown GPU {name!r}; known: {_known_names()}")
+    return _spec(key)
+
+
+def _known_names() -> str:
+    return "; ".join(f"{key} ({', '.join(names[1:])})" for key, names in gpu_aliases().items())
 
 
 def gpu_for_num_sms(num_sms: int) -> GPUSpec:
     """A spec for a plan that only knows its SM count: the first listed GPU with that many SMs,
     else the first GPU with its SM count replaced."""
+    num_sms = check_positive_int(num_sms, "num_sms")
     for key in gpu_names():
         spec = _spec(key)
         if spec.num_sms == num_sms:
             return spec
-    return dataclasses.replace(_spec(gpu_names()[0]), num_sms=int(num_sms))
+    return dataclasses.replace(_spec(gpu_names()[0]), num_sms=num_sms)
+
+
+def plan_gpu(gpu: "GPUSpec | str | None", num_sms: "int | None", *,
+             default_num_sms: int) -> tuple[GPUSpec, int]:
+    """The GPU a plan is for and the SM count it is cut for.
+
+    A named GPU (or a GPUSpec) brings its own SM count; `num_sms` given as well must agree with it.
+    Without a GPU, `num_sms` (default `default_num_sms`) picks the spec (`gpu_for_num_sms`).
+    """
+    num_sms = check_positive_int(num_sms, "num_sms", allow_none=True)
+    if gpu is None:
+        num_sms = default_num_sms if num_sms is None else num_sms
+        return gpu_for_num_sms(num_sms), num_sms
+    spec = get_gpu(gpu)
+    if num_sms is not None and num_sms != spec.num_sms:
+        raise ValueError(f"num_sms = {num_sms} disagrees with gpu = {spec.name!r}, which has "
+                         f"{spec.num_sms} SMs; give one of them (or a GPUSpec with that SM count)")
+    return spec, spec.num_sms

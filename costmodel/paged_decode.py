@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from decode_attention.contract import as_index_array, check_positive_int
+
 from .calibration import Calibration
 from .gpus import GPUSpec
 from .prediction import Prediction
-from .split_kv import DEFAULT_NUM_SMS, SplitKVPlan, plan_split_kv
+from .split_kv import SplitKVPlan, plan_split_kv
 from .split_kv import predict as _predict_split_kv
 
 __all__ = ["plan_paged_decode", "predict", "kv_lens_from_pages"]
@@ -29,19 +31,21 @@ def plan_paged_decode(
     page_size: int,
     dtype: str = "float16",
     num_splits: int | None = None,
-    num_sms: int = DEFAULT_NUM_SMS,
+    num_sms: int | None = None,
     gpu: "GPUSpec | str | None" = None,
 ) -> SplitKVPlan:
-    if not isinstance(page_size, int) or page_size < 1:
-        raise ValueError(f"page_size must be a positive int, got {page_size!r}")
+    """The split-KV plan over pages of `page_size` tokens; `gpu` and `num_sms` as in
+    `plan_split_kv` (the plan takes the GPU's SM count)."""
+    page_size = check_positive_int(page_size, "page_size")
     return plan_split_kv(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, dtype=dtype,
                          num_splits=num_splits, num_sms=num_sms, page_size=page_size, gpu=gpu)
 
 
 def kv_lens_from_pages(kv_indptr, kv_last_page_len, page_size: int) -> np.ndarray:
     """Tokens per sequence of a page table: full pages plus the filled part of the last one."""
-    indptr = np.asarray(kv_indptr, dtype=np.int64)
-    last = np.asarray(kv_last_page_len, dtype=np.int64)
+    indptr = as_index_array(kv_indptr, "kv_indptr")
+    last = as_index_array(kv_last_page_len, "kv_last_page_len")
+    page_size = check_positive_int(page_size, "page_size")
     pages = np.diff(indptr)
     return np.where(pages > 0, (pages - 1) * page_size + last, 0)
 

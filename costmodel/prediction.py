@@ -28,9 +28,13 @@ from __future__ import annotations
 
 import heapq
 import math
+import numbers
 from dataclasses import dataclass, field
 
+from decode_attention.contract import check_nonnegative_int, check_positive_int
+
 from .calibration import Calibration, load_calibration
+from .display import format_prediction, prediction_html
 from .gpus import GPUSpec, get_gpu
 
 __all__ = ["Launch", "Prediction", "predict_launches", "makespan_s", "stream_rate", "DTYPE_BYTES", "dtype_bytes"]
@@ -40,6 +44,9 @@ F32 = 4  # bytes of a float32 / int32
 
 
 def dtype_bytes(dtype: str) -> int:
+    if not isinstance(dtype, str):
+        raise TypeError(f"dtype must be a name, one of {', '.join(DTYPE_BYTES)}, got "
+                        f"{type(dtype).__name__} {dtype!r}")
     try:
         return DTYPE_BYTES[dtype]
     except KeyError:
@@ -47,19 +54,51 @@ def dtype_bytes(dtype: str) -> int:
 
 
 def check_shape_fields(shape, positive=(), nonnegative=()) -> None:
-    """The checks every workload shape of the model shares: the named fields are ints >= 1
-    (`positive`) or >= 0 (`nonnegative`), and the query heads split evenly over the KV heads when
-    the shape has both."""
+    """The checks every workload shape of the model shares: the named fields are integers >= 1
+    (`positive`) or >= 0 (`nonnegative`), NumPy integers too, stored back as int (TypeError for
+    another type, bool included; ValueError for a value out of range), and the query heads split
+    evenly over the KV heads when the shape has both. `shape` is a frozen dataclass."""
     for name in positive:
-        value = getattr(shape, name)
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        object.__setattr__(shape, name, check_positive_int(getattr(shape, name), name))
     for name in nonnegative:
-        value = getattr(shape, name)
-        if not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        object.__setattr__(shape, name, check_nonnegative_int(getattr(shape, name), name))
     if "num_kv_heads" in positive:
         check_head_grouping(shape.num_qo_heads, shape.num_kv_heads)
+
+
+def check_shape_type(shape, shape_type) -> None:
+    if not isinstance(shape, shape_type):
+        raise TypeError(f"shape must be a {shape_type.__name__}, got {type(shape).__name__}")
+
+
+def check_int_tuple(values, name: str) -> tuple[int, ...]:
+    """A sequence of integers >= 0 (NumPy integers too, not bool, not float) as a tuple of ints."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of ints, got {type(values).__name__} {values!r}")
+    return tuple(check_nonnegative_int(v, f"{name}[{i}]") for i, v in enumerate(values))
+
+
+def check_fraction(value, name: str, *, low_open: bool) -> float:
+    """A real number in (0, 1] (`low_open`) or [0, 1], as float; TypeError for a string, a bool
+    or a complex number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    inside = 0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0
+    if not inside:
+        raise ValueError(f"{name} must lie in {'(0, 1]' if low_open else '[0, 1]'}, got {value!r}")
+    return value
+
+
+def check_calibration(calibration) -> Calibration:
+    if not isinstance(calibration, Calibration):
+        raise TypeError(f"calibration must be a Calibration or None, got {type(calibration).__name__}")
+    return calibration
+
+
+def calibration_for(gpu: GPUSpec, calibration: "Calibration | None") -> Calibration:
+    """The given calibration (checked), else the GPU's own (or the default) from the data file."""
+    return load_calibration(gpu.key) if calibration is None else check_calibration(calibration)
 
 
 def check_head_grouping(num_qo_heads: int, num_kv_heads: int) -> None:
@@ -102,8 +141,12 @@ class Launch:
         return sum(n for b, trips, n in self.block_runs if b or trips)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Prediction:
+    """Predicted cost of one call. Prints as a short table with units (`str`, `repr`) and renders
+    as one in a notebook (`_repr_html_`); the numbers themselves are in bytes, FLOPs and seconds,
+    every time term in `terms` (per launch as '<launch>.<term>' when there are several)."""
+
     variant: str
     bytes_by_tensor: dict[str, int]   # bytes the blocks move per tensor (what the schedule reads/writes)
     hbm_bytes: int                    # of those, the DRAM traffic (L2 re-reads excluded)
@@ -135,6 +178,14 @@ class Prediction:
     @property
     def achieved_bytes_per_s(self) -> float:
         return self.hbm_bytes / self.time_s if self.time_s else 0.0
+
+    def __str__(self) -> str:
+        return format_prediction(self)
+
+    __repr__ = __str__
+
+    def _repr_html_(self) -> str:
+        return prediction_html(self)
 
 
 def stream_rate(streaming: int, *, block_bytes_per_s: float, total_bytes_per_s: float,
@@ -273,7 +324,7 @@ def predict_launches(
 ) -> Prediction:
     """Sum the launches of one call into a Prediction."""
     gpu = get_gpu(gpu)
-    cal = calibration or load_calibration(gpu.key)
+    cal = calibration_for(gpu, calibration)
     terms: dict[str, float] = {}
     totals = dict.fromkeys(("launch_s", "hbm_s", "page_lookup_s", "l2_s", "memory_s", "compute_s",
                             "schedule_s", "time_s"), 0.0)

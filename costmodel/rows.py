@@ -19,11 +19,12 @@ Peers (`peer:...`) are not predicted. A row this module cannot read raises `Unsu
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 from . import decode, merge_states, paged_decode, shared_prefix, span, split_kv, tree
-from .calibration import Calibration, load_calibration
+from .calibration import Calibration
 from .gpus import GPUSpec, get_gpu
-from .prediction import Prediction
+from .prediction import Prediction, calibration_for
 
 __all__ = ["predict_row", "UnsupportedRow", "is_ours"]
 
@@ -93,11 +94,13 @@ def _tree_shape(row: dict) -> tree.TreeShape:
 def predict_row(row: dict, gpu: "GPUSpec | str", *, calibration: Calibration | None = None) -> Prediction:
     """The prediction for the call a result row measured, on `gpu` (pass the run's measured
     ceilings with `get_gpu(meta["gpu"]).with_measured(...)`)."""
+    if not isinstance(row, Mapping):
+        raise TypeError(f"row must be a mapping (a result row), got {type(row).__name__}")
     impl = str(row.get("impl", ""))
     if not is_ours(row):
         raise UnsupportedRow(f"peer rows are not predicted: {impl!r}")
     gpu = get_gpu(gpu)
-    cal = calibration or load_calibration(gpu.key)
+    cal = calibration_for(gpu, calibration)
     variant, _, method = impl.partition(":")
     kv_lens = row.get("kv_lens")
     if variant in ("decode", "split_kv", "paged_decode"):

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .calibration import load_calibration
 from .gpus import get_gpu
-from .prediction import F32, Launch, Prediction, dtype_bytes, predict_launches
+from .prediction import F32, Launch, Prediction, calibration_for, check_shape_type, dtype_bytes, predict_launches
 from .split_kv import MMA_ROWS, TILE_TOKENS, _append_run, heads_per_block_for
 
 __all__ = ["SegmentGroup", "segments_launch", "QUERY_TILE_ROWS", "MMA_ROWS", "chunk_candidates", "best_chunks"]
@@ -183,14 +182,15 @@ def best_chunks(lengths: list[int], predict_time, *, passes: int = 2) -> list[in
 
 
 
-def predict_planned(variant: str, shape, shape_type, make_plan, *, gpu, calibration=None,
+def predict_planned(variant: str, shape, shape_type, make_plan, plan_type, *, gpu, calibration=None,
                     plan=None) -> Prediction:
     """Predict a one-launch segment variant (span, tree): check the shape, plan it unless a plan
     for it is given, and time the plan's launch."""
-    if not isinstance(shape, shape_type):
-        raise TypeError(f"shape must be a {shape_type.__name__}, got {type(shape).__name__}")
+    check_shape_type(shape, shape_type)
+    if plan is not None and not isinstance(plan, plan_type):
+        raise TypeError(f"plan must be a {plan_type.__name__} or None, got {type(plan).__name__}")
     spec = get_gpu(gpu)
-    cal = calibration or load_calibration(spec.key)
+    cal = calibration_for(spec, calibration)
     if plan is None:
         plan = make_plan(shape, num_sms=spec.num_sms, gpu=spec, calibration=cal)
     elif plan.shape != shape:

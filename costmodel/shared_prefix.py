@@ -22,9 +22,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .calibration import Calibration, load_calibration
-from .gpus import GPUSpec, get_gpu, gpu_for_num_sms
-from .prediction import Launch, Prediction, check_shape_fields, dtype_bytes, predict_launches
+from decode_attention.contract import check_positive_int
+
+from .calibration import Calibration
+from .gpus import GPUSpec, get_gpu, plan_gpu
+from .prediction import (Launch, Prediction, calibration_for, check_int_tuple, check_shape_fields,
+                         check_shape_type, dtype_bytes, predict_launches)
 from .segments import MMA_ROWS, QUERY_TILE_ROWS, SegmentGroup, best_chunks, segments_launch
 from .split_kv import DEFAULT_NUM_SMS, plan_split_kv
 from .split_kv import predict as _predict_split_kv
@@ -50,8 +53,8 @@ class SharedPrefixShape:
                            ("prefix_len", "suffix_len"))
         dtype_bytes(self.dtype)
         if self.suffix_lens is not None:
-            lens = tuple(int(n) for n in self.suffix_lens)
-            if len(lens) != self.batch or min(lens) < 0 or max(lens) > self.suffix_len:
+            lens = check_int_tuple(self.suffix_lens, "suffix_lens")
+            if len(lens) != self.batch or max(lens) > self.suffix_len:
                 raise ValueError(f"suffix_lens must be [batch] = [{self.batch}] values in "
                                  f"[0, {self.suffix_len}], got {self.suffix_lens!r}")
             object.__setattr__(self, "suffix_lens", lens)
@@ -104,16 +107,19 @@ class HydragenPlan:
 def plan_hydragen(
     shape: SharedPrefixShape,
     *,
-    num_sms: int = DEFAULT_NUM_SMS,
+    num_sms: int | None = None,
     gpu: "GPUSpec | str | None" = None,
     calibration: Calibration | None = None,
     prefix_chunk_size: int | None = None,
     suffix_chunk_size: int | None = None,
 ) -> HydragenPlan:
-    """Chunk sizes the model predicts fastest (given ones are kept)."""
-    spec = get_gpu(gpu) if gpu is not None else gpu_for_num_sms(num_sms)
-    cal = calibration or load_calibration(spec.key)
-    fixed = [prefix_chunk_size, suffix_chunk_size]
+    """Chunk sizes the model predicts fastest (given ones are kept). The plan is for `gpu` and
+    takes its SM count; `num_sms`, if also given, must agree (see `plan_split_kv`)."""
+    check_shape_type(shape, SharedPrefixShape)
+    spec, num_sms = plan_gpu(gpu, num_sms, default_num_sms=DEFAULT_NUM_SMS)
+    cal = calibration_for(spec, calibration)
+    fixed = [check_positive_int(prefix_chunk_size, "prefix_chunk_size", allow_none=True),
+             check_positive_int(suffix_chunk_size, "suffix_chunk_size", allow_none=True)]
 
     def time_of(chunks):
         plan = HydragenPlan(shape, *(f or c for f, c in zip(fixed, chunks)), num_sms=num_sms)
@@ -191,12 +197,15 @@ def predict(
     fused: bool = False,
 ) -> Prediction:
     """Prediction for one shared-prefix call by `method` (see METHODS)."""
-    if not isinstance(shape, SharedPrefixShape):
-        raise TypeError(f"shape must be a SharedPrefixShape, got {type(shape).__name__}")
+    check_shape_type(shape, SharedPrefixShape)
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a str, one of {', '.join(METHODS)}, got {type(method).__name__}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if plan is not None and not isinstance(plan, HydragenPlan):
+        raise TypeError(f"plan must be a HydragenPlan or None, got {type(plan).__name__}")
     spec = get_gpu(gpu)
-    cal = calibration or load_calibration(spec.key)
+    cal = calibration_for(spec, calibration)
     variant = f"shared_prefix:{method}"
     if method == "naive":
         total = shape.prefix_len + shape.suffix_len

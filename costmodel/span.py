@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .calibration import Calibration, load_calibration
-from .gpus import GPUSpec, get_gpu, gpu_for_num_sms
-from .prediction import Launch, Prediction, check_shape_fields, dtype_bytes, predict_launches
+from decode_attention.contract import check_nonnegative_int, check_positive_int
+
+from .calibration import Calibration
+from .gpus import GPUSpec, plan_gpu
+from .prediction import (Launch, Prediction, calibration_for, check_fraction, check_int_tuple,
+                         check_shape_fields, check_shape_type, dtype_bytes, predict_launches)
 from .segments import SegmentGroup, best_chunks, predict_planned, segments_launch
 from .split_kv import DEFAULT_NUM_SMS, heads_per_block_for
 
@@ -34,10 +37,10 @@ class SpanShape:
     dtype: str = "float16"
 
     def __post_init__(self):
-        check_shape_fields(self, ("batch", "num_qo_heads", "num_kv_heads", "head_dim"))
+        check_shape_fields(self, ("batch", "num_qo_heads", "num_kv_heads", "head_dim"), ("kv_len",))
         dtype_bytes(self.dtype)
-        lens = tuple(int(n) for n in self.span_lens)
-        if any(n < 0 for n in lens) or sum(lens) > self.kv_len:
+        lens = check_int_tuple(self.span_lens, "span_lens")
+        if sum(lens) > self.kv_len:
             raise ValueError(f"span_lens must be >= 0 and cover at most kv_len = {self.kv_len} "
                              f"tokens, got {self.span_lens!r}")
         object.__setattr__(self, "span_lens", lens)
@@ -46,10 +49,9 @@ class SpanShape:
     def from_density(cls, batch, num_qo_heads, num_kv_heads, head_dim, kv_len, *, density: float,
                      num_spans: int, dtype: str = "float16") -> "SpanShape":
         """`num_spans` equal spans per sequence covering `density` of its `kv_len` tokens."""
-        if not 0.0 <= density <= 1.0:
-            raise ValueError(f"density must lie in [0, 1], got {density!r}")
-        if not isinstance(num_spans, int) or num_spans < 1:
-            raise ValueError(f"num_spans must be a positive int, got {num_spans!r}")
+        density = check_fraction(density, "density", low_open=False)
+        num_spans = check_positive_int(num_spans, "num_spans")
+        kv_len = check_nonnegative_int(kv_len, "kv_len")
         attended = round(density * kv_len)
         base, extra = divmod(attended, num_spans)
         lens = tuple(base + (i < extra) for i in range(num_spans))
@@ -59,6 +61,9 @@ class SpanShape:
     def sinks_window(cls, batch, num_qo_heads, num_kv_heads, head_dim, kv_len, *, num_sinks: int,
                      window: int, dtype: str = "float16") -> "SpanShape":
         """The first `num_sinks` tokens plus the last `window` (overlap counted once)."""
+        num_sinks = check_nonnegative_int(num_sinks, "num_sinks")
+        window = check_nonnegative_int(window, "window")
+        kv_len = check_nonnegative_int(kv_len, "kv_len")
         sinks = min(num_sinks, kv_len)
         recent = min(window, kv_len - sinks)
         return cls(batch, num_qo_heads, num_kv_heads, head_dim, kv_len, (sinks, recent), dtype)
@@ -104,13 +109,15 @@ class SpanPlan:
 def plan_span(
     shape: SpanShape,
     *,
-    num_sms: int = DEFAULT_NUM_SMS,
+    num_sms: int | None = None,
     gpu: "GPUSpec | str | None" = None,
     calibration: Calibration | None = None,
 ) -> SpanPlan:
-    """The work-item length the model predicts fastest."""
-    spec = get_gpu(gpu) if gpu is not None else gpu_for_num_sms(num_sms)
-    cal = calibration or load_calibration(spec.key)
+    """The work-item length the model predicts fastest. The plan is for `gpu` and takes its SM
+    count; `num_sms`, if also given, must agree (see `plan_split_kv`)."""
+    check_shape_type(shape, SpanShape)
+    spec, num_sms = plan_gpu(gpu, num_sms, default_num_sms=DEFAULT_NUM_SMS)
+    cal = calibration_for(spec, calibration)
 
     def time_of(chunks):
         return predict_launches("span", [SpanPlan(shape, chunks[0], num_sms).launch()], gpu=spec,
@@ -128,5 +135,5 @@ def predict(
     calibration: Calibration | None = None,
     plan: SpanPlan | None = None,
 ) -> Prediction:
-    return predict_planned("span", shape, SpanShape, plan_span, gpu=gpu, calibration=calibration,
-                           plan=plan)
+    return predict_planned("span", shape, SpanShape, plan_span, SpanPlan, gpu=gpu,
+                           calibration=calibration, plan=plan)

@@ -20,30 +20,42 @@ merging block's extra work) and takes the fastest. `predict` is the prediction f
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from decode_attention.contract import as_index_array, check_nonnegative_int, check_positive_int
+
 from .calibration import Calibration, load_calibration
-from .gpus import GPUSpec, get_gpu, gpu_for_num_sms
-from .prediction import F32, Launch, Prediction, check_head_grouping, dtype_bytes, predict_launches
+from .gpus import GPUSpec, plan_gpu
+from .prediction import (F32, Launch, Prediction, calibration_for, check_head_grouping, dtype_bytes,
+                         predict_launches)
 
 # Kernel constants the plan must agree with (gpukernels/cuda/split_kv.cu has the same numbers).
 NUM_WARPS = 4                # warps per thread block
 TILE_TOKENS = 64             # tokens one block consumes per iteration (NUM_WARPS warps x 16 rows)
-PIPELINE_STAGES = 3          # tiles per warp in flight on the tensor-core path (contiguous cache)
-PIPELINE_STAGES_PAGED = 2    # the same for a paged cache (2 blocks per SM at head_dim 128: registers)
-TENSOR_CORE_HEAD_DIMS = (64, 128)
+# Tiles per warp in flight on the tensor-core path, by (head_dim, paged). Head_dim 128: 3 stages
+# from a contiguous cache (96 KB, two blocks per SM), 2 from pages (two blocks per SM: registers).
+# Head_dim 256: one block per SM, 2 stages (128 KB); measured on H200 against 3 stages (192 KB):
+# 1 x 8/1 x 262147 105 vs 115 us, 2 x 16/16 x 32k 256 vs 294, 16 x 64/8 x 16385 489 vs 575.
+# Head_dim 64: 6 stages, the bytes in flight of head_dim 128 (H200, 3 / 4 / 6 stages: 4 x 32/4 x
+# 64k 83.5 / 84.4 / 76.4 us, 16 x 20/4 x 8191 50.8 / 51.0 / 46.0, 1 x 32/32 x 131071 295.6 / 256.6
+# / 255.9).
+PIPELINE_STAGES_BY_HEAD_DIM = {(64, False): 6, (64, True): 4, (128, False): 3, (128, True): 2,
+                               (256, False): 2, (256, True): 2}
+PIPELINE_STAGES = PIPELINE_STAGES_BY_HEAD_DIM[128, False]        # head_dim 128, contiguous cache
+PIPELINE_STAGES_PAGED = PIPELINE_STAGES_BY_HEAD_DIM[128, True]   # head_dim 128, paged cache
+TENSOR_CORE_HEAD_DIMS = (64, 128, 256)
 TENSOR_CORE_DTYPES = ("float16", "bfloat16")  # the kernel's mma path; float32 runs on CUDA cores
 SMEM_PER_SM_BYTES = 228 * 1024  # Hopper; what the pipeline stages of resident blocks share
 REGISTERS_PER_SM = 65536
 # Registers per thread of the tensor-core kernel by (head_dim, paged): the most over the
 # instantiations of that key, as ptxas reports them for sm_90. `python -m gpukernels.compile_check`
 # fails when a kernel's count would give an SM a different number of resident blocks than this does.
-TENSOR_CORE_REGISTERS = {(64, False): 115, (64, True): 119, (128, False): 166, (128, True): 174}
+TENSOR_CORE_REGISTERS = {(64, False): 115, (64, True): 119, (128, False): 166, (128, True): 174,
+                         (256, False): 200, (256, True): 206}
 MIN_CHUNK_TOKENS = 256       # the shortest chunk the split choice considers
 HEADS_PER_BLOCK_CHOICES = (1, 2, 4, 8)  # query heads served by one block (template parameter)
 ROWS_PER_WARP_TILE = TILE_TOKENS // NUM_WARPS  # rows one warp reads per step (page lookups per tile)
@@ -56,6 +68,11 @@ MERGE_BATCH = 8              # partials the merging block loads per round trip (
 # result files is within 1.4% of the sweep's best.
 SPLIT_TIE_TOLERANCE = 0.02
 DEFAULT_NUM_SMS = 132        # H100 SXM; plans for another GPU pass its count
+
+
+def pipeline_stages(head_dim: int, paged: bool = False) -> int:
+    """Pipeline stages of the tensor-core kernel for one head_dim and cache layout."""
+    return PIPELINE_STAGES_BY_HEAD_DIM[head_dim, bool(paged)]
 
 
 def pipeline_stage_bytes(head_dim: int) -> int:
@@ -155,8 +172,9 @@ class SplitKVPlan:
         return 4 * (self.partial_out_elems + self.partial_lse_elems + self.counter_elems)
 
     def splits_for(self, kv_len: int) -> int:
-        """Splits that hold tokens for a sequence of this length (at least one, even when empty)."""
-        return max(1, -(-kv_len // self.chunk_size))
+        """Splits that hold tokens for a sequence of this length (at least one, even when empty; at
+        most the grid's: a sequence longer than the plan's max_kv_len gets longer chunks)."""
+        return min(self.num_splits, max(1, -(-kv_len // self.chunk_size)))
 
     def split_rows(self, kv_len: int) -> list[range]:
         """Per split of a sequence of this length, the first token of each tile it reads (tiles of
@@ -176,13 +194,15 @@ class SplitKVPlan:
 
 
 def _make_plan(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, dtype, num_splits, num_sms,
-               page_size) -> SplitKVPlan:
-    """The plan for a given split count (inputs already checked): equal chunks of whole tiles; the
-    split count may shrink when rounding makes chunks cover more."""
+               page_size, chunk_size=None) -> SplitKVPlan:
+    """The plan for a given split count (inputs already checked): equal chunks of whole tiles (a
+    power of two unless `chunk_size` is given); the split count may shrink when rounding makes
+    chunks cover more."""
     group_size = num_qo_heads // num_kv_heads
     heads_per_block = heads_per_block_for(group_size)
     head_groups = -(-group_size // heads_per_block)
-    chunk_size = chunk_size_for(max_kv_len, num_splits)
+    if chunk_size is None:
+        chunk_size = chunk_size_for(max_kv_len, num_splits)
     num_splits = max(1, -(-max_kv_len // chunk_size))
     return SplitKVPlan(
         batch=batch, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
@@ -204,6 +224,27 @@ def chunk_size_for(max_kv_len: int, num_splits: int) -> int:
     return max(TILE_TOKENS, 1 << (want - 1).bit_length())
 
 
+def one_wave_chunk(base_blocks: int, max_kv_len: int, num_sms: int, head_dim: int, dtype: str,
+                   page_size: int) -> int | None:
+    """For the kernel that holds one block per SM (tensor cores, head_dim 256): the chunk (whole
+    tiles, any multiple) whose blocks fill the SMs in exactly one wave, when the rows alone leave
+    SMs idle; None otherwise. A power-of-two chunk leaves up to half the SMs idle there, and one
+    block more than the SMs hold doubles the time. Measured on H200 (us): 1 x 16/2 x 256 x 333333,
+    bfloat16: chunks of 8192 (82 blocks) 215.3, 5056 (132) 183.4, 4096 (164) 259.7, 2560 (262)
+    200.6; 1 x 16/4 x 100000: 4096 (100 blocks) 116.3, 3136 (128) 111.9; 3 x 24/3 x 50000: 4096
+    (117 blocks) 123.9, 3392 (135 blocks, two waves) 196.9."""
+    if not uses_tensor_cores(dtype, head_dim):
+        return None
+    if tensor_core_blocks_per_sm(head_dim, pipeline_stages(head_dim, bool(page_size)), bool(page_size)) != 1:
+        return None
+    splits = num_sms // base_blocks
+    if splits < 2:
+        return None
+    chunk = -(-max(max_kv_len, 1) // splits)
+    chunk = -(-chunk // TILE_TOKENS) * TILE_TOKENS
+    return chunk if chunk >= MIN_CHUNK_TOKENS else None
+
+
 def candidate_num_splits(base_blocks: int, max_kv_len: int, num_sms: int, blocks_per_sm: int) -> range:
     """Split counts worth predicting: from 1 up to chunks of MIN_CHUNK_TOKENS or two full waves of
     resident blocks, whichever comes first (more blocks than that cannot fill the GPU better)."""
@@ -220,7 +261,7 @@ def choose_num_splits(
     max_kv_len: int,
     *,
     dtype: str = "float16",
-    num_sms: int = DEFAULT_NUM_SMS,
+    num_sms: int | None = None,
     page_size: int = 0,
     gpu: "GPUSpec | str | None" = None,
     calibration: Calibration | None = None,
@@ -230,19 +271,31 @@ def choose_num_splits(
     More splits add blocks (filling more SMs, shortening each block's stream) but also partial
     results to write and read back and a longer merge; the prediction weighs both. Among counts
     within SPLIT_TIE_TOLERANCE of the best, the smallest wins (less workspace, fewer partials).
-    `gpu` defaults to the listed GPU with `num_sms` SMs; the plan's `num_sms` always rules.
+    The GPU and SM count are resolved as in `plan_split_kv`.
     """
-    spec = gpu_for_num_sms(num_sms) if gpu is None else get_gpu(gpu)
-    cal = calibration or load_calibration(spec.key)
-    return _choose_num_splits(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, dtype,
-                              num_sms, page_size, spec, cal)
+    args = _check_plan_args(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, dtype, page_size)
+    spec, num_sms = plan_gpu(gpu, num_sms, default_num_sms=DEFAULT_NUM_SMS)
+    cal = calibration_for(spec, calibration)
+    return _choose_num_splits(*args, num_sms, spec, cal)
+
+
+def _check_plan_args(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, dtype, page_size) -> tuple:
+    """The sizes of a plan as ints (NumPy integers accepted), in `_make_plan`'s order less num_splits
+    and num_sms: TypeError for a wrong type, ValueError for a wrong value."""
+    batch, num_qo_heads, num_kv_heads, head_dim = (
+        check_positive_int(value, name) for name, value in (
+            ("batch", batch), ("num_qo_heads", num_qo_heads), ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim)))
+    max_kv_len = check_nonnegative_int(max_kv_len, "max_kv_len")
+    page_size = check_nonnegative_int(page_size, "page_size (0: contiguous)")
+    dtype_bytes(dtype)
+    check_head_grouping(num_qo_heads, num_kv_heads)
+    return batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, dtype, page_size
 
 
 @functools.lru_cache(maxsize=4096)
-def _choose_num_splits(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, dtype, num_sms,
-                       page_size, spec, cal) -> int:
-    if spec.num_sms != num_sms:
-        spec = dataclasses.replace(spec, num_sms=num_sms)
+def _choose_num_splits(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, dtype, page_size,
+                       num_sms, spec, cal) -> int:
     base = _make_plan(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, dtype, 1, num_sms,
                       page_size)
     base_blocks = base.num_blocks
@@ -265,28 +318,32 @@ def plan_split_kv(
     *,
     dtype: str = "float16",
     num_splits: int | None = None,
-    num_sms: int = DEFAULT_NUM_SMS,
+    num_sms: int | None = None,
     page_size: int = 0,
     gpu: "GPUSpec | str | None" = None,
 ) -> SplitKVPlan:
-    """Cut a decode call into blocks. `num_splits=None` lets the cost model choose (for `gpu`, by
-    default the listed GPU with `num_sms` SMs); 1 means no split."""
-    for name, value in (
-        ("batch", batch), ("num_qo_heads", num_qo_heads), ("num_kv_heads", num_kv_heads),
-        ("head_dim", head_dim), ("num_sms", num_sms),
-    ):
-        if not isinstance(value, (int,)) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not isinstance(max_kv_len, int) or max_kv_len < 0:
-        raise ValueError(f"max_kv_len must be an int >= 0, got {max_kv_len!r}")
-    if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 0:
-        raise ValueError(f"page_size must be an int >= 0 (0: contiguous), got {page_size!r}")
-    check_head_grouping(num_qo_heads, num_kv_heads)
+    """Cut a decode call into blocks. `num_splits=None` lets the cost model choose; 1 means no split.
+
+    The plan is for `gpu` (a name or a GPUSpec) and takes its SM count; `num_sms`, if also given,
+    must agree. Without a GPU, `num_sms` (default DEFAULT_NUM_SMS) picks the listed GPU with that
+    many SMs. Sizes are ints (NumPy integers too): a wrong type is a TypeError, a wrong value a
+    ValueError.
+
+    >>> plan_split_kv(1, 32, 8, 128, 32768, gpu="A100").num_sms
+    108
+    """
+    args = _check_plan_args(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, dtype, page_size)
+    batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, dtype, page_size = args
+    num_splits = check_positive_int(num_splits, "num_splits", allow_none=True)
+    spec, num_sms = plan_gpu(gpu, num_sms, default_num_sms=DEFAULT_NUM_SMS)
     if num_splits is None:
-        num_splits = choose_num_splits(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len,
-                                       dtype=dtype, num_sms=num_sms, page_size=page_size, gpu=gpu)
-    elif not isinstance(num_splits, int) or num_splits < 1:
-        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+        base = _make_plan(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, dtype, 1, num_sms,
+                          page_size)
+        chunk = one_wave_chunk(base.num_blocks, max_kv_len, num_sms, head_dim, dtype, page_size)
+        if chunk is not None:
+            return _make_plan(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, dtype, 0,
+                              num_sms, page_size, chunk_size=chunk)
+        num_splits = _choose_num_splits(*args, num_sms, spec, load_calibration(spec.key))
     return _make_plan(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, dtype, num_splits,
                       num_sms, page_size)
 
@@ -298,10 +355,9 @@ def plan_split_kv(
 def _kv_lens(plan: SplitKVPlan, kv_lens) -> np.ndarray:
     if kv_lens is None:
         return np.full(plan.batch, plan.max_kv_len, dtype=np.int64)
-    lens = np.asarray(kv_lens)
-    if lens.shape != (plan.batch,) or not np.issubdtype(lens.dtype, np.integer):
-        raise ValueError(f"kv_lens must be int [batch] = [{plan.batch}], got {lens.dtype} {lens.shape}")
-    lens = lens.astype(np.int64)
+    lens = as_index_array(kv_lens, "kv_lens")
+    if lens.shape != (plan.batch,):
+        raise ValueError(f"kv_lens must be int [batch] = [{plan.batch}], got {lens.shape}")
     covered = plan.num_splits * plan.chunk_size
     if lens.size and (lens.min() < 0 or lens.max() > covered):
         raise ValueError(f"kv_lens must lie in [0, {covered}] for this plan, got {lens.min()}..{lens.max()}")
@@ -405,7 +461,7 @@ def split_kv_launch(plan: SplitKVPlan, kv_lens=None, *, name: str = "split_kv") 
     # its own (fitted: cal.paged_stream_fraction), and its pipeline's shared memory and its registers
     # set how many of its blocks an SM holds.
     paged_pipeline = bool(plan.page_size) and uses_tensor_cores(plan.dtype, plan.head_dim)
-    blocks_per_sm = (tensor_core_blocks_per_sm(plan.head_dim, PIPELINE_STAGES_PAGED, paged=True)
+    blocks_per_sm = (tensor_core_blocks_per_sm(plan.head_dim, pipeline_stages(plan.head_dim, True), paged=True)
                      if paged_pipeline else None)
     return Launch(
         name=name,

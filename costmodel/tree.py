@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .calibration import Calibration, load_calibration
-from .gpus import GPUSpec, get_gpu, gpu_for_num_sms
-from .prediction import Launch, Prediction, check_shape_fields, dtype_bytes, predict_launches
+from .calibration import Calibration
+from .gpus import GPUSpec, plan_gpu
+from .prediction import (Launch, Prediction, calibration_for, check_int_tuple, check_shape_fields,
+                         check_shape_type, dtype_bytes, predict_launches)
 from .segments import SegmentGroup, best_chunks, predict_planned, segments_launch
 from .split_kv import DEFAULT_NUM_SMS
 
@@ -36,7 +37,7 @@ class TreeShape:
     def __post_init__(self):
         check_shape_fields(self, ("batch", "num_qo_heads", "num_kv_heads", "head_dim"))
         dtype_bytes(self.dtype)
-        levels = tuple((int(n), int(length)) for n, length in self.levels)
+        levels = _check_levels(self.levels)
         if not levels:
             raise ValueError("levels must hold at least one (num_segments, seg_len)")
         previous = 1
@@ -52,6 +53,19 @@ class TreeShape:
     def context_len(self) -> int:
         """Tokens each sequence attends to (its whole path)."""
         return sum(length for _, length in self.levels)
+
+
+def _check_levels(levels) -> tuple[tuple[int, int], ...]:
+    """(num_segments, seg_len) pairs of integers (NumPy integers too) as ints."""
+    if isinstance(levels, (str, bytes)) or not hasattr(levels, "__iter__"):
+        raise TypeError(f"levels must be a sequence of (num_segments, seg_len), got {type(levels).__name__}")
+    out = []
+    for i, level in enumerate(levels):
+        pair = check_int_tuple(level, f"levels[{i}]")
+        if len(pair) != 2:
+            raise ValueError(f"levels[{i}] must be (num_segments, seg_len), got {level!r}")
+        out.append(pair)
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -81,13 +95,15 @@ class TreePlan:
 def plan_tree(
     shape: TreeShape,
     *,
-    num_sms: int = DEFAULT_NUM_SMS,
+    num_sms: int | None = None,
     gpu: "GPUSpec | str | None" = None,
     calibration: Calibration | None = None,
 ) -> TreePlan:
-    """Chunk sizes per level that the model predicts fastest."""
-    spec = get_gpu(gpu) if gpu is not None else gpu_for_num_sms(num_sms)
-    cal = calibration or load_calibration(spec.key)
+    """Chunk sizes per level that the model predicts fastest. The plan is for `gpu` and takes its
+    SM count; `num_sms`, if also given, must agree (see `plan_split_kv`)."""
+    check_shape_type(shape, TreeShape)
+    spec, num_sms = plan_gpu(gpu, num_sms, default_num_sms=DEFAULT_NUM_SMS)
+    cal = calibration_for(spec, calibration)
 
     def time_of(chunks):
         plan = TreePlan(shape, tuple(chunks), num_sms=num_sms)
@@ -104,5 +120,5 @@ def predict(
     calibration: Calibration | None = None,
     plan: TreePlan | None = None,
 ) -> Prediction:
-    return predict_planned("tree", shape, TreeShape, plan_tree, gpu=gpu, calibration=calibration,
-                           plan=plan)
+    return predict_planned("tree", shape, TreeShape, plan_tree, TreePlan, gpu=gpu,
+                           calibration=calibration, plan=plan)

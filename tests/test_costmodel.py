@@ -25,6 +25,10 @@ H100 = get_gpu("H100")
     ("H100", "h100_sxm"), ("NVIDIA H100 80GB HBM3", "h100_sxm"), ("h100_sxm", "h100_sxm"),
     ("H200", "h200"), ("NVIDIA H200", "h200"), ("A100", "a100_80gb"),
     ("NVIDIA A100-SXM4-80GB", "a100_80gb"),
+    # the names CUDA reports (cudaDeviceProp.name) for each part, and separators read loosely
+    ("NVIDIA A100-SXM4-40GB", "a100_40gb"), ("NVIDIA H100 PCIe", "h100_pcie"), ("H100 PCIe", "h100_pcie"),
+    ("h100", "h100_sxm"), ("h100-sxm", "h100_sxm"), ("  nvidia   a100_sxm4-80GB ", "a100_80gb"),
+    ("A100 40GB", "a100_40gb"), ("a100_40gb", "a100_40gb"), ("NVIDIA H100 SXM 80GB", "h100_sxm"),
 ])
 def test_get_gpu_accepts_short_and_device_names(name, key):
     assert get_gpu(name).key == key
@@ -35,6 +39,47 @@ def test_get_gpu_rejects_unknown_names():
         get_gpu("TPU v5")
     with pytest.raises(TypeError):
         get_gpu(132)
+
+
+@pytest.mark.parametrize("name", [
+    "", "   ", "-", "None", "null", "nvidia", "H", "H10", "100", "GH100",
+    "NVIDIA H100 80GB HBM3 MIG 1g.10gb",     # a slice of an H100: 16 SMs, not 132
+    "NVIDIA H100 NVL", "NVIDIA H200 NVL", "NVIDIA A100 80GB PCIe", "NVIDIA A100-PCIE-40GB",
+    "H100 SXM 94GB", "A100X",
+])
+def test_get_gpu_never_guesses(name):
+    """A name not in the table is an error, never the nearest GPU (the old matching read
+    "H100 PCIe" as the SXM part, "A100-SXM4-40GB" as the 80 GB one and '' as the H100)."""
+    with pytest.raises(ValueError, match="known: h100_sxm") as err:
+        get_gpu(name)
+    assert "NVIDIA H100 80GB HBM3" in str(err.value) and "a100_40gb" in str(err.value)
+
+
+@pytest.mark.parametrize("junk", [None, b"H100", ["H100"], 1.0, True])
+def test_get_gpu_rejects_what_is_not_a_name(junk):
+    with pytest.raises(TypeError, match="gpu must be a GPU name"):
+        get_gpu(junk)
+
+
+def test_every_alias_names_one_gpu():
+    from costmodel.gpus import gpu_aliases, normalize_gpu_name
+
+    seen = {}
+    for key, names in gpu_aliases().items():
+        for name in names:
+            assert seen.setdefault(normalize_gpu_name(name), key) == key, name
+            assert get_gpu(name).key == key
+
+
+def test_datasheet_figures_of_the_parts_the_table_separates():
+    pcie, sxm = get_gpu("NVIDIA H100 PCIe"), get_gpu("NVIDIA H100 80GB HBM3")
+    assert (pcie.num_sms, pcie.hbm_bytes_per_s) == (114, 2.0e12)
+    assert (sxm.num_sms, sxm.hbm_bytes_per_s) == (132, 3.35e12)
+    a40, a80 = get_gpu("NVIDIA A100-SXM4-40GB"), get_gpu("NVIDIA A100-SXM4-80GB")
+    assert (a40.num_sms, a40.hbm_bytes_per_s, a40.hbm_capacity_bytes) == (108, 1.555e12, 40 * 2**30)
+    assert (a80.num_sms, a80.hbm_bytes_per_s, a80.hbm_capacity_bytes) == (108, 2.039e12, 80 * 2**30)
+    # ceilings not yet measured on these parts are the datasheet's, scaled (gpus.json)
+    assert pcie.copy_bytes_per_s == pytest.approx(0.9 * 2.0e12)
 
 
 def test_every_gpu_has_consistent_ceilings():
@@ -163,6 +208,53 @@ def test_split_choice_follows_the_gpu():
     a = plan_split_kv(1, 32, 8, 128, 32768, num_sms=108)
     assert a.num_sms == 108 and a.num_splits <= h.num_splits
     assert plan_split_kv(1, 32, 8, 128, 32768, gpu="H200").num_sms == 132
+
+
+@pytest.mark.parametrize("gpu", ["A100", "NVIDIA A100-SXM4-80GB", get_gpu("A100"), "A100 40GB"])
+def test_a_plan_for_a_gpu_takes_its_sm_count(gpu):
+    by_name = plan_split_kv(1, 32, 8, 128, 32768, gpu=gpu)
+    by_count = plan_split_kv(1, 32, 8, 128, 32768, num_sms=108)
+    assert by_name.num_sms == 108
+    assert by_name.num_splits == by_count.num_splits == 8            # 132 SMs would take 16
+    assert plan_split_kv(1, 32, 8, 128, 32768, gpu=gpu, num_sms=108) == by_name
+    assert split_kv.choose_num_splits(1, 32, 8, 128, 32768, gpu=gpu) == 8
+    assert plan_split_kv(1, 32, 8, 128, 32768, gpu="H100 PCIe").num_sms == 114
+    assert plan_split_kv(1, 32, 8, 128, 32768).num_sms == split_kv.DEFAULT_NUM_SMS   # no GPU named
+
+
+def test_every_planner_takes_the_gpus_sm_count():
+    a100 = get_gpu("A100")
+    sp = shared_prefix.SharedPrefixShape(16, 32, 8, 128, 4096, 256)
+    tr = tree.TreeShape(16, 32, 8, 128, ((1, 4096), (16, 256)))
+    sn = span.SpanShape.from_density(4, 32, 8, 128, 8192, density=0.25, num_spans=4)
+    plans = {
+        "decode": decode.plan_decode(1, 32, 8, 128, 4096, gpu="A100"),
+        "paged_decode": paged_decode.plan_paged_decode(1, 32, 8, 128, 4096, page_size=16, gpu="A100"),
+        "hydragen": shared_prefix.plan_hydragen(sp, gpu="A100"),
+        "tree": tree.plan_tree(tr, gpu="A100"),
+        "span": span.plan_span(sn, gpu="A100"),
+    }
+    for name, plan in plans.items():
+        assert plan.num_sms == a100.num_sms == 108, name
+    # a GPUSpec whose SM count was replaced is taken at its word
+    small = dataclasses.replace(a100, num_sms=20)
+    assert shared_prefix.plan_hydragen(sp, gpu=small).num_sms == 20
+    assert plan_split_kv(1, 32, 8, 128, 32768, gpu=small).num_sms == 20
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: plan_split_kv(1, 32, 8, 128, 32768, **kw),
+    lambda **kw: split_kv.choose_num_splits(1, 32, 8, 128, 32768, **kw),
+    lambda **kw: decode.plan_decode(1, 32, 8, 128, 4096, **kw),
+    lambda **kw: paged_decode.plan_paged_decode(1, 32, 8, 128, 4096, page_size=16, **kw),
+    lambda **kw: shared_prefix.plan_hydragen(shared_prefix.SharedPrefixShape(4, 32, 8, 128, 1024, 64), **kw),
+    lambda **kw: tree.plan_tree(tree.TreeShape(4, 32, 8, 128, ((1, 1024), (4, 64))), **kw),
+    lambda **kw: span.plan_span(span.SpanShape(4, 32, 8, 128, 1024, (64, 64)), **kw),
+], ids=["split_kv", "choose_num_splits", "decode", "paged_decode", "hydragen", "tree", "span"])
+def test_a_gpu_and_a_different_sm_count_is_an_error(make):
+    with pytest.raises(ValueError, match=r"num_sms = 132 disagrees with gpu = 'NVIDIA A100 SXM 80GB'.* 108 SMs"):
+        make(gpu="A100", num_sms=132)
+    assert make(gpu="A100", num_sms=108) == make(gpu="A100")
 
 
 def test_splitting_pays_at_batch_one_and_not_at_large_batch():
@@ -364,7 +456,9 @@ def test_units_and_derived_quantities():
 
 
 @pytest.mark.parametrize("dtype,head_dim,on_tensor_cores", [
-    ("float16", 128, True), ("bfloat16", 64, True), ("float16", 256, False), ("float32", 128, False)])
+    ("float16", 128, True), ("bfloat16", 64, True), ("float32", 128, False),
+    # head_dim 256 takes the mma path where the kernel has it (TENSOR_CORE_HEAD_DIMS)
+    ("float16", 256, 256 in split_kv.TENSOR_CORE_HEAD_DIMS)])
 def test_split_kv_flops_land_on_the_units_that_run_them(dtype, head_dim, on_tensor_cores):
     from costmodel.split_kv import plan_split_kv, split_kv_launch
 
@@ -373,5 +467,5 @@ def test_split_kv_flops_land_on_the_units_that_run_them(dtype, head_dim, on_tens
     useful = 4 * 2 * 4096 * 32 * head_dim
     if on_tensor_cores:   # 4 query heads per block padded to the 16 rows of an mma tile
         assert (launch.matmul_flops, launch.vector_flops) == (4 * useful, 0)
-    else:                 # head_dim 256 and float32 run on the CUDA cores
+    else:                 # float32 (and head dims without an mma kernel) run on the CUDA cores
         assert (launch.matmul_flops, launch.vector_flops) == (0, useful)

@@ -1,7 +1,10 @@
 """`explain` ranks the variants and says why; `papers` reproduces the published claims' trends."""
 
+import re
+
 import pytest
 
+import costmodel
 from costmodel import papers
 from costmodel.explain import BASELINE, Workload, builtin_workloads, explain, format_explanation
 
@@ -44,7 +47,80 @@ def test_table_lists_every_variant_and_measured_column():
     text = format_explanation(e, measured_s={"decode": 1e-4})
     for r in e.rows:
         assert r.variant in text
-    assert "measured" in text and "100.0us" in text and e.why in text
+    assert "measured" in text and "100.00 us" in text and e.why in text
+
+
+DATACLASS_DUMP = re.compile(r"\b(Explanation|VariantRow|Prediction|GPUSpec|Workload)\(")
+
+
+def test_an_explanation_prints_as_a_short_table_with_units():
+    e = explain(builtin_workloads()[0], "H100")
+    text = str(e)
+    assert repr(e) == text == format_explanation(e)
+    assert not DATACLASS_DUMP.search(text)
+    lines = text.splitlines()
+    assert len(lines) == 2 + 2 + len(e.rows) + 1                  # workload, GPU; head, rule; rows; why
+    assert lines[-1] == e.why
+    assert "3.00 TB/s" in lines[1] and "132 SMs" in lines[1]
+    for r in e.rows:
+        row = next(line for line in lines if line.startswith(r.variant + " "))
+        assert f"{r.prediction.time_us:.2f} us" in row and f"{r.speedup:.2f}x" in row
+        assert re.search(r"\d MB|\d GB", row) and re.search(r"\d (GB|TB)/s", row) and r.plan in row
+    assert "e+" not in text and "e-" not in text                   # no bare seconds or bytes
+
+
+def test_an_explanation_renders_as_html_in_a_notebook():
+    e = explain(builtin_workloads()[1], "H200")
+    page = e._repr_html_()
+    assert page.count("<table>") == 1 and page.count("<tr>") == 1 + len(e.rows)
+    for r in e.rows:
+        assert f"<td>{r.variant}</td>" in page
+    assert " us</td>" in page and "/s</td>" in page and "<p>" in page
+    assert costmodel.display.explanation_html(e, {"span": 2e-5}).count("20.00 us") == 1
+
+
+def test_a_prediction_prints_its_terms_with_units():
+    from costmodel import split_kv
+
+    p = split_kv.predict(costmodel.plan_split_kv(1, 32, 8, 128, 32768), gpu="H100")
+    text = str(p)
+    assert repr(p) == text == costmodel.format_prediction(p)
+    assert not DATACLASS_DUMP.search(text)
+    first = text.splitlines()[0]
+    assert first.startswith("split_kv: ") and f"{p.time_us:.2f} us" in first and p.bound in first
+    assert "MB" in text and "TB/s" in text and "FLOP" in text
+    for tensor, n in p.bytes_by_tensor.items():
+        assert tensor in text                                      # every tensor named, idle ones too
+    for term, seconds in p.terms.items():
+        assert re.search(rf"^{term} +{re.escape(costmodel.display.format_seconds(seconds))}$", text, re.M)
+    page = p._repr_html_()
+    assert page.count("<table>") == 2 and "<td>k</td>" in page and "<td>schedule_s</td>" in page
+
+
+def test_a_multi_launch_prediction_stays_short():
+    e = explain(builtin_workloads()[0], "H100")
+    p = e.row("shared_prefix:bifurcated").prediction
+    assert p.launches == 6
+    text = str(p)
+    assert "prefix_logits.time_s" not in text and "'<launch>.<term>'" in text
+    assert len(text.splitlines()) < 40
+    assert repr(e.row("tree")).startswith("<VariantRow tree: ")
+
+
+def test_formatters_at_the_top_level():
+    assert costmodel.format_explanation is format_explanation
+    assert costmodel.format_prediction is costmodel.display.format_prediction
+    assert isinstance(explain(Workload(), "H100"), costmodel.Explanation)
+    assert {"format_explanation", "format_prediction", "Explanation", "gpu_names"} <= set(costmodel.__all__)
+    from costmodel.explain import format_bytes  # the old home of the helpers still works
+
+    assert format_bytes(1.5e6) == "1.50 MB"
+
+
+@pytest.mark.parametrize("value, text", [(2.34e-5, "23.40 us"), (1.5e-3, "1.50 ms"), (0.0, "0 us"),
+                                         (4.2e-9, "4.20 ns"), (2.5, "2.50 s")])
+def test_seconds_take_a_readable_unit(value, text):
+    assert costmodel.display.format_seconds(value) == text
 
 
 def test_workload_is_checked():

@@ -310,3 +310,141 @@ def test_empty_index_lists_count_as_integer():
 
 def test_touching_spans_are_allowed():
     span(spans=np.array([[0, 2], [2, 9], [3, 10]]))
+
+
+# ---------------------------------------------------------------------------------------------
+# cost model entry points: sizes are integers of any kind (NumPy's too, as refattn takes them);
+# a wrong type is a TypeError, a wrong value a ValueError, each naming the argument and what came
+
+
+from costmodel import decode as CM_DECODE  # noqa: E402  (the cost model's section)
+from costmodel import merge_states as CM_MERGE  # noqa: E402
+from costmodel import paged_decode as CM_PAGED  # noqa: E402
+from costmodel import shared_prefix as CM_PREFIX  # noqa: E402
+from costmodel import span as CM_SPAN  # noqa: E402
+from costmodel import split_kv as CM_SPLIT  # noqa: E402
+from costmodel import tree as CM_TREE  # noqa: E402
+from costmodel.explain import Workload as WORKLOAD  # noqa: E402
+from costmodel.explain import explain as cm_explain  # noqa: E402
+
+
+def cm_plan(*args, **kw):
+    base = [2, 8, 2, 64, 1000]
+    base[:len(args)] = args
+    return CM_SPLIT.plan_split_kv(*base, **kw)
+
+
+@pytest.mark.parametrize("int_type", [np.int64, np.int32, np.uint16, np.uint64])
+def test_cost_model_takes_numpy_integers(int_type):
+    i = int_type
+    plan = CM_SPLIT.plan_split_kv(i(2), i(8), i(2), i(64), i(1000), num_sms=i(108), page_size=i(16))
+    assert plan == CM_SPLIT.plan_split_kv(2, 8, 2, 64, 1000, num_sms=108, page_size=16)
+    assert all(type(getattr(plan, f)) is int for f in ("batch", "num_qo_heads", "head_dim", "max_kv_len",
+                                                       "num_sms", "page_size", "num_splits"))
+    assert CM_SPLIT.plan_split_kv(2, 8, 2, 64, 1000, num_splits=i(4)).num_splits == 4
+    assert CM_DECODE.plan_decode(i(2), i(8), i(2), i(64), i(1000)).num_splits == 1
+    assert CM_PAGED.plan_paged_decode(2, 8, 2, 64, 1000, page_size=i(16)).page_size == 16
+    w = WORKLOAD(batch=i(4), num_qo_heads=i(8), num_kv_heads=i(2), head_dim=i(64),
+                            prefix_len=i(500), suffix_len=i(20), num_spans=i(4), page_size=i(16),
+                            density=np.float32(0.5))
+    assert w == WORKLOAD(batch=4, num_qo_heads=8, num_kv_heads=2, head_dim=64, prefix_len=500,
+                                    suffix_len=20, num_spans=4, page_size=16, density=0.5)
+    assert type(w.batch) is int and type(w.density) is float
+    assert cm_explain(w, "H100").winner
+    shape = CM_PREFIX.SharedPrefixShape(i(4), i(8), i(2), i(64), i(500), i(20), suffix_lens=np.array([20, 3, 0, 7], i))
+    assert shape.suffix_lens == (20, 3, 0, 7) and type(shape.prefix_len) is int
+    assert CM_PREFIX.plan_hydragen(shape, prefix_chunk_size=i(256)).prefix_chunk_size == 256
+    assert CM_TREE.TreeShape(i(4), 8, 2, 64, np.array([[1, 100], [4, 20]], i)).levels == ((1, 100), (4, 20))
+    assert CM_SPAN.SpanShape(i(2), 8, 2, 64, i(100), np.array([3, 4], i)).span_lens == (3, 4)
+    assert CM_SPAN.SpanShape.from_density(2, 8, 2, 64, i(100), density=0.5, num_spans=i(2)).span_lens == (25, 25)
+    assert CM_MERGE.MergeStatesShape(i(3), i(2), i(8), i(64)).num_states == 3
+    p = CM_SPLIT.predict(plan, kv_lens=np.array([5, 1000], i), gpu="H100")
+    assert p.bytes_by_tensor["k"] == 1005 * 2 * 64 * 2
+
+
+COST_MODEL_CASES = [
+    # plan_split_kv
+    ("batch float", lambda: cm_plan(2.0), TypeError, ["batch", "int", "float", "2.0"]),
+    ("batch bool", lambda: cm_plan(True), TypeError, ["batch", "bool"]),
+    ("batch str", lambda: cm_plan("2"), TypeError, ["batch", "str"]),
+    ("batch numpy float", lambda: cm_plan(np.float64(2)), TypeError, ["batch", "float64"]),
+    ("batch 0", lambda: cm_plan(0), ValueError, ["batch", ">= 1", "0"]),
+    ("head_dim negative", lambda: cm_plan(2, 8, 2, -64), ValueError, ["head_dim", "-64"]),
+    ("max_kv_len float", lambda: cm_plan(2, 8, 2, 64, 1000.0), TypeError, ["max_kv_len", "float"]),
+    ("max_kv_len negative", lambda: cm_plan(2, 8, 2, 64, -1), ValueError, ["max_kv_len", ">= 0", "-1"]),
+    ("heads not grouping", lambda: cm_plan(2, 8, 3), ValueError, ["num_qo_heads", "num_kv_heads", "8", "3"]),
+    ("num_splits float", lambda: cm_plan(num_splits=2.0), TypeError, ["num_splits", "float"]),
+    ("num_splits 0", lambda: cm_plan(num_splits=0), ValueError, ["num_splits", ">= 1"]),
+    ("num_sms str", lambda: cm_plan(num_sms="132"), TypeError, ["num_sms", "str"]),
+    ("num_sms 0", lambda: cm_plan(num_sms=0), ValueError, ["num_sms", ">= 1"]),
+    ("page_size bool", lambda: cm_plan(page_size=False), TypeError, ["page_size", "bool"]),
+    ("page_size negative", lambda: cm_plan(page_size=-16), ValueError, ["page_size", "-16"]),
+    ("dtype not a name", lambda: cm_plan(dtype=np.float16), TypeError, ["dtype", "float16"]),
+    ("dtype unknown", lambda: cm_plan(dtype="float64"), ValueError, ["dtype", "float64", "bfloat16"]),
+    ("gpu not a name", lambda: cm_plan(gpu=132), TypeError, ["gpu", "int"]),
+    ("gpu unknown", lambda: cm_plan(gpu="H100 MIG 1g.10gb"), ValueError, ["unknown GPU", "H100 MIG"]),
+    ("gpu empty", lambda: cm_plan(gpu=""), ValueError, ["gpu", "empty"]),
+    ("choose_num_splits float", lambda: CM_SPLIT.choose_num_splits(2, 8, 2, 64, 1000.5), TypeError, ["max_kv_len"]),
+    # decode, paged_decode
+    ("plan_decode float", lambda: CM_DECODE.plan_decode(2, 8, 2, 64.0, 1000), TypeError, ["head_dim", "float"]),
+    ("page_size 0", lambda: CM_PAGED.plan_paged_decode(2, 8, 2, 64, 1000, page_size=0), ValueError,
+     ["page_size", ">= 1"]),
+    ("page_size float", lambda: CM_PAGED.plan_paged_decode(2, 8, 2, 64, 1000, page_size=16.0), TypeError,
+     ["page_size", "float"]),
+    # predict
+    ("predict kv_lens float", lambda: CM_SPLIT.predict(cm_plan(), kv_lens=np.array([1.0, 2.0]), gpu="H100"),
+     TypeError, ["kv_lens", "float64"]),
+    ("predict kv_lens wrong length", lambda: CM_SPLIT.predict(cm_plan(), kv_lens=[1, 2, 3], gpu="H100"),
+     ValueError, ["kv_lens", "[2]", "(3,)"]),
+    ("predict kv_lens too long", lambda: CM_SPLIT.predict(cm_plan(num_splits=1), kv_lens=[1, 5000], gpu="H100"),
+     ValueError, ["kv_lens", "5000"]),
+    ("predict plan not a plan", lambda: CM_SPLIT.predict("plan", gpu="H100"), TypeError, ["plan", "SplitKVPlan", "str"]),
+    ("predict calibration a dict", lambda: CM_SPLIT.predict(cm_plan(), gpu="H100", calibration={}), TypeError,
+     ["calibration", "dict"]),
+    ("predict gpu None", lambda: CM_SPLIT.predict(cm_plan(), gpu=None), TypeError, ["gpu", "NoneType"]),
+    # shapes
+    ("prefix_len float", lambda: CM_PREFIX.SharedPrefixShape(4, 8, 2, 64, 500.0, 20), TypeError, ["prefix_len", "float"]),
+    ("suffix_lens float", lambda: CM_PREFIX.SharedPrefixShape(2, 8, 2, 64, 500, 20, suffix_lens=(2.5, 3)),
+     TypeError, ["suffix_lens[0]", "float"]),
+    ("suffix_lens negative", lambda: CM_PREFIX.SharedPrefixShape(2, 8, 2, 64, 500, 20, suffix_lens=(-1, 3)),
+     ValueError, ["suffix_lens[0]", "-1"]),
+    ("prefix chunk float", lambda: CM_PREFIX.plan_hydragen(CM_PREFIX.SharedPrefixShape(4, 8, 2, 64, 500, 20),
+                                                           prefix_chunk_size=256.0), TypeError, ["prefix_chunk_size"]),
+    ("hydragen shape wrong type", lambda: CM_PREFIX.plan_hydragen((4, 8, 2, 64, 500, 20)), TypeError,
+     ["shape", "SharedPrefixShape", "tuple"]),
+    ("method not a str", lambda: CM_PREFIX.predict(CM_PREFIX.SharedPrefixShape(4, 8, 2, 64, 500, 20), method=None,
+                                                    gpu="H100"), TypeError, ["method"]),
+    ("tree level float", lambda: CM_TREE.TreeShape(4, 8, 2, 64, ((1, 100.0), (4, 20))), TypeError,
+     ["levels[0]", "float"]),
+    ("tree level triple", lambda: CM_TREE.TreeShape(4, 8, 2, 64, ((1, 100, 3),)), ValueError, ["levels[0]"]),
+    ("tree plan wrong type", lambda: CM_TREE.predict(CM_TREE.TreeShape(4, 8, 2, 64, ((1, 100),)), gpu="H100",
+                                                      plan="plan"), TypeError, ["plan", "TreePlan"]),
+    ("span kv_len float", lambda: CM_SPAN.SpanShape(2, 8, 2, 64, 100.0, (3, 4)), TypeError, ["kv_len", "float"]),
+    ("span_lens float", lambda: CM_SPAN.SpanShape(2, 8, 2, 64, 100, (3.0, 4)), TypeError, ["span_lens[0]"]),
+    ("span_lens too long", lambda: CM_SPAN.SpanShape(2, 8, 2, 64, 100, (60, 60)), ValueError, ["span_lens", "100"]),
+    ("num_spans float", lambda: CM_SPAN.SpanShape.from_density(2, 8, 2, 64, 100, density=0.5, num_spans=2.0),
+     TypeError, ["num_spans", "float"]),
+    ("density str", lambda: CM_SPAN.SpanShape.from_density(2, 8, 2, 64, 100, density="0.5", num_spans=2),
+     TypeError, ["density", "str"]),
+    ("window float", lambda: CM_SPAN.SpanShape.sinks_window(2, 8, 2, 64, 100, num_sinks=4, window=8.0),
+     TypeError, ["window", "float"]),
+    ("merge num_states float", lambda: CM_MERGE.MergeStatesShape(3.0, 2, 8, 64), TypeError, ["num_states"]),
+    # Workload, explain
+    ("workload batch float", lambda: WORKLOAD(batch=16.0), TypeError, ["batch", "float", "16.0"]),
+    ("workload batch bool", lambda: WORKLOAD(batch=True), TypeError, ["batch", "bool"]),
+    ("workload batch 0", lambda: WORKLOAD(batch=0), ValueError, ["batch", ">= 1", "0"]),
+    ("workload prefix_len negative", lambda: WORKLOAD(prefix_len=-1), ValueError, ["prefix_len", "-1"]),
+    ("workload suffix_len str", lambda: WORKLOAD(suffix_len="256"), TypeError, ["suffix_len", "str"]),
+    ("workload density str", lambda: WORKLOAD(density="0.5"), TypeError, ["density", "str"]),
+    ("workload density bool", lambda: WORKLOAD(density=True), TypeError, ["density", "bool"]),
+    ("workload density 0", lambda: WORKLOAD(density=0.0), ValueError, ["density", "(0, 1]", "0.0"]),
+    ("workload dtype not a name", lambda: WORKLOAD(dtype=np.float16), TypeError, ["dtype"]),
+    ("explain not a workload", lambda: cm_explain({"batch": 16}), TypeError, ["workload", "Workload", "dict"]),
+    ("explain gpu unknown", lambda: cm_explain(WORKLOAD(), "A100 PCIe"), ValueError, ["unknown GPU"]),
+]
+
+
+@pytest.mark.parametrize("call, error, needles", [c[1:] for c in COST_MODEL_CASES],
+                         ids=[c[0] for c in COST_MODEL_CASES])
+def test_cost_model_bad_input_raises_naming_the_argument(call, error, needles):
+    test_malformed_call_raises_naming_the_argument(call, error, needles)
