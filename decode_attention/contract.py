@@ -375,6 +375,21 @@ def check_paged(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, *,
     return problem, kv_lens
 
 
+def check_paged_layout(q, k_cache, v_cache, *, sm_scale=None, dtypes=FLOAT_DTYPES):
+    """Check a paged-cache call's query and cache by their metadata alone (the page tables' values
+    are left to whoever reads them); return a PagedProblem whose max_kv_len is 0 (unknown)."""
+    batch, num_qo_heads, head_dim, dtype = _check_query(q, dtypes)
+    num_pages, page_size, num_kv_heads, _ = _check_pair(
+        k_cache, v_cache, "k_cache", "v_cache",
+        [("num_pages", None), ("page_size", None), ("num_kv_heads", None), ("head_dim", head_dim)],
+        dtype, positive=("page_size", "num_kv_heads"),
+    )
+    _check_heads(num_qo_heads, num_kv_heads, "k_cache.shape[2]")
+    scale = check_sm_scale(sm_scale, head_dim)
+    return PagedProblem(batch, num_pages, page_size, num_qo_heads, num_kv_heads, head_dim, dtype,
+                        scale, 0)
+
+
 # --------------------------------------------------------------------------------------------
 # merge_states
 

@@ -192,6 +192,17 @@ def device_int32(x, kind: str, device_id: int, name: str):
         return cp.asarray(host_ints(x, name), dtype=np.int32)
 
 
+def to_int32_on_device(x, kind: str, device_id: int):
+    """An int32 contiguous copy of a device index array, made on the device (no host round trip)."""
+    if kind == "torch":
+        import torch  # noqa: PLC0415
+
+        return x.to(torch.int32).contiguous()
+    cp = cupy()
+    with cp.cuda.Device(device_id):
+        return cp.ascontiguousarray(x, dtype=np.int32)
+
+
 def current_stream_ptr(kind: str, device_id: int) -> int:
     """The caller's current stream: PyTorch's for tensors, CuPy's for CuPy arrays."""
     if kind == "torch":

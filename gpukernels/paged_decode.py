@@ -13,7 +13,14 @@ __all__ = ["paged_decode"]
 
 
 def paged_decode(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, *, num_splits=None,
-                 plan=None, sm_scale=None, out=None, lse=None):
-    """Returns (out, lse) like `decode`. `num_splits=None` lets the plan choose; 1 disables splitting."""
+                 plan=None, sm_scale=None, out=None, lse=None, check_values=False):
+    """Returns (out, lse) like `decode`. `num_splits=None` lets the plan choose; 1 disables splitting.
+
+    Page tables on the host are checked there before launch (ValueError). Page tables on the GPU
+    are not copied to the host: the kernel checks them, and a sequence whose pages lie outside
+    kv_indices, name a page outside the cache, or whose kv_last_page_len is outside [1, page_size]
+    gets out and lse NaN; `check_values=True` copies them to the host and raises instead.
+    """
     return paged_split_kv(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len,
-                          num_splits=num_splits, plan=plan, sm_scale=sm_scale, out=out, lse=lse)
+                          num_splits=num_splits, plan=plan, sm_scale=sm_scale, out=out, lse=lse,
+                          check_values=check_values)

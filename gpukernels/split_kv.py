@@ -3,13 +3,22 @@ parallel, merge the partial states in the same launch.
 
 Two ways to call it:
 
-* `split_kv(q, k, v, kv_lens)` checks everything (index values included, which copies them to the
-  host), plans and runs: the simple way.
+* `split_kv(q, k, v, kv_lens)`: the simple way. The plan is made by the cost model once per shape
+  (and length bucket) and cached, so repeated calls cost a dictionary lookup, not a plan.
 * `SplitKV(plan).run(q, k, v, kv_lens)` runs a plan made once with `plan_split_kv(...)`, reusable
-  across layers and steps. It does no host synchronisation and, given `out` and `lse`, no
-  allocation, so it can be captured in a CUDA graph. Index values are not read on the host there;
-  a length or page index outside the cache turns that sequence's output into NaN instead of being
-  read out of bounds.
+  across layers and steps. Given `out` and `lse` it allocates nothing, so it can be captured in a
+  CUDA graph.
+
+Which checks run where:
+
+* On the host, before any launch, always: types, dtypes, shapes, contiguity, devices, sm_scale
+  (TypeError / ValueError naming the argument).
+* Index arrays given on the host (NumPy, lists): their values too, on the host (ValueError).
+* Index arrays given on the GPU: never copied to the host, so no call synchronises. The kernel
+  checks each sequence: a length outside [0, kv_len], pages outside kv_indices, a page index
+  outside the cache or a kv_last_page_len outside [1, page_size] make that sequence's out and lse
+  NaN, and nothing outside the arrays is read. `check_values=True` (one-shot calls) copies them
+  to the host and raises instead.
 
 Example (on a GPU)::
 
@@ -28,10 +37,9 @@ import math
 
 import numpy as np
 
-from costmodel.split_kv import (HEADS_PER_BLOCK_CHOICES, NUM_WARPS, PIPELINE_STAGES,
-                                 PIPELINE_STAGES_PAGED, SplitKVPlan, pipeline_stage_bytes,
-                                 plan_split_kv, uses_tensor_cores)
-from decode_attention.contract import check_decode, check_paged
+from costmodel.split_kv import (HEADS_PER_BLOCK_CHOICES, NUM_WARPS, SplitKVPlan, pipeline_stage_bytes,
+                                 pipeline_stages, plan_split_kv, uses_tensor_cores)
+from decode_attention.contract import check_decode, check_paged, check_paged_layout
 
 from . import _runtime as rt
 
@@ -41,8 +49,9 @@ _LOG2E = 1.4426950408889634
 
 
 # float16/bfloat16 at TENSOR_CORE_HEAD_DIMS run on the tensor cores, the rest on the CUDA cores.
-# Tiles each warp keeps in flight through shared memory there (PIPELINE_STAGES, with the other
-# constants the plan and the kernels share in costmodel.split_kv). Contiguous caches: 3 stages,
+# Tiles each warp keeps in flight through shared memory there (pipeline_stages(head_dim, paged),
+# with the other constants the plan and the kernels share in costmodel.split_kv). Head_dim 128,
+# contiguous caches: 3 stages,
 # two blocks per SM (96 KB each), with the plan choosing about one block per SM at batch 1.
 # Measured on H100 with whole-row copies (us, stages/splits): 1 x 8 x 128k 4/8 193.2, 4/16 190.8,
 # 3/16 186.9, 2/16 187.2; 1 x 32 x 32k 4/4 189.7, 3/4 187.7, 2/4 186.9; 8 x 8 x 32k 4/1 368.9,
@@ -55,24 +64,22 @@ _LOG2E = 1.4426950408889634
 # forcing three (168 registers) measured 1310 against 988 us at 64 x 8 x 16k on H200.
 
 
-def stages_for(paged: bool) -> int:
-    return PIPELINE_STAGES_PAGED if paged else PIPELINE_STAGES
-
-
-def dynamic_smem_bytes(dtype: str, head_dim: int, paged: bool = False) -> int:
+def dynamic_smem_bytes(dtype: str, head_dim: int, paged: bool = False, stages: int | None = None) -> int:
     """Shared memory of the tensor-core path: [stages][warps][16-byte slots per lane][32 lanes]."""
     if not uses_tensor_cores(dtype, head_dim):
         return 0
-    return stages_for(paged) * pipeline_stage_bytes(head_dim)
+    return (stages or pipeline_stages(head_dim, paged)) * pipeline_stage_bytes(head_dim)
 
 
-def name_expression(dtype: str, head_dim: int, heads_per_block: int, paged: bool) -> str:
-    """The kernel template instantiation for one key (also compiled by the CI compile check)."""
+def name_expression(dtype: str, head_dim: int, heads_per_block: int, paged: bool,
+                    stages: int | None = None) -> str:
+    """The kernel template instantiation for one key (also compiled by the CI compile check);
+    `stages` overrides the tensor-core pipeline depth (for experiments)."""
     paged_arg = "true" if paged else "false"
     if uses_tensor_cores(dtype, head_dim):
         return (
             f"decode_attention::split_kv_mma_kernel<{rt.C_TYPES[dtype]}, {head_dim}, {heads_per_block}, "
-            f"{paged_arg}, {stages_for(paged)}>"
+            f"{paged_arg}, {stages or pipeline_stages(head_dim, paged)}>"
         )
     return (
         f"decode_attention::split_kv_kernel<{rt.C_TYPES[dtype]}, {head_dim}, {heads_per_block}, "
@@ -257,9 +264,13 @@ def _expect_output(x, name: str, template: str, shape: tuple, dtype: str, device
     return a.ptr
 
 
-def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace):
-    """Check shapes against the plan (metadata only: no synchronisation) and launch."""
-    qa, ka, va = rt.device_array(q, "q"), rt.device_array(k, "k"), rt.device_array(v, "v")
+def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace, views=None):
+    """Check shapes against the plan (metadata only: no synchronisation) and launch. `views`: the
+    device views of q, k, v when the caller already made them."""
+    if views is None:
+        qa, ka, va = rt.device_array(q, "q"), rt.device_array(k, "k"), rt.device_array(v, "v")
+    else:
+        qa, ka, va = views
     B, Hq, Hkv, D = plan.batch, plan.num_qo_heads, plan.num_kv_heads, plan.head_dim
     _expect_shape(qa, "q", "[batch, num_qo_heads, head_dim]", (B, Hq, D))
     if paged is None:
@@ -278,17 +289,13 @@ def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace):
     kind = qa.kind
     if paged is None:
         kv_len = ka.shape[1]
-        if kv_lens is None and kv_len > plan.num_splits * plan.chunk_size:
-            raise ValueError(
-                f"k holds kv_len = {kv_len} tokens but the plan covers {plan.num_splits * plan.chunk_size}"
-            )
         kv_lens = _expect_index(kv_lens, "kv_lens", B, device_id)
         indptr = indices = last = None
         num_pages, page_size = 0, 1
     else:
-        kv_len = 0
         indptr = _expect_index(paged[0], "kv_indptr", B + 1, device_id)
         indices = _expect_index(paged[1], "kv_indices", None, device_id)
+        kv_len = _numel(indices)   # the kernel keeps every sequence's pages inside kv_indices
         last = _expect_index(paged[2], "kv_last_page_len", B, device_id)
         num_pages, page_size = ka.shape[0], plan.page_size
     if sm_scale is None:
@@ -325,20 +332,37 @@ def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace):
     return out, lse
 
 
-def _checked_plan(problem, lens_host, device_id: int, plan, num_splits, page_size: int) -> SplitKVPlan:
-    """The caller's plan, or one made for this problem; either way it must cover every sequence."""
+def _length_bucket(n: int) -> int:
+    """`n` rounded up to one of 8 lengths per octave (at least TILE_TOKENS apart): one-shot calls
+    whose longest sequence grows by a token per step reuse one plan for a while."""
+    if n <= 256:
+        return max(n, 1)
+    step = max(64, 1 << (n.bit_length() - 4))
+    return -(-n // step) * step
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_plan(batch, num_qo_heads, num_kv_heads, head_dim, dtype, max_len, num_splits,
+                 page_size, device_id) -> SplitKVPlan:
+    """The cost model's plan for one key, made once (planning costs about a millisecond)."""
+    return plan_split_kv(batch, num_qo_heads, num_kv_heads, head_dim, max_len, dtype=dtype,
+                         num_splits=num_splits, num_sms=num_sms(device_id), page_size=page_size,
+                         gpu=device_gpu(device_id))
+
+
+def _one_shot_plan(problem, max_len: int, device_id: int, plan, num_splits, page_size: int) -> SplitKVPlan:
+    """The caller's plan, or the cached one for this problem and length (lengths read on the host
+    come rounded to their bucket). A plan works for any lengths (longer sequences get longer
+    chunks); its max_kv_len only sets the split count."""
     if plan is None:
-        max_len = int(lens_host.max()) if lens_host.size else 0
-        plan = plan_split_kv(problem.batch, problem.num_qo_heads, problem.num_kv_heads,
-                             problem.head_dim, max_len, dtype=problem.dtype, num_splits=num_splits,
-                             num_sms=num_sms(device_id), page_size=page_size, gpu=device_gpu(device_id))
-    elif num_splits is not None:
+        return _cached_plan(problem.batch, problem.num_qo_heads, problem.num_kv_heads,
+                            problem.head_dim, problem.dtype, max_len, num_splits, page_size, device_id)
+    if num_splits is not None:
         raise ValueError("give either plan or num_splits, not both")
+    if not isinstance(plan, SplitKVPlan):
+        raise TypeError(f"plan must be a SplitKVPlan, got {type(plan).__name__}")
     if plan.page_size != page_size:
         raise ValueError(f"the plan is for page_size {plan.page_size}, the cache has {page_size}")
-    covered = plan.num_splits * plan.chunk_size
-    if int(lens_host.max(initial=0)) > covered:
-        raise ValueError(f"sequences reach {int(lens_host.max())} tokens but the plan covers {covered}")
     return plan
 
 
@@ -347,44 +371,126 @@ def _stream_workspace(plan: SplitKVPlan):
     return lambda kind, device_id, stream_ptr: _shared_workspace(kind, device_id, stream_ptr).ensure(plan)
 
 
-def split_kv(q, k, v, kv_lens=None, *, num_splits=None, plan=None, sm_scale=None, out=None, lse=None):
+def _on_device(x) -> bool:
+    return rt._kind(x) is not None
+
+
+def _index_on_device(x, name: str, length, kind: str, device_id: int):
+    """A caller's device index array as int32, checked by its metadata only (no copy to the host):
+    integer dtype, [length], on the inputs' GPU. Converted on the device when not int32."""
+    a = rt.device_array(x, name)
+    if a.kind != kind:
+        raise TypeError(f"{name} must be a {kind} array like q, got a {a.kind} array")
+    if a.dtype not in ("int32", "int64", "int16", "int8", "uint8", "uint16", "uint32", "uint64"):
+        raise TypeError(f"{name} must hold integers, got {a.dtype}")
+    if length is not None and a.shape != (length,):
+        raise ValueError(f"{name} must be [{'batch' if name != 'kv_indptr' else 'batch + 1'}] = "
+                         f"({length},), got {a.shape}")
+    if len(a.shape) != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {a.shape}")
+    if a.device_id != device_id:
+        raise ValueError(f"{name} must be on GPU {device_id} like q, got GPU {a.device_id}")
+    if a.dtype == "int32" and a.contiguous:
+        return x
+    return rt.to_int32_on_device(x, kind, device_id)
+
+
+# Problems whose metadata was checked, by everything the checks read: (q, k, v shapes and dtypes,
+# sm_scale) -> DecodeProblem. Repeated one-shot calls skip the checks they already passed.
+_CHECKED: dict = {}
+
+
+def _checked_decode(qa, ka, va, q, k, v, sm_scale):
+    if not (sm_scale is None or type(sm_scale) in (float, int)):
+        problem, _ = check_decode(q, k, v, None, sm_scale=sm_scale, dtypes=rt.KERNEL_DTYPES)
+        check_kernel_dtype_and_head_dim(problem.dtype, problem.head_dim)
+        return problem
+    key = (qa.shape, ka.shape, va.shape, qa.dtype, ka.dtype, va.dtype, sm_scale)
+    problem = _CHECKED.get(key)
+    if problem is None:
+        problem, _ = check_decode(q, k, v, None, sm_scale=sm_scale, dtypes=rt.KERNEL_DTYPES)
+        check_kernel_dtype_and_head_dim(problem.dtype, problem.head_dim)
+        if len(_CHECKED) > 4096:
+            _CHECKED.clear()
+        _CHECKED[key] = problem
+    return problem
+
+
+def split_kv(q, k, v, kv_lens=None, *, num_splits=None, plan=None, sm_scale=None, out=None, lse=None,
+             check_values=False):
     """Attention of one query per sequence over a contiguous cache, the cache split along its length.
 
     q: [batch, num_qo_heads, head_dim]; k, v: [batch, kv_len, num_kv_heads, head_dim]; kv_lens:
-    optional [batch] valid lengths (host or device; read on the host to check them). `num_splits`
-    None lets the plan choose from the cost model, 1 disables splitting. Returns (out, lse): out in
-    q's dtype and kind, lse float32 (natural log).
+    optional [batch] valid lengths. `num_splits` None lets the cost model choose (the plan is made
+    once per shape and cached), 1 disables splitting. Returns (out, lse): out in q's dtype and kind,
+    lse float32 (natural log).
+
+    Checks: shapes, dtypes, devices and contiguity on the host before launch, always. kv_lens
+    given on the host (NumPy, a list) is checked there too (ValueError for a length outside
+    [0, kv_len]). kv_lens given on the GPU is not copied to the host (no synchronisation): the
+    kernel checks it, and a sequence whose length lies outside [0, kv_len] gets out and lse NaN;
+    `check_values=True` copies it to the host and raises instead. The split count is planned for
+    the longest host length, or for kv_len when the lengths are on the GPU.
     """
-    qa = rt.device_array(q, "q")
-    rt.device_array(k, "k")
-    rt.device_array(v, "v")
-    lens_host = rt.host_ints(kv_lens, "kv_lens")
-    problem, lens_host = check_decode(q, k, v, lens_host, sm_scale=sm_scale, dtypes=rt.KERNEL_DTYPES)
-    check_kernel_dtype_and_head_dim(problem.dtype, problem.head_dim)
-    plan = _checked_plan(problem, lens_host, qa.device_id, plan, num_splits, 0)
-    lens_dev = None if kv_lens is None else rt.device_int32(kv_lens, qa.kind, qa.device_id, "kv_lens")
+    qa, ka, va = rt.device_array(q, "q"), rt.device_array(k, "k"), rt.device_array(v, "v")
+    problem = _checked_decode(qa, ka, va, q, k, v, sm_scale)
+    kind, device_id = qa.kind, qa.device_id
+    if kv_lens is None:
+        lens_dev, max_len = None, problem.kv_len
+    elif _on_device(kv_lens) and not check_values:
+        lens_dev = _index_on_device(kv_lens, "kv_lens", problem.batch, kind, device_id)
+        max_len = problem.kv_len
+    else:
+        _, lens_host = check_decode(q, k, v, rt.host_ints(kv_lens, "kv_lens"), sm_scale=sm_scale,
+                                    dtypes=rt.KERNEL_DTYPES)
+        max_len = _length_bucket(int(lens_host.max(initial=0)))
+        lens_dev = rt.device_int32(lens_host, kind, device_id, "kv_lens")
+    plan = _one_shot_plan(problem, max_len, device_id, plan, num_splits, 0)
     return _launch(plan, q, k, v, kv_lens=lens_dev, paged=None, sm_scale=problem.sm_scale, out=out,
-                   lse=lse, workspace=_stream_workspace(plan))
+                   lse=lse, workspace=_stream_workspace(plan), views=(qa, ka, va))
 
 
 def paged_split_kv(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, *, num_splits=None,
-                   plan=None, sm_scale=None, out=None, lse=None):
-    """The paged form of `split_kv`; see `gpukernels.paged_decode`."""
+                   plan=None, sm_scale=None, out=None, lse=None, check_values=False):
+    """The paged form of `split_kv`; see `gpukernels.paged_decode`.
+
+    Index arrays on the host are checked there (ValueError before launch). Index arrays on the
+    GPU are checked by the kernel without a copy to the host: a sequence whose pages lie outside
+    kv_indices, whose page index is outside the cache, or whose kv_last_page_len is outside
+    [1, page_size] gets out and lse NaN (`check_values=True` copies them to the host and raises
+    instead). With the tables on the GPU the split count is planned for the average sequence
+    (len(kv_indices) / batch pages).
+    """
     qa = rt.device_array(q, "q")
     rt.device_array(k_cache, "k_cache")
     rt.device_array(v_cache, "v_cache")
-    indptr_h = rt.host_ints(kv_indptr, "kv_indptr")
-    indices_h = rt.host_ints(kv_indices, "kv_indices")
-    last_h = rt.host_ints(kv_last_page_len, "kv_last_page_len")
-    problem, lens_host = check_paged(q, k_cache, v_cache, indptr_h, indices_h, last_h,
-                                     sm_scale=sm_scale, dtypes=rt.KERNEL_DTYPES)
-    check_kernel_dtype_and_head_dim(problem.dtype, problem.head_dim)
-    plan = _checked_plan(problem, lens_host, qa.device_id, plan, num_splits, problem.page_size)
     kind, dev = qa.kind, qa.device_id
-    paged = (
-        rt.device_int32(kv_indptr, kind, dev, "kv_indptr"),
-        rt.device_int32(kv_indices if len(indices_h) else np.zeros(1, np.int64), kind, dev, "kv_indices"),
-        rt.device_int32(kv_last_page_len, kind, dev, "kv_last_page_len"),
-    )
+    tables = (kv_indptr, kv_indices, kv_last_page_len)
+    if all(_on_device(x) for x in tables) and not check_values:
+        problem = check_paged_layout(q, k_cache, v_cache, sm_scale=sm_scale, dtypes=rt.KERNEL_DTYPES)
+        check_kernel_dtype_and_head_dim(problem.dtype, problem.head_dim)
+        B = problem.batch
+        paged = (
+            _index_on_device(kv_indptr, "kv_indptr", B + 1, kind, dev),
+            _index_on_device(kv_indices, "kv_indices", None, kind, dev),
+            _index_on_device(kv_last_page_len, "kv_last_page_len", B, kind, dev),
+        )
+        nnz = _numel(rt.device_array(paged[1], "kv_indices"))
+        max_len = -(-nnz // max(B, 1)) * problem.page_size
+    else:
+        indptr_h = rt.host_ints(kv_indptr, "kv_indptr")
+        indices_h = rt.host_ints(kv_indices, "kv_indices")
+        last_h = rt.host_ints(kv_last_page_len, "kv_last_page_len")
+        problem, lens_host = check_paged(q, k_cache, v_cache, indptr_h, indices_h, last_h,
+                                         sm_scale=sm_scale, dtypes=rt.KERNEL_DTYPES)
+        check_kernel_dtype_and_head_dim(problem.dtype, problem.head_dim)
+        max_len = _length_bucket(int(lens_host.max(initial=0)))
+        paged = (
+            rt.device_int32(indptr_h, kind, dev, "kv_indptr"),
+            rt.device_int32(indices_h if len(indices_h) else np.zeros(1, np.int64), kind, dev,
+                            "kv_indices")[: len(indices_h)],
+            rt.device_int32(last_h, kind, dev, "kv_last_page_len"),
+        )
+    plan = _one_shot_plan(problem, max_len, dev, plan, num_splits, problem.page_size)
     return _launch(plan, q, k_cache, v_cache, kv_lens=None, paged=paged, sm_scale=problem.sm_scale,
                    out=out, lse=lse, workspace=_stream_workspace(plan))

@@ -380,3 +380,216 @@ def test_malformed_inputs_raise_before_launch(call, exc, name):
     with pytest.raises(exc) as info:
         call(gpukernels, q, k, v)
     assert name in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# The one-shot call: index values on the GPU are checked by the kernel, not copied to the host.
+
+
+def test_one_shot_device_lengths_are_not_read_on_the_host(monkeypatch):
+    import gpukernels
+    from gpukernels import _runtime as rt
+
+    rng = np.random.default_rng(11)
+    q, k, v = _random_qkv(rng, "float16", 3, 32, 8, 1000, 128)
+    kv_lens = np.array([1000, 0, 357])
+    ref_out, ref_lse = refattn.decode(q, k, v, kv_lens)
+
+    def no_host_copy(*args, **kwargs):
+        raise AssertionError("an index array was copied to the host")
+
+    monkeypatch.setattr(rt, "host_ints", no_host_copy)
+    for lens in (cp.asarray(kv_lens.astype(np.int32)), cp.asarray(kv_lens)):   # int32 and int64
+        out, lse = gpukernels.split_kv(cp.asarray(q), cp.asarray(k), cp.asarray(v), lens)
+        _check_with_empty(out, lse, ref_out, ref_lse, "float16")
+
+
+def _check_with_empty(out, lse, ref_out, ref_lse, dtype):
+    """_check, where sequences with nothing to attend to must give out = 0, lse = -inf."""
+    o, l = _host(out).astype(np.float64), _host(lse).astype(np.float64)
+    assert not np.any(np.isnan(o)) and not np.any(np.isnan(l))
+    assert rel_error(o, ref_out) <= OUT_RTOL[dtype]
+    assert np.array_equal(np.isneginf(l), np.isneginf(ref_lse))
+    finite = np.isfinite(ref_lse)
+    assert lse_error(l[finite], ref_lse[finite]) <= LSE_ATOL[dtype] * 4
+
+
+def test_one_shot_device_lengths_out_of_range_poison_their_sequence_only():
+    import torch
+
+    import gpukernels
+
+    rng = np.random.default_rng(12)
+    q, k, v = _random_qkv(rng, "bfloat16", 4, 16, 4, 300, 64)
+    lens = np.array([300, -1, 301, 123])
+    lens_dev = torch.as_tensor(lens, dtype=torch.int32, device="cuda")
+    out, lse = gpukernels.split_kv(_device(q), _device(k), _device(v), lens_dev)
+    o, l = _host(out), _host(lse)
+    assert np.isnan(o[1]).all() and np.isnan(l[1]).all() and np.isnan(o[2]).all() and np.isnan(l[2]).all()
+    good = [0, 3]
+    ref_out, ref_lse = refattn.decode(q[good], k[good], v[good], lens[good])
+    assert rel_error(o[good].astype(np.float64), ref_out) <= OUT_RTOL["bfloat16"]
+    with pytest.raises(ValueError, match="kv_lens"):
+        gpukernels.split_kv(_device(q), _device(k), _device(v), lens_dev, check_values=True)
+
+
+def test_paged_device_tables_out_of_range_poison_their_sequence_only():
+    import gpukernels
+
+    rng = np.random.default_rng(13)
+    batch, hq, hkv, d, page = 3, 8, 2, 128, 16
+    q = _random(rng, (batch, hq, d), "float16")
+    kc, vc = (_random(rng, (12, page, hkv, d), "float16") for _ in range(2))
+    indptr = np.array([0, 4, 8, 12])
+    indices = rng.permutation(12)
+    last = np.array([16, 5, 16])
+    ref_out, ref_lse = refattn.paged_decode(q, kc, vc, indptr, indices, last)
+    dev = lambda x: cp.asarray(x.astype(np.int32))  # noqa: E731
+    out, lse = gpukernels.paged_decode(cp.asarray(q), cp.asarray(kc), cp.asarray(vc), dev(indptr),
+                                       dev(indices), dev(last))
+    _check(out, lse, ref_out, ref_lse, "float16")
+    # Sequence 2's pages run past the end of kv_indices; sequence 1 names a page outside the cache;
+    # sequence 0 is intact.
+    bad_indptr = np.array([0, 4, 8, 13])
+    bad_indices = indices.copy()
+    bad_indices[5] = 12
+    out, lse = gpukernels.paged_decode(cp.asarray(q), cp.asarray(kc), cp.asarray(vc), dev(bad_indptr),
+                                       dev(bad_indices), dev(last))
+    o, l = _host(out), _host(lse)
+    assert np.isnan(o[1:]).all() and np.isnan(l[1:]).all()
+    assert rel_error(o[:1].astype(np.float64), ref_out[:1]) <= OUT_RTOL["float16"]
+    with pytest.raises(ValueError, match="kv_indptr"):
+        gpukernels.paged_decode(cp.asarray(q), cp.asarray(kc), cp.asarray(vc), dev(bad_indptr),
+                                dev(bad_indices), dev(last), check_values=True)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_a_plan_runs_sequences_longer_than_its_max_kv_len(paged):
+    import gpukernels
+
+    rng = np.random.default_rng(14)
+    batch, hq, hkv, d, kv_len = 2, 32, 8, 128, 5000
+    q, k, v = _random_qkv(rng, "float16", batch, hq, hkv, kv_len, d)
+    ref_out, ref_lse = refattn.decode(q, k, v)
+    plan = gpukernels.plan_split_kv(batch, hq, hkv, d, 700, dtype="float16", num_splits=4,
+                                    page_size=16 if paged else 0)
+    assert plan.num_splits * plan.chunk_size < kv_len
+    run = gpukernels.SplitKV(plan)
+    if paged:
+        pages = -(-kv_len // 16)
+        pad = ((0, 0), (0, pages * 16 - kv_len), (0, 0), (0, 0))
+        kc, vc = (cp.asarray(np.pad(x, pad).reshape(-1, 16, hkv, d)) for x in (k, v))
+        dev = lambda x: cp.asarray(np.asarray(x, dtype=np.int32))  # noqa: E731
+        out, lse = run.run_paged(cp.asarray(q), kc, vc, dev(np.arange(batch + 1) * pages),
+                                 dev(np.arange(batch * pages)), dev([kv_len - (pages - 1) * 16] * batch))
+    else:
+        out, lse = run.run(cp.asarray(q), cp.asarray(k), cp.asarray(v))
+    _check(out, lse, ref_out, ref_lse, "float16")
+
+
+def test_one_shot_calls_reuse_their_plan():
+    import importlib
+
+    import gpukernels
+
+    skv = importlib.import_module("gpukernels.split_kv")
+    rng = np.random.default_rng(15)
+    q, k, v = (cp.asarray(x) for x in _random_qkv(rng, "float16", 2, 32, 8, 2000, 128))
+    gpukernels.split_kv(q, k, v)
+    gpukernels.split_kv(q, k, v, np.array([1985, 5]))
+    before = skv._cached_plan.cache_info()
+    for n in (1990, 1995, 2000):   # lengths read on the host: one length bucket with 1985
+        gpukernels.split_kv(q, k, v, np.array([n, 5]))
+    gpukernels.split_kv(q, k, v)   # the whole cache: the plan of the first call
+    after = skv._cached_plan.cache_info()
+    assert after.misses == before.misses and after.hits >= before.hits + 4
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("hq, hkv", [(16, 16), (16, 2), (8, 1), (20, 4)])
+def test_head_dim_256_on_the_tensor_cores(dtype, hq, hkv):
+    import importlib
+
+    import gpukernels
+
+    skv = importlib.import_module("gpukernels.split_kv")
+    assert "split_kv_mma_kernel" in skv.name_expression(dtype, 256, 8, False)
+    rng = np.random.default_rng(hq * 100 + hkv)
+    q, k, v = _random_qkv(rng, dtype, 2, hq, hkv, 3001, 256)
+    kv_lens = np.array([3001, 1234])
+    ref_out, ref_lse = refattn.decode(q, k, v, kv_lens)
+    for num_splits in (None, 1, 8):
+        out = _poisoned(_device(q), (2, hq, 256), dtype)
+        lse = _poisoned(_device(q), (2, hq), "float32")
+        gpukernels.split_kv(_device(q), _device(k), _device(v), kv_lens, num_splits=num_splits,
+                            out=out, lse=lse)
+        _check(out, lse, ref_out, ref_lse, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite inputs never hide (DESIGN.md): the kernels give NaN exactly where the references do.
+
+
+def _compare_nonfinite(out, lse, ref_out, ref_lse, dtype):
+    o, l = _host(out).astype(np.float64), _host(lse).astype(np.float64)
+    assert np.array_equal(np.isnan(o), np.isnan(ref_out)), "out: NaN pattern differs from refattn"
+    assert np.array_equal(np.isnan(l), np.isnan(ref_lse)), "lse: NaN pattern differs from refattn"
+    assert np.array_equal(np.isneginf(l), np.isneginf(ref_lse))
+    ok = ~np.isnan(ref_out)
+    if ok.any():
+        assert rel_error(o[ok], ref_out[ok]) <= OUT_RTOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("paged", [False, True])
+def test_non_finite_inputs_give_nan_where_the_reference_does(dtype, head_dim, num_splits, paged):
+    import gpukernels
+
+    rng = np.random.default_rng(head_dim + num_splits)
+    batch, hq, hkv, kv_len = 5, 16, 4, 700
+    q, k, v = _random_qkv(rng, dtype, batch, hq, hkv, kv_len, head_dim)
+    kv_lens = np.array([700, 0, 650, 700, 300])
+    q[0, 5, 3] = np.nan                  # one query head of sequence 0
+    k[2, 17, 1, 0] = np.inf              # an attended key row: every head of KV head 1, sequence 2
+    v[3, 600, 2, 7] = -np.inf            # one value element: dim 7 of KV head 2's heads, sequence 3
+    k[4, 500, 0, :] = np.nan             # past kv_lens[4]: never read
+    q[1, 0, 0] = np.nan                  # an empty sequence stays empty
+    ref_out, ref_lse = refattn.decode(q, k, v, kv_lens)
+    qd = _device(q)
+    out = _poisoned(qd, (batch, hq, head_dim), dtype)
+    lse = _poisoned(qd, (batch, hq), "float32")
+    if paged:
+        page = 16
+        pages = -(-kv_len // page)
+        pad = ((0, 0), (0, pages * page - kv_len), (0, 0), (0, 0))
+        kc, vc = (np.ascontiguousarray(np.pad(x, pad).reshape(-1, page, hkv, head_dim)) for x in (k, v))
+        used = -(-kv_lens // page)
+        indptr = np.concatenate([[0], np.cumsum(used)])
+        indices = np.concatenate([b * pages + np.arange(used[b]) for b in range(batch)])
+        last = np.where(used > 0, kv_lens - (used - 1) * page, 0)
+        gpukernels.paged_decode(qd, _device(kc), _device(vc), indptr, indices, last,
+                                num_splits=num_splits, out=out, lse=lse)
+    else:
+        gpukernels.split_kv(qd, _device(k), _device(v), kv_lens, num_splits=num_splits, out=out, lse=lse)
+    _compare_nonfinite(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_states_lets_non_finite_states_through(dtype):
+    import gpukernels
+
+    rng = np.random.default_rng(21)
+    outs = _random(rng, (3, 4, 2, 64), dtype)
+    lses = rng.standard_normal((3, 4, 2)).astype(np.float32)
+    lses[1, 0, 0] = np.nan           # row (0, 0): NaN
+    lses[2, 1, 1] = np.inf           # row (1, 1): NaN
+    lses[:, 2, 0] = -np.inf          # row (2, 0): all empty -> 0, -inf
+    outs[0, 2, 0] = np.nan           # ... even with NaN in an empty state's out
+    outs[1, 3, 1, 5] = np.inf        # row (3, 1), element 5: NaN
+    lses[0, 3, 0] = -np.inf
+    outs[0, 3, 0] = np.nan           # an empty state's out is never read
+    ref_out, ref_lse = refattn.merge_states(outs.astype(np.float64), lses.astype(np.float64))
+    out, lse = gpukernels.merge_states(_device(outs), _device(lses))
+    _compare_nonfinite(out, lse, ref_out, ref_lse, dtype)

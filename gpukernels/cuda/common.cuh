@@ -12,6 +12,13 @@ constexpr float kLog2e = 1.4426950408889634f;
 // -inf, the lse of an empty state.
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 __device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
+// By the bits, so that fast-math compilation cannot fold them away.
+__device__ __forceinline__ bool is_finite(float x) {
+  return (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u;
+}
+__device__ __forceinline__ bool is_nan(float x) { return (__float_as_uint(x) & 0x7fffffffu) > 0x7f800000u; }
+// Non-finite values never hide: an infinity that reaches an output becomes NaN.
+__device__ __forceinline__ float finite_or_nan(float x) { return is_finite(x) ? x : quiet_nan(); }
 
 // Elements of T in one 16-byte load.
 template <typename T>

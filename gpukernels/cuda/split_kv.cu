@@ -31,8 +31,11 @@ __device__ __forceinline__ int seq_head_index() { return blockIdx.z * gridDim.y 
 __device__ __forceinline__ int grid_splits() { return gridDim.x; }
 constexpr int NUM_THREADS = NUM_WARPS * 32;
 // Tensor-core path: two resident blocks per SM at least (measured on H100: better than one block
-// with more registers). The CUDA-core path needs its registers for wide groups and head_dim 256.
-constexpr int MMA_MIN_BLOCKS_PER_SM = 2;
+// with more registers), except at head_dim 256, whose output accumulators alone take 128 registers
+// and whose pipeline stages fill an SM's shared memory with one block. The CUDA-core path needs its
+// registers for wide groups.
+template <int HEAD_DIM>
+constexpr int mma_min_blocks_per_sm() { return HEAD_DIM >= 256 ? 1 : 2; }
 
 template <typename T, int HEAD_DIM, int GROUP>
 struct SplitKVShape {
@@ -104,9 +107,15 @@ __device__ __forceinline__ void finish_block(const float (&smem_o)[NUM_WARPS][GR
   for (int t = threadIdx.x; t < heads_here * (HEAD_DIM / 4); t += NUM_THREADS) {
     const int g = t / (HEAD_DIM / 4);
     const int d = (t % (HEAD_DIM / 4)) * 4;
+    // A warp whose running max is NaN saw a non-finite score (or a bad page): the head's result
+    // is NaN (fmaxf alone would drop it).
     float m_tot = neg_inf();
+    bool poisoned = false;
 #pragma unroll
-    for (int w = 0; w < NUM_WARPS; ++w) m_tot = fmaxf(m_tot, smem_m[w][g]);
+    for (int w = 0; w < NUM_WARPS; ++w) {
+      m_tot = fmaxf(m_tot, smem_m[w][g]);
+      poisoned = poisoned || is_nan(smem_m[w][g]);
+    }
     float l_tot = 0.0f;
     float4 o_tot = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
@@ -120,8 +129,11 @@ __device__ __forceinline__ void finish_block(const float (&smem_o)[NUM_WARPS][GR
       o_tot.w = fmaf(o_w.w, a, o_tot.w);
     }
     const float inv = l_tot > 0.0f ? 1.0f / l_tot : 0.0f;
-    const float4 o_final = make_float4(o_tot.x * inv, o_tot.y * inv, o_tot.z * inv, o_tot.w * inv);
-    const float lse_final = l_tot > 0.0f ? (m_tot + log2f(l_tot)) * kLn2 : neg_inf();
+    const float4 o_final =
+        poisoned ? make_float4(quiet_nan(), quiet_nan(), quiet_nan(), quiet_nan())
+                 : make_float4(finite_or_nan(o_tot.x * inv), finite_or_nan(o_tot.y * inv),
+                               finite_or_nan(o_tot.z * inv), finite_or_nan(o_tot.w * inv));
+    const float lse_final = poisoned ? quiet_nan() : l_tot > 0.0f ? (m_tot + log2f(l_tot)) * kLn2 : neg_inf();
     const int h = head0 + g;
     if (direct) {
       T* o = out + static_cast<long long>(b * num_qo_heads + h) * HEAD_DIM + d;
@@ -160,6 +172,7 @@ __device__ __forceinline__ void finish_block(const float (&smem_o)[NUM_WARPS][GR
     const int d = (t % (HEAD_DIM / 4)) * 4;
     const long long base = static_cast<long long>(b) * num_qo_heads + head0 + g;
     float m_run = neg_inf(), w_sum = 0.0f;
+    bool poisoned = false;   // a split's lse is NaN (or +inf): the merged state is NaN
     float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     for (int s0 = 0; s0 < splits_here; s0 += MERGE_BATCH) {
       float ls[MERGE_BATCH];
@@ -174,7 +187,10 @@ __device__ __forceinline__ void finish_block(const float (&smem_o)[NUM_WARPS][GR
       }
       float m_new = m_run;
 #pragma unroll
-      for (int u = 0; u < MERGE_BATCH; ++u) m_new = fmaxf(m_new, ls[u]);
+      for (int u = 0; u < MERGE_BATCH; ++u) {
+        m_new = fmaxf(m_new, ls[u]);
+        poisoned = poisoned || is_nan(ls[u]) || ls[u] == -neg_inf();
+      }
       if (m_new == neg_inf()) continue;  // only empty states so far
       const float a = m_run == neg_inf() ? 0.0f : exp2f((m_run - m_new) * kLog2e);
       w_sum *= a;
@@ -190,13 +206,13 @@ __device__ __forceinline__ void finish_block(const float (&smem_o)[NUM_WARPS][GR
       }
       m_run = m_new;
     }
-    const float inv = w_sum > 0.0f ? 1.0f / w_sum : 0.0f;
+    const float inv = poisoned ? quiet_nan() : w_sum > 0.0f ? 1.0f / w_sum : 0.0f;
     T* o = out + base * HEAD_DIM + d;
-    o[0] = from_float<T>(acc.x * inv);
-    o[1] = from_float<T>(acc.y * inv);
-    o[2] = from_float<T>(acc.z * inv);
-    o[3] = from_float<T>(acc.w * inv);
-    if (d == 0) lse[base] = w_sum > 0.0f ? m_run + log2f(w_sum) * kLn2 : neg_inf();
+    o[0] = from_float<T>(finite_or_nan(acc.x * inv));
+    o[1] = from_float<T>(finite_or_nan(acc.y * inv));
+    o[2] = from_float<T>(finite_or_nan(acc.z * inv));
+    o[3] = from_float<T>(finite_or_nan(acc.w * inv));
+    if (d == 0) lse[base] = poisoned ? quiet_nan() : w_sum > 0.0f ? m_run + log2f(w_sum) * kLn2 : neg_inf();
   }
   if (threadIdx.x == 0) *counter = 0;  // ready for the next call (and the next graph replay)
 }
@@ -228,15 +244,17 @@ __device__ __forceinline__ bool block_work(BlockWork& w, T* __restrict__ out, fl
   int len;
   bool bad_len = false;
   if constexpr (PAGED) {
-    const int n = kv_indptr[b + 1] - kv_indptr[b];
+    // kv_len holds the number of entries of kv_indices here: a sequence's pages must lie inside it.
+    const int begin = kv_indptr[b], n = kv_indptr[b + 1] - begin;
     len = n > 0 ? (n - 1) * page_size + kv_last_page_len[b] : 0;
-    bad_len = n < 0 || (n > 0 && (kv_last_page_len[b] < 1 || kv_last_page_len[b] > page_size));
+    bad_len = n < 0 || begin < 0 || begin + n > kv_len ||
+              (n > 0 && (kv_last_page_len[b] < 1 || kv_last_page_len[b] > page_size));
   } else {
     len = kv_lens != nullptr ? kv_lens[b] : kv_len;
     bad_len = len < 0 || len > kv_len;
   }
-  bad_len = bad_len || len > grid_splits() * chunk_size;  // the plan is too short for it
-  const int splits_here = bad_len ? 1 : max(1, (len + chunk_size - 1) / chunk_size);
+  // A sequence longer than the plan's max_kv_len keeps the grid's splits, each taking more tiles.
+  const int splits_here = bad_len ? 1 : min(grid_splits(), max(1, (len + chunk_size - 1) / chunk_size));
   if (split >= splits_here) return false;
   if (bad_len) {
     for (int t = threadIdx.x; t < heads_here * HEAD_DIM; t += NUM_THREADS) {
@@ -316,8 +334,10 @@ split_kv_kernel(const T* __restrict__ q,                 // [batch, num_qo_heads
   }
 
   float m[GROUP], l[GROUP], o[GROUP][DPL];
+  bool nonfinite[GROUP];   // a NaN or infinite score of head g (its result is NaN)
 #pragma unroll
   for (int g = 0; g < GROUP; ++g) {
+    nonfinite[g] = false;
     m[g] = neg_inf();
     l[g] = 0.0f;
 #pragma unroll
@@ -395,7 +415,11 @@ split_kv_kernel(const T* __restrict__ q,                 // [batch, num_qo_heads
         for (int offset = LPR / 2; offset >= 1; offset /= 2) {
           s[g][i] += __shfl_xor_sync(kFullMask, s[g][i], offset);
         }
-        if (!valid[i]) s[g][i] = neg_inf();
+        if (!valid[i]) {
+          s[g][i] = neg_inf();
+        } else if (!is_finite(s[g][i])) {
+          nonfinite[g] = true;   // NaN or infinity in q or in this K row
+        }
       }
     }
     // Scores are in registers: K's buffer is free for the next tile.
@@ -447,6 +471,7 @@ split_kv_kernel(const T* __restrict__ q,                 // [batch, num_qo_heads
   for (int offset = LPR; offset < 32; offset *= 2) {
 #pragma unroll
     for (int g = 0; g < GROUP; ++g) {
+      nonfinite[g] = __shfl_xor_sync(kFullMask, static_cast<int>(nonfinite[g]), offset) || nonfinite[g];
       const float m_other = __shfl_xor_sync(kFullMask, m[g], offset);
       const float l_other = __shfl_xor_sync(kFullMask, l[g], offset);
       const float m_new = fmaxf(m[g], m_other);
@@ -461,6 +486,7 @@ split_kv_kernel(const T* __restrict__ q,                 // [batch, num_qo_heads
       m[g] = m_new;
     }
   }
+  const bool warp_bad_page = __any_sync(kFullMask, bad_page);
   if (row_in_load == 0) {
 #pragma unroll
     for (int g = 0; g < GROUP; ++g) {
@@ -470,7 +496,7 @@ split_kv_kernel(const T* __restrict__ q,                 // [batch, num_qo_heads
         for (int e = 0; e < VEC; ++e) smem_o[warp][g][(j * LPR + lane_col) * VEC + e] = o[g][j * VEC + e];
       }
       if (lane == 0) {
-        smem_m[warp][g] = m[g];
+        smem_m[warp][g] = nonfinite[g] || warp_bad_page ? quiet_nan() : m[g];
         smem_l[warp][g] = l[g];
       }
     }
@@ -482,7 +508,7 @@ split_kv_kernel(const T* __restrict__ q,                 // [batch, num_qo_heads
 
 
 // ---------------------------------------------------------------------------------------------
-// Tensor-core form for float16 / bfloat16 (head_dim 64 or 128): the same blocks, splits, warp
+// Tensor-core form for float16 / bfloat16 (head_dim 64, 128 or 256): the same blocks, splits, warp
 // tiles and epilogue, but each warp computes the scores of its 16 rows for all heads of the group
 // with mma.sync (query heads as the 16 rows of A, zero-padded) and the output likewise, so the
 // arithmetic per row costs a few instructions instead of a few hundred. K and V stream through a
@@ -518,6 +544,26 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], unsigned
       : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
 }
 
+// The same product keeping only rows 0..7 of the accumulator (the query heads; rows 8..15 of A are
+// zero padding): D's rows 8..15 go to registers that die at once and C's are zero, so the caller
+// holds 2 accumulators per n-tile instead of 4 (head_dim 256: 64 registers fewer, no spills).
+#define DECODE_ATTENTION_MMA_TOP(CTYPE, PTXTYPE)                                                     \
+  template <>                                                                                      \
+  __device__ __forceinline__ void mma_16816_top<CTYPE>(float& d0, float& d1, unsigned a0,          \
+                                                       unsigned a2, unsigned b0, unsigned b1) {    \
+    float unused2, unused3;                                                                        \
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTXTYPE "." PTXTYPE                      \
+                 ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%10,%10};\n"                  \
+                 : "+f"(d0), "+f"(d1), "=f"(unused2), "=f"(unused3)                                \
+                 : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(0.0f));               \
+  }
+template <typename T>
+__device__ __forceinline__ void mma_16816_top(float& d0, float& d1, unsigned a0, unsigned a2,
+                                              unsigned b0, unsigned b1);
+DECODE_ATTENTION_MMA_TOP(__half, "f16")
+DECODE_ATTENTION_MMA_TOP(__nv_bfloat16, "bf16")
+#undef DECODE_ATTENTION_MMA_TOP
+
 template <typename T>
 __device__ __forceinline__ unsigned pack2(float lo, float hi);
 template <>
@@ -548,6 +594,26 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool v
   asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
                "r"(valid ? 16 : 0));
 }
+// The same copy to shared address `smem_base + OFFSET` bytes, the offset an immediate of the
+// instruction: at head_dim 256 a warp tile takes 32 copies per lane, and with computed addresses
+// the compiler kept each stage's 32 destinations in registers (255 registers and spills).
+template <int OFFSET>
+__device__ __forceinline__ void cp_async_16_at(unsigned smem_base, const void* gmem, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0+%3], [%1], 16, %2;\n" ::"r"(smem_base), "l"(gmem),
+               "r"(valid ? 16 : 0), "n"(OFFSET));
+}
+template <int I>
+struct Index {
+  static constexpr int value = I;
+};
+// f(Index<0>{}), ..., f(Index<N-1>{}): a loop whose index is a compile-time constant.
+template <int N, int I = 0, typename F>
+__device__ __forceinline__ void static_for(F&& f) {
+  if constexpr (I < N) {
+    f(Index<I>{});
+    static_for<N, I + 1>(f);
+  }
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
@@ -563,7 +629,7 @@ struct MmaSlots {
 };
 
 template <typename T, int HEAD_DIM, int GROUP, bool PAGED, int STAGES>
-__global__ void __launch_bounds__(NUM_THREADS, MMA_MIN_BLOCKS_PER_SM)
+__global__ void __launch_bounds__(NUM_THREADS, mma_min_blocks_per_sm<HEAD_DIM>())
 split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                     const int* __restrict__ kv_lens, const int* __restrict__ kv_indptr,
                     const int* __restrict__ kv_indices, const int* __restrict__ kv_last_page_len,
@@ -571,7 +637,8 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
                     float* __restrict__ partial_lse, int* __restrict__ counters, int batch, int kv_len,
                     int num_pages, int page_size, int num_qo_heads, int num_kv_heads, int head_groups,
                     int chunk_size, float scale_log2) {
-  static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "tensor-core path: head_dim 64 or 128");
+  static_assert(HEAD_DIM == 64 || HEAD_DIM == 128 || HEAD_DIM == 256,
+                "tensor-core path: head_dim 64, 128 or 256");
   static_assert(GROUP <= 8, "at most 8 query heads per block (rows 8..15 of A stay zero)");
   static_assert(STAGES >= 2, "at least double buffering");
   constexpr int WARP_ROWS = 16;             // rows per warp tile: two n-tiles of 8 for the scores
@@ -598,20 +665,43 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   const int tig = lane & 3;    // thread in group
 
   // Q as A fragments: head `gid`, dims c*32 + tig*8 + [0, 8) for chunk c (the K permutation).
-  uint4 qa[CHUNKS];
+  // At head_dim 256 the fragments wait in shared memory (32 registers fewer: no spills); each warp
+  // stores the same values, so no barrier is needed.
+  constexpr bool Q_IN_SMEM = HEAD_DIM >= 256;
+  __shared__ uint4 smem_q[Q_IN_SMEM ? NUM_WARPS : 1][Q_IN_SMEM ? CHUNKS : 1][32];
+  uint4 qa[Q_IN_SMEM ? 1 : CHUNKS];
 #pragma unroll
   for (int c = 0; c < CHUNKS; ++c) {
-    qa[c] = gid < w.heads_here
-                ? __ldg(reinterpret_cast<const uint4*>(
-                      q + static_cast<long long>(w.b * num_qo_heads + w.head0 + gid) * HEAD_DIM +
-                      c * 32 + tig * 8))
-                : zero_vec();
+    const uint4 qc = gid < w.heads_here
+                         ? __ldg(reinterpret_cast<const uint4*>(
+                               q + static_cast<long long>(w.b * num_qo_heads + w.head0 + gid) * HEAD_DIM +
+                               c * 32 + tig * 8))
+                         : zero_vec();
+    if constexpr (Q_IN_SMEM) {
+      smem_q[warp][c][lane] = qc;
+    } else {
+      qa[c] = qc;
+    }
   }
+  auto q_fragment = [&](int c) -> uint4 {
+    if constexpr (Q_IN_SMEM) {
+      return smem_q[warp][c][lane];   // written by this lane itself
+    } else {
+      return qa[c];
+    }
+  };
 
-  float o[DIM_TILES][4];
+  // Output accumulators: o[j][0..1] are head gid's (rows 8..15 of the product are padding, kept in
+  // registers only where that costs no spills: below head_dim 256).
+  constexpr int ACC = HEAD_DIM >= 256 ? 2 : 4;
+  float o[DIM_TILES][ACC];
 #pragma unroll
-  for (int j = 0; j < DIM_TILES; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+  for (int j = 0; j < DIM_TILES; ++j) {
+#pragma unroll
+    for (int e = 0; e < ACC; ++e) o[j][e] = 0.0f;
+  }
   float m = neg_inf();   // running max of head gid (same in the 4 lanes of a group)
+  bool nonfinite = false;   // this lane saw a NaN or infinite score of head gid
   float l = 0.0f;        // this lane's share of the running sum
 
   static_assert(NUM_WARPS * WARP_ROWS == TILE_TOKENS, "one block step is one tile");
@@ -701,12 +791,30 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
            (copy_piece % 8) * 4 + (r % 8) / 2;
   };
   // The whole-row copies of the warp tile at `tile`, this lane's first K and V pieces at kr and vr.
+  // Head_dim 256 (one row per copy instruction, copy_row 0): the destinations as this lane's base
+  // plus immediates, the sources by stepping one row at a time.
+  const unsigned lane_k_smem = static_cast<unsigned>(__cvta_generic_to_shared(k_dst(0, 0)));
+  const unsigned lane_v_smem = static_cast<unsigned>(__cvta_generic_to_shared(v_dst(0, 0)));
   auto copy_rows = [&](int tile, int stage, const T* kr, const T* vr, bool ok) {
+    if constexpr (ROWS_PER_COPY == 1) {
+      const unsigned stage_bytes = stage * (NUM_WARPS * SLOTS * 32 * 16);
+      static_for<COPIES>([&](auto ic) {
+        constexpr int i = decltype(ic)::value;
+        constexpr int K_OFFSET = ((i / 8) * CHUNKS * 32 + (i % 8) * 4) * 16;
+        constexpr int V_OFFSET = (((i % 2) + (i / 8) * 2) * VCHUNKS * 32 + (i % 8) / 2) * 16;
+        const bool valid = ok && tile + i < w.end;
+        cp_async_16_at<K_OFFSET>(lane_k_smem + stage_bytes, valid ? kr : k, valid);
+        cp_async_16_at<V_OFFSET>(lane_v_smem + stage_bytes, valid ? vr : v, valid);
+        kr += copy_step;
+        vr += copy_step;
+      });
+    } else {
 #pragma unroll
-    for (int i = 0; i < COPIES; ++i) {
-      const bool valid = ok && tile + i * ROWS_PER_COPY + copy_row < w.end;
-      cp_async_16(k_dst(stage, i), valid ? kr + i * copy_step : k, valid);
-      cp_async_16(v_dst(stage, i), valid ? vr + i * copy_step : v, valid);
+      for (int i = 0; i < COPIES; ++i) {
+        const bool valid = ok && tile + i * ROWS_PER_COPY + copy_row < w.end;
+        cp_async_16(k_dst(stage, i), valid ? kr + i * copy_step : k, valid);
+        cp_async_16(v_dst(stage, i), valid ? vr + i * copy_step : v, valid);
+      }
     }
   };
   auto issue = [&](int tile, int stage) {
@@ -773,8 +881,9 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
 #pragma unroll
       for (int c = 0; c < CHUNKS; ++c) {
         const uint4 kc = *slot(stage, n * CHUNKS + c);
-        mma_16816<T>(s[n], qa[c].x, qa[c].y, kc.x, kc.y);
-        mma_16816<T>(s[n], qa[c].z, qa[c].w, kc.z, kc.w);
+        const uint4 qc = q_fragment(c);
+        mma_16816<T>(s[n], qc.x, qc.y, kc.x, kc.y);
+        mma_16816<T>(s[n], qc.z, qc.w, kc.z, kc.w);
       }
     }
 
@@ -784,13 +893,17 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int row = tile + n * 8 + 2 * tig + e;
-        s[n][e] = row < w.end ? s[n][e] * scale_log2 : neg_inf();
+        if (row < w.end) {
+          nonfinite = nonfinite || !is_finite(s[n][e]);   // NaN or infinity in q or this K row
+          s[n][e] *= scale_log2;
+        } else {
+          s[n][e] = neg_inf();
+        }
         m_new = fmaxf(m_new, s[n][e]);
       }
     }
     m_new = fmaxf(m_new, __shfl_xor_sync(kFullMask, m_new, 1));
     m_new = fmaxf(m_new, __shfl_xor_sync(kFullMask, m_new, 2));
-    if (bad_page) m_new = quiet_nan();
     const float alpha = rescale(m, m_new);
     m = m_new;
     float p[2][2];
@@ -805,12 +918,6 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     // P as the A fragment: k index = row within the tile (n-tile 0: k 0..7, n-tile 1: k 8..15).
     const unsigned pa0 = pack2<T>(p[0][0], p[0][1]);
     const unsigned pa2 = pack2<T>(p[1][0], p[1][1]);
-    uint4 vb[4][VCHUNKS];
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-#pragma unroll
-      for (int c = 0; c < VCHUNKS; ++c) vb[r][c] = *slot(stage, MmaSlots<HEAD_DIM>::K + r * VCHUNKS + c);
-    }
     // Once the running max settles, alpha is 1 in every lane: skip the rescale (exact).
     if (__any_sync(kFullMask, alpha != 1.0f)) {
 #pragma unroll
@@ -819,15 +926,25 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
         o[j][1] *= alpha;
       }
     }
+    // V, 64 dims at a time (4 rows x 16 bytes per lane: few registers live at head_dim 256).
 #pragma unroll
-    for (int j = 0; j < DIM_TILES; ++j) {
-      // B fragment for dim n-tile j: column gid is dim (j/8)*64 + gid*8 + j%8; rows are the tile's
-      // rows 2*tig + {0,1} (b0) and 8 + 2*tig + {0,1} (b1): pair the halves of two V rows.
-      const int c = j / 8, e = j % 8;
-      const unsigned sel = (e & 1) ? 0x7632u : 0x5410u;
-      const unsigned b0 = __byte_perm(word(vb[0][c], e >> 1), word(vb[1][c], e >> 1), sel);
-      const unsigned b1 = __byte_perm(word(vb[2][c], e >> 1), word(vb[3][c], e >> 1), sel);
-      mma_16816<T>(o[j], pa0, pa2, b0, b1);
+    for (int c = 0; c < VCHUNKS; ++c) {
+      uint4 vb[4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) vb[r] = *slot(stage, MmaSlots<HEAD_DIM>::K + r * VCHUNKS + c);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        // B fragment for dim n-tile j = c*8 + e: column gid is dim c*64 + gid*8 + e; rows are the
+        // tile's rows 2*tig + {0,1} (b0) and 8 + 2*tig + {0,1} (b1): pair the halves of two V rows.
+        const unsigned sel = (e & 1) ? 0x7632u : 0x5410u;
+        const unsigned b0 = __byte_perm(word(vb[0], e >> 1), word(vb[1], e >> 1), sel);
+        const unsigned b1 = __byte_perm(word(vb[2], e >> 1), word(vb[3], e >> 1), sel);
+        if constexpr (ACC == 2) {
+          mma_16816_top<T>(o[c * 8 + e][0], o[c * 8 + e][1], pa0, pa2, b0, b1);
+        } else {
+          mma_16816<T>(o[c * 8 + e], pa0, pa2, b0, b1);
+        }
+      }
     }
     stage = (stage + 1) % STAGES;
   }
@@ -839,6 +956,15 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   // dim (j/8)*64 + (2*tig + e)*8 + j%8.
   l += __shfl_xor_sync(kFullMask, l, 1);
   l += __shfl_xor_sync(kFullMask, l, 2);
+  // A non-finite score of head gid, or a page index outside the cache anywhere in the warp's rows,
+  // makes the head's result NaN (the merge in finish_block carries a NaN max through).
+  // (Every lane takes part in every shuffle: no short-circuit between them.)
+  const bool warp_bad_page = __any_sync(kFullMask, bad_page);
+  int group_nonfinite = static_cast<int>(nonfinite);
+  group_nonfinite |= __shfl_xor_sync(kFullMask, group_nonfinite, 1);
+  group_nonfinite |= __shfl_xor_sync(kFullMask, group_nonfinite, 2);
+  const bool poisoned = warp_bad_page || group_nonfinite != 0;
+  if (poisoned) m = quiet_nan();
   if (gid < GROUP) {
 #pragma unroll
     for (int j = 0; j < DIM_TILES; ++j) {
