@@ -1,4 +1,5 @@
-"""Benchmark the decode grid of BENCHMARKS.md against the peers, in one process, on one GPU.
+"""Benchmark the decode and coverage grids of docs/benchmarks.md against the peers, in one process,
+on one GPU.
 
 Protocol: CUDA events around each call, warm-up first, median of `--reps` repetitions, L2 flushed
 between repetitions by writing a 256 MB buffer; inputs are fresh random normals. The run measures
@@ -7,9 +8,13 @@ row `floor = max(unique bytes / bandwidth, flops / matmul rate)` and `frac = flo
 row also carries `stream_ms`: the time, under the same protocol, of a kernel that does nothing but
 read the row's K and V once; no attention kernel can beat it, whatever the ceilings say.
 Peers: PyTorch SDPA (cuDNN and flash backends), FlashInfer's paged decode when installed, and a
-naive CuPy matmul attention. Results go to `results/<gpu>/decode.json`.
+naive CuPy matmul attention. Every row of this project's kernels is measured both as the planned
+run (`SplitKV(plan).run` with `out` and `lse`) and as the one-shot call a user makes first
+(`gpukernels.split_kv(q, k, v)`), with the host time of each call. The coverage suite runs shapes
+off the decode grid (dtypes, head dims, group sizes, odd lengths) against SDPA's cuDNN and flash
+backends. Results go to `results/<gpu>/<suite>.json`.
 
-    decode-attention bench [--suite decode] [--reps 30] [--out results] [--quick]
+    decode-attention bench [--suite decode|coverage] [--reps 30] [--out results] [--quick]
     decode-attention bench --report results/h100/decode.json      (a result file as Markdown)
     python -m gpukernels.bench ...
 """
@@ -29,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-# (batch, num_kv_heads, kv_len); fp16, num_qo_heads 32, head_dim 128 (BENCHMARKS.md).
+# (batch, num_kv_heads, kv_len); fp16, num_qo_heads 32, head_dim 128 (docs/benchmarks.md).
 DECODE_GRID = [
     (1, 8, 4096),
     (1, 8, 32768),
@@ -230,32 +235,38 @@ def decode_floor_s(batch, num_kv_heads, kv_len, elem_bytes, ceilings) -> tuple[f
     return max((kv_bytes + qo_bytes) / bw, flops / ceilings["matmul_flops_per_s"]), kv_bytes + qo_bytes, flops
 
 
-def _peers(q, k, v, batch, num_kv_heads, kv_len):
-    """Callables of every peer available here, on the same inputs."""
-    import cupy as cp
-
+def _sdpa_peers(q, k, v) -> dict:
+    """PyTorch SDPA's cuDNN and flash backends on the same inputs (those that accept the shape)."""
     peers = {}
     try:
         import torch
         from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        qt = torch.as_tensor(q, device="cuda").unsqueeze(2)                 # [B, Hq, 1, D]
-        kt = torch.as_tensor(k, device="cuda").transpose(1, 2)              # [B, Hkv, L, D] view
-        vt = torch.as_tensor(v, device="cuda").transpose(1, 2)
-        gqa = num_kv_heads != NUM_QO_HEADS
-        for label, backend in (("peer:cudnn", SDPBackend.CUDNN_ATTENTION),
-                               ("peer:flash", SDPBackend.FLASH_ATTENTION)):
-            def run(backend=backend):
-                with sdpa_kernel([backend]):
-                    return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, enable_gqa=gqa)
-            try:
-                run()
-                torch.cuda.synchronize()
-                peers[label] = run
-            except Exception as exc:  # noqa: BLE001 - a backend that refuses this shape
-                _progress(f"  {label} unavailable: {str(exc).splitlines()[0][:80]}")
     except ImportError:
         _progress("  torch not installed: no SDPA peers")
+        return peers
+    qt = torch.as_tensor(q, device="cuda").unsqueeze(2)                 # [B, Hq, 1, D]
+    kt = torch.as_tensor(k, device="cuda").transpose(1, 2)              # [B, Hkv, L, D] view
+    vt = torch.as_tensor(v, device="cuda").transpose(1, 2)
+    gqa = k.shape[2] != q.shape[1]
+    for label, backend in (("peer:cudnn", SDPBackend.CUDNN_ATTENTION),
+                           ("peer:flash", SDPBackend.FLASH_ATTENTION)):
+        def run(backend=backend):
+            with sdpa_kernel([backend]):
+                return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, enable_gqa=gqa)
+        try:
+            run()
+            torch.cuda.synchronize()
+            peers[label] = run
+        except Exception as exc:  # noqa: BLE001 - a backend that refuses this shape
+            _progress(f"  {label} unavailable: {str(exc).splitlines()[0][:80]}")
+    return peers
+
+
+def _peers(q, k, v, batch, num_kv_heads, kv_len):
+    """Callables of every peer available here, on the same inputs."""
+    import cupy as cp
+
+    peers = _sdpa_peers(q, k, v)
     peers.update(_flashinfer_peer(q, k, v, batch, num_kv_heads, kv_len))
 
     group = NUM_QO_HEADS // num_kv_heads
@@ -367,6 +378,10 @@ def run_decode_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool, sweep: b
         unsplit = gpukernels.plan_split_kv(batch, NUM_QO_HEADS, num_kv_heads, HEAD_DIM, kv_len,
                                            dtype="float16", num_splits=1, num_sms=sms)
         rows += _plan_rows({"auto": unsplit}, "decode", run, base, timer, gpu)
+        # The call as a user first makes it: no plan, no out (the plan cache warms up in warm-up).
+        one_shot = lambda: gpukernels.split_kv(q, k, v)  # noqa: E731
+        rows.append({**base, "impl": "split_kv:oneshot", "time_ms": timer(one_shot),
+                     "host_us": host_us(one_shot)})
         # Paged: the same cache cut into pages of PAGE_SIZE, page table in order.
         pages_per_seq = -(-kv_len // PAGE_SIZE)
         pad = pages_per_seq * PAGE_SIZE - kv_len
@@ -395,70 +410,216 @@ def run_decode_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool, sweep: b
     return rows
 
 
+# (dtype, batch, num_qo_heads, num_kv_heads, head_dim, kv_len): shapes off the decode grid, chosen
+# to cover float16 and bfloat16, head_dim 64/128/256, 1 to 32 KV heads (MQA included), groups of
+# 1, 4, 5, 7 and 8 query heads per KV head, odd lengths up to 500k tokens and batch 1 to 128.
+COVERAGE_GRID = [
+    ("float16", 1, 8, 1, 256, 262147),
+    ("bfloat16", 1, 16, 2, 256, 333333),
+    ("float16", 2, 16, 16, 256, 32768),
+    ("bfloat16", 16, 64, 8, 256, 16385),
+    ("bfloat16", 4, 32, 4, 64, 65536),
+    ("float16", 16, 20, 4, 64, 8191),
+    ("float16", 1, 32, 32, 64, 131071),
+    ("bfloat16", 64, 16, 16, 64, 1000),
+    ("bfloat16", 128, 28, 4, 128, 2049),
+    ("float16", 32, 32, 32, 128, 4099),
+    ("bfloat16", 8, 32, 8, 128, 100003),
+    ("float16", 1, 40, 8, 128, 500000),
+    ("float16", 3, 56, 8, 128, 77777),
+    ("float16", 128, 8, 1, 128, 16384),
+]
+
+
+def run_coverage_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool) -> list[dict]:
+    """Shapes off the decode grid: the planned run and the one-shot call against SDPA's backends."""
+    import cupy as cp
+    import torch
+
+    import gpukernels
+    from costmodel.rows import predict_row
+    from gpukernels.split_kv import num_sms
+
+    rows = []
+    stream = stream_read()
+    grid = COVERAGE_GRID[:3] if quick else COVERAGE_GRID
+    bw = max(ceilings["copy_bytes_per_s"], ceilings["read_bytes_per_s"])
+    for i, (dtype, batch, hq, hkv, d, kv_len) in enumerate(grid, 1):
+        _progress(f"coverage {i}/{len(grid)}: {dtype}, batch {batch}, {hq}/{hkv} heads, head_dim {d}, "
+                  f"kv_len {kv_len}")
+        # As PyTorch tensors (CuPy has no bfloat16); the streaming read sees them as int16.
+        tdtype = getattr(torch, dtype)
+
+        def randn(*shape):
+            return torch.randn(shape, device="cuda", dtype=tdtype)
+
+        q, k, v = randn(batch, hq, d), randn(batch, kv_len, hkv, d), randn(batch, kv_len, hkv, d)
+        k16, v16 = (cp.asarray(x.view(torch.int16)) for x in (k, v))
+        unique_bytes = (2 * batch * kv_len * hkv * d + 2 * batch * hq * d) * 2
+        flops = 4 * batch * hq * kv_len * d
+        floor_s = max(unique_bytes / bw, flops / ceilings["matmul_flops_per_s"])
+        base = {"suite": "coverage", "dtype": dtype, "batch": batch, "num_qo_heads": hq,
+                "num_kv_heads": hkv, "head_dim": d, "kv_len": kv_len, "unique_bytes": unique_bytes,
+                "flops": flops, "floor_ms": floor_s * 1e3, "stream_ms": timer(lambda: stream(k16, v16))}
+        plan = gpukernels.plan_split_kv(batch, hq, hkv, d, kv_len, dtype=dtype,
+                                        num_sms=num_sms(cp.cuda.Device().id), gpu=gpu)
+        runner = gpukernels.SplitKV(plan)
+        out, lse = torch.empty_like(q), torch.empty((batch, hq), device="cuda", dtype=torch.float32)
+        planned = lambda: runner.run(q, k, v, out=out, lse=lse)  # noqa: E731
+        row = {**base, "impl": "split_kv", "plan": "auto", "num_splits": plan.num_splits,
+               "chunk_size": plan.chunk_size, "time_ms": timer(planned), "host_us": host_us(planned)}
+        row["predicted_ms"] = predict_row(row, gpu).time_s * 1e3
+        rows.append(row)
+        one_shot = lambda: gpukernels.split_kv(q, k, v)  # noqa: E731
+        rows.append({**base, "impl": "split_kv:oneshot", "num_splits": plan.num_splits,
+                     "time_ms": timer(one_shot), "host_us": host_us(one_shot)})
+        for label, fn in _sdpa_peers(q, k, v).items():
+            try:
+                rows.append({**base, "impl": label, "time_ms": timer(fn), "host_us": host_us(fn)})
+            except Exception as exc:  # noqa: BLE001
+                _progress(f"  {label} failed: {str(exc).splitlines()[0][:80]}")
+        for r in rows:
+            r.setdefault("frac", r["floor_ms"] / r["time_ms"])
+        _progress("  " + ", ".join(f"{r['impl']} {r['time_ms'] * 1e3:.1f} us" for r in rows
+                                   if r["kv_len"] == kv_len and r["batch"] == batch))
+        del q, k, v, k16, v16, out, lse, runner
+        cp.get_default_memory_pool().free_all_blocks()
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _shape_key(r: dict) -> tuple:
+    return (r.get("dtype", "float16"), r["batch"], r.get("num_qo_heads", NUM_QO_HEADS), r["num_kv_heads"],
+            r.get("head_dim", HEAD_DIM), r["kv_len"])
+
+
 def _by_shape(rows: list[dict]) -> dict:
-    """Rows grouped by grid row (batch, num_kv_heads, kv_len), in order of first appearance."""
+    """Rows grouped by grid row (dtype, batch, heads, head_dim, kv_len), in order of first appearance."""
     keyed: dict = {}
     for r in rows:
-        keyed.setdefault((r["batch"], r["num_kv_heads"], r["kv_len"]), []).append(r)
+        keyed.setdefault(_shape_key(r), []).append(r)
     return keyed
-
-
-def format_table(rows: list[dict]) -> str:
-    lines = [f"{'batch':>5} {'Hkv':>4} {'kv_len':>7} {'floor us':>9} {'read us':>8}  {'impl':<18} {'time us':>9} "
-             f"{'frac':>5} {'vs best peer':>12} {'pred us':>8} {'host us':>8}"]
-    for key, group in _by_shape(rows).items():
-        peers = [r for r in group if r["impl"].startswith("peer:") and r["impl"] != "peer:naive"]
-        best = min((r["time_ms"] for r in peers), default=None)
-        for r in group:
-            vs = f"{best / r['time_ms']:.2f}x" if best else "-"
-            impl = r["impl"] + (f" /{r['num_splits']}" if "num_splits" in r else "")
-            impl += " *" if r.get("plan") == "auto" else ""
-            pred = f"{r['predicted_ms'] * 1e3:8.1f}" if "predicted_ms" in r else f"{'-':>8}"
-            read = f"{r['stream_ms'] * 1e3:8.1f}" if "stream_ms" in r else f"{'-':>8}"
-            lines.append(f"{key[0]:>5} {key[1]:>4} {key[2]:>7} {r['floor_ms'] * 1e3:>9.1f} {read}  "
-                         f"{impl:<18} {r['time_ms'] * 1e3:>9.1f} {r['frac']:>5.2f} {vs:>12} {pred} "
-                         f"{r.get('host_us', float('nan')):>8.1f}")
-    return "\n".join(lines)
 
 
 _PEER_NAMES = {"peer:cudnn": "cuDNN", "peer:flash": "flash", "peer:flashinfer": "FlashInfer paged"}
 
 
+def _best_peer(group: list[dict]):
+    peers = [r for r in group if r["impl"] in _PEER_NAMES]
+    return min(peers, key=lambda r: r["time_ms"]) if peers else None
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'dtype':<8} {'batch':>5} {'Hq/Hkv':>6} {'D':>3} {'kv_len':>7} {'floor us':>9} {'read us':>8}  "
+             f"{'impl':<18} {'time us':>9} {'frac':>5} {'vs best peer':>12} {'pred us':>8} {'host us':>8}"]
+    for key, group in _by_shape(rows).items():
+        best = _best_peer(group)
+        for r in group:
+            vs = f"{best['time_ms'] / r['time_ms']:.2f}x" if best else "-"
+            impl = r["impl"] + (f" /{r['num_splits']}" if "num_splits" in r else "")
+            impl += " *" if r.get("plan") == "auto" else ""
+            pred = f"{r['predicted_ms'] * 1e3:8.1f}" if "predicted_ms" in r else f"{'-':>8}"
+            read = f"{r['stream_ms'] * 1e3:8.1f}" if "stream_ms" in r else f"{'-':>8}"
+            lines.append(f"{key[0]:<8} {key[1]:>5} {f'{key[2]}/{key[3]}':>6} {key[4]:>3} {key[5]:>7} "
+                         f"{r['floor_ms'] * 1e3:>9.1f} {read}  {impl:<18} {r['time_ms'] * 1e3:>9.1f} "
+                         f"{r['frac']:>5.2f} {vs:>12} {pred} {r.get('host_us', float('nan')):>8.1f}")
+    return "\n".join(lines)
+
+
+def _us(r) -> str:
+    return f"{r['time_ms'] * 1e3:.1f}"
+
+
+def _host(r) -> str:
+    return f"{r['host_us']:.0f}" if r and "host_us" in r else "-"
+
+
 def format_markdown(rows: list[dict]) -> str:
-    """One line per grid row of a result file: split_kv with its plan against the best peer, the
-    paged kernel against FlashInfer's, and the time of a kernel that only reads K and V once."""
-    lines = ["| batch | KV heads | kv_len | floor us | read-only us | split_kv us | frac | best peer us "
-             "| vs peer | paged_decode us | FlashInfer paged us |", "|" + "---|" * 11]
-    for (batch, hkv, kv_len), group in _by_shape(rows).items():
+    """A result file as Markdown: the decode suite one line per grid row (split_kv with its plan and
+    the one-shot call against the best peer, the paged kernel against FlashInfer's, the time of a
+    kernel that only reads K and V once, host time per call); the coverage suite likewise."""
+    suites = {r.get("suite", "decode") for r in rows}
+    if suites == {"coverage"}:
+        return _format_coverage(rows)
+    lines = ["| batch | KV heads | kv_len | floor us | read-only us | split_kv us | frac | one-shot us "
+             "| best peer us | vs peer | paged_decode us | FlashInfer paged us | host us: split_kv / "
+             "one-shot / best peer |", "|" + "---|" * 13]
+    for (_, batch, _, hkv, _, kv_len), group in _by_shape(rows).items():
         ours = next((r for r in group if r["impl"] == "split_kv" and r.get("plan") == "auto"), None)
+        one = next((r for r in group if r["impl"] == "split_kv:oneshot"), None)
         paged = next((r for r in group if r["impl"] == "paged_decode" and r.get("plan", "auto") == "auto"), None)
-        peers = [r for r in group if r["impl"] in _PEER_NAMES]
-        if ours is None or not peers:
+        best = _best_peer(group)
+        if ours is None or best is None:
             continue
-        best = min(peers, key=lambda r: r["time_ms"])
-        fi = next((r for r in peers if r["impl"] == "peer:flashinfer"), None)
-        us = lambda r: f"{r['time_ms'] * 1e3:.1f}"  # noqa: E731
+        fi = next((r for r in group if r["impl"] == "peer:flashinfer"), None)
         lines.append(
             f"| {batch} | {hkv} | {kv_len} | {ours['floor_ms'] * 1e3:.1f} | "
-            f"{ours['stream_ms'] * 1e3:.1f} | {us(ours)} ({ours['num_splits']}) | {ours['frac']:.3f} | "
-            f"{us(best)} ({_PEER_NAMES[best['impl']]}) | {100 * (ours['time_ms'] / best['time_ms'] - 1):+.1f}% | "
-            + (f"{us(paged)} ({paged['num_splits']})" if paged else "-") + " | "
-            + (us(fi) if fi else "-") + " |")
+            f"{ours['stream_ms'] * 1e3:.1f} | {_us(ours)} ({ours['num_splits']}) | {ours['frac']:.3f} | "
+            + (_us(one) if one else "-") + " | "
+            f"{_us(best)} ({_PEER_NAMES[best['impl']]}) | {100 * (ours['time_ms'] / best['time_ms'] - 1):+.1f}% | "
+            + (f"{_us(paged)} ({paged['num_splits']})" if paged else "-") + " | "
+            + (_us(fi) if fi else "-") + f" | {_host(ours)} / {_host(one)} / {_host(best)} |")
     return "\n".join(lines)
+
+
+def _format_coverage(rows: list[dict]) -> str:
+    lines = ["| dtype | batch | q/KV heads | head_dim | kv_len | read-only us | split_kv us | one-shot us "
+             "| best peer us | planned vs peer | one-shot vs peer | host us: one-shot / peer |",
+             "|" + "---|" * 12]
+    for (dtype, batch, hq, hkv, d, kv_len), group in _by_shape(rows).items():
+        ours = next((r for r in group if r["impl"] == "split_kv"), None)
+        one = next((r for r in group if r["impl"] == "split_kv:oneshot"), None)
+        best = _best_peer(group)
+        if ours is None or one is None or best is None:
+            continue
+        lines.append(
+            f"| {dtype} | {batch} | {hq}/{hkv} | {d} | {kv_len} | {ours['stream_ms'] * 1e3:.1f} | "
+            f"{_us(ours)} ({ours['num_splits']}) | {_us(one)} | {_us(best)} ({_PEER_NAMES[best['impl']]}) | "
+            f"{best['time_ms'] / ours['time_ms']:.2f}x | {best['time_ms'] / one['time_ms']:.2f}x | "
+            f"{_host(one)} / {_host(best)} |")
+    return "\n".join(lines)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="decode-attention bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=["decode"], default="decode")
-    parser.add_argument("--reps", type=int, default=30)
-    parser.add_argument("--out", default="results", help="results folder (a <gpu>/ subfolder is made)")
-    parser.add_argument("--quick", action="store_true", help="first two grid rows only, not for results")
-    parser.add_argument("--no-sweep", action="store_true", help="skip the rows with forced split counts")
+    parser.add_argument("--suite", choices=["decode", "coverage"], default="decode",
+                        help="decode: the decode grid with the split sweep and every peer; coverage: "
+                        "shapes off that grid (dtypes, head dims, groups, odd lengths) against SDPA "
+                        "(default: %(default)s)")
+    parser.add_argument("--reps", type=_positive_int, default=30,
+                        help="timed repetitions per measurement, the median is kept (default: %(default)s)")
+    parser.add_argument("--out", default="results",
+                        help="results folder; a <gpu>/ subfolder is made (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the first rows of the grid only, nothing written (default: off)")
+    parser.add_argument("--no-sweep", action="store_true",
+                        help="decode suite: skip the rows with forced split counts (default: off)")
     parser.add_argument("--report", metavar="JSON", help="print a result file as a Markdown table and exit "
-                        "(no GPU needed)")
+                        "(no GPU needed; default: off)")
     args = parser.parse_args(argv)
     if args.report:
-        print(format_markdown(json.loads(Path(args.report).read_text())["rows"]))
+        from costmodel.accuracy import read_result_file
+
+        try:
+            result = read_result_file(args.report)
+            print(format_markdown(result.rows))
+        except FileNotFoundError:
+            print(f"bench --report: no such file: {args.report}", file=sys.stderr)
+            return 2
+        except (ValueError, KeyError, TypeError) as exc:
+            print(f"bench --report: {args.report}: not a result file this command can print ({exc})",
+                  file=sys.stderr)
+            return 2
         return 0
 
     from gpukernels._runtime import gpu_available
@@ -478,7 +639,10 @@ def main(argv=None) -> int:
     _progress(f"{meta['gpu']}: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, read "
               f"{ceilings['read_bytes_per_s'] / 1e12:.2f} TB/s, fp16 matmul "
               f"{ceilings['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s")
-    rows = run_decode_suite(timer, ceilings, gpu, quick=args.quick, sweep=not args.no_sweep)
+    if args.suite == "coverage":
+        rows = run_coverage_suite(timer, ceilings, gpu, quick=args.quick)
+    else:
+        rows = run_decode_suite(timer, ceilings, gpu, quick=args.quick, sweep=not args.no_sweep)
     if not args.quick:
         out_dir = Path(args.out) / gpu_slug(meta["gpu"])
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,38 +1,59 @@
 #!/usr/bin/env bash
-# On a GPU machine: install, run the GPU tests, the sanitizer, the verification and the decode
-# benchmark; logs and result JSON go to $OUT (default ./gpu-check-out). Peers' wheels, if any,
-# are installed from .peers/.
+# On a GPU machine: install, run the GPU tests, the sanitizer and the benchmark suites; logs and
+# result JSON go to $OUT (default ./gpu-check-out): at most 7 files. Peers' wheels, if any, are installed from .peers/.
+#
+#   bash scripts/gpu-check.sh                      # everything: tests sanitizer decode coverage
+#   bash scripts/gpu-check.sh tests sanitizer      # only the named steps, in the order given
+#
+# Steps: tests (pytest -m gpu), sanitizer (compute-sanitizer memcheck and racecheck over
+# `python -m decode_attention.verify`), decode and coverage (`decode-attention bench --suite ...`).
+# SKIP_BENCH=1 drops the benchmark steps from the default list.
 set -uo pipefail
 OUT=${OUT:-gpu-check-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD FLASHINFER_CUDA_ARCH_LIST=9.0
 status=0
-if ls .peers/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-deps --no-index .peers/*.whl >"$OUT/peers-install.log" 2>&1 \
-    || echo "peer wheels did not install (see peers-install.log)"
+steps=("$@")
+if [ ${#steps[@]} -eq 0 ]; then
+  steps=(tests sanitizer)
+  [ "${SKIP_BENCH:-0}" = 1 ] || steps+=(decode coverage)
 fi
-step() { echo "== $1"; }
-
-step "GPU tests"
-HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-gpu} python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests/ \
-  2>&1 | tee "$OUT/gpu-tests.log" | tail -n 15
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-
-step "compute-sanitizer (memcheck, racecheck) on the verification set"
-for tool in memcheck racecheck; do
-  compute-sanitizer --tool $tool --error-exitcode 3 python3 -m decode_attention.verify \
-    >"$OUT/sanitizer-$tool.log" 2>&1
-  rc=$?
-  echo "$tool: exit $rc; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|verify:' "$OUT/sanitizer-$tool.log" | tr '\n' ' ')"
-  [ $rc -eq 0 ] || status=1
+for s in "${steps[@]}"; do
+  case $s in tests|sanitizer|decode|coverage) ;; *) echo "unknown step '$s' (tests, sanitizer, decode, coverage)" >&2; exit 2;; esac
 done
-
-if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  step "decode benchmark"
-  python3 -m gpukernels.bench --out results 2>"$OUT/bench-progress.log" | tee "$OUT/bench-table.txt"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-  for f in results/*/decode.json; do  # keep each GPU's file under its own folder
-    mkdir -p "$OUT/$(basename "$(dirname "$f")")" && cp "$f" "$OUT/$(basename "$(dirname "$f")")/"
-  done
+if ls .peers/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-deps --no-index .peers/*.whl >/tmp/peers-install.log 2>&1 \
+    || { cp /tmp/peers-install.log "$OUT/"; echo "peer wheels did not install (see peers-install.log)"; }
 fi
+step() { echo "== $1 ($(date +%H:%M:%S))"; }
+
+for s in "${steps[@]}"; do
+  case $s in
+  tests)
+    step "GPU tests"
+    HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-gpu} python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests/ \
+      2>&1 | tee "$OUT/gpu-tests.log" | tail -n 15
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    ;;
+  sanitizer)
+    step "compute-sanitizer (memcheck, racecheck) on the verification set"
+    for tool in memcheck racecheck; do
+      compute-sanitizer --tool $tool --error-exitcode 3 python3 -m decode_attention.verify \
+        >"$OUT/sanitizer-$tool.log" 2>&1
+      rc=$?
+      echo "$tool: exit $rc; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|verify:' "$OUT/sanitizer-$tool.log" | tr '\n' ' ')"
+      [ $rc -eq 0 ] || status=1
+    done
+    ;;
+  decode|coverage)
+    step "$s benchmark"
+    python3 -m gpukernels.bench --suite "$s" --out results 2>&1 | tee "$OUT/bench-$s.log" | grep -v "^\["
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    for f in results/*/"$s".json; do  # keep each GPU's file under its own folder
+      [ -e "$f" ] || continue
+      mkdir -p "$OUT/$(basename "$(dirname "$f")")" && cp "$f" "$OUT/$(basename "$(dirname "$f")")/"
+    done
+    ;;
+  esac
+done
 exit $status
