@@ -3,7 +3,9 @@ suite, median and 90th percentile, against the targets (median <= 7%, p90 <= 15%
 
 Result files live at `results/<gpu>/<suite>.json` (BENCHMARKS.md); only this project's variants
 are scored, peers are not. Each file is predicted on its own GPU with the ceilings its run
-measured (`meta`), with the calibration fitted for that GPU.
+measured (`meta`), with the calibration fitted for that GPU, or with another GPU's fitted
+constants (`fitted_calibration`, `results_of_other_gpus`) to see how far they carry: the H100's
+constants on the H200's results is `decode-attention accuracy --constants-from h100`.
 """
 
 from __future__ import annotations
@@ -15,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .calibration import Calibration, load_calibration
+from .calibration import Calibration, calibration_path, load_calibration
 from .gpus import GPUSpec, get_gpu
 from .rows import UnsupportedRow, is_ours, predict_row
 
 __all__ = [
     "MEDIAN_TARGET", "P90_TARGET", "ResultFile", "RowError", "SuiteAccuracy", "find_results_dir",
-    "load_results", "gpu_for_meta", "row_errors", "summarize", "format_report", "SpeedupError",
-    "speedup_errors",
+    "read_result_file", "load_results", "gpu_for_meta", "row_errors", "summarize", "format_report",
+    "SpeedupError", "speedup_errors", "fitted_calibration", "results_of_other_gpus",
 ]
 
 MEDIAN_TARGET = 0.07
@@ -79,19 +81,41 @@ def find_results_dir(start: "str | Path | None" = None) -> Path | None:
     return beside if beside.is_dir() else None
 
 
+RESULT_FILE_SHAPE = "{'meta': {...}, 'rows': [{'impl': ..., 'time_ms': ..., ...}, ...]}"
+
+
+def read_result_file(path: "str | Path") -> ResultFile:
+    """One result file, `<gpu>/<suite>.json`. A missing file raises FileNotFoundError; a file that
+    is not JSON, or not a JSON object with a list of row objects, raises ValueError naming the
+    path, what was expected and what came."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a result file (expected a JSON file {RESULT_FILE_SHAPE})")
+    try:
+        data = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a result file (not text; expected JSON {RESULT_FILE_SHAPE})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not a result file (not JSON: {e}; expected {RESULT_FILE_SHAPE})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        got = f"an object with keys {sorted(data)}" if isinstance(data, dict) else f"a JSON {type(data).__name__}"
+        raise ValueError(f"{path}: not a result file (expected {RESULT_FILE_SHAPE}, got {got})")
+    bad = next((i for i, row in enumerate(data["rows"]) if not isinstance(row, dict)), None)
+    if bad is not None:
+        raise ValueError(f"{path}: not a result file (rows[{bad}] is {data['rows'][bad]!r:.40}, not an object; "
+                         f"expected {RESULT_FILE_SHAPE})")
+    meta = data.get("meta", {})
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: not a result file (meta is a {type(meta).__name__}, expected an object)")
+    return ResultFile(path=path, gpu_slug=path.parent.name, suite=path.stem, meta=meta, rows=list(data["rows"]))
+
+
 def load_results(root: "str | Path | None" = None) -> list[ResultFile]:
     """Every `<gpu>/<suite>.json` under `root` (default: `find_results_dir()`), sorted."""
     root = Path(root) if root is not None else find_results_dir()
     if root is None or not root.is_dir():
         return []
-    files = []
-    for path in sorted(root.glob("*/*.json")):
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict) or "rows" not in data:
-            raise ValueError(f"{path}: not a result file (expected {{'meta': ..., 'rows': [...]}})")
-        files.append(ResultFile(path=path, gpu_slug=path.parent.name, suite=path.stem,
-                                meta=data.get("meta", {}), rows=list(data["rows"])))
-    return files
+    return [read_result_file(path) for path in sorted(root.glob("*/*.json"))]
 
 
 def gpu_for_meta(meta: dict, fallback: str | None = None) -> GPUSpec:
@@ -139,6 +163,26 @@ def row_errors(
                 continue
             errors.append(RowError(f.gpu_slug, suite, str(row["impl"]), measured_ms * 1e-3, p.time_s, row))
     return errors, unsupported
+
+
+def fitted_calibration(gpu: "str | GPUSpec", *, path: "str | Path | None" = None) -> Calibration:
+    """The constants fitted for `gpu` (a name or key), never the defaults in their place: a GPU
+    with no fitted entry in `costmodel/data/calibration.json` (or `path`) is a ValueError."""
+    key = get_gpu(gpu).key
+    path = Path(path or calibration_path())
+    entries = json.loads(path.read_text()).get("gpus", {}) if path.exists() else {}
+    if key not in entries:
+        fitted = sorted(k for k in entries if k != "default")
+        raise ValueError(f"no constants fitted for {key} in {path} (fitted: {', '.join(fitted) or 'none'}); "
+                         "fit them from that GPU's decode results with `decode-attention accuracy --fit`")
+    return load_calibration(key, path=path)
+
+
+def results_of_other_gpus(files: list[ResultFile], gpu: "str | GPUSpec") -> list[ResultFile]:
+    """The result files measured on a GPU other than `gpu`: where its constants are a prediction
+    made without any of that GPU's timings."""
+    key = get_gpu(gpu).key
+    return [f for f in files if gpu_for_meta(f.meta, fallback=f.gpu_slug).key != key]
 
 
 def _stats(name: str, errs: list[float]) -> SuiteAccuracy:

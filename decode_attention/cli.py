@@ -4,29 +4,126 @@
         Predict every applicable variant for a workload (default: the built-in example), rank
         them, say why the winner wins; check with the NumPy references, at a reduced size, that
         the variants agree; on a machine with CuPy and a GPU, also time the kernels.
-    decode-attention accuracy [--results DIR] [--fit] [--check]
+    decode-attention accuracy [--results DIR] [--fit] [--check] [--constants-from GPU]
         Median and 90th-percentile |predicted - measured| / measured per suite of the committed
-        results; --fit first refits the constants on the decode suite; --check exits 1 on a miss.
+        results; --fit first refits the constants on the decode suite; --check exits 1 on a miss;
+        --constants-from GPU scores the other GPUs' results with that GPU's fitted constants.
     decode-attention bench ...     forwards to gpukernels.bench
-    decode-attention verify ...    forwards to gpukernels.verify
+    decode-attention verify ...    forwards to decode_attention.verify
+
+Every option is checked as it is parsed: a size that is not a positive integer, a workload whose
+KV cache would not fit in MAX_GPUS_PER_WORKLOAD of the largest known GPU, or an unknown GPU is one
+error line and exit status 2. `explain` predicts any head_dim, but the kernels exist only for
+`gpukernels._runtime.HEAD_DIMS` (64, 128, 256): for another head_dim it says so and times nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
+from pathlib import Path
 
 import numpy as np
 
 from costmodel import accuracy as acc
 from costmodel import get_gpu
 from costmodel.explain import Workload, builtin_workloads, explain, format_explanation
+from costmodel.gpus import GPUSpec, gpu_names
 
 __all__ = ["main", "reference_check", "reduced_workload"]
 
-FORWARDED = {"bench": "gpukernels.bench", "verify": "gpukernels.verify"}
+FORWARDED = {"bench": "gpukernels.bench", "verify": "decode_attention.verify"}
 AGREEMENT_ATOL = 1e-10   # float64 references of one computation agree to rounding
+MAX_GPUS_PER_WORKLOAD = 8   # a KV cache larger than this many of the largest known GPU is refused
+ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+WORKLOAD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Workload)}
+
+
+# ---------------------------------------------------------------------------------------------
+# option types: each turns one command-line word into a value or an argparse error line
+# ---------------------------------------------------------------------------------------------
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (a size or a count)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """An integer >= 0 (a length that may be empty)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def density_fraction(text: str) -> float:
+    """A fraction in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
+    return value
+
+
+def known_gpu(text: str) -> GPUSpec:
+    """A GPU of the cost model's table, by key, short name or device name."""
+    try:
+        return get_gpu(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def results_dir(text: str) -> str:
+    """An existing directory (of `<gpu>/<suite>.json` result files)."""
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"no such directory: {text!r}")
+    return text
+
+
+def kernel_head_dims() -> tuple[int, ...]:
+    """The head dims the CUDA kernels are compiled for (gpukernels/_runtime.py; imports no CuPy)."""
+    from gpukernels._runtime import HEAD_DIMS
+
+    return tuple(HEAD_DIMS)
+
+
+def _size_text(n_bytes: float) -> str:
+    for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes:.0f} B"
+
+
+def kv_cache_bytes(w: Workload) -> int:
+    """K and V of the baseline's concatenated cache: what `decode` reads and a GPU run allocates."""
+    return 2 * w.batch * w.context_len * w.num_kv_heads * w.head_dim * ITEMSIZE[w.dtype]
+
+
+def check_kv_cache_size(w: Workload) -> None:
+    """ValueError if the workload's KV cache exceeds MAX_GPUS_PER_WORKLOAD of the largest known GPU."""
+    largest = max((get_gpu(k) for k in gpu_names()), key=lambda g: g.hbm_capacity_bytes)
+    limit = MAX_GPUS_PER_WORKLOAD * largest.hbm_capacity_bytes
+    need = kv_cache_bytes(w)
+    if need > limit:
+        raise ValueError(
+            f"the KV cache of this workload is {_size_text(need)} (K and V: {w.batch} sequences x "
+            f"{w.context_len} tokens x {w.num_kv_heads} KV heads x head_dim {w.head_dim} x "
+            f"{ITEMSIZE[w.dtype]} bytes), more than {MAX_GPUS_PER_WORKLOAD} x the "
+            f"{_size_text(largest.hbm_capacity_bytes)} of the largest known GPU ({largest.name}) = "
+            f"{_size_text(limit)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -34,6 +131,7 @@ AGREEMENT_ATOL = 1e-10   # float64 references of one computation agree to roundi
 # ---------------------------------------------------------------------------------------------
 
 def _workloads_from_args(args) -> list[Workload]:
+    """The workloads the options describe; ValueError (said as a usage error) if they conflict."""
     given = {k: getattr(args, k) for k in ("batch", "num_qo_heads", "num_kv_heads", "head_dim",
                                            "prefix_len", "suffix_len", "density", "num_spans",
                                            "page_size", "dtype")
@@ -44,12 +142,12 @@ def _workloads_from_args(args) -> list[Workload]:
         prefix = given.get("prefix_len", 0)
         suffix = args.kv_len - prefix
         if suffix < 0 or given.get("suffix_len", suffix) != suffix:
-            raise SystemExit("explain: --kv-len must equal --prefix-len + --suffix-len")
+            raise ValueError(f"--kv-len must equal --prefix-len + --suffix-len, got --kv-len {args.kv_len}, "
+                             f"--prefix-len {prefix}, --suffix-len {given.get('suffix_len', '(not given)')}")
         given.update(prefix_len=prefix, suffix_len=suffix)
-    try:
-        return [Workload(**given, title="workload")]
-    except ValueError as e:
-        raise SystemExit(f"explain: {e}") from None
+    w = Workload(**given, title="workload")
+    check_kv_cache_size(w)
+    return [w]
 
 
 def reduced_workload(w: Workload) -> Workload:
@@ -212,12 +310,16 @@ def measure_on_gpu(w: Workload, gpu, *, reps: int = 20) -> dict[str, float]:
 
 
 def _cmd_explain(args) -> int:
-    workloads = _workloads_from_args(args)
+    try:
+        workloads = _workloads_from_args(args)
+    except ValueError as err:
+        args.parser.error(str(err))
     has_gpu = not args.no_gpu and _gpu_present()
     try:
-        gpu = get_gpu(args.gpu or (_detected_gpu_name() if has_gpu else None) or "H100")
+        gpu = args.gpu or get_gpu((_detected_gpu_name() if has_gpu else None) or "H100")
     except ValueError as err:
         raise SystemExit(f"explain: {err}") from None
+    head_dims = kernel_head_dims()
     for i, w in enumerate(workloads):
         if i:
             print()
@@ -226,7 +328,12 @@ def _cmd_explain(args) -> int:
         except ValueError as err:
             raise SystemExit(f"explain: {err}") from None
         measured = None
-        if has_gpu:
+        no_kernel = w.head_dim not in head_dims
+        if no_kernel:
+            print(f"note: no kernel exists for head_dim {w.head_dim} (the kernels have head_dim "
+                  f"{', '.join(map(str, head_dims))}): the rows below are the cost model's predictions for "
+                  "kernels that would run the same plans, and nothing is timed on a GPU")
+        if has_gpu and not no_kernel:
             try:
                 measured = measure_on_gpu(w, gpu, reps=args.reps)
             except Exception as err:   # a kernel that cannot run this shape: say so, keep going
@@ -255,12 +362,16 @@ def _cmd_explain(args) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def _cmd_accuracy(args) -> int:
-    files = acc.load_results(args.results)
+    try:
+        files = acc.load_results(args.results)
+    except ValueError as err:
+        args.parser.exit(2, f"decode-attention accuracy: {err}\n")
     where = args.results or acc.find_results_dir() or "results/"
     if not files:
         print(f"no committed results under {where}: nothing to score yet "
               "(result files arrive from benchmark runs on a GPU)")
         return 0
+    fitted = {}
     if args.fit:
         from costmodel.calibrate import fit_results
         from costmodel.calibration import save_calibration
@@ -273,14 +384,33 @@ def _cmd_accuracy(args) -> int:
             print(f"fitted {key} on the decode suite: launch {cal.launch_s * 1e6:.2f} us, round trip "
                   f"{cal.block_round_trip_s * 1e6:.2f} us, block stream {cal.block_bytes_per_s / 1e9:.1f} GB/s, "
                   f"bandwidth fraction {cal.bw_fraction:.3f}, {cal.blocks_per_sm} blocks/SM -> {path}")
-    errors, unsupported = acc.row_errors(files)
+    calibration, own_errors, constants = None, None, ""
+    if args.constants_from is not None:
+        source = args.constants_from
+        try:
+            calibration = fitted.get(source.key) or acc.fitted_calibration(source)
+        except ValueError as err:
+            args.parser.exit(2, f"decode-attention accuracy: --constants-from: {err}\n")
+        files = acc.results_of_other_gpus(files, source)
+        if not files:
+            print(f"no results under {where} of a GPU other than {source.key}: nothing to score its "
+                  "constants on")
+            return 0
+        own_errors, _ = acc.row_errors(files)
+        print(f"constants of {source.key} ({calibration.source}), applied unchanged to the other GPUs' results")
+        constants = f" with the constants of {source.key}"
+    errors, unsupported = acc.row_errors(files, calibration=calibration)
     if not errors:
         print(f"results under {where} hold no rows of this project's variants: nothing to score")
         return 1 if args.check and unsupported else 0
     gpus = sorted({e.gpu_slug for e in errors})
     summary, speedups = acc.summarize(errors), acc.speedup_errors(errors)
     print(acc.format_report(summary, unsupported, speedups=speedups,
-                            title=f"cost model accuracy over {len(errors)} rows ({', '.join(gpus)}):"))
+                            title=f"cost model accuracy over {len(errors)} rows ({', '.join(gpus)}){constants}:"))
+    if own_errors:
+        own = acc.summarize(own_errors)[-1]
+        print(f"for comparison, each GPU with its own constants: median {own.median:.1%}, "
+              f"p90 {own.p90:.1%} over the same {own.count} rows")
     if args.check:
         missed = [s.suite for s in summary if not s.meets_target]
         missed += [e.impl for e in speedups if e.rel_error > acc.SPEEDUP_TARGET]
@@ -293,16 +423,52 @@ def _cmd_accuracy(args) -> int:
 # bench / verify: forwarded
 # ---------------------------------------------------------------------------------------------
 
+def _report_file(argv: list[str]) -> "str | None":
+    """The FILE of `bench --report FILE` (or `--report=FILE`, or an unambiguous prefix such as
+    `--repo`, as bench's parser accepts), else None."""
+    for i, word in enumerate(argv):
+        if word == "--":
+            break
+        name, eq, value = word.partition("=")
+        if len(name) > len("--rep") and "--report".startswith(name):   # "--rep" is also "--reps"
+            return value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    return None
+
+
+def _fail(command: str, message: str, *, status: int = 2) -> int:
+    print(f"decode-attention {command}: {message}", file=sys.stderr)
+    return status
+
+
 def _forward(command: str, argv: list[str]) -> int:
+    """Run `FORWARDED[command].main(argv)`; a `bench --report FILE` that is missing or is not a
+    result file is one line on stderr and exit status 2, whatever bench itself would do with it."""
     module_name = FORWARDED[command]
+    report = _report_file(argv) if command == "bench" else None
+    if report is not None:
+        try:
+            acc.read_result_file(report)
+        except FileNotFoundError:
+            return _fail(command, f"--report: no such file: {report}")
+        except (OSError, ValueError) as err:
+            return _fail(command, f"--report: {err}")
     try:
         module = importlib.import_module(module_name)
         entry = module.main
     except (ImportError, AttributeError) as e:
-        print(f"decode-attention {command}: cannot load {module_name}.main ({e}); "
-              "it needs the gpukernels package with CuPy installed", file=sys.stderr)
-        return 2
-    result = entry(argv)
+        return _fail(command, f"cannot load {module_name}.main: {type(e).__name__}: {e}")
+    try:
+        result = entry(argv)
+    except SystemExit as e:             # argparse's --help (0) and usage errors (2)
+        if e.code is None or isinstance(e.code, int):
+            return int(e.code or 0)
+        return _fail(command, str(e.code), status=1)
+    except (KeyError, TypeError, ValueError) as err:
+        if report is None:
+            raise
+        what = f"a row lacks {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"
+        return _fail(command, f"--report: {report} is not a result file of the decode benchmark ({what}; "
+                              "expected the rows `decode-attention bench` writes to results/<gpu>/decode.json)")
     return int(result or 0)
 
 
@@ -311,35 +477,68 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    d = WORKLOAD_DEFAULTS
     ex = sub.add_parser("explain", help="predict, rank and explain the variants for a workload",
                         description="Without workload options: the built-in example (a Llama-3-8B-like "
-                                    "layer, 16 samples of one 8k prompt; and sparse spans over 32k tokens).")
+                                    "layer, 16 samples of one 8k prompt; and sparse spans over 32k tokens). "
+                                    "With any of them, the options not given take the defaults shown. "
+                                    f"A workload whose KV cache exceeds {MAX_GPUS_PER_WORKLOAD} x the memory "
+                                    "of the largest known GPU is refused.")
+    ex.set_defaults(func=_cmd_explain, parser=ex)
     w = ex.add_argument_group("workload (any of these replaces the built-in example)")
-    w.add_argument("--batch", type=int)
-    w.add_argument("--num-qo-heads", type=int)
-    w.add_argument("--num-kv-heads", type=int)
-    w.add_argument("--head-dim", type=int)
-    w.add_argument("--kv-len", type=int, help="context tokens per sequence (prefix + suffix)")
-    w.add_argument("--prefix-len", type=int, help="tokens shared by every sequence")
-    w.add_argument("--suffix-len", type=int, help="each sequence's own tokens")
-    w.add_argument("--density", type=float, help="fraction of the context attended, in spans")
-    w.add_argument("--num-spans", type=int, help="spans per sequence when --density < 1")
-    w.add_argument("--page-size", type=int, help="tokens per page for paged_decode")
-    w.add_argument("--dtype", choices=("float16", "bfloat16", "float32"))
-    ex.add_argument("--gpu", help="GPU to predict for (default: the one present, else H100)")
-    ex.add_argument("--no-reference", action="store_true", help="skip the NumPy reference check")
-    ex.add_argument("--no-gpu", action="store_true", help="predictions only, even with a GPU")
-    ex.add_argument("--reps", type=int, default=20, help="timed repetitions per kernel on a GPU")
-    ex.set_defaults(func=_cmd_explain)
+    w.add_argument("--batch", type=positive_int, metavar="N", help=f"sequences in the batch (default: {d['batch']})")
+    w.add_argument("--num-qo-heads", type=positive_int, metavar="N",
+                   help=f"query heads, a multiple of --num-kv-heads (default: {d['num_qo_heads']})")
+    w.add_argument("--num-kv-heads", type=positive_int, metavar="N",
+                   help=f"key/value heads (default: {d['num_kv_heads']})")
+    w.add_argument("--head-dim", type=positive_int, metavar="D",
+                   help=f"head dimension (default: {d['head_dim']}); the kernels exist for "
+                        f"{', '.join(map(str, kernel_head_dims()))}: another value is predicted by the "
+                        "cost model only, says so, and is not timed")
+    w.add_argument("--kv-len", type=positive_int, metavar="TOKENS",
+                   help="context tokens per sequence, --prefix-len + --suffix-len "
+                        f"(default: {d['prefix_len']} + {d['suffix_len']}; given alone, all own tokens)")
+    w.add_argument("--prefix-len", type=nonnegative_int, metavar="TOKENS",
+                   help=f"tokens shared by every sequence (default: {d['prefix_len']}, 0 with --kv-len)")
+    w.add_argument("--suffix-len", type=nonnegative_int, metavar="TOKENS",
+                   help=f"each sequence's own tokens (default: {d['suffix_len']}; with --kv-len, "
+                        "--kv-len minus --prefix-len)")
+    w.add_argument("--density", type=density_fraction, metavar="FRACTION",
+                   help="fraction of the context attended, in (0, 1]; below 1 adds the span variant "
+                        f"(default: {d['density']}, dense)")
+    w.add_argument("--num-spans", type=positive_int, metavar="N",
+                   help=f"spans per sequence when --density < 1 (default: {d['num_spans']})")
+    w.add_argument("--page-size", type=positive_int, metavar="TOKENS",
+                   help=f"tokens per page for paged_decode (default: {d['page_size']})")
+    w.add_argument("--dtype", choices=tuple(ITEMSIZE), help=f"element type of q, k, v (default: {d['dtype']})")
+    ex.add_argument("--gpu", type=known_gpu, metavar="NAME",
+                    help="GPU to predict for, e.g. H100, H200, A100 (default: the one present, else H100)")
+    ex.add_argument("--no-reference", action="store_true",
+                    help="skip the NumPy reference check (default: run it, at a reduced size)")
+    ex.add_argument("--no-gpu", action="store_true",
+                    help="predictions only, even with a GPU (default: time the kernels when a GPU is present)")
+    ex.add_argument("--reps", type=positive_int, default=20, metavar="N",
+                    help="timed repetitions per kernel on a GPU (default: %(default)s)")
 
-    ac = sub.add_parser("accuracy", help="score the model against the committed results")
-    ac.add_argument("--results", help="results directory (default: the checkout's results/)")
-    ac.add_argument("--fit", action="store_true", help="refit the constants on the decode suite first")
-    ac.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
-    ac.set_defaults(func=_cmd_accuracy)
+    ac = sub.add_parser("accuracy", help="score the model against the committed results",
+                        description="Median and 90th-percentile |predicted - measured| / measured per suite "
+                                    "of the committed results, against the targets (median <= "
+                                    f"{acc.MEDIAN_TARGET:.0%}, p90 <= {acc.P90_TARGET:.0%}).")
+    ac.set_defaults(func=_cmd_accuracy, parser=ac)
+    ac.add_argument("--results", type=results_dir, metavar="DIR",
+                    help="directory of <gpu>/<suite>.json result files (default: the checkout's results/)")
+    ac.add_argument("--fit", action="store_true",
+                    help="first refit each GPU's constants on its decode suite and store them in "
+                         "costmodel/data/calibration.json (default: off, the stored constants)")
+    ac.add_argument("--check", action="store_true",
+                    help="exit 1 if a target is missed or a row cannot be predicted (default: off, exit 0)")
+    ac.add_argument("--constants-from", type=known_gpu, metavar="GPU",
+                    help="score the results of every other GPU with this GPU's fitted constants, e.g. "
+                         "h100 (default: off, each GPU with its own)")
 
     for name in FORWARDED:
-        sub.add_parser(name, help=f"run {FORWARDED[name]} (arguments forwarded)", add_help=False)
+        sub.add_parser(name, help=f"run {FORWARDED[name]} (arguments forwarded; --help for its options)",
+                       add_help=False)
     return parser
 
 

@@ -11,6 +11,7 @@ a shuffled page table. Exits 1 if any output is off by more than its dtype's tol
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 
 import numpy as np
@@ -78,14 +79,34 @@ def run_case(rng, dtype, head_dim, hq, hkv, kind, num_splits) -> float:
     return rel_error(_to_host(out), ref_out)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="decode-attention verify", description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    from gpukernels import gpu_available
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="decode-attention verify", description=__doc__.split("\n\n")[0],
+                                     epilog="Exits 0 if every case is within its tolerance, 1 if any is "
+                                            "not, 2 without CuPy and a CUDA GPU.")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the random inputs of every case (default: %(default)s)")
+    return parser
 
-    if not gpu_available():
-        print("verify needs CuPy and a CUDA GPU; none found here", file=sys.stderr)
+
+def _no_gpu_reason() -> str | None:
+    """None when a CUDA GPU is usable through CuPy, else why not, in a few words."""
+    try:
+        from gpukernels import gpu_available
+    except ImportError as e:
+        return f"the gpukernels package does not import ({e})"
+    if gpu_available():
+        return None
+    if importlib.util.find_spec("cupy") is None:
+        return "CuPy is not installed"
+    return "CuPy finds no CUDA GPU"
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    reason = _no_gpu_reason()
+    if reason is not None:
+        print(f"decode-attention verify: needs CuPy and a CUDA GPU to run the kernels; {reason} here",
+              file=sys.stderr)
         return 2
     rng = np.random.default_rng(args.seed)
     failures = 0

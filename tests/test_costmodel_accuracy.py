@@ -180,3 +180,61 @@ def test_committed_results_meet_the_targets():
     missed = [s for s in summary if not s.meets_target]
     missed += [e for e in speedups if e.rel_error > acc.SPEEDUP_TARGET]
     assert not missed, "\n" + acc.format_report(summary, speedups=speedups)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not a result file (not JSON: "),
+    ("[1, 2]", "got a JSON list"),
+    ('{"meta": {}, "rows": {"impl": "decode"}}', "got an object with keys ['meta', 'rows']"),
+    ('{"meta": [], "rows": []}', "meta is a list, expected an object"),
+    ('{"rows": [{"impl": "decode"}, "x"]}', "rows[1] is 'x', not an object"),
+])
+def test_read_result_file_says_what_is_wrong(tmp_path, content, message):
+    path = tmp_path / "decode.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match="not a result file") as exc:
+        acc.read_result_file(path)
+    assert str(path) in str(exc.value) and message in str(exc.value)
+    with pytest.raises(FileNotFoundError):
+        acc.read_result_file(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="is a directory, not a result file"):
+        acc.read_result_file(tmp_path)
+
+
+def test_read_result_file_reads_a_committed_result():
+    f = acc.read_result_file(REPO / "results" / "h200" / "decode.json")
+    assert (f.gpu_slug, f.suite) == ("h200", "decode") and f.rows and "gpu" in f.meta
+
+
+def test_fitted_calibration_never_falls_back_to_the_defaults(tmp_path):
+    path = tmp_path / "calibration.json"
+    save_calibration("h100_sxm", SYNTHETIC_TRUTH, path=path)
+    assert acc.fitted_calibration("H100", path=path) == SYNTHETIC_TRUTH
+    assert acc.fitted_calibration(H100, path=path) == SYNTHETIC_TRUTH
+    with pytest.raises(ValueError, match="no constants fitted for h200 .*fitted: h100_sxm"):
+        acc.fitted_calibration("h200", path=path)
+    with pytest.raises(ValueError, match="unknown GPU"):
+        acc.fitted_calibration("B300", path=path)
+
+
+def test_another_gpus_constants_on_synthetic_results(tmp_path):
+    """Results of a second GPU made with other constants: the first GPU's constants predict them
+    worse than their own, and only the second GPU's files are scored."""
+    h200_meta = {**META, "gpu": "NVIDIA H200", "copy_bytes_per_s": 4.3e12, "read_bytes_per_s": 4.4e12}
+    write_results(tmp_path, "decode", measure_synthetically(decode_rows(), noise=0.0))
+    other = dataclasses.replace(SYNTHETIC_TRUTH, launch_s=9e-6, bw_fraction=0.9)
+    gpu = acc.gpu_for_meta(h200_meta)
+    rows = []
+    for row in decode_rows():
+        if not row["impl"].startswith("peer:"):
+            rows.append({**row, "time_ms": predict_row(row, gpu, calibration=other).time_s * 1e3})
+    (tmp_path / "h200").mkdir()
+    (tmp_path / "h200" / "decode.json").write_text(json.dumps({"meta": h200_meta, "rows": rows}))
+    files = acc.load_results(tmp_path)
+    others = acc.results_of_other_gpus(files, "H100")
+    assert [f.gpu_slug for f in others] == ["h200"]
+    assert [f.gpu_slug for f in acc.results_of_other_gpus(files, "h200")] == ["h100"]
+    own, _ = acc.row_errors(others, calibration=other)
+    transferred, _ = acc.row_errors(others, calibration=SYNTHETIC_TRUTH)
+    assert max(e.rel_error for e in own) < 1e-9
+    assert acc.summarize(transferred)[-1].median > 0.01
