@@ -1,7 +1,7 @@
 """How well the model predicts the committed measurements: |predicted - measured| / measured per
 suite, median and 90th percentile, against the targets (median <= 7%, p90 <= 15%).
 
-Result files live at `results/<gpu>/<suite>.json` (BENCHMARKS.md); only this project's variants
+Result files live at `results/<gpu>/<suite>.json` (docs/benchmarks.md); only this project's variants
 are scored, peers are not. Each file is predicted on its own GPU with the ceilings its run
 measured (`meta`), with the calibration fitted for that GPU, or with another GPU's fitted
 constants (`fitted_calibration`, `results_of_other_gpus`) to see how far they carry: the H100's

@@ -52,7 +52,8 @@ class GPUSpec:
     @property
     def stream_bytes_per_s(self) -> float:
         """Ceiling of a kernel that mostly reads: the better of the measured read-only rate and the
-        copy rate (BENCHMARKS.md: a read-only kernel can pass the copy figure, never fall below it)."""
+        copy rate (docs/benchmarks.md, "Floor, frac and the ceiling of a row": a read-only kernel can
+        pass the copy figure, never fall below it)."""
         return max(self.read_bytes_per_s or 0.0, self.copy_bytes_per_s)
 
     def roofline_flops_per_s(self, intensity_flops_per_byte, *, tensor_cores: bool = True):

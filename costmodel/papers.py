@@ -1,4 +1,5 @@
-"""The published claims (DESIGN.md), reproduced as predictions with the published configurations.
+"""The published claims (docs/design.md, "What it is for"), reproduced as predictions with the
+published configurations.
 
 Each function returns a `Reproduction`: the claim as published, the setting used here, a table of
 predictions and the claim as the model predicts it. Per-step figures add the rest of the model as
@@ -172,8 +173,8 @@ def hydragen(gpu: "GPUSpec | str" = "A100", *, batch: int = 1024, tensor_paralle
 def sparse_spans(gpu: "GPUSpec | str" = "H100", *, batch: int = 8, kv_len: int = 32768,
                  grid=((0.125, 8), (0.25, 16), (0.5, 64)), sinks_window=(4, 4096),
                  model: ModelShape = LLAMA3_8B) -> Reproduction:
-    """Sparse spans (self-selected attention span, Jin et al., 2024; sinks + window) on BENCHMARKS'
-    span grid: span against dense split_kv on the same cache."""
+    """Sparse spans (self-selected attention span, Jin et al., 2024; sinks + window) on the span grid
+    of docs/benchmarks.md: span against dense split_kv on the same cache."""
     gpu = get_gpu(gpu)
     hq, hkv, d = model.num_qo_heads, model.num_kv_heads, model.head_dim
     dense = split_kv.predict(split_kv.plan_split_kv(batch, hq, hkv, d, kv_len, num_sms=gpu.num_sms, gpu=gpu),

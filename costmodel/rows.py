@@ -1,6 +1,6 @@
 """Predict one benchmark result row, whatever its suite.
 
-A row (BENCHMARKS.md) names the variant in `impl` and carries the workload: `dtype`, `batch`,
+A row (docs/benchmarks.md, "Result files") names the variant in `impl` and carries the workload: `dtype`, `batch`,
 `num_qo_heads`, `num_kv_heads`, `head_dim`, and per variant:
 
 | impl | workload keys |

@@ -29,7 +29,7 @@ Schedule of one call (names from `costmodel.split_kv`):
   running max of their natural-log LSEs and weights `exp2((lse - max) * log2(e))`.
   An empty sequence gives `out = 0`, `lse = -inf`.
 
-Non-finite input is never hidden (DESIGN.md), so the twin does what the kernels must, and what
+Non-finite input is never hidden (docs/design.md, "Non-finite inputs"), so the twin does what the kernels must, and what
 CUDA's `fmaxf` would not (it returns the other operand when one is NaN, so a NaN score would drop
 out of the running max and a -inf score would pass for a masked token):
 

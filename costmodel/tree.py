@@ -7,7 +7,7 @@ sequences are split evenly among them (segment j of a level is shared by sequenc
 its sequences (a tensor-core product when shared), partial states merged by LSE at the end; see
 `costmodel.segments`. The chunk size of each level is the model's choice (`plan_tree`).
 
-Example: BENCHMARKS' tree, 64 sequences, a 4096-token root, 8 groups of 8 sharing 2048 more and
+Example: the tree of docs/benchmarks.md, 64 sequences, a 4096-token root, 8 groups of 8 sharing 2048 more and
 256 own tokens each: `TreeShape(64, 32, 32, 128, levels=((1, 4096), (8, 2048), (64, 256)))`.
 """
 

@@ -295,7 +295,7 @@ def measure_on_gpu(w: Workload, gpu, *, reps: int = 20) -> dict[str, float]:
         seconds[name] = 1e-3 * timer(lambda: runner.run_paged(q, k_cache, v_cache, indptr, indices, last,
                                                               out=out, lse=lse))
         del k_cache, v_cache
-    # Variants the kernels may not have yet take the references' arguments (DESIGN.md).
+    # Variants the kernels may not have yet take the references' arguments (docs/design.md, "API contract").
     if w.shares_prefix and hasattr(gpukernels, "shared_prefix"):
         k_prefix, v_prefix = k[0, :w.prefix_len], v[0, :w.prefix_len]
         k_suffix, v_suffix = k[:, w.prefix_len:].copy(), v[:, w.prefix_len:].copy()

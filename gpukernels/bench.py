@@ -543,7 +543,8 @@ def format_markdown(rows: list[dict]) -> str:
         return _format_coverage(rows)
     lines = ["| batch | KV heads | kv_len | floor us | read-only us | split_kv us | frac | one-shot us "
              "| best peer us | vs peer | paged_decode us | FlashInfer paged us | host us: split_kv / "
-             "one-shot / best peer |", "|" + "---|" * 13]
+             "one-shot / FlashInfer / cuDNN |", "|" + "---|" * 13]
+    hosts: dict = {}
     for (_, batch, _, hkv, _, kv_len), group in _by_shape(rows).items():
         ours = next((r for r in group if r["impl"] == "split_kv" and r.get("plan") == "auto"), None)
         one = next((r for r in group if r["impl"] == "split_kv:oneshot"), None)
@@ -552,13 +553,21 @@ def format_markdown(rows: list[dict]) -> str:
         if ours is None or best is None:
             continue
         fi = next((r for r in group if r["impl"] == "peer:flashinfer"), None)
+        cudnn = next((r for r in group if r["impl"] == "peer:cudnn"), None)
+        for name, r in (("split_kv", ours), ("one-shot", one), ("FlashInfer", fi), ("cuDNN", cudnn)):
+            if r is not None and "host_us" in r:
+                hosts.setdefault(name, []).append(r["host_us"])
         lines.append(
             f"| {batch} | {hkv} | {kv_len} | {ours['floor_ms'] * 1e3:.1f} | "
             f"{ours['stream_ms'] * 1e3:.1f} | {_us(ours)} ({ours['num_splits']}) | {ours['frac']:.3f} | "
             + (_us(one) if one else "-") + " | "
             f"{_us(best)} ({_PEER_NAMES[best['impl']]}) | {100 * (ours['time_ms'] / best['time_ms'] - 1):+.1f}% | "
             + (f"{_us(paged)} ({paged['num_splits']})" if paged else "-") + " | "
-            + (_us(fi) if fi else "-") + f" | {_host(ours)} / {_host(one)} / {_host(best)} |")
+            + (_us(fi) if fi else "-") + f" | {_host(ours)} / {_host(one)} / {_host(fi)} / {_host(cudnn)} |")
+    if hosts:
+        lines.append("")
+        lines.append("Median host us per call: " + ", ".join(
+            f"{name} {float(np.median(v)):.0f}" for name, v in hosts.items()))
     return "\n".join(lines)
 
 
@@ -614,11 +623,15 @@ def main(argv=None) -> int:
             result = read_result_file(args.report)
             print(format_markdown(result.rows))
         except FileNotFoundError:
-            print(f"bench --report: no such file: {args.report}", file=sys.stderr)
+            print(f"decode-attention bench: --report: no such file: {args.report}", file=sys.stderr)
             return 2
-        except (ValueError, KeyError, TypeError) as exc:
-            print(f"bench --report: {args.report}: not a result file this command can print ({exc})",
-                  file=sys.stderr)
+        except ValueError as exc:
+            print(f"decode-attention bench: --report: {exc}", file=sys.stderr)
+            return 2
+        except (KeyError, TypeError) as exc:
+            lacks = f"a row lacks {exc}" if isinstance(exc, KeyError) else str(exc)
+            print(f"decode-attention bench: --report: {args.report} is not a result file of the decode "
+                  f"benchmark ({lacks})", file=sys.stderr)
             return 2
         return 0
 

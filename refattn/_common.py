@@ -4,7 +4,7 @@ attention of query rows to one KV head's tokens, for one sequence or for many se
 Notation: Hq query heads, Hkv KV heads, G = Hq // Hkv query heads per KV head, D head dim,
 L tokens. Query head h reads KV head h // G.
 
-Non-finite input is never hidden (DESIGN.md, "Non-finite inputs"). For one query row attending to
+Non-finite input is never hidden (docs/design.md, "Non-finite inputs"). For one query row attending to
 its tokens:
 
 - a non-finite score among the attended ones (a NaN or infinity in q or in an attended key always

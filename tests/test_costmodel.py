@@ -94,7 +94,7 @@ def test_every_gpu_has_consistent_ceilings():
 def test_measured_ceilings_override_the_datasheet():
     g = H100.with_measured(copy_bytes_per_s=2.9e12, read_bytes_per_s=3.2e12, matmul_flops_per_s=7e14)
     assert (g.copy_bytes_per_s, g.stream_bytes_per_s, g.matmul_flops_per_s) == (2.9e12, 3.2e12, 7e14)
-    assert H100.stream_bytes_per_s == H100.copy_bytes_per_s == 3.0e12   # BENCHMARKS.md's measured copy
+    assert H100.stream_bytes_per_s == H100.copy_bytes_per_s == 3.0e12   # the copy measured as docs/benchmarks.md says
     # a read-only measurement below the copy rate (a slow reduction) does not lower the ceiling
     assert H100.with_measured(read_bytes_per_s=1.6e12).stream_bytes_per_s == 3.0e12
     assert H100.with_measured() is H100

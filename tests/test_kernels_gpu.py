@@ -527,7 +527,7 @@ def test_head_dim_256_on_the_tensor_cores(dtype, hq, hkv):
 
 
 # --------------------------------------------------------------------------------------------
-# Non-finite inputs never hide (DESIGN.md): the kernels give NaN exactly where the references do.
+# Non-finite inputs never hide (docs/design.md, "Non-finite inputs"): the kernels give NaN exactly where the references do.
 
 
 def _compare_nonfinite(out, lse, ref_out, ref_lse, dtype):

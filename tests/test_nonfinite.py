@@ -1,4 +1,4 @@
-"""Non-finite input in every reference variant (DESIGN.md, "Non-finite inputs").
+"""Non-finite input in every reference variant (docs/design.md, "Non-finite inputs").
 
 Each variant is called on its own storage with NaN or infinities written anywhere in it, in tokens
 that are attended or not. What must come out follows from the tokens each sequence attends to
