@@ -85,9 +85,10 @@ KERNEL_DTYPES = tuple(ELEM_BYTES)
 # ---------------------------------------------------------------------------------------------
 
 @njit(cache=True)
-def _splits_for(kv_len, chunk_size):
-    """Splits that hold tokens of a sequence (at least one, even when empty); as the plan's."""
-    return max(1, (kv_len + chunk_size - 1) // chunk_size)
+def _splits_for(kv_len, chunk_size, num_splits):
+    """Splits that hold tokens of a sequence (at least one, even when empty; at most the grid's,
+    so a sequence longer than the plan's max_kv_len gets longer chunks); as the plan's."""
+    return min(num_splits, max(1, (kv_len + chunk_size - 1) // chunk_size))
 
 
 @njit(cache=True)
@@ -283,7 +284,7 @@ def _simulate(q, k, v, kv_lens, scale_log2, chunk_size, num_splits, heads_per_bl
     for s in range(num_splits):
         for b in range(batch):
             kv_len = kv_lens[b]
-            splits = _splits_for(kv_len, chunk_size)
+            splits = _splits_for(kv_len, chunk_size, num_splits)
             if s >= splits:
                 continue  # no split s for this sequence: the block exits at once
             for kh in range(num_kv_heads):
@@ -300,7 +301,7 @@ def _simulate(q, k, v, kv_lens, scale_log2, chunk_size, num_splits, heads_per_bl
                                 m[j], l[j], o[j], part_out[s, b, h0 + j])
     if num_splits > 1:
         for b in range(batch):
-            splits = _splits_for(kv_lens[b], chunk_size)
+            splits = _splits_for(kv_lens[b], chunk_size, num_splits)
             for h in range(num_qo_heads):
                 lse[b, h] = _merge_splits(part_out, part_lse, b, h, splits, out[b, h])
 
@@ -337,7 +338,7 @@ def _walk(kv_lens, num_kv_heads, group_size, chunk_size, num_splits, heads_per_b
     for s in range(num_splits):
         for b in range(kv_lens.shape[0]):
             kv_len = kv_lens[b]
-            splits = _splits_for(kv_len, chunk_size)
+            splits = _splits_for(kv_len, chunk_size, num_splits)
             if s >= splits:
                 continue
             for kh in range(num_kv_heads):
@@ -431,7 +432,7 @@ def _block_tiles(kv_lens, num_kv_heads, chunk_size, num_splits, head_groups):
     rows = []
     for s in range(num_splits):
         for b in range(kv_lens.shape[0]):
-            splits = _splits_for(kv_lens[b], chunk_size)
+            splits = _splits_for(kv_lens[b], chunk_size, num_splits)
             if s >= splits:
                 continue
             first, _ = _warp_tile(s, splits, kv_lens[b], 0, 0)
@@ -587,24 +588,19 @@ def _check_matches_plan(plan, problem, kv_lens):
     if problem.num_kv_heads != plan.num_kv_heads:
         raise ValueError(
             f"num_kv_heads must be the plan's {plan.num_kv_heads}, got {problem.num_kv_heads}")
-    longest = int(kv_lens.max())
-    if longest > plan.max_kv_len:
-        raise ValueError(
-            f"kv_lens must be at most the plan's max_kv_len = {plan.max_kv_len}, got a sequence "
-            f"of {longest} tokens")
+    # Sequences longer than plan.max_kv_len are fine: they keep the grid's splits (as the kernel).
 
 
 def _host_kv_lens(plan, kv_lens):
-    """traffic's kv_lens: int [batch] in [0, plan.max_kv_len], default all max_kv_len."""
+    """traffic's kv_lens: int [batch], non-negative (longer than plan.max_kv_len is fine, as in the
+    kernel), default all max_kv_len."""
     if kv_lens is None:
         return np.full(plan.batch, plan.max_kv_len, dtype=np.int64)
     kv_lens = contract.as_index_array(kv_lens, "kv_lens")
     if kv_lens.shape != (plan.batch,):
         raise ValueError(f"kv_lens must be [batch] = [{plan.batch}], got {kv_lens.shape}")
-    bad = np.flatnonzero((kv_lens < 0) | (kv_lens > plan.max_kv_len))
+    bad = np.flatnonzero(kv_lens < 0)
     if bad.size:
         b = int(bad[0])
-        raise ValueError(
-            f"kv_lens must satisfy 0 <= kv_lens[b] <= max_kv_len = {plan.max_kv_len}, "
-            f"got kv_lens[{b}] = {int(kv_lens[b])}")
+        raise ValueError(f"kv_lens must be >= 0, got kv_lens[{b}] = {int(kv_lens[b])}")
     return kv_lens
