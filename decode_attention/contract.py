@@ -28,6 +28,7 @@ Decisions this module makes for every layer:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -346,13 +347,8 @@ def check_paged(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, *,
     is (n - 1) * page_size + kv_last_page_len[b] and 1 <= kv_last_page_len[b] <= page_size;
     with no pages kv_last_page_len[b] must be 0.
     """
-    batch, num_qo_heads, head_dim, dtype = _check_query(q, dtypes)
-    num_pages, page_size, num_kv_heads, _ = _check_pair(
-        k_cache, v_cache, "k_cache", "v_cache",
-        [("num_pages", None), ("page_size", None), ("num_kv_heads", None), ("head_dim", head_dim)],
-        dtype, positive=("page_size", "num_kv_heads"),
-    )
-    _check_heads(num_qo_heads, num_kv_heads, "k_cache.shape[2]")
+    layout = check_paged_layout(q, k_cache, v_cache, sm_scale=sm_scale, dtypes=dtypes)
+    batch, num_pages, page_size = layout.batch, layout.num_pages, layout.page_size
     indptr = _index_array(kv_indptr, "kv_indptr", [("batch + 1", batch + 1)])
     indices = _index_array(kv_indices, "kv_indices", [("nnz_pages", None)])
     last = _index_array(kv_last_page_len, "kv_last_page_len", [("batch", batch)])
@@ -367,12 +363,7 @@ def check_paged(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, *,
             f"got {int(last[b])}"
         )
     kv_lens = np.where(pages > 0, (pages - 1) * page_size + last, 0).astype(np.int64)
-    scale = check_sm_scale(sm_scale, head_dim)
-    problem = PagedProblem(
-        batch, num_pages, page_size, num_qo_heads, num_kv_heads, head_dim, dtype, scale,
-        int(kv_lens.max()),
-    )
-    return problem, kv_lens
+    return dataclasses.replace(layout, max_kv_len=int(kv_lens.max())), kv_lens
 
 
 def check_paged_layout(q, k_cache, v_cache, *, sm_scale=None, dtypes=FLOAT_DTYPES):

@@ -589,23 +589,15 @@ def _format_coverage(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="decode-attention bench", description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=["decode", "coverage"], default="decode",
                         help="decode: the decode grid with the split sweep and every peer; coverage: "
                         "shapes off that grid (dtypes, head dims, groups, odd lengths) against SDPA "
                         "(default: %(default)s)")
-    parser.add_argument("--reps", type=_positive_int, default=30,
+    from decode_attention.cli import positive_int
+
+    parser.add_argument("--reps", type=positive_int, default=30,
                         help="timed repetitions per measurement, the median is kept (default: %(default)s)")
     parser.add_argument("--out", default="results",
                         help="results folder; a <gpu>/ subfolder is made (default: %(default)s)")
