@@ -6,6 +6,11 @@ shared by all of them plus `suffix_len` tokens of their own, of which a `density
 attended (1.0: dense). The baseline is `decode` on the concatenated cache (the prefix copied into
 every sequence, one block per sequence and KV head): what runs without any of the techniques.
 
+With `num_gpus` > 1 the explanation adds the sharded variant (`costmodel.sharded`: each sequence's
+cache sharded along its tokens over that many GPUs, split_kv on every shard, one all-gather of the
+partial states, a merge) as the row `sharded:<N>_gpus`, and says from which context length it
+beats split_kv on one GPU (`Explanation.crossover_kv_len`).
+
 >>> e = explain(Workload(batch=16, prefix_len=8192, suffix_len=256), gpu="H100")
 >>> e.winner
 'shared_prefix:hydragen'
@@ -18,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import decode, paged_decode, shared_prefix, span, split_kv, tree
+from . import decode, paged_decode, shared_prefix, sharded, span, split_kv, tree
 from .calibration import Calibration
 from .display import explanation_html, format_bytes, format_explanation, format_seconds
 from .gpus import GPUSpec, get_gpu
@@ -26,7 +31,7 @@ from .models import LLAMA3_8B
 from .prediction import Prediction, calibration_for, check_fraction, check_shape_fields
 
 __all__ = ["Workload", "VariantRow", "Explanation", "explain", "builtin_workloads", "format_explanation",
-           "format_bytes", "BASELINE"]
+           "format_bytes", "sharded_variant", "BASELINE"]
 
 BASELINE = "decode"
 
@@ -44,6 +49,7 @@ class Workload:
     page_size: int = 16             # for paged_decode
     dtype: str = "float16"
     title: str = ""
+    num_gpus: int = 1               # GPUs the cache may be sharded over (> 1 adds the sharded row)
 
     def __post_init__(self):
         # sizes: ints (NumPy integers too), stored as int; TypeError for a wrong type, ValueError
@@ -51,6 +57,7 @@ class Workload:
         check_shape_fields(self, ("batch", "num_qo_heads", "num_kv_heads", "head_dim", "num_spans", "page_size"),
                            ("prefix_len", "suffix_len"))
         object.__setattr__(self, "density", check_fraction(self.density, "density", low_open=True))
+        object.__setattr__(self, "num_gpus", sharded.check_num_gpus(self.num_gpus))
         for name in ("dtype", "title"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a str, got {type(getattr(self, name)).__name__}")
@@ -70,14 +77,15 @@ class Workload:
                f"{self.suffix_len} own tokens each"
                if self.shares_prefix else f"{self.batch} sequences of {self.context_len} tokens")
         sparse = f", {self.density:.1%} attended in {self.num_spans} spans" if self.density < 1 else ""
+        gpus = f"; up to {self.num_gpus} GPUs" if self.num_gpus > 1 else ""
         return (f"{ctx}{sparse}; {self.num_qo_heads} query heads, {self.num_kv_heads} KV heads, "
-                f"head_dim {self.head_dim}, {self.dtype}")
+                f"head_dim {self.head_dim}, {self.dtype}{gpus}")
 
 
 @dataclass(frozen=True, repr=False)
 class VariantRow:
     variant: str
-    prediction: Prediction
+    prediction: "Prediction | sharded.ShardedPrediction"
     speedup: float       # baseline time / this variant's time
     plan: str            # how the call is cut, in words
 
@@ -95,7 +103,8 @@ class Explanation:
     gpu: GPUSpec
     rows: tuple[VariantRow, ...]      # fastest first
     winner: str
-    why: str
+    why: str                          # with num_gpus > 1, also where sharding starts to pay
+    crossover_kv_len: int | None = None   # num_gpus > 1: context below which one GPU's split_kv is faster
 
     @property
     def baseline(self) -> str:
@@ -161,11 +170,48 @@ def _predictions(w: Workload, gpu: GPUSpec, cal: Calibration) -> list[tuple[str,
         sp = span.plan_span(shape, gpu=gpu, calibration=cal)
         out.append(("span", span.predict(shape, gpu=gpu, calibration=cal, plan=sp),
                     f"{sp.items_per_sequence} work items of <= {sp.chunk_size} tokens per sequence"))
+    if w.num_gpus > 1:
+        plan = sharded.plan_sharded(b, hq, hkv, d, n, num_gpus=w.num_gpus, dtype=w.dtype, gpu=gpu)
+        p = sharded.predict(plan, gpu=gpu, calibration=cal)
+        longest = plan.rank_plans[p.slowest_rank]
+        out.append((sharded_variant(w.num_gpus), p,
+                    f"{w.num_gpus} GPUs x {_splits(longest.num_splits)} of {longest.chunk_size} tokens, "
+                    f"all-gather of {format_bytes(plan.payload_bytes)} per GPU"))
     return out
+
+
+def sharded_variant(num_gpus: int) -> str:
+    """The explanation's name for the sharded row."""
+    return f"sharded:{num_gpus}_gpus"
+
+
+def _why_sharded(w: Workload, gpu: GPUSpec, win: VariantRow, base: VariantRow) -> str:
+    p, q = win.prediction, base.prediction
+    shard = p.slowest_shard
+    ceiling = shard.achieved_bytes_per_s / gpu.stream_bytes_per_s
+    return (f"{win.variant} wins, {win.speedup:.1f}x faster than {base.variant}, because each of its "
+            f"{w.num_gpus} GPUs reads only its shard of the cache ({format_bytes(shard.hbm_bytes)} of "
+            f"memory traffic instead of {format_bytes(q.hbm_bytes)}) in {format_seconds(p.shard_s)}, and "
+            f"exchanging and merging the partial states adds only "
+            f"{format_seconds(p.collective_s + p.merge_s)}; the slowest shard is {shard.bound}-bound, "
+            f"reaching {ceiling:.0%} of one GPU's {gpu.stream_bytes_per_s / 1e12:.1f} TB/s memory ceiling.")
+
+
+def _crossover_sentence(w: Workload, rows, crossover: "int | None") -> str:
+    one = next(r for r in rows if r.variant == "split_kv").prediction.time_s
+    many = next(r for r in rows if r.variant == sharded_variant(w.num_gpus)).prediction.time_s
+    here = f"at this workload's {w.context_len:,} tokens it takes {many / one:.2f}x the time of one GPU's split_kv"
+    if crossover is None:
+        return (f"Sharded over {w.num_gpus} GPUs, split_kv does not beat one GPU below "
+                f"{sharded.MAX_SEARCH_KV_LEN:,} tokens of context (predicted); {here}.")
+    return (f"Sharded over {w.num_gpus} GPUs, split_kv beats one GPU from a context of {crossover:,} "
+            f"tokens up (predicted crossover); {here}.")
 
 
 def _why(w: Workload, gpu: GPUSpec, win: VariantRow, base: VariantRow) -> str:
     p, q = win.prediction, base.prediction
+    if win.variant.startswith("sharded:"):
+        return _why_sharded(w, gpu, win, base)
     if win.variant == base.variant:
         return (f"{base.variant} is already the fastest: {q.num_blocks} blocks keep the "
                 f"{gpu.num_sms} SMs busy and it moves no more than the {format_bytes(q.hbm_bytes)} "
@@ -207,4 +253,11 @@ def explain(workload: Workload, gpu: "GPUSpec | str" = "H100", *,
     rows = sorted((VariantRow(name, p, base_time / p.time_s, plan) for name, p, plan in preds),
                   key=lambda r: r.prediction.time_s)
     base = next(r for r in rows if r.variant == BASELINE)
-    return Explanation(workload, gpu, tuple(rows), rows[0].variant, _why(workload, gpu, rows[0], base))
+    why = _why(workload, gpu, rows[0], base)
+    crossover = None
+    if workload.num_gpus > 1:
+        w = workload
+        crossover = sharded.crossover_kv_len(w.batch, w.num_qo_heads, w.num_kv_heads, w.head_dim,
+                                             num_gpus=w.num_gpus, dtype=w.dtype, gpu=gpu, calibration=cal)
+        why = f"{why} {_crossover_sentence(w, rows, crossover)}"
+    return Explanation(workload, gpu, tuple(rows), rows[0].variant, why, crossover)

@@ -1,9 +1,11 @@
 """The `decode-attention` command.
 
-    decode-attention explain [workload options] [--gpu H100]
+    decode-attention explain [workload options] [--gpu H100] [--gpus N]
         Predict every applicable variant for a workload (default: the built-in example), rank
         them, say why the winner wins; check with the NumPy references, at a reduced size, that
-        the variants agree; on a machine with CuPy and a GPU, also time the kernels.
+        the variants agree; on a machine with CuPy and a GPU, also time the kernels. --gpus N
+        adds the KV cache sharded over N GPUs: its prediction, the context length from which it
+        beats one GPU, and its time against one GPU's at 32k to 4M tokens (predicted only).
     decode-attention accuracy [--results DIR] [--fit] [--check] [--constants-from GPU]
         Median and 90th-percentile |predicted - measured| / measured per suite of the committed
         results; --fit first refits the constants on the decode suite; --check exits 1 on a miss;
@@ -29,7 +31,8 @@ import numpy as np
 
 from costmodel import accuracy as acc
 from costmodel import get_gpu
-from costmodel.explain import Workload, builtin_workloads, explain, format_explanation
+from costmodel import sharded
+from costmodel.explain import Workload, builtin_workloads, explain, format_explanation, sharded_variant
 from costmodel.gpus import GPUSpec, gpu_names
 
 __all__ = ["main", "reference_check", "reduced_workload"]
@@ -45,26 +48,24 @@ WORKLOAD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Workload)}
 # option types: each turns one command-line word into a value or an argparse error line
 # ---------------------------------------------------------------------------------------------
 
-def positive_int(text: str) -> int:
-    """An integer >= 1 (a size or a count)."""
+def _int_at_least(text: str, low: int, expected: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (a size or a count)."""
+    return _int_at_least(text, 1, "a positive integer")
 
 
 def nonnegative_int(text: str) -> int:
     """An integer >= 0 (a length that may be empty)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
+    return _int_at_least(text, 0, "an integer >= 0")
 
 
 def density_fraction(text: str) -> float:
@@ -75,6 +76,19 @@ def density_fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
+    return value
+
+
+def gpu_count(text: str) -> int:
+    """GPUs to shard over: an integer from 2 to sharded.MAX_NUM_GPUS (one host's)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer from 2 to {sharded.MAX_NUM_GPUS}, "
+                                         f"got {text!r}") from None
+    if not 2 <= value <= sharded.MAX_NUM_GPUS:
+        raise argparse.ArgumentTypeError(f"must be from 2 to {sharded.MAX_NUM_GPUS} (the GPUs of one host; "
+                                         f"without --gpus, one GPU), got {value}")
     return value
 
 
@@ -309,9 +323,19 @@ def measure_on_gpu(w: Workload, gpu, *, reps: int = 20) -> dict[str, float]:
     return seconds
 
 
+def sharded_report(w: Workload, e, gpu: GPUSpec) -> str:
+    """For a workload with num_gpus > 1: the sharded prediction at its context length and the
+    table of one GPU against num_gpus at TABLE_KV_LENS tokens, with the crossover."""
+    table = sharded.sharding_table(w.batch, w.num_qo_heads, w.num_kv_heads, w.head_dim, num_gpus=w.num_gpus,
+                                   dtype=w.dtype, gpu=gpu)
+    return f"{e.row(sharded_variant(w.num_gpus)).prediction}\n\n{table}"
+
+
 def _cmd_explain(args) -> int:
     try:
         workloads = _workloads_from_args(args)
+        if args.gpus is not None:
+            workloads = [dataclasses.replace(w, num_gpus=args.gpus) for w in workloads]
     except ValueError as err:
         args.parser.error(str(err))
     has_gpu = not args.no_gpu and _gpu_present()
@@ -319,6 +343,11 @@ def _cmd_explain(args) -> int:
         gpu = args.gpu or get_gpu((_detected_gpu_name() if has_gpu else None) or "H100")
     except ValueError as err:
         raise SystemExit(f"explain: {err}") from None
+    if args.gpus is not None:
+        try:
+            sharded.interconnect_for(gpu)
+        except ValueError as err:
+            args.parser.error(f"--gpus: {err}")
     head_dims = kernel_head_dims()
     for i, w in enumerate(workloads):
         if i:
@@ -339,6 +368,8 @@ def _cmd_explain(args) -> int:
             except Exception as err:   # a kernel that cannot run this shape: say so, keep going
                 print(f"(GPU measurement failed: {type(err).__name__}: {err})")
         print(format_explanation(e, measured))
+        if w.num_gpus > 1:
+            print(f"\n{sharded_report(w, e, gpu)}")
         if not args.no_reference:
             r = reduced_workload(w)
             print(f"NumPy references at a reduced size ({r.batch} sequences, {r.num_qo_heads} query / "
@@ -513,6 +544,12 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--dtype", choices=tuple(ITEMSIZE), help=f"element type of q, k, v (default: {d['dtype']})")
     ex.add_argument("--gpu", type=known_gpu, metavar="NAME",
                     help="GPU to predict for, e.g. H100, H200, A100 (default: the one present, else H100)")
+    ex.add_argument("--gpus", type=gpu_count, metavar="N",
+                    help=f"shard each sequence's KV cache along its tokens over N GPUs of one host, 2 to "
+                         f"{sharded.MAX_NUM_GPUS}: adds that prediction (split_kv on every shard, one all-gather "
+                         "of the partial states, a merge), the context length from which it beats one GPU, and "
+                         "its time against one GPU's at 32k, 128k, 1M and 4M tokens; predicted only, never "
+                         "timed (default: 1, no sharding)")
     ex.add_argument("--no-reference", action="store_true",
                     help="skip the NumPy reference check (default: run it, at a reduced size)")
     ex.add_argument("--no-gpu", action="store_true",

@@ -143,6 +143,42 @@ def test_every_option_says_what_it_means_and_its_default(capsys):
     assert "(default:20)" in out and "(default:16)" in out
 
 
+def test_explain_on_several_gpus(capsys):
+    code, out = run(capsys, "explain", "--no-gpu", "--no-reference", "--batch", "1", "--kv-len", "1048576",
+                    "--gpu", "H200", "--gpus", "2")
+    assert code == 0
+    assert "sharded:2_gpus" in out and "sharded: split_kv on 2 GPUs" in out
+    for term in ("shard_s", "collective_s", "merge_s"):
+        assert term in out
+    crossover = re.search(r"one GPU is faster below ([\d,]+) tokens of context", out)
+    assert crossover and f"from a context of {crossover.group(1)} tokens up" in out
+    table = out[out.index("split_kv on 1 GPU against 2 GPUs"):]
+    for label in ("32k", "128k", "1M", "4M"):
+        assert re.search(rf"^{label} +[\d.]+ [MG]B +[\d.]+ [um]s +[\d.]+ [um]s +[\d.]+x$", table, re.M)
+
+
+def test_explain_on_several_gpus_with_the_builtin_example(capsys):
+    code, out = run(capsys, "explain", "--no-gpu", "--no-reference", "--gpus", "4")
+    assert code == 0
+    assert out.count("sharded: split_kv on 4 GPUs") == 2 and out.count("against 4 GPUs") == 2
+    assert "extrapolated from 2 ranks" in out        # 4 ranks are not measured
+
+
+@pytest.mark.parametrize("value, message", [
+    ("1", "argument --gpus: must be from 2 to 8"),
+    ("9", "argument --gpus: must be from 2 to 8"),
+    ("two", "argument --gpus: expected an integer from 2 to 8, got 'two'"),
+])
+def test_explain_gpus_is_checked(capsys, value, message):
+    line = usage_error(capsys, "explain", "--no-gpu", "--no-reference", "--gpus", value)
+    assert message in line
+
+
+def test_explain_gpus_needs_a_collective_model(capsys):
+    line = usage_error(capsys, "explain", "--no-gpu", "--no-reference", "--gpus", "2", "--gpu", "A100")
+    assert "--gpus: no collective model for NVIDIA A100" in line
+
+
 def test_reference_check_catches_nothing_on_agreeing_references():
     w = cli.reduced_workload(cli.builtin_workloads()[0])
     assert (w.batch, w.num_kv_heads, w.head_dim, w.prefix_len, w.suffix_len) == (4, 2, 32, 192, 37)

@@ -169,3 +169,43 @@ def test_reports_render():
         text = r.report()
         assert r.title in text and r.published in text and r.predicted in text
         assert len(text.splitlines()) >= 5 + len(r.rows)
+
+
+def test_a_workload_on_several_gpus_adds_the_sharded_row_and_the_crossover():
+    from costmodel import sharded
+
+    w = Workload(batch=1, prefix_len=0, suffix_len=1 << 20, num_gpus=2)
+    e = explain(w, "H200")
+    row = e.row("sharded:2_gpus")
+    assert row.prediction.time_s == sharded.predict(sharded.plan_sharded(1, 32, 8, 128, 1 << 20, num_gpus=2,
+                                                                        gpu="H200")).time_s
+    assert e.crossover_kv_len == sharded.crossover_kv_len(1, 32, 8, 128, num_gpus=2, gpu="H200")
+    assert e.winner == "sharded:2_gpus" and "reads only its shard" in e.why
+    assert f"from a context of {e.crossover_kv_len:,} tokens up" in e.why
+    text = str(e)
+    assert len(text.splitlines()) == 2 + 2 + len(e.rows) + 1 and "up to 2 GPUs" in text
+    assert "sharded:2_gpus " in text and "all-gather of 16.51 kB per GPU" in text
+
+
+def test_a_short_context_keeps_one_gpu_and_says_so():
+    e = explain(Workload(batch=1, prefix_len=0, suffix_len=4096, num_gpus=8), "H200")
+    assert e.winner == "split_kv" and e.rows[-1].variant == "sharded:8_gpus"
+    assert e.row("sharded:8_gpus").prediction.bound == "collective"
+    assert "the time of one GPU's split_kv" in e.why and e.crossover_kv_len > 4096
+
+
+def test_one_gpu_adds_nothing():
+    e = explain(Workload(), "H100")
+    assert e.crossover_kv_len is None and not any(r.variant.startswith("sharded") for r in e.rows)
+    assert "GPUs" not in e.workload.describe()
+
+
+def test_num_gpus_is_checked():
+    with pytest.raises(ValueError, match="num_gpus"):
+        Workload(num_gpus=9)
+    with pytest.raises(ValueError, match="num_gpus"):
+        Workload(num_gpus=0)
+    with pytest.raises(TypeError, match="num_gpus"):
+        Workload(num_gpus=2.0)
+    with pytest.raises(ValueError, match="no collective model"):
+        explain(Workload(num_gpus=2), "A100")
