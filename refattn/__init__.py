@@ -5,7 +5,11 @@ float64 and returns float64 `(out, lse)`.
 """
 
 from .builders import (
+    SPAN_PATTERNS,
     paged_from_contiguous,
+    quest_block_scores,
+    span_pattern,
+    spans_from_block_scores,
     spans_from_mask,
     spans_from_sinks_window,
     tree_from_paths,
@@ -20,12 +24,16 @@ from .tree import tree
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "SPAN_PATTERNS",
     "decode",
     "merge_states",
     "paged_decode",
     "paged_from_contiguous",
+    "quest_block_scores",
     "shared_prefix",
     "span",
+    "span_pattern",
+    "spans_from_block_scores",
     "spans_from_mask",
     "spans_from_sinks_window",
     "split_kv",
