@@ -264,6 +264,22 @@ def _expect_output(x, name: str, template: str, shape: tuple, dtype: str, device
     return a.ptr
 
 
+def outputs(out, lse, kind: str, shape: tuple, dtype: str, device_id: int):
+    """(out, lse, their addresses): the caller's arrays, checked, or new ones of the caller's kind;
+    shape is (batch, num_qo_heads, head_dim)."""
+    if out is None:
+        out = rt.empty(kind, shape, dtype, device_id)
+        out_ptr = rt.address(out)
+    else:
+        out_ptr = _expect_output(out, "out", "[batch, num_qo_heads, head_dim]", shape, dtype, device_id)
+    if lse is None:
+        lse = rt.empty(kind, shape[:2], "float32", device_id)
+        lse_ptr = rt.address(lse)
+    else:
+        lse_ptr = _expect_output(lse, "lse", "[batch, num_qo_heads]", shape[:2], "float32", device_id)
+    return out, lse, out_ptr, lse_ptr
+
+
 def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace, views=None):
     """Check shapes against the plan (metadata only: no synchronisation) and launch. `views`: the
     device views of q, k, v when the caller already made them."""
@@ -303,17 +319,7 @@ def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace, vie
     if not (isinstance(sm_scale, (int, float, np.floating, np.integer)) and math.isfinite(sm_scale)):
         raise ValueError(f"sm_scale must be a finite real number, got {sm_scale!r}")
 
-    if out is None:
-        out = rt.empty(kind, (B, Hq, D), plan.dtype, device_id)
-        out_ptr = rt.address(out)
-    else:
-        out_ptr = _expect_output(out, "out", "[batch, num_qo_heads, head_dim]", (B, Hq, D), plan.dtype,
-                                 device_id)
-    if lse is None:
-        lse = rt.empty(kind, (B, Hq), "float32", device_id)
-        lse_ptr = rt.address(lse)
-    else:
-        lse_ptr = _expect_output(lse, "lse", "[batch, num_qo_heads]", (B, Hq), "float32", device_id)
+    out, lse, out_ptr, lse_ptr = outputs(out, lse, kind, (B, Hq, D), plan.dtype, device_id)
     if B == 0:
         return out, lse
 

@@ -41,6 +41,15 @@ def test_merge_states_signature_matches_the_kernel():
     assert _source_signature("merge_states", "merge_states_kernel") == MERGE_SIGNATURE
 
 
+@pytest.mark.parametrize("kernel, attr", [("shared_prefix_kernel", "PREFIX_SIGNATURE"),
+                                          ("merge_prefix_suffix_kernel", "MERGE_SIGNATURE")])
+def test_shared_prefix_signatures_match_the_kernels(kernel, attr):
+    import importlib
+
+    module = importlib.import_module("gpukernels.shared_prefix")
+    assert _source_signature("shared_prefix", kernel) == getattr(module, attr)
+
+
 def test_arguments_fill_one_8_byte_slot_each_at_the_listed_addresses():
     signature = "ppiqf"
     fmt = "<" + "".join(rt._SLOTS[c] for c in signature)

@@ -20,6 +20,19 @@ __device__ __forceinline__ bool is_nan(float x) { return (__float_as_uint(x) & 0
 // Non-finite values never hide: an infinity that reaches an output becomes NaN.
 __device__ __forceinline__ float finite_or_nan(float x) { return is_finite(x) ? x : quiet_nan(); }
 
+template <int I>
+struct Index {
+  static constexpr int value = I;
+};
+// f(Index<0>{}), ..., f(Index<N-1>{}): a loop whose index is a compile-time constant.
+template <int N, int I = 0, typename F>
+__device__ __forceinline__ void static_for(F&& f) {
+  if constexpr (I < N) {
+    f(Index<I>{});
+    static_for<N, I + 1>(f);
+  }
+}
+
 // Elements of T in one 16-byte load.
 template <typename T>
 struct VecTraits {

@@ -602,18 +602,6 @@ __device__ __forceinline__ void cp_async_16_at(unsigned smem_base, const void* g
   asm volatile("cp.async.ca.shared.global [%0+%3], [%1], 16, %2;\n" ::"r"(smem_base), "l"(gmem),
                "r"(valid ? 16 : 0), "n"(OFFSET));
 }
-template <int I>
-struct Index {
-  static constexpr int value = I;
-};
-// f(Index<0>{}), ..., f(Index<N-1>{}): a loop whose index is a compile-time constant.
-template <int N, int I = 0, typename F>
-__device__ __forceinline__ void static_for(F&& f) {
-  if constexpr (I < N) {
-    f(Index<I>{});
-    static_for<N, I + 1>(f);
-  }
-}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }

@@ -1,0 +1,367 @@
+// Hydragen's prefix pass: one prefix shared by every sequence, attended by the queries of all
+// sequences and all query heads of a GQA group together, as tensor-core matrix products.
+//
+// For KV head kh, the query rows are r = b * G + g (sequence b, query head kh * G + g), R = batch * G
+// of them. A block serves QUERY_ROWS = 64 of those rows (4 warps x 16: each warp one m16 tile, every
+// row of it used) against one chunk of the prefix, so the chunk's keys and values are read from
+// memory once for 64 query rows. Its K and V tiles of 64 rows (32 at head_dim 256) stream through shared memory
+// (cp.async, STAGES deep, rows padded by 16 bytes so that the fragment loads are free of bank
+// conflicts); each warp computes S = Q K^T for its 16 rows (mma.sync m16n8k16, K fragments by
+// ldmatrix), keeps the online softmax in float32 (base 2, log2(e) folded into the scale), and
+// accumulates O += P V (V fragments by ldmatrix.trans). The block writes a float32 partial state
+// (out, lse) per query row for its chunk; `merge_prefix_suffix_kernel` merges the chunks' states
+// with the suffix's state (from the split-KV kernel) in float32.
+//
+// Grid: x over the prefix chunks, y over the tiles of 64 query rows, z over the KV heads.
+// Non-finite values never hide: a NaN or infinite score of a row makes its state NaN.
+
+#include "common.cuh"
+
+namespace decode_attention {
+
+constexpr int SP_WARPS = 4;
+constexpr int SP_THREADS = SP_WARPS * 32;
+constexpr int QUERY_ROWS = SP_WARPS * 16;   // query rows per block (costmodel.segments.QUERY_TILE_ROWS)
+
+template <int HEAD_DIM>
+struct PrefixTile {
+  // Prefix rows per pipeline stage: 64, or 32 at head_dim 256, whose output accumulators take 128
+  // registers a lane (a 64-row tile's scores spilled there).
+  static constexpr int KV_TILE = HEAD_DIM >= 256 ? 32 : 64;
+  static constexpr int ROW_BYTES = HEAD_DIM * 2 + 16;               // one padded K or V row
+  static constexpr int TILE_BYTES = KV_TILE * ROW_BYTES;            // K (or V) of one stage
+  static constexpr int STAGE_BYTES = 2 * TILE_BYTES;                // K and V
+  static constexpr int PIECES = HEAD_DIM / 8;                       // 16-byte pieces per row
+  static constexpr int COPIES = KV_TILE * PIECES / SP_THREADS;      // pieces per thread per tile
+  static_assert(KV_TILE * PIECES % SP_THREADS == 0, "whole copies per thread");
+};
+
+template <typename T>
+__device__ __forceinline__ void mma_16816_full(float (&d)[4], unsigned a0, unsigned a1, unsigned a2,
+                                               unsigned a3, unsigned b0, unsigned b1);
+
+#define DECODE_ATTENTION_MMA_FULL(CTYPE, PTXTYPE)                                                   \
+  template <>                                                                                      \
+  __device__ __forceinline__ void mma_16816_full<CTYPE>(float (&d)[4], unsigned a0, unsigned a1,   \
+                                                        unsigned a2, unsigned a3, unsigned b0,     \
+                                                        unsigned b1) {                             \
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTXTYPE "." PTXTYPE                      \
+                 ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                     \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                  \
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));                          \
+  }
+DECODE_ATTENTION_MMA_FULL(__half, "f16")
+DECODE_ATTENTION_MMA_FULL(__nv_bfloat16, "bf16")
+#undef DECODE_ATTENTION_MMA_FULL
+
+template <typename T>
+__device__ __forceinline__ unsigned pack_pair(float lo, float hi);
+template <>
+__device__ __forceinline__ unsigned pack_pair<__half>(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const unsigned*>(&h);
+}
+template <>
+__device__ __forceinline__ unsigned pack_pair<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const unsigned*>(&h);
+}
+
+// Fragment loads from shared address `base + OFFSET`, the offset an immediate of the instruction
+// (computed addresses for every fragment of a tile would be kept in registers).
+template <int OFFSET>
+__device__ __forceinline__ void ldmatrix_x4_at(unsigned (&r)[4], unsigned base) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4+%5];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(base), "n"(OFFSET));
+}
+template <int OFFSET>
+__device__ __forceinline__ void ldmatrix_x4_trans_at(unsigned (&r)[4], unsigned base) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4+%5];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(base), "n"(OFFSET));
+}
+__device__ __forceinline__ void cp_async_16_zfill(unsigned smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit_group() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait_groups() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+template <typename T, int HEAD_DIM, int STAGES>
+__global__ void __launch_bounds__(SP_THREADS, HEAD_DIM >= 256 ? 1 : 2)
+shared_prefix_kernel(const T* __restrict__ q,          // [batch, num_qo_heads, HEAD_DIM]
+                     const T* __restrict__ k_prefix,   // [prefix_len, num_kv_heads, HEAD_DIM]
+                     const T* __restrict__ v_prefix,
+                     float* __restrict__ part_out,     // [num_chunks, batch, num_qo_heads, HEAD_DIM]
+                     float* __restrict__ part_lse,     // [num_chunks, batch, num_qo_heads]
+                     int batch, int prefix_len, int num_qo_heads, int num_kv_heads, int chunk_size,
+                     float scale_log2) {
+  using Tile = PrefixTile<HEAD_DIM>;
+  static_assert(HEAD_DIM % 32 == 0, "K fragments come four 8-dim pieces at a time");
+  static_assert(STAGES >= 2, "at least double buffering");
+  constexpr int K_STEPS = HEAD_DIM / 16;     // k-steps of S = Q K^T
+  constexpr int KV_TILE = Tile::KV_TILE;
+  constexpr int S_TILES = KV_TILE / 8;       // n-tiles of S (8 prefix rows each)
+  constexpr int PV_STEPS = KV_TILE / 16;     // k-steps of O = P V
+  constexpr int O_TILES = HEAD_DIM / 8;      // n-tiles of O
+
+  extern __shared__ __align__(16) unsigned char smem[];   // [STAGES][K tile, V tile]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int chunk = blockIdx.x, kh = blockIdx.z;
+  const int group_size = num_qo_heads / num_kv_heads;
+  const int rows = batch * group_size;
+  const int kv_begin = chunk * chunk_size;
+  const int kv_end = min(prefix_len, kv_begin + chunk_size);
+  const long long row_elems = static_cast<long long>(num_kv_heads) * HEAD_DIM;
+
+  // This lane's two query rows (gid and gid + 8 of the warp's m16 tile): sequence and head.
+  int row_b[2], row_h[2];
+  bool row_ok[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = blockIdx.y * QUERY_ROWS + warp * 16 + gid + 8 * i;
+    row_ok[i] = r < rows;
+    row_b[i] = row_ok[i] ? r / group_size : 0;
+    row_h[i] = row_ok[i] ? kh * group_size + r % group_size : 0;
+  }
+  // Q as A fragments for every k-step (rows past R are zero). At head_dim 256 they wait in shared
+  // memory, each lane's own (64 registers fewer: no spills); below, in registers.
+  constexpr bool Q_IN_SMEM = HEAD_DIM >= 256;
+  __shared__ unsigned smem_q[Q_IN_SMEM ? SP_WARPS : 1][Q_IN_SMEM ? K_STEPS : 1][4][32];
+  unsigned qa[Q_IN_SMEM ? 1 : K_STEPS][4];
+#pragma unroll
+  for (int kk = 0; kk < K_STEPS; ++kk) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const T* qr = q + (static_cast<long long>(row_b[i]) * num_qo_heads + row_h[i]) * HEAD_DIM + kk * 16 +
+                    2 * tig;
+      const unsigned lo = row_ok[i] ? __ldg(reinterpret_cast<const unsigned*>(qr)) : 0u;      // a0, a1
+      const unsigned hi = row_ok[i] ? __ldg(reinterpret_cast<const unsigned*>(qr + 8)) : 0u; // a2, a3
+      if constexpr (Q_IN_SMEM) {
+        smem_q[warp][kk][i][lane] = lo;
+        smem_q[warp][kk][2 + i][lane] = hi;
+      } else {
+        qa[kk][i] = lo;
+        qa[kk][2 + i] = hi;
+      }
+    }
+  }
+  auto q_frag = [&](int kk, int r) -> unsigned {
+    if constexpr (Q_IN_SMEM) {
+      return smem_q[warp][kk][r][lane];   // written by this lane itself
+    } else {
+      return qa[kk][r];
+    }
+  };
+
+  // The copies of one tile: thread t takes pieces t, t + SP_THREADS, ... of the tile's rows.
+  const unsigned smem_base = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  auto issue = [&](int tile_start, int stage) {
+    const unsigned k_tile = smem_base + stage * Tile::STAGE_BYTES;
+    const unsigned v_tile = k_tile + Tile::TILE_BYTES;
+#pragma unroll
+    for (int c = 0; c < Tile::COPIES; ++c) {
+      const int piece = threadIdx.x + c * SP_THREADS;
+      const int row = piece / Tile::PIECES, col = piece % Tile::PIECES;
+      const int kv = tile_start + row;
+      const bool valid = kv < kv_end;
+      const long long at = valid ? kv * row_elems + kh * HEAD_DIM + col * 8 : 0;
+      const unsigned dst = row * Tile::ROW_BYTES + col * 16;
+      cp_async_16_zfill(k_tile + dst, k_prefix + at, valid);
+      cp_async_16_zfill(v_tile + dst, v_prefix + at, valid);
+    }
+    cp_async_commit_group();   // one group per tile, empty past the end: the counting stays uniform
+  };
+
+  float o[O_TILES][4];
+#pragma unroll
+  for (int j = 0; j < O_TILES; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+  float m[2] = {neg_inf(), neg_inf()};   // running max of rows gid, gid + 8 (base 2)
+  float l[2] = {0.0f, 0.0f};             // this lane's share of the running sums
+  bool nonfinite[2] = {false, false};
+
+  const int num_tiles = kv_end > kv_begin ? (kv_end - kv_begin + KV_TILE - 1) / KV_TILE : 0;
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) {
+    if (st < num_tiles) {
+      issue(kv_begin + st * KV_TILE, st);
+    } else {
+      cp_async_commit_group();
+    }
+  }
+  for (int t = 0; t < num_tiles; ++t) {
+    const int stage = t % STAGES;
+    // Refill the stage read in iteration t - 1 once every warp is done with it.
+    __syncthreads();
+    const int ahead = t + STAGES - 1;
+    if (ahead < num_tiles) {
+      issue(kv_begin + ahead * KV_TILE, ahead % STAGES);
+    } else {
+      cp_async_commit_group();
+    }
+    cp_async_wait_groups<STAGES - 1>();
+    __syncthreads();   // every thread's copies of tile t have landed
+
+    const unsigned k_tile = smem_base + stage * Tile::STAGE_BYTES;
+    const unsigned v_tile = k_tile + Tile::TILE_BYTES;
+    const int tile_start = kv_begin + t * KV_TILE;
+
+    // S = Q K^T: n-tile j holds prefix rows tile_start + 8j .. +7. ldmatrix.x4 of K rows
+    // 8j + (lane % 8) at dims 32c + 8 (lane / 8): b0, b1 of k-steps 2c and 2c + 1.
+    float s[S_TILES][4];
+#pragma unroll
+    for (int j = 0; j < S_TILES; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+    const unsigned k_lane = k_tile + (lane & 7) * Tile::ROW_BYTES + 16 * (lane >> 3);
+    static_for<HEAD_DIM / 32>([&](auto ci) {
+      constexpr int c = decltype(ci)::value;
+      unsigned a[2][4];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) a[h][r] = q_frag(2 * c + h, r);
+      }
+      static_for<S_TILES>([&](auto ji) {
+        constexpr int j = decltype(ji)::value;
+        unsigned kb[4];
+        ldmatrix_x4_at<8 * j * Tile::ROW_BYTES + 64 * c>(kb, k_lane);
+        mma_16816_full<T>(s[j], a[0][0], a[0][1], a[0][2], a[0][3], kb[0], kb[1]);
+        mma_16816_full<T>(s[j], a[1][0], a[1][1], a[1][2], a[1][3], kb[2], kb[3]);
+      });
+    });
+    // Online softmax: s[j][0..1] are row gid, s[j][2..3] row gid + 8; columns 8j + 2 tig + {0, 1}.
+    float m_new[2] = {m[0], m[1]};
+#pragma unroll
+    for (int j = 0; j < S_TILES; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = e >> 1;
+        const bool inside = tile_start + 8 * j + 2 * tig + (e & 1) < kv_end;
+        if (inside) {
+          nonfinite[i] = nonfinite[i] || !is_finite(s[j][e]);
+          s[j][e] *= scale_log2;
+        } else {
+          s[j][e] = neg_inf();
+        }
+        m_new[i] = fmaxf(m_new[i], s[j][e]);
+      }
+    }
+    float alpha[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      m_new[i] = fmaxf(m_new[i], __shfl_xor_sync(kFullMask, m_new[i], 1));
+      m_new[i] = fmaxf(m_new[i], __shfl_xor_sync(kFullMask, m_new[i], 2));
+      alpha[i] = rescale(m[i], m_new[i]);
+      m[i] = m_new[i];
+      l[i] *= alpha[i];
+    }
+#pragma unroll
+    for (int j = 0; j < S_TILES; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = e >> 1;
+        s[j][e] = m[i] == neg_inf() ? 0.0f : exp2f(s[j][e] - m[i]);
+        l[i] += s[j][e];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < O_TILES; ++j) {
+      o[j][0] *= alpha[0];
+      o[j][1] *= alpha[0];
+      o[j][2] *= alpha[1];
+      o[j][3] *= alpha[1];
+    }
+    // O += P V: P's k-step kv holds S's n-tiles 2kv, 2kv + 1 (the accumulator layout of S is the A
+    // layout of P). ldmatrix.x4.trans of V rows 16kv + (lane % 16) at dims 8 (2jj + lane / 16):
+    // b0, b1 of O's n-tiles 2jj and 2jj + 1.
+    const unsigned v_lane = v_tile + (lane & 15) * Tile::ROW_BYTES + 16 * (lane >> 4);
+    static_for<PV_STEPS>([&](auto kvi) {
+      constexpr int kv = decltype(kvi)::value;
+      const unsigned pa0 = pack_pair<T>(s[2 * kv][0], s[2 * kv][1]);
+      const unsigned pa1 = pack_pair<T>(s[2 * kv][2], s[2 * kv][3]);
+      const unsigned pa2 = pack_pair<T>(s[2 * kv + 1][0], s[2 * kv + 1][1]);
+      const unsigned pa3 = pack_pair<T>(s[2 * kv + 1][2], s[2 * kv + 1][3]);
+      static_for<O_TILES / 2>([&](auto jji) {
+        constexpr int jj = decltype(jji)::value;
+        unsigned vb[4];
+        ldmatrix_x4_trans_at<16 * kv * Tile::ROW_BYTES + 32 * jj>(vb, v_lane);
+        mma_16816_full<T>(o[2 * jj], pa0, pa1, pa2, pa3, vb[0], vb[1]);
+        mma_16816_full<T>(o[2 * jj + 1], pa0, pa1, pa2, pa3, vb[2], vb[3]);
+      });
+    });
+  }
+  cp_async_wait_groups<0>();
+
+  // Finish: the row sums over the 4 lanes of a group, then each row's state for this chunk.
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(kFullMask, l[i], 1);
+    l[i] += __shfl_xor_sync(kFullMask, l[i], 2);
+    int bad = static_cast<int>(nonfinite[i]);
+    bad |= __shfl_xor_sync(kFullMask, bad, 1);
+    bad |= __shfl_xor_sync(kFullMask, bad, 2);
+    if (!row_ok[i]) continue;
+    const long long state = (static_cast<long long>(chunk) * batch + row_b[i]) * num_qo_heads + row_h[i];
+    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+    float* out_row = part_out + state * HEAD_DIM;
+#pragma unroll
+    for (int j = 0; j < O_TILES; ++j) {
+      const float x = bad ? quiet_nan() : finite_or_nan(o[j][2 * i] * inv);
+      const float y = bad ? quiet_nan() : finite_or_nan(o[j][2 * i + 1] * inv);
+      *reinterpret_cast<float2*>(out_row + 8 * j + 2 * tig) = make_float2(x, y);
+    }
+    if (tig == 0) part_lse[state] = bad ? quiet_nan() : l[i] > 0.0f ? (m[i] + log2f(l[i])) * kLn2 : neg_inf();
+  }
+}
+
+// Merge, per (sequence, query head), the prefix chunks' float32 states with the suffix's state
+// (out in T, lse in float32; none when suffix_out is null): the LSE merge of merge_states.cu,
+// with its rules for empty and non-finite states. One block per (sequence, head).
+template <typename T>
+__global__ void __launch_bounds__(128)
+merge_prefix_suffix_kernel(const float* __restrict__ part_out,   // [num_chunks, rows, head_dim]
+                           const float* __restrict__ part_lse,   // [num_chunks, rows]
+                           const T* __restrict__ suffix_out,     // [rows, head_dim] or null
+                           const float* __restrict__ suffix_lse, // [rows] or null
+                           T* __restrict__ out,                  // [rows, head_dim]
+                           float* __restrict__ lse,              // [rows]
+                           int num_chunks, long long rows, int head_dim) {
+  const long long row = blockIdx.x;
+  const bool has_suffix = suffix_out != nullptr;
+  float lse_max = neg_inf();
+  bool poisoned = false;
+  for (int c = 0; c <= num_chunks; ++c) {
+    if (c == num_chunks && !has_suffix) break;
+    const float s = c < num_chunks ? part_lse[c * rows + row] : suffix_lse[row];
+    lse_max = fmaxf(lse_max, s);
+    poisoned = poisoned || is_nan(s) || s == -neg_inf();
+  }
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float w_sum = 0.0f, o_sum = 0.0f;
+    bool bad_out = false;
+    for (int c = 0; c <= num_chunks; ++c) {
+      if (c == num_chunks && !has_suffix) break;
+      const float s = c < num_chunks ? part_lse[c * rows + row] : suffix_lse[row];
+      if (poisoned || s == neg_inf()) continue;   // empty: never read
+      float o_c;
+      if (c < num_chunks) {
+        o_c = part_out[(c * rows + row) * head_dim + d];
+      } else {
+        to_scalar_float(suffix_out + row * head_dim + d, &o_c);
+      }
+      bad_out = bad_out || !is_finite(o_c);
+      const float w = __expf(s - lse_max);
+      w_sum += w;
+      o_sum += w * o_c;
+    }
+    const float o = poisoned || bad_out ? quiet_nan() : w_sum > 0.0f ? o_sum / w_sum : 0.0f;
+    out[row * head_dim + d] = from_float<T>(finite_or_nan(o));
+    if (d == 0) lse[row] = poisoned ? quiet_nan() : w_sum > 0.0f ? lse_max + __logf(w_sum) : neg_inf();
+  }
+}
+
+}  // namespace decode_attention
