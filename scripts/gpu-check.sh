@@ -31,8 +31,12 @@ for s in "${steps[@]}"; do
   case $s in
   tests)
     step "GPU tests"
-    HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-gpu} python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests/ \
-      2>&1 | tee "$OUT/gpu-tests.log" | tail -n 15
+    # A test that hangs on the device (a kernel that never returns) is stopped after 180 s with
+    # every thread's stack in the log, instead of holding the machine (pytest-timeout, if present).
+    limit=()
+    python3 -c "import pytest_timeout" 2>/dev/null && limit=(--timeout=180 --timeout-method=thread)
+    HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-gpu} python3 -m pytest -q -rfs -p no:cacheprovider -m gpu \
+      "${limit[@]}" tests/ 2>&1 | tee "$OUT/gpu-tests.log" | tail -n 25
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
     ;;
   sanitizer)
