@@ -1,0 +1,57 @@
+"""Span attention on the GPU (gpukernels.span: the spans as a page table for the paged kernel)
+against the float64 reference. Skipped with a reason without CuPy and a CUDA GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import refattn
+from test_kernels_gpu import DTYPES, _HAVE_GPU, _check, _check_with_empty, _device, _poisoned, _random, cp
+from test_span_pages import span_sets
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not _HAVE_GPU, reason="needs CuPy and a CUDA GPU (run on the GPU machine)"),
+]
+
+
+@given(span_sets(), st.sampled_from(DTYPES), st.sampled_from([64, 128, 256]), st.sampled_from([None, 1, 3]))
+def test_span_matches_the_reference(case, dtype, head_dim, num_splits):
+    import gpukernels.span as gspan
+
+    batch, kv_len, indptr, spans, seed = case
+    rng = np.random.default_rng(seed)
+    q = _random(rng, (batch, 16, head_dim), dtype)
+    k = _random(rng, (batch, kv_len, 4, head_dim), dtype)
+    v = _random(rng, (batch, kv_len, 4, head_dim), dtype)
+    ref_out, ref_lse = refattn.span(q, k, v, indptr, spans)
+    qd = _device(q)
+    out = _poisoned(qd, q.shape, dtype)
+    lse = _poisoned(qd, q.shape[:2], "float32")
+    gspan.span(qd, _device(k), _device(v), indptr, spans, num_splits=num_splits, out=out, lse=lse)
+    _check_with_empty(out, lse, ref_out, ref_lse, dtype)
+
+
+def test_sinks_and_window_at_long_context():
+    import gpukernels.span as gspan
+
+    rng = np.random.default_rng(3)
+    q, k, v = (_random(rng, s, "float16") for s in ((2, 32, 128), (2, 40000, 8, 128), (2, 40000, 8, 128)))
+    indptr, spans = refattn.spans_from_sinks_window([40000, 3000], num_sinks=4, window=4096)
+    ref_out, ref_lse = refattn.span(q, k, v, indptr, spans)
+    out, lse = gspan.span(cp.asarray(q), cp.asarray(k), cp.asarray(v), indptr, spans)
+    _check(out, lse, ref_out, ref_lse, "float16")
+
+
+def test_malformed_spans_raise_before_launch():
+    import gpukernels.span as gspan
+
+    q = cp.zeros((2, 8, 64), cp.float16)
+    k = cp.zeros((2, 100, 4, 64), cp.float16)
+    for indptr, spans in (([0, 1, 1], [[5, 3]]), ([0, 1, 1], [[0, 101]]), ([0, 2, 2], [[0, 10], [5, 20]]),
+                          ([0, 1], [[0, 10]])):
+        with pytest.raises(ValueError):
+            gspan.span(q, k, k, indptr, np.array(spans))

@@ -1,0 +1,77 @@
+"""The span list as a page table over the contiguous cache (gpukernels.span), checked on the CPU:
+the paged reference over that table gives refattn.span's answer, and only attended rows are
+listed."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import refattn
+from gpukernels.span import span_page_table
+
+
+@st.composite
+def span_sets(draw):
+    batch = draw(st.integers(1, 4))
+    align = draw(st.sampled_from([1, 3, 16, 64]))
+    kv_len = align * draw(st.integers(0, 12))
+    indptr, spans = [0], []
+    for _ in range(batch):
+        cuts = sorted(set(draw(st.lists(st.integers(0, kv_len // align), max_size=6))))
+        own = [(a * align, b * align) for a, b in zip(cuts[::2], cuts[1::2]) if a < b]
+        spans += own
+        indptr.append(len(spans))
+    spans = np.array(spans, dtype=np.int64).reshape(-1, 2)
+    return batch, kv_len, np.array(indptr), spans, draw(st.integers(0, 2**31 - 1))
+
+
+@given(span_sets())
+def test_the_page_table_reads_exactly_the_spans(case):
+    batch, kv_len, indptr, spans, seed = case
+    rng = np.random.default_rng(seed)
+    hq, hkv, d = 4, 2, 8
+    q = rng.standard_normal((batch, hq, d))
+    k = rng.standard_normal((batch, kv_len, hkv, d))
+    v = rng.standard_normal((batch, kv_len, hkv, d))
+    table = span_page_table(indptr, spans, batch, kv_len)
+    page = table.page_size
+    assert page & (page - 1) == 0 and kv_len % page == 0 and not np.any(spans % page)
+    attended = int(np.sum(spans[:, 1] - spans[:, 0]))
+    assert len(table.kv_indices) * page == attended
+    assert len(set(table.kv_indices.tolist())) == len(table.kv_indices)   # no row twice
+    ref_out, ref_lse = refattn.span(q, k, v, indptr, spans)
+    pages = batch * kv_len // page
+    out, lse = refattn.paged_decode(q, k.reshape(pages, page, hkv, d), v.reshape(pages, page, hkv, d),
+                                    table.kv_indptr, table.kv_indices, table.kv_last_page_len)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_allclose(lse[finite], ref_lse[finite], rtol=1e-12)
+
+
+def test_page_size_follows_the_span_boundaries():
+    assert span_page_table([0, 2], np.array([[0, 4], [4096, 8192]]), 1, 8192).page_size == 4
+    assert span_page_table([0, 2], np.array([[0, 64], [4096, 8192]]), 1, 8192).page_size == 64
+    assert span_page_table([0, 1], np.array([[16, 48]]), 1, 8192).page_size == 16
+    assert span_page_table([0, 1], np.array([[3, 48]]), 1, 8192).page_size == 1
+    assert span_page_table([0, 1], np.array([[0, 64]]), 1, 100).page_size == 4   # kv_len too
+
+
+def test_a_sinks_and_window_table():
+    indptr, spans = refattn.spans_from_sinks_window([32768, 100], num_sinks=4, window=4096)
+    table = span_page_table(indptr, spans, 2, 32768)
+    assert table.page_size == 4
+    assert table.kv_indptr.tolist() == [0, 1 + 1024, 1 + 1024 + 25]
+    assert table.kv_last_page_len.tolist() == [4, 4]
+
+
+@pytest.mark.parametrize("indptr, spans, error", [
+    ([0, 1], np.array([[5, 3]]), ValueError),
+    ([0, 1], np.array([[0, 9000]]), ValueError),
+    ([0, 2], np.array([[0, 10], [5, 20]]), ValueError),
+    ([0, 1], np.array([[0.5, 3]]), TypeError),
+])
+def test_malformed_spans_are_refused(indptr, spans, error):
+    with pytest.raises(error):
+        span_page_table(indptr, spans, 1, 8192)
