@@ -310,14 +310,15 @@ def measure_on_gpu(w: Workload, gpu, *, reps: int = 20) -> dict[str, float]:
                                                               out=out, lse=lse))
         del k_cache, v_cache
     # Variants the kernels may not have yet take the references' arguments (docs/design.md, "API contract").
-    if w.shares_prefix and hasattr(gpukernels, "shared_prefix"):
+    # (callable: the name of an unexported module of gpukernels is not a kernel)
+    if w.shares_prefix and callable(getattr(gpukernels, "shared_prefix", None)):
         k_prefix, v_prefix = k[0, :w.prefix_len], v[0, :w.prefix_len]
         k_suffix, v_suffix = k[:, w.prefix_len:].copy(), v[:, w.prefix_len:].copy()
         k_prefix, v_prefix = k_prefix.copy(), v_prefix.copy()
         for method in ("hydragen", "bifurcated"):
             seconds[f"shared_prefix:{method}"] = 1e-3 * timer(lambda: gpukernels.shared_prefix(
                 q, k_prefix, v_prefix, k_suffix, v_suffix, method=method))
-    if w.density < 1.0 and hasattr(gpukernels, "span"):
+    if w.density < 1.0 and callable(getattr(gpukernels, "span", None)):
         span_indptr, spans = (cp.asarray(a) for a in _equal_spans(w))
         seconds["span"] = 1e-3 * timer(lambda: gpukernels.span(q, k, v, span_indptr, spans))
     return seconds
