@@ -3,10 +3,13 @@
 from .decode import decode
 from .merge_states import merge_states
 from .paged_decode import paged_decode
+from .sharded import (CupyNcclCollective, InProcessCollective, ShardedDecode, ShardPlacement,
+                      TorchCollective, sharded_paged_decode, sharded_split_kv)
 from .split_kv import SplitKV, SplitKVPlan, plan_split_kv, split_kv
 from ._runtime import gpu_available
 
 __all__ = [
     "decode", "split_kv", "merge_states", "paged_decode", "SplitKV", "SplitKVPlan", "plan_split_kv",
-    "gpu_available",
+    "gpu_available", "ShardPlacement", "sharded_split_kv", "sharded_paged_decode", "ShardedDecode",
+    "TorchCollective", "CupyNcclCollective", "InProcessCollective",
 ]
