@@ -104,17 +104,19 @@ def _prefix_chunk_size(batch, num_qo_heads, num_kv_heads, head_dim, prefix_len, 
 def shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, suffix_lens=None, *, method="hydragen",
                   sm_scale=None, out=None, lse=None, prefix_chunk_size=None):
     """Sequence b attends to [prefix ; first suffix_lens[b] tokens of its suffix] (see
-    `refattn.shared_prefix`), by Hydragen's method.
+    `refattn.shared_prefix`), by Hydragen's method or by bifurcated attention's.
 
     q [batch, num_qo_heads, head_dim]; k_prefix, v_prefix [prefix_len, num_kv_heads, head_dim];
     k_suffix, v_suffix [batch, suffix_len, num_kv_heads, head_dim]; suffix_lens [batch] on the host
     (checked there) or the GPU (checked by the suffix kernel, as in `split_kv`). `method`:
-    "hydragen" (or "auto", which is Hydragen: the only method with a kernel so far). Returns (out,
-    lse): out in q's dtype and kind, lse float32 (natural log).
+    "hydragen" (the kernels above; "auto" is Hydragen too, until the cost model chooses between
+    kernels of both methods) or "bifurcated" (the paper's formulation in library products: the
+    prefix logits of all samples in one product, each sample's suffix logits, one softmax over
+    their concatenation, two products for the output; in float32). Returns (out, lse): out in q's
+    dtype and kind, lse float32 (natural log).
     """
-    if method not in ("hydragen", "auto"):
-        raise ValueError(f"method must be 'hydragen' or 'auto' on the GPU (bifurcated attention runs "
-                         f"in refattn and the cost model only so far), got {method!r}")
+    if method not in ("hydragen", "auto", "bifurcated"):
+        raise ValueError(f"method must be 'hydragen', 'bifurcated' or 'auto', got {method!r}")
     qa = rt.device_array(q, "q")
     views = [rt.device_array(x, name) for x, name in ((k_prefix, "k_prefix"), (v_prefix, "v_prefix"),
                                                       (k_suffix, "k_suffix"), (v_suffix, "v_suffix"))]
@@ -123,6 +125,8 @@ def shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, suffix_lens=None, *
                                      None if lens_on_gpu or suffix_lens is None else rt.host_ints(
                                          suffix_lens, "suffix_lens"),
                                      sm_scale=sm_scale, method="hydragen", dtypes=rt.KERNEL_DTYPES)
+    if method == "bifurcated":
+        return _bifurcated(problem, q, k_prefix, v_prefix, k_suffix, v_suffix, suffix_lens, out, lse)
     if problem.dtype not in PREFIX_DTYPES:
         raise TypeError(f"q must be float16 or bfloat16 for the shared-prefix kernel, got {problem.dtype}")
     if problem.head_dim not in rt.HEAD_DIMS:
@@ -176,4 +180,109 @@ def shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, suffix_lens=None, *
         (rows,), (MERGE_THREADS,),
         (rt.address(part_out), rt.address(part_lse), *suffix_ptrs, out_ptr, lse_ptr, num_chunks, rows, D),
         stream_ptr=stream_ptr, device_id=device_id)
+    return out, lse
+
+
+class _Ops:
+    """The few array operations the bifurcated formulation needs, for CuPy arrays or PyTorch
+    tensors (and NumPy arrays, which the CPU tests use)."""
+
+    def __init__(self, like):
+        self.torch = rt._kind(like) == "torch"
+        if self.torch:
+            import torch  # noqa: PLC0415
+
+            self.t = torch
+        else:
+            self.xp = rt.cupy() if rt._kind(like) == "cupy" else np
+
+    def f32(self, x):
+        return x.float() if self.torch else self.xp.asarray(x).astype(np.float32)
+
+    def einsum(self, spec, a, b):
+        return (self.t if self.torch else self.xp).einsum(spec, a, b)
+
+    def cat(self, xs, axis):
+        return self.t.cat(xs, dim=axis) if self.torch else self.xp.concatenate(xs, axis=axis)
+
+    def where(self, cond, a, b):
+        if self.torch:
+            like = a if hasattr(a, "dtype") else b
+            a = a if hasattr(a, "dtype") else self.t.full_like(like, a)
+            b = b if hasattr(b, "dtype") else self.t.full_like(like, b)
+            return self.t.where(cond, a, b)
+        return self.xp.where(cond, a, b)
+
+    def isfinite(self, x):
+        return (self.t if self.torch else self.xp).isfinite(x)
+
+    def max_last(self, x):
+        if x.shape[-1] == 0:   # nothing to attend to: the empty state's -inf
+            return (self.t.full(tuple(x.shape[:-1]) + (1,), -np.inf, device=x.device) if self.torch
+                    else self.xp.full(x.shape[:-1] + (1,), -np.inf, dtype=np.float32))
+        return self.t.amax(x, dim=-1, keepdim=True) if self.torch else x.max(axis=-1, keepdims=True)
+
+    def any_last(self, x):
+        return self.t.any(x, dim=-1, keepdim=True) if self.torch else x.any(axis=-1, keepdims=True)
+
+    def sum_last(self, x):
+        return x.sum(dim=-1, keepdim=True) if self.torch else x.sum(axis=-1, keepdims=True)
+
+    def exp(self, x):
+        return (self.t if self.torch else self.xp).exp(x)
+
+    def log(self, x):
+        return (self.t if self.torch else self.xp).log(x)
+
+    def lens_mask(self, lens, suffix_len: int, batch: int, like):
+        """[B, S]: token t of sequence b is inside its suffix (lens None: every token)."""
+        if self.torch:
+            ar = self.t.arange(suffix_len, device=like.device)
+            lens_t = (self.t.full((batch,), suffix_len, device=like.device) if lens is None
+                      else self.t.as_tensor(lens, device=like.device))
+            return ar[None, :] < lens_t[:, None]
+        ar = self.xp.arange(suffix_len)
+        lens_a = self.xp.full((batch,), suffix_len) if lens is None else self.xp.asarray(lens)
+        return ar[None, :] < lens_a[:, None]
+
+
+def _bifurcated(problem, q, k_prefix, v_prefix, k_suffix, v_suffix, suffix_lens, out, lse):
+    """Bifurcated attention as the paper writes it, in float32 library products (cuBLAS through
+    CuPy or PyTorch), with the references' rules for padding and non-finite values."""
+    ops = _Ops(q)
+    B, Hq, Hkv, D = problem.batch, problem.num_qo_heads, problem.num_kv_heads, problem.head_dim
+    G, P, S = Hq // Hkv, problem.prefix_len, problem.suffix_len
+    qg = ops.f32(q).reshape(B, Hkv, G, D)                                        # [B, Hkv, G, D]
+    kp, vp = ops.f32(k_prefix), ops.f32(v_prefix)                                # [P, Hkv, D]
+    ks, vs = ops.f32(k_suffix), ops.f32(v_suffix)                                # [B, S, Hkv, D]
+    scale = float(problem.sm_scale)
+    logits = ops.cat([ops.einsum("bjgd,pjd->bjgp", qg, kp) * scale,             # all samples at once
+                      ops.einsum("bjgd,bsjd->bjgs", qg, ks) * scale], axis=-1)  # [B, Hkv, G, P + S]
+    in_suffix = ops.lens_mask(suffix_lens, S, B, logits)                         # [B, S]
+    attended = ops.cat([ops.lens_mask(None, P, B, logits), in_suffix], axis=-1)[:, None, None, :]
+    finite = ops.isfinite(logits)
+    poisoned = ops.any_last(attended & ~finite)                                  # [B, Hkv, G, 1]
+    masked = ops.where(attended & finite, logits, -np.inf)
+    row_max = ops.max_last(masked)
+    shift = ops.where(ops.isfinite(row_max), row_max, 0.0)
+    weights = ops.exp(masked - shift)                                            # exactly 0 off the attended
+    total = ops.sum_last(weights)
+    probs = weights / ops.where(total > 0, total, 1.0)
+    vs = ops.where(in_suffix[:, :, None, None], vs, 0.0)                         # padding is never read
+    o = ops.einsum("bjgp,pjd->bjgd", probs[..., :P], vp) + ops.einsum("bjgs,bsjd->bjgd", probs[..., P:], vs)
+    o = ops.where(ops.isfinite(o) & ~poisoned, o, np.nan)
+    lse_rows = ops.where(total > 0, shift + ops.log(ops.where(total > 0, total, 1.0)), -np.inf)
+    lse_rows = ops.where(poisoned, np.nan, lse_rows)[..., 0]                      # [B, Hkv, G]
+    o = o.reshape(B, Hq, D)
+    lse_rows = lse_rows.reshape(B, Hq)
+    if rt._kind(q) is None:                                                      # NumPy: the CPU tests
+        return o.astype(np.asarray(q).dtype), lse_rows.astype(np.float32)
+    device_id = rt.device_array(q, "q").device_id
+    out, lse, _, _ = outputs(out, lse, rt._kind(q), (B, Hq, D), problem.dtype, device_id)
+    if ops.torch:
+        out.copy_(o.to(out.dtype))
+        lse.copy_(lse_rows)
+    else:
+        out[...] = o.astype(out.dtype)
+        lse[...] = lse_rows
     return out, lse

@@ -196,3 +196,38 @@ def test_fixed_larger_case(dtype):
 def test_docstring_example_runs():
     module = importlib.import_module("refattn.shared_prefix")
     assert doctest.testmod(module, raise_on_error=True).attempted > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU's bifurcated formulation (float32 library products), run with NumPy arrays on the CPU.
+
+
+@given(
+    st.sampled_from(["float16", "float32"]), st.sampled_from([(8, 8), (8, 2), (6, 1)]),
+    st.integers(1, 4), st.integers(0, 40), st.integers(0, 12), st.booleans(), st.integers(0, 2**31 - 1),
+)
+def test_gpu_bifurcated_formulation_matches_the_reference(dtype, heads, batch, prefix_len, suffix_len,
+                                                          ragged, seed):
+    import importlib
+
+    from decode_attention.contract import check_shared_prefix
+
+    gsp = importlib.import_module("gpukernels.shared_prefix")
+    hq, hkv = heads
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((batch, hq, 16)).astype(dtype)
+    kp, vp = (rng.standard_normal((prefix_len, hkv, 16)).astype(dtype) for _ in range(2))
+    ks, vs = (rng.standard_normal((batch, suffix_len, hkv, 16)).astype(dtype) for _ in range(2))
+    lens = rng.integers(0, suffix_len + 1, size=batch) if ragged else None
+    if suffix_len and batch > 1:
+        vs[-1, -1] = np.nan          # padding or attended, as lens has it
+    ref_out, ref_lse = refattn.shared_prefix(q, kp, vp, ks, vs, lens, method="bifurcated")
+    problem, _ = check_shared_prefix(q, kp, vp, ks, vs, lens, method="bifurcated")
+    out, lse = gsp._bifurcated(problem, q, kp, vp, ks, vs, lens, None, None)
+    assert np.array_equal(np.isnan(out), np.isnan(ref_out)) and np.array_equal(np.isnan(lse), np.isnan(ref_lse))
+    assert np.array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    ok = ~np.isnan(ref_out)
+    np.testing.assert_allclose(out[ok].astype(np.float64), ref_out[ok], rtol=2e-2 if dtype == "float16" else 1e-4,
+                               atol=2e-3 if dtype == "float16" else 1e-5)
+    fin = np.isfinite(ref_lse)
+    np.testing.assert_allclose(lse[fin], ref_lse[fin], rtol=1e-4, atol=1e-4)
