@@ -27,6 +27,13 @@ if ls .peers/*.whl >/dev/null 2>&1; then
 fi
 step() { echo "== $1 ($(date +%H:%M:%S))"; }
 
+# Every kernel instantiation compiled at once, in parallel, into CuPy's cache: the steps below then
+# load binaries instead of compiling one at a time (SKIP_WARM=1 skips it).
+if [ "${SKIP_WARM:-0}" != 1 ]; then
+  step "compiling the kernels"
+  python3 -m gpukernels.warm || status=1
+fi
+
 for s in "${steps[@]}"; do
   case $s in
   tests)
@@ -35,6 +42,8 @@ for s in "${steps[@]}"; do
     # every thread's stack in the log, instead of holding the machine (pytest-timeout, if present).
     limit=()
     python3 -c "import pytest_timeout" 2>/dev/null && limit=(--timeout=180 --timeout-method=thread)
+    # Four test processes share the GPU where pytest-xdist is installed (the tests are small).
+    python3 -c "import xdist" 2>/dev/null && limit+=(-n "${GPU_TEST_PROCESSES:-4}")
     HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-gpu} python3 -m pytest -q -rfs -p no:cacheprovider -m gpu \
       "${limit[@]}" tests/ 2>&1 | tee "$OUT/gpu-tests.log" | tail -n 25
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

@@ -38,3 +38,15 @@ def test_residency_check_flags_a_register_count_that_changes_blocks_per_sm():
     assert tensor_core_blocks_per_sm(128, 4) == 1
     assert tensor_core_blocks_per_sm(64, 2, paged=True) == 4 and tensor_core_blocks_per_sm(64, 3) == 4
     assert tensor_core_blocks_per_sm(64, 4) == 3
+
+
+def test_the_warm_up_compiles_what_the_compile_check_compiles():
+    from gpukernels import compile_check, warm
+
+    names = {e for _, e in warm.instantiations()}
+    import importlib
+
+    split_kv = importlib.import_module("gpukernels.split_kv")
+    shared_prefix = importlib.import_module("gpukernels.shared_prefix")
+    assert names == (set(split_kv.all_name_expressions()) | set(compile_check.merge_states_expressions())
+                     | set(shared_prefix.all_name_expressions()))
