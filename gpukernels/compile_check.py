@@ -23,6 +23,7 @@ from costmodel.split_kv import tensor_core_blocks_per_sm
 
 from . import _runtime as rt
 from . import shared_prefix as _shared_prefix
+from . import tree as _tree
 from .split_kv import all_name_expressions
 
 _ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(\S+)'")
@@ -103,7 +104,8 @@ def main(argv=None) -> int:
         tag = "split_kv_" + re.sub(r"\W+", "_", expr.split("<", 1)[1].split(",")[0])
         groups.setdefault(tag, ("split_kv", []))[1].append(expr)
     groups["merge_states"] = ("merge_states", merge_states_expressions())
-    groups["shared_prefix"] = ("shared_prefix", _shared_prefix.all_name_expressions())
+    groups["shared_prefix"] = ("shared_prefix", _shared_prefix.all_name_expressions()
+                               + _tree.all_name_expressions())
     n_total = sum(len(e) for _, e in groups.values())
     print(f"compiling {n_total} kernel instantiations for {args.arch} in {len(groups)} units", flush=True)
     start = time.time()

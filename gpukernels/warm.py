@@ -22,10 +22,11 @@ def instantiations() -> list[tuple[str, str]]:
     from .compile_check import merge_states_expressions
     from .shared_prefix import all_name_expressions as shared_prefix_expressions
     from .split_kv import all_name_expressions as split_kv_expressions
+    from .tree import all_name_expressions as tree_expressions
 
     return ([("split_kv", e) for e in split_kv_expressions()]
             + [("merge_states", e) for e in merge_states_expressions()]
-            + [("shared_prefix", e) for e in shared_prefix_expressions()])
+            + [("shared_prefix", e) for e in shared_prefix_expressions() + tree_expressions()])
 
 
 def _compile(items: list[tuple[str, str]]) -> int:

@@ -48,5 +48,6 @@ def test_the_warm_up_compiles_what_the_compile_check_compiles():
 
     split_kv = importlib.import_module("gpukernels.split_kv")
     shared_prefix = importlib.import_module("gpukernels.shared_prefix")
+    tree = importlib.import_module("gpukernels.tree")
     assert names == (set(split_kv.all_name_expressions()) | set(compile_check.merge_states_expressions())
-                     | set(shared_prefix.all_name_expressions()))
+                     | set(shared_prefix.all_name_expressions()) | set(tree.all_name_expressions()))

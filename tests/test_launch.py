@@ -41,12 +41,16 @@ def test_merge_states_signature_matches_the_kernel():
     assert _source_signature("merge_states", "merge_states_kernel") == MERGE_SIGNATURE
 
 
-@pytest.mark.parametrize("kernel, attr", [("shared_prefix_kernel", "PREFIX_SIGNATURE"),
-                                          ("merge_prefix_suffix_kernel", "MERGE_SIGNATURE")])
-def test_shared_prefix_signatures_match_the_kernels(kernel, attr):
+@pytest.mark.parametrize("kernel, module_name, attr", [
+    ("shared_prefix_kernel", "shared_prefix", "PREFIX_SIGNATURE"),
+    ("merge_prefix_suffix_kernel", "shared_prefix", "MERGE_SIGNATURE"),
+    ("tree_segments_kernel", "tree", "SEGMENTS_SIGNATURE"),
+    ("merge_parts_kernel", "tree", "MERGE_PARTS_SIGNATURE"),
+])
+def test_shared_prefix_and_tree_signatures_match_the_kernels(kernel, module_name, attr):
     import importlib
 
-    module = importlib.import_module("gpukernels.shared_prefix")
+    module = importlib.import_module(f"gpukernels.{module_name}")
     assert _source_signature("shared_prefix", kernel) == getattr(module, attr)
 
 

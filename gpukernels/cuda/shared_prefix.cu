@@ -91,15 +91,17 @@ __device__ __forceinline__ void cp_async_wait_groups() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// The work of one block: the (up to) 64 query rows of this block (a lane's two rows gid and
+// gid + 8 of its warp's m16 tile: sequence row_b, query head row_h, and the row of part_out /
+// part_lse its state goes to, -1 for a padding row) against rows kv_begin .. kv_end - 1 of k and v
+// ([rows, num_kv_heads, HEAD_DIM]) of KV head kh.
 template <typename T, int HEAD_DIM, int STAGES>
-__global__ void __launch_bounds__(SP_THREADS, HEAD_DIM >= 256 ? 1 : 2)
-shared_prefix_kernel(const T* __restrict__ q,          // [batch, num_qo_heads, HEAD_DIM]
-                     const T* __restrict__ k_prefix,   // [prefix_len, num_kv_heads, HEAD_DIM]
-                     const T* __restrict__ v_prefix,
-                     float* __restrict__ part_out,     // [num_chunks, batch, num_qo_heads, HEAD_DIM]
-                     float* __restrict__ part_lse,     // [num_chunks, batch, num_qo_heads]
-                     int batch, int prefix_len, int num_qo_heads, int num_kv_heads, int chunk_size,
-                     float scale_log2) {
+__device__ __forceinline__ void attend_rows(const T* __restrict__ q, const T* __restrict__ k_rows,
+                                            const T* __restrict__ v_rows, float* __restrict__ part_out,
+                                            float* __restrict__ part_lse, int num_qo_heads,
+                                            int num_kv_heads, int kh, int kv_begin, int kv_end,
+                                            const int (&row_b)[2], const int (&row_h)[2],
+                                            const long long (&row_state)[2], float scale_log2) {
   using Tile = PrefixTile<HEAD_DIM>;
   static_assert(HEAD_DIM % 32 == 0, "K fragments come four 8-dim pieces at a time");
   static_assert(STAGES >= 2, "at least double buffering");
@@ -111,24 +113,9 @@ shared_prefix_kernel(const T* __restrict__ q,          // [batch, num_qo_heads, 
 
   extern __shared__ __align__(16) unsigned char smem[];   // [STAGES][K tile, V tile]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int gid = lane >> 2, tig = lane & 3;
-  const int chunk = blockIdx.x, kh = blockIdx.z;
-  const int group_size = num_qo_heads / num_kv_heads;
-  const int rows = batch * group_size;
-  const int kv_begin = chunk * chunk_size;
-  const int kv_end = min(prefix_len, kv_begin + chunk_size);
+  const int tig = lane & 3;
   const long long row_elems = static_cast<long long>(num_kv_heads) * HEAD_DIM;
-
-  // This lane's two query rows (gid and gid + 8 of the warp's m16 tile): sequence and head.
-  int row_b[2], row_h[2];
-  bool row_ok[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int r = blockIdx.y * QUERY_ROWS + warp * 16 + gid + 8 * i;
-    row_ok[i] = r < rows;
-    row_b[i] = row_ok[i] ? r / group_size : 0;
-    row_h[i] = row_ok[i] ? kh * group_size + r % group_size : 0;
-  }
+  const bool row_ok[2] = {row_state[0] >= 0, row_state[1] >= 0};
   // Q as A fragments for every k-step (rows past R are zero). At head_dim 256 they wait in shared
   // memory, each lane's own (64 registers fewer: no spills); below, in registers.
   constexpr bool Q_IN_SMEM = HEAD_DIM >= 256;
@@ -172,8 +159,8 @@ shared_prefix_kernel(const T* __restrict__ q,          // [batch, num_qo_heads, 
       const bool valid = kv < kv_end;
       const long long at = valid ? kv * row_elems + kh * HEAD_DIM + col * 8 : 0;
       const unsigned dst = row * Tile::ROW_BYTES + col * 16;
-      cp_async_16_zfill(k_tile + dst, k_prefix + at, valid);
-      cp_async_16_zfill(v_tile + dst, v_prefix + at, valid);
+      cp_async_16_zfill(k_tile + dst, k_rows + at, valid);
+      cp_async_16_zfill(v_tile + dst, v_rows + at, valid);
     }
     cp_async_commit_group();   // one group per tile, empty past the end: the counting stays uniform
   };
@@ -305,7 +292,7 @@ shared_prefix_kernel(const T* __restrict__ q,          // [batch, num_qo_heads, 
     bad |= __shfl_xor_sync(kFullMask, bad, 1);
     bad |= __shfl_xor_sync(kFullMask, bad, 2);
     if (!row_ok[i]) continue;
-    const long long state = (static_cast<long long>(chunk) * batch + row_b[i]) * num_qo_heads + row_h[i];
+    const long long state = row_state[i];
     const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
     float* out_row = part_out + state * HEAD_DIM;
 #pragma unroll
@@ -315,6 +302,115 @@ shared_prefix_kernel(const T* __restrict__ q,          // [batch, num_qo_heads, 
       *reinterpret_cast<float2*>(out_row + 8 * j + 2 * tig) = make_float2(x, y);
     }
     if (tig == 0) part_lse[state] = bad ? quiet_nan() : l[i] > 0.0f ? (m[i] + log2f(l[i])) * kLn2 : neg_inf();
+  }
+}
+
+// Hydragen's prefix pass. Grid: x over the prefix chunks, y over the tiles of 64 query rows
+// (r = b * G + g), z over the KV heads. State row (chunk, b, head) of part_out [num_chunks, batch,
+// num_qo_heads, HEAD_DIM].
+template <typename T, int HEAD_DIM, int STAGES>
+__global__ void __launch_bounds__(SP_THREADS, HEAD_DIM >= 256 ? 1 : 2)
+shared_prefix_kernel(const T* __restrict__ q,          // [batch, num_qo_heads, HEAD_DIM]
+                     const T* __restrict__ k_prefix,   // [prefix_len, num_kv_heads, HEAD_DIM]
+                     const T* __restrict__ v_prefix,
+                     float* __restrict__ part_out,     // [num_chunks, batch, num_qo_heads, HEAD_DIM]
+                     float* __restrict__ part_lse,     // [num_chunks, batch, num_qo_heads]
+                     int batch, int prefix_len, int num_qo_heads, int num_kv_heads, int chunk_size,
+                     float scale_log2) {
+  const int chunk = blockIdx.x, kh = blockIdx.z;
+  const int group_size = num_qo_heads / num_kv_heads;
+  const int rows = batch * group_size;
+  const int row0 = blockIdx.y * QUERY_ROWS + (threadIdx.x >> 5) * 16 + ((threadIdx.x & 31) >> 2);
+  int row_b[2], row_h[2];
+  long long row_state[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = row0 + 8 * i;
+    const bool ok = r < rows;
+    row_b[i] = ok ? r / group_size : 0;
+    row_h[i] = ok ? kh * group_size + r % group_size : 0;
+    row_state[i] = ok ? (static_cast<long long>(chunk) * batch + row_b[i]) * num_qo_heads + row_h[i] : -1;
+  }
+  const int kv_begin = chunk * chunk_size;
+  attend_rows<T, HEAD_DIM, STAGES>(q, k_prefix, v_prefix, part_out, part_lse, num_qo_heads, num_kv_heads,
+                                   kh, kv_begin, min(prefix_len, kv_begin + chunk_size), row_b, row_h,
+                                   row_state, scale_log2);
+}
+
+// Tree-shaped sharing in one launch: every (segment, chunk, tile of 64 query rows) is a work item
+// (grid x; grid y over the KV heads). The rows of a segment are its sharers' query heads of KV
+// head kh: row r = i * G + g for sharer i = sharers[sharer_offset + r / G]. Sharer i's state for
+// chunk c of the segment is state first_state[sharer_offset + r / G] + c of part_out
+// [num_states, num_qo_heads, HEAD_DIM]. A work item is six ints: the chunk's first and end token
+// (rows of k_segs), sharer_offset, the segment's number of sharers, its first query row, and c.
+template <typename T, int HEAD_DIM, int STAGES>
+__global__ void __launch_bounds__(SP_THREADS, HEAD_DIM >= 256 ? 1 : 2)
+tree_segments_kernel(const T* __restrict__ q,            // [batch, num_qo_heads, HEAD_DIM]
+                     const T* __restrict__ k_segs,       // [total_tokens, num_kv_heads, HEAD_DIM]
+                     const T* __restrict__ v_segs,
+                     const int* __restrict__ work,       // [num_items, 6]
+                     const int* __restrict__ sharers,    // sequences, segment by segment
+                     const int* __restrict__ first_state,  // parallel to sharers
+                     float* __restrict__ part_out,       // [num_states, num_qo_heads, HEAD_DIM]
+                     float* __restrict__ part_lse,       // [num_states, num_qo_heads]
+                     int num_qo_heads, int num_kv_heads, float scale_log2) {
+  const int* item = work + 6 * static_cast<long long>(blockIdx.x);
+  const int kv_begin = item[0], kv_end = item[1], sharer_offset = item[2], num_sharers = item[3];
+  const int first_row = item[4], c = item[5];
+  const int kh = blockIdx.y;
+  const int group_size = num_qo_heads / num_kv_heads;
+  const int rows = num_sharers * group_size;
+  const int row0 = first_row + (threadIdx.x >> 5) * 16 + ((threadIdx.x & 31) >> 2);
+  int row_b[2], row_h[2];
+  long long row_state[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = row0 + 8 * i;
+    const bool ok = r < first_row + QUERY_ROWS && r < rows;
+    const int sharer = ok ? sharer_offset + r / group_size : 0;
+    row_b[i] = ok ? sharers[sharer] : 0;
+    row_h[i] = ok ? kh * group_size + r % group_size : 0;
+    row_state[i] = ok ? (static_cast<long long>(first_state[sharer]) + c) * num_qo_heads + row_h[i] : -1;
+  }
+  attend_rows<T, HEAD_DIM, STAGES>(q, k_segs, v_segs, part_out, part_lse, num_qo_heads, num_kv_heads, kh,
+                                   kv_begin, kv_end, row_b, row_h, row_state, scale_log2);
+}
+
+// Merge, per (sequence, query head), the states part_indptr[b] .. part_indptr[b + 1] - 1 of
+// part_out [num_states, num_qo_heads, head_dim] (a sequence's chunks of all its segments) by LSE,
+// with the rules of merge_states.cu. One block per (sequence, head).
+template <typename T>
+__global__ void __launch_bounds__(128)
+merge_parts_kernel(const float* __restrict__ part_out, const float* __restrict__ part_lse,
+                   const int* __restrict__ part_indptr,   // [batch + 1]
+                   T* __restrict__ out,                   // [batch, num_qo_heads, head_dim]
+                   float* __restrict__ lse,               // [batch, num_qo_heads]
+                   int num_qo_heads, int head_dim) {
+  const int b = blockIdx.x / num_qo_heads, h = blockIdx.x % num_qo_heads;
+  const int first = part_indptr[b], end = part_indptr[b + 1];
+  float lse_max = neg_inf();
+  bool poisoned = false;
+  for (int s = first; s < end; ++s) {
+    const float l = part_lse[static_cast<long long>(s) * num_qo_heads + h];
+    lse_max = fmaxf(lse_max, l);
+    poisoned = poisoned || is_nan(l) || l == -neg_inf();
+  }
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float w_sum = 0.0f, o_sum = 0.0f;
+    bool bad_out = false;
+    for (int s = first; s < end; ++s) {
+      const long long row = static_cast<long long>(s) * num_qo_heads + h;
+      const float l = part_lse[row];
+      if (poisoned || l == neg_inf()) continue;   // empty: never read
+      const float o_s = part_out[row * head_dim + d];
+      bad_out = bad_out || !is_finite(o_s);
+      const float w = __expf(l - lse_max);
+      w_sum += w;
+      o_sum += w * o_s;
+    }
+    const float o = poisoned || bad_out ? quiet_nan() : w_sum > 0.0f ? o_sum / w_sum : 0.0f;
+    out[static_cast<long long>(blockIdx.x) * head_dim + d] = from_float<T>(finite_or_nan(o));
+    if (d == 0) lse[blockIdx.x] = poisoned ? quiet_nan() : w_sum > 0.0f ? lse_max + __logf(w_sum) : neg_inf();
   }
 }
 

@@ -1,0 +1,87 @@
+"""The tree kernel's work list (gpukernels.tree.plan_tree_work), executed in NumPy on the CPU as
+the kernels execute it: every (segment, chunk, 64-row tile) attends its rows to its chunk and
+writes one state per row; each sequence's states are then merged. The result must be
+refattn.tree's, and every row of every path must be served exactly once."""
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+import refattn
+from gpukernels.tree import QUERY_ROWS, choose_chunk_size, plan_tree_work
+
+
+def _execute(work, q, k_segs, v_segs, sm_scale):
+    """The two launches in NumPy (float64): tree_segments_kernel, then merge_parts_kernel."""
+    batch, hq, d = q.shape
+    hkv = k_segs.shape[1]
+    g = hq // hkv
+    part_out = np.full((work.num_states, hq, d), np.nan)
+    part_lse = np.full((work.num_states, hq), np.nan)
+    served = np.zeros((work.num_states, hq), dtype=int)
+    for begin, end, offset, n, first_row, c in work.work:
+        for kh in range(hkv):
+            for r in range(first_row, min(first_row + QUERY_ROWS, n * g)):
+                sharer = offset + r // g
+                b, h = work.sharers[sharer], kh * g + r % g
+                state = work.first_state[sharer] + c
+                o, l = refattn.decode(q[b:b + 1, h:h + 1], k_segs[None, begin:end, kh:kh + 1],
+                                      v_segs[None, begin:end, kh:kh + 1], sm_scale=sm_scale)
+                part_out[state, h], part_lse[state, h] = o[0, 0], l[0, 0]
+                served[state, h] += 1
+    assert np.all(served == 1), "a state row written twice or never"
+    out = np.zeros((batch, hq, d))
+    lse = np.full((batch, hq), -np.inf)
+    for b in range(batch):
+        s0, s1 = work.part_indptr[b], work.part_indptr[b + 1]
+        if s1 > s0:
+            o, l = refattn.merge_states(part_out[s0:s1, None], part_lse[s0:s1, None])
+            out[b], lse[b] = o[0], l[0]
+    return out, lse
+
+
+@st.composite
+def trees(draw):
+    hq, hkv = draw(st.sampled_from([(4, 4), (8, 2), (6, 1), (40, 1)]))
+    num_segs = draw(st.integers(1, 5))
+    lens = draw(st.lists(st.integers(0, 150), min_size=num_segs, max_size=num_segs))
+    batch = draw(st.integers(1, 9))
+    paths = [draw(st.lists(st.integers(0, num_segs - 1), unique=True, max_size=num_segs)) for _ in range(batch)]
+    chunk = draw(st.sampled_from([32, 64, 128]))
+    return hq, hkv, lens, paths, chunk, draw(st.integers(0, 2**31 - 1))
+
+
+@given(trees())
+def test_the_work_list_computes_the_tree(case):
+    hq, hkv, lens, paths, chunk, seed = case
+    rng = np.random.default_rng(seed)
+    d = 8
+    segs_k = [rng.standard_normal((n, hkv, d)) for n in lens]
+    segs_v = [rng.standard_normal((n, hkv, d)) for n in lens]
+    k_segs, v_segs, seg_indptr, path_indptr, path_segs = refattn.tree_from_paths(segs_k, segs_v, paths)
+    q = rng.standard_normal((len(paths), hq, d))
+    ref_out, ref_lse = refattn.tree(q, k_segs, v_segs, seg_indptr, path_indptr, path_segs)
+    work = plan_tree_work(seg_indptr, path_indptr, path_segs, group_size=hq // hkv, chunk_size=chunk)
+    out, lse = _execute(work, q, k_segs, v_segs, 1 / np.sqrt(d))
+    np.testing.assert_allclose(out, ref_out, rtol=1e-10, atol=1e-10)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_allclose(lse[finite], ref_lse[finite], rtol=1e-10)
+
+
+def test_each_segment_is_read_once_per_64_rows_of_its_sharers():
+    """BENCHMARKS' tree: a 4096-token root shared by 64 sequences, 8 groups of 8 sharing 2048 more,
+    256 own tokens each; MHA 32 heads (group 1). With chunks of 1024 the root is 4 chunks x 1 tile,
+    each group segment 2 chunks x 1 tile, each own segment 1 x 1."""
+    lens = [4096] + [2048] * 8 + [256] * 64
+    paths = [[0, 1 + b // 8, 9 + b] for b in range(64)]
+    seg_indptr = np.concatenate([[0], np.cumsum(lens)])
+    path_indptr = np.arange(0, 3 * 64 + 1, 3)
+    path_segs = np.array(paths).reshape(-1)
+    work = plan_tree_work(seg_indptr, path_indptr, path_segs, group_size=1, chunk_size=1024)
+    assert len(work.work) == 4 + 8 * 2 + 64
+    assert work.num_states == 64 * (4 + 2 + 1)
+    tokens_read = sum(int(e - b) for b, e, *_ in work.work)
+    assert tokens_read == sum(lens)          # every segment once, for all its sharers
+    assert choose_chunk_size(seg_indptr, path_indptr, path_segs, group_size=1, num_kv_heads=32,
+                             sms=132, tile=64) == 8192   # 73 items x 32 heads fill 132 SMs twice
