@@ -2,7 +2,10 @@
 
 Small enough to run under compute-sanitizer (memcheck, racecheck): every kernel family, every
 dtype, head dims 64/128/256, GQA 28/4, ragged lengths, split and unsplit, page sizes 1 and 16 with
-a shuffled page table. Exits 1 if any output is off by more than its dtype's tolerance.
+a shuffled page table, a page table on the GPU that points past its cache for one sequence (that
+sequence must come out NaN, and nothing may be read out of bounds), and the first shared-prefix
+(both methods), tree and span kernels. Exits 1 if any output is off by more than its dtype's
+tolerance.
 
     decode-attention verify
     python -m decode_attention.verify
@@ -27,6 +30,13 @@ def _cases():
         yield dtype, 128, 32, 8, "paged1", None
         yield dtype, 128, 32, 8, "paged16", 2
         yield dtype, 128, 16, 16, "merge_states", None
+        yield dtype, 128, 32, 8, "paged_bad_table", 2
+        yield dtype, 128, 32, 8, "span", None
+        if dtype != "float32":
+            for head_dim in (64, 128, 256):
+                yield dtype, head_dim, 32, 8, "hydragen", None
+            yield dtype, 128, 32, 8, "bifurcated", None
+            yield dtype, 128, 16, 4, "tree", None
 
 
 def _to_device(x, dtype):
@@ -59,6 +69,8 @@ def run_case(rng, dtype, head_dim, hq, hkv, kind, num_splits) -> float:
         import cupy as cp
 
         out, _ = gpukernels.merge_states(_to_device(outs, dtype), cp.asarray(lses))
+    elif kind in ("hydragen", "bifurcated", "tree", "span"):
+        return _sharing_case(rng, rounded, dtype, head_dim, hq, hkv, kind)
     else:
         q = rounded(rng.standard_normal((batch, hq, head_dim)))
         k = rounded(rng.standard_normal((batch, kv_len, hkv, head_dim)))
@@ -66,6 +78,21 @@ def run_case(rng, dtype, head_dim, hq, hkv, kind, num_splits) -> float:
         kv_lens = np.array([kv_len, 1, 0])[:batch]
         ref_out, _ = refattn.decode(q, k, v, kv_lens)
         qd = _to_device(q, dtype)
+        if kind == "paged_bad_table":
+            import cupy as cp
+
+            kc, vc, indptr, indices, last = refattn.paged_from_contiguous(
+                k, v, kv_lens, page_size=16, shuffle=1, extra_pages=2)
+            bad = indptr.copy()
+            bad[-1] = len(indices) + 4            # the last sequence's pages run past kv_indices
+            bad[-2] = min(bad[-2], bad[-1])
+            out, _ = gpukernels.paged_decode(qd, _to_device(kc, dtype), _to_device(vc, dtype),
+                                             cp.asarray(bad.astype(np.int32)), cp.asarray(indices.astype(np.int32)),
+                                             cp.asarray(last.astype(np.int32)), num_splits=num_splits)
+            got = _to_host(out)
+            if not np.isnan(got[-1]).all():
+                return float("inf")            # the impossible sequence must be NaN
+            return rel_error(got[:-1], ref_out[:-1])
         if kind.startswith("paged"):
             page_size = int(kind[len("paged"):])
             kc, vc, indptr, indices, last = refattn.paged_from_contiguous(
@@ -76,6 +103,38 @@ def run_case(rng, dtype, head_dim, hq, hkv, kind, num_splits) -> float:
             fn = gpukernels.decode if kind == "decode" else gpukernels.split_kv
             kwargs = {} if kind == "decode" else {"num_splits": num_splits}
             out, _ = fn(qd, _to_device(k, dtype), _to_device(v, dtype), kv_lens, **kwargs)
+    return rel_error(_to_host(out), ref_out)
+
+
+def _sharing_case(rng, rounded, dtype, head_dim, hq, hkv, kind) -> float:
+    """The first shared-prefix (both methods), tree and span kernels on small inputs."""
+    import refattn
+    from gpukernels.shared_prefix import shared_prefix
+    from gpukernels.span import span
+    from gpukernels.tree import tree
+
+    dev = lambda a: _to_device(a, dtype)  # noqa: E731
+    batch = 5
+    q = rounded(rng.standard_normal((batch, hq, head_dim)))
+    if kind in ("hydragen", "bifurcated"):
+        kp, vp = (rounded(rng.standard_normal((700, hkv, head_dim))) for _ in range(2))
+        ks, vs = (rounded(rng.standard_normal((batch, 40, hkv, head_dim))) for _ in range(2))
+        lens = np.array([40, 0, 13, 40, 1])
+        ref_out, _ = refattn.shared_prefix(q, kp, vp, ks, vs, lens)
+        out, _ = shared_prefix(dev(q), dev(kp), dev(vp), dev(ks), dev(vs), lens, method=kind)
+    elif kind == "tree":
+        lens = [300, 120, 70, 50, 0, 33, 64]
+        paths = [[0, 1, 3], [0, 1, 4], [0, 2, 5], [0, 2], [6]]
+        segs = [[rounded(rng.standard_normal((n, hkv, head_dim))) for n in lens] for _ in range(2)]
+        k_segs, v_segs, *index = refattn.tree_from_paths(segs[0], segs[1], paths)
+        ref_out, _ = refattn.tree(q, k_segs, v_segs, *index)
+        out, _ = tree(dev(q), dev(k_segs), dev(v_segs), *index)
+    else:
+        k, v = (rounded(rng.standard_normal((batch, 500, hkv, head_dim))) for _ in range(2))
+        span_indptr = np.array([0, 2, 2, 5, 6, 7])
+        spans = np.array([[0, 4], [300, 500], [1, 2], [17, 99], [400, 401], [0, 500], [64, 128]])
+        ref_out, _ = refattn.span(q, k, v, span_indptr, spans)
+        out, _ = span(dev(q), dev(k), dev(v), span_indptr, spans)
     return rel_error(_to_host(out), ref_out)
 
 
