@@ -125,7 +125,7 @@ def predict_row(row: dict, gpu: "GPUSpec | str", *, calibration: Calibration | N
         shape = shared_prefix.SharedPrefixShape(
             c["batch"], c["num_qo_heads"], c["num_kv_heads"], c["head_dim"], int(prefix_len),
             int(suffix_len), c["dtype"], None if lens is None else tuple(int(n) for n in lens))
-        method = method or "hydragen"
+        method = (method or "hydragen").removesuffix(":oneshot")   # the one-shot call runs the same plan
         if method not in shared_prefix.METHODS:
             raise UnsupportedRow(f"unknown shared_prefix method {method!r}")
         plan = None

@@ -1,5 +1,5 @@
-"""Benchmark the decode and coverage grids of docs/benchmarks.md against the peers, in one process,
-on one GPU.
+"""Benchmark the grids of docs/benchmarks.md (decode, coverage, shared prefix, span) against the
+peers, in one process, on one GPU.
 
 Protocol: CUDA events around each call, warm-up first, median of `--reps` repetitions, L2 flushed
 between repetitions by writing a 256 MB buffer; inputs are fresh random normals. The run measures
@@ -12,9 +12,12 @@ naive CuPy matmul attention. Every row of this project's kernels is measured bot
 run (`SplitKV(plan).run` with `out` and `lse`) and as the one-shot call a user makes first
 (`gpukernels.split_kv(q, k, v)`), with the host time of each call. The coverage suite runs shapes
 off the decode grid (dtypes, head dims, group sizes, odd lengths) against SDPA's cuDNN and flash
-backends. Results go to `results/<gpu>/<suite>.json`.
+backends. The shared-prefix suite runs Hydragen (`gpukernels.shared_prefix`) against the prefix
+copied into every sequence (naive) and FlashInfer's cascade and paged decode; the span suite runs
+`gpukernels.span` against dense attention (split-KV, cuDNN), FlexAttention with a block mask and
+FlashInfer's block-sparse wrapper. Results go to `results/<gpu>/<suite>.json`.
 
-    decode-attention bench [--suite decode|coverage] [--reps 30] [--out results] [--quick]
+    decode-attention bench [--suite decode|coverage|shared_prefix|span] [--reps 30] [--out results] [--quick]
     decode-attention bench --report results/h100/decode.json      (a result file as Markdown)
     python -m gpukernels.bench ...
 """
@@ -235,8 +238,9 @@ def decode_floor_s(batch, num_kv_heads, kv_len, elem_bytes, ceilings) -> tuple[f
     return max((kv_bytes + qo_bytes) / bw, flops / ceilings["matmul_flops_per_s"]), kv_bytes + qo_bytes, flops
 
 
-def _sdpa_peers(q, k, v) -> dict:
-    """PyTorch SDPA's cuDNN and flash backends on the same inputs (those that accept the shape)."""
+def _sdpa_peers(q, k, v, labels=("peer:cudnn", "peer:flash")) -> dict:
+    """PyTorch SDPA's cuDNN and flash backends (those of `labels`) on the same inputs (those that
+    accept the shape)."""
     peers = {}
     try:
         import torch
@@ -248,8 +252,8 @@ def _sdpa_peers(q, k, v) -> dict:
     kt = torch.as_tensor(k, device="cuda").transpose(1, 2)              # [B, Hkv, L, D] view
     vt = torch.as_tensor(v, device="cuda").transpose(1, 2)
     gqa = k.shape[2] != q.shape[1]
-    for label, backend in (("peer:cudnn", SDPBackend.CUDNN_ATTENTION),
-                           ("peer:flash", SDPBackend.FLASH_ATTENTION)):
+    backends = {"peer:cudnn": SDPBackend.CUDNN_ATTENTION, "peer:flash": SDPBackend.FLASH_ATTENTION}
+    for label, backend in ((label, backends[label]) for label in labels):
         def run(backend=backend):
             with sdpa_kernel([backend]):
                 return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, enable_gqa=gqa)
@@ -488,6 +492,579 @@ def run_coverage_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool) -> lis
     return rows
 
 
+# --------------------------------------------------------------------------------------------
+# Helpers shared by the shared-prefix and span suites
+
+
+def _randn16(shape) -> "object":
+    """Fresh float16 normals (drawn as float32, cast), made in slices so a large cache needs no
+    float32 copy of its whole size."""
+    import cupy as cp
+
+    out = cp.empty(shape, dtype=cp.float16)
+    flat = out.reshape(-1)
+    step = 1 << 28
+    for start in range(0, flat.size, step):
+        n = min(step, flat.size - start)
+        flat[start:start + n] = cp.random.standard_normal(n, dtype=cp.float32).astype(cp.float16)
+    return out
+
+
+def _floor_and_ceiling(base: dict, ceilings: dict) -> dict:
+    """floor_ms from unique_bytes and flops; ceiling_ms = max(stream_ms, flops / matmul rate)."""
+    bw = max(ceilings["copy_bytes_per_s"], ceilings["read_bytes_per_s"])
+    compute_s = base["flops"] / ceilings["matmul_flops_per_s"]
+    base["floor_ms"] = max(base["unique_bytes"] / bw, compute_s) * 1e3
+    if "stream_ms" in base:
+        base["ceiling_ms"] = max(base["stream_ms"], compute_s * 1e3)
+    return base
+
+
+def _measure(timer, label: str, fn, failed: list) -> "dict | None":
+    """{"time_ms", "host_us"} of fn, or None (reported, and `label` added to `failed`) if it raises."""
+    try:
+        return {"time_ms": timer(fn), "host_us": host_us(fn)}
+    except Exception as exc:  # noqa: BLE001 - report and go on with the other rows
+        _progress(f"  {label} failed: {_error_line(exc)}")
+        failed.append(label)
+        return None
+
+
+def _peer_rows(timer, base: dict, peers: dict) -> list[dict]:
+    """One row per peer that runs: `peers` maps a label to a callable, or to (callable, extra row
+    keys). A peer that fails is reported and left out."""
+    rows = []
+    for label, entry in peers.items():
+        fn, extra = entry if isinstance(entry, tuple) else (entry, {})
+        m = _measure(timer, label, fn, [])
+        if m:
+            rows.append({**base, "impl": label, **extra, **m})
+    return rows
+
+
+def _predicted(row: dict, gpu) -> dict:
+    """The row with the cost model's `predicted_ms` where `costmodel.rows.predict_row` reads it."""
+    from costmodel.rows import UnsupportedRow, predict_row
+
+    try:
+        row["predicted_ms"] = predict_row(row, gpu).time_s * 1e3
+    except (UnsupportedRow, ValueError) as exc:
+        _progress(f"  {row['impl']}: no prediction ({str(exc).splitlines()[0][:80]})")
+    return row
+
+
+def _error_line(exc: Exception) -> str:
+    text = str(exc).splitlines()[0][:100] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"
+
+
+# --------------------------------------------------------------------------------------------
+# Shared prefix
+
+# (num_kv_heads, batch, prefix_len, suffix_len); fp16, num_qo_heads 32, head_dim 128, pages of
+# PAGE_SIZE for the peers (docs/benchmarks.md, "Shared prefix").
+SHARED_PREFIX_GRID = [
+    (32, 16, 8192, 256),
+    (32, 32, 8192, 256),
+    (32, 64, 16384, 256),
+    (32, 256, 4096, 128),
+    (8, 16, 8192, 256),
+    (8, 64, 16384, 256),
+    (8, 256, 4096, 128),
+    (8, 128, 32768, 256),
+]
+
+
+def shared_prefix_sizes(num_kv_heads: int, batch: int, prefix_len: int, suffix_len: int,
+                        elem_bytes: int = 2) -> tuple[int, int, int]:
+    """(unique bytes, KV bytes, FLOPs) of one shared-prefix row: the prefix's K and V once, every
+    suffix's, q and out; FLOPs over every sequence's prefix and suffix."""
+    kv_bytes = 2 * (prefix_len + batch * suffix_len) * num_kv_heads * HEAD_DIM * elem_bytes
+    qo_bytes = 2 * batch * NUM_QO_HEADS * HEAD_DIM * elem_bytes
+    flops = 4 * batch * NUM_QO_HEADS * (prefix_len + suffix_len) * HEAD_DIM
+    return kv_bytes + qo_bytes, kv_bytes, flops
+
+
+def shared_prefix_base(num_kv_heads: int, batch: int, prefix_len: int, suffix_len: int) -> dict:
+    """The workload keys of a shared-prefix row (without the measured ones)."""
+    unique_bytes, _, flops = shared_prefix_sizes(num_kv_heads, batch, prefix_len, suffix_len)
+    return {"suite": "shared_prefix", "dtype": "float16", "batch": batch, "num_qo_heads": NUM_QO_HEADS,
+            "num_kv_heads": num_kv_heads, "head_dim": HEAD_DIM, "prefix_len": prefix_len,
+            "suffix_len": suffix_len, "unique_bytes": unique_bytes, "flops": flops}
+
+
+def _shared_prefix_peers(q, k_pool, v_pool, batch, num_kv_heads, prefix_len, suffix_len) -> dict:
+    """FlashInfer's two ways to run a shared prefix, on the same pool of pages (the prefix's pages
+    first, then each sequence's suffix pages in order), as callables.
+
+    - peer:flashinfer_cascade: MultiLevelCascadeAttentionWrapper with 2 levels: level 0 is one
+      request of `batch` queries over the prefix's pages, level 1 one request per sequence over
+      its suffix pages; FlashInfer merges the two states.
+    - peer:flashinfer_decode_prefix_pages: BatchDecodeWithPagedKVCacheWrapper (tensor cores),
+      each sequence's page table listing the prefix's pages and then its own: the pages are
+      shared, the reads are not.
+    """
+    try:
+        import flashinfer
+        import torch
+    except ImportError:
+        _progress("  flashinfer not installed: no FlashInfer peers")
+        return {}
+    if prefix_len % PAGE_SIZE or suffix_len % PAGE_SIZE:
+        _progress(f"  FlashInfer peers need prefix_len and suffix_len in whole pages of {PAGE_SIZE}")
+        return {}
+    peers = {}
+    dev = "cuda"
+    i32 = {"dtype": torch.int32, "device": dev}
+    prefix_pages, suffix_pages = prefix_len // PAGE_SIZE, suffix_len // PAGE_SIZE
+    # The pool as FlashInfer's NHD pages, without a copy: (k_cache, v_cache), each
+    # [num_pages, page_size, num_kv_heads, head_dim].
+    paged_kv = (torch.as_tensor(k_pool, device=dev).view(-1, PAGE_SIZE, num_kv_heads, HEAD_DIM),
+                torch.as_tensor(v_pool, device=dev).view(-1, PAGE_SIZE, num_kv_heads, HEAD_DIM))
+    qt = torch.as_tensor(q, device=dev)
+    prefix_ids = torch.arange(prefix_pages, **i32)
+    suffix_ids = prefix_pages + torch.arange(batch * suffix_pages, **i32)   # sequence b's: row b
+    try:
+        workspace = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+        cascade = flashinfer.MultiLevelCascadeAttentionWrapper(2, workspace, "NHD")
+        cascade.plan(
+            qo_indptr_arr=[torch.tensor([0, batch], **i32), torch.arange(batch + 1, **i32)],
+            paged_kv_indptr_arr=[torch.tensor([0, prefix_pages], **i32),
+                                 torch.arange(batch + 1, **i32) * suffix_pages],
+            paged_kv_indices_arr=[prefix_ids, suffix_ids],
+            paged_kv_last_page_len=[torch.tensor([PAGE_SIZE], **i32),
+                                    torch.full((batch,), PAGE_SIZE, **i32)],
+            num_qo_heads=NUM_QO_HEADS, num_kv_heads=num_kv_heads, head_dim=HEAD_DIM, page_size=PAGE_SIZE,
+            q_data_type=torch.float16, kv_data_type=torch.float16)
+        run_cascade = lambda: cascade.run(qt, paged_kv)  # noqa: E731
+        run_cascade()
+        torch.cuda.synchronize()
+        peers["peer:flashinfer_cascade"] = run_cascade
+    except Exception as exc:  # noqa: BLE001 - report and go on without it
+        _progress(f"  peer:flashinfer_cascade unavailable: {_error_line(exc)}")
+    try:
+        workspace2 = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+        decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace2, "NHD", use_tensor_cores=True)
+        indices = torch.cat([prefix_ids.expand(batch, prefix_pages), suffix_ids.view(batch, suffix_pages)],
+                            dim=1).reshape(-1)
+        indptr = torch.arange(batch + 1, **i32) * (prefix_pages + suffix_pages)
+        last = torch.full((batch,), PAGE_SIZE, **i32)
+        decode.plan(indptr, indices, last, NUM_QO_HEADS, num_kv_heads, HEAD_DIM, PAGE_SIZE,
+                    q_data_type=torch.float16, kv_data_type=torch.float16)
+        run_decode = lambda: decode.run(qt, paged_kv)  # noqa: E731
+        run_decode()
+        torch.cuda.synchronize()
+        peers["peer:flashinfer_decode_prefix_pages"] = run_decode
+    except Exception as exc:  # noqa: BLE001
+        _progress(f"  peer:flashinfer_decode_prefix_pages unavailable: {_error_line(exc)}")
+    return peers
+
+
+def _hydragen_chunk(batch, num_kv_heads, prefix_len, suffix_len, device_id) -> "int | None":
+    """The prefix chunk the kernel runs with (the cost model's plan, rounded to its tiles)."""
+    try:
+        from gpukernels.shared_prefix import _prefix_chunk_size
+
+        return int(_prefix_chunk_size(batch, NUM_QO_HEADS, num_kv_heads, HEAD_DIM, prefix_len, suffix_len,
+                                      "float16", device_id))
+    except Exception as exc:  # noqa: BLE001 - the row goes without it
+        _progress(f"  no prefix chunk size: {_error_line(exc)}")
+        return None
+
+
+def run_shared_prefix_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool,
+                            failed: "list | None" = None) -> list[dict]:
+    """One prefix shared by every sequence: Hydragen (planned call with out/lse, and the one-shot
+    call), the prefix copied into every sequence then split-KV (naive), and FlashInfer's cascade
+    and paged decode with the prefix's pages in every page table."""
+    import cupy as cp
+
+    import gpukernels
+    from gpukernels.shared_prefix import shared_prefix
+
+    failed = [] if failed is None else failed
+    rows = []
+    stream = stream_read()
+    grid = SHARED_PREFIX_GRID[:2] if quick else SHARED_PREFIX_GRID
+    for i, (hkv, batch, prefix_len, suffix_len) in enumerate(grid, 1):
+        _progress(f"shared_prefix {i}/{len(grid)}: {hkv} KV heads, batch {batch}, prefix {prefix_len}, "
+                  f"suffix {suffix_len}")
+        first = len(rows)
+        q = _randn16((batch, NUM_QO_HEADS, HEAD_DIM))
+        # One pool of tokens, laid out as a paged cache holds them: the prefix, then each
+        # sequence's suffix. Our kernels get views of it, FlashInfer the same memory as pages.
+        k_pool = _randn16((prefix_len + batch * suffix_len, hkv, HEAD_DIM))
+        v_pool = _randn16((prefix_len + batch * suffix_len, hkv, HEAD_DIM))
+        k_prefix, v_prefix = k_pool[:prefix_len], v_pool[:prefix_len]
+        k_suffix = k_pool[prefix_len:].reshape(batch, suffix_len, hkv, HEAD_DIM)
+        v_suffix = v_pool[prefix_len:].reshape(batch, suffix_len, hkv, HEAD_DIM)
+        base = shared_prefix_base(hkv, batch, prefix_len, suffix_len)
+        # Reading the unique K and V once (the prefix once, every suffix): one launch over the pool.
+        base["stream_ms"] = timer(lambda: stream(k_pool, v_pool))
+        _floor_and_ceiling(base, ceilings)
+        out = cp.empty((batch, NUM_QO_HEADS, HEAD_DIM), dtype=cp.float16)
+        lse = cp.empty((batch, NUM_QO_HEADS), dtype=cp.float32)
+
+        planned = lambda: shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, out=out, lse=lse)  # noqa: E731
+        m = _measure(timer, "shared_prefix:hydragen", planned, failed)
+        if m:
+            row = {**base, "impl": "shared_prefix:hydragen", **m}
+            chunk = _hydragen_chunk(batch, hkv, prefix_len, suffix_len, cp.cuda.Device().id)
+            if chunk is not None:
+                row["prefix_chunk_size"] = chunk
+            rows.append(_predicted(row, gpu))
+        one_shot = lambda: shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix)  # noqa: E731
+        m = _measure(timer, "shared_prefix:hydragen:oneshot", one_shot, failed)
+        if m:
+            rows.append({**base, "impl": "shared_prefix:hydragen:oneshot", **m})
+        # Bifurcated attention as the paper writes it (library products, float32).
+        bifurcated = lambda: shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix,  # noqa: E731
+                                           method="bifurcated", out=out, lse=lse)
+        m = _measure(timer, "shared_prefix:bifurcated", bifurcated, failed)
+        if m:
+            rows.append(_predicted({**base, "impl": "shared_prefix:bifurcated", **m}, gpu))
+
+        # Naive: the prefix copied into every sequence's cache (not timed), then split-KV.
+        total = prefix_len + suffix_len
+        k_full = cp.empty((batch, total, hkv, HEAD_DIM), dtype=cp.float16)
+        v_full = cp.empty_like(k_full)
+        k_full[:, :prefix_len] = k_prefix[None]
+        k_full[:, prefix_len:] = k_suffix
+        v_full[:, :prefix_len] = v_prefix[None]
+        v_full[:, prefix_len:] = v_suffix
+        naive = lambda: gpukernels.split_kv(q, k_full, v_full, out=out, lse=lse)  # noqa: E731
+        m = _measure(timer, "shared_prefix:naive", naive, failed)
+        if m:
+            rows.append(_predicted({**base, "impl": "shared_prefix:naive", **m}, gpu))
+        del k_full, v_full, naive
+        cp.get_default_memory_pool().free_all_blocks()
+
+        rows += _peer_rows(timer, base, _shared_prefix_peers(q, k_pool, v_pool, batch, hkv, prefix_len,
+                                                             suffix_len))
+        for r in rows[first:]:
+            r.setdefault("frac", r["floor_ms"] / r["time_ms"])
+        _progress("  " + ", ".join(f"{r['impl']} {r['time_ms'] * 1e3:.1f} us" for r in rows[first:]))
+        del q, k_pool, v_pool, k_prefix, v_prefix, k_suffix, v_suffix, out, lse
+        _free_torch_and_cupy()
+    return rows
+
+
+def _free_torch_and_cupy() -> None:
+    import cupy as cp
+
+    cp.get_default_memory_pool().free_all_blocks()
+    try:
+        import torch
+
+        torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# Span
+
+SPAN_BATCH = 8
+SPAN_KV_HEADS = 8
+SPAN_KV_LEN = 32768
+SPAN_ALIGN = 16        # interval starts and lengths on 16-token boundaries (a Quest page)
+SPAN_SEED = 0
+FLEX_BLOCK = 128       # FlexAttention's block mask: blocks of 128 tokens
+BSR_BLOCK = 16         # FlashInfer's block-sparse mask: blocks of 16 tokens (one row each)
+
+# fp16, batch 8, 8 KV heads, 32 query heads, head_dim 128, kv_len 32768 (docs/benchmarks.md, "Span"),
+# plus two patterns like the self-selected attention span paper's tasks (`refattn.span_pattern`).
+SPAN_GRID = [
+    {"pattern": "intervals", "density": 0.125, "num_spans": 8},
+    {"pattern": "intervals", "density": 0.25, "num_spans": 16},
+    {"pattern": "intervals", "density": 0.5, "num_spans": 64},
+    {"pattern": "intervals", "density": 0.75, "num_spans": 96},
+    {"pattern": "sinks_window", "num_sinks": 4, "window": 4096},
+    {"pattern": "arithmetic", "density": 0.1},
+    {"pattern": "summarization", "density": 0.1},
+]
+
+
+def interval_spans(batch: int, kv_len: int, density: float, num_spans: int, *, align: int = SPAN_ALIGN,
+                   seed: int = SPAN_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """`num_spans` equal intervals per sequence covering `density` of its kv_len tokens, at random
+    places drawn from `seed` (each sequence its own), starts and lengths multiples of `align`,
+    sorted and never touching. Returns int32 span_indptr [batch + 1], spans [batch * num_spans, 2]."""
+    attended = round(density * kv_len)
+    if attended % (num_spans * align) or kv_len % align:
+        raise ValueError(f"{density} of {kv_len} tokens in {num_spans} spans is not in whole blocks of {align}")
+    length = attended // num_spans
+    free_units = (kv_len - attended) // align
+    if free_units < num_spans - 1:
+        raise ValueError(f"{num_spans} spans of {length} tokens do not fit apart in {kv_len} tokens")
+    rng = np.random.default_rng(seed)
+    spans = np.empty((batch, num_spans, 2), dtype=np.int64)
+    for b in range(batch):
+        # num_spans + 1 gaps (before, between, after); the ones between at least one block.
+        gaps = rng.multinomial(free_units - (num_spans - 1), np.full(num_spans + 1, 1.0 / (num_spans + 1)))
+        gaps[1:num_spans] += 1
+        starts = np.cumsum(gaps[:num_spans] * align) + np.arange(num_spans) * length
+        spans[b, :, 0], spans[b, :, 1] = starts, starts + length
+    indptr = np.arange(batch + 1, dtype=np.int64) * num_spans
+    return indptr.astype(np.int32), spans.reshape(-1, 2).astype(np.int32)
+
+
+def span_case_spans(case: dict, *, batch: int = SPAN_BATCH, kv_len: int = SPAN_KV_LEN,
+                    seed: int = SPAN_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """The span list of one SPAN_GRID case, the same for the same seed."""
+    import refattn
+
+    pattern = case["pattern"]
+    if pattern == "intervals":
+        return interval_spans(batch, kv_len, case["density"], case["num_spans"], seed=seed)
+    if pattern == "sinks_window":
+        return refattn.spans_from_sinks_window(np.full(batch, kv_len), num_sinks=case["num_sinks"],
+                                               window=case["window"])
+    return refattn.span_pattern(pattern, batch=batch, kv_len=kv_len, density=case["density"], seed=seed)
+
+
+def span_token_mask(span_indptr, spans, batch: int, kv_len: int) -> np.ndarray:
+    """bool [batch, kv_len]: the tokens each sequence attends to."""
+    mask = np.zeros((batch, kv_len), dtype=bool)
+    indptr = np.asarray(span_indptr, dtype=np.int64)
+    spans = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    for b in range(batch):
+        for start, end in spans[indptr[b]:indptr[b + 1]]:
+            mask[b, start:end] = True
+    return mask
+
+
+def covered_blocks(mask: np.ndarray, block: int) -> np.ndarray:
+    """bool [batch, ceil(kv_len / block)]: the blocks of `block` tokens holding an attended token."""
+    batch, kv_len = mask.shape
+    nblocks = -(-kv_len // block)
+    padded = np.zeros((batch, nblocks * block), dtype=bool)
+    padded[:, :kv_len] = mask
+    return padded.reshape(batch, nblocks, block).any(axis=2)
+
+
+def covered_tokens(mask: np.ndarray, block: int) -> int:
+    """Tokens inside the covered blocks of `block` tokens, over the batch: what a block mask reads."""
+    kv_len = mask.shape[1]
+    sizes = np.minimum(block, kv_len - np.arange(0, kv_len, block))      # the last block may be short
+    return int((covered_blocks(mask, block) * sizes).sum())
+
+
+def bsr_from_blocks(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A block-sparse matrix of one block row per sequence over the batch's caches laid end to end
+    ([batch * kv_len] columns): int32 indptr [batch + 1] and the column block ids of sequence b,
+    b * nblocks + j for each covered block j, in order."""
+    batch, nblocks = blocks.shape
+    counts = blocks.sum(axis=1)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    seq, j = np.nonzero(blocks)                      # row-major: sequence by sequence, j ascending
+    return indptr, (seq * nblocks + j).astype(np.int32)
+
+
+def span_case_keys(case: dict, span_indptr, spans, *, batch: int = SPAN_BATCH,
+                   kv_len: int = SPAN_KV_LEN, seed: int = SPAN_SEED) -> dict:
+    """The workload keys of a span row: what `costmodel.rows.predict_row` reads (`density` and
+    `num_spans`, or `num_sinks` and `window`) and what the tables show. For the paper-like patterns
+    (spans of unequal lengths, their count varying by sequence) `num_spans` is the mean count."""
+    spans = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    attended = int((spans[:, 1] - spans[:, 0]).sum())
+    keys = {"kv_len": kv_len, "pattern": case["pattern"], "density": attended / (batch * kv_len),
+            "num_spans": int(case.get("num_spans", round(len(spans) / batch))), "spans_total": len(spans)}
+    if case["pattern"] == "sinks_window":
+        keys.update(num_sinks=case["num_sinks"], window=case["window"])
+    if case["pattern"] == "intervals":
+        keys["span_align"] = SPAN_ALIGN
+    if case["pattern"] != "sinks_window":
+        keys["seed"] = seed
+    return keys
+
+
+def span_base(case: dict, span_indptr, spans, *, batch: int = SPAN_BATCH, num_kv_heads: int = SPAN_KV_HEADS,
+              kv_len: int = SPAN_KV_LEN) -> dict:
+    """The workload keys of a span row with its unique bytes (attended K and V, q, out) and FLOPs."""
+    keys = span_case_keys(case, span_indptr, spans, batch=batch, kv_len=kv_len)
+    spans = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    attended = int((spans[:, 1] - spans[:, 0]).sum())               # tokens over the batch
+    unique_bytes = 2 * attended * num_kv_heads * HEAD_DIM * 2 + 2 * batch * NUM_QO_HEADS * HEAD_DIM * 2
+    return {"suite": "span", "dtype": "float16", "batch": batch, "num_qo_heads": NUM_QO_HEADS,
+            "num_kv_heads": num_kv_heads, "head_dim": HEAD_DIM, **keys, "unique_bytes": unique_bytes,
+            "flops": 4 * NUM_QO_HEADS * attended * HEAD_DIM}
+
+
+_FLEX: dict = {}          # the compiled flex_attention, made once per process
+_FLEX_MASK = None         # torch bool [batch, kv_len]: the token mask the block mask's mask_mod reads
+
+
+def _flex_mask_mod(b, h, q_idx, kv_idx):
+    """Sequence b attends to token kv_idx where the suite's token mask says so."""
+    return _FLEX_MASK[b, kv_idx]
+
+
+def _flex_peer(q, k, v, mask: np.ndarray) -> dict:
+    """torch FlexAttention (flex decoding), torch.compile'd, with a block mask of FLEX_BLOCK tokens
+    made from the token mask: blocks holding no attended token are skipped, partial blocks apply
+    the mask. One query row per sequence; if the compiled kernel refuses a query of one row, the
+    query is repeated to 16 rows (and the row records `q_rows`)."""
+    try:
+        import torch
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        _progress("  torch FlexAttention not available: no peer:flex_block_mask")
+        return {}
+    batch, kv_len = mask.shape
+    global _FLEX_MASK
+    extra = {"block_size": FLEX_BLOCK, "covered_tokens": covered_tokens(mask, FLEX_BLOCK)}
+    try:
+        # One mask buffer for every case: the same mask_mod reading the same tensor, so the
+        # compiled kernel is not compiled again for each case.
+        if _FLEX_MASK is None or tuple(_FLEX_MASK.shape) != (batch, kv_len):
+            _FLEX_MASK = torch.zeros((batch, kv_len), dtype=torch.bool, device="cuda")
+        _FLEX_MASK.copy_(torch.as_tensor(mask, device="cuda"))
+        if "compiled" not in _FLEX:
+            _FLEX["compiled"] = torch.compile(flex_attention, dynamic=False)
+        flex = _FLEX["compiled"]
+        q1 = torch.as_tensor(q, device="cuda").unsqueeze(2)                           # [B, Hq, 1, D]
+        # FlexAttention's own layout [B, Hkv, L, D], built once from the same K and V (not timed).
+        kt = torch.as_tensor(k, device="cuda").transpose(1, 2).contiguous()
+        vt = torch.as_tensor(v, device="cuda").transpose(1, 2).contiguous()
+    except Exception as exc:  # noqa: BLE001
+        _progress(f"  peer:flex_block_mask unavailable: {_error_line(exc)}")
+        return {}
+    for q_rows in (1, 16):
+        try:
+            qt = q1 if q_rows == 1 else q1.expand(-1, -1, q_rows, -1).contiguous()
+            block_mask = create_block_mask(_flex_mask_mod, B=batch, H=None, Q_LEN=q_rows, KV_LEN=kv_len,
+                                           device="cuda", BLOCK_SIZE=FLEX_BLOCK)
+            run = lambda qt=qt, bm=block_mask: flex(qt, kt, vt, block_mask=bm, enable_gqa=True)  # noqa: E731
+            run()
+            torch.cuda.synchronize()
+            return {"peer:flex_block_mask": (run, {**extra, "q_rows": q_rows})}
+        except Exception as exc:  # noqa: BLE001
+            _progress(f"  peer:flex_block_mask with {q_rows} query row(s) unavailable: {_error_line(exc)}")
+    return {}
+
+
+def _flashinfer_block_sparse_peer(q, k, v, mask: np.ndarray) -> dict:
+    """FlashInfer's BlockSparseAttentionWrapper: one block row (R = 1) per sequence over the batch's
+    caches laid end to end, column blocks of BSR_BLOCK tokens covering every attended token (whole
+    blocks: where a span does not start or end on a block boundary it reads the rest of the block)."""
+    try:
+        import flashinfer
+        import torch
+    except ImportError:
+        _progress("  flashinfer not installed: no peer:flashinfer_block_sparse")
+        return {}
+    try:
+        batch, kv_len = mask.shape
+        num_kv_heads = k.shape[2]
+        indptr, indices = bsr_from_blocks(covered_blocks(mask, BSR_BLOCK))
+        workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+        wrapper = flashinfer.BlockSparseAttentionWrapper(workspace)
+        wrapper.plan(torch.as_tensor(indptr, device="cuda"), torch.as_tensor(indices, device="cuda"),
+                     M=batch, N=batch * kv_len, R=1, C=BSR_BLOCK, num_qo_heads=NUM_QO_HEADS,
+                     num_kv_heads=num_kv_heads, head_dim=HEAD_DIM, q_data_type=torch.float16,
+                     kv_data_type=torch.float16)
+        qt = torch.as_tensor(q, device="cuda")                                          # [M, Hq, D]
+        kt = torch.as_tensor(k, device="cuda").reshape(batch * kv_len, num_kv_heads, HEAD_DIM)  # [N, Hkv, D]
+        vt = torch.as_tensor(v, device="cuda").reshape(batch * kv_len, num_kv_heads, HEAD_DIM)
+        run = lambda: wrapper.run(qt, kt, vt)  # noqa: E731
+        run()
+        torch.cuda.synchronize()
+        return {"peer:flashinfer_block_sparse": (run, {"block_size": BSR_BLOCK,
+                                                       "covered_tokens": covered_tokens(mask, BSR_BLOCK)})}
+    except Exception as exc:  # noqa: BLE001 - report and go on without it
+        _progress(f"  peer:flashinfer_block_sparse unavailable: {_error_line(exc)}")
+        return {}
+
+
+def run_span_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool, failed: "list | None" = None) -> list[dict]:
+    """Sparse spans over a 32k cache: `span` (out/lse given), its one-shot call, the page table built
+    once (`span:table`, `paged_decode` with the table on the GPU), split-KV over every token (the
+    dense reference), and the peers: SDPA cuDNN over every token, FlexAttention with a block mask,
+    FlashInfer's block-sparse wrapper. `stream_ms`: reading the attended K and V once, gathered into
+    one buffer beforehand."""
+    import cupy as cp
+
+    import gpukernels
+    from gpukernels.span import span, span_page_table
+    from gpukernels.split_kv import num_sms
+
+    failed = [] if failed is None else failed
+    rows = []
+    stream = stream_read()
+    grid = SPAN_GRID[:2] if quick else SPAN_GRID
+    batch, hkv, kv_len = SPAN_BATCH, SPAN_KV_HEADS, SPAN_KV_LEN
+    sms = num_sms(cp.cuda.Device().id)
+    dense_plan = gpukernels.plan_split_kv(batch, NUM_QO_HEADS, hkv, HEAD_DIM, kv_len, dtype="float16",
+                                          num_sms=sms, gpu=gpu)
+    for i, case in enumerate(grid, 1):
+        span_indptr, spans = span_case_spans(case)
+        base = span_base(case, span_indptr, spans)
+        _progress(f"span {i}/{len(grid)}: {span_label(base)} (density {base['density']:.4f}, "
+                  f"{base['spans_total']} spans)")
+        first = len(rows)
+        q = _randn16((batch, NUM_QO_HEADS, HEAD_DIM))
+        k = _randn16((batch, kv_len, hkv, HEAD_DIM))
+        v = _randn16((batch, kv_len, hkv, HEAD_DIM))
+        mask = span_token_mask(span_indptr, spans, batch, kv_len)
+        # The attended K and V gathered into one buffer each (not timed), then read once.
+        tokens = cp.asarray(np.flatnonzero(mask.reshape(-1)))       # b * kv_len + t
+        k_att = k.reshape(batch * kv_len, hkv, HEAD_DIM)[tokens]
+        v_att = v.reshape(batch * kv_len, hkv, HEAD_DIM)[tokens]
+        base["stream_ms"] = timer(lambda: stream(k_att, v_att))
+        del k_att, v_att, tokens
+        _floor_and_ceiling(base, ceilings)
+        out = cp.empty((batch, NUM_QO_HEADS, HEAD_DIM), dtype=cp.float16)
+        lse = cp.empty((batch, NUM_QO_HEADS), dtype=cp.float32)
+
+        table = span_page_table(span_indptr, spans, batch, kv_len)
+        ours = lambda: span(q, k, v, span_indptr, spans, out=out, lse=lse)  # noqa: E731
+        m = _measure(timer, "span", ours, failed)
+        if m:
+            rows.append(_predicted({**base, "impl": "span", "page_size": table.page_size, **m}, gpu))
+        one_shot = lambda: span(q, k, v, span_indptr, spans)  # noqa: E731
+        m = _measure(timer, "span:oneshot", one_shot, failed)
+        if m:
+            rows.append({**base, "impl": "span:oneshot", "page_size": table.page_size, **m})
+        # The table built once and kept on the GPU (as across the layers of a model).
+        ps = table.page_size
+        k_pages = k.reshape(-1, ps, hkv, HEAD_DIM)
+        v_pages = v.reshape(-1, ps, hkv, HEAD_DIM)
+        tables = tuple(cp.asarray(a) for a in (table.kv_indptr, table.kv_indices, table.kv_last_page_len))
+        reused = lambda: gpukernels.paged_decode(q, k_pages, v_pages, *tables, out=out, lse=lse)  # noqa: E731
+        m = _measure(timer, "span:table", reused, failed)
+        if m:
+            rows.append(_predicted({**base, "impl": "span:table", "page_size": ps, **m}, gpu))
+        # Dense: every token, by this project's split-KV with its plan, and by SDPA's cuDNN backend.
+        runner = gpukernels.SplitKV(dense_plan)
+        dense = lambda: runner.run(q, k, v, out=out, lse=lse)  # noqa: E731
+        m = _measure(timer, "split_kv (dense)", dense, failed)
+        if m:
+            rows.append(_predicted({**base, "impl": "split_kv", "dense": True, "plan": "auto",
+                                    "num_splits": dense_plan.num_splits, "chunk_size": dense_plan.chunk_size,
+                                    **m}, gpu))
+        peers = {label: (fn, {"dense": True}) for label, fn in _sdpa_peers(q, k, v, ("peer:cudnn",)).items()}
+        peers.update(_flex_peer(q, k, v, mask))
+        peers.update(_flashinfer_block_sparse_peer(q, k, v, mask))
+        rows += _peer_rows(timer, base, peers)
+        for r in rows[first:]:
+            r.setdefault("frac", r["floor_ms"] / r["time_ms"])
+        _progress("  " + ", ".join(f"{r['impl']} {r['time_ms'] * 1e3:.1f} us" for r in rows[first:]))
+        del q, k, v, out, lse, k_pages, v_pages, tables, peers
+        _free_torch_and_cupy()
+    return rows
+
+
+def span_label(r: dict) -> str:
+    """A span row's case as the tables name it: "12.5% in 8", "4 sinks + 4096 window", "arithmetic 10%"."""
+    pattern = r.get("pattern")
+    if pattern == "sinks_window" or (pattern is None and r.get("num_sinks") is not None):
+        return f"{r['num_sinks']} sinks + {r['window']} window"
+    if pattern in (None, "intervals"):
+        return f"{100 * r['density']:g}% in {r['num_spans']}"
+    return f"{pattern} {100 * r['density']:.0f}%"
+
+
 def _shape_key(r: dict) -> tuple:
     return (r.get("dtype", "float16"), r["batch"], r.get("num_qo_heads", NUM_QO_HEADS), r["num_kv_heads"],
             r.get("head_dim", HEAD_DIM), r["kv_len"])
@@ -501,7 +1078,12 @@ def _by_shape(rows: list[dict]) -> dict:
     return keyed
 
 
-_PEER_NAMES = {"peer:cudnn": "cuDNN", "peer:flash": "flash", "peer:flashinfer": "FlashInfer paged"}
+_PEER_NAMES = {"peer:cudnn": "cuDNN", "peer:flash": "flash", "peer:flashinfer": "FlashInfer paged",
+               "peer:flashinfer_cascade": "FlashInfer cascade",
+               "peer:flashinfer_decode_prefix_pages": "FlashInfer decode, prefix pages",
+               "peer:flex_block_mask": "Flex block mask",
+               "peer:flashinfer_block_sparse": "FlashInfer block-sparse"}
+_WORKLOAD_SUITES = ("shared_prefix", "span")   # rows keyed by a workload label, not by kv_len
 
 
 def _best_peer(group: list[dict]):
@@ -510,6 +1092,8 @@ def _best_peer(group: list[dict]):
 
 
 def format_table(rows: list[dict]) -> str:
+    if rows and {r.get("suite") for r in rows} <= set(_WORKLOAD_SUITES):
+        return _format_workload_table(rows)
     lines = [f"{'dtype':<8} {'batch':>5} {'Hq/Hkv':>6} {'D':>3} {'kv_len':>7} {'floor us':>9} {'read us':>8}  "
              f"{'impl':<18} {'time us':>9} {'frac':>5} {'vs best peer':>12} {'pred us':>8} {'host us':>8}"]
     for key, group in _by_shape(rows).items():
@@ -541,6 +1125,10 @@ def format_markdown(rows: list[dict]) -> str:
     suites = {r.get("suite", "decode") for r in rows}
     if suites == {"coverage"}:
         return _format_coverage(rows)
+    if suites == {"shared_prefix"}:
+        return _format_shared_prefix(rows)
+    if suites == {"span"}:
+        return _format_span(rows)
     lines = ["| batch | KV heads | kv_len | floor us | read-only us | split_kv us | frac | one-shot us "
              "| best peer us | vs peer | paged_decode us | FlashInfer paged us | host us: split_kv / "
              "one-shot / FlashInfer / cuDNN |", "|" + "---|" * 13]
@@ -589,12 +1177,139 @@ def _format_coverage(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def workload_label(r: dict) -> str:
+    """The grid row of a shared-prefix or span row, as the tables name it."""
+    if r.get("suite") == "shared_prefix" or ("prefix_len" in r and "pattern" not in r):
+        return f"{r['prefix_len']}+{r['suffix_len']}"
+    if r.get("suite") == "span" or "pattern" in r:
+        return span_label(r)
+    return str(r["kv_len"])
+
+
+def _workload_key(r: dict) -> tuple:
+    return (r.get("dtype", "float16"), r["batch"], r.get("num_qo_heads", NUM_QO_HEADS), r["num_kv_heads"],
+            r.get("head_dim", HEAD_DIM), workload_label(r))
+
+
+def _by_workload(rows: list[dict]) -> dict:
+    """Rows grouped by grid row (heads, batch, workload label), in order of first appearance."""
+    keyed: dict = {}
+    for r in rows:
+        keyed.setdefault(_workload_key(r), []).append(r)
+    return keyed
+
+
+def _find(group: list[dict], impl: str, **keys):
+    return next((r for r in group if r["impl"] == impl and all(r.get(k) == v for k, v in keys.items())), None)
+
+
+def _best_of(group: list[dict], impls) -> "dict | None":
+    found = [r for r in group if r["impl"] in impls]
+    return min(found, key=lambda r: r["time_ms"]) if found else None
+
+
+def _t(r) -> str:
+    return _us(r) if r else "-"
+
+
+def _x(slow, fast) -> str:
+    """How many times faster `fast` is than `slow` (slow time / fast time), or "-"."""
+    return f"{slow['time_ms'] / fast['time_ms']:.2f}x" if slow and fast else "-"
+
+
+def _vs_ceiling(r) -> str:
+    """time / ceiling of the row (ceiling_ms, else stream_ms): 1.00x is reading the operands once."""
+    if not r:
+        return "-"
+    ceiling = r.get("ceiling_ms", r.get("stream_ms"))
+    return f"{r['time_ms'] / ceiling:.2f}x" if ceiling else "-"
+
+
+def _format_workload_table(rows: list[dict]) -> str:
+    """The printed table of the shared-prefix and span suites: every row against the best peer."""
+    lines = [f"{'Hq/Hkv':>6} {'batch':>5} {'workload':<22} {'floor us':>9} {'read us':>8}  {'impl':<36} "
+             f"{'time us':>9} {'frac':>5} {'vs best peer':>12} {'pred us':>8} {'host us':>8}"]
+    for key, group in _by_workload(rows).items():
+        best = _best_peer(group)
+        for r in group:
+            vs = f"{best['time_ms'] / r['time_ms']:.2f}x" if best else "-"
+            impl = r["impl"] + (" (dense)" if r.get("dense") and not r["impl"].startswith("peer:") else "")
+            pred = f"{r['predicted_ms'] * 1e3:8.1f}" if "predicted_ms" in r else f"{'-':>8}"
+            read = f"{r['stream_ms'] * 1e3:8.1f}" if "stream_ms" in r else f"{'-':>8}"
+            lines.append(f"{f'{key[2]}/{key[3]}':>6} {key[1]:>5} {key[5]:<22} {r['floor_ms'] * 1e3:>9.1f} "
+                         f"{read}  {impl:<36} {r['time_ms'] * 1e3:>9.1f} {r['frac']:>5.2f} {vs:>12} {pred} "
+                         f"{r.get('host_us', float('nan')):>8.1f}")
+    return "\n".join(lines)
+
+
+def _format_shared_prefix(rows: list[dict]) -> str:
+    """One line per grid row: Hydragen (with out/lse, and the one-shot call) against its ceiling,
+    the naive copy-then-split-KV, FlashInfer's cascade and paged decode, host time per call."""
+    lines = ["| KV heads | batch | prefix_len | suffix_len | read-only us | ceiling us | hydragen us "
+             "| vs ceiling | frac | one-shot us | bifurcated us | naive us | FlashInfer cascade us "
+             "| FlashInfer decode, prefix pages us | best peer | vs cascade | vs best peer "
+             "| host us: hydragen / one-shot / cascade / decode |", "|" + "---|" * 18]
+    for _, group in _by_workload(rows).items():
+        any_row = group[0]
+        ours = _find(group, "shared_prefix:hydragen")
+        one = _find(group, "shared_prefix:hydragen:oneshot")
+        naive = _find(group, "shared_prefix:naive")
+        bifurcated = _find(group, "shared_prefix:bifurcated")
+        cascade = _find(group, "peer:flashinfer_cascade")
+        decode = _find(group, "peer:flashinfer_decode_prefix_pages")
+        best = _best_peer(group)
+        ceiling = any_row.get("ceiling_ms", any_row.get("stream_ms"))
+        lines.append(
+            f"| {any_row['num_kv_heads']} | {any_row['batch']} | {any_row['prefix_len']} | {any_row['suffix_len']} "
+            f"| {any_row['stream_ms'] * 1e3:.1f} | " + (f"{ceiling * 1e3:.1f}" if ceiling else "-")
+            + f" | {_t(ours)} | {_vs_ceiling(ours)} | " + (f"{ours['frac']:.3f}" if ours else "-")
+            + f" | {_t(one)} | {_t(bifurcated)} | {_t(naive)} | {_t(cascade)} | {_t(decode)} | "
+            + (f"{_us(best)} ({_PEER_NAMES[best['impl']]})" if best else "-")
+            + f" | {_x(cascade, ours)} | {_x(best, ours)} "
+            f"| {_host(ours)} / {_host(one)} / {_host(cascade)} / {_host(decode)} |")
+    return "\n".join(lines)
+
+
+_SPARSE_PEERS = ("peer:flashinfer_block_sparse", "peer:flex_block_mask")
+
+
+def _format_span(rows: list[dict]) -> str:
+    """One line per span case: `span` (with out/lse), its one-shot call and the reused table against
+    the read-only time of the attended bytes, the sparse peers, and dense attention over every
+    token (this project's split-KV and SDPA cuDNN), host time per call."""
+    lines = ["| spans | density | read-only us | span us | vs read-only | one-shot us | table us "
+             "| FlashInfer block-sparse us | Flex block mask us | dense split_kv us | dense cuDNN us "
+             "| best peer | vs best peer | vs sparse peers (FlashInfer / Flex) | vs dense "
+             "| host us: span / one-shot / FlashInfer / Flex / cuDNN |", "|" + "---|" * 16]
+    for (*_, label), group in _by_workload(rows).items():
+        any_row = group[0]
+        ours = _find(group, "span")
+        one = _find(group, "span:oneshot")
+        table = _find(group, "span:table")
+        fi = _find(group, "peer:flashinfer_block_sparse")
+        flex = _find(group, "peer:flex_block_mask")
+        dense = _find(group, "split_kv")
+        cudnn = _find(group, "peer:cudnn")
+        best = _best_peer(group)
+        best_dense = _best_of(group, ("split_kv", "peer:cudnn"))
+        read = f"{ours['time_ms'] / ours['stream_ms']:.2f}x" if ours and ours.get("stream_ms") else "-"
+        lines.append(
+            f"| {label} | {any_row['density']:.3f} | {any_row['stream_ms'] * 1e3:.1f} | {_t(ours)} | {read} "
+            f"| {_t(one)} | {_t(table)} | {_t(fi)} | {_t(flex)} | {_t(dense)} | {_t(cudnn)} | "
+            + (f"{_us(best)} ({_PEER_NAMES[best['impl']]})" if best else "-")
+            + f" | {_x(best, ours)} | {_x(fi, ours)} / {_x(flex, ours)} | {_x(best_dense, ours)} "
+            f"| {_host(ours)} / {_host(one)} / {_host(fi)} / {_host(flex)} / {_host(cudnn)} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="decode-attention bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=["decode", "coverage"], default="decode",
+    parser.add_argument("--suite", choices=["decode", "coverage", "shared_prefix", "span"], default="decode",
                         help="decode: the decode grid with the split sweep and every peer; coverage: "
-                        "shapes off that grid (dtypes, head dims, groups, odd lengths) against SDPA "
-                        "(default: %(default)s)")
+                        "shapes off that grid (dtypes, head dims, groups, odd lengths) against SDPA; "
+                        "shared_prefix: one prefix shared by a batch (Hydragen, naive, FlashInfer's cascade "
+                        "and paged decode); span: sparse spans over a 32k cache (span, dense split-KV and "
+                        "cuDNN, FlexAttention block mask, FlashInfer block-sparse) (default: %(default)s)")
     from decode_attention.cli import positive_int
 
     parser.add_argument("--reps", type=positive_int, default=30,
@@ -644,8 +1359,13 @@ def main(argv=None) -> int:
     _progress(f"{meta['gpu']}: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, read "
               f"{ceilings['read_bytes_per_s'] / 1e12:.2f} TB/s, fp16 matmul "
               f"{ceilings['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s")
+    failed: list[str] = []
     if args.suite == "coverage":
         rows = run_coverage_suite(timer, ceilings, gpu, quick=args.quick)
+    elif args.suite == "shared_prefix":
+        rows = run_shared_prefix_suite(timer, ceilings, gpu, quick=args.quick, failed=failed)
+    elif args.suite == "span":
+        rows = run_span_suite(timer, ceilings, gpu, quick=args.quick, failed=failed)
     else:
         rows = run_decode_suite(timer, ceilings, gpu, quick=args.quick, sweep=not args.no_sweep)
     if not args.quick:
@@ -655,7 +1375,14 @@ def main(argv=None) -> int:
         path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
         _progress(f"wrote {path}")
     print(format_table(rows))
-    print("/n: split count; *: the plan's own choice; read us: a kernel that only reads K and V once")
+    if args.suite in _WORKLOAD_SUITES:
+        print("read us: a kernel that only reads the unique K and V once (a shared prefix once, only the "
+              "attended tokens of a span); vs best peer: the best peer's time / this row's time")
+    else:
+        print("/n: split count; *: the plan's own choice; read us: a kernel that only reads K and V once")
+    if failed:
+        print(f"bench: {len(failed)} call(s) of this project's kernels failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
