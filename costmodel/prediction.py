@@ -141,8 +141,29 @@ class Launch:
         return sum(n for b, trips, n in self.block_runs if b or trips)
 
 
+class TimeAndRates:
+    """Time in us and ms and the achieved rates of a prediction with `time_s`, `hbm_bytes` and
+    `flops`."""
+
+    @property
+    def time_us(self) -> float:
+        return self.time_s * 1e6
+
+    @property
+    def time_ms(self) -> float:
+        return self.time_s * 1e3
+
+    @property
+    def achieved_flops_per_s(self) -> float:
+        return self.flops / self.time_s if self.time_s else 0.0
+
+    @property
+    def achieved_bytes_per_s(self) -> float:
+        return self.hbm_bytes / self.time_s if self.time_s else 0.0
+
+
 @dataclass(frozen=True, repr=False)
-class Prediction:
+class Prediction(TimeAndRates):
     """Predicted cost of one call. Prints as a short table with units (`str`, `repr`) and renders
     as one in a notebook (`_repr_html_`); the numbers themselves are in bytes, FLOPs and seconds,
     every time term in `terms` (per launch as '<launch>.<term>' when there are several)."""
@@ -160,24 +181,8 @@ class Prediction:
     terms: dict[str, float] = field(default_factory=dict)  # every time term, seconds
 
     @property
-    def time_us(self) -> float:
-        return self.time_s * 1e6
-
-    @property
-    def time_ms(self) -> float:
-        return self.time_s * 1e3
-
-    @property
     def intensity_flops_per_byte(self) -> float:
         return self.flops / self.hbm_bytes if self.hbm_bytes else float("inf")
-
-    @property
-    def achieved_flops_per_s(self) -> float:
-        return self.flops / self.time_s if self.time_s else 0.0
-
-    @property
-    def achieved_bytes_per_s(self) -> float:
-        return self.hbm_bytes / self.time_s if self.time_s else 0.0
 
     def __str__(self) -> str:
         return format_prediction(self)

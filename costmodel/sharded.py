@@ -49,7 +49,7 @@ from . import merge_states, split_kv
 from .calibration import Calibration
 from .display import Table, format_bytes, format_bytes_per_s, format_seconds
 from .gpus import GPUSpec, get_gpu, plan_gpu
-from .prediction import F32, Prediction, calibration_for, check_head_grouping, dtype_bytes
+from .prediction import F32, Prediction, TimeAndRates, calibration_for, check_head_grouping, dtype_bytes
 
 __all__ = ["MAX_NUM_GPUS", "DEFAULT_PLACEMENT_BLOCK", "TABLE_KV_LENS", "CollectiveSegment",
            "Interconnect", "AllGather", "ShardedPlan", "ShardedPrediction", "ShardingTable",
@@ -299,8 +299,9 @@ def plan_sharded(
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, repr=False)
-class ShardedPrediction:
-    """Predicted cost of one sharded call. Prints as a short table with units (`str`, `repr`) and
+class ShardedPrediction(TimeAndRates):
+    """Predicted cost of one sharded call (its achieved bytes per second: all GPUs' HBM traffic
+    over the time, up to num_gpus times one GPU's ceiling). Prints as a short table with units (`str`, `repr`) and
     renders as one in a notebook; the numbers are in seconds and bytes: `terms` holds shard_s,
     collective_s, merge_s and time_s (their sum) and the collective's parts as 'collective.<part>',
     `shards[r]` each rank's split_kv prediction, `merge` the merge's (None with one GPU).
@@ -324,14 +325,6 @@ class ShardedPrediction:
     @property
     def time_s(self) -> float:
         return self.terms["time_s"]
-
-    @property
-    def time_us(self) -> float:
-        return self.time_s * 1e6
-
-    @property
-    def time_ms(self) -> float:
-        return self.time_s * 1e3
 
     @property
     def shard_s(self) -> float:
@@ -394,15 +387,6 @@ class ShardedPrediction:
         if self.collective_s + self.merge_s > self.shard_s:
             return "collective"
         return self.slowest_shard.bound
-
-    @property
-    def achieved_bytes_per_s(self) -> float:
-        """All GPUs' HBM traffic over the time: up to num_gpus times one GPU's ceiling."""
-        return self.hbm_bytes / self.time_s if self.time_s else 0.0
-
-    @property
-    def achieved_flops_per_s(self) -> float:
-        return self.flops / self.time_s if self.time_s else 0.0
 
     def __str__(self) -> str:
         return "\n".join(t.text() for t in _prediction_tables(self))

@@ -376,9 +376,41 @@ tree_segments_kernel(const T* __restrict__ q,            // [batch, num_qo_heads
                                    kv_begin, kv_end, row_b, row_h, row_state, scale_log2);
 }
 
+// The LSE merge of one (sequence, head) row over `count` states (lse_of(i), out_of(i, d)), with the
+// rules of merge_states.cu: an empty state (lse -inf) is never read, an lse of NaN or +inf makes
+// the row NaN, a non-finite out element of a non-empty state makes that element NaN. Threads run
+// along head_dim.
+template <typename T, typename LseOf, typename OutOf>
+__device__ __forceinline__ void merge_row(int count, LseOf lse_of, OutOf out_of, T* __restrict__ out_row,
+                                          float* __restrict__ lse_row, int head_dim) {
+  float lse_max = neg_inf();
+  bool poisoned = false;
+  for (int i = 0; i < count; ++i) {
+    const float l = lse_of(i);
+    lse_max = fmaxf(lse_max, l);
+    poisoned = poisoned || is_nan(l) || l == -neg_inf();
+  }
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float w_sum = 0.0f, o_sum = 0.0f;
+    bool bad_out = false;
+    for (int i = 0; i < count; ++i) {
+      const float l = lse_of(i);
+      if (poisoned || l == neg_inf()) continue;   // empty: never read
+      const float o_i = out_of(i, d);
+      bad_out = bad_out || !is_finite(o_i);
+      const float w = __expf(l - lse_max);
+      w_sum += w;
+      o_sum += w * o_i;
+    }
+    const float o = poisoned || bad_out ? quiet_nan() : w_sum > 0.0f ? o_sum / w_sum : 0.0f;
+    out_row[d] = from_float<T>(finite_or_nan(o));
+    if (d == 0) *lse_row = poisoned ? quiet_nan() : w_sum > 0.0f ? lse_max + __logf(w_sum) : neg_inf();
+  }
+}
+
 // Merge, per (sequence, query head), the states part_indptr[b] .. part_indptr[b + 1] - 1 of
-// part_out [num_states, num_qo_heads, head_dim] (a sequence's chunks of all its segments) by LSE,
-// with the rules of merge_states.cu. One block per (sequence, head).
+// part_out [num_states, num_qo_heads, head_dim] (a sequence's chunks of all its segments) by LSE.
+// One block per (sequence, head).
 template <typename T>
 __global__ void __launch_bounds__(128)
 merge_parts_kernel(const float* __restrict__ part_out, const float* __restrict__ part_lse,
@@ -387,31 +419,11 @@ merge_parts_kernel(const float* __restrict__ part_out, const float* __restrict__
                    float* __restrict__ lse,               // [batch, num_qo_heads]
                    int num_qo_heads, int head_dim) {
   const int b = blockIdx.x / num_qo_heads, h = blockIdx.x % num_qo_heads;
-  const int first = part_indptr[b], end = part_indptr[b + 1];
-  float lse_max = neg_inf();
-  bool poisoned = false;
-  for (int s = first; s < end; ++s) {
-    const float l = part_lse[static_cast<long long>(s) * num_qo_heads + h];
-    lse_max = fmaxf(lse_max, l);
-    poisoned = poisoned || is_nan(l) || l == -neg_inf();
-  }
-  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-    float w_sum = 0.0f, o_sum = 0.0f;
-    bool bad_out = false;
-    for (int s = first; s < end; ++s) {
-      const long long row = static_cast<long long>(s) * num_qo_heads + h;
-      const float l = part_lse[row];
-      if (poisoned || l == neg_inf()) continue;   // empty: never read
-      const float o_s = part_out[row * head_dim + d];
-      bad_out = bad_out || !is_finite(o_s);
-      const float w = __expf(l - lse_max);
-      w_sum += w;
-      o_sum += w * o_s;
-    }
-    const float o = poisoned || bad_out ? quiet_nan() : w_sum > 0.0f ? o_sum / w_sum : 0.0f;
-    out[static_cast<long long>(blockIdx.x) * head_dim + d] = from_float<T>(finite_or_nan(o));
-    if (d == 0) lse[blockIdx.x] = poisoned ? quiet_nan() : w_sum > 0.0f ? lse_max + __logf(w_sum) : neg_inf();
-  }
+  const int first = part_indptr[b];
+  auto row = [&](int i) { return static_cast<long long>(first + i) * num_qo_heads + h; };
+  merge_row<T>(part_indptr[b + 1] - first, [&](int i) { return part_lse[row(i)]; },
+               [&](int i, int d) { return part_out[row(i) * head_dim + d]; },
+               out + static_cast<long long>(blockIdx.x) * head_dim, lse + blockIdx.x, head_dim);
 }
 
 // Merge, per (sequence, query head), the prefix chunks' float32 states with the suffix's state
@@ -428,36 +440,18 @@ merge_prefix_suffix_kernel(const float* __restrict__ part_out,   // [num_chunks,
                            int num_chunks, long long rows, int head_dim) {
   const long long row = blockIdx.x;
   const bool has_suffix = suffix_out != nullptr;
-  float lse_max = neg_inf();
-  bool poisoned = false;
-  for (int c = 0; c <= num_chunks; ++c) {
-    if (c == num_chunks && !has_suffix) break;
-    const float s = c < num_chunks ? part_lse[c * rows + row] : suffix_lse[row];
-    lse_max = fmaxf(lse_max, s);
-    poisoned = poisoned || is_nan(s) || s == -neg_inf();
-  }
-  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-    float w_sum = 0.0f, o_sum = 0.0f;
-    bool bad_out = false;
-    for (int c = 0; c <= num_chunks; ++c) {
-      if (c == num_chunks && !has_suffix) break;
-      const float s = c < num_chunks ? part_lse[c * rows + row] : suffix_lse[row];
-      if (poisoned || s == neg_inf()) continue;   // empty: never read
-      float o_c;
-      if (c < num_chunks) {
-        o_c = part_out[(c * rows + row) * head_dim + d];
-      } else {
-        to_scalar_float(suffix_out + row * head_dim + d, &o_c);
-      }
-      bad_out = bad_out || !is_finite(o_c);
-      const float w = __expf(s - lse_max);
-      w_sum += w;
-      o_sum += w * o_c;
-    }
-    const float o = poisoned || bad_out ? quiet_nan() : w_sum > 0.0f ? o_sum / w_sum : 0.0f;
-    out[row * head_dim + d] = from_float<T>(finite_or_nan(o));
-    if (d == 0) lse[row] = poisoned ? quiet_nan() : w_sum > 0.0f ? lse_max + __logf(w_sum) : neg_inf();
-  }
+  merge_row<T>(num_chunks + (has_suffix ? 1 : 0),
+               [&](int c) { return c < num_chunks ? part_lse[c * rows + row] : suffix_lse[row]; },
+               [&](int c, int d) {
+                 float o;
+                 if (c < num_chunks) {
+                   o = part_out[(c * rows + row) * head_dim + d];
+                 } else {
+                   to_scalar_float(suffix_out + row * head_dim + d, &o);
+                 }
+                 return o;
+               },
+               out + row * head_dim, lse + row, head_dim);
 }
 
 }  // namespace decode_attention
