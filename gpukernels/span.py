@@ -79,14 +79,58 @@ def span_page_table(span_indptr, spans, batch: int, kv_len: int) -> SpanPageTabl
     return SpanPageTable(page, indptr.astype(np.int32), indices.astype(np.int32), last.astype(np.int32))
 
 
-def span(q, k, v, span_indptr, spans, *, sm_scale=None, num_splits=None, out=None, lse=None):
+def _sinks_on_device(sinks, kind: str, device_id: int, num_qo_heads: int):
+    """Per-head sink logits as a float32 array [num_qo_heads] of the caller's kind, checked."""
+    from decode_attention.contract import FLOAT_DTYPES, dtype_name  # noqa: PLC0415
+
+    if not all(hasattr(sinks, attr) for attr in ("shape", "dtype")):
+        raise TypeError(f"sinks must be None or an array [num_qo_heads], got {type(sinks).__name__}")
+    if dtype_name(sinks) not in FLOAT_DTYPES:
+        raise TypeError(f"sinks must have a float dtype ({', '.join(FLOAT_DTYPES)}), got {dtype_name(sinks)}")
+    if tuple(int(n) for n in sinks.shape) != (num_qo_heads,):
+        raise ValueError(f"sinks must be [num_qo_heads] = [{num_qo_heads}], got {tuple(sinks.shape)}")
+    if kind == "torch":
+        import torch  # noqa: PLC0415
+
+        return torch.as_tensor(sinks, device=f"cuda:{device_id}").to(torch.float32)
+    cp = rt.cupy()
+    with cp.cuda.Device(device_id):
+        return cp.asarray(sinks, dtype=np.float32)
+
+
+def _merge_sinks(out, lse, sinks, kind: str):
+    """The sink of head h is the state (out 0, lse sinks[h]), merged once into the final state by
+    the merge_states kernel (its rules for empty and non-finite states included)."""
+    from .merge_states import merge_states  # noqa: PLC0415
+
+    batch, heads = lse.shape
+    if kind == "torch":
+        import torch  # noqa: PLC0415
+
+        outs = torch.stack([out, torch.zeros_like(out)])
+        lses = torch.stack([lse, sinks.expand(batch, heads)]).contiguous()
+        merged_out, merged_lse = merge_states(outs, lses)
+        out.copy_(merged_out)
+        lse.copy_(merged_lse)
+        return out, lse
+    cp = rt.cupy()
+    outs = cp.stack([out, cp.zeros_like(out)])
+    lses = cp.stack([lse, cp.broadcast_to(sinks, (batch, heads))])
+    merged_out, merged_lse = merge_states(outs, lses)
+    out[...] = merged_out
+    lse[...] = merged_lse
+    return out, lse
+
+
+def span(q, k, v, span_indptr, spans, *, sm_scale=None, num_splits=None, out=None, lse=None, sinks=None):
     """Attention of sequence b to the tokens inside spans[span_indptr[b]:span_indptr[b+1]] only
     (half-open [start, end) intervals, sorted, non-overlapping; see `refattn.span`).
 
     q [batch, num_qo_heads, head_dim]; k, v [batch, kv_len, num_kv_heads, head_dim] contiguous;
     span_indptr [batch + 1] and spans [num_spans, 2] on the host (NumPy or lists) or the GPU
-    (copied to the host: the table is built there). Returns (out, lse) like `split_kv`; a
-    sequence without spans gets out = 0, lse = -inf.
+    (copied to the host: the table is built there). `sinks`: optional per-head sink logits
+    [num_qo_heads] (see `refattn.span`), joined once to each head's final state. Returns (out, lse)
+    like `split_kv`; a sequence without spans gets out = 0, lse = -inf (lse = sinks[h] with sinks).
     """
     qa, ka, va = rt.device_array(q, "q"), rt.device_array(k, "k"), rt.device_array(v, "v")
     indptr_h = rt.host_ints(span_indptr, "span_indptr")
@@ -99,5 +143,9 @@ def span(q, k, v, span_indptr, spans, *, sm_scale=None, num_splits=None, out=Non
     pages = B * L // table.page_size
     k_pages = k.reshape(pages, table.page_size, Hkv, D)   # a view of the same memory
     v_pages = v.reshape(pages, table.page_size, Hkv, D)
-    return paged_decode(q, k_pages, v_pages, table.kv_indptr, table.kv_indices, table.kv_last_page_len,
-                        num_splits=num_splits, sm_scale=problem.sm_scale, out=out, lse=lse)
+    sinks_dev = None if sinks is None else _sinks_on_device(sinks, qa.kind, qa.device_id, problem.num_qo_heads)
+    out, lse = paged_decode(q, k_pages, v_pages, table.kv_indptr, table.kv_indices, table.kv_last_page_len,
+                            num_splits=num_splits, sm_scale=problem.sm_scale, out=out, lse=lse)
+    if sinks_dev is not None:
+        out, lse = _merge_sinks(out, lse, sinks_dev, qa.kind)
+    return out, lse

@@ -55,3 +55,18 @@ def test_malformed_spans_raise_before_launch():
                           ([0, 1], [[0, 10]])):
         with pytest.raises(ValueError):
             gspan.span(q, k, k, indptr, np.array(spans))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sink_logits(dtype):
+    import gpukernels.span as gspan
+
+    rng = np.random.default_rng(4)
+    q, k, v = (_random(rng, s, dtype) for s in ((3, 8, 128), (3, 600, 2, 128), (3, 600, 2, 128)))
+    indptr, spans = np.array([0, 2, 2, 3]), np.array([[0, 16], [300, 600], [64, 128]])
+    sinks = np.array([0.0, 1.0, -np.inf, 2.0, 5.0, -1.0, 0.5, 3.0], dtype=np.float32)
+    ref_out, ref_lse = refattn.span(q, k, v, indptr, spans, sinks=sinks)
+    qd = _device(q)
+    sinks_d = cp.asarray(sinks) if hasattr(qd, "get") else __import__("torch").as_tensor(sinks, device="cuda")
+    out, lse = gspan.span(qd, _device(k), _device(v), indptr, spans, sinks=sinks_d)
+    _check_with_empty(out, lse, ref_out, ref_lse, dtype)
