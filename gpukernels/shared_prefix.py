@@ -101,6 +101,20 @@ def _prefix_chunk_size(batch, num_qo_heads, num_kv_heads, head_dim, prefix_len, 
     return max(tile, -(-plan.prefix_chunk_size // tile) * tile)
 
 
+@functools.lru_cache(maxsize=1024)
+def _auto_method(batch, num_qo_heads, num_kv_heads, head_dim, prefix_len, suffix_len, dtype, device_id) -> str:
+    """The method the cost model predicts faster for this shape on this GPU (Hydragen where the
+    model does not know the GPU)."""
+    from costmodel.shared_prefix import SharedPrefixShape, predict  # noqa: PLC0415
+
+    gpu = device_gpu(device_id)
+    if gpu is None:
+        return "hydragen"
+    shape = SharedPrefixShape(batch, num_qo_heads, num_kv_heads, head_dim, prefix_len, suffix_len, dtype)
+    times = {m: predict(shape, method=m, gpu=gpu).time_s for m in ("hydragen", "bifurcated")}
+    return min(times, key=times.get)
+
+
 def shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, suffix_lens=None, *, method="hydragen",
                   sm_scale=None, out=None, lse=None, prefix_chunk_size=None):
     """Sequence b attends to [prefix ; first suffix_lens[b] tokens of its suffix] (see
@@ -109,10 +123,10 @@ def shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, suffix_lens=None, *
     q [batch, num_qo_heads, head_dim]; k_prefix, v_prefix [prefix_len, num_kv_heads, head_dim];
     k_suffix, v_suffix [batch, suffix_len, num_kv_heads, head_dim]; suffix_lens [batch] on the host
     (checked there) or the GPU (checked by the suffix kernel, as in `split_kv`). `method`:
-    "hydragen" (the kernels above; "auto" is Hydragen too, until the cost model chooses between
-    kernels of both methods) or "bifurcated" (the paper's formulation in library products: the
+    "hydragen" (the kernels above), "bifurcated" (the paper's formulation in library products: the
     prefix logits of all samples in one product, each sample's suffix logits, one softmax over
-    their concatenation, two products for the output; in float32). Returns (out, lse): out in q's
+    their concatenation, two products for the output; in float32) or "auto" (the one the cost
+    model predicts faster for this shape, chosen once per shape). Returns (out, lse): out in q's
     dtype and kind, lse float32 (natural log).
     """
     if method not in ("hydragen", "auto", "bifurcated"):
@@ -125,6 +139,9 @@ def shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, suffix_lens=None, *
                                      None if lens_on_gpu or suffix_lens is None else rt.host_ints(
                                          suffix_lens, "suffix_lens"),
                                      sm_scale=sm_scale, method="hydragen", dtypes=rt.KERNEL_DTYPES)
+    if method == "auto":
+        method = _auto_method(problem.batch, problem.num_qo_heads, problem.num_kv_heads, problem.head_dim,
+                              problem.prefix_len, problem.suffix_len, problem.dtype, qa.device_id)
     if method == "bifurcated":
         return _bifurcated(problem, q, k_prefix, v_prefix, k_suffix, v_suffix, suffix_lens, out, lse)
     if problem.dtype not in PREFIX_DTYPES:

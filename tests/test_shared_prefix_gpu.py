@@ -67,14 +67,15 @@ def cases(draw):
     return dtype, head_dim, hq, hkv, batch, prefix_len, suffix_len, ragged, chunk, seed
 
 
+@pytest.mark.parametrize("method", ["bifurcated", "auto"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ragged", [False, True])
-def test_bifurcated_matches_the_reference(dtype, ragged):
+def test_the_other_methods_match_the_reference(method, dtype, ragged):
     rng = np.random.default_rng(8)
     q, kp, vp, ks, vs = _inputs(rng, dtype, 9, 32, 8, 128, 1000, 40)
     lens = rng.integers(0, 41, size=9) if ragged else None
     ref_out, ref_lse = refattn.shared_prefix(q, kp, vp, ks, vs, lens, method="bifurcated")
-    out, lse = _run(q, kp, vp, ks, vs, lens, dtype, method="bifurcated")
+    out, lse = _run(q, kp, vp, ks, vs, lens, dtype, method=method)
     _check(out, lse, ref_out, ref_lse, dtype)
 
 
