@@ -138,6 +138,9 @@ def predict_row(row: dict, gpu: "GPUSpec | str", *, calibration: Calibration | N
         return shared_prefix.predict(shape, method=method, gpu=gpu, calibration=cal, plan=plan,
                                      fused=bool(row.get("fused", False)))
     if variant == "tree":
+        if method == "naive":   # every path copied into a contiguous cache, then split-KV
+            return split_kv.predict(_split_plan({**row, "kv_len": _need(row, "context_len")}, gpu, page_size=0,
+                                                force_unsplit=False), gpu=gpu, calibration=cal)
         return tree.predict(_tree_shape(row), gpu=gpu, calibration=cal)
     if variant == "span":
         return span.predict(_span_shape(row), gpu=gpu, calibration=cal)

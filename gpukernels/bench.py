@@ -1,4 +1,4 @@
-"""Benchmark the grids of docs/benchmarks.md (decode, coverage, shared prefix, span) against the
+"""Benchmark the grids of docs/benchmarks.md (decode, coverage, shared prefix, span, tree) against the
 peers, in one process, on one GPU.
 
 Protocol: CUDA events around each call, warm-up first, median of `--reps` repetitions, L2 flushed
@@ -15,9 +15,13 @@ off the decode grid (dtypes, head dims, group sizes, odd lengths) against SDPA's
 backends. The shared-prefix suite runs Hydragen (`gpukernels.shared_prefix`) against the prefix
 copied into every sequence (naive) and FlashInfer's cascade and paged decode; the span suite runs
 `gpukernels.span` against dense attention (split-KV, cuDNN), FlexAttention with a block mask and
-FlashInfer's block-sparse wrapper. Results go to `results/<gpu>/<suite>.json`.
+FlashInfer's block-sparse wrapper. The shared_prefix_papers suite runs the shared-prefix rows in
+the settings of the bifurcated-attention and Hydragen papers; the tree suite runs `gpukernels.tree`
+on a 3-level tree against the paths copied into contiguous caches and FlashInfer's cascade (3 and
+2 levels) and paged decode. Results go to `results/<gpu>/<suite>.json`.
 
-    decode-attention bench [--suite decode|coverage|shared_prefix|span] [--reps 30] [--out results] [--quick]
+    decode-attention bench [--suite decode|coverage|shared_prefix|shared_prefix_papers|span|tree]
+                           [--reps 30] [--out results] [--quick]
     decode-attention bench --report results/h100/decode.json      (a result file as Markdown)
     python -m gpukernels.bench ...
 """
@@ -107,6 +111,32 @@ def stream_read() -> StreamRead:
     return StreamRead()
 
 
+# One thread spinning on its SM's clock: keeps the stream busy while the host prepares a call
+# whose host work is longer than the flush, so that the events time the kernels alone.
+_GPU_WAIT = r"""
+extern "C" __global__ void gpu_wait(long long cycles) {
+  const long long start = clock64();
+  while (clock64() - start < cycles) {
+  }
+}
+"""
+GPU_WAIT_CLOCK_HZ = 2.1e9   # at least the SM clock of the GPUs measured here: the wait is never shorter
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_wait_kernel():
+    import cupy as cp
+
+    return cp.RawKernel(_GPU_WAIT, "gpu_wait")
+
+
+def gpu_wait(ms: float) -> None:
+    """Keep the current stream busy for at least `ms` milliseconds (one block of one thread)."""
+    import cupy as cp
+
+    _gpu_wait_kernel()((1,), (1,), (cp.int64(int(ms * 1e-3 * GPU_WAIT_CLOCK_HZ)),))
+
+
 def _progress(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -121,7 +151,9 @@ class Timer:
         self.reps = reps
         self.flush = cp.empty(FLUSH_BYTES, dtype=cp.uint8)
 
-    def __call__(self, fn, *, warmup: int = 3) -> float:
+    def __call__(self, fn, *, warmup: int = 3, lead_ms: float = 0.0) -> float:
+        """Median time of `fn` in ms. `lead_ms` > 0 puts a GPU wait of that length between the
+        flush and the start event, so host work of `fn` shorter than the wait is not timed."""
         cp = self.cp
         for _ in range(warmup):
             fn()
@@ -129,6 +161,8 @@ class Timer:
         times = []
         for _ in range(self.reps):
             self.flush.fill(1)
+            if lead_ms > 0:
+                gpu_wait(lead_ms)
             start, end = cp.cuda.Event(), cp.cuda.Event()
             start.record()
             fn()
@@ -493,7 +527,7 @@ def run_coverage_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool) -> lis
 
 
 # --------------------------------------------------------------------------------------------
-# Helpers shared by the shared-prefix and span suites
+# Helpers shared by the shared-prefix, span and tree suites
 
 
 def _randn16(shape) -> "object":
@@ -585,12 +619,35 @@ def shared_prefix_sizes(num_kv_heads: int, batch: int, prefix_len: int, suffix_l
     return kv_bytes + qo_bytes, kv_bytes, flops
 
 
-def shared_prefix_base(num_kv_heads: int, batch: int, prefix_len: int, suffix_len: int) -> dict:
-    """The workload keys of a shared-prefix row (without the measured ones)."""
+def shared_prefix_base(num_kv_heads: int, batch: int, prefix_len: int, suffix_len: int, *,
+                       suite: str = "shared_prefix", **extra) -> dict:
+    """The workload keys of a shared-prefix row (without the measured ones); `extra` keys (a
+    published setting's name) follow `suite`."""
     unique_bytes, _, flops = shared_prefix_sizes(num_kv_heads, batch, prefix_len, suffix_len)
-    return {"suite": "shared_prefix", "dtype": "float16", "batch": batch, "num_qo_heads": NUM_QO_HEADS,
+    return {"suite": suite, **extra, "dtype": "float16", "batch": batch, "num_qo_heads": NUM_QO_HEADS,
             "num_kv_heads": num_kv_heads, "head_dim": HEAD_DIM, "prefix_len": prefix_len,
             "suffix_len": suffix_len, "unique_bytes": unique_bytes, "flops": flops}
+
+
+# The naive baseline copies the prefix into every sequence's cache; a copy larger than this is not
+# made (the row is skipped, with the reason on the workload's other rows): the published baselines
+# run out of memory there first.
+NAIVE_COPY_LIMIT_BYTES = 60e9
+
+
+def naive_copy_bytes(num_kv_heads: int, batch: int, prefix_len: int, suffix_len: int,
+                     elem_bytes: int = 2) -> int:
+    """Bytes of the naive baseline's caches: every sequence's prefix and suffix, K and V."""
+    return 2 * batch * (prefix_len + suffix_len) * num_kv_heads * HEAD_DIM * elem_bytes
+
+
+def naive_skip_reason(num_kv_heads: int, batch: int, prefix_len: int, suffix_len: int) -> "str | None":
+    """Why the naive row of a workload is not run (its copy is over NAIVE_COPY_LIMIT_BYTES), or None."""
+    need = naive_copy_bytes(num_kv_heads, batch, prefix_len, suffix_len)
+    if need <= NAIVE_COPY_LIMIT_BYTES:
+        return None
+    return (f"the prefix copied into every sequence needs {need / 1e9:.1f} GB for K and V, over the "
+            f"{NAIVE_COPY_LIMIT_BYTES / 1e9:.0f} GB limit")
 
 
 def _shared_prefix_peers(q, k_pool, v_pool, batch, num_kv_heads, prefix_len, suffix_len) -> dict:
@@ -672,58 +729,60 @@ def _hydragen_chunk(batch, num_kv_heads, prefix_len, suffix_len, device_id) -> "
         return None
 
 
-def run_shared_prefix_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool,
-                            failed: "list | None" = None) -> list[dict]:
-    """One prefix shared by every sequence: Hydragen (planned call with out/lse, and the one-shot
-    call), the prefix copied into every sequence then split-KV (naive), and FlashInfer's cascade
-    and paged decode with the prefix's pages in every page table."""
+def _shared_prefix_workload_rows(timer: Timer, ceilings: dict, gpu, base: dict, failed: list) -> list[dict]:
+    """Every row of one shared-prefix workload (`base`: `shared_prefix_base(...)`, which names the
+    suite): Hydragen with out/lse and its one-shot call, bifurcated, the prefix copied into every
+    sequence then split-KV (naive; left out, with `naive_skipped` on the other rows, where the copy
+    would pass NAIVE_COPY_LIMIT_BYTES), FlashInfer's cascade and paged decode with the prefix's
+    pages in every page table."""
     import cupy as cp
 
     import gpukernels
     from gpukernels.shared_prefix import shared_prefix
 
-    failed = [] if failed is None else failed
+    hkv, batch = base["num_kv_heads"], base["batch"]
+    prefix_len, suffix_len = base["prefix_len"], base["suffix_len"]
+    base = dict(base)
     rows = []
     stream = stream_read()
-    grid = SHARED_PREFIX_GRID[:2] if quick else SHARED_PREFIX_GRID
-    for i, (hkv, batch, prefix_len, suffix_len) in enumerate(grid, 1):
-        _progress(f"shared_prefix {i}/{len(grid)}: {hkv} KV heads, batch {batch}, prefix {prefix_len}, "
-                  f"suffix {suffix_len}")
-        first = len(rows)
-        q = _randn16((batch, NUM_QO_HEADS, HEAD_DIM))
-        # One pool of tokens, laid out as a paged cache holds them: the prefix, then each
-        # sequence's suffix. Our kernels get views of it, FlashInfer the same memory as pages.
-        k_pool = _randn16((prefix_len + batch * suffix_len, hkv, HEAD_DIM))
-        v_pool = _randn16((prefix_len + batch * suffix_len, hkv, HEAD_DIM))
-        k_prefix, v_prefix = k_pool[:prefix_len], v_pool[:prefix_len]
-        k_suffix = k_pool[prefix_len:].reshape(batch, suffix_len, hkv, HEAD_DIM)
-        v_suffix = v_pool[prefix_len:].reshape(batch, suffix_len, hkv, HEAD_DIM)
-        base = shared_prefix_base(hkv, batch, prefix_len, suffix_len)
-        # Reading the unique K and V once (the prefix once, every suffix): one launch over the pool.
-        base["stream_ms"] = timer(lambda: stream(k_pool, v_pool))
-        _floor_and_ceiling(base, ceilings)
-        out = cp.empty((batch, NUM_QO_HEADS, HEAD_DIM), dtype=cp.float16)
-        lse = cp.empty((batch, NUM_QO_HEADS), dtype=cp.float32)
+    q = _randn16((batch, NUM_QO_HEADS, HEAD_DIM))
+    # One pool of tokens, laid out as a paged cache holds them: the prefix, then each
+    # sequence's suffix. Our kernels get views of it, FlashInfer the same memory as pages.
+    k_pool = _randn16((prefix_len + batch * suffix_len, hkv, HEAD_DIM))
+    v_pool = _randn16((prefix_len + batch * suffix_len, hkv, HEAD_DIM))
+    k_prefix, v_prefix = k_pool[:prefix_len], v_pool[:prefix_len]
+    k_suffix = k_pool[prefix_len:].reshape(batch, suffix_len, hkv, HEAD_DIM)
+    v_suffix = v_pool[prefix_len:].reshape(batch, suffix_len, hkv, HEAD_DIM)
+    skip_naive = naive_skip_reason(hkv, batch, prefix_len, suffix_len)
+    if skip_naive:
+        base["naive_skipped"] = skip_naive
+        _progress(f"  shared_prefix:naive skipped: {skip_naive}")
+    # Reading the unique K and V once (the prefix once, every suffix): one launch over the pool.
+    base["stream_ms"] = timer(lambda: stream(k_pool, v_pool))
+    _floor_and_ceiling(base, ceilings)
+    out = cp.empty((batch, NUM_QO_HEADS, HEAD_DIM), dtype=cp.float16)
+    lse = cp.empty((batch, NUM_QO_HEADS), dtype=cp.float32)
 
-        planned = lambda: shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, out=out, lse=lse)  # noqa: E731
-        m = _measure(timer, "shared_prefix:hydragen", planned, failed)
-        if m:
-            row = {**base, "impl": "shared_prefix:hydragen", **m}
-            chunk = _hydragen_chunk(batch, hkv, prefix_len, suffix_len, cp.cuda.Device().id)
-            if chunk is not None:
-                row["prefix_chunk_size"] = chunk
-            rows.append(_predicted(row, gpu))
-        one_shot = lambda: shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix)  # noqa: E731
-        m = _measure(timer, "shared_prefix:hydragen:oneshot", one_shot, failed)
-        if m:
-            rows.append({**base, "impl": "shared_prefix:hydragen:oneshot", **m})
-        # Bifurcated attention as the paper writes it (library products, float32).
-        bifurcated = lambda: shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix,  # noqa: E731
-                                           method="bifurcated", out=out, lse=lse)
-        m = _measure(timer, "shared_prefix:bifurcated", bifurcated, failed)
-        if m:
-            rows.append(_predicted({**base, "impl": "shared_prefix:bifurcated", **m}, gpu))
+    planned = lambda: shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, out=out, lse=lse)  # noqa: E731
+    m = _measure(timer, "shared_prefix:hydragen", planned, failed)
+    if m:
+        row = {**base, "impl": "shared_prefix:hydragen", **m}
+        chunk = _hydragen_chunk(batch, hkv, prefix_len, suffix_len, cp.cuda.Device().id)
+        if chunk is not None:
+            row["prefix_chunk_size"] = chunk
+        rows.append(_predicted(row, gpu))
+    one_shot = lambda: shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix)  # noqa: E731
+    m = _measure(timer, "shared_prefix:hydragen:oneshot", one_shot, failed)
+    if m:
+        rows.append({**base, "impl": "shared_prefix:hydragen:oneshot", **m})
+    # Bifurcated attention as the paper writes it (library products, float32).
+    bifurcated = lambda: shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix,  # noqa: E731
+                                       method="bifurcated", out=out, lse=lse)
+    m = _measure(timer, "shared_prefix:bifurcated", bifurcated, failed)
+    if m:
+        rows.append(_predicted({**base, "impl": "shared_prefix:bifurcated", **m}, gpu))
 
+    if not skip_naive:
         # Naive: the prefix copied into every sequence's cache (not timed), then split-KV.
         total = prefix_len + suffix_len
         k_full = cp.empty((batch, total, hkv, HEAD_DIM), dtype=cp.float16)
@@ -739,13 +798,71 @@ def run_shared_prefix_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool,
         del k_full, v_full, naive
         cp.get_default_memory_pool().free_all_blocks()
 
-        rows += _peer_rows(timer, base, _shared_prefix_peers(q, k_pool, v_pool, batch, hkv, prefix_len,
-                                                             suffix_len))
-        for r in rows[first:]:
-            r.setdefault("frac", r["floor_ms"] / r["time_ms"])
-        _progress("  " + ", ".join(f"{r['impl']} {r['time_ms'] * 1e3:.1f} us" for r in rows[first:]))
-        del q, k_pool, v_pool, k_prefix, v_prefix, k_suffix, v_suffix, out, lse
-        _free_torch_and_cupy()
+    rows += _peer_rows(timer, base, _shared_prefix_peers(q, k_pool, v_pool, batch, hkv, prefix_len, suffix_len))
+    for r in rows:
+        r.setdefault("frac", r["floor_ms"] / r["time_ms"])
+    _progress("  " + ", ".join(f"{r['impl']} {r['time_ms'] * 1e3:.1f} us" for r in rows))
+    del q, k_pool, v_pool, k_prefix, v_prefix, k_suffix, v_suffix, out, lse
+    _free_torch_and_cupy()
+    return rows
+
+
+def run_shared_prefix_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool,
+                            failed: "list | None" = None) -> list[dict]:
+    """One prefix shared by every sequence: Hydragen (planned call with out/lse, and the one-shot
+    call), the prefix copied into every sequence then split-KV (naive), and FlashInfer's cascade
+    and paged decode with the prefix's pages in every page table."""
+    failed = [] if failed is None else failed
+    rows = []
+    grid = SHARED_PREFIX_GRID[:2] if quick else SHARED_PREFIX_GRID
+    for i, (hkv, batch, prefix_len, suffix_len) in enumerate(grid, 1):
+        _progress(f"shared_prefix {i}/{len(grid)}: {hkv} KV heads, batch {batch}, prefix {prefix_len}, "
+                  f"suffix {suffix_len}")
+        rows += _shared_prefix_workload_rows(timer, ceilings, gpu,
+                                             shared_prefix_base(hkv, batch, prefix_len, suffix_len), failed)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Shared prefix, the published settings
+
+# (setting, num_kv_heads, batch, prefix_len, suffix_len); fp16, 32 query heads, head_dim 128
+# (docs/benchmarks.md, "Shared prefix", "The published settings"):
+# - bifurcated_7b: bifurcated attention's 7B multi-head model (32 heads, 32 KV heads), an 8k
+#   context shared by 16 and 32 samples, 256 decoded tokens each;
+# - hydragen_sweep: Hydragen's sweep of the shared prefix from 1k to 16k tokens at batch 256 and
+#   1024, 128 own tokens per sequence, with the grouped heads of the GQA rows (32 query, 8 KV).
+SHARED_PREFIX_PAPERS_GRID = (
+    [("bifurcated_7b", 32, samples, 8192, 256) for samples in (16, 32)]
+    + [("hydragen_sweep", 8, batch, prefix_len, 128)
+       for batch in (256, 1024) for prefix_len in (1024, 2048, 4096, 8192, 16384)]
+)
+
+
+def shared_prefix_papers_grid(quick: bool = False) -> list[tuple]:
+    """The published settings' rows; with `quick`, the first row of each setting."""
+    if not quick:
+        return list(SHARED_PREFIX_PAPERS_GRID)
+    seen: dict = {}
+    for row in SHARED_PREFIX_PAPERS_GRID:
+        seen.setdefault(row[0], row)
+    return list(seen.values())
+
+
+def run_shared_prefix_papers_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool,
+                                   failed: "list | None" = None) -> list[dict]:
+    """The shared-prefix rows of the published settings (SHARED_PREFIX_PAPERS_GRID), each row
+    marked with its `setting`; the same rows as the shared_prefix suite, the naive one left out
+    where its copy would pass NAIVE_COPY_LIMIT_BYTES."""
+    failed = [] if failed is None else failed
+    rows = []
+    grid = shared_prefix_papers_grid(quick)
+    for i, (setting, hkv, batch, prefix_len, suffix_len) in enumerate(grid, 1):
+        _progress(f"shared_prefix_papers {i}/{len(grid)}: {setting}, {hkv} KV heads, batch {batch}, "
+                  f"prefix {prefix_len}, suffix {suffix_len}")
+        base = shared_prefix_base(hkv, batch, prefix_len, suffix_len, suite="shared_prefix_papers",
+                                  setting=setting)
+        rows += _shared_prefix_workload_rows(timer, ceilings, gpu, base, failed)
     return rows
 
 
@@ -759,6 +876,247 @@ def _free_torch_and_cupy() -> None:
         torch.cuda.empty_cache()
     except ImportError:
         pass
+
+
+# --------------------------------------------------------------------------------------------
+# Tree
+
+# docs/benchmarks.md, "Tree": 64 sequences, MHA with 32 heads of 128, fp16; a 4096-token root shared
+# by all, 8 groups of 8 sequences sharing 2048 more tokens each, 256 own tokens per sequence. Levels
+# are (num_segments, seg_len) from the root down, as `costmodel.tree.TreeShape` reads them.
+TREE_BATCH = 64
+TREE_KV_HEADS = 32
+TREE_LEVELS = ((1, 4096), (8, 2048), (64, 256))
+
+
+def tree_layout(levels, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The segments of a tree given by levels, back to back in one pool, level by level (the root
+    first), and each sequence's path (root to leaf): int32 seg_indptr [num_segs + 1], path_indptr
+    [batch + 1], path_segs [nnz], as `refattn.tree_from_paths` lays them out. Segment j of level i
+    is shared by sequences j * (batch / n_i) ... (j + 1) * (batch / n_i) - 1."""
+    seg_lens, first_seg = [], []
+    for n, length in levels:
+        if n < 1 or batch % n:
+            raise ValueError(f"a level of {n} segments does not split a batch of {batch} evenly")
+        first_seg.append(len(seg_lens))
+        seg_lens += [length] * n
+    seg_indptr = np.concatenate([[0], np.cumsum(seg_lens)])
+    paths = [[first + b // (batch // n) for first, (n, _) in zip(first_seg, levels)] for b in range(batch)]
+    path_indptr = np.arange(batch + 1) * len(levels)
+    return (seg_indptr.astype(np.int32), path_indptr.astype(np.int32),
+            np.asarray(paths, dtype=np.int32).reshape(-1))
+
+
+def tree_cascade_requests(levels, batch: int, num_levels: int) -> list[list[tuple[int, list[int]]]]:
+    """A cascade of `num_levels` levels over the tree's segments (numbered as `tree_layout` does):
+    the first num_levels - 1 tree levels as they are (one request per segment, for the queries of
+    its sharers), the remaining ones folded into one request per sequence over the rest of its
+    path. Each level is a list of (number of queries, segment ids); the queries of a level's
+    requests follow each other in sequence order. num_levels = 1 is paged decode over whole paths."""
+    if not 1 <= num_levels <= len(levels):
+        raise ValueError(f"num_levels must be 1 to {len(levels)}, got {num_levels}")
+    _, path_indptr, path_segs = tree_layout(levels, batch)
+    paths = path_segs.reshape(batch, len(levels)).tolist()
+    cascade = []
+    first = 0
+    for n, _ in levels[:num_levels - 1]:
+        cascade.append([(batch // n, [first + j]) for j in range(n)])
+        first += n
+    cascade.append([(1, path[num_levels - 1:]) for path in paths])
+    return cascade
+
+
+def paged_level_tables(requests, seg_indptr, page_size: int = PAGE_SIZE) -> tuple[np.ndarray, ...]:
+    """FlashInfer's tables of one level of requests (number of queries, segment ids) over the pool
+    cut into pages of `page_size` tokens (segments on page boundaries): int32 qo_indptr, kv_indptr,
+    kv_indices (the pages of the request's segments, in order) and kv_last_page_len (full pages)."""
+    seg_indptr = np.asarray(seg_indptr, dtype=np.int64)
+    if np.any(seg_indptr % page_size):
+        raise ValueError(f"segments must start and end on pages of {page_size} tokens")
+    qo, kv, indices = [0], [0], []
+    for num_queries, segs in requests:
+        pages = [np.arange(seg_indptr[s] // page_size, seg_indptr[s + 1] // page_size) for s in segs]
+        pages = np.concatenate(pages) if pages else np.zeros(0, dtype=np.int64)
+        if not pages.size:
+            raise ValueError(f"a request over segments {list(segs)} holds no page")
+        qo.append(qo[-1] + num_queries)
+        kv.append(kv[-1] + pages.size)
+        indices.append(pages)
+    i32 = functools.partial(np.asarray, dtype=np.int32)
+    return (i32(qo), i32(kv), i32(np.concatenate(indices)), np.full(len(requests), page_size, dtype=np.int32))
+
+
+def tree_base(levels=TREE_LEVELS, *, batch: int = TREE_BATCH, num_kv_heads: int = TREE_KV_HEADS) -> dict:
+    """The workload keys of a tree row: `levels` (what `costmodel.rows.predict_row` reads), the
+    tokens each sequence attends to (`context_len`), unique bytes (every segment's K and V once,
+    q and out) and FLOPs (every sequence over its whole path)."""
+    total_tokens = sum(n * length for n, length in levels)
+    context_len = sum(length for _, length in levels)
+    unique_bytes = 2 * total_tokens * num_kv_heads * HEAD_DIM * 2 + 2 * batch * NUM_QO_HEADS * HEAD_DIM * 2
+    return {"suite": "tree", "dtype": "float16", "batch": batch, "num_qo_heads": NUM_QO_HEADS,
+            "num_kv_heads": num_kv_heads, "head_dim": HEAD_DIM, "levels": [list(level) for level in levels],
+            "context_len": context_len, "unique_bytes": unique_bytes,
+            "flops": 4 * batch * NUM_QO_HEADS * context_len * HEAD_DIM}
+
+
+_TREE_PEER_LEVELS = {"peer:flashinfer_cascade3": 3, "peer:flashinfer_cascade2": 2, "peer:flashinfer_decode": 1}
+
+
+def _tree_peers(q, k_pool, v_pool, levels, batch: int, num_kv_heads: int) -> dict:
+    """FlashInfer on the same pool as pages of PAGE_SIZE, no copies, as callables:
+    - peer:flashinfer_cascade3: MultiLevelCascadeAttentionWrapper with one level per tree level
+      (the root's pages for all queries, each group's for its sequences, each sequence's own);
+    - peer:flashinfer_cascade2: two levels, the root's pages for all queries, then each sequence's
+      group and own pages;
+    - peer:flashinfer_decode: BatchDecodeWithPagedKVCacheWrapper (tensor cores), each sequence's
+      page table listing its root, group and own pages (the pages shared, not the reads)."""
+    try:
+        import flashinfer
+        import torch
+    except ImportError:
+        _progress("  flashinfer not installed: no FlashInfer peers")
+        return {}
+    seg_indptr, _, _ = tree_layout(levels, batch)
+    dev = "cuda"
+    paged_kv = (torch.as_tensor(k_pool, device=dev).view(-1, PAGE_SIZE, num_kv_heads, HEAD_DIM),
+                torch.as_tensor(v_pool, device=dev).view(-1, PAGE_SIZE, num_kv_heads, HEAD_DIM))
+    qt = torch.as_tensor(q, device=dev)
+    peers = {}
+    for label, num_levels in _TREE_PEER_LEVELS.items():
+        if num_levels > len(levels):
+            continue
+        try:
+            tables = [[torch.as_tensor(a, device=dev) for a in paged_level_tables(level, seg_indptr)]
+                      for level in tree_cascade_requests(levels, batch, num_levels)]
+            workspace = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+            if num_levels == 1:
+                _, indptr, indices, last = tables[0]
+                wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True)
+                wrapper.plan(indptr, indices, last, NUM_QO_HEADS, num_kv_heads, HEAD_DIM, PAGE_SIZE,
+                             q_data_type=torch.float16, kv_data_type=torch.float16)
+            else:
+                wrapper = flashinfer.MultiLevelCascadeAttentionWrapper(num_levels, workspace, "NHD")
+                wrapper.plan(
+                    qo_indptr_arr=[t[0] for t in tables], paged_kv_indptr_arr=[t[1] for t in tables],
+                    paged_kv_indices_arr=[t[2] for t in tables], paged_kv_last_page_len=[t[3] for t in tables],
+                    num_qo_heads=NUM_QO_HEADS, num_kv_heads=num_kv_heads, head_dim=HEAD_DIM,
+                    page_size=PAGE_SIZE, q_data_type=torch.float16, kv_data_type=torch.float16)
+            run = lambda wrapper=wrapper: wrapper.run(qt, paged_kv)  # noqa: E731
+            run()
+            torch.cuda.synchronize()
+            peers[label] = (run, {"page_size": PAGE_SIZE})
+        except Exception as exc:  # noqa: BLE001 - report and go on without it
+            _progress(f"  {label} unavailable: {_error_line(exc)}")
+    return peers
+
+
+def _tree_chunk(seg_indptr, path_indptr, path_segs, num_kv_heads: int, device_id: int) -> "int | None":
+    """The chunk size the tree kernel picks for itself (`gpukernels.tree.choose_chunk_size`)."""
+    try:
+        from gpukernels.shared_prefix import kv_tile
+        from gpukernels.split_kv import num_sms
+        from gpukernels.tree import choose_chunk_size
+
+        return int(choose_chunk_size(seg_indptr, path_indptr, path_segs, group_size=NUM_QO_HEADS // num_kv_heads,
+                                     num_kv_heads=num_kv_heads, sms=num_sms(device_id), tile=kv_tile(HEAD_DIM)))
+    except Exception as exc:  # noqa: BLE001 - the row goes without it
+        _progress(f"  no tree chunk size: {_error_line(exc)}")
+        return None
+
+
+def _kernel_ms(timer, label: str, fn, host: float) -> dict:
+    """{"kernel_ms"}: `fn` timed again with a GPU wait of twice its host time (at least 0.2 ms)
+    before the start event, so that the host work of each call (checks, the work list) is not in
+    the time: what the kernels take when the host is ahead, as across the layers of a model or
+    under a CUDA graph. Empty if it fails."""
+    try:
+        return {"kernel_ms": timer(fn, lead_ms=max(0.2, 2 * host * 1e-3))}
+    except Exception as exc:  # noqa: BLE001
+        _progress(f"  {label}: no kernel_ms: {_error_line(exc)}")
+        return {}
+
+
+def run_tree_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool = False,
+                   failed: "list | None" = None) -> list[dict]:
+    """The tree of docs/benchmarks.md on one pool of segments (the root, the groups', each
+    sequence's own, back to back): `tree` (out/lse given; also timed with its host work hidden,
+    `kernel_ms`) and its one-shot call; `tree:naive`, every sequence's path copied into a
+    contiguous cache (not timed) then split-KV; FlashInfer's cascade with three levels and with
+    two, and its paged decode over whole paths, on the same pool as pages. `stream_ms`: the pool
+    read once. `quick` changes nothing (one workload)."""
+    import cupy as cp
+
+    import gpukernels
+
+    failed = [] if failed is None else failed
+    levels, batch, hkv = TREE_LEVELS, TREE_BATCH, TREE_KV_HEADS
+    base = tree_base(levels, batch=batch, num_kv_heads=hkv)
+    _progress(f"tree: batch {batch}, {hkv} KV heads, levels {tree_label(base)}")
+    seg_indptr, path_indptr, path_segs = tree_layout(levels, batch)
+    total = int(seg_indptr[-1])
+    rows = []
+    stream = stream_read()
+    q = _randn16((batch, NUM_QO_HEADS, HEAD_DIM))
+    k_pool = _randn16((total, hkv, HEAD_DIM))
+    v_pool = _randn16((total, hkv, HEAD_DIM))
+    base["stream_ms"] = timer(lambda: stream(k_pool, v_pool))
+    _floor_and_ceiling(base, ceilings)
+    out = cp.empty((batch, NUM_QO_HEADS, HEAD_DIM), dtype=cp.float16)
+    lse = cp.empty((batch, NUM_QO_HEADS), dtype=cp.float32)
+
+    try:
+        from gpukernels.tree import tree
+    except Exception as exc:  # noqa: BLE001 - the peers still run
+        _progress(f"  tree unavailable: {_error_line(exc)}")
+        failed.append("tree")
+        tree = None
+    if tree is not None:
+        # The index arrays stay on the host, where the call reads them to build its work list.
+        ours = lambda: tree(q, k_pool, v_pool, seg_indptr, path_indptr, path_segs, out=out, lse=lse)  # noqa: E731
+        m = _measure(timer, "tree", ours, failed)
+        if m:
+            row = {**base, "impl": "tree", **m, **_kernel_ms(timer, "tree", ours, m["host_us"])}
+            chunk = _tree_chunk(seg_indptr, path_indptr, path_segs, hkv, cp.cuda.Device().id)
+            if chunk is not None:
+                row["chunk_size"] = chunk
+            rows.append(_predicted(row, gpu))
+        one_shot = lambda: tree(q, k_pool, v_pool, seg_indptr, path_indptr, path_segs)  # noqa: E731
+        m = _measure(timer, "tree:oneshot", one_shot, failed)
+        if m:
+            rows.append({**base, "impl": "tree:oneshot", **m})
+
+    # Naive: every sequence's path copied into its own contiguous cache (not timed), then split-KV.
+    context = base["context_len"]
+    k_full = cp.empty((batch, context, hkv, HEAD_DIM), dtype=cp.float16)
+    v_full = cp.empty_like(k_full)
+    for b in range(batch):
+        at = 0
+        for seg in path_segs[path_indptr[b]:path_indptr[b + 1]]:
+            begin, end = int(seg_indptr[seg]), int(seg_indptr[seg + 1])
+            k_full[b, at:at + end - begin] = k_pool[begin:end]
+            v_full[b, at:at + end - begin] = v_pool[begin:end]
+            at += end - begin
+    naive = lambda: gpukernels.split_kv(q, k_full, v_full, out=out, lse=lse)  # noqa: E731
+    m = _measure(timer, "tree:naive", naive, failed)
+    if m:
+        # Not predicted: `predict_row` reads every "tree..." row as the tree kernel.
+        rows.append({**base, "impl": "tree:naive", **m})
+    del k_full, v_full, naive
+    cp.get_default_memory_pool().free_all_blocks()
+
+    rows += _peer_rows(timer, base, _tree_peers(q, k_pool, v_pool, levels, batch, hkv))
+    for r in rows:
+        r.setdefault("frac", r["floor_ms"] / r["time_ms"])
+    _progress("  " + ", ".join(f"{r['impl']} {r['time_ms'] * 1e3:.1f} us" for r in rows)
+              + "".join(f"; {r['impl']} kernels {r['kernel_ms'] * 1e3:.1f} us" for r in rows if "kernel_ms" in r))
+    del q, k_pool, v_pool, out, lse
+    _free_torch_and_cupy()
+    return rows
+
+
+def tree_label(r: dict) -> str:
+    """A tree row's levels as the tables name them: "4096 + 8x2048 + 64x256"."""
+    return " + ".join(str(length) if n == 1 else f"{n}x{length}" for n, length in r["levels"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -1082,8 +1440,13 @@ _PEER_NAMES = {"peer:cudnn": "cuDNN", "peer:flash": "flash", "peer:flashinfer": 
                "peer:flashinfer_cascade": "FlashInfer cascade",
                "peer:flashinfer_decode_prefix_pages": "FlashInfer decode, prefix pages",
                "peer:flex_block_mask": "Flex block mask",
-               "peer:flashinfer_block_sparse": "FlashInfer block-sparse"}
-_WORKLOAD_SUITES = ("shared_prefix", "span")   # rows keyed by a workload label, not by kv_len
+               "peer:flashinfer_block_sparse": "FlashInfer block-sparse",
+               "peer:flashinfer_cascade3": "FlashInfer cascade, 3 levels",
+               "peer:flashinfer_cascade2": "FlashInfer cascade, 2 levels",
+               "peer:flashinfer_decode": "FlashInfer decode, path pages"}
+# Rows keyed by a workload label, not by kv_len.
+_WORKLOAD_SUITES = ("shared_prefix", "shared_prefix_papers", "span", "tree")
+SUITES = ("decode", "coverage", "shared_prefix", "shared_prefix_papers", "span", "tree")
 
 
 def _best_peer(group: list[dict]):
@@ -1127,8 +1490,12 @@ def format_markdown(rows: list[dict]) -> str:
         return _format_coverage(rows)
     if suites == {"shared_prefix"}:
         return _format_shared_prefix(rows)
+    if suites == {"shared_prefix_papers"}:
+        return _format_shared_prefix(rows, papers=True)
     if suites == {"span"}:
         return _format_span(rows)
+    if suites == {"tree"}:
+        return _format_tree(rows)
     lines = ["| batch | KV heads | kv_len | floor us | read-only us | split_kv us | frac | one-shot us "
              "| best peer us | vs peer | paged_decode us | FlashInfer paged us | host us: split_kv / "
              "one-shot / FlashInfer / cuDNN |", "|" + "---|" * 13]
@@ -1178,8 +1545,10 @@ def _format_coverage(rows: list[dict]) -> str:
 
 
 def workload_label(r: dict) -> str:
-    """The grid row of a shared-prefix or span row, as the tables name it."""
-    if r.get("suite") == "shared_prefix" or ("prefix_len" in r and "pattern" not in r):
+    """The grid row of a shared-prefix, span or tree row, as the tables name it."""
+    if r.get("suite") == "tree" or "levels" in r:
+        return tree_label(r)
+    if r.get("suite") in ("shared_prefix", "shared_prefix_papers") or ("prefix_len" in r and "pattern" not in r):
         return f"{r['prefix_len']}+{r['suffix_len']}"
     if r.get("suite") == "span" or "pattern" in r:
         return span_label(r)
@@ -1242,13 +1611,24 @@ def _format_workload_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _format_shared_prefix(rows: list[dict]) -> str:
+def _naive_cell(naive, any_row) -> str:
+    if naive:
+        return _us(naive)
+    return "skipped" if any_row.get("naive_skipped") else "-"
+
+
+def _format_shared_prefix(rows: list[dict], *, papers: bool = False) -> str:
     """One line per grid row: Hydragen (with out/lse, and the one-shot call) against its ceiling,
-    the naive copy-then-split-KV, FlashInfer's cascade and paged decode, host time per call."""
-    lines = ["| KV heads | batch | prefix_len | suffix_len | read-only us | ceiling us | hydragen us "
-             "| vs ceiling | frac | one-shot us | bifurcated us | naive us | FlashInfer cascade us "
-             "| FlashInfer decode, prefix pages us | best peer | vs cascade | vs best peer "
-             "| host us: hydragen / one-shot / cascade / decode |", "|" + "---|" * 18]
+    the naive copy-then-split-KV, FlashInfer's cascade and paged decode, host time per call. With
+    `papers` (the published settings), the setting first and the speedups of Hydragen and
+    bifurcated over naive ("skipped" where its copy was too large to make)."""
+    head = ["KV heads", "batch", "prefix_len", "suffix_len", "read-only us", "ceiling us", "hydragen us",
+            "vs ceiling", "frac", "one-shot us", "bifurcated us", "naive us", "FlashInfer cascade us",
+            "FlashInfer decode, prefix pages us", "best peer", "vs cascade", "vs best peer"]
+    if papers:
+        head = ["setting"] + head + ["vs naive: hydragen / bifurcated"]
+    head.append("host us: hydragen / one-shot / cascade / decode")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, group in _by_workload(rows).items():
         any_row = group[0]
         ours = _find(group, "shared_prefix:hydragen")
@@ -1259,14 +1639,49 @@ def _format_shared_prefix(rows: list[dict]) -> str:
         decode = _find(group, "peer:flashinfer_decode_prefix_pages")
         best = _best_peer(group)
         ceiling = any_row.get("ceiling_ms", any_row.get("stream_ms"))
-        lines.append(
+        line = (
             f"| {any_row['num_kv_heads']} | {any_row['batch']} | {any_row['prefix_len']} | {any_row['suffix_len']} "
             f"| {any_row['stream_ms'] * 1e3:.1f} | " + (f"{ceiling * 1e3:.1f}" if ceiling else "-")
             + f" | {_t(ours)} | {_vs_ceiling(ours)} | " + (f"{ours['frac']:.3f}" if ours else "-")
-            + f" | {_t(one)} | {_t(bifurcated)} | {_t(naive)} | {_t(cascade)} | {_t(decode)} | "
+            + f" | {_t(one)} | {_t(bifurcated)} | {_naive_cell(naive, any_row)} | {_t(cascade)} | {_t(decode)} | "
             + (f"{_us(best)} ({_PEER_NAMES[best['impl']]})" if best else "-")
-            + f" | {_x(cascade, ours)} | {_x(best, ours)} "
-            f"| {_host(ours)} / {_host(one)} / {_host(cascade)} / {_host(decode)} |")
+            + f" | {_x(cascade, ours)} | {_x(best, ours)} |")
+        if papers:
+            line = f"| {any_row.get('setting', '-')} " + line + f" {_x(naive, ours)} / {_x(naive, bifurcated)} |"
+        lines.append(line + f" {_host(ours)} / {_host(one)} / {_host(cascade)} / {_host(decode)} |")
+    return "\n".join(lines)
+
+
+def _format_tree(rows: list[dict]) -> str:
+    """One line per tree: `tree` (out/lse given) against its ceiling, FlashInfer's 3-level cascade
+    (the target's peer) and the best peer; the same call with its host work hidden (kernels); the
+    one-shot call, the naive copy-then-split-KV, every FlashInfer variant, the prediction, host
+    time per call."""
+    head = ["levels", "batch", "q/KV heads", "read-only us", "ceiling us", "tree us", "vs ceiling", "frac",
+            "kernels us", "kernels vs ceiling", "one-shot us", "naive us", "FlashInfer cascade 3 us",
+            "FlashInfer cascade 2 us", "FlashInfer decode us", "best peer", "vs cascade 3", "vs best peer",
+            "kernels vs cascade 3", "predicted us", "host us: tree / one-shot / cascade 3 / cascade 2 / decode"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (*_, label), group in _by_workload(rows).items():
+        any_row = group[0]
+        ours = _find(group, "tree")
+        one = _find(group, "tree:oneshot")
+        naive = _find(group, "tree:naive")
+        c3 = _find(group, "peer:flashinfer_cascade3")
+        c2 = _find(group, "peer:flashinfer_cascade2")
+        decode = _find(group, "peer:flashinfer_decode")
+        best = _best_peer(group)
+        ceiling = any_row.get("ceiling_ms", any_row.get("stream_ms"))
+        kernels = {"time_ms": ours["kernel_ms"], "ceiling_ms": ceiling} if ours and "kernel_ms" in ours else None
+        lines.append(
+            f"| {label} | {any_row['batch']} | {any_row['num_qo_heads']}/{any_row['num_kv_heads']} "
+            f"| {any_row['stream_ms'] * 1e3:.1f} | " + (f"{ceiling * 1e3:.1f}" if ceiling else "-")
+            + f" | {_t(ours)} | {_vs_ceiling(ours)} | " + (f"{ours['frac']:.3f}" if ours else "-")
+            + f" | {_t(kernels)} | {_vs_ceiling(kernels)} | {_t(one)} | {_t(naive)} | {_t(c3)} | {_t(c2)} "
+            f"| {_t(decode)} | " + (f"{_us(best)} ({_PEER_NAMES[best['impl']]})" if best else "-")
+            + f" | {_x(c3, ours)} | {_x(best, ours)} | {_x(c3, kernels)} | "
+            + (f"{ours['predicted_ms'] * 1e3:.1f}" if ours and "predicted_ms" in ours else "-")
+            + f" | {_host(ours)} / {_host(one)} / {_host(c3)} / {_host(c2)} / {_host(decode)} |")
     return "\n".join(lines)
 
 
@@ -1304,12 +1719,15 @@ def _format_span(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="decode-attention bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=["decode", "coverage", "shared_prefix", "span"], default="decode",
+    parser.add_argument("--suite", choices=SUITES, default="decode",
                         help="decode: the decode grid with the split sweep and every peer; coverage: "
                         "shapes off that grid (dtypes, head dims, groups, odd lengths) against SDPA; "
                         "shared_prefix: one prefix shared by a batch (Hydragen, naive, FlashInfer's cascade "
-                        "and paged decode); span: sparse spans over a 32k cache (span, dense split-KV and "
-                        "cuDNN, FlexAttention block mask, FlashInfer block-sparse) (default: %(default)s)")
+                        "and paged decode); shared_prefix_papers: the same rows in the settings of the "
+                        "bifurcated-attention and Hydragen papers; span: sparse spans over a 32k cache (span, "
+                        "dense split-KV and cuDNN, FlexAttention block mask, FlashInfer block-sparse); tree: "
+                        "a 3-level tree of shared segments (tree, naive, FlashInfer's cascade with 3 and 2 "
+                        "levels and paged decode) (default: %(default)s)")
     from decode_attention.cli import positive_int
 
     parser.add_argument("--reps", type=positive_int, default=30,
@@ -1362,12 +1780,12 @@ def main(argv=None) -> int:
     failed: list[str] = []
     if args.suite == "coverage":
         rows = run_coverage_suite(timer, ceilings, gpu, quick=args.quick)
-    elif args.suite == "shared_prefix":
-        rows = run_shared_prefix_suite(timer, ceilings, gpu, quick=args.quick, failed=failed)
-    elif args.suite == "span":
-        rows = run_span_suite(timer, ceilings, gpu, quick=args.quick, failed=failed)
-    else:
+    elif args.suite == "decode":
         rows = run_decode_suite(timer, ceilings, gpu, quick=args.quick, sweep=not args.no_sweep)
+    else:
+        run = {"shared_prefix": run_shared_prefix_suite, "shared_prefix_papers": run_shared_prefix_papers_suite,
+               "span": run_span_suite, "tree": run_tree_suite}[args.suite]
+        rows = run(timer, ceilings, gpu, quick=args.quick, failed=failed)
     if not args.quick:
         out_dir = Path(args.out) / gpu_slug(meta["gpu"])
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -1376,8 +1794,9 @@ def main(argv=None) -> int:
         _progress(f"wrote {path}")
     print(format_table(rows))
     if args.suite in _WORKLOAD_SUITES:
-        print("read us: a kernel that only reads the unique K and V once (a shared prefix once, only the "
-              "attended tokens of a span); vs best peer: the best peer's time / this row's time")
+        print("read us: a kernel that only reads the unique K and V once (a shared prefix once, every "
+              "segment of a tree once, only the attended tokens of a span); vs best peer: the best peer's "
+              "time / this row's time")
     else:
         print("/n: split count; *: the plan's own choice; read us: a kernel that only reads K and V once")
     if failed:

@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # On a GPU machine: install, run the GPU tests, the sanitizer and the benchmark suites; logs and
 # result JSON go to $OUT (default ./gpu-check-out): 7 files for the default list, 2 more for each of
-# shared_prefix and span (keep a run to 7 when its files must all come back). Peers' wheels, if any,
-# are installed from .peers/.
+# shared_prefix, shared_prefix_papers, span and tree (keep a run to 7 when its files must all come
+# back). Peers' wheels, if any, are installed from .peers/.
 #
 #   bash scripts/gpu-check.sh                      # the default list: tests sanitizer decode coverage
 #   bash scripts/gpu-check.sh tests sanitizer      # only the named steps, in the order given
 #   bash scripts/gpu-check.sh shared_prefix span   # suites outside the default list run when named
+#   bash scripts/gpu-check.sh tree shared_prefix_papers
 #
 # Steps: tests (pytest -m gpu), sanitizer (compute-sanitizer memcheck and racecheck over
-# `python -m decode_attention.verify`), decode, coverage, shared_prefix and span
-# (`decode-attention bench --suite ...`; each writes bench-<suite>.log and the <gpu>/<suite>.json
-# it wrote, nothing else). SKIP_BENCH=1 drops the benchmark steps from the default list.
+# `python -m decode_attention.verify`), decode, coverage, shared_prefix, shared_prefix_papers, span
+# and tree (`decode-attention bench --suite ...`; each writes bench-<suite>.log and the
+# <gpu>/<suite>.json it wrote, nothing else). SKIP_BENCH=1 drops the benchmark steps from the default list.
 set -uo pipefail
 OUT=${OUT:-gpu-check-out}
 mkdir -p "$OUT"
@@ -23,8 +24,9 @@ if [ ${#steps[@]} -eq 0 ]; then
   [ "${SKIP_BENCH:-0}" = 1 ] || steps+=(decode coverage)
 fi
 for s in "${steps[@]}"; do
-  case $s in tests|sanitizer|decode|coverage|shared_prefix|span) ;;
-  *) echo "unknown step '$s' (tests, sanitizer, decode, coverage, shared_prefix, span)" >&2; exit 2;; esac
+  case $s in tests|sanitizer|decode|coverage|shared_prefix|shared_prefix_papers|span|tree) ;;
+  *) echo "unknown step '$s' (tests, sanitizer, decode, coverage, shared_prefix, shared_prefix_papers," \
+       "span, tree)" >&2; exit 2;; esac
 done
 if ls .peers/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-deps --no-index .peers/*.whl >/tmp/peers-install.log 2>&1 \
@@ -63,7 +65,7 @@ for s in "${steps[@]}"; do
       [ $rc -eq 0 ] || status=1
     done
     ;;
-  decode|coverage|shared_prefix|span)
+  decode|coverage|shared_prefix|shared_prefix_papers|span|tree)
     step "$s benchmark"
     marker=$(mktemp)  # only the file this run writes comes back, not the committed ones of other GPUs
     python3 -m gpukernels.bench --suite "$s" --out results 2>&1 | tee "$OUT/bench-$s.log" | grep -v "^\["

@@ -302,3 +302,233 @@ def test_suite_choices_include_the_new_suites(capsys):
         bench.main(["--help"])
     text = capsys.readouterr().out
     assert "shared_prefix" in text and "span" in text
+
+
+# --------------------------------------------------------------------------------------------
+# The published shared-prefix settings and the tree suite (no GPU needed)
+
+
+def test_shared_prefix_papers_grid_is_the_documented_one():
+    section = _docs_section("Shared prefix")
+    cells = re.findall(r"^\| `(\w+)` \| (\d+) \| ([\d, ]+) \| ([\d, ]+) \| (\d+) \|$", section, re.M)
+    documented = [(setting, int(hkv), int(b), int(p), int(s))
+                  for setting, hkv, batches, prefixes, s in cells
+                  for b in batches.split(", ") for p in prefixes.split(", ")]
+    assert documented == bench.SHARED_PREFIX_PAPERS_GRID
+    assert len(bench.SHARED_PREFIX_PAPERS_GRID) == 12
+    assert bench.shared_prefix_papers_grid(quick=True) == [("bifurcated_7b", 32, 16, 8192, 256),
+                                                           ("hydragen_sweep", 8, 256, 1024, 128)]
+
+
+def test_naive_is_skipped_only_where_its_copy_passes_the_limit():
+    assert bench.naive_copy_bytes(8, 1024, 16384, 128) == 2 * 1024 * 16512 * 8 * 128 * 2
+    skipped = [row for row in bench.SHARED_PREFIX_PAPERS_GRID if bench.naive_skip_reason(*row[1:])]
+    assert skipped == [("hydragen_sweep", 8, 1024, 16384, 128)]
+    assert "69.3 GB" in bench.naive_skip_reason(8, 1024, 16384, 128)
+    assert not any(bench.naive_skip_reason(*row) for row in bench.SHARED_PREFIX_GRID)
+
+
+def test_both_shared_prefix_suites_run_the_same_workload_rows(monkeypatch):
+    # Both suites hand each workload to the one function that measures its rows.
+    seen = []
+    monkeypatch.setattr(bench, "_shared_prefix_workload_rows",
+                        lambda timer, ceilings, gpu, base, failed: seen.append(base) or [base])
+    monkeypatch.setattr(bench, "_progress", lambda msg: None)
+    rows = bench.run_shared_prefix_suite(None, {}, None, quick=False)
+    assert [(r["num_kv_heads"], r["batch"], r["prefix_len"], r["suffix_len"]) for r in rows] == \
+        bench.SHARED_PREFIX_GRID
+    assert {r["suite"] for r in rows} == {"shared_prefix"} and not any("setting" in r for r in rows)
+    rows = bench.run_shared_prefix_papers_suite(None, {}, None, quick=False)
+    assert [(r["setting"], r["num_kv_heads"], r["batch"], r["prefix_len"], r["suffix_len"]) for r in rows] == \
+        bench.SHARED_PREFIX_PAPERS_GRID
+    assert {r["suite"] for r in rows} == {"shared_prefix_papers"}
+    assert all(r["num_qo_heads"] == 32 and r["head_dim"] == 128 for r in rows)
+    assert rows[0]["unique_bytes"] == bench.shared_prefix_base(32, 16, 8192, 256)["unique_bytes"]
+
+
+def test_tree_constants_are_the_documented_tree():
+    section = " ".join(_docs_section("Tree").split())
+    assert "64 sequences, MHA with 32 heads: a 4096-token root shared by all, 8 groups of 8 sequences " \
+           "sharing 2048 more tokens each, 256 own tokens per sequence" in section
+    assert (bench.TREE_BATCH, bench.TREE_KV_HEADS) == (64, 32)
+    assert bench.TREE_LEVELS == ((1, 4096), (8, 2048), (64, 256))
+
+
+def test_tree_layout_is_the_one_of_tree_from_paths():
+    from refattn import tree_from_paths
+
+    seg, path_indptr, path_segs = bench.tree_layout(bench.TREE_LEVELS, 64)
+    lens = np.diff(seg)
+    segs = [np.zeros((n, 1, 1), dtype=np.float16) for n in lens]
+    paths = [path_segs[path_indptr[b]:path_indptr[b + 1]].tolist() for b in range(64)]
+    _, _, seg2, indptr2, segs2 = tree_from_paths(segs, segs, paths)
+    for ours, theirs in ((seg, seg2), (path_indptr, indptr2), (path_segs, segs2)):
+        assert ours.dtype == np.int32 and np.array_equal(ours, theirs)
+    assert lens.tolist() == [4096] + [2048] * 8 + [256] * 64 and seg[-1] == 36864
+    assert paths[0] == [0, 1, 9] and paths[9] == [0, 2, 18] and paths[63] == [0, 8, 72]
+    with pytest.raises(ValueError):
+        bench.tree_layout(((1, 16), (3, 16)), 8)
+
+
+def _pages_to_tokens(pages):
+    return (np.asarray(pages)[:, None] * bench.PAGE_SIZE + np.arange(bench.PAGE_SIZE)).reshape(-1)
+
+
+@pytest.mark.parametrize("num_levels", [3, 2, 1])
+def test_flashinfer_tables_give_every_sequence_its_path_once(num_levels):
+    batch = 64
+    seg, path_indptr, path_segs = bench.tree_layout(bench.TREE_LEVELS, batch)
+    cascade = bench.tree_cascade_requests(bench.TREE_LEVELS, batch, num_levels)
+    assert len(cascade) == num_levels
+    seen = [[] for _ in range(batch)]
+    for level in cascade:
+        qo, kv, indices, last = bench.paged_level_tables(level, seg)
+        assert all(a.dtype == np.int32 for a in (qo, kv, indices, last))
+        assert qo[0] == 0 and qo[-1] == batch and len(qo) == len(kv) == len(level) + 1
+        assert np.all(last == bench.PAGE_SIZE) and kv[-1] == indices.size
+        for r in range(len(level)):
+            tokens = _pages_to_tokens(indices[kv[r]:kv[r + 1]])
+            for b in range(qo[r], qo[r + 1]):
+                seen[b].append(tokens)
+    for b in range(batch):
+        path = path_segs[path_indptr[b]:path_indptr[b + 1]]
+        want = np.concatenate([np.arange(seg[s], seg[s + 1]) for s in path])
+        assert np.array_equal(np.concatenate(seen[b]), want), f"sequence {b}"
+    if num_levels == 3:   # the root for all 64, each group for its 8, each sequence's own
+        assert [len(level) for level in cascade] == [1, 8, 64]
+        assert [n for n, _ in cascade[1]] == [8] * 8
+    if num_levels == 2:
+        assert cascade[1][9] == (1, [2, 18])
+    if num_levels == 1:
+        assert bench.paged_level_tables(cascade[0], seg)[1][1] == (4096 + 2048 + 256) // bench.PAGE_SIZE
+
+
+def test_paged_tables_refuse_segments_off_page_boundaries():
+    with pytest.raises(ValueError):
+        bench.paged_level_tables([(1, [0])], [0, 24])
+
+
+def test_tree_base_counts_every_segment_once():
+    base = bench.tree_base()
+    assert base["suite"] == "tree" and base["levels"] == [[1, 4096], [8, 2048], [64, 256]]
+    assert base["context_len"] == 6400
+    assert base["unique_bytes"] == 2 * 36864 * 32 * 128 * 2 + 2 * 64 * 32 * 128 * 2
+    assert base["flops"] == 4 * 64 * 32 * 6400 * 128
+    assert bench.tree_label(base) == "4096 + 8x2048 + 64x256"
+    assert bench.workload_label(base) == "4096 + 8x2048 + 64x256"
+
+
+def test_the_cost_model_reads_the_rows_of_the_new_suites():
+    from costmodel.gpus import get_gpu
+    from costmodel.rows import predict_row
+
+    gpu = get_gpu("h200")
+    for setting, *grid_row in bench.SHARED_PREFIX_PAPERS_GRID:
+        base = bench.shared_prefix_base(*grid_row, suite="shared_prefix_papers", setting=setting)
+        for impl in ("shared_prefix:hydragen", "shared_prefix:bifurcated", "shared_prefix:naive"):
+            assert predict_row({**base, "impl": impl}, gpu).time_s > 0
+    assert predict_row({**bench.tree_base(), "impl": "tree", "chunk_size": 8192}, gpu).time_s > 0
+
+
+def _papers_rows():
+    rows = []
+    for setting, *grid_row in (bench.SHARED_PREFIX_PAPERS_GRID[0], bench.SHARED_PREFIX_PAPERS_GRID[-1]):
+        base = {**bench.shared_prefix_base(*grid_row, suite="shared_prefix_papers", setting=setting),
+                "floor_ms": 0.04, "stream_ms": 0.060, "ceiling_ms": 0.062}
+        if bench.naive_skip_reason(*grid_row):
+            base["naive_skipped"] = bench.naive_skip_reason(*grid_row)
+        rows += [
+            {**base, "impl": "shared_prefix:hydragen", "time_ms": 0.070, "frac": 0.57, "host_us": 30.0},
+            {**base, "impl": "shared_prefix:hydragen:oneshot", "time_ms": 0.072, "frac": 0.55, "host_us": 45.0},
+            {**base, "impl": "shared_prefix:bifurcated", "time_ms": 0.100, "frac": 0.4, "host_us": 50.0},
+            {**base, "impl": "peer:flashinfer_cascade", "time_ms": 0.180, "frac": 0.22, "host_us": 60.0},
+        ]
+        if "naive_skipped" not in base:
+            rows.append({**base, "impl": "shared_prefix:naive", "time_ms": 0.500, "frac": 0.08, "host_us": 20.0})
+    return rows
+
+
+def test_papers_report_names_the_setting_and_the_speedups_over_naive():
+    table = bench.format_markdown(_papers_rows()).splitlines()
+    assert table[0].startswith("| setting | KV heads |") and "vs naive: hydragen / bifurcated" in table[0]
+    assert len(table) == 4
+    assert table[0].count("|") == table[1].count("|") == table[2].count("|") == table[3].count("|")
+    bif = table[2]
+    assert bif.startswith("| bifurcated_7b | 32 | 16 | 8192 | 256 | 60.0 | 62.0 | 70.0 | 1.13x |")
+    assert "| 100.0 | 500.0 | 180.0 | - |" in bif and "| 7.14x / 5.00x | 30 / 45 / 60 / - |" in bif
+    hyd = table[3]
+    assert hyd.startswith("| hydragen_sweep | 8 | 1024 | 16384 | 128 |")
+    assert "| skipped |" in hyd and "| - / - |" in hyd
+
+
+def _tree_rows():
+    base = {**bench.tree_base(), "stream_ms": 0.130, "ceiling_ms": 0.130, "floor_ms": 0.12}
+    return [
+        {**base, "impl": "tree", "time_ms": 1.300, "kernel_ms": 0.156, "frac": 0.09, "host_us": 1250.0,
+         "chunk_size": 8192, "predicted_ms": 0.168},
+        {**base, "impl": "tree:oneshot", "time_ms": 1.320, "frac": 0.09, "host_us": 1270.0},
+        {**base, "impl": "tree:naive", "time_ms": 0.700, "frac": 0.17, "host_us": 25.0},
+        {**base, "impl": "peer:flashinfer_cascade3", "page_size": 16, "time_ms": 0.312, "frac": 0.38,
+         "host_us": 90.0},
+        {**base, "impl": "peer:flashinfer_cascade2", "page_size": 16, "time_ms": 0.260, "frac": 0.46,
+         "host_us": 60.0},
+        {**base, "impl": "peer:flashinfer_decode", "page_size": 16, "time_ms": 0.650, "frac": 0.18,
+         "host_us": 30.0},
+    ]
+
+
+def test_tree_report_compares_the_call_and_its_kernels_with_the_ceiling_and_the_cascade():
+    table = bench.format_markdown(_tree_rows()).splitlines()
+    assert len(table) == 3 and table[0].count("|") == table[1].count("|") == table[2].count("|")
+    assert "vs cascade 3" in table[0] and "kernels us" in table[0] and "host us" in table[0]
+    row = table[2]
+    assert row.startswith("| 4096 + 8x2048 + 64x256 | 64 | 32/32 | 130.0 | 130.0 | 1300.0 | 10.00x | 0.090 "
+                          "| 156.0 | 1.20x | 1320.0 | 700.0 | 312.0 | 260.0 | 650.0 |")
+    assert "260.0 (FlashInfer cascade, 2 levels)" in row
+    assert "| 0.24x | 0.20x | 2.00x | 168.0 |" in row
+    assert row.endswith("| 1250 / 1270 / 90 / 60 / 30 |")
+
+
+def test_printed_table_of_the_tree_names_the_levels():
+    lines = bench.format_table(_tree_rows()).splitlines()
+    assert "workload" in lines[0]
+    ours = next(line for line in lines if " tree " in line)
+    assert "4096 + 8x2048 + 64x256" in ours and "32/32" in ours and "168.0" in ours
+    assert any("peer:flashinfer_cascade3" in line and "0.83x" in line for line in lines)
+
+
+@pytest.mark.parametrize("suite, rows", [("shared_prefix_papers", _papers_rows), ("tree", _tree_rows)])
+def test_report_of_the_papers_and_tree_files(tmp_path, capsys, suite, rows):
+    path = tmp_path / "h200" / f"{suite}.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"meta": {"gpu": "NVIDIA H200"}, "rows": rows()}))
+    assert bench.main(["--report", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("| ") and len(out) == len(bench._by_workload(rows())) + 2
+
+
+def test_suite_choices_include_the_tree_and_the_published_settings(capsys):
+    assert {"tree", "shared_prefix_papers"} <= set(bench.SUITES)
+    assert set(bench._WORKLOAD_SUITES) <= set(bench.SUITES)
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    text = capsys.readouterr().out
+    assert "shared_prefix_papers" in text and "tree" in text
+
+
+def test_gpu_check_takes_the_new_steps_only_when_named(tmp_path):
+    import subprocess
+
+    script = Path(bench.__file__).resolve().parent.parent / "scripts" / "gpu-check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    accepted = re.search(r"^  case \$s in ([\w|]+)\) ;;$", text, re.M).group(1).split("|")
+    assert {"tree", "shared_prefix_papers"} <= set(accepted)
+    benches = re.search(r"^  ([\w|]+)\)\n    step \"\$s benchmark\"", text, re.M).group(1).split("|")
+    assert set(benches) == set(bench.SUITES)
+    default = re.search(r"steps=\(tests sanitizer\)\n.*steps\+=\(([\w ]+)\)", text).group(1).split()
+    assert default == ["decode", "coverage"]
+    # An unknown step is refused before anything runs, naming the new steps.
+    run = subprocess.run(["bash", str(script), "no_such_step"], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out")}, cwd=tmp_path)
+    assert run.returncode == 2 and "shared_prefix_papers" in run.stderr and "tree" in run.stderr
