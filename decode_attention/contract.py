@@ -577,6 +577,27 @@ def check_spans(span_indptr, spans, batch: int, kv_len: int) -> tuple[np.ndarray
     return span_indptr, spans
 
 
+def check_sinks(sinks, num_qo_heads: int) -> None:
+    """Per-head sink logits by their metadata: None, or an array (NumPy, CuPy or PyTorch)
+    [num_qo_heads] of a float dtype. TypeError for something that is not an array or has another
+    dtype, ValueError for another shape; values are not checked (non-finite sinks follow the
+    rules of `span`)."""
+    if sinks is None:
+        return
+    if not all(hasattr(sinks, attr) for attr in ("shape", "dtype", "ndim")):
+        raise TypeError(
+            f"sinks must be None or an array [num_qo_heads] (NumPy, CuPy or PyTorch), "
+            f"got {type(sinks).__name__}"
+        )
+    dtype = dtype_name(sinks)
+    if dtype not in FLOAT_DTYPES:
+        allowed = ", ".join(FLOAT_DTYPES[:-1]) + f" or {FLOAT_DTYPES[-1]}"
+        raise TypeError(f"sinks must have dtype {allowed}, got {dtype}")
+    shape = tuple(int(s) for s in sinks.shape)
+    if shape != (num_qo_heads,):
+        raise ValueError(f"sinks must be [num_qo_heads] = [{num_qo_heads}], got {shape}")
+
+
 def check_span(q, k, v, span_indptr, spans, *, sm_scale=None, dtypes=FLOAT_DTYPES) -> SpanProblem:
     """Check a span call (contiguous k, v as in `check_decode`, plus a span list)."""
     batch, num_qo_heads, head_dim, dtype = _check_query(q, dtypes)

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from decode_attention.contract import check_span
+from decode_attention.contract import check_sinks, check_span
 
 from . import _runtime as rt
 from .paged_decode import paged_decode
@@ -81,19 +81,14 @@ def span_page_table(span_indptr, spans, batch: int, kv_len: int) -> SpanPageTabl
 
 def _sinks_on_device(sinks, kind: str, device_id: int, num_qo_heads: int):
     """Per-head sink logits as a float32 array [num_qo_heads] of the caller's kind, checked."""
-    from decode_attention.contract import FLOAT_DTYPES, dtype_name  # noqa: PLC0415
-
-    if not all(hasattr(sinks, attr) for attr in ("shape", "dtype")):
-        raise TypeError(f"sinks must be None or an array [num_qo_heads], got {type(sinks).__name__}")
-    if dtype_name(sinks) not in FLOAT_DTYPES:
-        raise TypeError(f"sinks must have a float dtype ({', '.join(FLOAT_DTYPES)}), got {dtype_name(sinks)}")
-    if tuple(int(n) for n in sinks.shape) != (num_qo_heads,):
-        raise ValueError(f"sinks must be [num_qo_heads] = [{num_qo_heads}], got {tuple(sinks.shape)}")
+    check_sinks(sinks, num_qo_heads)
     if kind == "torch":
         import torch  # noqa: PLC0415
 
         return torch.as_tensor(sinks, device=f"cuda:{device_id}").to(torch.float32)
     cp = rt.cupy()
+    if isinstance(sinks, np.ndarray):
+        sinks = sinks.astype(np.float32)   # bfloat16 (ml_dtypes) included
     with cp.cuda.Device(device_id):
         return cp.asarray(sinks, dtype=np.float32)
 

@@ -91,18 +91,7 @@ def check_sinks(sinks, num_qo_heads: int):
     """
     if sinks is None:
         return None
-    if not all(hasattr(sinks, attr) for attr in ("shape", "dtype", "ndim")):
-        raise TypeError(
-            f"sinks must be None or an array [num_qo_heads] (NumPy, CuPy or PyTorch), "
-            f"got {type(sinks).__name__}"
-        )
-    dtype = contract.dtype_name(sinks)
-    if dtype not in contract.FLOAT_DTYPES:
-        allowed = ", ".join(contract.FLOAT_DTYPES[:-1]) + f" or {contract.FLOAT_DTYPES[-1]}"
-        raise TypeError(f"sinks must have dtype {allowed}, got {dtype}")
-    shape = tuple(int(s) for s in sinks.shape)
-    if shape != (num_qo_heads,):
-        raise ValueError(f"sinks must be [num_qo_heads] = [{num_qo_heads}], got {shape}")
+    contract.check_sinks(sinks, num_qo_heads)
     return upcast(sinks)
 
 
