@@ -45,8 +45,6 @@ TILE_TOKENS = 64             # tokens one block consumes per iteration (NUM_WARP
 # / 255.9).
 PIPELINE_STAGES_BY_HEAD_DIM = {(64, False): 6, (64, True): 4, (128, False): 3, (128, True): 2,
                                (256, False): 2, (256, True): 2}
-PIPELINE_STAGES = PIPELINE_STAGES_BY_HEAD_DIM[128, False]        # head_dim 128, contiguous cache
-PIPELINE_STAGES_PAGED = PIPELINE_STAGES_BY_HEAD_DIM[128, True]   # head_dim 128, paged cache
 TENSOR_CORE_HEAD_DIMS = (64, 128, 256)
 TENSOR_CORE_DTYPES = ("float16", "bfloat16")  # the kernel's mma path; float32 runs on CUDA cores
 SMEM_PER_SM_BYTES = 228 * 1024  # Hopper; what the pipeline stages of resident blocks share

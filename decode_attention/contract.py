@@ -307,6 +307,12 @@ class DecodeProblem(_HeadsMixin):
     sm_scale: float
 
 
+def check_kv_lens(kv_lens, batch: int, kv_len: int) -> np.ndarray:
+    """A contiguous cache's valid lengths: int [batch] in [0, kv_len] (None: all kv_len), as host
+    int64."""
+    return _check_lengths(kv_lens, "kv_lens", batch, kv_len, "kv_len")
+
+
 def check_decode(q, k, v, kv_lens=None, *, sm_scale=None, dtypes=FLOAT_DTYPES):
     """Check a contiguous-cache call; return (DecodeProblem, host int64 kv_lens [batch])."""
     batch, num_qo_heads, head_dim, dtype = _check_query(q, dtypes)
@@ -316,7 +322,7 @@ def check_decode(q, k, v, kv_lens=None, *, sm_scale=None, dtypes=FLOAT_DTYPES):
         dtype, positive=("num_kv_heads",),
     )
     _check_heads(num_qo_heads, num_kv_heads, "k.shape[2]")
-    kv_lens = _check_lengths(kv_lens, "kv_lens", batch, kv_len, "kv_len")
+    kv_lens = check_kv_lens(kv_lens, batch, kv_len)
     scale = check_sm_scale(sm_scale, head_dim)
     problem = DecodeProblem(batch, kv_len, num_qo_heads, num_kv_heads, head_dim, dtype, scale)
     return problem, kv_lens

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from decode_attention.contract import check_sinks, check_span
+from decode_attention.contract import check_sinks, check_span, check_spans
 
 from . import _runtime as rt
 from .paged_decode import paged_decode
@@ -58,8 +58,6 @@ def span_page_table(span_indptr, spans, batch: int, kv_len: int) -> SpanPageTabl
     page_size, page_size, ...] that lie inside its spans: page (b * kv_len + t) / page_size for
     every page-aligned token t of each span.
     """
-    from decode_attention.contract import check_spans  # noqa: PLC0415
-
     span_indptr, spans = check_spans(span_indptr, spans, batch, kv_len)
     page = _span_page_size(spans, kv_len)
     seq_of_span = np.repeat(np.arange(batch, dtype=np.int64), np.diff(span_indptr))  # [num_spans]

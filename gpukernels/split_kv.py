@@ -39,7 +39,7 @@ import numpy as np
 
 from costmodel.split_kv import (HEADS_PER_BLOCK_CHOICES, NUM_WARPS, SplitKVPlan, pipeline_stage_bytes,
                                  pipeline_stages, plan_split_kv, uses_tensor_cores)
-from decode_attention.contract import check_decode, check_paged, check_paged_layout
+from decode_attention.contract import check_decode, check_kv_lens, check_paged, check_paged_layout
 
 from . import _runtime as rt
 
@@ -447,8 +447,8 @@ def split_kv(q, k, v, kv_lens=None, *, num_splits=None, plan=None, sm_scale=None
         lens_dev = _index_on_device(kv_lens, "kv_lens", problem.batch, kind, device_id)
         max_len = problem.kv_len
     else:
-        _, lens_host = check_decode(q, k, v, rt.host_ints(kv_lens, "kv_lens"), sm_scale=sm_scale,
-                                    dtypes=rt.KERNEL_DTYPES)
+        # the shapes were checked above: only the values are left
+        lens_host = check_kv_lens(rt.host_ints(kv_lens, "kv_lens"), problem.batch, problem.kv_len)
         max_len = _length_bucket(int(lens_host.max(initial=0)))
         lens_dev = rt.device_int32(lens_host, kind, device_id, "kv_lens")
     plan = _one_shot_plan(problem, max_len, device_id, plan, num_splits, 0)

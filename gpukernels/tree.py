@@ -28,7 +28,7 @@ from . import _runtime as rt
 from .shared_prefix import PREFIX_DTYPES, QUERY_ROWS, THREADS, kv_tile, pipeline_stages, stage_bytes
 from .split_kv import num_sms, outputs
 
-__all__ = ["TreeWork", "plan_tree_work", "tree"]
+__all__ = ["TreeWork", "plan_tree_work", "choose_work", "choose_chunk_size", "tree"]
 
 _LOG2E = 1.4426950408889634
 
@@ -81,17 +81,21 @@ def plan_tree_work(seg_indptr, path_indptr, path_segs, *, group_size: int, chunk
                     first_state.astype(np.int32), part_indptr.astype(np.int32), int(part_indptr[-1]))
 
 
-def choose_chunk_size(seg_indptr, path_indptr, path_segs, *, group_size: int, num_kv_heads: int,
-                      sms: int, tile: int) -> int:
-    """The longest power-of-two chunk (from 8192 down to one pipeline tile) whose work list still
-    gives every SM two blocks; the shortest when none does."""
+def choose_work(seg_indptr, path_indptr, path_segs, *, group_size: int, num_kv_heads: int,
+                sms: int, tile: int) -> TreeWork:
+    """The work list of the longest power-of-two chunk (from 8192 down to one pipeline tile) that
+    still gives every SM two blocks; of the shortest when none does."""
     chunk = 8192
-    while chunk > tile:
+    while True:
         work = plan_tree_work(seg_indptr, path_indptr, path_segs, group_size=group_size, chunk_size=chunk)
-        if len(work.work) * num_kv_heads >= 2 * sms:
-            return chunk
+        if chunk <= tile or len(work.work) * num_kv_heads >= 2 * sms:
+            return work
         chunk //= 2
-    return tile
+
+
+def choose_chunk_size(seg_indptr, path_indptr, path_segs, **kwargs) -> int:
+    """The chunk size `choose_work` picks (same keyword arguments)."""
+    return choose_work(seg_indptr, path_indptr, path_segs, **kwargs).chunk_size
 
 
 @functools.lru_cache(maxsize=None)
@@ -150,13 +154,14 @@ def tree(q, k_segs, v_segs, seg_indptr, path_indptr, path_segs, *, sm_scale=None
         return out, lse
     tile = kv_tile(D)
     if chunk_size is None:
-        chunk_size = choose_chunk_size(seg_h, ind_h, segs_h, group_size=G, num_kv_heads=Hkv,
-                                       sms=num_sms(device_id), tile=tile)
+        work = choose_work(seg_h, ind_h, segs_h, group_size=G, num_kv_heads=Hkv, sms=num_sms(device_id),
+                           tile=tile)
     elif not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool):
         raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
     elif chunk_size < tile or chunk_size % tile:
         raise ValueError(f"chunk_size must be a positive multiple of {tile}, got {chunk_size}")
-    work = plan_tree_work(seg_h, ind_h, segs_h, group_size=G, chunk_size=int(chunk_size))
+    else:
+        work = plan_tree_work(seg_h, ind_h, segs_h, group_size=G, chunk_size=int(chunk_size))
     dev = lambda a: rt.device_int32(a if a.size else np.zeros(1, np.int32), kind, device_id, "tree")  # noqa: E731
     work_d, sharers_d, first_d, indptr_d = (dev(a) for a in (work.work, work.sharers, work.first_state,
                                                              work.part_indptr))
