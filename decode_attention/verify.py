@@ -49,6 +49,18 @@ def _to_device(x, dtype):
     return cp.asarray(x.astype(dtype))
 
 
+def _ints_to_device(a, dtype):
+    """An int32 index array on the GPU, of the same array library as `_to_device(x, dtype)`."""
+    a = np.ascontiguousarray(a, dtype=np.int32)
+    if dtype == "bfloat16":
+        import torch
+
+        return torch.from_numpy(a).cuda()
+    import cupy as cp
+
+    return cp.asarray(a)
+
+
 def _to_host(x):
     if hasattr(x, "get"):
         return x.get().astype(np.float64)
@@ -79,16 +91,14 @@ def run_case(rng, dtype, head_dim, hq, hkv, kind, num_splits) -> float:
         ref_out, _ = refattn.decode(q, k, v, kv_lens)
         qd = _to_device(q, dtype)
         if kind == "paged_bad_table":
-            import cupy as cp
-
             kc, vc, indptr, indices, last = refattn.paged_from_contiguous(
                 k, v, kv_lens, page_size=16, shuffle=1, extra_pages=2)
             bad = indptr.copy()
             bad[-1] = len(indices) + 4            # the last sequence's pages run past kv_indices
             bad[-2] = min(bad[-2], bad[-1])
             out, _ = gpukernels.paged_decode(qd, _to_device(kc, dtype), _to_device(vc, dtype),
-                                             cp.asarray(bad.astype(np.int32)), cp.asarray(indices.astype(np.int32)),
-                                             cp.asarray(last.astype(np.int32)), num_splits=num_splits)
+                                             *(_ints_to_device(a, dtype) for a in (bad, indices, last)),
+                                             num_splits=num_splits)
             got = _to_host(out)
             if not np.isnan(got[-1]).all():
                 return float("inf")            # the impossible sequence must be NaN
