@@ -32,7 +32,7 @@ from .segments import MMA_ROWS, QUERY_TILE_ROWS, SegmentGroup, best_chunks, segm
 from .split_kv import DEFAULT_NUM_SMS, plan_split_kv
 from .split_kv import predict as _predict_split_kv
 
-__all__ = ["SharedPrefixShape", "HydragenPlan", "plan_hydragen", "predict", "METHODS"]
+__all__ = ["SharedPrefixShape", "HydragenPlan", "plan_hydragen", "prefix_pass_chunk", "predict", "METHODS"]
 
 METHODS = ("hydragen", "bifurcated", "naive")
 
@@ -127,6 +127,26 @@ def plan_hydragen(
 
     chunks = best_chunks([shape.prefix_len, shape.suffix_len], time_of)
     return HydragenPlan(shape, *(f or c for f, c in zip(fixed, chunks)), num_sms=num_sms)
+
+
+def prefix_pass_chunk(prefix_len: int, query_rows: int, num_kv_heads: int, num_sms: int,
+                      blocks_per_sm: int, tile: int) -> int:
+    """The prefix chunk of the kernels' prefix pass (a launch of its own; the suffixes and the
+    merge follow in two more): the shortest whole-tile chunk whose blocks (chunks x tiles of
+    QUERY_TILE_ROWS query rows x KV heads) still fit in one wave of resident blocks, the whole
+    prefix when the rows alone fill the wave. Fewer blocks leave SMs idle; a second wave adds its
+    length. Measured on H200, float16, 32 query heads, head_dim 128 (prefix pass alone, us, chunk
+    x chunks): 32/32 heads, batch 16, prefix 8192: 512x16 53.7, 1024x8 51.5, 2048x4 54.0, 4096x2
+    98.2; batch 64, 16384: 2048x8 96.2, 4096x4 106.3, 8192x2 192.5; 32/8, batch 16, 8192: 256x32
+    21.2, 512x16 19.6, 1024x8 29.5; batch 64, 16384: 1024x16 88.3, 2048x8 83.5, 4096x4 101.1;
+    batch 128, 32768: 4096x8 299.6, 8192x4 298.8, 16384x2 378.4."""
+    for name, value in (("prefix_len", prefix_len), ("query_rows", query_rows), ("num_kv_heads", num_kv_heads),
+                        ("num_sms", num_sms), ("blocks_per_sm", blocks_per_sm), ("tile", tile)):
+        check_positive_int(value, name)
+    row_tiles = -(-query_rows // QUERY_TILE_ROWS)
+    chunks = max(1, num_sms * blocks_per_sm // (row_tiles * num_kv_heads))
+    chunk = -(-prefix_len // chunks)
+    return max(tile, -(-chunk // tile) * tile)
 
 
 def _tiles(rows: int) -> list[int]:

@@ -172,17 +172,23 @@ class Timer:
         return float(np.median(times))
 
 
-def host_us(fn, calls: int = 20) -> float:
-    """Host time of one call (launch overhead: argument checks, allocation, the launch itself)."""
+def host_us(fn, calls: int = 20, rounds: int = 5) -> float:
+    """Host time of one call (launch overhead: argument checks, allocation, the launch itself):
+    the median over `rounds` rounds of `calls` back-to-back calls, after a few calls not counted
+    (one round alone was seen to read twice the steady cost on the first row of a suite)."""
     import cupy as cp
 
-    cp.cuda.Device().synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
+    for _ in range(3):
         fn()
-    elapsed = time.perf_counter() - start
+    per_call = []
+    for _ in range(rounds):
+        cp.cuda.Device().synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        per_call.append((time.perf_counter() - start) / calls * 1e6)
     cp.cuda.Device().synchronize()
-    return elapsed / calls * 1e6
+    return float(np.median(per_call))
 
 
 def measure_ceilings(timer: Timer) -> dict:
@@ -1336,15 +1342,15 @@ def _flashinfer_block_sparse_peer(q, k, v, mask: np.ndarray) -> dict:
 
 
 def run_span_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool, failed: "list | None" = None) -> list[dict]:
-    """Sparse spans over a 32k cache: `span` (out/lse given), its one-shot call, the page table built
-    once (`span:table`, `paged_decode` with the table on the GPU), split-KV over every token (the
-    dense reference), and the peers: SDPA cuDNN over every token, FlexAttention with a block mask,
+    """Sparse spans over a 32k cache: `span` (`Span(plan_span(...)).run` with out/lse given: the
+    page table and split plan made once), the one-shot call (`span:oneshot`, which keeps the tables
+    of recent span lists), split-KV over every token (the dense reference), and the peers: SDPA cuDNN over every token, FlexAttention with a block mask,
     FlashInfer's block-sparse wrapper. `stream_ms`: reading the attended K and V once, gathered into
     one buffer beforehand."""
     import cupy as cp
 
     import gpukernels
-    from gpukernels.span import span, span_page_table
+    from gpukernels.span import Span, plan_span, span
     from gpukernels.split_kv import num_sms
 
     failed = [] if failed is None else failed
@@ -1375,24 +1381,19 @@ def run_span_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool, failed: "l
         out = cp.empty((batch, NUM_QO_HEADS, HEAD_DIM), dtype=cp.float16)
         lse = cp.empty((batch, NUM_QO_HEADS), dtype=cp.float32)
 
-        table = span_page_table(span_indptr, spans, batch, kv_len)
-        ours = lambda: span(q, k, v, span_indptr, spans, out=out, lse=lse)  # noqa: E731
+        # Planned: the table and split plan made once (as across the layers of a model).
+        plan = plan_span(span_indptr, spans, batch=batch, kv_len=kv_len, num_qo_heads=NUM_QO_HEADS,
+                         num_kv_heads=hkv, head_dim=HEAD_DIM, dtype="float16", num_sms=sms, gpu=gpu)
+        runner = Span(plan)
+        ours = lambda: runner.run(q, k, v, out=out, lse=lse)  # noqa: E731
         m = _measure(timer, "span", ours, failed)
         if m:
-            rows.append(_predicted({**base, "impl": "span", "page_size": table.page_size, **m}, gpu))
+            rows.append(_predicted({**base, "impl": "span", "page_size": plan.table.page_size,
+                                    "num_splits": plan.split.num_splits, **m}, gpu))
         one_shot = lambda: span(q, k, v, span_indptr, spans)  # noqa: E731
         m = _measure(timer, "span:oneshot", one_shot, failed)
         if m:
-            rows.append({**base, "impl": "span:oneshot", "page_size": table.page_size, **m})
-        # The table built once and kept on the GPU (as across the layers of a model).
-        ps = table.page_size
-        k_pages = k.reshape(-1, ps, hkv, HEAD_DIM)
-        v_pages = v.reshape(-1, ps, hkv, HEAD_DIM)
-        tables = tuple(cp.asarray(a) for a in (table.kv_indptr, table.kv_indices, table.kv_last_page_len))
-        reused = lambda: gpukernels.paged_decode(q, k_pages, v_pages, *tables, out=out, lse=lse)  # noqa: E731
-        m = _measure(timer, "span:table", reused, failed)
-        if m:
-            rows.append(_predicted({**base, "impl": "span:table", "page_size": ps, **m}, gpu))
+            rows.append({**base, "impl": "span:oneshot", "page_size": plan.table.page_size, **m})
         # Dense: every token, by this project's split-KV with its plan, and by SDPA's cuDNN backend.
         runner = gpukernels.SplitKV(dense_plan)
         dense = lambda: runner.run(q, k, v, out=out, lse=lse)  # noqa: E731
@@ -1408,7 +1409,7 @@ def run_span_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool, failed: "l
         for r in rows[first:]:
             r.setdefault("frac", r["floor_ms"] / r["time_ms"])
         _progress("  " + ", ".join(f"{r['impl']} {r['time_ms'] * 1e3:.1f} us" for r in rows[first:]))
-        del q, k, v, out, lse, k_pages, v_pages, tables, peers
+        del q, k, v, out, lse, runner, peers
         _free_torch_and_cupy()
     return rows
 
@@ -1692,15 +1693,14 @@ def _format_span(rows: list[dict]) -> str:
     """One line per span case: `span` (with out/lse), its one-shot call and the reused table against
     the read-only time of the attended bytes, the sparse peers, and dense attention over every
     token (this project's split-KV and SDPA cuDNN), host time per call."""
-    lines = ["| spans | density | read-only us | span us | vs read-only | one-shot us | table us "
+    lines = ["| spans | density | read-only us | span us | vs read-only | one-shot us "
              "| FlashInfer block-sparse us | Flex block mask us | dense split_kv us | dense cuDNN us "
              "| best peer | vs best peer | vs sparse peers (FlashInfer / Flex) | vs dense "
-             "| host us: span / one-shot / FlashInfer / Flex / cuDNN |", "|" + "---|" * 16]
+             "| host us: span / one-shot / FlashInfer / Flex / cuDNN |", "|" + "---|" * 15]
     for (*_, label), group in _by_workload(rows).items():
         any_row = group[0]
         ours = _find(group, "span")
         one = _find(group, "span:oneshot")
-        table = _find(group, "span:table")
         fi = _find(group, "peer:flashinfer_block_sparse")
         flex = _find(group, "peer:flex_block_mask")
         dense = _find(group, "split_kv")
@@ -1710,7 +1710,7 @@ def _format_span(rows: list[dict]) -> str:
         read = f"{ours['time_ms'] / ours['stream_ms']:.2f}x" if ours and ours.get("stream_ms") else "-"
         lines.append(
             f"| {label} | {any_row['density']:.3f} | {any_row['stream_ms'] * 1e3:.1f} | {_t(ours)} | {read} "
-            f"| {_t(one)} | {_t(table)} | {_t(fi)} | {_t(flex)} | {_t(dense)} | {_t(cudnn)} | "
+            f"| {_t(one)} | {_t(fi)} | {_t(flex)} | {_t(dense)} | {_t(cudnn)} | "
             + (f"{_us(best)} ({_PEER_NAMES[best['impl']]})" if best else "-")
             + f" | {_x(best, ours)} | {_x(fi, ours)} / {_x(flex, ours)} | {_x(best_dense, ours)} "
             f"| {_host(ours)} / {_host(one)} / {_host(fi)} / {_host(flex)} / {_host(cudnn)} |")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import importlib
 import re
 import shutil
 import subprocess
@@ -22,8 +23,8 @@ from pathlib import Path
 from costmodel.split_kv import tensor_core_blocks_per_sm
 
 from . import _runtime as rt
-from . import shared_prefix as _shared_prefix
-from . import tree as _tree
+_shared_prefix = importlib.import_module("gpukernels.shared_prefix")   # the modules, not the functions
+_tree = importlib.import_module("gpukernels.tree")                     # the package exports by these names
 from .split_kv import all_name_expressions
 
 _ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(\S+)'")

@@ -1,9 +1,5 @@
 """Hydragen on the GPU: one prefix shared by every sequence, read once for all of them.
 
-Not yet measured or tested on a GPU: the module is not exported from `gpukernels`, and its GPU
-tests (tests/test_shared_prefix_gpu.py) have not run. It compiles for sm_90 (the compile check
-builds every instantiation without spills).
-
 A call runs three launches on the caller's stream:
 
 1. `shared_prefix_kernel` (cuda/shared_prefix.cu): per KV head, the queries of all sequences and
@@ -13,7 +9,9 @@ A call runs three launches on the caller's stream:
 3. `merge_prefix_suffix_kernel`: the LSE merge of the prefix chunks' states and the suffix state,
    in float32.
 
-The prefix chunk size comes from the cost model's Hydragen plan (`costmodel.shared_prefix`).
+The prefix chunk fills one wave of resident blocks (`costmodel.shared_prefix.prefix_pass_chunk`).
+The cost model predicts Hydragen as one fused launch; these three launches are not that launch
+yet, and take up to twice its prediction (results/h200/NOTES.md).
 float16 and bfloat16; head_dim 64, 128 and 256.
 """
 
@@ -34,7 +32,8 @@ _LOG2E = 1.4426950408889634
 PREFIX_DTYPES = ("float16", "bfloat16")   # the prefix pass runs on the tensor cores
 QUERY_ROWS = 64                           # query rows per block (shared_prefix.cu: QUERY_ROWS)
 THREADS = 128
-MERGE_THREADS = 128
+MERGE_ROWS_PER_BLOCK = 4                  # merge kernels: one warp per (sequence, head) row
+MERGE_THREADS = 32 * MERGE_ROWS_PER_BLOCK
 
 
 def kv_tile(head_dim: int) -> int:
@@ -86,19 +85,20 @@ def _merge_kernel(dtype: str) -> rt.Kernel:
     return rt.Kernel("shared_prefix", merge_name_expression(dtype), MERGE_SIGNATURE)
 
 
+def blocks_per_sm(head_dim: int) -> int:
+    """Resident blocks of the prefix pass per SM (its launch bounds: registers and shared memory)."""
+    return 1 if head_dim >= 256 else 2
+
+
 @functools.lru_cache(maxsize=1024)
 def _prefix_chunk_size(batch, num_qo_heads, num_kv_heads, head_dim, prefix_len, suffix_len, dtype,
                        device_id) -> int:
-    """The cost model's prefix chunk for this shape, rounded up to whole pipeline tiles."""
-    from costmodel.shared_prefix import SharedPrefixShape, plan_hydragen  # noqa: PLC0415
+    """The prefix pass's chunk for this shape: one wave of resident blocks
+    (`costmodel.shared_prefix.prefix_pass_chunk`)."""
+    from costmodel.shared_prefix import prefix_pass_chunk  # noqa: PLC0415
 
-    shape = SharedPrefixShape(batch, num_qo_heads, num_kv_heads, head_dim, prefix_len, suffix_len,
-                              dtype)
-    gpu = device_gpu(device_id)
-    plan = plan_hydragen(shape, gpu=gpu) if gpu is not None else plan_hydragen(
-        shape, num_sms=num_sms(device_id))
-    tile = kv_tile(head_dim)
-    return max(tile, -(-plan.prefix_chunk_size // tile) * tile)
+    return prefix_pass_chunk(max(prefix_len, 1), batch * (num_qo_heads // num_kv_heads), num_kv_heads,
+                             num_sms(device_id), blocks_per_sm(head_dim), kv_tile(head_dim))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -194,7 +194,7 @@ def shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, suffix_lens=None, *
     # 3. The merge, in float32.
     rows = B * Hq
     _merge_kernel(problem.dtype)(
-        (rows,), (MERGE_THREADS,),
+        (-(-rows // MERGE_ROWS_PER_BLOCK),), (MERGE_THREADS,),
         (rt.address(part_out), rt.address(part_lse), *suffix_ptrs, out_ptr, lse_ptr, num_chunks, rows, D),
         stream_ptr=stream_ptr, device_id=device_id)
     return out, lse

@@ -4,31 +4,39 @@ A contiguous cache [batch, kv_len, num_kv_heads, head_dim] is, without a copy, a
 `batch * kv_len / page_size` pages; a sequence's spans are then a page table listing exactly
 the pages inside them. The paged split-KV kernel reads those pages and nothing else, and its
 plan cuts each sequence's attended tokens (not its positions) into equal splits, so few spans or
-many, short or long, the splits stay balanced. The page size is the largest power of two up to
-64 that divides every span boundary and kv_len: spans on 16-token boundaries (a Quest page, a
-sliding window of whole blocks) copy whole warp tiles; arbitrary spans run with pages of one
-token (one page lookup per row).
+many, short or long, the splits stay balanced.
 
-`span_page_table` builds the table on the host (the spans are read there); `span` builds it and
-runs; to reuse a table across layers, build it once and call `gpukernels.paged_decode` or
-`SplitKV(plan).run_paged` with it.
+The page size is the largest power of two up to 64 that divides kv_len and every span start, and
+every span end but at most one per sequence: that sequence's ragged end becomes its last page,
+partly filled (`kv_last_page_len`), listed after its whole pages (attention does not depend on
+the order of the tokens). Four sink tokens and a window of whole blocks thus run with pages of
+64; spans with arbitrary boundaries run with pages of one token (one page lookup per row).
 
-Not yet measured on a GPU; the paged kernel it runs is the tested one, and the table is tested
-on the CPU against `refattn.span` (tests/test_span_pages.py).
+Three ways to call it:
+
+* `span(q, k, v, span_indptr, spans)`: one-shot. The table is built on the host and kept, with
+  its copy on the GPU, for the next call with the same spans (most recent 64 span lists).
+* `Span(plan_span(span_indptr, spans, ...)).run(q, k, v)`: the table built and the split plan
+  made once, for many calls (the layers of a model); `run` allocates nothing given `out` and
+  `lse`, and never synchronises.
+* `span_page_table(...)` for callers that keep their own tables and call `paged_decode`.
 """
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
-from decode_attention.contract import check_sinks, check_span, check_spans
+from decode_attention.contract import check_positive_int, check_sinks, check_span, check_spans
 
 from . import _runtime as rt
-from .paged_decode import paged_decode
+from .split_kv import (SplitKV, SplitKVPlan, _length_bucket, check_kernel_dtype_and_head_dim, device_gpu,
+                       num_sms, plan_split_kv)
 
-__all__ = ["SpanPageTable", "span_page_table", "span"]
+__all__ = ["SpanPageTable", "span_page_table", "SpanPlan", "plan_span", "Span", "span"]
 
 MAX_SPAN_PAGE = 64
 
@@ -39,14 +47,22 @@ class SpanPageTable(NamedTuple):
     page_size: int
     kv_indptr: np.ndarray          # int32 [batch + 1]
     kv_indices: np.ndarray         # int32 [nnz_pages]: page ids of the cache viewed as pages
-    kv_last_page_len: np.ndarray   # int32 [batch]: page_size, or 0 for a sequence without spans
+    kv_last_page_len: np.ndarray   # int32 [batch]: tokens of the last page (0: no spans)
 
 
-def _span_page_size(spans: np.ndarray, kv_len: int) -> int:
-    """The largest power of two up to MAX_SPAN_PAGE dividing kv_len and every span boundary."""
+def _fits(page: int, spans: np.ndarray, seq_of_span: np.ndarray, batch: int, kv_len: int) -> bool:
+    """Pages of `page` tokens hold the spans: kv_len and every start on a page boundary, and at most
+    one end per sequence off one."""
+    if kv_len % page or np.any(spans[:, 0] % page):
+        return False
+    ragged = (spans[:, 1] % page) != 0
+    return not ragged.any() or int(np.bincount(seq_of_span[ragged], minlength=batch).max()) <= 1
+
+
+def _span_page_size(spans: np.ndarray, seq_of_span: np.ndarray, batch: int, kv_len: int) -> int:
+    """The largest power of two up to MAX_SPAN_PAGE whose pages hold the spans (`_fits`)."""
     page = MAX_SPAN_PAGE
-    values = np.concatenate([spans.reshape(-1), [kv_len]]).astype(np.int64)
-    while page > 1 and np.any(values % page):
+    while page > 1 and not _fits(page, spans, seq_of_span, batch, kv_len):
         page //= 2
     return page
 
@@ -54,27 +70,142 @@ def _span_page_size(spans: np.ndarray, kv_len: int) -> int:
 def span_page_table(span_indptr, spans, batch: int, kv_len: int) -> SpanPageTable:
     """The page table of a span list (checked as `refattn.span` checks it).
 
-    Sequence b's pages are, in order, the pages of the cache viewed as [batch * kv_len /
-    page_size, page_size, ...] that lie inside its spans: page (b * kv_len + t) / page_size for
-    every page-aligned token t of each span.
+    Sequence b's pages are the pages of the cache viewed as [batch * kv_len / page_size,
+    page_size, ...] that lie inside its spans: page (b * kv_len + t) / page_size for every
+    page-aligned token t of each span, in span order, then the partly filled page of its one
+    ragged span end, if it has one.
     """
     span_indptr, spans = check_spans(span_indptr, spans, batch, kv_len)
-    page = _span_page_size(spans, kv_len)
     seq_of_span = np.repeat(np.arange(batch, dtype=np.int64), np.diff(span_indptr))  # [num_spans]
+    page = _span_page_size(spans, seq_of_span, batch, kv_len)
     first = (seq_of_span * kv_len + spans[:, 0]) // page                             # [num_spans]
-    count = (spans[:, 1] - spans[:, 0]) // page                                      # [num_spans]
+    count = (spans[:, 1] - spans[:, 0]) // page                                      # whole pages
     total = int(count.sum())
-    # Page ids: each span's run first .. first + count - 1, the runs back to back.
+    # Whole pages: each span's run first .. first + count - 1, the runs back to back.
     run_start = np.repeat(np.cumsum(count) - count, count)                           # [total]
-    indices = np.repeat(first, count) + (np.arange(total, dtype=np.int64) - run_start)
-    pages_per_seq = np.zeros(batch, dtype=np.int64)
-    np.add.at(pages_per_seq, seq_of_span, count)
+    whole = np.repeat(first, count) + (np.arange(total, dtype=np.int64) - run_start)
+    # The ragged ends' partial pages, each after its sequence's whole pages (a stable sort).
+    ragged = (spans[:, 1] % page) != 0
+    partial = first[ragged] + count[ragged]
+    seqs = np.concatenate([np.repeat(seq_of_span, count), seq_of_span[ragged]])
+    last_key = np.concatenate([np.zeros(total, dtype=np.int64), np.ones(len(partial), dtype=np.int64)])
+    order = np.lexsort((last_key, seqs))
+    indices = np.concatenate([whole, partial])[order]
+    pages_per_seq = np.bincount(seqs, minlength=batch).astype(np.int64)
     indptr = np.concatenate([[0], np.cumsum(pages_per_seq)])
     last = np.where(pages_per_seq > 0, page, 0)
+    last[seq_of_span[ragged]] = spans[ragged, 1] % page
     if indices.size and indices.max() >= 2**31:
         raise ValueError(f"the cache holds {batch * kv_len // page} pages of {page} tokens, more than "
                          f"an int32 page table can address")
     return SpanPageTable(page, indptr.astype(np.int32), indices.astype(np.int32), last.astype(np.int32))
+
+
+@dataclass(frozen=True, eq=False)
+class SpanPlan:
+    """One span list over a cache shape, as a page table, and the split plan of its paged run."""
+
+    batch: int
+    kv_len: int
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    table: SpanPageTable
+    split: SplitKVPlan
+
+    @property
+    def attended_tokens(self) -> np.ndarray:
+        """Tokens each sequence attends to [batch]."""
+        t = self.table
+        pages = np.diff(t.kv_indptr).astype(np.int64)
+        return np.where(pages > 0, (pages - 1) * t.page_size + t.kv_last_page_len, 0)
+
+
+def plan_span(span_indptr, spans, *, batch: int, kv_len: int, num_qo_heads: int, num_kv_heads: int,
+              head_dim: int, dtype: str = "float16", num_splits: int | None = None, num_sms: int | None = None,
+              gpu=None) -> SpanPlan:
+    """The page table of a span list (checked) and the cost model's split plan for its longest
+    sequence's attended tokens, for a cache [batch, kv_len, num_kv_heads, head_dim] of `dtype`.
+    Made on the host (no GPU needed); `num_sms` and `gpu` as for `plan_split_kv`."""
+    for name, value in (("batch", batch), ("num_qo_heads", num_qo_heads), ("num_kv_heads", num_kv_heads),
+                        ("head_dim", head_dim)):
+        check_positive_int(value, name)
+    if not isinstance(kv_len, (int, np.integer)) or isinstance(kv_len, bool) or kv_len < 0:
+        raise ValueError(f"kv_len must be a non-negative int, got {kv_len!r}")
+    check_kernel_dtype_and_head_dim(dtype, head_dim)
+    table = span_page_table(span_indptr, spans, batch, int(kv_len))
+    pages = np.diff(table.kv_indptr).astype(np.int64)
+    longest = int(pages.max(initial=0)) * table.page_size
+    split = plan_split_kv(batch, num_qo_heads, num_kv_heads, head_dim, _length_bucket(max(longest, 1)),
+                          dtype=dtype, num_splits=num_splits, num_sms=num_sms, page_size=table.page_size, gpu=gpu)
+    return SpanPlan(batch, int(kv_len), num_qo_heads, num_kv_heads, head_dim, dtype, table, split)
+
+
+class Span:
+    """A span plan bound to its page table on the GPU (copied once per array kind and device) and
+    its split-KV runner; `run` many times without host synchronisation.
+
+    >>> plan = plan_span(span_indptr, spans, batch=8, kv_len=32768, num_qo_heads=32,  # doctest: +SKIP
+    ...                  num_kv_heads=8, head_dim=128)
+    >>> sp = Span(plan)                                                  # doctest: +SKIP
+    >>> out, lse = sp.run(q, k, v)                                       # doctest: +SKIP
+    """
+
+    def __init__(self, plan: SpanPlan):
+        if not isinstance(plan, SpanPlan):
+            raise TypeError(f"plan must be a SpanPlan, got {type(plan).__name__}")
+        self.plan = plan
+        self._runner = SplitKV(plan.split)
+        self._tables: dict = {}   # (kind, device) -> the three index arrays on the GPU
+
+    def _device_tables(self, kind: str, device_id: int):
+        key = (kind, device_id)
+        tables = self._tables.get(key)
+        if tables is None:
+            t = self.plan.table
+            indices = t.kv_indices if len(t.kv_indices) else np.zeros(1, np.int32)
+            tables = self._tables[key] = (
+                rt.device_int32(t.kv_indptr, kind, device_id, "kv_indptr"),
+                rt.device_int32(indices, kind, device_id, "kv_indices")[: len(t.kv_indices)],
+                rt.device_int32(t.kv_last_page_len, kind, device_id, "kv_last_page_len"),
+            )
+        return tables
+
+    def run(self, q, k, v, *, sinks=None, sm_scale=None, out=None, lse=None):
+        """q [batch, num_qo_heads, head_dim]; k, v [batch, kv_len, num_kv_heads, head_dim], contiguous,
+        as planned. `sinks`: optional per-head sink logits [num_qo_heads] (see `refattn.span`).
+        Returns (out, lse) like `split_kv`; a sequence without spans gets out = 0, lse = -inf
+        (lse = sinks[h] with sinks)."""
+        p = self.plan
+        qa, ka, va = rt.device_array(q, "q"), rt.device_array(k, "k"), rt.device_array(v, "v")
+        expected = (p.batch, p.kv_len, p.num_kv_heads, p.head_dim)
+        for name, a in (("k", ka), ("v", va)):
+            if a.shape != expected:
+                raise ValueError(f"{name} must be [batch, kv_len, num_kv_heads, head_dim] = {list(expected)} "
+                                 f"as planned, got {a.shape}")
+            rt.require_contiguous(a, name)
+        ps = p.table.page_size
+        pages = p.batch * p.kv_len // ps
+        k_pages = k.reshape(pages, ps, p.num_kv_heads, p.head_dim)   # views of the same memory
+        v_pages = v.reshape(pages, ps, p.num_kv_heads, p.head_dim)
+        out, lse = self._runner.run_paged(q, k_pages, v_pages, *self._device_tables(qa.kind, qa.device_id),
+                                          sm_scale=sm_scale, out=out, lse=lse)
+        if sinks is not None:
+            out, lse = _merge_sinks(out, lse, _sinks_on_device(sinks, qa.kind, qa.device_id, p.num_qo_heads),
+                                    qa.kind)
+        return out, lse
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_span(indptr_bytes: bytes, spans_bytes: bytes, batch, kv_len, num_qo_heads, num_kv_heads,
+                 head_dim, dtype, num_splits, device_id) -> Span:
+    """The Span of one span list, found by its content (the bytes of its int64 arrays)."""
+    indptr = np.frombuffer(indptr_bytes, dtype=np.int64)
+    spans = np.frombuffer(spans_bytes, dtype=np.int64).reshape(-1, 2)
+    return Span(plan_span(indptr, spans, batch=batch, kv_len=kv_len, num_qo_heads=num_qo_heads,
+                          num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, num_splits=num_splits,
+                          num_sms=num_sms(device_id), gpu=device_gpu(device_id)))
 
 
 def _sinks_on_device(sinks, kind: str, device_id: int, num_qo_heads: int):
@@ -124,21 +255,15 @@ def span(q, k, v, span_indptr, spans, *, sm_scale=None, num_splits=None, out=Non
     (copied to the host: the table is built there). `sinks`: optional per-head sink logits
     [num_qo_heads] (see `refattn.span`), joined once to each head's final state. Returns (out, lse)
     like `split_kv`; a sequence without spans gets out = 0, lse = -inf (lse = sinks[h] with sinks).
+    The table and plan of a span list are kept for the next call with the same list (`Span`).
     """
-    qa, ka, va = rt.device_array(q, "q"), rt.device_array(k, "k"), rt.device_array(v, "v")
-    indptr_h = rt.host_ints(span_indptr, "span_indptr")
-    spans_h = rt.host_ints(spans, "spans")
+    qa = rt.device_array(q, "q")
+    indptr_h = np.ascontiguousarray(rt.host_ints(span_indptr, "span_indptr"), dtype=np.int64)
+    spans_h = np.ascontiguousarray(rt.host_ints(spans, "spans"), dtype=np.int64)
     problem = check_span(q, k, v, indptr_h, spans_h, sm_scale=sm_scale, dtypes=rt.KERNEL_DTYPES)
-    rt.require_contiguous(ka, "k")
-    rt.require_contiguous(va, "v")
-    table = span_page_table(indptr_h, spans_h, problem.batch, problem.kv_len)
-    B, L, Hkv, D = ka.shape
-    pages = B * L // table.page_size
-    k_pages = k.reshape(pages, table.page_size, Hkv, D)   # a view of the same memory
-    v_pages = v.reshape(pages, table.page_size, Hkv, D)
-    sinks_dev = None if sinks is None else _sinks_on_device(sinks, qa.kind, qa.device_id, problem.num_qo_heads)
-    out, lse = paged_decode(q, k_pages, v_pages, table.kv_indptr, table.kv_indices, table.kv_last_page_len,
-                            num_splits=num_splits, sm_scale=problem.sm_scale, out=out, lse=lse)
-    if sinks_dev is not None:
-        out, lse = _merge_sinks(out, lse, sinks_dev, qa.kind)
-    return out, lse
+    check_kernel_dtype_and_head_dim(problem.dtype, problem.head_dim)
+    if num_splits is not None:
+        check_positive_int(num_splits, "num_splits")
+    runner = _cached_span(indptr_h.tobytes(), spans_h.tobytes(), problem.batch, problem.kv_len, problem.num_qo_heads,
+                          problem.num_kv_heads, problem.head_dim, problem.dtype, num_splits, qa.device_id)
+    return runner.run(q, k, v, sinks=sinks, sm_scale=problem.sm_scale, out=out, lse=lse)

@@ -1,9 +1,8 @@
 """Tree-shaped sharing on the GPU: every segment read once for all the sequences under it, all
 segments in one launch.
 
-Not yet run on a GPU: the module is not exported from `gpukernels`; its GPU tests
-(tests/test_tree_gpu.py) have not run. The work list is tested on the CPU (tests/test_tree_work.py:
-the list executed in NumPy gives `refattn.tree`'s answer).
+The work list is tested on the CPU (tests/test_tree_work.py: the list executed in NumPy gives
+`refattn.tree`'s answer), the kernels on the GPU (tests/test_tree_gpu.py).
 
 Sequence b attends to the concatenation of segments path_segs[path_indptr[b]:path_indptr[b+1]] of
 k_segs, v_segs ([total_tokens, num_kv_heads, head_dim], segment s = rows seg_indptr[s] ..
@@ -25,7 +24,8 @@ import numpy as np
 from decode_attention.contract import check_tree
 
 from . import _runtime as rt
-from .shared_prefix import PREFIX_DTYPES, QUERY_ROWS, THREADS, kv_tile, pipeline_stages, stage_bytes
+from .shared_prefix import (MERGE_ROWS_PER_BLOCK, MERGE_THREADS, PREFIX_DTYPES, QUERY_ROWS, THREADS, kv_tile,
+                            pipeline_stages, stage_bytes)
 from .split_kv import num_sms, outputs
 
 __all__ = ["TreeWork", "plan_tree_work", "choose_work", "choose_chunk_size", "tree"]
@@ -122,8 +122,8 @@ def all_name_expressions() -> list[str]:
 # q, k_segs, v_segs, work, sharers, first_state, part_out, part_lse; num_qo_heads, num_kv_heads;
 # scale_log2.
 SEGMENTS_SIGNATURE = "pppppppp" + "ii" + "f"
-# part_out, part_lse, part_indptr, out, lse; num_qo_heads, head_dim.
-MERGE_PARTS_SIGNATURE = "ppppp" + "ii"
+# part_out, part_lse, part_indptr, out, lse; rows, num_qo_heads, head_dim.
+MERGE_PARTS_SIGNATURE = "ppppp" + "iii"
 
 
 def tree(q, k_segs, v_segs, seg_indptr, path_indptr, path_segs, *, sm_scale=None, out=None, lse=None,
@@ -175,7 +175,7 @@ def tree(q, k_segs, v_segs, seg_indptr, path_indptr, path_segs, *, sm_scale=None
              rt.address(part_out), rt.address(part_lse), Hq, Hkv, problem.sm_scale * _LOG2E),
             stream_ptr=stream_ptr, device_id=device_id)
     _merge_kernel(problem.dtype)(
-        (B * Hq,), (128,),
-        (rt.address(part_out), rt.address(part_lse), rt.address(indptr_d), out_ptr, lse_ptr, Hq, D),
+        (-(-B * Hq // MERGE_ROWS_PER_BLOCK),), (MERGE_THREADS,),
+        (rt.address(part_out), rt.address(part_lse), rt.address(indptr_d), out_ptr, lse_ptr, B * Hq, Hq, D),
         stream_ptr=stream_ptr, device_id=device_id)
     return out, lse

@@ -248,7 +248,6 @@ def _span_rows():
         {**base, "impl": "span", "page_size": 16, "time_ms": 0.044, "frac": 0.68, "host_us": 80.0,
          "predicted_ms": 0.042},
         {**base, "impl": "span:oneshot", "page_size": 16, "time_ms": 0.046, "frac": 0.65, "host_us": 95.0},
-        {**base, "impl": "span:table", "page_size": 16, "time_ms": 0.043, "frac": 0.70, "host_us": 20.0},
         {**base, "impl": "split_kv", "dense": True, "plan": "auto", "num_splits": 8, "time_ms": 0.245,
          "frac": 0.12, "host_us": 18.0},
         {**base, "impl": "peer:cudnn", "dense": True, "time_ms": 0.255, "frac": 0.12, "host_us": 40.0},
@@ -264,7 +263,7 @@ def test_span_report_compares_span_with_read_only_sparse_peers_and_dense():
     assert "vs read-only" in table[0] and "dense cuDNN us" in table[0] and "host us" in table[0]
     assert table[0].count("|") == table[1].count("|") == table[2].count("|")
     row = table[2]
-    assert row.startswith("| 12.5% in 8 | 0.125 | 40.0 | 44.0 | 1.10x | 46.0 | 43.0 | 148.0 | 284.0 | 245.0 | 255.0 |")
+    assert row.startswith("| 12.5% in 8 | 0.125 | 40.0 | 44.0 | 1.10x | 46.0 | 148.0 | 284.0 | 245.0 | 255.0 |")
     assert "148.0 (FlashInfer block-sparse)" in row
     assert "| 3.36x | 3.36x / 6.45x | 5.57x |" in row
     assert row.endswith("| 80 / 95 / 35 / 70 / 40 |")

@@ -3,6 +3,8 @@ against the float64 reference. Skipped with a reason without CuPy and a CUDA GPU
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -20,7 +22,7 @@ pytestmark = [
 
 @given(span_sets(), st.sampled_from(DTYPES), st.sampled_from([64, 128, 256]), st.sampled_from([None, 1, 3]))
 def test_span_matches_the_reference(case, dtype, head_dim, num_splits):
-    import gpukernels.span as gspan
+    gspan = importlib.import_module("gpukernels.span")
 
     batch, kv_len, indptr, spans, seed = case
     rng = np.random.default_rng(seed)
@@ -36,7 +38,7 @@ def test_span_matches_the_reference(case, dtype, head_dim, num_splits):
 
 
 def test_sinks_and_window_at_long_context():
-    import gpukernels.span as gspan
+    gspan = importlib.import_module("gpukernels.span")
 
     rng = np.random.default_rng(3)
     q, k, v = (_random(rng, s, "float16") for s in ((2, 32, 128), (2, 40000, 8, 128), (2, 40000, 8, 128)))
@@ -47,7 +49,7 @@ def test_sinks_and_window_at_long_context():
 
 
 def test_malformed_spans_raise_before_launch():
-    import gpukernels.span as gspan
+    gspan = importlib.import_module("gpukernels.span")
 
     q = cp.zeros((2, 8, 64), cp.float16)
     k = cp.zeros((2, 100, 4, 64), cp.float16)
@@ -59,7 +61,7 @@ def test_malformed_spans_raise_before_launch():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sink_logits(dtype):
-    import gpukernels.span as gspan
+    gspan = importlib.import_module("gpukernels.span")
 
     rng = np.random.default_rng(4)
     q, k, v = (_random(rng, s, dtype) for s in ((3, 8, 128), (3, 600, 2, 128), (3, 600, 2, 128)))
@@ -70,3 +72,28 @@ def test_sink_logits(dtype):
     sinks_d = cp.asarray(sinks) if hasattr(qd, "get") else __import__("torch").as_tensor(sinks, device="cuda")
     out, lse = gspan.span(qd, _device(k), _device(v), indptr, spans, sinks=sinks_d)
     _check_with_empty(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_plan_runs_many_times_and_checks_its_shapes(dtype):
+    gspan = importlib.import_module("gpukernels.span")
+
+    rng = np.random.default_rng(7)
+    batch, kv_len, hq, hkv, d = 3, 1000, 16, 4, 128
+    indptr, spans = np.array([0, 2, 2, 4]), np.array([[0, 4], [512, 1000], [3, 17], [64, 700]])
+    plan = gspan.plan_span(indptr, spans, batch=batch, kv_len=kv_len, num_qo_heads=hq, num_kv_heads=hkv,
+                           head_dim=d, dtype=dtype)
+    assert plan.attended_tokens.tolist() == [492, 0, 650]
+    runner = gspan.Span(plan)
+    for _ in range(2):   # fresh inputs each time, the same plan and tables
+        q = _random(rng, (batch, hq, d), dtype)
+        k = _random(rng, (batch, kv_len, hkv, d), dtype)
+        v = _random(rng, (batch, kv_len, hkv, d), dtype)
+        ref_out, ref_lse = refattn.span(q, k, v, indptr, spans)
+        qd = _device(q)
+        out = _poisoned(qd, q.shape, dtype)
+        lse = _poisoned(qd, q.shape[:2], "float32")
+        runner.run(qd, _device(k), _device(v), out=out, lse=lse)
+        _check_with_empty(out, lse, ref_out, ref_lse, dtype)
+    with pytest.raises(ValueError, match="as planned"):
+        runner.run(qd, _device(k[:, :999]), _device(v[:, :999]))

@@ -19,7 +19,10 @@ def span_sets(draw):
     indptr, spans = [0], []
     for _ in range(batch):
         cuts = sorted(set(draw(st.lists(st.integers(0, kv_len // align), max_size=6))))
-        own = [(a * align, b * align) for a, b in zip(cuts[::2], cuts[1::2]) if a < b]
+        own = [[a * align, b * align] for a, b in zip(cuts[::2], cuts[1::2]) if a < b]
+        if own and draw(st.booleans()):   # one ragged end, as a sink span or a short span has
+            i = draw(st.integers(0, len(own) - 1))
+            own[i][1] -= draw(st.integers(0, own[i][1] - own[i][0] - 1))
         spans += own
         indptr.append(len(spans))
     spans = np.array(spans, dtype=np.int64).reshape(-1, 2)
@@ -36,9 +39,13 @@ def test_the_page_table_reads_exactly_the_spans(case):
     v = rng.standard_normal((batch, kv_len, hkv, d))
     table = span_page_table(indptr, spans, batch, kv_len)
     page = table.page_size
-    assert page & (page - 1) == 0 and kv_len % page == 0 and not np.any(spans % page)
-    attended = int(np.sum(spans[:, 1] - spans[:, 0]))
-    assert len(table.kv_indices) * page == attended
+    assert page & (page - 1) == 0 and kv_len % page == 0 and not np.any(spans[:, 0] % page)
+    attended = np.zeros(batch, dtype=np.int64)
+    np.add.at(attended, np.repeat(np.arange(batch), np.diff(indptr)), spans[:, 1] - spans[:, 0])
+    pages = np.diff(table.kv_indptr)
+    listed = np.where(pages > 0, (pages - 1) * page + table.kv_last_page_len, 0)
+    np.testing.assert_array_equal(listed, attended)                      # every attended token once
+    assert np.all((table.kv_last_page_len >= 1) | (pages == 0)) and np.all(table.kv_last_page_len <= page)
     assert len(set(table.kv_indices.tolist())) == len(table.kv_indices)   # no row twice
     ref_out, ref_lse = refattn.span(q, k, v, indptr, spans)
     pages = batch * kv_len // page
@@ -51,7 +58,9 @@ def test_the_page_table_reads_exactly_the_spans(case):
 
 
 def test_page_size_follows_the_span_boundaries():
-    assert span_page_table([0, 2], np.array([[0, 4], [4096, 8192]]), 1, 8192).page_size == 4
+    assert span_page_table([0, 2], np.array([[0, 4], [4096, 8192]]), 1, 8192).page_size == 64   # one ragged end
+    assert span_page_table([0, 2], np.array([[0, 4], [4096, 8190]]), 1, 8192).page_size == 4    # 8190 ragged
+    assert span_page_table([0, 2], np.array([[0, 4], [4100, 8192]]), 1, 8192).page_size == 4    # a start
     assert span_page_table([0, 2], np.array([[0, 64], [4096, 8192]]), 1, 8192).page_size == 64
     assert span_page_table([0, 1], np.array([[16, 48]]), 1, 8192).page_size == 16
     assert span_page_table([0, 1], np.array([[3, 48]]), 1, 8192).page_size == 1
@@ -61,9 +70,12 @@ def test_page_size_follows_the_span_boundaries():
 def test_a_sinks_and_window_table():
     indptr, spans = refattn.spans_from_sinks_window([32768, 100], num_sinks=4, window=4096)
     table = span_page_table(indptr, spans, 2, 32768)
-    assert table.page_size == 4
-    assert table.kv_indptr.tolist() == [0, 1 + 1024, 1 + 1024 + 25]
-    assert table.kv_last_page_len.tolist() == [4, 4]
+    # Pages of 64: the sinks' page, 4 tokens of it attended, listed last.
+    assert table.page_size == 64
+    assert table.kv_indptr.tolist() == [0, 64 + 1, 64 + 1 + 2]
+    assert table.kv_indices[:65].tolist() == list(range(28672 // 64, 32768 // 64)) + [0]
+    assert table.kv_indices[65:].tolist() == [512, 513]
+    assert table.kv_last_page_len.tolist() == [4, 100 - 64]
 
 
 @pytest.mark.parametrize("indptr, spans, error", [
@@ -75,3 +87,18 @@ def test_a_sinks_and_window_table():
 def test_malformed_spans_are_refused(indptr, spans, error):
     with pytest.raises(error):
         span_page_table(indptr, spans, 1, 8192)
+
+
+def test_a_span_plan_is_made_on_the_host():
+    from gpukernels.span import plan_span
+
+    indptr, spans = refattn.spans_from_sinks_window([32768, 100], num_sinks=4, window=4096)
+    plan = plan_span(indptr, spans, batch=2, kv_len=32768, num_qo_heads=32, num_kv_heads=8, head_dim=128,
+                     gpu="H200")
+    assert plan.table.page_size == 64 and plan.split.page_size == 64
+    assert plan.attended_tokens.tolist() == [4100, 100]
+    assert plan.split.num_sms == 132
+    with pytest.raises(ValueError, match="head_dim"):
+        plan_span(indptr, spans, batch=2, kv_len=32768, num_qo_heads=32, num_kv_heads=8, head_dim=96)
+    with pytest.raises(ValueError):
+        plan_span(indptr, spans, batch=3, kv_len=32768, num_qo_heads=32, num_kv_heads=8, head_dim=128)

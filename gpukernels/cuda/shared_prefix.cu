@@ -116,6 +116,9 @@ __device__ __forceinline__ void attend_rows(const T* __restrict__ q, const T* __
   const int tig = lane & 3;
   const long long row_elems = static_cast<long long>(num_kv_heads) * HEAD_DIM;
   const bool row_ok[2] = {row_state[0] >= 0, row_state[1] >= 0};
+  // A warp whose 16 rows are all padding (fewer query rows than the block holds: MHA, small
+  // batches, a segment with one sharer) still copies its share of every tile but skips the products.
+  const bool warp_active = __any_sync(kFullMask, row_ok[0] || row_ok[1]);
   // Q as A fragments for every k-step (rows past R are zero). At head_dim 256 they wait in shared
   // memory, each lane's own (64 registers fewer: no spills); below, in registers.
   constexpr bool Q_IN_SMEM = HEAD_DIM >= 256;
@@ -193,6 +196,7 @@ __device__ __forceinline__ void attend_rows(const T* __restrict__ q, const T* __
     }
     cp_async_wait_groups<STAGES - 1>();
     __syncthreads();   // every thread's copies of tile t have landed
+    if (!warp_active) continue;   // uniform over the warp; the block's barriers are above
 
     const unsigned k_tile = smem_base + stage * Tile::STAGE_BYTES;
     const unsigned v_tile = k_tile + Tile::TILE_BYTES;
@@ -376,13 +380,14 @@ tree_segments_kernel(const T* __restrict__ q,            // [batch, num_qo_heads
                                    kv_begin, kv_end, row_b, row_h, row_state, scale_log2);
 }
 
-// The LSE merge of one (sequence, head) row over `count` states (lse_of(i), out_of(i, d)), with the
-// rules of merge_states.cu: an empty state (lse -inf) is never read, an lse of NaN or +inf makes
-// the row NaN, a non-finite out element of a non-empty state makes that element NaN. Threads run
-// along head_dim.
+// The LSE merge of one (sequence, head) row over `count` states (lse_of(i), out_of(i, d)), by one
+// warp (lanes along head_dim), with the rules of merge_states.cu: an empty state (lse -inf) is
+// never read, an lse of NaN or +inf makes the row NaN, a non-finite out element of a non-empty
+// state makes that element NaN.
 template <typename T, typename LseOf, typename OutOf>
-__device__ __forceinline__ void merge_row(int count, LseOf lse_of, OutOf out_of, T* __restrict__ out_row,
-                                          float* __restrict__ lse_row, int head_dim) {
+__device__ __forceinline__ void merge_row_warp(int count, LseOf lse_of, OutOf out_of, T* __restrict__ out_row,
+                                               float* __restrict__ lse_row, int head_dim) {
+  const int lane = threadIdx.x & 31;
   float lse_max = neg_inf();
   bool poisoned = false;
   for (int i = 0; i < count; ++i) {
@@ -390,47 +395,56 @@ __device__ __forceinline__ void merge_row(int count, LseOf lse_of, OutOf out_of,
     lse_max = fmaxf(lse_max, l);
     poisoned = poisoned || is_nan(l) || l == -neg_inf();
   }
-  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-    float w_sum = 0.0f, o_sum = 0.0f;
+  float w_sum = 0.0f;
+  for (int i = 0; i < count; ++i) {
+    const float l = lse_of(i);
+    if (!poisoned && l != neg_inf()) w_sum += __expf(l - lse_max);
+  }
+  const float inv = w_sum > 0.0f ? 1.0f / w_sum : 0.0f;
+  for (int d = lane; d < head_dim; d += 32) {
+    float o_sum = 0.0f;
     bool bad_out = false;
     for (int i = 0; i < count; ++i) {
       const float l = lse_of(i);
       if (poisoned || l == neg_inf()) continue;   // empty: never read
       const float o_i = out_of(i, d);
       bad_out = bad_out || !is_finite(o_i);
-      const float w = __expf(l - lse_max);
-      w_sum += w;
-      o_sum += w * o_i;
+      o_sum += __expf(l - lse_max) * o_i;
     }
-    const float o = poisoned || bad_out ? quiet_nan() : w_sum > 0.0f ? o_sum / w_sum : 0.0f;
+    const float o = poisoned || bad_out ? quiet_nan() : o_sum * inv;
     out_row[d] = from_float<T>(finite_or_nan(o));
-    if (d == 0) *lse_row = poisoned ? quiet_nan() : w_sum > 0.0f ? lse_max + __logf(w_sum) : neg_inf();
   }
+  if (lane == 0) *lse_row = poisoned ? quiet_nan() : w_sum > 0.0f ? lse_max + __logf(w_sum) : neg_inf();
 }
+
+constexpr int MERGE_ROWS_PER_BLOCK = 4;   // warps of a merge block, one row each
 
 // Merge, per (sequence, query head), the states part_indptr[b] .. part_indptr[b + 1] - 1 of
 // part_out [num_states, num_qo_heads, head_dim] (a sequence's chunks of all its segments) by LSE.
-// One block per (sequence, head).
+// One warp per (sequence, head), MERGE_ROWS_PER_BLOCK of them a block.
 template <typename T>
-__global__ void __launch_bounds__(128)
+__global__ void __launch_bounds__(32 * MERGE_ROWS_PER_BLOCK)
 merge_parts_kernel(const float* __restrict__ part_out, const float* __restrict__ part_lse,
                    const int* __restrict__ part_indptr,   // [batch + 1]
                    T* __restrict__ out,                   // [batch, num_qo_heads, head_dim]
                    float* __restrict__ lse,               // [batch, num_qo_heads]
-                   int num_qo_heads, int head_dim) {
-  const int b = blockIdx.x / num_qo_heads, h = blockIdx.x % num_qo_heads;
+                   int rows, int num_qo_heads, int head_dim) {
+  const int r = blockIdx.x * MERGE_ROWS_PER_BLOCK + (threadIdx.x >> 5);
+  if (r >= rows) return;   // whole warps
+  const int b = r / num_qo_heads, h = r % num_qo_heads;
   const int first = part_indptr[b];
   auto row = [&](int i) { return static_cast<long long>(first + i) * num_qo_heads + h; };
-  merge_row<T>(part_indptr[b + 1] - first, [&](int i) { return part_lse[row(i)]; },
-               [&](int i, int d) { return part_out[row(i) * head_dim + d]; },
-               out + static_cast<long long>(blockIdx.x) * head_dim, lse + blockIdx.x, head_dim);
+  merge_row_warp<T>(part_indptr[b + 1] - first, [&](int i) { return part_lse[row(i)]; },
+                    [&](int i, int d) { return part_out[row(i) * head_dim + d]; },
+                    out + static_cast<long long>(r) * head_dim, lse + r, head_dim);
 }
 
 // Merge, per (sequence, query head), the prefix chunks' float32 states with the suffix's state
 // (out in T, lse in float32; none when suffix_out is null): the LSE merge of merge_states.cu,
-// with its rules for empty and non-finite states. One block per (sequence, head).
+// with its rules for empty and non-finite states. One warp per (sequence, head),
+// MERGE_ROWS_PER_BLOCK of them a block.
 template <typename T>
-__global__ void __launch_bounds__(128)
+__global__ void __launch_bounds__(32 * MERGE_ROWS_PER_BLOCK)
 merge_prefix_suffix_kernel(const float* __restrict__ part_out,   // [num_chunks, rows, head_dim]
                            const float* __restrict__ part_lse,   // [num_chunks, rows]
                            const T* __restrict__ suffix_out,     // [rows, head_dim] or null
@@ -438,20 +452,21 @@ merge_prefix_suffix_kernel(const float* __restrict__ part_out,   // [num_chunks,
                            T* __restrict__ out,                  // [rows, head_dim]
                            float* __restrict__ lse,              // [rows]
                            int num_chunks, long long rows, int head_dim) {
-  const long long row = blockIdx.x;
+  const long long row = static_cast<long long>(blockIdx.x) * MERGE_ROWS_PER_BLOCK + (threadIdx.x >> 5);
+  if (row >= rows) return;   // whole warps
   const bool has_suffix = suffix_out != nullptr;
-  merge_row<T>(num_chunks + (has_suffix ? 1 : 0),
-               [&](int c) { return c < num_chunks ? part_lse[c * rows + row] : suffix_lse[row]; },
-               [&](int c, int d) {
-                 float o;
-                 if (c < num_chunks) {
-                   o = part_out[(c * rows + row) * head_dim + d];
-                 } else {
-                   to_scalar_float(suffix_out + row * head_dim + d, &o);
-                 }
-                 return o;
-               },
-               out + row * head_dim, lse + row, head_dim);
+  merge_row_warp<T>(num_chunks + (has_suffix ? 1 : 0),
+                    [&](int c) { return c < num_chunks ? part_lse[c * rows + row] : suffix_lse[row]; },
+                    [&](int c, int d) {
+                      float o;
+                      if (c < num_chunks) {
+                        o = part_out[(c * rows + row) * head_dim + d];
+                      } else {
+                        to_scalar_float(suffix_out + row * head_dim + d, &o);
+                      }
+                      return o;
+                    },
+                    out + row * head_dim, lse + row, head_dim);
 }
 
 }  // namespace decode_attention

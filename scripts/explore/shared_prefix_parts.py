@@ -1,0 +1,71 @@
+"""Where the time of a Hydragen call goes: its three launches timed alone (GPU time, the host kept
+ahead by a GPU wait), the whole call with and without that wait, the prefix pass over several
+chunk sizes, and the host's share (a profile of repeated calls).
+
+An exploration, not a benchmark: lines of text (us), no result file.
+Run: PYTHONPATH=. python3 scripts/explore/shared_prefix_parts.py
+"""
+import cProfile
+import importlib
+import io
+import pstats
+
+import cupy as cp
+
+from gpukernels.bench import SHARED_PREFIX_GRID, Timer, _randn16, host_us, stream_read
+
+sp = importlib.import_module("gpukernels.shared_prefix")
+import gpukernels  # noqa: E402
+
+timer = Timer(20)
+stream = stream_read()
+HQ, D = 32, 128
+for hkv, B, P, S in SHARED_PREFIX_GRID:
+    q = _randn16((B, HQ, D))
+    k_pool, v_pool = _randn16((P + B * S, hkv, D)), _randn16((P + B * S, hkv, D))
+    kp, vp = k_pool[:P], v_pool[:P]
+    ks, vs = (x[P:].reshape(B, S, hkv, D) for x in (k_pool, v_pool))
+    out = cp.empty((B, HQ, D), cp.float16)
+    lse = cp.empty((B, HQ), cp.float32)
+    res = {"read_all": timer(lambda: stream(k_pool, v_pool)), "read_prefix": timer(lambda: stream(kp, vp))}
+    call = lambda: sp.shared_prefix(q, kp, vp, ks, vs, out=out, lse=lse)  # noqa: E731
+    h = host_us(call)
+    res["call"] = timer(call)
+    res["call_lead"] = timer(call, lead_ms=0.5)
+    res["host"] = h / 1e3
+    chunk0 = sp._prefix_chunk_size(B, HQ, hkv, D, P, S, "float16", 0)
+    group = HQ // hkv
+    for chunk in sorted({chunk0, chunk0 * 2, max(64, chunk0 // 2), max(64, chunk0 // 4), P}):
+        n = -(-P // chunk)
+        po = cp.empty((n, B, HQ, D), cp.float32)
+        pl = cp.empty((n, B, HQ), cp.float32)
+        grid = (n, -(-(B * group) // sp.QUERY_ROWS), hkv)
+        kern = sp._prefix_kernel("float16", D)
+        args = (q.data.ptr, kp.data.ptr, vp.data.ptr, po.data.ptr, pl.data.ptr, B, P, HQ, hkv, chunk,
+                0.088 * 1.4427)
+        launch = lambda: kern(grid, (sp.THREADS,), args, stream_ptr=cp.cuda.get_current_stream().ptr,  # noqa: E731
+                              device_id=0)
+        res[f"prefix c{chunk}x{n}{'*' if chunk == chunk0 else ''}"] = timer(launch, lead_ms=0.3)
+        if chunk == chunk0:
+            so, sl = gpukernels.split_kv(q, ks, vs)
+            res["suffix"] = timer(lambda: gpukernels.split_kv(q, ks, vs, out=so, lse=sl), lead_ms=0.3)
+            mk = sp._merge_kernel("float16")
+            margs = (po.data.ptr, pl.data.ptr, so.data.ptr, sl.data.ptr, out.data.ptr, lse.data.ptr, n,
+                     B * HQ, D)
+            res["merge"] = timer(lambda: mk((B * HQ,), (sp.MERGE_THREADS,), margs,  # noqa: B023
+                                            stream_ptr=cp.cuda.get_current_stream().ptr, device_id=0),
+                                 lead_ms=0.3)
+        del po, pl
+    print(f"{HQ}/{hkv} B={B} {P}+{S}: " + ", ".join(f"{a}={b * 1e3:.1f}" for a, b in res.items()), flush=True)
+    if (hkv, B) == (8, 64):
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(200):
+            call()
+        prof.disable()
+        cp.cuda.Device().synchronize()
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(14)
+        print(s.getvalue(), flush=True)
+    del q, k_pool, v_pool, kp, vp, ks, vs
+    cp.get_default_memory_pool().free_all_blocks()
