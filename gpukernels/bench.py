@@ -723,28 +723,17 @@ def _shared_prefix_peers(q, k_pool, v_pool, batch, num_kv_heads, prefix_len, suf
     return peers
 
 
-def _hydragen_chunk(batch, num_kv_heads, prefix_len, suffix_len, device_id) -> "int | None":
-    """The prefix chunk the kernel runs with (the cost model's plan, rounded to its tiles)."""
-    try:
-        from gpukernels.shared_prefix import _prefix_chunk_size
-
-        return int(_prefix_chunk_size(batch, NUM_QO_HEADS, num_kv_heads, HEAD_DIM, prefix_len, suffix_len,
-                                      "float16", device_id))
-    except Exception as exc:  # noqa: BLE001 - the row goes without it
-        _progress(f"  no prefix chunk size: {_error_line(exc)}")
-        return None
-
-
 def _shared_prefix_workload_rows(timer: Timer, ceilings: dict, gpu, base: dict, failed: list) -> list[dict]:
     """Every row of one shared-prefix workload (`base`: `shared_prefix_base(...)`, which names the
-    suite): Hydragen with out/lse and its one-shot call, bifurcated, the prefix copied into every
+    suite): Hydragen planned (`SharedPrefix(plan).run`, out/lse given) and its one-shot call, bifurcated, the prefix copied into every
     sequence then split-KV (naive; left out, with `naive_skipped` on the other rows, where the copy
     would pass NAIVE_COPY_LIMIT_BYTES), FlashInfer's cascade and paged decode with the prefix's
     pages in every page table."""
     import cupy as cp
 
     import gpukernels
-    from gpukernels.shared_prefix import shared_prefix
+    from gpukernels.shared_prefix import SharedPrefix, plan_shared_prefix, shared_prefix
+    from gpukernels.split_kv import num_sms
 
     hkv, batch = base["num_kv_heads"], base["batch"]
     prefix_len, suffix_len = base["prefix_len"], base["suffix_len"]
@@ -769,14 +758,14 @@ def _shared_prefix_workload_rows(timer: Timer, ceilings: dict, gpu, base: dict, 
     out = cp.empty((batch, NUM_QO_HEADS, HEAD_DIM), dtype=cp.float16)
     lse = cp.empty((batch, NUM_QO_HEADS), dtype=cp.float32)
 
-    planned = lambda: shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, out=out, lse=lse)  # noqa: E731
+    plan = plan_shared_prefix(batch, NUM_QO_HEADS, hkv, HEAD_DIM, prefix_len, suffix_len, dtype="float16",
+                              num_sms=num_sms(cp.cuda.Device().id), gpu=gpu)
+    runner = SharedPrefix(plan)
+    planned = lambda: runner.run(q, k_prefix, v_prefix, k_suffix, v_suffix, out=out, lse=lse)  # noqa: E731
     m = _measure(timer, "shared_prefix:hydragen", planned, failed)
     if m:
-        row = {**base, "impl": "shared_prefix:hydragen", **m}
-        chunk = _hydragen_chunk(batch, hkv, prefix_len, suffix_len, cp.cuda.Device().id)
-        if chunk is not None:
-            row["prefix_chunk_size"] = chunk
-        rows.append(_predicted(row, gpu))
+        rows.append(_predicted({**base, "impl": "shared_prefix:hydragen", "prefix_chunk_size": plan.prefix_chunk_size,
+                                **m}, gpu))
     one_shot = lambda: shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix)  # noqa: E731
     m = _measure(timer, "shared_prefix:hydragen:oneshot", one_shot, failed)
     if m:

@@ -18,15 +18,17 @@ float16 and bfloat16; head_dim 64, 128 and 256.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 
-from decode_attention.contract import check_shared_prefix
+from decode_attention.contract import check_positive_int, check_shared_prefix
 
 from . import _runtime as rt
-from .split_kv import device_gpu, num_sms, outputs, split_kv
+from .split_kv import (SplitKV, SplitKVPlan, _expect_index, _expect_shape, _index_on_device, device_gpu, num_sms,
+                       outputs, plan_split_kv)
 
-__all__ = ["shared_prefix", "PREFIX_DTYPES"]
+__all__ = ["shared_prefix", "SharedPrefixPlan", "plan_shared_prefix", "SharedPrefix", "PREFIX_DTYPES"]
 
 _LOG2E = 1.4426950408889634
 PREFIX_DTYPES = ("float16", "bfloat16")   # the prefix pass runs on the tensor cores
@@ -91,17 +93,6 @@ def blocks_per_sm(head_dim: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def _prefix_chunk_size(batch, num_qo_heads, num_kv_heads, head_dim, prefix_len, suffix_len, dtype,
-                       device_id) -> int:
-    """The prefix pass's chunk for this shape: one wave of resident blocks
-    (`costmodel.shared_prefix.prefix_pass_chunk`)."""
-    from costmodel.shared_prefix import prefix_pass_chunk  # noqa: PLC0415
-
-    return prefix_pass_chunk(max(prefix_len, 1), batch * (num_qo_heads // num_kv_heads), num_kv_heads,
-                             num_sms(device_id), blocks_per_sm(head_dim), kv_tile(head_dim))
-
-
-@functools.lru_cache(maxsize=1024)
 def _auto_method(batch, num_qo_heads, num_kv_heads, head_dim, prefix_len, suffix_len, dtype, device_id) -> str:
     """The method the cost model predicts faster for this shape on this GPU (Hydragen where the
     model does not know the GPU)."""
@@ -135,10 +126,8 @@ def shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, suffix_lens=None, *
     views = [rt.device_array(x, name) for x, name in ((k_prefix, "k_prefix"), (v_prefix, "v_prefix"),
                                                       (k_suffix, "k_suffix"), (v_suffix, "v_suffix"))]
     lens_on_gpu = suffix_lens is not None and rt._kind(suffix_lens) is not None
-    problem, _ = check_shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix,
-                                     None if lens_on_gpu or suffix_lens is None else rt.host_ints(
-                                         suffix_lens, "suffix_lens"),
-                                     sm_scale=sm_scale, method="hydragen", dtypes=rt.KERNEL_DTYPES)
+    lens_host = None if lens_on_gpu or suffix_lens is None else rt.host_ints(suffix_lens, "suffix_lens")
+    problem = _checked_problem(q, k_prefix, v_prefix, k_suffix, v_suffix, qa, views, lens_host, sm_scale)
     if method == "auto":
         method = _auto_method(problem.batch, problem.num_qo_heads, problem.num_kv_heads, problem.head_dim,
                               problem.prefix_len, problem.suffix_len, problem.dtype, qa.device_id)
@@ -152,52 +141,205 @@ def shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, suffix_lens=None, *
         rt.require_contiguous(a, name)
     device_id = rt.require_same_device({"q": qa, **dict(zip(("k_prefix", "v_prefix", "k_suffix",
                                                              "v_suffix"), views))})
-    kind = qa.kind
-    B, Hq, Hkv, D = problem.batch, problem.num_qo_heads, problem.num_kv_heads, problem.head_dim
-    out, lse, out_ptr, lse_ptr = outputs(out, lse, kind, (B, Hq, D), problem.dtype, device_id)
-    if B == 0:
+    chunk = None if prefix_chunk_size is None else _checked_chunk(prefix_chunk_size, kv_tile(problem.head_dim))
+    if problem.batch == 0:
+        out, lse, _, _ = outputs(out, lse, qa.kind, (0, problem.num_qo_heads, problem.head_dim), problem.dtype,
+                                 device_id)
         return out, lse
-    stream_ptr = rt.current_stream_ptr(kind, device_id)
+    runner = _cached_runner(problem.batch, problem.num_qo_heads, problem.num_kv_heads, problem.head_dim,
+                            problem.prefix_len, problem.suffix_len, problem.dtype, chunk, device_id)
+    if lens_host is not None:
+        suffix_lens = rt.device_int32(lens_host, qa.kind, device_id, "suffix_lens")
+    elif lens_on_gpu:
+        suffix_lens = _index_on_device(suffix_lens, "suffix_lens", problem.batch, qa.kind, device_id)
+    return runner.run(q, k_prefix, v_prefix, k_suffix, v_suffix, suffix_lens, sm_scale=problem.sm_scale,
+                      out=out, lse=lse)
 
-    # 1. The prefix, once for every sequence.
-    P = problem.prefix_len
+
+# Problems whose metadata was checked, by everything the checks read (shapes, dtypes, sm_scale):
+# repeated one-shot calls skip the checks they already passed. Host lengths are checked every call.
+_CHECKED: dict = {}
+
+
+def _checked_problem(q, k_prefix, v_prefix, k_suffix, v_suffix, qa, views, lens_host, sm_scale):
+    if lens_host is not None or not (sm_scale is None or type(sm_scale) in (float, int)):
+        problem, _ = check_shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, lens_host, sm_scale=sm_scale,
+                                         method="hydragen", dtypes=rt.KERNEL_DTYPES)
+        return problem
+    key = (qa.shape, qa.dtype, *((a.shape, a.dtype) for a in views), sm_scale)
+    problem = _CHECKED.get(key)
+    if problem is None:
+        problem, _ = check_shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, None, sm_scale=sm_scale,
+                                         method="hydragen", dtypes=rt.KERNEL_DTYPES)
+        if len(_CHECKED) > 4096:
+            _CHECKED.clear()
+        _CHECKED[key] = problem
+    return problem
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_runner(batch, num_qo_heads, num_kv_heads, head_dim, prefix_len, suffix_len, dtype, chunk,
+                   device_id) -> "SharedPrefix":
+    """The one-shot calls' plan and buffers for one shape (and chunk) on one device."""
+    return SharedPrefix(plan_shared_prefix(batch, num_qo_heads, num_kv_heads, head_dim, prefix_len, suffix_len,
+                                           dtype=dtype, prefix_chunk_size=chunk, num_sms=num_sms(device_id),
+                                           gpu=device_gpu(device_id)))
+
+
+@dataclass(frozen=True)
+class SharedPrefixPlan:
+    """Hydragen's three launches for one shape: the prefix in `num_chunks` chunks of
+    `prefix_chunk_size` tokens, the suffixes by `suffix` (a split-KV plan), the merge."""
+
+    batch: int
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim: int
+    prefix_len: int
+    suffix_len: int
+    dtype: str
+    prefix_chunk_size: int
+    suffix: SplitKVPlan
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.prefix_len // self.prefix_chunk_size) if self.prefix_len else 0
+
+
+def plan_shared_prefix(batch: int, num_qo_heads: int, num_kv_heads: int, head_dim: int, prefix_len: int,
+                       suffix_len: int, *, dtype: str = "float16", prefix_chunk_size: int | None = None,
+                       num_sms: int | None = None, gpu=None) -> SharedPrefixPlan:
+    """The plan of a Hydragen call (made on the host, no GPU needed): the prefix chunk that fills
+    one wave of resident blocks, the suffixes' split plan from the cost model. `num_sms` and `gpu`
+    as for `plan_split_kv` (the H100's 132 SMs when neither is given)."""
+    from costmodel.gpus import plan_gpu  # noqa: PLC0415
+    from costmodel.shared_prefix import prefix_pass_chunk  # noqa: PLC0415
+    from costmodel.split_kv import DEFAULT_NUM_SMS  # noqa: PLC0415
+
+    for name, value in (("batch", batch), ("num_qo_heads", num_qo_heads), ("num_kv_heads", num_kv_heads),
+                        ("head_dim", head_dim)):
+        check_positive_int(value, name)
+    for name, value in (("prefix_len", prefix_len), ("suffix_len", suffix_len)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    if num_qo_heads % num_kv_heads:
+        raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if dtype not in PREFIX_DTYPES:
+        raise TypeError(f"dtype must be float16 or bfloat16 for the shared-prefix kernel, got {dtype!r}")
+    if head_dim not in rt.HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {rt.HEAD_DIMS} for the GPU kernels, got {head_dim}")
+    _, sms = plan_gpu(gpu, num_sms, default_num_sms=DEFAULT_NUM_SMS)
+    tile = kv_tile(head_dim)
     if prefix_chunk_size is None:
-        chunk = _prefix_chunk_size(B, Hq, Hkv, D, P, problem.suffix_len, problem.dtype, device_id) if P else 1
+        chunk = prefix_pass_chunk(max(int(prefix_len), 1), batch * (num_qo_heads // num_kv_heads), num_kv_heads,
+                                  sms, blocks_per_sm(head_dim), tile)
     else:
-        if not isinstance(prefix_chunk_size, (int, np.integer)) or isinstance(prefix_chunk_size, bool):
-            raise TypeError(f"prefix_chunk_size must be an int, got {type(prefix_chunk_size).__name__}")
-        tile = kv_tile(D)
-        if prefix_chunk_size < tile or prefix_chunk_size % tile:
-            raise ValueError(f"prefix_chunk_size must be a positive multiple of {tile}, got {prefix_chunk_size}")
-        chunk = int(prefix_chunk_size)
-    num_chunks = -(-P // chunk) if P else 0
-    part_out = rt.empty(kind, (max(num_chunks, 1), B, Hq, D), "float32", device_id)
-    part_lse = rt.empty(kind, (max(num_chunks, 1), B, Hq), "float32", device_id)
-    scale_log2 = problem.sm_scale * _LOG2E
-    if num_chunks:
-        group = Hq // Hkv
-        grid = (num_chunks, -(-(B * group) // QUERY_ROWS), Hkv)
-        _prefix_kernel(problem.dtype, D)(
+        chunk = _checked_chunk(prefix_chunk_size, tile)
+    suffix = plan_split_kv(batch, num_qo_heads, num_kv_heads, head_dim, max(int(suffix_len), 1), dtype=dtype,
+                           num_sms=sms, gpu=gpu)
+    return SharedPrefixPlan(batch, num_qo_heads, num_kv_heads, head_dim, int(prefix_len), int(suffix_len), dtype,
+                            chunk, suffix)
+
+
+def _checked_chunk(prefix_chunk_size, tile: int) -> int:
+    if not isinstance(prefix_chunk_size, (int, np.integer)) or isinstance(prefix_chunk_size, bool):
+        raise TypeError(f"prefix_chunk_size must be an int, got {type(prefix_chunk_size).__name__}")
+    if prefix_chunk_size < tile or prefix_chunk_size % tile:
+        raise ValueError(f"prefix_chunk_size must be a positive multiple of {tile}, got {prefix_chunk_size}")
+    return int(prefix_chunk_size)
+
+
+class SharedPrefix:
+    """A Hydragen plan bound to its buffers (partial states, the suffixes' state), one set per
+    stream it runs on; `run` many times without host synchronisation, allocating nothing when
+    `out` and `lse` are given (CUDA-graph capturable).
+
+    >>> plan = plan_shared_prefix(64, 32, 8, 128, 16384, 256, gpu="H200")   # doctest: +SKIP
+    >>> hy = SharedPrefix(plan)                                             # doctest: +SKIP
+    >>> out, lse = hy.run(q, k_prefix, v_prefix, k_suffix, v_suffix)       # doctest: +SKIP
+    """
+
+    def __init__(self, plan: SharedPrefixPlan):
+        if not isinstance(plan, SharedPrefixPlan):
+            raise TypeError(f"plan must be a SharedPrefixPlan, got {type(plan).__name__}")
+        self.plan = plan
+        self._suffix = SplitKV(plan.suffix)
+        self._buffers: dict = {}   # (kind, device, stream) -> (part_out, part_lse, suffix_out, suffix_lse)
+
+    def _buffers_for(self, kind: str, device_id: int, stream_ptr: int):
+        key = (kind, device_id, stream_ptr)
+        bufs = self._buffers.get(key)
+        if bufs is None:
+            p = self.plan
+            n = max(p.num_chunks, 1)
+            bufs = self._buffers[key] = (
+                rt.empty(kind, (n, p.batch, p.num_qo_heads, p.head_dim), "float32", device_id),
+                rt.empty(kind, (n, p.batch, p.num_qo_heads), "float32", device_id),
+                rt.empty(kind, (p.batch, p.num_qo_heads, p.head_dim), p.dtype, device_id),
+                rt.empty(kind, (p.batch, p.num_qo_heads), "float32", device_id),
+            )
+        return bufs
+
+    def run(self, q, k_prefix, v_prefix, k_suffix, v_suffix, suffix_lens=None, *, sm_scale=None, out=None,
+            lse=None):
+        """Shapes as planned (checked by their metadata); `suffix_lens` None or an int32 device
+        array [batch] (values checked by the suffix kernel: a length outside [0, suffix_len] gives
+        that sequence NaN). Returns (out, lse) like `shared_prefix`."""
+        p = self.plan
+        B, Hq, Hkv, D = p.batch, p.num_qo_heads, p.num_kv_heads, p.head_dim
+        qa = rt.device_array(q, "q")
+        views = [rt.device_array(x, name) for x, name in ((k_prefix, "k_prefix"), (v_prefix, "v_prefix"),
+                                                          (k_suffix, "k_suffix"), (v_suffix, "v_suffix"))]
+        _expect_shape(qa, "q", "[batch, num_qo_heads, head_dim]", (B, Hq, D))
+        for a, name in zip(views[:2], ("k_prefix", "v_prefix")):
+            _expect_shape(a, name, "[prefix_len, num_kv_heads, head_dim]", (p.prefix_len, Hkv, D))
+        for a, name in zip(views[2:], ("k_suffix", "v_suffix")):
+            _expect_shape(a, name, "[batch, suffix_len, num_kv_heads, head_dim]", (B, p.suffix_len, Hkv, D))
+        device_id = qa.device_id
+        for a, name in zip([qa] + views, ("q", "k_prefix", "v_prefix", "k_suffix", "v_suffix")):
+            if a.dtype != p.dtype:
+                raise TypeError(f"{name} must be {p.dtype} as planned, got {a.dtype}")
+            rt.require_contiguous(a, name)
+            if a.device_id != device_id:
+                raise ValueError(f"{name} must be on GPU {device_id} like q, got GPU {a.device_id}")
+        _expect_index(suffix_lens, "suffix_lens", B, device_id)
+        if sm_scale is None:
+            sm_scale = 1.0 / float(np.sqrt(D))
+        if not (isinstance(sm_scale, (int, float, np.floating, np.integer)) and np.isfinite(sm_scale)):
+            raise ValueError(f"sm_scale must be a finite real number, got {sm_scale!r}")
+        kind = qa.kind
+        out, lse, out_ptr, lse_ptr = outputs(out, lse, kind, (B, Hq, D), p.dtype, device_id)
+        stream_ptr = rt.current_stream_ptr(kind, device_id)
+        part_out, part_lse, suffix_out, suffix_lse = self._buffers_for(kind, device_id, stream_ptr)
+        _launch_hydragen(p, qa, views, suffix_lens, float(sm_scale), out_ptr, lse_ptr,
+                         (part_out, part_lse, suffix_out, suffix_lse), self._suffix, stream_ptr, device_id,
+                         q, k_suffix, v_suffix)
+        return out, lse
+
+
+def _launch_hydragen(p: SharedPrefixPlan, qa, views, suffix_lens, sm_scale: float, out_ptr: int, lse_ptr: int,
+                     buffers, suffix_runner: SplitKV, stream_ptr: int, device_id: int, q, k_suffix, v_suffix):
+    """The three launches on `stream_ptr`: prefix pass, suffixes (into buffers' suffix state), merge."""
+    B, Hq, Hkv, D = p.batch, p.num_qo_heads, p.num_kv_heads, p.head_dim
+    part_out, part_lse, suffix_out, suffix_lse = buffers
+    n = p.num_chunks
+    if n:
+        grid = (n, -(-(B * (Hq // Hkv)) // QUERY_ROWS), Hkv)
+        _prefix_kernel(p.dtype, D)(
             grid, (THREADS,),
             (qa.ptr, views[0].ptr, views[1].ptr, rt.address(part_out), rt.address(part_lse),
-             B, P, Hq, Hkv, chunk, scale_log2),
+             B, p.prefix_len, Hq, Hkv, p.prefix_chunk_size, sm_scale * _LOG2E),
             stream_ptr=stream_ptr, device_id=device_id)
-
-    # 2. Each sequence's own tokens, by split-KV decode.
-    if problem.suffix_len:
-        suffix_out, suffix_lse = split_kv(q, k_suffix, v_suffix, suffix_lens, sm_scale=problem.sm_scale)
+    if p.suffix_len:
+        suffix_runner.run(q, k_suffix, v_suffix, suffix_lens, sm_scale=sm_scale, out=suffix_out, lse=suffix_lse)
         suffix_ptrs = (rt.address(suffix_out), rt.address(suffix_lse))
     else:
-        suffix_out = suffix_lse = None
         suffix_ptrs = (0, 0)
-
-    # 3. The merge, in float32.
     rows = B * Hq
-    _merge_kernel(problem.dtype)(
+    _merge_kernel(p.dtype)(
         (-(-rows // MERGE_ROWS_PER_BLOCK),), (MERGE_THREADS,),
-        (rt.address(part_out), rt.address(part_lse), *suffix_ptrs, out_ptr, lse_ptr, num_chunks, rows, D),
+        (rt.address(part_out), rt.address(part_lse), *suffix_ptrs, out_ptr, lse_ptr, n, rows, D),
         stream_ptr=stream_ptr, device_id=device_id)
-    return out, lse
 
 
 class _Ops:

@@ -151,3 +151,31 @@ def test_malformed_calls_raise_before_launch(change, exc, name):
     with pytest.raises(exc) as info:
         shared_prefix(*args.values(), **kwargs)
     assert name in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_plan_runs_many_times_with_lengths_on_the_gpu(dtype):
+    from gpukernels.shared_prefix import SharedPrefix, plan_shared_prefix
+
+    rng = np.random.default_rng(11)
+    batch, hq, hkv, d, prefix_len, suffix_len = 6, 32, 8, 128, 1000, 70
+    plan = plan_shared_prefix(batch, hq, hkv, d, prefix_len, suffix_len, dtype=dtype, num_sms=132)
+    runner = SharedPrefix(plan)
+    lens = np.array([70, 0, 1, 33, 70, 64])
+    for _ in range(2):   # fresh inputs, the same plan and buffers
+        q, kp, vp, ks, vs = _inputs(rng, dtype, batch, hq, hkv, d, prefix_len, suffix_len)
+        ref_out, ref_lse = refattn.shared_prefix(q, kp, vp, ks, vs, lens)
+        qd = _device(q)
+        out = _poisoned(qd, q.shape, dtype)
+        lse = _poisoned(qd, q.shape[:2], "float32")
+        if dtype == "bfloat16":   # q is a PyTorch tensor: the lengths too
+            import torch
+
+            lens_d = torch.from_numpy(lens.astype(np.int32)).cuda()
+        else:
+            lens_d = cp.asarray(lens.astype(np.int32))
+        res = runner.run(qd, _device(kp), _device(vp), _device(ks), _device(vs), lens_d, out=out, lse=lse)
+        assert res[0] is out and res[1] is lse
+        _check(out, lse, ref_out, ref_lse, dtype)
+    with pytest.raises(ValueError, match="k_prefix"):
+        runner.run(qd, _device(kp[:-1]), _device(vp[:-1]), _device(ks), _device(vs))
