@@ -20,7 +20,10 @@ import gpukernels  # noqa: E402
 timer = Timer(20)
 stream = stream_read()
 HQ, D = 32, 128
-for hkv, B, P, S in SHARED_PREFIX_GRID:
+import sys  # noqa: E402
+
+rows = SHARED_PREFIX_GRID if len(sys.argv) < 2 else [SHARED_PREFIX_GRID[int(i)] for i in sys.argv[1].split(",")]
+for hkv, B, P, S in rows:
     q = _randn16((B, HQ, D))
     k_pool, v_pool = _randn16((P + B * S, hkv, D)), _randn16((P + B * S, hkv, D))
     kp, vp = k_pool[:P], v_pool[:P]
@@ -28,14 +31,15 @@ for hkv, B, P, S in SHARED_PREFIX_GRID:
     out = cp.empty((B, HQ, D), cp.float16)
     lse = cp.empty((B, HQ), cp.float32)
     res = {"read_all": timer(lambda: stream(k_pool, v_pool)), "read_prefix": timer(lambda: stream(kp, vp))}
-    call = lambda: sp.shared_prefix(q, kp, vp, ks, vs, out=out, lse=lse)  # noqa: E731
-    h = host_us(call)
+    plan = sp.plan_shared_prefix(B, HQ, hkv, D, P, S, num_sms=132)
+    runner = sp.SharedPrefix(plan)
+    call = lambda: runner.run(q, kp, vp, ks, vs, out=out, lse=lse)  # noqa: E731
     res["call"] = timer(call)
     res["call_lead"] = timer(call, lead_ms=0.5)
-    res["host"] = h / 1e3
-    chunk0 = sp._prefix_chunk_size(B, HQ, hkv, D, P, S, "float16", 0)
+    res["host"] = host_us(call) / 1e3
+    chunk0 = plan.prefix_chunk_size
     group = HQ // hkv
-    for chunk in sorted({chunk0, chunk0 * 2, max(64, chunk0 // 2), max(64, chunk0 // 4), P}):
+    for chunk in sorted({chunk0, chunk0 * 2, chunk0 * 4}):
         n = -(-P // chunk)
         po = cp.empty((n, B, HQ, D), cp.float32)
         pl = cp.empty((n, B, HQ), cp.float32)
@@ -52,12 +56,12 @@ for hkv, B, P, S in SHARED_PREFIX_GRID:
             mk = sp._merge_kernel("float16")
             margs = (po.data.ptr, pl.data.ptr, so.data.ptr, sl.data.ptr, out.data.ptr, lse.data.ptr, n,
                      B * HQ, D)
-            res["merge"] = timer(lambda: mk((B * HQ,), (sp.MERGE_THREADS,), margs,  # noqa: B023
+            res["merge"] = timer(lambda: mk((-(-B * HQ // sp.MERGE_ROWS_PER_BLOCK),), (sp.MERGE_THREADS,), margs,  # noqa: B023
                                             stream_ptr=cp.cuda.get_current_stream().ptr, device_id=0),
                                  lead_ms=0.3)
         del po, pl
     print(f"{HQ}/{hkv} B={B} {P}+{S}: " + ", ".join(f"{a}={b * 1e3:.1f}" for a, b in res.items()), flush=True)
-    if (hkv, B) == (8, 64):
+    if (hkv, B) == (8, 16):
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(200):
