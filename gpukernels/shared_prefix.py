@@ -34,8 +34,7 @@ _LOG2E = 1.4426950408889634
 PREFIX_DTYPES = ("float16", "bfloat16")   # the prefix pass runs on the tensor cores
 QUERY_ROWS = 64                           # query rows per block (shared_prefix.cu: QUERY_ROWS)
 THREADS = 128
-MERGE_ROWS_PER_BLOCK = 4                  # merge kernels: one warp per (sequence, head) row
-MERGE_THREADS = 32 * MERGE_ROWS_PER_BLOCK
+MERGE_THREADS = 128                       # merge kernels: one block per (sequence, head) row
 
 
 def kv_tile(head_dim: int) -> int:
@@ -337,7 +336,7 @@ def _launch_hydragen(p: SharedPrefixPlan, qa, views, suffix_lens, sm_scale: floa
         suffix_ptrs = (0, 0)
     rows = B * Hq
     _merge_kernel(p.dtype)(
-        (-(-rows // MERGE_ROWS_PER_BLOCK),), (MERGE_THREADS,),
+        (rows,), (MERGE_THREADS,),
         (rt.address(part_out), rt.address(part_lse), *suffix_ptrs, out_ptr, lse_ptr, n, rows, D),
         stream_ptr=stream_ptr, device_id=device_id)
 

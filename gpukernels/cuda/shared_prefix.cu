@@ -380,30 +380,33 @@ tree_segments_kernel(const T* __restrict__ q,            // [batch, num_qo_heads
                                    kv_begin, kv_end, row_b, row_h, row_state, scale_log2);
 }
 
-// The LSE merge of one (sequence, head) row over `count` states (lse_of(i), out_of(i, d)), by one
-// warp (lanes along head_dim), with the rules of merge_states.cu: an empty state (lse -inf) is
-// never read, an lse of NaN or +inf makes the row NaN, a non-finite out element of a non-empty
-// state makes that element NaN.
+// The LSE merge of one (sequence, head) row over `count` states (lse_of(i), out_of(i, d)), with the
+// rules of merge_states.cu: an empty state (lse -inf) is never read, an lse of NaN or +inf makes
+// the row NaN, a non-finite out element of a non-empty state makes that element NaN. Threads run
+// along head_dim; the states' loads are unrolled four at a time, so that a thread has several in
+// flight (a merge of 32 chunks one load after another measured 68 us where this takes a few).
 template <typename T, typename LseOf, typename OutOf>
-__device__ __forceinline__ void merge_row_warp(int count, LseOf lse_of, OutOf out_of, T* __restrict__ out_row,
-                                               float* __restrict__ lse_row, int head_dim) {
-  const int lane = threadIdx.x & 31;
+__device__ __forceinline__ void merge_row(int count, LseOf lse_of, OutOf out_of, T* __restrict__ out_row,
+                                          float* __restrict__ lse_row, int head_dim) {
   float lse_max = neg_inf();
   bool poisoned = false;
+#pragma unroll 4
   for (int i = 0; i < count; ++i) {
     const float l = lse_of(i);
     lse_max = fmaxf(lse_max, l);
     poisoned = poisoned || is_nan(l) || l == -neg_inf();
   }
   float w_sum = 0.0f;
+#pragma unroll 4
   for (int i = 0; i < count; ++i) {
     const float l = lse_of(i);
-    if (!poisoned && l != neg_inf()) w_sum += __expf(l - lse_max);
+    w_sum += poisoned || l == neg_inf() ? 0.0f : __expf(l - lse_max);
   }
   const float inv = w_sum > 0.0f ? 1.0f / w_sum : 0.0f;
-  for (int d = lane; d < head_dim; d += 32) {
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
     float o_sum = 0.0f;
     bool bad_out = false;
+#pragma unroll 4
     for (int i = 0; i < count; ++i) {
       const float l = lse_of(i);
       if (poisoned || l == neg_inf()) continue;   // empty: never read
@@ -414,37 +417,34 @@ __device__ __forceinline__ void merge_row_warp(int count, LseOf lse_of, OutOf ou
     const float o = poisoned || bad_out ? quiet_nan() : o_sum * inv;
     out_row[d] = from_float<T>(finite_or_nan(o));
   }
-  if (lane == 0) *lse_row = poisoned ? quiet_nan() : w_sum > 0.0f ? lse_max + __logf(w_sum) : neg_inf();
+  if (threadIdx.x == 0) *lse_row = poisoned ? quiet_nan() : w_sum > 0.0f ? lse_max + __logf(w_sum) : neg_inf();
 }
 
-constexpr int MERGE_ROWS_PER_BLOCK = 4;   // warps of a merge block, one row each
+constexpr int MERGE_THREADS = 128;   // threads of a merge block: one (sequence, head) row
 
 // Merge, per (sequence, query head), the states part_indptr[b] .. part_indptr[b + 1] - 1 of
 // part_out [num_states, num_qo_heads, head_dim] (a sequence's chunks of all its segments) by LSE.
-// One warp per (sequence, head), MERGE_ROWS_PER_BLOCK of them a block.
+// One block per (sequence, head).
 template <typename T>
-__global__ void __launch_bounds__(32 * MERGE_ROWS_PER_BLOCK)
+__global__ void __launch_bounds__(MERGE_THREADS)
 merge_parts_kernel(const float* __restrict__ part_out, const float* __restrict__ part_lse,
                    const int* __restrict__ part_indptr,   // [batch + 1]
                    T* __restrict__ out,                   // [batch, num_qo_heads, head_dim]
                    float* __restrict__ lse,               // [batch, num_qo_heads]
-                   int rows, int num_qo_heads, int head_dim) {
-  const int r = blockIdx.x * MERGE_ROWS_PER_BLOCK + (threadIdx.x >> 5);
-  if (r >= rows) return;   // whole warps
-  const int b = r / num_qo_heads, h = r % num_qo_heads;
+                   int num_qo_heads, int head_dim) {
+  const int b = blockIdx.x / num_qo_heads, h = blockIdx.x % num_qo_heads;
   const int first = part_indptr[b];
   auto row = [&](int i) { return static_cast<long long>(first + i) * num_qo_heads + h; };
-  merge_row_warp<T>(part_indptr[b + 1] - first, [&](int i) { return part_lse[row(i)]; },
-                    [&](int i, int d) { return part_out[row(i) * head_dim + d]; },
-                    out + static_cast<long long>(r) * head_dim, lse + r, head_dim);
+  merge_row<T>(part_indptr[b + 1] - first, [&](int i) { return part_lse[row(i)]; },
+               [&](int i, int d) { return part_out[row(i) * head_dim + d]; },
+               out + static_cast<long long>(blockIdx.x) * head_dim, lse + blockIdx.x, head_dim);
 }
 
 // Merge, per (sequence, query head), the prefix chunks' float32 states with the suffix's state
 // (out in T, lse in float32; none when suffix_out is null): the LSE merge of merge_states.cu,
-// with its rules for empty and non-finite states. One warp per (sequence, head),
-// MERGE_ROWS_PER_BLOCK of them a block.
+// with its rules for empty and non-finite states. One block per (sequence, head).
 template <typename T>
-__global__ void __launch_bounds__(32 * MERGE_ROWS_PER_BLOCK)
+__global__ void __launch_bounds__(MERGE_THREADS)
 merge_prefix_suffix_kernel(const float* __restrict__ part_out,   // [num_chunks, rows, head_dim]
                            const float* __restrict__ part_lse,   // [num_chunks, rows]
                            const T* __restrict__ suffix_out,     // [rows, head_dim] or null
@@ -452,21 +452,20 @@ merge_prefix_suffix_kernel(const float* __restrict__ part_out,   // [num_chunks,
                            T* __restrict__ out,                  // [rows, head_dim]
                            float* __restrict__ lse,              // [rows]
                            int num_chunks, long long rows, int head_dim) {
-  const long long row = static_cast<long long>(blockIdx.x) * MERGE_ROWS_PER_BLOCK + (threadIdx.x >> 5);
-  if (row >= rows) return;   // whole warps
+  const long long row = blockIdx.x;
   const bool has_suffix = suffix_out != nullptr;
-  merge_row_warp<T>(num_chunks + (has_suffix ? 1 : 0),
-                    [&](int c) { return c < num_chunks ? part_lse[c * rows + row] : suffix_lse[row]; },
-                    [&](int c, int d) {
-                      float o;
-                      if (c < num_chunks) {
-                        o = part_out[(c * rows + row) * head_dim + d];
-                      } else {
-                        to_scalar_float(suffix_out + row * head_dim + d, &o);
-                      }
-                      return o;
-                    },
-                    out + row * head_dim, lse + row, head_dim);
+  merge_row<T>(num_chunks + (has_suffix ? 1 : 0),
+               [&](int c) { return c < num_chunks ? part_lse[c * rows + row] : suffix_lse[row]; },
+               [&](int c, int d) {
+                 float o;
+                 if (c < num_chunks) {
+                   o = part_out[(c * rows + row) * head_dim + d];
+                 } else {
+                   to_scalar_float(suffix_out + row * head_dim + d, &o);
+                 }
+                 return o;
+               },
+               out + row * head_dim, lse + row, head_dim);
 }
 
 }  // namespace decode_attention

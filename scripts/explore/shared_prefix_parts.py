@@ -56,7 +56,7 @@ for hkv, B, P, S in rows:
             mk = sp._merge_kernel("float16")
             margs = (po.data.ptr, pl.data.ptr, so.data.ptr, sl.data.ptr, out.data.ptr, lse.data.ptr, n,
                      B * HQ, D)
-            res["merge"] = timer(lambda: mk((-(-B * HQ // sp.MERGE_ROWS_PER_BLOCK),), (sp.MERGE_THREADS,), margs,  # noqa: B023
+            res["merge"] = timer(lambda: mk((B * HQ,), (sp.MERGE_THREADS,), margs,  # noqa: B023
                                             stream_ptr=cp.cuda.get_current_stream().ptr, device_id=0),
                                  lead_ms=0.3)
         del po, pl
