@@ -231,7 +231,13 @@ def cupy_communicator(run: Run):
     uid = [nccl.get_unique_id() if run.rank == 0 else None]
     dist.broadcast_object_list(uid, src=0)
     cp.cuda.Device(run.device.index).use()
-    return nccl.NcclCommunicator(run.world, tuple(uid[0]), run.rank)
+    uid = uid[0]
+    if not isinstance(uid, (bytes, bytearray)):   # older CuPy: a tuple of signed chars
+        try:
+            return nccl.NcclCommunicator(run.world, tuple(uid), run.rank)
+        except TypeError:                          # CuPy 14 takes the id as bytes
+            uid = bytes(c & 0xFF for c in uid)
+    return nccl.NcclCommunicator(run.world, bytes(uid), run.rank)
 
 
 def check_cupy(run: Run, comm) -> None:
