@@ -36,9 +36,9 @@ or sm_scale) would make NCCL hang or mix garbage, so it must fail on every rank,
   all-gather, contributing a NaN state, and then raises: the other ranks never hang, and their
   outputs are NaN, never a plausible wrong number.
 
-Tested so far on the CPU only (tests/test_sharded.py: the algorithm with `InProcessCollective`
-and the references as attention); the NCCL collectives with the kernels have not yet run on GPUs
-(tests/test_sharded_gpu.py, `bash scripts/sharded-check.sh` on a machine with 2 or more).
+Tested on the CPU (tests/test_sharded.py: the algorithm with `InProcessCollective` and the
+references as attention) and on two H200s with the kernels through both NCCL collectives, eager
+and under CUDA-graph replay (tests/sharded_gpu_worker.py via `bash scripts/sharded-check.sh`).
 
 Example (2 GPUs, one process each, under torchrun)::
 
