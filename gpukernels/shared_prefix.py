@@ -25,8 +25,8 @@ import numpy as np
 from decode_attention.contract import check_positive_int, check_shared_prefix
 
 from . import _runtime as rt
-from .split_kv import (SplitKV, SplitKVPlan, _expect_index, _expect_shape, _index_on_device, device_gpu, num_sms,
-                       outputs, plan_split_kv)
+from .split_kv import (SplitKV, SplitKVPlan, _expect_index, _expect_shape, _index_on_device, checked_once, device_gpu,
+                       num_sms, outputs, plan_split_kv)
 
 __all__ = ["shared_prefix", "SharedPrefixPlan", "plan_shared_prefix", "SharedPrefix", "PREFIX_DTYPES"]
 
@@ -136,10 +136,7 @@ def shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, suffix_lens=None, *
         raise TypeError(f"q must be float16 or bfloat16 for the shared-prefix kernel, got {problem.dtype}")
     if problem.head_dim not in rt.HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {rt.HEAD_DIMS} for the GPU kernels, got {problem.head_dim}")
-    for name, a in [("q", qa)] + list(zip(("k_prefix", "v_prefix", "k_suffix", "v_suffix"), views)):
-        rt.require_contiguous(a, name)
-    device_id = rt.require_same_device({"q": qa, **dict(zip(("k_prefix", "v_prefix", "k_suffix",
-                                                             "v_suffix"), views))})
+    device_id = qa.device_id   # contiguity and devices: checked by SharedPrefix.run before any launch
     chunk = None if prefix_chunk_size is None else _checked_chunk(prefix_chunk_size, kv_tile(problem.head_dim))
     if problem.batch == 0:
         out, lse, _, _ = outputs(out, lse, qa.kind, (0, problem.num_qo_heads, problem.head_dim), problem.dtype,
@@ -155,25 +152,16 @@ def shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, suffix_lens=None, *
                       out=out, lse=lse)
 
 
-# Problems whose metadata was checked, by everything the checks read (shapes, dtypes, sm_scale):
-# repeated one-shot calls skip the checks they already passed. Host lengths are checked every call.
-_CHECKED: dict = {}
-
-
 def _checked_problem(q, k_prefix, v_prefix, k_suffix, v_suffix, qa, views, lens_host, sm_scale):
-    if lens_host is not None or not (sm_scale is None or type(sm_scale) in (float, int)):
+    """The call's checks, skipped for metadata that passed them before (host lengths: every call)."""
+    def check():
         problem, _ = check_shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, lens_host, sm_scale=sm_scale,
                                          method="hydragen", dtypes=rt.KERNEL_DTYPES)
         return problem
-    key = (qa.shape, qa.dtype, *((a.shape, a.dtype) for a in views), sm_scale)
-    problem = _CHECKED.get(key)
-    if problem is None:
-        problem, _ = check_shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, None, sm_scale=sm_scale,
-                                         method="hydragen", dtypes=rt.KERNEL_DTYPES)
-        if len(_CHECKED) > 4096:
-            _CHECKED.clear()
-        _CHECKED[key] = problem
-    return problem
+
+    cacheable = lens_host is None and (sm_scale is None or type(sm_scale) in (float, int))
+    key = ("shared_prefix", qa.shape, qa.dtype, *((a.shape, a.dtype) for a in views), sm_scale) if cacheable else None
+    return checked_once(key, check)
 
 
 @functools.lru_cache(maxsize=256)
@@ -306,39 +294,29 @@ class SharedPrefix:
             sm_scale = 1.0 / float(np.sqrt(D))
         if not (isinstance(sm_scale, (int, float, np.floating, np.integer)) and np.isfinite(sm_scale)):
             raise ValueError(f"sm_scale must be a finite real number, got {sm_scale!r}")
+        sm_scale = float(sm_scale)
         kind = qa.kind
         out, lse, out_ptr, lse_ptr = outputs(out, lse, kind, (B, Hq, D), p.dtype, device_id)
         stream_ptr = rt.current_stream_ptr(kind, device_id)
         part_out, part_lse, suffix_out, suffix_lse = self._buffers_for(kind, device_id, stream_ptr)
-        _launch_hydragen(p, qa, views, suffix_lens, float(sm_scale), out_ptr, lse_ptr,
-                         (part_out, part_lse, suffix_out, suffix_lse), self._suffix, stream_ptr, device_id,
-                         q, k_suffix, v_suffix)
-        return out, lse
-
-
-def _launch_hydragen(p: SharedPrefixPlan, qa, views, suffix_lens, sm_scale: float, out_ptr: int, lse_ptr: int,
-                     buffers, suffix_runner: SplitKV, stream_ptr: int, device_id: int, q, k_suffix, v_suffix):
-    """The three launches on `stream_ptr`: prefix pass, suffixes (into buffers' suffix state), merge."""
-    B, Hq, Hkv, D = p.batch, p.num_qo_heads, p.num_kv_heads, p.head_dim
-    part_out, part_lse, suffix_out, suffix_lse = buffers
-    n = p.num_chunks
-    if n:
-        grid = (n, -(-(B * (Hq // Hkv)) // QUERY_ROWS), Hkv)
-        _prefix_kernel(p.dtype, D)(
-            grid, (THREADS,),
-            (qa.ptr, views[0].ptr, views[1].ptr, rt.address(part_out), rt.address(part_lse),
-             B, p.prefix_len, Hq, Hkv, p.prefix_chunk_size, sm_scale * _LOG2E),
-            stream_ptr=stream_ptr, device_id=device_id)
-    if p.suffix_len:
-        suffix_runner.run(q, k_suffix, v_suffix, suffix_lens, sm_scale=sm_scale, out=suffix_out, lse=suffix_lse)
-        suffix_ptrs = (rt.address(suffix_out), rt.address(suffix_lse))
-    else:
+        # 1. The prefix, once for every sequence. 2. Each sequence's own tokens, by split-KV. 3. The merge.
+        n = p.num_chunks
+        if n:
+            grid = (n, -(-(B * (Hq // Hkv)) // QUERY_ROWS), Hkv)
+            _prefix_kernel(p.dtype, D)(
+                grid, (THREADS,),
+                (qa.ptr, views[0].ptr, views[1].ptr, rt.address(part_out), rt.address(part_lse),
+                 B, p.prefix_len, Hq, Hkv, p.prefix_chunk_size, sm_scale * _LOG2E),
+                stream_ptr=stream_ptr, device_id=device_id)
         suffix_ptrs = (0, 0)
-    rows = B * Hq
-    _merge_kernel(p.dtype)(
-        (rows,), (MERGE_THREADS,),
-        (rt.address(part_out), rt.address(part_lse), *suffix_ptrs, out_ptr, lse_ptr, n, rows, D),
-        stream_ptr=stream_ptr, device_id=device_id)
+        if p.suffix_len:
+            self._suffix.run(q, k_suffix, v_suffix, suffix_lens, sm_scale=sm_scale, out=suffix_out, lse=suffix_lse)
+            suffix_ptrs = (rt.address(suffix_out), rt.address(suffix_lse))
+        _merge_kernel(p.dtype)(
+            (B * Hq,), (MERGE_THREADS,),
+            (rt.address(part_out), rt.address(part_lse), *suffix_ptrs, out_ptr, lse_ptr, n, B * Hq, D),
+            stream_ptr=stream_ptr, device_id=device_id)
+        return out, lse
 
 
 class _Ops:

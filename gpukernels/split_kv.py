@@ -401,25 +401,34 @@ def _index_on_device(x, name: str, length, kind: str, device_id: int):
     return rt.to_int32_on_device(x, kind, device_id)
 
 
-# Problems whose metadata was checked, by everything the checks read: (q, k, v shapes and dtypes,
-# sm_scale) -> DecodeProblem. Repeated one-shot calls skip the checks they already passed.
+# Problems whose metadata was checked, by everything the checks read (shapes, dtypes, sm_scale) and
+# the variant: repeated one-shot calls skip the checks they already passed.
 _CHECKED: dict = {}
 
 
-def _checked_decode(qa, ka, va, q, k, v, sm_scale):
-    if not (sm_scale is None or type(sm_scale) in (float, int)):
-        problem, _ = check_decode(q, k, v, None, sm_scale=sm_scale, dtypes=rt.KERNEL_DTYPES)
-        check_kernel_dtype_and_head_dim(problem.dtype, problem.head_dim)
-        return problem
-    key = (qa.shape, ka.shape, va.shape, qa.dtype, ka.dtype, va.dtype, sm_scale)
+def checked_once(key, check):
+    """`check()`'s result, computed once per `key` (a tuple of what the check reads, or None when it
+    cannot be cached, e.g. an sm_scale of an unhashable or array type)."""
+    if key is None:
+        return check()
     problem = _CHECKED.get(key)
     if problem is None:
-        problem, _ = check_decode(q, k, v, None, sm_scale=sm_scale, dtypes=rt.KERNEL_DTYPES)
-        check_kernel_dtype_and_head_dim(problem.dtype, problem.head_dim)
+        problem = check()
         if len(_CHECKED) > 4096:
             _CHECKED.clear()
         _CHECKED[key] = problem
     return problem
+
+
+def _checked_decode(qa, ka, va, q, k, v, sm_scale):
+    def check():
+        problem, _ = check_decode(q, k, v, None, sm_scale=sm_scale, dtypes=rt.KERNEL_DTYPES)
+        check_kernel_dtype_and_head_dim(problem.dtype, problem.head_dim)
+        return problem
+
+    cacheable = sm_scale is None or type(sm_scale) in (float, int)
+    key = ("decode", qa.shape, ka.shape, va.shape, qa.dtype, ka.dtype, va.dtype, sm_scale) if cacheable else None
+    return checked_once(key, check)
 
 
 def split_kv(q, k, v, kv_lens=None, *, num_splits=None, plan=None, sm_scale=None, out=None, lse=None,

@@ -107,4 +107,24 @@ __device__ __forceinline__ void to_scalar_float(const __nv_bfloat16* p, float* o
 }
 __device__ __forceinline__ void to_scalar_float(const float* p, float* out) { *out = *p; }
 
+// Two floats rounded into one 32-bit register of two 16-bit values (the A operand of a tensor-core
+// product): low half first.
+template <typename T>
+__device__ __forceinline__ unsigned pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ unsigned pack2<__half>(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const unsigned*>(&h);
+}
+template <>
+__device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const unsigned*>(&h);
+}
+
+// cp.async groups: close this thread's group of copies; wait until at most N groups are in flight.
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
 }  // namespace decode_attention

@@ -54,19 +54,6 @@ DECODE_ATTENTION_MMA_FULL(__half, "f16")
 DECODE_ATTENTION_MMA_FULL(__nv_bfloat16, "bf16")
 #undef DECODE_ATTENTION_MMA_FULL
 
-template <typename T>
-__device__ __forceinline__ unsigned pack_pair(float lo, float hi);
-template <>
-__device__ __forceinline__ unsigned pack_pair<__half>(float lo, float hi) {
-  const __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const unsigned*>(&h);
-}
-template <>
-__device__ __forceinline__ unsigned pack_pair<__nv_bfloat16>(float lo, float hi) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const unsigned*>(&h);
-}
-
 // Fragment loads from shared address `base + OFFSET`, the offset an immediate of the instruction
 // (computed addresses for every fragment of a tile would be kept in registers).
 template <int OFFSET>
@@ -84,11 +71,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans_at(unsigned (&r)[4], unsigned 
 __device__ __forceinline__ void cp_async_16_zfill(unsigned smem, const void* gmem, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem),
                "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit_group() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait_groups() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
 // The work of one block: the (up to) 64 query rows of this block (a lane's two rows gid and
@@ -165,7 +147,7 @@ __device__ __forceinline__ void attend_rows(const T* __restrict__ q, const T* __
       cp_async_16_zfill(k_tile + dst, k_rows + at, valid);
       cp_async_16_zfill(v_tile + dst, v_rows + at, valid);
     }
-    cp_async_commit_group();   // one group per tile, empty past the end: the counting stays uniform
+    cp_async_commit();   // one group per tile, empty past the end: the counting stays uniform
   };
 
   float o[O_TILES][4];
@@ -181,7 +163,7 @@ __device__ __forceinline__ void attend_rows(const T* __restrict__ q, const T* __
     if (st < num_tiles) {
       issue(kv_begin + st * KV_TILE, st);
     } else {
-      cp_async_commit_group();
+      cp_async_commit();
     }
   }
   for (int t = 0; t < num_tiles; ++t) {
@@ -192,9 +174,9 @@ __device__ __forceinline__ void attend_rows(const T* __restrict__ q, const T* __
     if (ahead < num_tiles) {
       issue(kv_begin + ahead * KV_TILE, ahead % STAGES);
     } else {
-      cp_async_commit_group();
+      cp_async_commit();
     }
-    cp_async_wait_groups<STAGES - 1>();
+    cp_async_wait<STAGES - 1>();
     __syncthreads();   // every thread's copies of tile t have landed
     if (!warp_active) continue;   // uniform over the warp; the block's barriers are above
 
@@ -272,10 +254,10 @@ __device__ __forceinline__ void attend_rows(const T* __restrict__ q, const T* __
     const unsigned v_lane = v_tile + (lane & 15) * Tile::ROW_BYTES + 16 * (lane >> 4);
     static_for<PV_STEPS>([&](auto kvi) {
       constexpr int kv = decltype(kvi)::value;
-      const unsigned pa0 = pack_pair<T>(s[2 * kv][0], s[2 * kv][1]);
-      const unsigned pa1 = pack_pair<T>(s[2 * kv][2], s[2 * kv][3]);
-      const unsigned pa2 = pack_pair<T>(s[2 * kv + 1][0], s[2 * kv + 1][1]);
-      const unsigned pa3 = pack_pair<T>(s[2 * kv + 1][2], s[2 * kv + 1][3]);
+      const unsigned pa0 = pack2<T>(s[2 * kv][0], s[2 * kv][1]);
+      const unsigned pa1 = pack2<T>(s[2 * kv][2], s[2 * kv][3]);
+      const unsigned pa2 = pack2<T>(s[2 * kv + 1][0], s[2 * kv + 1][1]);
+      const unsigned pa3 = pack2<T>(s[2 * kv + 1][2], s[2 * kv + 1][3]);
       static_for<O_TILES / 2>([&](auto jji) {
         constexpr int jj = decltype(jji)::value;
         unsigned vb[4];
@@ -285,7 +267,7 @@ __device__ __forceinline__ void attend_rows(const T* __restrict__ q, const T* __
       });
     });
   }
-  cp_async_wait_groups<0>();
+  cp_async_wait<0>();
 
   // Finish: the row sums over the 4 lanes of a group, then each row's state for this chunk.
 #pragma unroll

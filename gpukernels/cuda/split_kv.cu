@@ -564,19 +564,6 @@ DECODE_ATTENTION_MMA_TOP(__half, "f16")
 DECODE_ATTENTION_MMA_TOP(__nv_bfloat16, "bf16")
 #undef DECODE_ATTENTION_MMA_TOP
 
-template <typename T>
-__device__ __forceinline__ unsigned pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ unsigned pack2<__half>(float lo, float hi) {
-  const __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const unsigned*>(&h);
-}
-template <>
-__device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float lo, float hi) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const unsigned*>(&h);
-}
-
 __device__ __forceinline__ unsigned word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
@@ -602,9 +589,6 @@ __device__ __forceinline__ void cp_async_16_at(unsigned smem_base, const void* g
   asm volatile("cp.async.ca.shared.global [%0+%3], [%1], 16, %2;\n" ::"r"(smem_base), "l"(gmem),
                "r"(valid ? 16 : 0), "n"(OFFSET));
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // 16-byte slots one lane fills per tile: K rows tile + n*8 + gid (n = 0, 1), CHUNKS each, then V
 // rows tile + {0, 1, 8, 9} + 2*tig, VCHUNKS each.
