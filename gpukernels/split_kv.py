@@ -56,12 +56,12 @@ _LOG2E = 1.4426950408889634
 # Measured on H100 with whole-row copies (us, stages/splits): 1 x 8 x 128k 4/8 193.2, 4/16 190.8,
 # 3/16 186.9, 2/16 187.2; 1 x 32 x 32k 4/4 189.7, 3/4 187.7, 2/4 186.9; 8 x 8 x 32k 4/1 368.9,
 # 3/2 357.7, 2/2 354.0; 64 x 8 x 16k 4/1 1400.9, 3/2 1390.6, 2/1 1397.5; 16 x 32 x 8k 4/1 704.9,
-# 3/2 703.9, 2/1 725.1 (3 stages: never more than 1% from the best). Paged caches, where
-# each lane also waits on page-table reads, run 2 stages (measured with pages of 16, 2 against 3
-# stages: H100 1429 vs 1454 us at 64 x 8 x 16k and 190.7 vs 200.8 at 1 x 8 x 128k; H200 981 vs
-# 1083 and 148 vs 158; 4 stages, one block per SM, 30-50% slower). Their shared memory would
-# leave room for three blocks per SM, but at head_dim 128 the registers (174 per thread) hold two;
-# forcing three (168 registers) measured 1310 against 988 us at 64 x 8 x 16k on H200.
+# 3/2 703.9, 2/1 725.1 (3 stages: never more than 1% from the best). Paged caches at head_dim
+# 128 run 3 stages as well since their page indices arrive through a ring of registers ahead of
+# use; while each lane waited on a page-table read one tile ahead, 2 stages were faster (pages of
+# 16, 2 against 3 stages: H200 981 vs 1083 us at 64 x 8 x 16k and 148 vs 158 at 1 x 8 x 128k).
+# Two blocks per SM: at head_dim 128 the registers (184 per thread) hold two; forcing three (168
+# registers) measured 1310 against 988 us at 64 x 8 x 16k on H200.
 
 
 def dynamic_smem_bytes(dtype: str, head_dim: int, paged: bool = False, stages: int | None = None) -> int:
