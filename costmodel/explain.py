@@ -159,7 +159,7 @@ def _predictions(w: Workload, gpu: GPUSpec, cal: Calibration) -> list[tuple[str,
                     f"prefix chunks of {hp.prefix_chunk_size}, suffix chunks of {hp.suffix_chunk_size}"))
         out.append(("shared_prefix:bifurcated",
                     shared_prefix.predict(shape, method="bifurcated", gpu=gpu, calibration=cal),
-                    "published form: 6 launches, logits in memory"))
+                    "the paper's form: 5 launches, float32 logits in memory"))
         ts = tree.TreeShape(b, hq, hkv, d, ((1, w.prefix_len), (b, w.suffix_len)), w.dtype)
         tp = tree.plan_tree(ts, gpu=gpu, calibration=cal)
         out.append(("tree", tree.predict(ts, gpu=gpu, calibration=cal, plan=tp),

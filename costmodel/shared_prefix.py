@@ -6,11 +6,12 @@ Three ways to run it, all predicted here (`METHODS`):
   all sequences and all heads of a GQA group form one matrix per KV head, multiplied with each
   prefix chunk on tensor cores; the suffixes are read like split-KV chunks; partial states are
   merged by LSE in the same launch. Plan: `HydragenPlan` (chunk sizes chosen by the model).
-* `"bifurcated"` (Athiwaratkun et al., 2024), as the published method runs it: a logits product
-  against the prefix for all samples at once, a batched one against each suffix, a softmax over
-  their concatenation, and two products for the output; six launches with the logits and
-  probabilities written to memory between them. `fused=True` predicts instead a single-launch
-  kernel of the same arithmetic, which costs what Hydragen's launch costs.
+* `"bifurcated"` (Athiwaratkun et al., 2024), as this project's kernels run the published method
+  (`bifurcated_launches`): the prefix logits of all samples as one product per KV head, the
+  suffix logits, one softmax over their concatenation, and the output as P V over the prefix
+  (again one product per KV head) plus P V over each suffix; five launches, the float32 logits
+  written to memory once and read twice. `fused=True` predicts instead a single-launch kernel of
+  the same arithmetic, which costs what Hydragen's launch costs.
 * `"naive"`: the existing approach: the prefix copied into every sequence's cache and the whole
   cache read by split-KV decode (`costmodel.split_kv`'s own plan).
 
@@ -26,7 +27,7 @@ from decode_attention.contract import check_positive_int
 
 from .calibration import Calibration
 from .gpus import GPUSpec, get_gpu, plan_gpu
-from .prediction import (Launch, Prediction, calibration_for, check_int_tuple, check_shape_fields,
+from .prediction import (F32, Launch, Prediction, calibration_for, check_int_tuple, check_shape_fields,
                          check_shape_type, dtype_bytes, predict_launches)
 from .segments import MMA_ROWS, QUERY_TILE_ROWS, SegmentGroup, best_chunks, segments_launch
 from .split_kv import DEFAULT_NUM_SMS, plan_split_kv
@@ -153,58 +154,108 @@ def _tiles(rows: int) -> list[int]:
     return [min(QUERY_TILE_ROWS, rows - t) for t in range(0, rows, QUERY_TILE_ROWS)]
 
 
-def _even_blocks(total_bytes: int, block_bytes: int, round_trips: int = 1) -> tuple:
-    """Block runs for a launch whose traffic is spread evenly over blocks of about block_bytes."""
-    n = max(1, -(-total_bytes // block_bytes))
-    return ((total_bytes / n, round_trips, n),)
+# The bifurcated kernels (gpukernels.bifurcated, cuda/bifurcated.cu), their tiles and residency.
+BIFURCATED_LOGIT_TILE = 64        # prefix tokens per tensor-core logits block
+BIFURCATED_SIMT_TOKENS = 32       # tokens per CUDA-core logits tile (suffixes; the float32 prefix)
+BIFURCATED_SIMT_ROWS = 16         # query rows per CUDA-core values block (float32)
+BIFURCATED_TENSOR_CORE_DTYPES = ("float16", "bfloat16")
+ROW_KERNEL_BLOCKS_PER_SM = 8      # the softmax and finish launches: one small block per query row
+LOGITS_BLOCKS_PER_SM = 4          # the logits launches: up to 37 KB of shared memory a block
 
 
-# Library kernels of the published bifurcated method (cuBLAS products, PyTorch elementwise):
-# about 64 KiB of traffic per block, eight blocks resident per SM.
-LIBRARY_BLOCK_BYTES = 64 * 1024
-LIBRARY_BLOCKS_PER_SM = 8
+def _blocks(total_bytes: float, blocks: int, round_trips: int = 1) -> tuple:
+    """Block runs for a launch of `blocks` blocks sharing its traffic evenly."""
+    blocks = max(1, blocks)
+    return ((total_bytes / blocks, round_trips, blocks),)
 
 
-def bifurcated_launches(shape: SharedPrefixShape) -> list[Launch]:
-    """The six launches of the published bifurcated attention, in order."""
+def bifurcated_values_chunk(shape: SharedPrefixShape, num_sms: int) -> int:
+    """The prefix chunk of the bifurcated values pass (as `gpukernels.shared_prefix.plan_shared_prefix`
+    chooses it): one wave of resident blocks."""
+    s = shape
+    rows = s.batch * s.group_size
+    if s.dtype in BIFURCATED_TENSOR_CORE_DTYPES:
+        tile = 32 if s.head_dim >= 256 else 64
+        return prefix_pass_chunk(max(s.prefix_len, 1), rows, s.num_kv_heads, num_sms,
+                                 1 if s.head_dim >= 256 else 2, tile)
+    return prefix_pass_chunk(max(s.prefix_len, 1), rows * (QUERY_TILE_ROWS // BIFURCATED_SIMT_ROWS), s.num_kv_heads,
+                             num_sms, 2, BIFURCATED_SIMT_TOKENS)
+
+
+def bifurcated_logits_row_tiles(shape: SharedPrefixShape, num_sms: int) -> int:
+    """Row tiles of 64 query rows per block of the prefix-logits launch (all of them unless that
+    leaves fewer than two blocks per SM)."""
+    s = shape
+    row_tiles = -(-(s.batch * s.group_size) // QUERY_TILE_ROWS)
+    tokens = BIFURCATED_LOGIT_TILE if s.dtype in BIFURCATED_TENSOR_CORE_DTYPES else BIFURCATED_SIMT_TOKENS
+    key_tiles = -(-max(s.prefix_len, 1) // tokens)
+    return max(1, min(row_tiles, key_tiles * s.num_kv_heads * row_tiles // (2 * num_sms)))
+
+
+def bifurcated_launches(shape: SharedPrefixShape, num_sms: int = DEFAULT_NUM_SMS) -> list[Launch]:
+    """The launches of the bifurcated kernels, in order: prefix logits (all query rows of a KV
+    group against each prefix tile, the tile read once per run of row tiles), suffix logits,
+    the softmax's max and sum per row, P V over the prefix in chunks (float32 partials), and the
+    finish (partials summed, P V over the suffix, divided by the sum). The float32 logits are
+    written once and read twice (softmax, then values and finish): the method's cost."""
     s = shape
     elem = dtype_bytes(s.dtype)
     b, hq, hkv, d, p = s.batch, s.num_qo_heads, s.num_kv_heads, s.head_dim, s.prefix_len
+    tensor_cores = s.dtype in BIFURCATED_TENSOR_CORE_DTYPES
     suffix_tokens = sum(s.lens())
-    rows = b * s.group_size                       # query rows per KV head in the prefix products
-    padded = sum(MMA_ROWS * -(-r // MMA_ROWS) for r in _tiles(rows))
-    tiles = len(_tiles(rows))
+    rows = b * s.group_size                       # query rows per KV head
+    tiles = _tiles(rows)
+    padded = sum(MMA_ROWS * -(-r // MMA_ROWS) for r in tiles) if tensor_cores else rows
     q = b * hq * d * elem
     prefix_kv = p * hkv * d * elem                # one of K or V of the prefix
     suffix_kv = suffix_tokens * hkv * d * elem
-    logits_p, logits_s = b * hq * p * elem, b * hq * s.suffix_len * elem
-    logits = logits_p + logits_s
+    logits_p, logits_s = b * hq * p * F32, hq * suffix_tokens * F32
+    row_stats = b * hq * 3 * F32                  # (max, sum) and lse per query row
     out = b * hq * d * elem
+    prefix_flops = 2 * hkv * padded * p * d
+    useful_prefix, useful_suffix = 2 * b * hq * p * d, 2 * hq * suffix_tokens * d
 
-    def library(name, bytes_by_tensor, *, matmul=0, vector=0, useful=None, l2_hit=0):
-        total = sum(bytes_by_tensor.values())
-        return Launch(name=name, bytes_by_tensor=bytes_by_tensor,
-                      block_runs=_even_blocks(total, LIBRARY_BLOCK_BYTES),
-                      matmul_flops=matmul, vector_flops=vector, useful_flops=useful,
-                      l2_hit_bytes=l2_hit, blocks_per_sm=LIBRARY_BLOCKS_PER_SM)
-
-    return [
-        library("prefix_logits", {"q": q, "k_prefix": prefix_kv * tiles, "logits_prefix_write": logits_p},
-                matmul=2 * hkv * padded * p * d, useful=2 * b * hq * p * d,
-                l2_hit=prefix_kv * (tiles - 1)),
-        library("suffix_logits", {"q": q, "k_suffix": suffix_kv, "logits_suffix_write": logits_s},
-                vector=2 * hq * suffix_tokens * d),
-        library("concat", {"logits_read": logits, "logits_cat_write": logits}),
-        library("softmax", {"logits_cat_read": logits, "probs_write": logits},
-                vector=5 * b * hq * (p + s.suffix_len)),
-        library("prefix_values", {"probs_prefix_read": logits_p, "v_prefix": prefix_kv * tiles,
-                                  "out_prefix_write": out},
-                matmul=2 * hkv * padded * p * d, useful=2 * b * hq * p * d,
-                l2_hit=prefix_kv * (tiles - 1)),
-        library("suffix_values", {"probs_suffix_read": logits_s, "v_suffix": suffix_kv,
-                                  "out_prefix_read": out, "out": out},
-                vector=2 * hq * suffix_tokens * d),
-    ]
+    # The prefix products: tensor cores, or the CUDA cores for float32.
+    prefix_matmul, prefix_vector = (prefix_flops, 0) if tensor_cores else (0, prefix_flops)
+    launches = []
+    if p:
+        key_tiles = -(-p // (BIFURCATED_LOGIT_TILE if tensor_cores else BIFURCATED_SIMT_TOKENS))
+        runs = -(-len(tiles) // bifurcated_logits_row_tiles(s, num_sms))
+        tensors = {"q": q * key_tiles, "k_prefix": prefix_kv * runs, "logits_prefix_write": logits_p}
+        launches.append(Launch(
+            name="prefix_logits", bytes_by_tensor=tensors,
+            block_runs=_blocks(sum(tensors.values()), key_tiles * hkv * runs),
+            matmul_flops=prefix_matmul, vector_flops=prefix_vector, useful_flops=useful_prefix,
+            l2_hit_bytes=q * (key_tiles - 1) + prefix_kv * (runs - 1), blocks_per_sm=LOGITS_BLOCKS_PER_SM))
+    if s.suffix_len:
+        suffix_tiles = sum(-(-n // BIFURCATED_SIMT_TOKENS) for n in s.lens())
+        tensors = {"q": q, "k_suffix": suffix_kv, "logits_suffix_write": logits_s}
+        launches.append(Launch(
+            name="suffix_logits", bytes_by_tensor=tensors,
+            block_runs=_blocks(sum(tensors.values()), suffix_tiles * hkv),
+            vector_flops=useful_suffix, blocks_per_sm=LOGITS_BLOCKS_PER_SM))
+    tensors = {"logits_read": logits_p + logits_s, "row_stats_write": row_stats}
+    launches.append(Launch(
+        name="softmax", bytes_by_tensor=tensors, block_runs=_blocks(sum(tensors.values()), b * hq),
+        vector_flops=3 * (b * hq * p + hq * suffix_tokens), useful_flops=0, blocks_per_sm=ROW_KERNEL_BLOCKS_PER_SM))
+    n_chunks = -(-p // bifurcated_values_chunk(s, num_sms)) if p else 0
+    partials = n_chunks * b * hq * d * F32
+    if p:
+        value_tiles = len(tiles) if tensor_cores else -(-rows // BIFURCATED_SIMT_ROWS)
+        tensors = {"logits_prefix_read": logits_p, "v_prefix": prefix_kv * value_tiles, "partials_write": partials}
+        launches.append(Launch(
+            name="prefix_values", bytes_by_tensor=tensors,
+            block_runs=_blocks(sum(tensors.values()), n_chunks * value_tiles * hkv),
+            matmul_flops=prefix_matmul, vector_flops=prefix_vector, useful_flops=useful_prefix,
+            l2_hit_bytes=prefix_kv * (value_tiles - 1), blocks_per_sm=1 if d >= 256 else 2))
+    # The finish reads each suffix value row once per query head of its group (from L2 after the first).
+    tensors = {"partials_read": partials, "logits_suffix_read": logits_s, "v_suffix": suffix_kv * s.group_size,
+               "out": out}
+    launches.append(Launch(
+        name="finish", bytes_by_tensor=tensors, block_runs=_blocks(sum(tensors.values()), b * hq),
+        vector_flops=useful_suffix, l2_hit_bytes=suffix_kv * (s.group_size - 1),
+        blocks_per_sm=ROW_KERNEL_BLOCKS_PER_SM))
+    return launches
 
 
 def predict(
@@ -234,7 +285,7 @@ def predict(
         lens = [shape.prefix_len + n for n in shape.lens()]
         return _predict_split_kv(naive, kv_lens=lens, gpu=spec, calibration=cal, variant=variant)
     if method == "bifurcated" and not fused:
-        return predict_launches(variant, bifurcated_launches(shape), gpu=spec, calibration=cal)
+        return predict_launches(variant, bifurcated_launches(shape, spec.num_sms), gpu=spec, calibration=cal)
     if plan is None:
         plan = plan_hydragen(shape, num_sms=spec.num_sms, gpu=spec, calibration=cal)
     elif plan.shape != shape:

@@ -105,8 +105,9 @@ def main(argv=None) -> int:
         tag = "split_kv_" + re.sub(r"\W+", "_", expr.split("<", 1)[1].split(",")[0])
         groups.setdefault(tag, ("split_kv", []))[1].append(expr)
     groups["merge_states"] = ("merge_states", merge_states_expressions())
-    groups["shared_prefix"] = ("shared_prefix", _shared_prefix.all_name_expressions()
-                               + _tree.all_name_expressions())
+    for source, expr in _shared_prefix.instantiations():
+        groups.setdefault(source, (source, []))[1].append(expr)
+    groups["shared_prefix"][1].extend(_tree.all_name_expressions())
     n_total = sum(len(e) for _, e in groups.values())
     print(f"compiling {n_total} kernel instantiations for {args.arch} in {len(groups)} units", flush=True)
     start = time.time()

@@ -1,11 +1,12 @@
-"""Hydragen on the GPU: one prefix shared by every sequence, read once for all of them.
+"""One prefix shared by every sequence, read once for all of them: Hydragen and bifurcated
+attention on the GPU.
 
-A call runs three launches on the caller's stream:
+Hydragen (`method="hydragen"`) runs three launches on the caller's stream:
 
 1. `shared_prefix_kernel` (cuda/shared_prefix.cu): per KV head, the queries of all sequences and
    all query heads of its group as rows of one matrix, 64 rows a block, against chunks of the
    prefix on the tensor cores; a float32 partial state (out, lse) per row and chunk.
-2. The suffixes by this project's split-KV kernel (`gpukernels.split_kv`).
+2. The suffixes by this project's split-KV kernel (`gpukernels.split_kv`), contiguous or paged.
 3. `merge_prefix_suffix_kernel`: the LSE merge of the prefix chunks' states and the suffix state,
    in float32.
 
@@ -13,6 +14,15 @@ The prefix chunk fills one wave of resident blocks (`costmodel.shared_prefix.pre
 The cost model predicts Hydragen as one fused launch; these three launches are not that launch
 yet, and take up to twice its prediction (results/h200/NOTES.md).
 float16 and bfloat16; head_dim 64, 128 and 256.
+
+Bifurcated attention (`method="bifurcated"`): the paper's one softmax over the prefix and suffix
+logits together, the logits in a float32 workspace between five launches (`gpukernels.bifurcated`,
+cuda/bifurcated.cu). float16, bfloat16 and float32; head_dim 64, 128 and 256.
+
+Suffixes come contiguous (`k_suffix`, `v_suffix` [batch, suffix_len, num_kv_heads, head_dim] with
+optional `suffix_lens`) or in a paged cache (`k_suffix`, `v_suffix` are then `k_cache`, `v_cache`
+[num_pages, page_size, num_kv_heads, head_dim], addressed by `kv_indptr`, `kv_indices`,
+`kv_last_page_len` as `gpukernels.paged_decode` takes them).
 """
 
 from __future__ import annotations
@@ -22,13 +32,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from decode_attention.contract import check_positive_int, check_shared_prefix
+from decode_attention.contract import check_paged, check_paged_layout, check_positive_int, check_shared_prefix
 
 from . import _runtime as rt
-from .split_kv import (SplitKV, SplitKVPlan, _expect_index, _expect_shape, _index_on_device, checked_once, device_gpu,
-                       num_sms, outputs, plan_split_kv)
+from . import bifurcated
+from .split_kv import (SplitKV, SplitKVPlan, _expect_index, _expect_shape, _index_on_device, _length_bucket,
+                       _numel, _on_device, checked_once, device_gpu, num_sms, outputs, plan_split_kv)
 
-__all__ = ["shared_prefix", "SharedPrefixPlan", "plan_shared_prefix", "SharedPrefix", "PREFIX_DTYPES"]
+__all__ = ["shared_prefix", "SharedPrefixPlan", "plan_shared_prefix", "SharedPrefix", "PREFIX_DTYPES", "METHODS"]
+
+METHODS = ("hydragen", "bifurcated")
 
 _LOG2E = 1.4426950408889634
 PREFIX_DTYPES = ("float16", "bfloat16")   # the prefix pass runs on the tensor cores
@@ -62,10 +75,16 @@ def merge_name_expression(dtype: str) -> str:
     return f"decode_attention::merge_prefix_suffix_kernel<{rt.C_TYPES[dtype]}>"
 
 
+def instantiations() -> list[tuple[str, str]]:
+    """(source in cuda/, name expression) of every kernel either method can ask for."""
+    hydragen = ([prefix_name_expression(dt, d) for dt in PREFIX_DTYPES for d in rt.HEAD_DIMS]
+                + [merge_name_expression(dt) for dt in PREFIX_DTYPES])
+    return [("shared_prefix", e) for e in hydragen] + [("bifurcated", e) for e in bifurcated.all_name_expressions()]
+
+
 def all_name_expressions() -> list[str]:
-    """Every instantiation the launcher can ask for (also compiled by the CI compile check)."""
-    return ([prefix_name_expression(dt, d) for dt in PREFIX_DTYPES for d in rt.HEAD_DIMS]
-            + [merge_name_expression(dt) for dt in PREFIX_DTYPES])
+    """Every instantiation the launchers can ask for (also compiled by the CI compile check)."""
+    return [e for _, e in instantiations()]
 
 
 # q, k_prefix, v_prefix, part_out, part_lse; batch, prefix_len, num_qo_heads, num_kv_heads,
@@ -94,62 +113,169 @@ def blocks_per_sm(head_dim: int) -> int:
 @functools.lru_cache(maxsize=1024)
 def _auto_method(batch, num_qo_heads, num_kv_heads, head_dim, prefix_len, suffix_len, dtype, device_id) -> str:
     """The method the cost model predicts faster for this shape on this GPU (Hydragen where the
-    model does not know the GPU)."""
+    model does not know the GPU; bifurcated attention for float32, which Hydragen does not take)."""
     from costmodel.shared_prefix import SharedPrefixShape, predict  # noqa: PLC0415
 
+    if dtype not in PREFIX_DTYPES:
+        return "bifurcated"
     gpu = device_gpu(device_id)
     if gpu is None:
         return "hydragen"
     shape = SharedPrefixShape(batch, num_qo_heads, num_kv_heads, head_dim, prefix_len, suffix_len, dtype)
-    times = {m: predict(shape, method=m, gpu=gpu).time_s for m in ("hydragen", "bifurcated")}
+    times = {m: predict(shape, method=m, gpu=gpu).time_s for m in METHODS}
     return min(times, key=times.get)
 
 
-def shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, suffix_lens=None, *, method="hydragen",
-                  sm_scale=None, out=None, lse=None, prefix_chunk_size=None):
-    """Sequence b attends to [prefix ; first suffix_lens[b] tokens of its suffix] (see
-    `refattn.shared_prefix`), by Hydragen's method or by bifurcated attention's.
+def _check_method(method, *, allow_auto: bool) -> str:
+    allowed = METHODS + (("auto",) if allow_auto else ())
+    if not isinstance(method, str) or method not in allowed:
+        raise ValueError(f"method must be one of {', '.join(map(repr, allowed))}, got {method!r}")
+    return method
 
-    q [batch, num_qo_heads, head_dim]; k_prefix, v_prefix [prefix_len, num_kv_heads, head_dim];
-    k_suffix, v_suffix [batch, suffix_len, num_kv_heads, head_dim]; suffix_lens [batch] on the host
-    (checked there) or the GPU (checked by the suffix kernel, as in `split_kv`). `method`:
-    "hydragen" (the kernels above), "bifurcated" (the paper's formulation in library products: the
-    prefix logits of all samples in one product, each sample's suffix logits, one softmax over
-    their concatenation, two products for the output; in float32) or "auto" (the one the cost
-    model predicts faster for this shape, chosen once per shape). Returns (out, lse): out in q's
-    dtype and kind, lse float32 (natural log).
+
+def _check_kernel_support(method: str, dtype: str, head_dim: int) -> None:
+    """TypeError / ValueError for a dtype or head_dim the method's kernels are not built for."""
+    if method == "hydragen" and dtype not in PREFIX_DTYPES:
+        raise TypeError(f"q must be float16 or bfloat16 for Hydragen's kernels (method='bifurcated' takes "
+                        f"float32 too), got {dtype}")
+    if dtype not in rt.KERNEL_DTYPES:
+        raise TypeError(f"q must be one of {', '.join(rt.KERNEL_DTYPES)} for the GPU kernels, got {dtype}")
+    if head_dim not in rt.HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {rt.HEAD_DIMS} for the GPU kernels, got {head_dim}")
+
+
+def _chunk_tile(method: str, dtype: str, head_dim: int) -> int:
+    """The prefix chunk of `method`'s prefix pass is a multiple of this many tokens."""
+    return kv_tile(head_dim) if method == "hydragen" else bifurcated.chunk_tile(dtype, head_dim)
+
+
+def shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, suffix_lens=None, *, method="hydragen",
+                  sm_scale=None, out=None, lse=None, prefix_chunk_size=None, kv_indptr=None, kv_indices=None,
+                  kv_last_page_len=None):
+    """Sequence b attends to [prefix ; its suffix] (see `refattn.shared_prefix`), by Hydragen's
+    method or by bifurcated attention's.
+
+    q [batch, num_qo_heads, head_dim]; k_prefix, v_prefix [prefix_len, num_kv_heads, head_dim].
+    Contiguous suffixes: k_suffix, v_suffix [batch, suffix_len, num_kv_heads, head_dim] and
+    suffix_lens [batch] (None: every suffix suffix_len long). Paged suffixes: give kv_indptr
+    [batch + 1], kv_indices and kv_last_page_len [batch] (as `paged_decode` takes them, suffix_lens
+    None); k_suffix, v_suffix are then the caches [num_pages, page_size, num_kv_heads, head_dim].
+    Lengths and page tables on the host are checked there (ValueError); on the GPU they are not
+    copied to the host, and a sequence whose length or pages cannot be read gets out and lse NaN.
+
+    `method`: "hydragen" (float16, bfloat16), "bifurcated" (float16, bfloat16, float32; with
+    page tables on the GPU its logits workspace holds suffixes up to len(kv_indices) pages) or
+    "auto" (the one the cost model predicts faster for this shape, chosen once per shape).
+    `prefix_chunk_size`: tokens of the prefix per block of the prefix pass (Hydragen) or of the
+    values pass (bifurcated); None lets the plan choose. Returns (out, lse): out in q's dtype and
+    kind, lse float32 (natural log).
     """
-    if method not in ("hydragen", "auto", "bifurcated"):
-        raise ValueError(f"method must be 'hydragen', 'bifurcated' or 'auto', got {method!r}")
+    _check_method(method, allow_auto=True)
+    tables = (kv_indptr, kv_indices, kv_last_page_len)
+    if any(t is not None for t in tables):
+        return _paged_shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, suffix_lens, tables, method,
+                                    sm_scale, out, lse, prefix_chunk_size)
     qa = rt.device_array(q, "q")
     views = [rt.device_array(x, name) for x, name in ((k_prefix, "k_prefix"), (v_prefix, "v_prefix"),
                                                       (k_suffix, "k_suffix"), (v_suffix, "v_suffix"))]
     lens_on_gpu = suffix_lens is not None and rt._kind(suffix_lens) is not None
     lens_host = None if lens_on_gpu or suffix_lens is None else rt.host_ints(suffix_lens, "suffix_lens")
     problem = _checked_problem(q, k_prefix, v_prefix, k_suffix, v_suffix, qa, views, lens_host, sm_scale)
+    device_id = qa.device_id   # contiguity and devices: checked by SharedPrefix.run before any launch
     if method == "auto":
         method = _auto_method(problem.batch, problem.num_qo_heads, problem.num_kv_heads, problem.head_dim,
-                              problem.prefix_len, problem.suffix_len, problem.dtype, qa.device_id)
-    if method == "bifurcated":
-        return _bifurcated(problem, q, k_prefix, v_prefix, k_suffix, v_suffix, suffix_lens, out, lse)
-    if problem.dtype not in PREFIX_DTYPES:
-        raise TypeError(f"q must be float16 or bfloat16 for the shared-prefix kernel, got {problem.dtype}")
-    if problem.head_dim not in rt.HEAD_DIMS:
-        raise ValueError(f"head_dim must be one of {rt.HEAD_DIMS} for the GPU kernels, got {problem.head_dim}")
-    device_id = qa.device_id   # contiguity and devices: checked by SharedPrefix.run before any launch
-    chunk = None if prefix_chunk_size is None else _checked_chunk(prefix_chunk_size, kv_tile(problem.head_dim))
+                              problem.prefix_len, problem.suffix_len, problem.dtype, device_id)
+    _check_kernel_support(method, problem.dtype, problem.head_dim)
+    chunk = _one_shot_chunk(prefix_chunk_size, method, problem.dtype, problem.head_dim)
     if problem.batch == 0:
         out, lse, _, _ = outputs(out, lse, qa.kind, (0, problem.num_qo_heads, problem.head_dim), problem.dtype,
                                  device_id)
         return out, lse
-    runner = _cached_runner(problem.batch, problem.num_qo_heads, problem.num_kv_heads, problem.head_dim,
-                            problem.prefix_len, problem.suffix_len, problem.dtype, chunk, device_id)
+    runner = _cached_runner(method, problem.batch, problem.num_qo_heads, problem.num_kv_heads, problem.head_dim,
+                            problem.prefix_len, problem.suffix_len, problem.dtype, chunk, 0, device_id)
     if lens_host is not None:
         suffix_lens = rt.device_int32(lens_host, qa.kind, device_id, "suffix_lens")
     elif lens_on_gpu:
         suffix_lens = _index_on_device(suffix_lens, "suffix_lens", problem.batch, qa.kind, device_id)
     return runner.run(q, k_prefix, v_prefix, k_suffix, v_suffix, suffix_lens, sm_scale=problem.sm_scale,
                       out=out, lse=lse)
+
+
+def _one_shot_chunk(prefix_chunk_size, method: str, dtype: str, head_dim: int):
+    if prefix_chunk_size is None:
+        return None
+    return _checked_chunk(prefix_chunk_size, _chunk_tile(method, dtype, head_dim))
+
+
+_TABLE_NAMES = ("kv_indptr", "kv_indices", "kv_last_page_len")
+
+
+def _paged_shared_prefix(q, k_prefix, v_prefix, k_cache, v_cache, suffix_lens, tables, method, sm_scale, out,
+                         lse, prefix_chunk_size):
+    """The one-shot call with the suffixes in a paged cache (its arguments checked as
+    `paged_decode` checks them, and the prefix against them)."""
+    missing = [name for name, t in zip(_TABLE_NAMES, tables) if t is None]
+    if missing:
+        raise ValueError(f"paged suffixes take kv_indptr, kv_indices and kv_last_page_len together; "
+                         f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing")
+    if suffix_lens is not None:
+        raise ValueError("suffix_lens must be None for paged suffixes: their lengths come from kv_indptr and "
+                         "kv_last_page_len")
+    qa = rt.device_array(q, "q")
+    prefix = [rt.device_array(x, name) for x, name in ((k_prefix, "k_prefix"), (v_prefix, "v_prefix"))]
+    rt.device_array(k_cache, "k_suffix (k_cache)")
+    rt.device_array(v_cache, "v_suffix (v_cache)")
+    kind, device_id = qa.kind, qa.device_id
+    if all(_on_device(t) for t in tables):
+        problem = check_paged_layout(q, k_cache, v_cache, sm_scale=sm_scale, dtypes=rt.KERNEL_DTYPES)
+        B = problem.batch
+        paged = tuple(_index_on_device(t, name, n, kind, device_id)
+                      for t, name, n in zip(tables, _TABLE_NAMES, (B + 1, None, B)))
+        nnz = _numel(rt.device_array(paged[1], "kv_indices"))
+        longest = None   # unknown on the host
+    else:
+        host = [rt.host_ints(t, name) for t, name in zip(tables, _TABLE_NAMES)]
+        problem, lens_host = check_paged(q, k_cache, v_cache, *host, sm_scale=sm_scale, dtypes=rt.KERNEL_DTYPES)
+        B, indices = problem.batch, host[1]
+        paged = (rt.device_int32(host[0], kind, device_id, "kv_indptr"),
+                 rt.device_int32(indices if len(indices) else np.zeros(1, np.int64), kind, device_id,
+                                 "kv_indices")[: len(indices)],
+                 rt.device_int32(host[2], kind, device_id, "kv_last_page_len"))
+        nnz, longest = len(indices), int(lens_host.max(initial=0))
+    prefix_len = _checked_prefix(prefix, problem)
+    if method == "auto":
+        typical = longest if longest is not None else -(-nnz // max(B, 1)) * problem.page_size
+        method = _auto_method(B, problem.num_qo_heads, problem.num_kv_heads, problem.head_dim, prefix_len,
+                              typical, problem.dtype, device_id)
+    _check_kernel_support(method, problem.dtype, problem.head_dim)
+    chunk = _one_shot_chunk(prefix_chunk_size, method, problem.dtype, problem.head_dim)
+    if B == 0:
+        out, lse, _, _ = outputs(out, lse, kind, (0, problem.num_qo_heads, problem.head_dim), problem.dtype,
+                                 device_id)
+        return out, lse
+    if longest is not None:
+        suffix_len = _length_bucket(longest) if longest else 0
+    elif method == "bifurcated":
+        suffix_len = nnz * problem.page_size   # the longest suffix the tables can hold
+    else:
+        suffix_len = -(-nnz // B) * problem.page_size   # the split count, for the average sequence
+    runner = _cached_runner(method, B, problem.num_qo_heads, problem.num_kv_heads, problem.head_dim, prefix_len,
+                            suffix_len, problem.dtype, chunk, problem.page_size, device_id)
+    return runner.run_paged(q, k_prefix, v_prefix, k_cache, v_cache, *paged, sm_scale=problem.sm_scale, out=out,
+                            lse=lse)
+
+
+def _checked_prefix(prefix: list, problem) -> int:
+    """prefix_len, after checking k_prefix and v_prefix ([prefix_len, num_kv_heads, head_dim] of
+    q's dtype) against a paged problem."""
+    ka, va = prefix
+    _expect_shape(ka, "k_prefix", "[prefix_len, num_kv_heads, head_dim]",
+                  (None, problem.num_kv_heads, problem.head_dim))
+    _expect_shape(va, "v_prefix", "[prefix_len, num_kv_heads, head_dim] like k_prefix", ka.shape)
+    for a, name in ((ka, "k_prefix"), (va, "v_prefix")):
+        if a.dtype != problem.dtype:
+            raise TypeError(f"{name} must be {problem.dtype} like q, got {a.dtype}")
+    return ka.shape[0]
 
 
 def _checked_problem(q, k_prefix, v_prefix, k_suffix, v_suffix, qa, views, lens_host, sm_scale):
@@ -165,18 +291,24 @@ def _checked_problem(q, k_prefix, v_prefix, k_suffix, v_suffix, qa, views, lens_
 
 
 @functools.lru_cache(maxsize=256)
-def _cached_runner(batch, num_qo_heads, num_kv_heads, head_dim, prefix_len, suffix_len, dtype, chunk,
-                   device_id) -> "SharedPrefix":
+def _cached_runner(method, batch, num_qo_heads, num_kv_heads, head_dim, prefix_len, suffix_len, dtype, chunk,
+                   page_size, device_id) -> "SharedPrefix":
     """The one-shot calls' plan and buffers for one shape (and chunk) on one device."""
     return SharedPrefix(plan_shared_prefix(batch, num_qo_heads, num_kv_heads, head_dim, prefix_len, suffix_len,
-                                           dtype=dtype, prefix_chunk_size=chunk, num_sms=num_sms(device_id),
+                                           method=method, dtype=dtype, prefix_chunk_size=chunk,
+                                           page_size=page_size, num_sms=num_sms(device_id),
                                            gpu=device_gpu(device_id)))
 
 
 @dataclass(frozen=True)
 class SharedPrefixPlan:
-    """Hydragen's three launches for one shape: the prefix in `num_chunks` chunks of
-    `prefix_chunk_size` tokens, the suffixes by `suffix` (a split-KV plan), the merge."""
+    """One shared-prefix call's launches for one shape. Hydragen: the prefix in `num_chunks`
+    chunks of `prefix_chunk_size` tokens, the suffixes by `suffix` (a split-KV plan), the merge.
+    Bifurcated: the prefix logits by blocks of `logits_row_tiles` tiles of 64 query rows, the
+    values pass in chunks of `prefix_chunk_size` tokens, a logits workspace of `logits_stride`
+    floats per query row (`suffix` None). `page_size` 0: contiguous suffixes; otherwise paged,
+    `suffix_len` then the longest suffix planned for (bifurcated: the longest it can hold; a
+    longer one comes out NaN)."""
 
     batch: int
     num_qo_heads: int
@@ -186,46 +318,75 @@ class SharedPrefixPlan:
     suffix_len: int
     dtype: str
     prefix_chunk_size: int
-    suffix: SplitKVPlan
+    suffix: "SplitKVPlan | None"
+    method: str = "hydragen"
+    page_size: int = 0
+    logits_row_tiles: int = 1
 
     @property
     def num_chunks(self) -> int:
         return -(-self.prefix_len // self.prefix_chunk_size) if self.prefix_len else 0
 
+    @property
+    def logits_stride(self) -> int:
+        """Floats per query row of the bifurcated logits workspace."""
+        return bifurcated.logits_stride(self.prefix_len, self.suffix_len)
+
 
 def plan_shared_prefix(batch: int, num_qo_heads: int, num_kv_heads: int, head_dim: int, prefix_len: int,
-                       suffix_len: int, *, dtype: str = "float16", prefix_chunk_size: int | None = None,
-                       num_sms: int | None = None, gpu=None) -> SharedPrefixPlan:
-    """The plan of a Hydragen call (made on the host, no GPU needed): the prefix chunk that fills
-    one wave of resident blocks, the suffixes' split plan from the cost model. `num_sms` and `gpu`
-    as for `plan_split_kv` (the H100's 132 SMs when neither is given)."""
+                       suffix_len: int, *, method: str = "hydragen", dtype: str = "float16",
+                       prefix_chunk_size: int | None = None, page_size: int = 0, num_sms: int | None = None,
+                       gpu=None) -> SharedPrefixPlan:
+    """The plan of a shared-prefix call (made on the host, no GPU needed): the prefix chunk that
+    fills one wave of resident blocks; for Hydragen the suffixes' split plan from the cost model.
+    `page_size` > 0 plans for suffixes in pages of that size (`SharedPrefix.run_paged`). `num_sms`
+    and `gpu` as for `plan_split_kv` (the H100's 132 SMs when neither is given)."""
     from costmodel.gpus import plan_gpu  # noqa: PLC0415
     from costmodel.shared_prefix import prefix_pass_chunk  # noqa: PLC0415
     from costmodel.split_kv import DEFAULT_NUM_SMS  # noqa: PLC0415
 
+    _check_method(method, allow_auto=False)
     for name, value in (("batch", batch), ("num_qo_heads", num_qo_heads), ("num_kv_heads", num_kv_heads),
                         ("head_dim", head_dim)):
         check_positive_int(value, name)
-    for name, value in (("prefix_len", prefix_len), ("suffix_len", suffix_len)):
+    for name, value in (("prefix_len", prefix_len), ("suffix_len", suffix_len), ("page_size", page_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
     if num_qo_heads % num_kv_heads:
         raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    if dtype not in PREFIX_DTYPES:
-        raise TypeError(f"dtype must be float16 or bfloat16 for the shared-prefix kernel, got {dtype!r}")
-    if head_dim not in rt.HEAD_DIMS:
-        raise ValueError(f"head_dim must be one of {rt.HEAD_DIMS} for the GPU kernels, got {head_dim}")
+    if not isinstance(dtype, str):
+        raise TypeError(f"dtype must be a dtype name, got {type(dtype).__name__}")
+    _check_kernel_support(method, dtype, head_dim)
+    if prefix_len + suffix_len >= 2**31:
+        raise ValueError(f"prefix_len + suffix_len must stay below 2**31, got {prefix_len + suffix_len}")
     _, sms = plan_gpu(gpu, num_sms, default_num_sms=DEFAULT_NUM_SMS)
-    tile = kv_tile(head_dim)
-    if prefix_chunk_size is None:
-        chunk = prefix_pass_chunk(max(int(prefix_len), 1), batch * (num_qo_heads // num_kv_heads), num_kv_heads,
-                                  sms, blocks_per_sm(head_dim), tile)
-    else:
+    tile = _chunk_tile(method, dtype, head_dim)
+    rows = batch * (num_qo_heads // num_kv_heads)   # query rows per KV head
+    common = (batch, num_qo_heads, num_kv_heads, head_dim, int(prefix_len), int(suffix_len), dtype)
+    if prefix_chunk_size is not None:
         chunk = _checked_chunk(prefix_chunk_size, tile)
+    elif method == "bifurcated" and dtype not in bifurcated.TENSOR_CORE_DTYPES:
+        # The CUDA-core values pass serves tiles of SIMT_ROWS rows: counted as row tiles of 64.
+        chunk = prefix_pass_chunk(max(int(prefix_len), 1), rows * (QUERY_ROWS // bifurcated.SIMT_ROWS),
+                                  num_kv_heads, sms, 2, tile)
+    else:
+        chunk = prefix_pass_chunk(max(int(prefix_len), 1), rows, num_kv_heads, sms, blocks_per_sm(head_dim), tile)
+    if method == "bifurcated":
+        return SharedPrefixPlan(*common, chunk, None, "bifurcated", int(page_size),
+                                _logits_row_tiles(int(prefix_len), rows, num_kv_heads, sms, dtype))
     suffix = plan_split_kv(batch, num_qo_heads, num_kv_heads, head_dim, max(int(suffix_len), 1), dtype=dtype,
-                           num_sms=sms, gpu=gpu)
-    return SharedPrefixPlan(batch, num_qo_heads, num_kv_heads, head_dim, int(prefix_len), int(suffix_len), dtype,
-                            chunk, suffix)
+                           num_sms=sms, page_size=int(page_size), gpu=gpu)
+    return SharedPrefixPlan(*common, chunk, suffix, "hydragen", int(page_size))
+
+
+def _logits_row_tiles(prefix_len: int, rows: int, num_kv_heads: int, sms: int, dtype: str) -> int:
+    """Row tiles of 64 query rows per block of the bifurcated prefix-logits pass: all of them (the
+    block's prefix keys read once for every row), unless that leaves fewer than two blocks per SM;
+    then as many as still give two."""
+    row_tiles = -(-rows // QUERY_ROWS)
+    tokens = bifurcated.LOGIT_TILE if dtype in bifurcated.TENSOR_CORE_DTYPES else bifurcated.SIMT_TOKENS
+    key_tiles = -(-max(prefix_len, 1) // tokens)
+    return max(1, min(row_tiles, key_tiles * num_kv_heads * row_tiles // (2 * sms)))
 
 
 def _checked_chunk(prefix_chunk_size, tile: int) -> int:
@@ -237,9 +398,10 @@ def _checked_chunk(prefix_chunk_size, tile: int) -> int:
 
 
 class SharedPrefix:
-    """A Hydragen plan bound to its buffers (partial states, the suffixes' state), one set per
-    stream it runs on; `run` many times without host synchronisation, allocating nothing when
-    `out` and `lse` are given (CUDA-graph capturable).
+    """A shared-prefix plan bound to its buffers (Hydragen: the partial states and the suffixes'
+    state; bifurcated: the logits workspace and the partials), one set per stream it runs on;
+    `run` / `run_paged` many times without host synchronisation, allocating nothing when `out`
+    and `lse` are given (CUDA-graph capturable).
 
     >>> plan = plan_shared_prefix(64, 32, 8, 128, 16384, 256, gpu="H200")   # doctest: +SKIP
     >>> hy = SharedPrefix(plan)                                             # doctest: +SKIP
@@ -250,175 +412,128 @@ class SharedPrefix:
         if not isinstance(plan, SharedPrefixPlan):
             raise TypeError(f"plan must be a SharedPrefixPlan, got {type(plan).__name__}")
         self.plan = plan
-        self._suffix = SplitKV(plan.suffix)
-        self._buffers: dict = {}   # (kind, device, stream) -> (part_out, part_lse, suffix_out, suffix_lse)
+        self._suffix = SplitKV(plan.suffix) if plan.method == "hydragen" else None
+        self._buffers: dict = {}   # (kind, device, stream) -> this method's buffers
 
     def _buffers_for(self, kind: str, device_id: int, stream_ptr: int):
         key = (kind, device_id, stream_ptr)
         bufs = self._buffers.get(key)
         if bufs is None:
             p = self.plan
-            n = max(p.num_chunks, 1)
-            bufs = self._buffers[key] = (
-                rt.empty(kind, (n, p.batch, p.num_qo_heads, p.head_dim), "float32", device_id),
-                rt.empty(kind, (n, p.batch, p.num_qo_heads), "float32", device_id),
-                rt.empty(kind, (p.batch, p.num_qo_heads, p.head_dim), p.dtype, device_id),
-                rt.empty(kind, (p.batch, p.num_qo_heads), "float32", device_id),
-            )
+            if p.method == "bifurcated":
+                bufs = {name: rt.empty(kind, shape, "float32", device_id)
+                        for name, shape in bifurcated.workspace_shapes(p).items()}
+            else:
+                n = max(p.num_chunks, 1)
+                bufs = (
+                    rt.empty(kind, (n, p.batch, p.num_qo_heads, p.head_dim), "float32", device_id),
+                    rt.empty(kind, (n, p.batch, p.num_qo_heads), "float32", device_id),
+                    rt.empty(kind, (p.batch, p.num_qo_heads, p.head_dim), p.dtype, device_id),
+                    rt.empty(kind, (p.batch, p.num_qo_heads), "float32", device_id),
+                )
+            self._buffers[key] = bufs
         return bufs
 
     def run(self, q, k_prefix, v_prefix, k_suffix, v_suffix, suffix_lens=None, *, sm_scale=None, out=None,
             lse=None):
-        """Shapes as planned (checked by their metadata); `suffix_lens` None or an int32 device
-        array [batch] (values checked by the suffix kernel: a length outside [0, suffix_len] gives
-        that sequence NaN). Returns (out, lse) like `shared_prefix`."""
+        """Contiguous suffixes. Shapes as planned (checked by their metadata); `suffix_lens` None or
+        an int32 device array [batch] (values checked by the kernels: a length outside
+        [0, suffix_len] gives that sequence NaN). Returns (out, lse) like `shared_prefix`."""
+        p = self.plan
+        if p.page_size:
+            raise ValueError(f"the plan is for suffixes in pages of {p.page_size}: call run_paged")
+        qa, prefix, device_id = self._checked_query_and_prefix(q, k_prefix, v_prefix)
+        suffix = [rt.device_array(x, name) for x, name in ((k_suffix, "k_suffix"), (v_suffix, "v_suffix"))]
+        for a, name in zip(suffix, ("k_suffix", "v_suffix")):
+            _expect_shape(a, name, "[batch, suffix_len, num_kv_heads, head_dim]",
+                          (p.batch, p.suffix_len, p.num_kv_heads, p.head_dim))
+            self._check_kv(a, name, device_id)
+        _expect_index(suffix_lens, "suffix_lens", p.batch, device_id)
+        tables = (rt.address(suffix_lens), 0, 0, 0, 0, 0)
+        return self._launch(qa, prefix, suffix, tables, (q, k_suffix, v_suffix, suffix_lens), None, sm_scale,
+                            out, lse)
+
+    def run_paged(self, q, k_prefix, v_prefix, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, *,
+                  sm_scale=None, out=None, lse=None):
+        """Paged suffixes: k_cache, v_cache [num_pages, page_size, num_kv_heads, head_dim] with the
+        plan's page_size; the three tables int32 device arrays (values checked by the kernels: a
+        sequence whose pages cannot be read, or, for bifurcated attention, longer than the plan's
+        suffix_len, gets NaN). Returns (out, lse) like `shared_prefix`."""
+        p = self.plan
+        if not p.page_size:
+            raise ValueError("the plan is for contiguous suffixes: plan with page_size > 0 to run paged ones")
+        qa, prefix, device_id = self._checked_query_and_prefix(q, k_prefix, v_prefix)
+        caches = [rt.device_array(x, name) for x, name in ((k_cache, "k_cache"), (v_cache, "v_cache"))]
+        _expect_shape(caches[0], "k_cache", "[num_pages, page_size, num_kv_heads, head_dim]",
+                      (None, p.page_size, p.num_kv_heads, p.head_dim))
+        _expect_shape(caches[1], "v_cache", "the shape of k_cache", caches[0].shape)
+        for a, name in zip(caches, ("k_cache", "v_cache")):
+            self._check_kv(a, name, device_id)
+        indptr = _expect_index(kv_indptr, "kv_indptr", p.batch + 1, device_id)
+        indices = _expect_index(kv_indices, "kv_indices", None, device_id)
+        last = _expect_index(kv_last_page_len, "kv_last_page_len", p.batch, device_id)
+        tables = (0, rt.address(indptr), rt.address(indices), rt.address(last), _numel(rt.device_array(
+            indices, "kv_indices")), caches[0].shape[0])
+        return self._launch(qa, prefix, caches, tables, (q, k_cache, v_cache), (indptr, indices, last), sm_scale,
+                            out, lse)
+
+    def _checked_query_and_prefix(self, q, k_prefix, v_prefix):
+        p = self.plan
+        qa = rt.device_array(q, "q")
+        _expect_shape(qa, "q", "[batch, num_qo_heads, head_dim]", (p.batch, p.num_qo_heads, p.head_dim))
+        if qa.dtype != p.dtype:
+            raise TypeError(f"q must be {p.dtype} as planned, got {qa.dtype}")
+        rt.require_contiguous(qa, "q")
+        prefix = [rt.device_array(x, name) for x, name in ((k_prefix, "k_prefix"), (v_prefix, "v_prefix"))]
+        for a, name in zip(prefix, ("k_prefix", "v_prefix")):
+            _expect_shape(a, name, "[prefix_len, num_kv_heads, head_dim]", (p.prefix_len, p.num_kv_heads, p.head_dim))
+            self._check_kv(a, name, qa.device_id)
+        return qa, prefix, qa.device_id
+
+    def _check_kv(self, a: rt.Device, name: str, device_id: int) -> None:
+        if a.dtype != self.plan.dtype:
+            raise TypeError(f"{name} must be {self.plan.dtype} as planned, got {a.dtype}")
+        rt.require_contiguous(a, name)
+        if a.device_id != device_id:
+            raise ValueError(f"{name} must be on GPU {device_id} like q, got GPU {a.device_id}")
+
+    def _launch(self, qa, prefix, suffix, tables, suffix_args, paged, sm_scale, out, lse):
+        """Both methods' launches, after the checks; `suffix_args` (q, k, v[, suffix_lens]) and
+        `paged` (the page tables, or None) as the split-KV runner takes them."""
         p = self.plan
         B, Hq, Hkv, D = p.batch, p.num_qo_heads, p.num_kv_heads, p.head_dim
-        qa = rt.device_array(q, "q")
-        views = [rt.device_array(x, name) for x, name in ((k_prefix, "k_prefix"), (v_prefix, "v_prefix"),
-                                                          (k_suffix, "k_suffix"), (v_suffix, "v_suffix"))]
-        _expect_shape(qa, "q", "[batch, num_qo_heads, head_dim]", (B, Hq, D))
-        for a, name in zip(views[:2], ("k_prefix", "v_prefix")):
-            _expect_shape(a, name, "[prefix_len, num_kv_heads, head_dim]", (p.prefix_len, Hkv, D))
-        for a, name in zip(views[2:], ("k_suffix", "v_suffix")):
-            _expect_shape(a, name, "[batch, suffix_len, num_kv_heads, head_dim]", (B, p.suffix_len, Hkv, D))
-        device_id = qa.device_id
-        for a, name in zip([qa] + views, ("q", "k_prefix", "v_prefix", "k_suffix", "v_suffix")):
-            if a.dtype != p.dtype:
-                raise TypeError(f"{name} must be {p.dtype} as planned, got {a.dtype}")
-            rt.require_contiguous(a, name)
-            if a.device_id != device_id:
-                raise ValueError(f"{name} must be on GPU {device_id} like q, got GPU {a.device_id}")
-        _expect_index(suffix_lens, "suffix_lens", B, device_id)
         if sm_scale is None:
             sm_scale = 1.0 / float(np.sqrt(D))
         if not (isinstance(sm_scale, (int, float, np.floating, np.integer)) and np.isfinite(sm_scale)):
             raise ValueError(f"sm_scale must be a finite real number, got {sm_scale!r}")
         sm_scale = float(sm_scale)
-        kind = qa.kind
+        kind, device_id = qa.kind, qa.device_id
         out, lse, out_ptr, lse_ptr = outputs(out, lse, kind, (B, Hq, D), p.dtype, device_id)
         stream_ptr = rt.current_stream_ptr(kind, device_id)
-        part_out, part_lse, suffix_out, suffix_lse = self._buffers_for(kind, device_id, stream_ptr)
+        bufs = self._buffers_for(kind, device_id, stream_ptr)
+        if p.method == "bifurcated":
+            bifurcated.run(p, bufs, qa.ptr, prefix[0].ptr, prefix[1].ptr, suffix[0].ptr, suffix[1].ptr, tables,
+                           out_ptr, lse_ptr, sm_scale, stream_ptr=stream_ptr, device_id=device_id)
+            return out, lse
+        part_out, part_lse, suffix_out, suffix_lse = bufs
         # 1. The prefix, once for every sequence. 2. Each sequence's own tokens, by split-KV. 3. The merge.
         n = p.num_chunks
         if n:
             grid = (n, -(-(B * (Hq // Hkv)) // QUERY_ROWS), Hkv)
             _prefix_kernel(p.dtype, D)(
                 grid, (THREADS,),
-                (qa.ptr, views[0].ptr, views[1].ptr, rt.address(part_out), rt.address(part_lse),
+                (qa.ptr, prefix[0].ptr, prefix[1].ptr, rt.address(part_out), rt.address(part_lse),
                  B, p.prefix_len, Hq, Hkv, p.prefix_chunk_size, sm_scale * _LOG2E),
                 stream_ptr=stream_ptr, device_id=device_id)
         suffix_ptrs = (0, 0)
-        if p.suffix_len:
-            self._suffix.run(q, k_suffix, v_suffix, suffix_lens, sm_scale=sm_scale, out=suffix_out, lse=suffix_lse)
+        if paged is not None:
+            self._suffix.run_paged(*suffix_args, *paged, sm_scale=sm_scale, out=suffix_out, lse=suffix_lse)
+            suffix_ptrs = (rt.address(suffix_out), rt.address(suffix_lse))
+        elif p.suffix_len:
+            self._suffix.run(*suffix_args, sm_scale=sm_scale, out=suffix_out, lse=suffix_lse)
             suffix_ptrs = (rt.address(suffix_out), rt.address(suffix_lse))
         _merge_kernel(p.dtype)(
             (B * Hq,), (MERGE_THREADS,),
             (rt.address(part_out), rt.address(part_lse), *suffix_ptrs, out_ptr, lse_ptr, n, B * Hq, D),
             stream_ptr=stream_ptr, device_id=device_id)
         return out, lse
-
-
-class _Ops:
-    """The few array operations the bifurcated formulation needs, for CuPy arrays or PyTorch
-    tensors (and NumPy arrays, which the CPU tests use)."""
-
-    def __init__(self, like):
-        self.torch = rt._kind(like) == "torch"
-        if self.torch:
-            import torch  # noqa: PLC0415
-
-            self.t = torch
-        else:
-            self.xp = rt.cupy() if rt._kind(like) == "cupy" else np
-
-    def f32(self, x):
-        return x.float() if self.torch else self.xp.asarray(x).astype(np.float32)
-
-    def einsum(self, spec, a, b):
-        return (self.t if self.torch else self.xp).einsum(spec, a, b)
-
-    def cat(self, xs, axis):
-        return self.t.cat(xs, dim=axis) if self.torch else self.xp.concatenate(xs, axis=axis)
-
-    def where(self, cond, a, b):
-        if self.torch:
-            like = a if hasattr(a, "dtype") else b
-            a = a if hasattr(a, "dtype") else self.t.full_like(like, a)
-            b = b if hasattr(b, "dtype") else self.t.full_like(like, b)
-            return self.t.where(cond, a, b)
-        return self.xp.where(cond, a, b)
-
-    def isfinite(self, x):
-        return (self.t if self.torch else self.xp).isfinite(x)
-
-    def max_last(self, x):
-        if x.shape[-1] == 0:   # nothing to attend to: the empty state's -inf
-            return (self.t.full(tuple(x.shape[:-1]) + (1,), -np.inf, device=x.device) if self.torch
-                    else self.xp.full(x.shape[:-1] + (1,), -np.inf, dtype=np.float32))
-        return self.t.amax(x, dim=-1, keepdim=True) if self.torch else x.max(axis=-1, keepdims=True)
-
-    def any_last(self, x):
-        return self.t.any(x, dim=-1, keepdim=True) if self.torch else x.any(axis=-1, keepdims=True)
-
-    def sum_last(self, x):
-        return x.sum(dim=-1, keepdim=True) if self.torch else x.sum(axis=-1, keepdims=True)
-
-    def exp(self, x):
-        return (self.t if self.torch else self.xp).exp(x)
-
-    def log(self, x):
-        return (self.t if self.torch else self.xp).log(x)
-
-    def lens_mask(self, lens, suffix_len: int, batch: int, like):
-        """[B, S]: token t of sequence b is inside its suffix (lens None: every token)."""
-        if self.torch:
-            ar = self.t.arange(suffix_len, device=like.device)
-            lens_t = (self.t.full((batch,), suffix_len, device=like.device) if lens is None
-                      else self.t.as_tensor(lens, device=like.device))
-            return ar[None, :] < lens_t[:, None]
-        ar = self.xp.arange(suffix_len)
-        lens_a = self.xp.full((batch,), suffix_len) if lens is None else self.xp.asarray(lens)
-        return ar[None, :] < lens_a[:, None]
-
-
-def _bifurcated(problem, q, k_prefix, v_prefix, k_suffix, v_suffix, suffix_lens, out, lse):
-    """Bifurcated attention as the paper writes it, in float32 library products (cuBLAS through
-    CuPy or PyTorch), with the references' rules for padding and non-finite values."""
-    ops = _Ops(q)
-    B, Hq, Hkv, D = problem.batch, problem.num_qo_heads, problem.num_kv_heads, problem.head_dim
-    G, P, S = Hq // Hkv, problem.prefix_len, problem.suffix_len
-    qg = ops.f32(q).reshape(B, Hkv, G, D)                                        # [B, Hkv, G, D]
-    kp, vp = ops.f32(k_prefix), ops.f32(v_prefix)                                # [P, Hkv, D]
-    ks, vs = ops.f32(k_suffix), ops.f32(v_suffix)                                # [B, S, Hkv, D]
-    scale = float(problem.sm_scale)
-    logits = ops.cat([ops.einsum("bjgd,pjd->bjgp", qg, kp) * scale,             # all samples at once
-                      ops.einsum("bjgd,bsjd->bjgs", qg, ks) * scale], axis=-1)  # [B, Hkv, G, P + S]
-    in_suffix = ops.lens_mask(suffix_lens, S, B, logits)                         # [B, S]
-    attended = ops.cat([ops.lens_mask(None, P, B, logits), in_suffix], axis=-1)[:, None, None, :]
-    finite = ops.isfinite(logits)
-    poisoned = ops.any_last(attended & ~finite)                                  # [B, Hkv, G, 1]
-    masked = ops.where(attended & finite, logits, -np.inf)
-    row_max = ops.max_last(masked)
-    shift = ops.where(ops.isfinite(row_max), row_max, 0.0)
-    weights = ops.exp(masked - shift)                                            # exactly 0 off the attended
-    total = ops.sum_last(weights)
-    probs = weights / ops.where(total > 0, total, 1.0)
-    vs = ops.where(in_suffix[:, :, None, None], vs, 0.0)                         # padding is never read
-    o = ops.einsum("bjgp,pjd->bjgd", probs[..., :P], vp) + ops.einsum("bjgs,bsjd->bjgd", probs[..., P:], vs)
-    o = ops.where(ops.isfinite(o) & ~poisoned, o, np.nan)
-    lse_rows = ops.where(total > 0, shift + ops.log(ops.where(total > 0, total, 1.0)), -np.inf)
-    lse_rows = ops.where(poisoned, np.nan, lse_rows)[..., 0]                      # [B, Hkv, G]
-    o = o.reshape(B, Hq, D)
-    lse_rows = lse_rows.reshape(B, Hq)
-    if rt._kind(q) is None:                                                      # NumPy: the CPU tests
-        return o.astype(np.asarray(q).dtype), lse_rows.astype(np.float32)
-    device_id = rt.device_array(q, "q").device_id
-    out, lse, _, _ = outputs(out, lse, rt._kind(q), (B, Hq, D), problem.dtype, device_id)
-    if ops.torch:
-        out.copy_(o.to(out.dtype))
-        lse.copy_(lse_rows)
-    else:
-        out[...] = o.astype(out.dtype)
-        lse[...] = lse_rows
-    return out, lse

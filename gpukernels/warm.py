@@ -20,13 +20,14 @@ import time
 def instantiations() -> list[tuple[str, str]]:
     """(source, name expression) of every kernel the launchers can ask for."""
     from .compile_check import merge_states_expressions
-    from .shared_prefix import all_name_expressions as shared_prefix_expressions
+    from .shared_prefix import instantiations as shared_prefix_instantiations
     from .split_kv import all_name_expressions as split_kv_expressions
     from .tree import all_name_expressions as tree_expressions
 
     return ([("split_kv", e) for e in split_kv_expressions()]
             + [("merge_states", e) for e in merge_states_expressions()]
-            + [("shared_prefix", e) for e in shared_prefix_expressions() + tree_expressions()])
+            + shared_prefix_instantiations()
+            + [("shared_prefix", e) for e in tree_expressions()])
 
 
 def _compile(items: list[tuple[str, str]]) -> int:

@@ -100,7 +100,7 @@ def test_a_prediction_prints_its_terms_with_units():
 def test_a_multi_launch_prediction_stays_short():
     e = explain(builtin_workloads()[0], "H100")
     p = e.row("shared_prefix:bifurcated").prediction
-    assert p.launches == 6
+    assert p.launches == 5
     text = str(p)
     assert "prefix_logits.time_s" not in text and "'<launch>.<term>'" in text
     assert len(text.splitlines()) < 40

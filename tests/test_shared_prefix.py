@@ -199,35 +199,132 @@ def test_docstring_example_runs():
 
 
 # ---------------------------------------------------------------------------------------------
-# The GPU's bifurcated formulation (float32 library products), run with NumPy arrays on the CPU.
+# The GPU launchers' plans and checks that run before any launch (no GPU needed).
 
 
-@given(
-    st.sampled_from(["float16", "float32"]), st.sampled_from([(8, 8), (8, 2), (6, 1)]),
-    st.integers(1, 4), st.integers(0, 40), st.integers(0, 12), st.booleans(), st.integers(0, 2**31 - 1),
-)
-def test_gpu_bifurcated_formulation_matches_the_reference(dtype, heads, batch, prefix_len, suffix_len,
-                                                          ragged, seed):
+def _gsp():
     import importlib
 
-    from decode_attention.contract import check_shared_prefix
+    return importlib.import_module("gpukernels.shared_prefix")   # the module, not the function
 
-    gsp = importlib.import_module("gpukernels.shared_prefix")
-    hq, hkv = heads
-    rng = np.random.default_rng(seed)
-    q = rng.standard_normal((batch, hq, 16)).astype(dtype)
-    kp, vp = (rng.standard_normal((prefix_len, hkv, 16)).astype(dtype) for _ in range(2))
-    ks, vs = (rng.standard_normal((batch, suffix_len, hkv, 16)).astype(dtype) for _ in range(2))
-    lens = rng.integers(0, suffix_len + 1, size=batch) if ragged else None
-    if suffix_len and batch > 1:
-        vs[-1, -1] = np.nan          # padding or attended, as lens has it
-    ref_out, ref_lse = refattn.shared_prefix(q, kp, vp, ks, vs, lens, method="bifurcated")
-    problem, _ = check_shared_prefix(q, kp, vp, ks, vs, lens, method="bifurcated")
-    out, lse = gsp._bifurcated(problem, q, kp, vp, ks, vs, lens, None, None)
-    assert np.array_equal(np.isnan(out), np.isnan(ref_out)) and np.array_equal(np.isnan(lse), np.isnan(ref_lse))
-    assert np.array_equal(np.isneginf(lse), np.isneginf(ref_lse))
-    ok = ~np.isnan(ref_out)
-    np.testing.assert_allclose(out[ok].astype(np.float64), ref_out[ok], rtol=2e-2 if dtype == "float16" else 1e-4,
-                               atol=2e-3 if dtype == "float16" else 1e-5)
-    fin = np.isfinite(ref_lse)
-    np.testing.assert_allclose(lse[fin], ref_lse[fin], rtol=1e-4, atol=1e-4)
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_bifurcated_plan(dtype, head_dim):
+    from gpukernels import bifurcated
+
+    plan = _gsp().plan_shared_prefix(9, 28, 4, head_dim, 1001, 37, method="bifurcated", dtype=dtype, num_sms=132)
+    assert plan.method == "bifurcated" and plan.suffix is None and plan.page_size == 0
+    assert plan.prefix_chunk_size % bifurcated.chunk_tile(dtype, head_dim) == 0
+    assert plan.logits_stride >= 1001 + 37 and plan.logits_stride % 4 == 0
+    shapes = bifurcated.workspace_shapes(plan)
+    assert shapes == {"logits": (9 * 28, plan.logits_stride), "stats": (9 * 28, 2),
+                      "part_out": (plan.num_chunks, 9 * 28, head_dim)}
+
+
+def test_bifurcated_logits_blocks_serve_every_row_tile_unless_the_grid_starves():
+    plan = _gsp().plan_shared_prefix
+    # 64 sequences x 4 heads: 4 row tiles; 128 prefix tiles x 8 KV heads fill 132 SMs: one block reads
+    # each prefix tile for all four.
+    assert plan(64, 32, 8, 128, 8192, 256, method="bifurcated", num_sms=132).logits_row_tiles == 4
+    # One prefix tile and one KV head: 16 row tiles spread over 16 blocks.
+    assert plan(256, 4, 1, 128, 64, 8, method="bifurcated", num_sms=132).logits_row_tiles == 1
+
+
+def test_hydragen_plans_paged_suffixes_with_a_paged_split_plan():
+    gsp = _gsp()
+    plan = gsp.plan_shared_prefix(6, 32, 8, 128, 1000, 70, page_size=16, num_sms=132)
+    assert plan.method == "hydragen" and plan.page_size == 16 and plan.suffix.page_size == 16
+    assert gsp.plan_shared_prefix(6, 32, 8, 128, 1000, 70, num_sms=132).suffix.page_size == 0
+    bif = gsp.plan_shared_prefix(6, 32, 8, 128, 1000, 70, method="bifurcated", page_size=1, num_sms=132)
+    assert bif.page_size == 1 and bif.logits_stride >= 1070
+
+
+@pytest.mark.parametrize("kwargs, exc, words", [
+    (dict(dtype="float32"), TypeError, "Hydragen"),
+    (dict(method="auto"), ValueError, "method"),
+    (dict(method="cascade"), ValueError, "method"),
+    (dict(method="bifurcated", dtype="float64"), TypeError, "float64"),
+    (dict(method="bifurcated", page_size=-1), ValueError, "page_size"),
+    (dict(method="bifurcated", prefix_chunk_size=48), ValueError, "prefix_chunk_size"),
+])
+def test_plans_reject_what_the_kernels_cannot_run(kwargs, exc, words):
+    with pytest.raises(exc, match=words):
+        _gsp().plan_shared_prefix(4, 8, 2, 128, 100, 10, num_sms=132, **kwargs)
+
+
+def test_float32_bifurcated_chunks_are_whole_cuda_core_tiles():
+    plan = _gsp().plan_shared_prefix(4, 8, 2, 128, 100, 10, method="bifurcated", dtype="float32",
+                                     prefix_chunk_size=32, num_sms=132)
+    assert plan.prefix_chunk_size == 32 and plan.num_chunks == 4
+
+
+@pytest.mark.parametrize("tables, lens, words", [
+    (dict(kv_indptr=[0, 1]), None, "kv_indices, kv_last_page_len are missing"),
+    (dict(kv_indptr=[0, 1], kv_indices=[0]), None, "kv_last_page_len is missing"),
+    (dict(kv_indptr=[0, 1], kv_indices=[0], kv_last_page_len=[1]), [1], "suffix_lens must be None"),
+])
+def test_malformed_paged_calls_raise_before_any_launch(tables, lens, words):
+    # NumPy inputs: the checks of the page tables' presence come before anything reads the arrays.
+    q = np.zeros((1, 8, 128), np.float16)
+    kp = np.zeros((10, 2, 128), np.float16)
+    cache = np.zeros((4, 16, 2, 128), np.float16)
+    with pytest.raises(ValueError, match=words):
+        _gsp().shared_prefix(q, kp, kp, cache, cache, lens, **tables)
+
+
+def test_an_unknown_method_is_rejected_before_the_arrays_are_read():
+    q = np.zeros((1, 8, 128), np.float16)
+    with pytest.raises(ValueError, match="'hydragen', 'bifurcated', 'auto'"):
+        _gsp().shared_prefix(q, q, q, q, q, method="fast")
+
+
+def test_name_expressions_and_their_sources():
+    from gpukernels import bifurcated
+
+    gsp = _gsp()
+    sources = dict((e, s) for s, e in gsp.instantiations())
+    assert set(sources) == set(gsp.all_name_expressions())
+    bif = bifurcated.all_name_expressions()
+    assert len(bif) == len(set(bif)) == 33 and all(sources[e] == "bifurcated" for e in bif)
+    assert "decode_attention::bifurcated_prefix_values_kernel<__half, 256, 4>" in bif
+    assert "decode_attention::bifurcated_prefix_values_simt_kernel<float, 64>" in bif
+    assert not any("simt" in e for e in bif if "<float," not in e)   # half types: the tensor cores
+
+
+@pytest.mark.parametrize("kernel, attr", [
+    ("bifurcated_prefix_logits_kernel", "PREFIX_LOGITS_SIGNATURE"),
+    ("bifurcated_prefix_logits_simt_kernel", "PREFIX_LOGITS_SIGNATURE"),
+    ("bifurcated_suffix_logits_kernel", "SUFFIX_LOGITS_SIGNATURE"),
+    ("bifurcated_softmax_kernel", "SOFTMAX_SIGNATURE"),
+    ("bifurcated_prefix_values_kernel", "VALUES_SIGNATURE"),
+    ("bifurcated_prefix_values_simt_kernel", "VALUES_SIGNATURE"),
+    ("bifurcated_finish_kernel", "FINISH_SIGNATURE"),
+])
+def test_bifurcated_signatures_match_the_kernels(kernel, attr):
+    from test_launch import _source_signature
+
+    from gpukernels import bifurcated
+
+    assert _source_signature("bifurcated", kernel) == getattr(bifurcated, attr)
+
+
+def test_cost_model_counts_the_logits_workspace():
+    from costmodel import shared_prefix as cm
+
+    shape = cm.SharedPrefixShape(16, 32, 8, 128, 8192, 256, suffix_lens=tuple(range(200, 216)))
+    launches = cm.bifurcated_launches(shape, 132)
+    assert [launch.name for launch in launches] == ["prefix_logits", "suffix_logits", "softmax", "prefix_values",
+                                                    "finish"]
+    by = {launch.name: launch.bytes_by_tensor for launch in launches}
+    tokens = sum(range(200, 216))
+    logits_p, logits_s = 16 * 32 * 8192 * 4, 32 * tokens * 4          # float32, written once
+    assert by["prefix_logits"]["logits_prefix_write"] == logits_p
+    assert by["suffix_logits"]["logits_suffix_write"] == logits_s
+    assert by["softmax"]["logits_read"] == logits_p + logits_s          # read by the softmax ...
+    assert by["prefix_values"]["logits_prefix_read"] == logits_p        # ... and once more for P V
+    assert by["finish"]["logits_suffix_read"] == logits_s
+    # 64 query rows per KV head: one row tile, so the prefix K and V are read once.
+    assert by["prefix_logits"]["k_prefix"] == by["prefix_values"]["v_prefix"] == 8192 * 8 * 128 * 2
+    no_prefix = cm.bifurcated_launches(cm.SharedPrefixShape(4, 8, 2, 64, 0, 10), 132)
+    assert [launch.name for launch in no_prefix] == ["suffix_logits", "softmax", "finish"]

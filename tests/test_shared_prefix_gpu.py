@@ -1,4 +1,5 @@
-"""The shared-prefix kernel (Hydragen) against the float64 reference, on the GPU.
+"""The shared-prefix kernels (Hydragen, bifurcated attention; contiguous and paged suffixes)
+against the float64 reference, on the GPU.
 
 Skipped with a reason when CuPy or a CUDA GPU is missing; nothing touches the device at import.
 Outputs are poisoned with NaN before every run, so an element the kernels never wrote fails.
@@ -12,7 +13,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import refattn
-from test_kernels_gpu import _HAVE_GPU, _compare_nonfinite, _device, _host, _poisoned, _random, cp
+from test_kernels_gpu import _HAVE_GPU, _check_with_empty, _compare_nonfinite, _device, _host, _poisoned, _random, cp
 from tolerances import LSE_ATOL, OUT_RTOL, lse_error, rel_error
 
 pytestmark = [
@@ -21,6 +22,7 @@ pytestmark = [
 ]
 
 DTYPES = ("float16", "bfloat16")
+BIFURCATED_DTYPES = ("float16", "bfloat16", "float32")
 # (num_qo_heads, num_kv_heads): MHA, GQA 4, group 5, MQA.
 HEADS = ((8, 8), (32, 8), (20, 4), (8, 1))
 
@@ -179,3 +181,271 @@ def test_a_plan_runs_many_times_with_lengths_on_the_gpu(dtype):
         _check(out, lse, ref_out, ref_lse, dtype)
     with pytest.raises(ValueError, match="k_prefix"):
         runner.run(qd, _device(kp[:-1]), _device(vp[:-1]), _device(ks), _device(vs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bifurcated attention's kernels (gpukernels.bifurcated)
+
+
+@st.composite
+def bifurcated_cases(draw):
+    dtype = draw(st.sampled_from(BIFURCATED_DTYPES))
+    head_dim = draw(st.sampled_from((64, 128, 256)))
+    hq, hkv = draw(st.sampled_from(HEADS))
+    batch = draw(st.integers(1, 20))
+    prefix_len = draw(st.sampled_from((0, 1, 31, 64, 65, 339, 1000, 4097)))
+    suffix_len = draw(st.sampled_from((0, 1, 17, 130)))
+    lens = draw(st.sampled_from(("none", "host", "gpu")))
+    chunk = draw(st.sampled_from((None, 64, 256)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return dtype, head_dim, hq, hkv, batch, prefix_len, suffix_len, lens, chunk, seed
+
+
+def _lens_on_device(lens, like):
+    """int32 lengths on the GPU, of the same array library as `like`."""
+    if hasattr(like, "data_ptr") and not hasattr(like, "get"):
+        import torch
+
+        return torch.from_numpy(np.asarray(lens, dtype=np.int32)).cuda()
+    return cp.asarray(np.asarray(lens, dtype=np.int32))
+
+
+@given(bifurcated_cases())
+@example(("float16", 128, 32, 8, 16, 4097, 130, "host", None, 1))   # 64 query rows: one row tile
+@example(("bfloat16", 128, 32, 8, 17, 1000, 17, "gpu", 64, 2))      # 68 rows: a second, partial tile
+@example(("float32", 256, 20, 4, 3, 339, 0, "none", None, 3))       # float32 on the CUDA cores, no suffix
+@example(("float32", 64, 8, 1, 20, 1000, 130, "host", 64, 4))       # MQA, 160 rows of 16-row tiles
+@example(("bfloat16", 64, 8, 1, 20, 0, 130, "host", None, 5))       # no prefix
+@example(("float16", 256, 8, 8, 1, 65, 1, "none", 64, 6))           # a prefix chunk of one token
+@example(("float16", 64, 8, 8, 3, 0, 17, "host", None, 7))          # lens may be 0: nothing to attend to
+def test_bifurcated_matches_the_reference(case):
+    dtype, d, hq, hkv, batch, prefix_len, suffix_len, lens_at, chunk, seed = case
+    rng = np.random.default_rng(seed)
+    q, kp, vp, ks, vs = _inputs(rng, dtype, batch, hq, hkv, d, prefix_len, suffix_len)
+    lens = None if lens_at == "none" else rng.integers(0, suffix_len + 1, size=batch)
+    if lens is not None and prefix_len == 0:
+        lens[0] = 0                                   # one sequence with nothing to attend to
+    if chunk is not None and dtype != "float32" and d >= 256:
+        chunk = max(chunk, 32)
+    ref_out, ref_lse = refattn.shared_prefix(q, kp, vp, ks, vs, lens, method="bifurcated")
+    qd = _device(q)
+    given_lens = _lens_on_device(lens, qd) if lens_at == "gpu" else lens
+    out = _poisoned(qd, q.shape, dtype)
+    lse = _poisoned(qd, q.shape[:2], "float32")
+    from gpukernels.shared_prefix import shared_prefix
+
+    res = shared_prefix(qd, _device(kp), _device(vp), _device(ks), _device(vs), given_lens, method="bifurcated",
+                        prefix_chunk_size=chunk, out=out, lse=lse)
+    assert res[0] is out and res[1] is lse
+    _check_with_empty(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("dtype", BIFURCATED_DTYPES)
+def test_bifurcated_non_finite_values_give_nan_where_the_reference_does(dtype):
+    rng = np.random.default_rng(17)
+    q, kp, vp, ks, vs = _inputs(rng, dtype, 6, 16, 4, 128, 300, 20)
+    q[0, 3, 5] = np.nan          # one query head
+    kp[100, 2, 0] = np.inf       # a prefix key: every sequence's heads of KV head 2
+    vp[7, 1, 4] = np.inf         # a prefix value element: element 4 of every head of KV head 1
+    vs[4, 7, 1, 9] = np.nan      # a suffix value element of sequence 4
+    ks[3, 2, 0, 0] = -np.inf     # a suffix key of sequence 3
+    lens = np.array([20, 20, 20, 20, 20, 5])
+    vs[5, 10, 0, :] = np.nan     # past suffix_lens[5]: never read
+    ks[5, 11, 3, :] = np.inf
+    ref_out, ref_lse = refattn.shared_prefix(q, kp, vp, ks, vs, lens, method="bifurcated")
+    out, lse = _run(q, kp, vp, ks, vs, lens, dtype, method="bifurcated")
+    _compare_nonfinite(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("dtype", BIFURCATED_DTYPES)
+def test_bifurcated_device_lengths_out_of_range_poison_their_sequence_only(dtype):
+    rng = np.random.default_rng(18)
+    q, kp, vp, ks, vs = _inputs(rng, dtype, 4, 16, 4, 64, 200, 40)
+    lens = np.array([40, -1, 41, 7])
+    out, lse = _run(q, kp, vp, ks, vs, _lens_on_device(lens, _device(q)), dtype, method="bifurcated")
+    o, l = _host(out).astype(np.float64), _host(lse).astype(np.float64)
+    assert np.isnan(o[1:3]).all() and np.isnan(l[1:3]).all()
+    good = [0, 3]
+    ref_out, ref_lse = refattn.shared_prefix(q[good], kp, vp, ks[good], vs[good], lens[good], method="bifurcated")
+    _check(out[good], lse[good], ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("dtype", BIFURCATED_DTYPES)
+def test_a_bifurcated_plan_runs_many_times_and_in_a_cuda_graph(dtype):
+    from gpukernels.shared_prefix import SharedPrefix, plan_shared_prefix
+
+    rng = np.random.default_rng(19)
+    batch, hq, hkv, d, prefix_len, suffix_len = 6, 32, 8, 128, 1000, 70
+    plan = plan_shared_prefix(batch, hq, hkv, d, prefix_len, suffix_len, method="bifurcated", dtype=dtype,
+                              num_sms=132)
+    runner = SharedPrefix(plan)
+    lens = np.array([70, 0, 1, 33, 70, 64])
+    for _ in range(2):   # fresh inputs, the same plan and workspace
+        q, kp, vp, ks, vs = _inputs(rng, dtype, batch, hq, hkv, d, prefix_len, suffix_len)
+        ref_out, ref_lse = refattn.shared_prefix(q, kp, vp, ks, vs, lens, method="bifurcated")
+        qd = _device(q)
+        out = _poisoned(qd, q.shape, dtype)
+        lse = _poisoned(qd, q.shape[:2], "float32")
+        res = runner.run(qd, _device(kp), _device(vp), _device(ks), _device(vs), _lens_on_device(lens, qd),
+                         out=out, lse=lse)
+        assert res[0] is out and res[1] is lse
+        _check(out, lse, ref_out, ref_lse, dtype)
+    if dtype == "bfloat16":
+        return                   # CuPy's graph capture below takes CuPy arrays
+    q, kp, vp, ks, vs = (cp.asarray(x) for x in _inputs(rng, dtype, batch, hq, hkv, d, prefix_len, suffix_len))
+    lens_d = cp.asarray(lens.astype(np.int32))
+    out = cp.full((batch, hq, d), np.nan, dtype=q.dtype)
+    lse = cp.full((batch, hq), np.nan, dtype=cp.float32)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        runner.run(q, kp, vp, ks, vs, lens_d, out=out, lse=lse)   # this stream's workspace
+        stream.synchronize()
+        stream.begin_capture()
+        runner.run(q, kp, vp, ks, vs, lens_d, out=out, lse=lse)
+        graph = stream.end_capture()
+        for _ in range(2):
+            q[...] = cp.asarray(_random(rng, (batch, hq, d), dtype))
+            out.fill(np.nan)
+            lse.fill(np.nan)
+            graph.launch(stream)
+            stream.synchronize()
+            ref_out, ref_lse = refattn.shared_prefix(*(cp.asnumpy(x) for x in (q, kp, vp, ks, vs)), lens,
+                                                     method="bifurcated")
+            _check(out, lse, ref_out, ref_lse, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Suffixes in a paged cache (both methods)
+
+
+@st.composite
+def paged_cases(draw):
+    method = draw(st.sampled_from(("hydragen", "bifurcated")))
+    dtype = draw(st.sampled_from(DTYPES if method == "hydragen" else BIFURCATED_DTYPES))
+    head_dim = draw(st.sampled_from((64, 128, 256)))
+    hq, hkv = draw(st.sampled_from(HEADS))
+    batch = draw(st.integers(1, 12))
+    prefix_len = draw(st.sampled_from((0, 1, 65, 339, 1000)))
+    suffix_len = draw(st.sampled_from((1, 17, 130)))
+    page_size = draw(st.sampled_from((1, 7, 16)))
+    tables_on_gpu = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    return method, dtype, head_dim, hq, hkv, batch, prefix_len, suffix_len, page_size, tables_on_gpu, seed
+
+
+def _paged_inputs(rng, dtype, batch, hq, hkv, d, prefix_len, suffix_len, page_size):
+    """q, the prefix, contiguous suffixes with ragged lengths, and the same suffixes in shuffled
+    pages (with junk in the slots no sequence owns)."""
+    q, kp, vp, ks, vs = _inputs(rng, dtype, batch, hq, hkv, d, prefix_len, suffix_len)
+    lens = rng.integers(0, suffix_len + 1, size=batch)
+    lens[0] = suffix_len
+    kc, vc, indptr, indices, last = refattn.paged_from_contiguous(ks, vs, lens, page_size=page_size,
+                                                                  shuffle=rng, extra_pages=2)
+    return q, kp, vp, ks, vs, lens, (kc, vc), (indptr, indices, last)
+
+
+@given(paged_cases())
+@example(("hydragen", "float16", 128, 32, 8, 5, 1000, 130, 16, True, 1))
+@example(("bifurcated", "float16", 128, 32, 8, 5, 1000, 130, 16, True, 2))
+@example(("bifurcated", "float32", 64, 20, 4, 3, 339, 17, 1, False, 3))
+@example(("hydragen", "bfloat16", 256, 8, 1, 12, 0, 17, 7, False, 4))
+def test_paged_suffixes_match_the_reference(case):
+    from gpukernels.shared_prefix import shared_prefix
+
+    method, dtype, d, hq, hkv, batch, prefix_len, suffix_len, page_size, on_gpu, seed = case
+    rng = np.random.default_rng(seed)
+    q, kp, vp, ks, vs, lens, caches, tables = _paged_inputs(rng, dtype, batch, hq, hkv, d, prefix_len, suffix_len,
+                                                            page_size)
+    ref_out, ref_lse = refattn.shared_prefix(q, kp, vp, ks, vs, lens, method=method)
+    qd = _device(q)
+    if on_gpu:
+        tables = tuple(_lens_on_device(t, qd) for t in tables)
+    out = _poisoned(qd, q.shape, dtype)
+    lse = _poisoned(qd, q.shape[:2], "float32")
+    res = shared_prefix(qd, _device(kp), _device(vp), *(_device(c) for c in caches), method=method,
+                        kv_indptr=tables[0], kv_indices=tables[1], kv_last_page_len=tables[2], out=out, lse=lse)
+    assert res[0] is out and res[1] is lse
+    _check(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("method", ["hydragen", "bifurcated"])
+def test_paged_device_tables_out_of_range_poison_their_sequence_only(method):
+    from gpukernels.shared_prefix import shared_prefix
+
+    rng = np.random.default_rng(20)
+    batch, hq, hkv, d, page = 3, 8, 2, 128, 16
+    q, kp, vp = _inputs(rng, "float16", batch, hq, hkv, d, 100, 0)[:3]
+    kc, vc = (_random(rng, (12, page, hkv, d), "float16") for _ in range(2))
+    indptr, indices, last = np.array([0, 4, 8, 12]), rng.permutation(12), np.array([16, 5, 16])
+    dev = lambda x: cp.asarray(np.asarray(x, dtype=np.int32))  # noqa: E731
+    args = (cp.asarray(q), cp.asarray(kp), cp.asarray(vp), cp.asarray(kc), cp.asarray(vc))
+    # Sequence 2's pages run past the end of kv_indices; sequence 1 names a page outside the cache.
+    bad_indptr, bad_indices = np.array([0, 4, 8, 13]), indices.copy()
+    bad_indices[5] = 12
+    out, lse = shared_prefix(*args, method=method, kv_indptr=dev(bad_indptr), kv_indices=dev(bad_indices),
+                             kv_last_page_len=dev(last))
+    o, l = _host(out).astype(np.float64), _host(lse).astype(np.float64)
+    assert np.isnan(o[1:]).all() and np.isnan(l[1:]).all()
+    ks = np.stack([kc[indices[4 * b:4 * b + 4]].reshape(4 * page, hkv, d) for b in range(batch)])
+    vs = np.stack([vc[indices[4 * b:4 * b + 4]].reshape(4 * page, hkv, d) for b in range(batch)])
+    ref_out, ref_lse = refattn.shared_prefix(q[:1], kp, vp, ks[:1], vs[:1], [64], method=method)
+    _check(out[:1], lse[:1], ref_out, ref_lse, "float16")
+    with pytest.raises(ValueError, match="kv_indptr"):
+        shared_prefix(*args, method=method, kv_indptr=bad_indptr, kv_indices=bad_indices, kv_last_page_len=last)
+
+
+@pytest.mark.parametrize("method, dtype", [("hydragen", "float16"), ("bifurcated", "bfloat16"),
+                                           ("bifurcated", "float32")])
+def test_a_paged_plan_runs_many_times(method, dtype):
+    from gpukernels.shared_prefix import SharedPrefix, plan_shared_prefix
+
+    rng = np.random.default_rng(21)
+    batch, hq, hkv, d, prefix_len, suffix_len, page = 6, 28, 4, 64, 700, 90, 16
+    plan = plan_shared_prefix(batch, hq, hkv, d, prefix_len, suffix_len, method=method, dtype=dtype,
+                              page_size=page, num_sms=132)
+    runner = SharedPrefix(plan)
+    for _ in range(2):
+        q, kp, vp, ks, vs, lens, caches, tables = _paged_inputs(rng, dtype, batch, hq, hkv, d, prefix_len,
+                                                                suffix_len, page)
+        ref_out, ref_lse = refattn.shared_prefix(q, kp, vp, ks, vs, lens, method=method)
+        qd = _device(q)
+        out = _poisoned(qd, q.shape, dtype)
+        lse = _poisoned(qd, q.shape[:2], "float32")
+        res = runner.run_paged(qd, _device(kp), _device(vp), *(_device(c) for c in caches),
+                               *(_lens_on_device(t, qd) for t in tables), out=out, lse=lse)
+        assert res[0] is out and res[1] is lse
+        _check(out, lse, ref_out, ref_lse, dtype)
+    with pytest.raises(ValueError, match="run_paged"):
+        runner.run(qd, _device(kp), _device(vp), _device(ks), _device(vs))
+
+
+@pytest.mark.parametrize("method", ["hydragen", "bifurcated"])
+@pytest.mark.parametrize(
+    "change, exc, name",
+    [
+        (dict(k_cache=lambda a: a[..., :64]), ValueError, "head_dim"),
+        (dict(v_cache=lambda a: a[:, :8]), ValueError, "v_cache"),
+        (dict(k_prefix=lambda a: a[:, :1]), ValueError, "k_prefix"),
+        (dict(v_prefix=lambda a: a[:7]), ValueError, "v_prefix"),
+        (dict(k_prefix=lambda a: a.astype(cp.float32)), TypeError, "k_prefix"),
+        (dict(kv_indptr=lambda a: np.array([0, 1, 2])), ValueError, "kv_indptr"),
+        (dict(kv_indices=lambda a: np.array([0, 9])), ValueError, "kv_indices"),
+        (dict(kv_last_page_len=lambda a: np.array([17])), ValueError, "kv_last_page_len"),
+        (dict(kv_indptr=lambda a: cp.asarray([0, 2, 2], dtype=cp.int32)), ValueError, "kv_indptr"),
+        (dict(kv_indices=lambda a: cp.asarray([0.0, 1.0])), TypeError, "kv_indices"),
+    ],
+)
+def test_malformed_paged_calls_raise_before_launch(method, change, exc, name):
+    from gpukernels.shared_prefix import shared_prefix
+
+    args = dict(q=cp.zeros((1, 8, 128), cp.float16), k_prefix=cp.zeros((50, 2, 128), cp.float16),
+                v_prefix=cp.zeros((50, 2, 128), cp.float16), k_cache=cp.zeros((4, 16, 2, 128), cp.float16),
+                v_cache=cp.zeros((4, 16, 2, 128), cp.float16), kv_indptr=np.array([0, 2]),
+                kv_indices=np.array([3, 1]), kv_last_page_len=np.array([5]))
+    for key, make in change.items():
+        args[key] = make(args[key])
+    q, kp, vp, kc, vc, indptr, indices, last = args.values()
+    with pytest.raises(exc) as info:
+        shared_prefix(q, kp, vp, kc, vc, method=method, kv_indptr=indptr, kv_indices=indices,
+                      kv_last_page_len=last)
+    assert name in str(info.value)

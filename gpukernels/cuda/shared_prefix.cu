@@ -36,43 +36,6 @@ struct PrefixTile {
   static_assert(KV_TILE * PIECES % SP_THREADS == 0, "whole copies per thread");
 };
 
-template <typename T>
-__device__ __forceinline__ void mma_16816_full(float (&d)[4], unsigned a0, unsigned a1, unsigned a2,
-                                               unsigned a3, unsigned b0, unsigned b1);
-
-#define DECODE_ATTENTION_MMA_FULL(CTYPE, PTXTYPE)                                                   \
-  template <>                                                                                      \
-  __device__ __forceinline__ void mma_16816_full<CTYPE>(float (&d)[4], unsigned a0, unsigned a1,   \
-                                                        unsigned a2, unsigned a3, unsigned b0,     \
-                                                        unsigned b1) {                             \
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTXTYPE "." PTXTYPE                      \
-                 ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                     \
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                  \
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));                          \
-  }
-DECODE_ATTENTION_MMA_FULL(__half, "f16")
-DECODE_ATTENTION_MMA_FULL(__nv_bfloat16, "bf16")
-#undef DECODE_ATTENTION_MMA_FULL
-
-// Fragment loads from shared address `base + OFFSET`, the offset an immediate of the instruction
-// (computed addresses for every fragment of a tile would be kept in registers).
-template <int OFFSET>
-__device__ __forceinline__ void ldmatrix_x4_at(unsigned (&r)[4], unsigned base) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4+%5];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(base), "n"(OFFSET));
-}
-template <int OFFSET>
-__device__ __forceinline__ void ldmatrix_x4_trans_at(unsigned (&r)[4], unsigned base) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4+%5];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(base), "n"(OFFSET));
-}
-__device__ __forceinline__ void cp_async_16_zfill(unsigned smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem),
-               "r"(valid ? 16 : 0));
-}
-
 // The work of one block: the (up to) 64 query rows of this block (a lane's two rows gid and
 // gid + 8 of its warp's m16 tile: sequence row_b, query head row_h, and the row of part_out /
 // part_lse its state goes to, -1 for a padding row) against rows kv_begin .. kv_end - 1 of k and v
