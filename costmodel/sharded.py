@@ -31,7 +31,8 @@ shard lengths differ by at most one block and a shard may be empty (fewer blocks
 True
 
 `print(p)` shows the terms as a short table with units; `sharding_table(...)` prints the predicted
-time on one and on N GPUs at a few context lengths.
+time on one and on N GPUs at a few context lengths; `crossover_table(...)` the crossover context
+for every GPU count from 2 to MAX_NUM_GPUS.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ from .prediction import F32, Prediction, TimeAndRates, calibration_for, check_he
 __all__ = ["MAX_NUM_GPUS", "DEFAULT_PLACEMENT_BLOCK", "TABLE_KV_LENS", "CollectiveSegment",
            "Interconnect", "AllGather", "ShardedPlan", "ShardedPrediction", "ShardingTable",
            "check_num_gpus", "get_interconnect", "interconnect_for", "interconnect_names", "shard_lens",
-           "plan_sharded", "predict", "speedup", "crossover_kv_len", "sharding_table"]
+           "plan_sharded", "predict", "speedup", "crossover_kv_len", "sharding_table", "CrossoverTable",
+           "crossover_table"]
 
 MAX_NUM_GPUS = 8                 # GPUs of one host
 DEFAULT_PLACEMENT_BLOCK = 32     # tokens placed on one rank before the next (Helix appends 32 at a time)
@@ -644,3 +646,74 @@ def sharding_table(batch: int, num_qo_heads: int, num_kv_heads: int, head_dim: i
                              calibration=cal)
     return ShardingTable(*shape[:4], shape[4], num_gpus, spec, lens, tuple(a for a, _ in pairs),
                          tuple(b for _, b in pairs), cross)
+
+
+@dataclass(frozen=True, repr=False)
+class CrossoverTable:
+    """The predicted crossover context for each GPU count: below it one GPU's split_kv is faster
+    than the sharded call. Prints as a short table; the numbers are in `crossover_kv_lens`
+    (None: one GPU stays faster up to `search_max_kv_len`) and `speedups_at` (one GPU's time over
+    N GPUs' at `at_kv_len` tokens)."""
+
+    batch: int
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    gpu: GPUSpec
+    graph: bool
+    num_gpus: tuple[int, ...]
+    crossover_kv_lens: tuple[int | None, ...]
+    at_kv_len: int
+    speedups_at: tuple[float, ...]
+    caveats: tuple[str, ...]
+    search_max_kv_len: int = MAX_SEARCH_KV_LEN
+
+    def _table(self) -> Table:
+        where = "collective inside a CUDA graph" if self.graph else "collective called eagerly"
+        header = (f"predicted crossover by GPU count ({self.gpu.name}, {where}): batch {self.batch}, "
+                  f"{self.num_qo_heads} query / {self.num_kv_heads} KV heads, head_dim {self.head_dim}, "
+                  f"{self.dtype}",)
+        rows = tuple(
+            (str(n), f"{c:,} tokens" if c is not None else f"> {self.search_max_kv_len:,}",
+             f"{s:.2f}x")
+            for n, c, s in zip(self.num_gpus, self.crossover_kv_lens, self.speedups_at))
+        return Table(header, ("GPUs", "one GPU faster below", f"speedup at {_tokens(self.at_kv_len)}"), rows,
+                     self.caveats, "rrr")
+
+    def __str__(self) -> str:
+        return self._table().text()
+
+    __repr__ = __str__
+
+    def _repr_html_(self) -> str:
+        return self._table().html()
+
+
+def crossover_table(batch: int, num_qo_heads: int, num_kv_heads: int, head_dim: int, *,
+                    num_gpus=range(2, MAX_NUM_GPUS + 1), dtype: str = "float16", gpu: "GPUSpec | str" = "H200",
+                    placement_block: int = DEFAULT_PLACEMENT_BLOCK, graph: bool = True,
+                    interconnect: str | None = None, calibration: Calibration | None = None,
+                    at_kv_len: int = 1 << 20) -> CrossoverTable:
+    """`crossover_kv_len` for each GPU count in `num_gpus` (default 2 to MAX_NUM_GPUS), with the
+    predicted speedup over one GPU at `at_kv_len` tokens (default 1M) and what of it is not
+    measured (the collective's extrapolation beyond the measured rank count)."""
+    counts = tuple(check_num_gpus(n) for n in num_gpus)
+    if not counts or min(counts) < 2:
+        raise ValueError(f"num_gpus must list GPU counts of at least 2, got {list(counts)}")
+    at_kv_len = check_positive_int(at_kv_len, "at_kv_len")
+    shape, _, spec, placement_block, graph, cal = _checked(
+        batch, num_qo_heads, num_kv_heads, head_dim, counts[0], dtype, gpu, placement_block, graph,
+        interconnect, calibration)
+    common = dict(dtype=shape[4], gpu=spec, placement_block=placement_block, graph=graph,
+                  interconnect=interconnect, calibration=cal)
+    crossings = tuple(crossover_kv_len(*shape[:4], num_gpus=n, **common) for n in counts)
+    speedups = tuple(speedup(*shape[:4], at_kv_len, num_gpus=n, **common) for n in counts)
+    net = get_interconnect(interconnect) if interconnect is not None else interconnect_for(spec)
+    caveats = list(net.caveats(spec.key, net.measured_ranks))         # the GPU's own, if any
+    beyond = [n for n in counts if n > net.measured_ranks]
+    if beyond:
+        caveats.append(f"collective extrapolated from {net.measured_ranks} ranks by the {net.algorithm} formula "
+                       f"for {', '.join(map(str, beyond))} GPUs, not measured there")
+    return CrossoverTable(*shape[:4], shape[4], spec, graph, counts, crossings, at_kv_len, speedups,
+                          tuple(caveats))

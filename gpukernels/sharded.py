@@ -5,9 +5,11 @@ Every rank holds a shard of every sequence (`ShardPlacement` says which tokens: 
 `block_tokens` go round-robin to the ranks, so no rank becomes the tail as sequences grow). A step
 on every rank:
 
-1. attends to its shard with this library's kernels (`split_kv` / `paged_decode`), giving a partial
-   state (out [batch, num_qo_heads, head_dim], lse [batch, num_qo_heads]); a rank holding no token
-   of a sequence gives the empty state (out = 0, lse = -inf) for it;
+1. attends to its shard with this library's kernels (`split_kv` / `paged_decode`, or `span` for
+   `sharded_span`: a span list in global token positions, cut into the rank's own slots by
+   `ShardPlacement.local_spans`), giving a partial state (out [batch, num_qo_heads, head_dim],
+   lse [batch, num_qo_heads]); a rank holding no (attended) token of a sequence gives the empty
+   state (out = 0, lse = -inf) for it;
 2. packs it into one array [batch, num_qo_heads, head_dim + 1] (out, then lse in the last column),
    float32 (float64 when q is float64, as with the references in the tests);
 3. all-gathers the packed states ([world, batch, num_qo_heads, head_dim + 1]): the only collective,
@@ -25,9 +27,10 @@ vector from every rank, synchronising) can stand in.
 Checking across ranks. A malformed sharding (ranks that disagree on batch, heads, head_dim, dtype
 or sm_scale) would make NCCL hang or mix garbage, so it must fail on every rank, never on some:
 
-* `sharded_split_kv` / `sharded_paged_decode` (one-shot): each rank checks its own input, then all
-  ranks all-gather a small int32 vector [magic, status, batch, num_qo_heads, num_kv_heads,
-  head_dim, dtype, state dtype, sm_scale (2 words)] and compare it on the host; if any rank's
+* `sharded_split_kv` / `sharded_paged_decode` / `sharded_span` (one-shot): each rank checks its own
+  input, then all ranks all-gather a small int32 vector [magic, status, batch, num_qo_heads,
+  num_kv_heads, head_dim, dtype, state dtype, sm_scale (2 words), variant, a digest of the span
+  list, kv_len and placement (span only)] and compare it on the host; if any rank's
   input failed or any two disagree, every rank raises (the failing rank its own error, the others
   a ValueError naming it), before any payload moves. That exchange synchronises once per call.
 * `ShardedDecode` (planned): the same exchange once, when it is built; its `run` then never
@@ -56,6 +59,7 @@ from __future__ import annotations
 import math
 import numbers
 import threading
+import zlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -69,7 +73,7 @@ from .merge_states import _kernel as _merge_kernel
 from .split_kv import SplitKV, SplitKVPlan, check_kernel_dtype_and_head_dim
 
 __all__ = [
-    "ShardPlacement", "sharded_split_kv", "sharded_paged_decode", "ShardedDecode",
+    "ShardPlacement", "sharded_split_kv", "sharded_paged_decode", "sharded_span", "ShardedDecode",
     "TorchCollective", "CupyNcclCollective", "InProcessCollective",
 ]
 
@@ -175,6 +179,40 @@ class ShardPlacement:
         before, after = self.shard_lens(kv_len), self.shard_lens(kv_len + n)
         return tuple((int(b), int(a)) for b, a in zip(before, after))
 
+    def local_spans(self, rank, span_indptr, spans) -> tuple[np.ndarray, np.ndarray]:
+        """A span list in global token positions (span_indptr [batch + 1], spans [num_spans, 2],
+        host ints, as `refattn.span` takes them) cut to `rank`'s shard: the same form, in slots
+        of that rank's shard, int64.
+
+        A rank's tokens fill its slots in token order, so the tokens of a global span [s, e) that
+        it holds are the slots [shard_lens(s)[rank], shard_lens(e)[rank]): one local span, or none
+        when the rank holds no token of it (then it is dropped). Local spans stay sorted and
+        non-overlapping.
+
+        >>> p = ShardPlacement(2, block_tokens=4)
+        >>> indptr, spans = p.local_spans(1, [0, 2], [[2, 9], [12, 13]])
+        >>> indptr.tolist(), spans.tolist()     # tokens 4-7 are its slots 0-3, token 12 slot 4
+        ([0, 2], [[0, 4], [4, 5]])
+        >>> p.local_spans(0, [0, 2], [[2, 9], [12, 13]])[1].tolist()   # tokens 2, 3, 8: slots 2-4
+        [[2, 5]]
+        """
+        rank = self._check_rank(rank)
+        spans = contract.as_index_array(spans, "spans")
+        span_indptr = contract.as_index_array(span_indptr, "span_indptr")
+        if spans.ndim != 2 or spans.shape[1] != 2:
+            raise ValueError(f"spans must be [num_spans, 2], got {spans.shape}")
+        if (span_indptr.ndim != 1 or span_indptr.size == 0 or span_indptr[0] != 0
+                or span_indptr[-1] != len(spans) or np.any(np.diff(span_indptr) < 0)):
+            raise ValueError(f"span_indptr must be [batch + 1], non-decreasing from 0 to num_spans = "
+                             f"{len(spans)}, got {span_indptr.tolist()}")
+        if spans.size and spans.min() < 0:
+            raise ValueError("spans must hold token positions >= 0")
+        local = self.shard_lens(spans.reshape(-1)).reshape(self.num_ranks, -1, 2)[rank]   # [num_spans, 2]
+        keep = local[:, 1] > local[:, 0]
+        seq = np.repeat(np.arange(len(span_indptr) - 1), np.diff(span_indptr))              # [num_spans]
+        counts = np.bincount(seq[keep], minlength=len(span_indptr) - 1)
+        return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), local[keep].astype(np.int64)
+
     def split(self, x, kv_lens=None, *, capacity=None, fill=0):
         """Cut a whole cache into shards (host NumPy): x [batch, kv_len, ...] with valid lengths
         kv_lens [batch] (default: all kv_len) -> (shards, shard_lens): per rank an array
@@ -260,6 +298,16 @@ class _Arrays(NamedTuple):
         else:
             dst[...] = src
 
+    def full(self, shape: tuple, dtype: str, value: float):
+        if self.kind == "numpy":
+            return np.full(shape, value, dtype=rt._np_dtype(dtype))
+        x = rt.empty(self.kind, shape, dtype, self.device_id)
+        if self.kind == "torch":
+            x.fill_(value)
+        else:
+            x.fill(value)
+        return x
+
     def fill_nan(self, x) -> None:
         if self.kind == "torch":
             x.fill_(float("nan"))
@@ -309,17 +357,24 @@ class _Problem(NamedTuple):
     dtype: str
     state_dtype: str
     sm_scale: float
+    variant: str = "whole"       # "whole": every token of the shard; "span": listed spans only
+    layout: int = 0              # span: a digest of the global span list and the placement
 
 
-_MAGIC = 0x53484431                    # "SHD1": a sharded-decode metadata vector
+_MAGIC = 0x53484432                    # "SHD2": a sharded-decode metadata vector
 _OK, _REJECTED = 0, 1
 _DTYPE_CODES = {"float16": 1, "bfloat16": 2, "float32": 3, "float64": 4}
-_FIELDS = ("batch", "num_qo_heads", "num_kv_heads", "head_dim", "dtype", "state dtype", "sm_scale")
-META_LEN = 10
+_VARIANT_CODES = {"whole": 1, "span": 2}
+# field -> its words in the metadata vector (after magic and status)
+_WORDS = {"batch": slice(2, 3), "num_qo_heads": slice(3, 4), "num_kv_heads": slice(4, 5),
+          "head_dim": slice(5, 6), "dtype": slice(6, 7), "state dtype": slice(7, 8),
+          "sm_scale": slice(8, 10), "variant": slice(10, 11), "spans and placement": slice(11, 12)}
+META_LEN = 12
 
 
 def _metadata(problem: "_Problem | None") -> np.ndarray:
-    """int32 [META_LEN]: magic, status, then the problem (sm_scale as the two words of its float64)."""
+    """int32 [META_LEN]: magic, status, then the problem (sm_scale as the two words of its
+    float64, the layout digest as the bits of a uint32)."""
     meta = np.full(META_LEN, -1, dtype=np.int32)
     meta[0] = _MAGIC
     if problem is None:
@@ -330,15 +385,22 @@ def _metadata(problem: "_Problem | None") -> np.ndarray:
     meta[6] = _DTYPE_CODES.get(problem.dtype, 0)
     meta[7] = _DTYPE_CODES.get(problem.state_dtype, 0)
     meta[8:10] = np.array([problem.sm_scale], dtype=np.float64).view(np.int32)
+    meta[10] = _VARIANT_CODES[problem.variant]
+    meta[11] = np.array([problem.layout], dtype=np.uint32).view(np.int32)[0]
     return meta
 
 
 def _shown(field: str, row: np.ndarray):
+    words = row[_WORDS[field]]
     if field == "sm_scale":
-        return float(row[8:10].copy().view(np.float64)[0])
-    value = int(row[2 + _FIELDS.index(field)])
+        return float(words.copy().view(np.float64)[0])
+    value = int(words[0])
     if field in ("dtype", "state dtype"):
         return {code: name for name, code in _DTYPE_CODES.items()}.get(value, f"code {value}")
+    if field == "variant":
+        return {code: name for name, code in _VARIANT_CODES.items()}.get(value, f"code {value}")
+    if field == "spans and placement":
+        return f"digest {value & 0xFFFFFFFF:08x}"
     return value
 
 
@@ -359,8 +421,8 @@ def _agree(collective, problem: "_Problem | None", error: "BaseException | None"
         raise ValueError(f"rank(s) {rejected} rejected their input to the sharded decode step (each "
                          f"raised the reason there); no rank ran it")
     differing = []
-    for i, field in enumerate(_FIELDS):
-        cols = table[:, 2 + i] if field != "sm_scale" else table[:, 8:10]
+    for field, words in _WORDS.items():
+        cols = table[:, words]
         if not np.all(cols == cols[0]):
             values = ", ".join(f"rank {r} has {_shown(field, table[r])}" for r in range(table.shape[0]))
             differing.append(f"{field}: {values}")
@@ -570,6 +632,82 @@ def sharded_paged_decode(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_pag
 
     def attend_local(problem):
         return attend(q, k_cache, v_cache, *tables, sm_scale=problem.sm_scale)
+
+    return _one_shot(collective, check, attend_local, merge, out, lse)
+
+
+def _check_placement(placement, collective) -> None:
+    if not isinstance(placement, ShardPlacement):
+        raise TypeError(f"placement must be a ShardPlacement, got {type(placement).__name__}")
+    if placement.num_ranks != collective.world_size:
+        raise ValueError(f"placement must place tokens on the collective's {collective.world_size} ranks, "
+                         f"got ShardPlacement(num_ranks={placement.num_ranks})")
+
+
+def _span_digest(placement: ShardPlacement, kv_len: int, span_indptr: np.ndarray, spans: np.ndarray,
+                 sinks: bool) -> int:
+    """A 32-bit digest of what every rank's span call must share: the global span list, kv_len,
+    the placement and whether sink logits join."""
+    head = np.array([kv_len, placement.num_ranks, placement.block_tokens, int(sinks)], dtype=np.int64)
+    crc = zlib.crc32(head.tobytes())
+    crc = zlib.crc32(np.ascontiguousarray(span_indptr, dtype=np.int64).tobytes(), crc)
+    return zlib.crc32(np.ascontiguousarray(spans, dtype=np.int64).tobytes(), crc)
+
+
+def sharded_span(q, k_shard, v_shard, span_indptr, spans, *, placement, kv_len, collective, attend=None,
+                 merge=None, sm_scale=None, sinks=None, out=None, lse=None):
+    """Span attention (see `refattn.span`) over a KV cache sharded along its tokens: sequence b
+    attends to the tokens inside spans[span_indptr[b]:span_indptr[b+1]], given in global token
+    positions of a cache of kv_len tokens, wherever they live. Every rank calls it with the same
+    span list and its own shard, and gets the attention over the whole list.
+
+    q: [batch, num_qo_heads, head_dim]; k_shard, v_shard: [batch, shard_capacity, num_kv_heads,
+    head_dim], this rank's tokens as `placement` (a ShardPlacement over the collective's ranks;
+    this rank is collective.rank) puts them: slot j holds token placement.token_of(rank, j).
+    span_indptr [batch + 1], spans [num_spans, 2]: host ints (NumPy, lists) or device arrays
+    (copied to the host), the same on every rank. Each rank cuts the list into the spans of its
+    own slots (`ShardPlacement.local_spans`) and attends to those alone; a rank holding no
+    attended token of a sequence gives the empty state for it, the identity of the merge.
+
+    sinks: optional per-head sink logits [num_qo_heads] (see `refattn.span`), given on every rank;
+    joined once, to rank 0's partial state (a sink joined on every rank would count world times).
+    attend: the local attention, attend(q, k_shard, v_shard, local_indptr, local_spans,
+    sm_scale=..., [sinks=...]) -> (out, lse); default `gpukernels.span`. merge, out, lse and the
+    checks across ranks as in `sharded_split_kv`; the ranks also agree on the span list, kv_len,
+    the placement and whether sinks are given (a digest of them), so a rank with another list
+    makes every rank raise.
+    """
+    kernels = attend is None
+    local: dict = {}
+
+    def check():
+        _check_placement(placement, collective)
+        total = contract.check_nonnegative_int(kv_len, "kv_len")
+        checked, _ = contract.check_decode(q, k_shard, v_shard, None, sm_scale=sm_scale)
+        indptr_h, spans_h = contract.check_spans(rt.host_ints(span_indptr, "span_indptr"),
+                                                 rt.host_ints(spans, "spans"), checked.batch, total)
+        local_indptr, local_spans = placement.local_spans(collective.rank, indptr_h, spans_h)
+        if local_spans.size and local_spans[:, 1].max() > checked.kv_len:
+            raise ValueError(
+                f"k_shard must hold the {int(local_spans[:, 1].max())} slots of rank {collective.rank} that the "
+                f"spans reach (placement.shard_lens of the last span end), got shard_capacity {checked.kv_len}")
+        contract.check_sinks(sinks, checked.num_qo_heads)
+        arrays, problem = _prepare(q, checked, collective, kernels=kernels, merge=merge, out=out, lse=lse)
+        local["spans"], local["arrays"] = (local_indptr, local_spans), arrays
+        digest = _span_digest(placement, total, indptr_h, spans_h, sinks is not None)
+        return arrays, problem._replace(variant="span", layout=digest)
+
+    if attend is None:
+        from .span import span as attend  # noqa: PLC0415 - the default local attention
+
+    def attend_local(problem):
+        options = {"sinks": sinks} if sinks is not None and collective.rank == 0 else {}
+        if not len(local["spans"][1]) and not options:
+            # nothing attended here: the empty state, without a launch (the shard may have no slots)
+            arrays = local["arrays"]
+            B, H, D = problem.batch, problem.num_qo_heads, problem.head_dim
+            return arrays.full((B, H, D), problem.dtype, 0.0), arrays.full((B, H), problem.state_dtype, -np.inf)
+        return attend(q, k_shard, v_shard, *local["spans"], sm_scale=problem.sm_scale, **options)
 
     return _one_shot(collective, check, attend_local, merge, out, lse)
 

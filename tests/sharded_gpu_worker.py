@@ -7,7 +7,8 @@ the real kernels and the NCCL all-gather (torch.distributed; CuPy's communicator
 loads), and compares the merged result with refattn.decode over the whole cache: ragged lengths,
 sequences with no token on a rank, ranks with no token at all, a paged shard, the planned step
 captured in a CUDA graph and replayed with new contents, and ranks that disagree (every rank must
-raise). Prints one line per check; exits 1 on any mismatch, 2 on an error. Teardown has a timeout
+raise); and spans in global token positions over the shards (sharded_span) against refattn.span,
+sink logits included. Prints one line per check; exits 1 on any mismatch, 2 on an error. Teardown has a timeout
 (destroy_process_group has hung at exit on such machines): the process exits regardless.
 Run by tests/test_sharded_gpu.py and scripts/sharded-check.sh.
 """
@@ -32,6 +33,7 @@ import refattn  # noqa: E402
 from decode_attention.tolerances import LSE_ATOL, OUT_RTOL, lse_error, rel_error  # noqa: E402
 from gpukernels import (CupyNcclCollective, ShardedDecode, ShardPlacement, TorchCollective,  # noqa: E402
                         plan_split_kv, sharded_paged_decode, sharded_split_kv)
+from gpukernels.sharded import sharded_span  # noqa: E402
 from gpukernels.split_kv import device_gpu, num_sms  # noqa: E402
 
 TEARDOWN_TIMEOUT_S = 30.0
@@ -217,6 +219,52 @@ def check_disagreement(run: Run, collective) -> None:
     run.check("a step after the refused ones", out, lse, p.want, "float16")
 
 
+def check_span(run: Run, collective) -> None:
+    """sharded_span: spans in global token positions, each rank attending to its slots of them,
+    against refattn.span over the whole cache; tokens outside the spans are NaN in the shards."""
+    cases = [
+        # name, dtype, batch, hq, hkv, head_dim, kv_lens, block, span_indptr, spans, sinks
+        ("float16 GQA 32/8, sinks + window, a sequence without spans", "float16", 3, 32, 8, 128,
+         [3000, 517, 64], 32, [0, 2, 5, 5], [[0, 4], [2000, 3000], [1, 2], [40, 300], [333, 517]], False),
+        ("bfloat16 GQA 28/4, learned sink logits, blocks of 64", "bfloat16", 2, 28, 4, 128,
+         [4097, 100], 64, [0, 3, 4], [[0, 64], [1000, 1001], [3000, 4097], [0, 100]], True),
+        ("float16 MQA, one span inside rank 0's first block", "float16", 2, 8, 1, 64,
+         [1000, 20], 32, [0, 1, 2], [[3, 29], [0, 20]], False),
+        ("float32, every token on rank 0 (rank 1 holds no slot)", "float32", 1, 8, 2, 128,
+         [20], 32, [0, 2], [[0, 5], [9, 20]], True),
+    ]
+    for seed, (name, dtype, batch, hq, hkv, head_dim, kv_lens, block, indptr, spans, with_sinks) in enumerate(cases):
+        p = Problem(run, 50 + seed, dtype, batch, hq, hkv, head_dim, kv_lens, block)
+        spans = np.asarray(spans, dtype=np.int64)
+        indptr = np.asarray(indptr, dtype=np.int64)
+        attended = np.zeros(p.k64.shape[:2], dtype=bool)
+        for b in range(batch):
+            for start, end in spans[indptr[b]:indptr[b + 1]]:
+                attended[b, start:end] = True
+        sinks = np.random.default_rng(seed).standard_normal(hq) if with_sinks else None
+        want = refattn.span(p.q64, p.k64, p.v64, indptr, spans, sinks=sinks)
+        poisoned = [np.where(attended[:, :, None, None], x, np.nan) for x in (p.k64, p.v64)]
+        k_shards, _ = p.placement.split(poisoned[0], p.kv_lens, fill=JUNK)
+        v_shards, _ = p.placement.split(poisoned[1], p.kv_lens, fill=JUNK)
+        k, v = k_shards[run.rank], v_shards[run.rank]
+        local = p.placement.local_spans(run.rank, indptr, spans)[1]
+        sinks_arg = None if sinks is None else torch.as_tensor(sinks, dtype=torch.float32, device=run.device)
+        out, lse = sharded_span(p.q, run.to_device(k, dtype), run.to_device(v, dtype), indptr, spans,
+                                placement=p.placement, kv_len=p.k64.shape[1], collective=collective,
+                                sinks=sinks_arg)
+        run.check(f"span: {name} (shard {k.shape[1]} slots, {len(local)} local spans)", out, lse, want, dtype)
+    # ranks with different span lists: every rank raises, nobody hangs
+    p = Problem(run, 60, "float16", 1, 8, 2, 128, [256])
+    k, v, _ = p.shard(run)
+    spans = [[0, 100]] if run.rank == 0 else [[0, 101]]
+    try:
+        sharded_span(p.q, run.to_device(k, "float16"), run.to_device(v, "float16"), [0, 1], spans,
+                     placement=p.placement, kv_len=256, collective=collective)
+        run.expect("span: ranks with different spans", False, "no error raised")
+    except ValueError as exc:
+        run.expect("span: ranks with different spans", "spans and placement" in str(exc), str(exc)[:120])
+
+
 def cupy_communicator(run: Run):
     """CuPy's NCCL communicator over the same ranks, or None (with the reason) when it is missing."""
     try:
@@ -284,6 +332,7 @@ def main() -> int:
         check_paged(run, collective)
         check_disagreement(run, collective)
         check_graph(run, collective)
+        check_span(run, collective)
         comm = cupy_communicator(run)
         if comm is not None:
             check_cupy(run, comm)

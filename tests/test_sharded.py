@@ -7,6 +7,7 @@ step code runs on the GPU with the kernels and NCCL (tests/test_sharded_gpu.py).
 
 import doctest
 import importlib
+from re import search as re_search
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 import refattn
 from gpukernels import (InProcessCollective, ShardedDecode, ShardPlacement, plan_split_kv,
                         sharded_paged_decode, sharded_split_kv)
+from gpukernels.sharded import sharded_span
 from strategies import (assert_same_state, float_arrays, head_layouts, lengths, merged_out_rtol,
                         sm_scales)
 from tolerances import LSE_ATOL, OUT_RTOL, lse_error, rel_error
@@ -556,6 +558,230 @@ def test_planned_bad_input_on_one_rank_gives_nan_elsewhere_and_no_hang():
 def test_planned_needs_a_plan():
     with pytest.raises(TypeError, match="plan must be a SplitKVPlan"):
         ShardedDecode(None, object())
+
+
+# ---------------------------------------------------------------------------------------------
+# Every world size of one host
+
+
+@pytest.mark.parametrize("world", range(1, 9))
+def test_every_world_size_from_one_to_eight(world):
+    # blocks of 3 tokens over 40 and 7 tokens: at world 8 rank 7 holds a partial block of the
+    # first sequence only, and ranks 3-7 nothing of the second
+    rng = np.random.default_rng(world)
+    q = rng.standard_normal((2, 6, 8))
+    k, v = rng.standard_normal((2, 2, 40, 3, 8))
+    case = Sharded(q, k, v, np.array([40, 7]), 0.3, ShardPlacement(world, 3), 1)
+    _assert_matches_whole(_run_contiguous(case), case)
+    spans = np.array([[0, 1], [5, 17], [30, 40], [2, 7]])
+    got = _run_span(case, [0, 3, 4], spans)
+    want = refattn.span(q, k, v, [0, 3, 4], spans, sm_scale=0.3)
+    assert_same_state(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# Spans over a sharded cache
+
+
+@given(placements, st.integers(1, 3), st.integers(0, 200), st.data())
+def test_local_spans_hold_exactly_the_rank_s_tokens_of_the_spans(p, batch, kv_len, data):
+    mask = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1))).random((batch, kv_len)) < \
+        data.draw(st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]))
+    span_indptr, spans = refattn.spans_from_mask(mask)
+    seq = np.repeat(np.arange(batch), np.diff(span_indptr))
+    held = np.zeros((batch, kv_len), dtype=int)        # how many ranks' local spans cover each token
+    for r in range(p.num_ranks):
+        indptr, local = p.local_spans(r, span_indptr, spans)
+        assert indptr.shape == (batch + 1,) and local.shape[1:] == (2,)
+        # a valid span list of the rank's shard: non-empty, sorted, inside its slots
+        refattn.span(np.zeros((batch, 1, 1)), *np.zeros((2, batch, int(p.shard_lens(kv_len)[r]), 1, 1)),
+                     indptr, local)
+        for b in range(batch):
+            for start, end in local[indptr[b]:indptr[b + 1]]:
+                held[b, p.token_of(r, np.arange(start, end))] += 1
+    assert np.array_equal(held, mask.astype(int))       # every attended token once, nothing else
+    assert len(seq) == len(spans)
+
+
+@st.composite
+def sharded_span_cases(draw, world=None):
+    """A sharded case, a span list inside each sequence's valid tokens, maybe per-head sinks."""
+    case = draw(sharded_cases(world=world))
+    batch, kv_len = case.k.shape[:2]
+    density = draw(st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]))
+    mask = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).random((batch, kv_len)) < density
+    mask &= np.arange(kv_len) < case.kv_lens[:, None]
+    sinks = draw(st.one_of(st.none(), float_arrays((case.q.shape[1],))))
+    return case, *refattn.spans_from_mask(mask), sinks
+
+
+def _run_span(case, span_indptr, spans, *, sinks=None, k_shards=None, v_shards=None):
+    k_shards = case.k_shards if k_shards is None else k_shards
+    v_shards = case.v_shards if v_shards is None else v_shards
+
+    def rank_step(collective):
+        r = collective.rank
+        return sharded_span(case.q, k_shards[r], v_shards[r], span_indptr, spans,
+                            placement=case.placement, kv_len=case.k.shape[1], collective=collective,
+                            attend=refattn.span, merge=refattn.merge_states, sm_scale=case.sm_scale,
+                            sinks=sinks)
+
+    return _results(InProcessCollective.run(case.world, rank_step, timeout_s=TIMEOUT_S))
+
+
+@given(sharded_span_cases())
+@example((Sharded(np.ones((1, 2, 1)), np.ones((1, 9, 1, 1)), np.ones((1, 9, 1, 1)), np.array([9]), None,
+                  ShardPlacement(8, 1), 0), np.array([0, 2]), np.array([[0, 1], [8, 9]]), None))
+def test_sharded_span_equals_span_on_the_whole_cache(args):
+    case, span_indptr, spans, sinks = args
+    # Tokens outside the spans are NaN in the shards: a read of any of them would show.
+    attended = np.zeros(case.k.shape[:2], dtype=bool)                  # [batch, kv_len]
+    for b in range(len(case.kv_lens)):
+        for start, end in spans[span_indptr[b]:span_indptr[b + 1]]:
+            attended[b, start:end] = True
+    k_shards, v_shards = [], []
+    for r, (k, v) in enumerate(zip(case.k_shards, case.v_shards)):
+        keep = np.zeros(k.shape[:2], dtype=bool)                       # [batch, capacity]
+        for b in range(len(case.kv_lens)):
+            n = case.lens[r, b]
+            keep[b, :n] = attended[b, case.placement.token_of(r, np.arange(n))]
+        k_shards.append(np.where(keep[:, :, None, None], k, np.nan))
+        v_shards.append(np.where(keep[:, :, None, None], v, np.nan))
+    got = _run_span(case, span_indptr, spans, sinks=sinks, k_shards=k_shards, v_shards=v_shards)
+    want = refattn.span(case.q, case.k, case.v, span_indptr, spans, sm_scale=case.sm_scale, sinks=sinks)
+    magnitude = refattn.span(case.q, case.k, np.abs(case.v), span_indptr, spans, sm_scale=case.sm_scale,
+                             sinks=sinks)[0]
+    assert got[0].dtype == np.float64 and got[1].dtype == np.float64
+    assert_same_state(got, want, out_rtol=merged_out_rtol(want[1]), magnitude=magnitude)
+
+
+def test_sharded_span_ranks_without_attended_tokens_give_the_empty_state():
+    # One span inside the first block: every other rank attends to nothing, and with no span at
+    # all every rank does (out 0, lse -inf; with sinks lse = the sink).
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((2, 4, 8))
+    k, v = rng.standard_normal((2, 2, 64, 2, 8))
+    case = Sharded(q, k, v, np.array([64, 64]), None, ShardPlacement(4, 16), None)
+    got = _run_span(case, [0, 1, 1], [[3, 9]])
+    assert_same_state(got, refattn.span(q, k, v, [0, 1, 1], [[3, 9]]))
+    assert np.all(got[0][1] == 0) and np.all(got[1][1] == -np.inf)
+    sinks = np.array([0.5, -np.inf, 2.0, 0.0])
+    out, lse = _run_span(case, [0, 0, 0], np.zeros((0, 2), dtype=np.int64), sinks=sinks)
+    assert np.all(out == 0) and np.array_equal(lse, np.broadcast_to(sinks, (2, 4)))
+
+
+def test_sharded_span_joins_the_sinks_once():
+    rng = np.random.default_rng(4)
+    q = rng.standard_normal((1, 2, 4))
+    k, v = rng.standard_normal((2, 1, 30, 1, 4))
+    case = Sharded(q, k, v, np.array([30]), None, ShardPlacement(5, 2), None)
+    sinks = np.array([1.0, 3.0])
+    got = _run_span(case, [0, 1], [[0, 30]], sinks=sinks)
+    want = refattn.span(q, k, v, [0, 1], [[0, 30]], sinks=sinks)
+    assert_same_state(got, want)                           # joined five times it would differ
+    assert np.all(got[1] > refattn.span(q, k, v, [0, 1], [[0, 30]])[1])
+
+
+def _span_rank_step(change=None, odd_rank=1):
+    """A rank step of a 3-token-block span call on fixed data; `change` edits the odd rank's
+    arguments (a dict of sharded_span's)."""
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((2, 4, 8))
+    k, v = rng.standard_normal((2, 2, 20, 2, 8))
+    placement = ShardPlacement(3, 3)
+
+    def rank_step(collective):
+        kw = dict(span_indptr=[0, 1, 2], spans=[[0, 20], [4, 9]], placement=placement, kv_len=20,
+                  sinks=None, sm_scale=None)
+        if collective.rank == odd_rank and change:
+            kw.update(change)
+        ks, _ = placement.split(k)
+        vs, _ = placement.split(v)
+        r = collective.rank
+        return sharded_span(q, ks[r], vs[r], kw.pop("span_indptr"), kw.pop("spans"), collective=collective,
+                            attend=refattn.span, merge=refattn.merge_states, **kw)
+
+    return rank_step
+
+
+@pytest.mark.parametrize("change, what", [
+    ({"spans": [[0, 20], [4, 8]]}, "spans and placement"),
+    ({"span_indptr": [0, 2, 2], "spans": [[0, 4], [4, 9]]}, "spans and placement"),
+    ({"kv_len": 21}, "spans and placement"),
+    ({"sinks": np.zeros(4)}, "spans and placement"),
+    ({"sm_scale": 0.5}, "sm_scale"),
+])
+def test_sharded_span_ranks_that_disagree_all_raise(change, what):
+    outcomes = InProcessCollective.run(3, _span_rank_step(change), timeout_s=TIMEOUT_S)
+    for outcome in outcomes:
+        assert isinstance(outcome, ValueError), outcome
+        assert "disagree" in str(outcome) and what in str(outcome)
+
+
+def test_ranks_on_different_variants_all_raise():
+    # rank 1 attends to its whole shard while the others attend to spans: a wrong result, so refused
+    span_step = _span_rank_step()
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((2, 4, 8))
+
+    def rank_step(collective):
+        if collective.rank == 1:
+            k = np.zeros((2, 6, 2, 8))
+            return sharded_split_kv(q, k, k, collective=collective, attend=refattn.split_kv,
+                                    merge=refattn.merge_states)
+        return span_step(collective)
+
+    for outcome in InProcessCollective.run(3, rank_step, timeout_s=TIMEOUT_S):
+        assert isinstance(outcome, ValueError) and "variant" in str(outcome), outcome
+
+
+@pytest.mark.parametrize("change, error, match", [
+    ({"spans": [[0, 21], [4, 9]]}, ValueError, r"inside \[0, kv_len\)"),
+    ({"spans": [[5, 5], [4, 9]]}, ValueError, "empty"),
+    ({"span_indptr": [0, 1]}, ValueError, "span_indptr"),
+    ({"spans": [[0.0, 20.0], [4, 9]]}, TypeError, "spans"),
+    ({"placement": ShardPlacement(2, 3)}, ValueError, "placement must place tokens on"),
+    ({"placement": None}, TypeError, "placement must be a ShardPlacement"),
+    ({"kv_len": -1}, ValueError, "kv_len"),
+    ({"sinks": np.zeros(3)}, ValueError, "sinks"),
+])
+def test_sharded_span_bad_input_on_one_rank_makes_every_rank_raise(change, error, match):
+    outcomes = InProcessCollective.run(3, _span_rank_step(change), timeout_s=TIMEOUT_S)
+    assert isinstance(outcomes[1], error) and re_search(match, str(outcomes[1])), outcomes[1]
+    for r in (0, 2):
+        assert isinstance(outcomes[r], ValueError) and "rank(s) [1] rejected" in str(outcomes[r]), outcomes[r]
+
+
+def test_sharded_span_shard_too_short_for_its_spans():
+    rng = np.random.default_rng(6)
+    q = rng.standard_normal((1, 2, 4))
+    k = rng.standard_normal((1, 12, 1, 4))
+    placement = ShardPlacement(2, 2)
+    ks, _ = placement.split(k)
+
+    def rank_step(collective):
+        r = collective.rank
+        shard = ks[r][:, :3] if r == 0 else ks[r]            # rank 0 holds 6 slots, keeps 3
+        return sharded_span(q, shard, shard, [0, 1], [[0, 12]], placement=placement, kv_len=12,
+                            collective=collective, attend=refattn.span, merge=refattn.merge_states)
+
+    outcomes = InProcessCollective.run(2, rank_step, timeout_s=TIMEOUT_S)
+    assert isinstance(outcomes[0], ValueError) and "must hold the 6 slots of rank 0" in str(outcomes[0])
+    assert isinstance(outcomes[1], ValueError) and "rank(s) [0] rejected" in str(outcomes[1])
+
+
+def test_local_spans_validation():
+    p = ShardPlacement(2, 4)
+    with pytest.raises(ValueError, match="spans must be"):
+        p.local_spans(0, [0, 1], [1, 2])
+    with pytest.raises(ValueError, match="span_indptr must be"):
+        p.local_spans(0, [0, 2], [[1, 2]])
+    with pytest.raises(ValueError, match=">= 0"):
+        p.local_spans(0, [0, 1], [[-1, 2]])
+    with pytest.raises(ValueError, match="rank must lie in"):
+        p.local_spans(2, [0, 1], [[1, 2]])
+    with pytest.raises(TypeError, match="spans"):
+        p.local_spans(0, [0, 1], [[1.0, 2.0]])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -281,3 +281,214 @@ def test_top_level_names_and_docstring():
             "sharding_table"} <= set(costmodel.__all__)
     module = importlib.import_module("costmodel.sharded")
     assert doctest.testmod(module, raise_on_error=True).attempted > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the crossover for every GPU count
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch, graph", [(1, True), (8, True), (8, False)])
+def test_the_crossover_table_holds_the_crossover_of_every_gpu_count(batch, graph):
+    t = sharded.crossover_table(batch, 32, 8, 128, gpu="H200", graph=graph)
+    assert t.num_gpus == tuple(range(2, MAX_NUM_GPUS + 1))
+    for n, c, s in zip(t.num_gpus, t.crossover_kv_lens, t.speedups_at):
+        assert c == crossover_kv_len(batch, 32, 8, 128, num_gpus=n, gpu="H200", graph=graph)
+        assert s == pytest.approx(speedup(batch, 32, 8, 128, 1 << 20, num_gpus=n, gpu="H200", graph=graph))
+        assert 1 < s <= n
+    text = str(t)
+    assert repr(t) == text and not DATACLASS_DUMP.search(text)
+    for n, c in zip(t.num_gpus, t.crossover_kv_lens):
+        assert re.search(rf"^ +{n} +{c:,} tokens +[0-9.]+x$", text, re.M), text
+    assert "extrapolated from 2 ranks by the ring formula for 3, 4, 5, 6, 7, 8 GPUs" in text
+    assert t._repr_html_().count("<tr>") == 1 + 7
+
+
+def test_the_crossover_table_of_a_measured_gpu_count_has_no_caveat():
+    t = sharded.crossover_table(*SHAPE, num_gpus=[2], gpu="H200")
+    assert t.caveats == () and t.crossover_kv_lens == (crossover_kv_len(*SHAPE, num_gpus=2, gpu="H200"),)
+    h100 = sharded.crossover_table(*SHAPE, num_gpus=[2, 4], gpu="H100")
+    assert any("not measured on this GPU" in c for c in h100.caveats)
+    assert "no crossover" not in str(h100)
+    with pytest.raises(ValueError, match="at least 2"):
+        sharded.crossover_table(*SHAPE, num_gpus=[1, 2])
+    with pytest.raises(ValueError, match="num_gpus"):
+        sharded.crossover_table(*SHAPE, num_gpus=[2, 9])
+    with pytest.raises(ValueError, match="at least 2"):
+        sharded.crossover_table(*SHAPE, num_gpus=[])
+
+
+def test_explain_prints_the_crossover_of_every_gpu_count(capsys):
+    cli = importlib.import_module("decode_attention.cli")
+    assert cli.main(["explain", "--gpus", "4", "--gpu", "H200", "--no-reference", "--no-gpu"]) == 0
+    text = capsys.readouterr().out
+    assert "predicted crossover by GPU count" in text
+    for n in range(2, MAX_NUM_GPUS + 1):
+        c = crossover_kv_len(16, 32, 8, 128, num_gpus=n, gpu="H200")
+        assert re.search(rf"^ +{n} +{c:,} tokens", text, re.M), (n, c)
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark's arithmetic (gpukernels/bench_sharded.py; its GPU part runs on two GPUs)
+# ---------------------------------------------------------------------------------------------
+
+bench_sharded = pytest.importorskip("gpukernels.bench_sharded")
+H200_MEMORY_BYTES = 150_011_707_392      # what PyTorch reports for one H200
+
+
+def test_the_grid_runs_from_32k_to_the_largest_context_one_gpu_holds():
+    for batch, last in ((1, 16 << 20), (8, 2 << 20)):
+        grid = bench_sharded.context_grid(batch, H200_MEMORY_BYTES)
+        assert grid[0] == 32768 and grid[-1] == last
+        assert all(b == 2 * a for a, b in zip(grid, grid[1:]))
+        limit = bench_sharded.ONE_GPU_MEMORY_FRACTION * H200_MEMORY_BYTES
+        assert bench_sharded.kv_cache_bytes(batch, grid[-1]) <= limit < bench_sharded.kv_cache_bytes(batch, 2 * last)
+    assert bench_sharded.kv_cache_bytes(1, 1) == 4096       # 8 KV heads x 128 x fp16, K and V
+    large = bench_sharded.kv_cache_bytes(bench_sharded.LARGE_BATCH, bench_sharded.LARGE_KV_LEN)
+    assert large > H200_MEMORY_BYTES and large / 2 < 0.6 * H200_MEMORY_BYTES    # fits on two
+
+
+def test_the_crossover_sweep_brackets_the_prediction_with_equal_shards():
+    sweep = bench_sharded.crossover_sweep(33793)
+    assert sweep == sorted(set(sweep)) and all(n % 64 == 0 for n in sweep)
+    assert len(sweep) == 2 * bench_sharded.CROSSOVER_OCTAVES * bench_sharded.CROSSOVER_STEPS_PER_OCTAVE + 1
+    assert sweep[0] < 33793 / 7 and sweep[-1] > 33793 * 7
+    ratios = np.diff(np.log2(sweep))
+    assert np.allclose(ratios, 1 / bench_sharded.CROSSOVER_STEPS_PER_OCTAVE, atol=0.02)
+    assert bench_sharded.crossover_sweep(10, num_gpus=4)[0] == 128
+
+
+def _linear_times(kv_lens, *, one_fixed_us=12.0, many_fixed_us=30.0, us_per_token=1e-3, noise=None):
+    """One GPU: fixed + a per-token cost; two GPUs: a larger fixed cost + half the per-token cost."""
+    lens = np.asarray(kv_lens, dtype=np.float64)
+    one = (one_fixed_us + us_per_token * lens) * 1e-3
+    many = (many_fixed_us + us_per_token * lens / 2) * 1e-3
+    if noise is not None:
+        many = many + noise
+    return one, many
+
+
+def test_the_measured_crossover_is_where_linear_times_cross():
+    sweep = bench_sharded.crossover_sweep(30000)
+    one, many = _linear_times(sweep)
+    exact = 2 * (30.0 - 12.0) / 1e-3                   # 36,000 tokens
+    got = bench_sharded.measured_crossover(sweep, one, many)
+    assert got == pytest.approx(exact, rel=1e-9)      # linear differences interpolate exactly
+    # a point below the crossing where two GPUs happen to win does not count: they must stay ahead
+    noise = np.zeros(len(sweep))
+    noise[2] = -1.0
+    assert bench_sharded.measured_crossover(sweep, one, many + noise) == pytest.approx(exact, rel=1e-9)
+    # a point above it where one GPU wins moves the crossing past that point
+    late = int(np.searchsorted(sweep, 2 * exact))
+    noise[late] = 1.0
+    assert bench_sharded.measured_crossover(sweep, one, many + noise) > sweep[late]
+
+
+def test_a_crossover_outside_the_sweep_is_none():
+    sweep = bench_sharded.crossover_sweep(30000)
+    one, many = _linear_times(sweep, many_fixed_us=1e6)          # two GPUs never win
+    assert bench_sharded.measured_crossover(sweep, one, many) is None
+    one, many = _linear_times(sweep, many_fixed_us=0.0)          # two GPUs win everywhere
+    assert bench_sharded.measured_crossover(sweep, one, many) is None
+    with pytest.raises(ValueError, match="increase"):
+        bench_sharded.measured_crossover([2, 1], [1, 1], [1, 1])
+    with pytest.raises(ValueError, match="increase"):
+        bench_sharded.measured_crossover([1, 2], [1, 1], [1])
+
+
+def test_the_crossover_verdict():
+    v = bench_sharded.crossover_verdict(1, 33793, 36000.4, [1, 2])
+    assert v["measured_kv_len"] == 36000 and v["error"] == pytest.approx(abs(33793 - 36000.4) / 36000.4)
+    assert v["met"]
+    assert not bench_sharded.crossover_verdict(1, 20000, 36000.0, [1])["met"]
+    none = bench_sharded.crossover_verdict(8, 4937, None, [1])
+    assert none["error"] is None and not none["met"]
+
+
+CEILINGS = {"copy_bytes_per_s": 4.24e12, "read_bytes_per_s": 4.5e12, "matmul_flops_per_s": 7.7e14}
+
+
+def _fake_rows(ratio_at_1m=0.52, passed=True):
+    """Rows as the GPU run makes them, with made-up times."""
+    rows = []
+    for n in (32768, 1 << 20):
+        one = bench_sharded.row_base(1, n, 1, "split_kv", CEILINGS)
+        one.update(time_ms=n * 1e-6, stream_ms=n * 0.9e-6, predicted_ms=n * 1.1e-6, host_us=9.0)
+        many = bench_sharded.row_base(1, n, 2, "sharded", CEILINGS)
+        ratio = ratio_at_1m if n >= 1 << 20 else 0.8
+        many.update(time_ms=ratio * n * 1e-6, stream_ms=n * 0.45e-6, predicted_ms=ratio * n * 1e-6,
+                    shard_ms=0.5 * n * 1e-6, collective_ms=0.009, host_us=11.0)
+        many["collective_share"] = many["collective_ms"] / many["time_ms"]
+        rows += [bench_sharded.finish_row(one), bench_sharded.finish_row(many)]
+    large = bench_sharded.row_base(1, bench_sharded.LARGE_KV_LEN, 2, "sharded", CEILINGS)
+    large.update(time_ms=21.0, stream_ms=20.0, predicted_ms=20.5, shard_ms=20.9, collective_ms=0.009,
+                 collective_share=0.0004, larger_than_one_gpu=True, one_gpu_memory_bytes=H200_MEMORY_BYTES,
+                 check={"out_rel_error": 4e-4, "lse_error": 1e-6, "passed": passed})
+    rows.append(bench_sharded.finish_row(large))
+    return rows
+
+
+def test_rows_carry_the_result_file_keys_and_the_floor_of_n_gpus():
+    rows = _fake_rows()
+    keys = {"suite", "impl", "dtype", "batch", "num_qo_heads", "num_kv_heads", "head_dim", "kv_len", "num_gpus",
+            "unique_bytes", "flops", "time_ms", "stream_ms", "floor_ms", "frac", "predicted_ms"}
+    for r in rows:
+        assert keys <= set(r), keys - set(r)
+        assert r["frac"] == pytest.approx(r["floor_ms"] / r["time_ms"])
+    one, two = rows[2], rows[3]                        # 1M tokens on one GPU and on two
+    assert two["unique_bytes"] == one["unique_bytes"] == 4096 * (1 << 20) + 2 * 32 * 128 * 2
+    assert two["floor_ms"] == pytest.approx(one["floor_ms"] / 2, rel=1e-6)
+
+
+def test_targets_and_the_printed_table():
+    crossovers = [bench_sharded.crossover_verdict(1, 33793, 36000.0, [1])]
+    goals = bench_sharded.targets(_fake_rows(), crossovers)
+    assert goals["long_context"]["met"] and goals["crossover"]["met"] and goals["larger_than_one_gpu"]["met"]
+    assert [x["kv_len"] for x in goals["long_context"]["rows"]] == [1 << 20]
+    assert not bench_sharded.targets(_fake_rows(ratio_at_1m=0.56), crossovers)["long_context"]["met"]
+    assert not bench_sharded.targets(_fake_rows(passed=False), crossovers)["larger_than_one_gpu"]["met"]
+    assert not bench_sharded.targets(_fake_rows(), [])["crossover"]["met"]
+    text = bench_sharded.format_table(_fake_rows(), crossovers, goals)
+    lines = text.splitlines()
+    assert lines[0].split()[:2] == ["batch", "context"] and any(line.split()[:2] == ["1", "1M"] for line in lines)
+    assert "crossover, batch 1: predicted 33,793 tokens, measured 36,000" in text
+    assert "41,943,040 tokens (160 GiB of K and V" in text and "(ok)" in text
+    assert "MISSED" not in text
+
+
+def test_the_result_file_reads_as_one(tmp_path):
+    accuracy = importlib.import_module("costmodel.accuracy")
+    rows = _fake_rows()
+    crossovers = [bench_sharded.crossover_verdict(1, 33793, 36000.0, [1])]
+    meta = {"gpu": "NVIDIA H200", "commit": "abc", "source_digest": "0" * 16, "date": "2026-11-30", **CEILINGS}
+    path = bench_sharded.write_result(tmp_path / "h200x2" / "distributed.json", meta, rows, crossovers,
+                                      bench_sharded.targets(rows, crossovers))
+    result = accuracy.read_result_file(path)
+    assert result.gpu_slug == "h200x2" and result.suite == "distributed" and result.rows == rows
+    data = json.loads(path.read_text())
+    assert data["crossover"] == crossovers and data["targets"]["crossover"]["met"]
+
+
+def test_the_exact_answer_chunk_by_chunk_equals_the_reference():
+    torch = pytest.importorskip("torch")
+    refattn = importlib.import_module("refattn")
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((2, 6, 16))
+    k, v = rng.standard_normal((2, 2, 45, 3, 16))
+    want = refattn.decode(q, k, v, sm_scale=0.3)
+    for chunk in (1, 7, 45, 64):
+        out, lse = bench_sharded.exact_state_chunked(*(torch.from_numpy(x) for x in (q, k, v)), sm_scale=0.3,
+                                                     chunk_tokens=chunk)
+        assert out.dtype == torch.float64
+        assert np.abs(out.numpy() - want[0]).max() < 1e-12 and np.abs(lse.numpy() - want[1]).max() < 1e-12
+    # float16 inputs are attended exactly as their float64 values
+    q16, k16, v16 = (torch.from_numpy(x.astype(np.float16)) for x in (q, k, v))
+    want16 = refattn.decode(*(x.numpy().astype(np.float64) for x in (q16, k16, v16)), sm_scale=0.3)
+    got16 = bench_sharded.exact_state_chunked(q16, k16, v16, sm_scale=0.3, chunk_tokens=10)
+    assert np.abs(got16[0].numpy() - want16[0]).max() < 1e-12
+    # two halves' states merged are the whole
+    halves = [bench_sharded.exact_state_chunked(*(torch.from_numpy(x) for x in (q, k[:, s], v[:, s])),
+                                                sm_scale=0.3, chunk_tokens=8)
+              for s in (slice(0, 20), slice(20, 45))]
+    out, lse = bench_sharded.merge_exact_states(torch.stack([h[0] for h in halves]),
+                                                torch.stack([h[1] for h in halves]))
+    assert np.abs(out.numpy() - want[0]).max() < 1e-12 and np.abs(lse.numpy() - want[1]).max() < 1e-12
