@@ -10,6 +10,12 @@
         Median and 90th-percentile |predicted - measured| / measured per suite of the committed
         results; --fit first refits the constants on the decode suite; --check exits 1 on a miss;
         --constants-from GPU scores the other GPUs' results with that GPU's fitted constants.
+    decode-attention generate [--model llama3-8b] [--samples 32] [--prompt-len 8192]
+                              [--new-tokens 256] [--attention shared_prefix] [--json PATH]
+        A Llama-shaped decoder with random weights on the GPU: the prompt prefilled once, then
+        the samples decoded under CUDA graphs with the chosen attention; tokens per second,
+        per-step latency, the share of the step spent in attention (against the same step with
+        attention skipped) and the cost model's prediction of the step beside them.
     decode-attention bench ...     forwards to gpukernels.bench
     decode-attention verify ...    forwards to decode_attention.verify
 
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import json
 import sys
 from pathlib import Path
 
@@ -325,11 +332,13 @@ def measure_on_gpu(w: Workload, gpu, *, reps: int = 20) -> dict[str, float]:
 
 
 def sharded_report(w: Workload, e, gpu: GPUSpec) -> str:
-    """For a workload with num_gpus > 1: the sharded prediction at its context length and the
-    table of one GPU against num_gpus at TABLE_KV_LENS tokens, with the crossover."""
-    table = sharded.sharding_table(w.batch, w.num_qo_heads, w.num_kv_heads, w.head_dim, num_gpus=w.num_gpus,
-                                   dtype=w.dtype, gpu=gpu)
-    return f"{e.row(sharded_variant(w.num_gpus)).prediction}\n\n{table}"
+    """For a workload with num_gpus > 1: the sharded prediction at its context length, the
+    table of one GPU against num_gpus at TABLE_KV_LENS tokens, with the crossover, and the
+    crossover for every GPU count from 2 to sharded.MAX_NUM_GPUS."""
+    shape = (w.batch, w.num_qo_heads, w.num_kv_heads, w.head_dim)
+    table = sharded.sharding_table(*shape, num_gpus=w.num_gpus, dtype=w.dtype, gpu=gpu)
+    crossovers = sharded.crossover_table(*shape, dtype=w.dtype, gpu=gpu)
+    return f"{e.row(sharded_variant(w.num_gpus)).prediction}\n\n{table}\n\n{crossovers}"
 
 
 def _cmd_explain(args) -> int:
@@ -452,6 +461,151 @@ def _cmd_accuracy(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------
+
+GENERATE_ATTENTIONS = ("split_kv", "paged_decode", "shared_prefix", "span", "peer:cudnn", "peer:flashinfer", "none")
+SPAN_PATTERNS = ("sinks_window", "arithmetic", "summarization")
+
+
+def _generate_cache_bytes(args, decoder) -> int:
+    """Weights and KV cache of the run, in bytes, as the chosen attention lays the cache out."""
+    itemsize = ITEMSIZE[args.dtype]
+    per_token = decoder.kv_bytes_per_token(args.dtype)
+    if args.attention == "shared_prefix":
+        tokens = args.prompt_len + args.samples * args.new_tokens
+    elif args.attention in ("paged_decode", "peer:flashinfer"):
+        tokens = args.prompt_len + args.samples * (args.new_tokens + 16)
+    elif args.attention == "none":
+        tokens = 0
+    else:
+        tokens = args.samples * (args.prompt_len + args.new_tokens)
+    return decoder.params * itemsize + tokens * per_token
+
+
+def _check_generate_args(args):
+    """The decoder the options describe (its layers cut as asked); a usage error if they conflict."""
+    from costmodel.end_to_end import get_decoder
+
+    decoder = get_decoder(args.model)
+    if args.layers is not None:
+        if args.layers > decoder.num_layers:
+            args.parser.error(f"--layers: {decoder.name} has {decoder.num_layers} layers, so at most "
+                              f"{decoder.num_layers}, got {args.layers}")
+        decoder = decoder.with_layers(args.layers)
+    largest = max((get_gpu(k) for k in gpu_names()), key=lambda g: g.hbm_capacity_bytes)
+    need = _generate_cache_bytes(args, decoder)
+    if need > largest.hbm_capacity_bytes:
+        args.parser.error(f"the weights and KV cache of this run take {_size_text(need)} ({decoder.name}, "
+                          f"{decoder.num_layers} layers, {args.samples} samples x {args.prompt_len} + "
+                          f"{args.new_tokens} tokens, attention {args.attention}), which exceeds the "
+                          f"{_size_text(largest.hbm_capacity_bytes)} of the largest known GPU ({largest.name})")
+    return decoder
+
+
+def _progress_printer():
+    """(callback(done, total), close()) showing the decode's progress: rich when installed, else lines."""
+    try:
+        from rich.progress import Progress
+    except ImportError:
+        def plain(done, total):
+            print(f"  decoded {done}/{total} steps", file=sys.stderr, flush=True)
+        return plain, lambda: None
+    bar = Progress(transient=True)
+    bar.start()
+    task = bar.add_task("decoding", total=None)
+
+    def show(done, total):
+        bar.update(task, completed=done, total=total)
+    return show, bar.stop
+
+
+def _span_pattern(args):
+    from decode_attention.e2e.attention import SpanPattern, prompt_pattern
+
+    if args.span_pattern == "sinks_window":
+        return SpanPattern(num_sinks=args.sinks, window=args.window)
+    return prompt_pattern(args.span_pattern, args.prompt_len, density=args.span_density,
+                          window=args.new_tokens, seed=args.seed)
+
+
+def _cmd_generate(args) -> int:
+    decoder_shape = _check_generate_args(args)
+    try:
+        import torch
+    except ImportError:
+        return _fail("generate", "needs PyTorch: pip install -e '.[model]' (and a CUDA GPU)")
+    if not torch.cuda.is_available():
+        return _fail("generate", "needs a CUDA GPU (PyTorch with CUDA, and CuPy for this project's kernels); "
+                                 "none found here")
+    from costmodel.end_to_end import predict_step
+    from decode_attention.e2e.generate import Generation, step_time_ms
+    from decode_attention.e2e.model import random_decoder
+
+    try:
+        gpu = get_gpu(torch.cuda.get_device_name())
+    except ValueError as err:
+        return _fail("generate", f"the cost model does not know this GPU, so it cannot predict the step: {err}")
+    dtype = getattr(torch, args.dtype)
+    max_positions = args.prompt_len + args.new_tokens
+    print(f"{decoder_shape.name}: {decoder_shape.num_layers} layers, random weights ({args.dtype}) on the GPU; "
+          f"{args.samples} samples of a {args.prompt_len}-token prompt, {args.new_tokens} new tokens, "
+          f"attention {args.attention}", file=sys.stderr)
+    decoder = random_decoder(decoder_shape, max_positions=max_positions, device="cuda", dtype=dtype, seed=args.seed)
+    prompt = torch.randint(0, decoder_shape.vocab_size, (args.prompt_len,),
+                           generator=torch.Generator().manual_seed(args.seed))
+    span = _span_pattern(args) if args.attention == "span" else None
+    try:
+        run = Generation(decoder, args.attention, samples=args.samples, prompt_len=args.prompt_len,
+                         new_tokens=args.new_tokens, span=span, temperature=args.temperature)
+    except (ImportError, ValueError) as err:
+        return _fail("generate", f"{type(err).__name__}: {err}")
+    show, close = _progress_printer()
+    try:
+        result = run.generate(prompt, progress=show)
+    except RuntimeError as err:   # a peer refusing the shape, memory: one line, not a traceback
+        return _fail("generate", f"{args.attention}: {type(err).__name__}: {str(err).splitlines()[0]}", status=1)
+    finally:
+        close()
+    del run
+    torch.cuda.empty_cache()
+    none_ms, _ = step_time_ms(decoder, "none", samples=args.samples, context_len=args.prompt_len)
+    middle = args.prompt_len + args.new_tokens // 2
+    predicted = predict_step(decoder_shape, "split_kv" if args.attention.startswith("peer:") else args.attention,
+                             batch=args.samples, context_len=middle, prompt_len=args.prompt_len, dtype=args.dtype,
+                             num_sinks=span.num_sinks if span else 4, window=span.window if span else 4096,
+                             span_lens=None if span is None or not span.fixed_spans else
+                             [e - s for s, e in span.fixed_spans] + [min(span.window, args.new_tokens // 2)],
+                             gpu=gpu)
+    step_ms = result.step_ms_median
+    share = max(0.0, 1.0 - none_ms / step_ms) if result.step_ms.size else float("nan")
+    figures = {
+        "model": decoder_shape.name, "num_layers": decoder_shape.num_layers, "attention": args.attention,
+        "dtype": args.dtype, "samples": args.samples, "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens, "gpu": gpu.name, "prefill_ms": result.prefill_ms,
+        "tokens_per_s": result.tokens_per_s, "step_ms_median": step_ms,
+        "step_ms_p90": float(np.percentile(result.step_ms, 90)) if result.step_ms.size else float("nan"),
+        "none_step_ms": none_ms, "attention_share": share,
+        "predicted": {**predicted.terms_ms(), "tokens_per_s": predicted.tokens_per_s,
+                      "attention_share": predicted.attention_share, "weight_bytes": predicted.weight_bytes,
+                      "kv_bytes": predicted.kv_bytes, "kernels": predicted.other_kernels + predicted.attention_launches,
+                      "context_len": middle,
+                      "attention_predicted_as": "split_kv" if args.attention.startswith("peer:") else args.attention},
+        "first_tokens": result.tokens[:, :16].tolist(),
+    }
+    print(f"prefill {result.prefill_ms:.0f} ms; decode: {result.tokens_per_s:,.0f} tokens/s, step "
+          f"{step_ms:.3f} ms median ({figures['step_ms_p90']:.3f} ms p90); attention {share:.0%} of the step "
+          f"(the step without attention: {none_ms:.3f} ms)")
+    print(f"predicted at {middle} tokens: step {predicted.time_s * 1e3:.3f} ms ({predicted.tokens_per_s:,.0f} tokens/s), "
+          f"attention {predicted.attention_share:.0%}")
+    print(predicted)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # bench / verify: forwarded
 # ---------------------------------------------------------------------------------------------
 
@@ -549,7 +703,8 @@ def _parser() -> argparse.ArgumentParser:
                     help=f"shard each sequence's KV cache along its tokens over N GPUs of one host, 2 to "
                          f"{sharded.MAX_NUM_GPUS}: adds that prediction (split_kv on every shard, one all-gather "
                          "of the partial states, a merge), the context length from which it beats one GPU, and "
-                         "its time against one GPU's at 32k, 128k, 1M and 4M tokens; predicted only, never "
+                         "its time against one GPU's at 32k, 128k, 1M and 4M tokens, and the crossover context for "
+                         f"every GPU count from 2 to {sharded.MAX_NUM_GPUS}; predicted only, never "
                          "timed (default: 1, no sharding)")
     ex.add_argument("--no-reference", action="store_true",
                     help="skip the NumPy reference check (default: run it, at a reduced size)")
@@ -573,6 +728,48 @@ def _parser() -> argparse.ArgumentParser:
     ac.add_argument("--constants-from", type=known_gpu, metavar="GPU",
                     help="score the results of every other GPU with this GPU's fitted constants, e.g. "
                          "h100 (default: off, each GPU with its own)")
+
+    ge = sub.add_parser("generate", help="decode with a Llama-shaped model end to end (needs a CUDA GPU)",
+                        description="A Llama-shaped decoder with random weights made on the GPU: the prompt "
+                                    "prefilled once, then every sample decoded one token a step under CUDA graphs "
+                                    "with the chosen attention. Prints tokens per second, per-step latency, the "
+                                    "share of the step spent in attention and the cost model's prediction.")
+    ge.set_defaults(func=_cmd_generate, parser=ge)
+    from costmodel.end_to_end import DECODERS
+
+    ge.add_argument("--model", choices=tuple(DECODERS), default="llama3-8b",
+                    help="the published shape of the decoder (llama2-7b: the 7B multi-head model) "
+                         "(default: %(default)s)")
+    ge.add_argument("--layers", type=positive_int, metavar="N",
+                    help="run only the first N layers (every layer costs the same) (default: all)")
+    ge.add_argument("--samples", type=positive_int, default=32, metavar="N",
+                    help="sequences decoded from the one prompt (default: %(default)s)")
+    ge.add_argument("--prompt-len", type=positive_int, default=8192, metavar="TOKENS",
+                    help="tokens of the prompt, prefilled once (default: %(default)s)")
+    ge.add_argument("--new-tokens", type=positive_int, default=256, metavar="N",
+                    help="tokens generated per sample (default: %(default)s)")
+    ge.add_argument("--attention", choices=GENERATE_ATTENTIONS, default="shared_prefix",
+                    help="split_kv and paged_decode (the prompt copied into every sample's cache, or its pages "
+                         "listed in every table), shared_prefix (the prompt's KV once), span (sinks + window, or "
+                         "--span-pattern), the peers peer:cudnn (SDPA) and peer:flashinfer, or none (attention "
+                         "skipped) (default: %(default)s)")
+    ge.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16",
+                    help="weights, activations and KV cache (default: %(default)s)")
+    ge.add_argument("--temperature", type=float, default=0.0,
+                    help="0: greedy; above 0: sample (Gumbel-max), each sample its own tokens (default: %(default)s)")
+    ge.add_argument("--sinks", type=nonnegative_int, default=4, metavar="TOKENS",
+                    help="span: the first tokens every step attends to (default: %(default)s)")
+    ge.add_argument("--window", type=positive_int, default=4096, metavar="TOKENS",
+                    help="span: the most recent tokens every step attends to (default: %(default)s)")
+    ge.add_argument("--span-pattern", choices=SPAN_PATTERNS, default="sinks_window",
+                    help="span: sinks + window, or spans of the prompt like a task's self-selected spans "
+                         "(arithmetic, summarization) with every new token attended (default: %(default)s)")
+    ge.add_argument("--span-density", type=density_fraction, default=0.1, metavar="FRACTION",
+                    help="span: the fraction of the prompt an arithmetic or summarization pattern attends "
+                         "to (default: %(default)s)")
+    ge.add_argument("--seed", type=nonnegative_int, default=0,
+                    help="seed of the weights, the prompt and the span pattern (default: %(default)s)")
+    ge.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON (default: off)")
 
     for name in FORWARDED:
         sub.add_parser(name, help=f"run {FORWARDED[name]} (arguments forwarded; --help for its options)",

@@ -128,7 +128,7 @@ def test_every_option_says_what_it_means_and_its_default(capsys):
     subparsers = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction))
     parsers = {name: p for name, p in subparsers.choices.items() if name not in cli.FORWARDED}
     parsers["verify"] = verify._parser()
-    assert set(parsers) == {"explain", "accuracy", "verify"}
+    assert set(parsers) == {"explain", "accuracy", "verify", "generate"}
     for name, parser in parsers.items():
         helps = _option_helps(parser)
         assert helps, name
