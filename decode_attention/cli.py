@@ -468,6 +468,9 @@ GENERATE_ATTENTIONS = ("split_kv", "paged_decode", "shared_prefix", "span", "pee
 SPAN_PATTERNS = ("sinks_window", "arithmetic", "summarization")
 
 
+NONE_STEPS = 20   # graph replays timing the step without attention (the ceiling)
+
+
 def _generate_cache_bytes(args, decoder) -> int:
     """Weights and KV cache of the run, in bytes, as the chosen attention lays the cache out."""
     itemsize = ITEMSIZE[args.dtype]
@@ -547,7 +550,8 @@ def _cmd_generate(args) -> int:
     except ValueError as err:
         return _fail("generate", f"the cost model does not know this GPU, so it cannot predict the step: {err}")
     dtype = getattr(torch, args.dtype)
-    max_positions = args.prompt_len + args.new_tokens
+    # the decode and the step of the 'none' ceiling (NONE_STEPS replays after one warm-up) both fit
+    max_positions = args.prompt_len + max(args.new_tokens, NONE_STEPS + 1)
     print(f"{decoder_shape.name}: {decoder_shape.num_layers} layers, random weights ({args.dtype}) on the GPU; "
           f"{args.samples} samples of a {args.prompt_len}-token prompt, {args.new_tokens} new tokens, "
           f"attention {args.attention}", file=sys.stderr)
@@ -569,7 +573,7 @@ def _cmd_generate(args) -> int:
         close()
     del run
     torch.cuda.empty_cache()
-    none_ms, _ = step_time_ms(decoder, "none", samples=args.samples, context_len=args.prompt_len)
+    none_ms, _ = step_time_ms(decoder, "none", samples=args.samples, context_len=args.prompt_len, steps=NONE_STEPS)
     middle = args.prompt_len + args.new_tokens // 2
     predicted = predict_step(decoder_shape, "split_kv" if args.attention.startswith("peer:") else args.attention,
                              batch=args.samples, context_len=middle, prompt_len=args.prompt_len, dtype=args.dtype,
