@@ -325,6 +325,8 @@ def test_suite_measures_a_row_on_the_cpu_too():
         assert row["context_len"] == PROMPT_LEN + 6 and row["kv_fill"].startswith("random normals")
     assert rows[0]["kv_cache_bytes"] < rows[1]["kv_cache_bytes"]   # the prompt once, not per sample
     assert rows[2]["kv_cache_bytes"] == 0
+    peer = bench._measure_row(decoder, "peer:sdpa_math", 3, PROMPT_LEN, 5, get_gpu("H200"))
+    assert peer["status"] == "ok" and peer["impl"] == "peer:sdpa_math" and peer["time_ms"] > 0, peer
 
 
 def test_suite_rows_get_their_ceiling_and_attention_share():

@@ -99,7 +99,8 @@ def _measure_row(decoder, attention: str, batch: int, prompt_len: int, own: int,
 
     from .generate import step_time_ms
 
-    kind, _, pattern = attention.partition(":")
+    # "span:<pattern>" is the span backend with one of its patterns; "peer:<name>" is a backend's name
+    kind, _, pattern = attention.partition(":") if attention.startswith("span:") else (attention, "", "")
     span = _span(pattern, prompt_len) if kind == "span" else None
     s = decoder.shape
     row = {"suite": "end_to_end", "impl": _impl(attention), "model": s.name, "num_layers": s.num_layers,
@@ -110,9 +111,9 @@ def _measure_row(decoder, attention: str, batch: int, prompt_len: int, own: int,
     if span is not None:
         row.update(num_sinks=span.num_sinks, window=span.window, fixed_spans=[list(x) for x in span.fixed_spans],
                    span_pattern=pattern)
-    row.update(_prediction(s, attention if kind != "span" else "span", batch, prompt_len, own, span, gpu))
+    row.update(_prediction(s, kind, batch, prompt_len, own, span, gpu))
     try:
-        step_ms, facts = step_time_ms(decoder, kind if kind != "span" else "span", samples=batch,
+        step_ms, facts = step_time_ms(decoder, kind, samples=batch,
                                       context_len=prompt_len, own_tokens=own, steps=STEPS, span=span)
         row.update(status="ok", time_ms=step_ms, tokens_per_s=batch / (step_ms * 1e-3), **facts)
     except torch.cuda.OutOfMemoryError as exc:
