@@ -1412,12 +1412,13 @@ def run_span_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool, failed: "l
         ours = lambda: runner.run(q, k, v, out=out, lse=lse)  # noqa: E731
         m = _measure(timer, "span", ours, failed)
         if m:
-            rows.append(_predicted({**base, "impl": "span", "page_size": plan.table.page_size,
+            rows.append(_predicted({**base, "impl": "span", "page_size": plan.table.page_size, "layout": plan.layout,
                                     "num_splits": plan.split.num_splits, **m}, gpu))
         one_shot = lambda: span(q, k, v, span_indptr, spans)  # noqa: E731
         m = _measure(timer, "span:oneshot", one_shot, failed)
         if m:
-            rows.append({**base, "impl": "span:oneshot", "page_size": plan.table.page_size, **m})
+            rows.append({**base, "impl": "span:oneshot", "page_size": plan.table.page_size, "layout": plan.layout,
+                         **m})
         # Dense: every token, by this project's split-KV with its plan, and by SDPA's cuDNN backend.
         runner = gpukernels.SplitKV(dense_plan)
         dense = lambda: runner.run(q, k, v, out=out, lse=lse)  # noqa: E731

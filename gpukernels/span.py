@@ -10,7 +10,10 @@ The page size is the largest power of two up to 64 that divides kv_len and every
 every span end but at most one per sequence: that sequence's ragged end becomes its last page,
 partly filled (`kv_last_page_len`), listed after its whole pages (attention does not depend on
 the order of the tokens). Four sink tokens and a window of whole blocks thus run with pages of
-64; spans with arbitrary boundaries run with pages of one token (one page lookup per row).
+64. Where that size falls below 16 (spans with arbitrary boundaries) the float16 and bfloat16
+kernels read windows instead (`span_windows`): each span cut into runs of up to 16 rows that start
+anywhere, each read whole like a page of 16 with its row count carried in its entry; float32 runs
+on the page table (pages down to one token, one lookup per row).
 
 Three ways to call it:
 
@@ -34,10 +37,11 @@ import numpy as np
 from decode_attention.contract import check_positive_int, check_sinks, check_span, check_spans
 
 from . import _runtime as rt
-from .split_kv import (SplitKV, SplitKVPlan, _length_bucket, check_kernel_dtype_and_head_dim, device_gpu,
-                       num_sms, plan_split_kv)
+from .split_kv import (WINDOW_LEN_BITS, WINDOW_ROWS, SplitKV, SplitKVPlan, _length_bucket,
+                       check_kernel_dtype_and_head_dim, device_gpu, num_sms, plan_split_kv, uses_tensor_cores)
 
-__all__ = ["SpanPageTable", "span_page_table", "SpanPlan", "plan_span", "Span", "span"]
+__all__ = ["SpanPageTable", "span_page_table", "SpanWindows", "span_windows", "SpanPlan", "plan_span", "Span",
+           "span"]
 
 MAX_SPAN_PAGE = 64
 
@@ -102,6 +106,41 @@ def span_page_table(span_indptr, spans, batch: int, kv_len: int) -> SpanPageTabl
     return SpanPageTable(page, indptr.astype(np.int32), indices.astype(np.int32), last.astype(np.int32))
 
 
+class SpanWindows(NamedTuple):
+    """A span list as windows over the contiguous cache seen as batch * kv_len rows: each span cut
+    into runs of WINDOW_ROWS rows, its last run shorter where its length is not a multiple."""
+
+    kv_indptr: np.ndarray   # int32 [batch + 1]
+    windows: np.ndarray     # int32 [num_windows]: (first row << WINDOW_LEN_BITS) | (rows - 1)
+    tokens: np.ndarray      # int64 [batch]: attended tokens of each sequence
+
+
+# Windows address rows with the bits above WINDOW_LEN_BITS of an int32.
+MAX_WINDOW_ROWS_OF_CACHE = 1 << (31 - WINDOW_LEN_BITS)
+
+
+def span_windows(span_indptr, spans, batch: int, kv_len: int) -> SpanWindows:
+    """The windows of a span list (checked as `refattn.span` checks it): span [start, end) of
+    sequence b becomes the windows of rows b * kv_len + start + i * WINDOW_ROWS, in span order."""
+    span_indptr, spans = check_spans(span_indptr, spans, batch, kv_len)
+    if batch * kv_len > MAX_WINDOW_ROWS_OF_CACHE:
+        raise ValueError(f"windows address at most {MAX_WINDOW_ROWS_OF_CACHE} rows, the cache has "
+                         f"{batch} x {kv_len}")
+    seq_of_span = np.repeat(np.arange(batch, dtype=np.int64), np.diff(span_indptr))  # [num_spans]
+    lengths = spans[:, 1] - spans[:, 0]
+    count = -(-lengths // WINDOW_ROWS)                                               # windows per span
+    total = int(count.sum())
+    run_start = np.repeat(np.cumsum(count) - count, count)                           # [total]
+    i = np.arange(total, dtype=np.int64) - run_start                                 # window within its span
+    first = np.repeat(seq_of_span * kv_len + spans[:, 0], count) + i * WINDOW_ROWS
+    rows = np.minimum(WINDOW_ROWS, np.repeat(lengths, count) - i * WINDOW_ROWS)
+    windows = (first << WINDOW_LEN_BITS) | (rows - 1)
+    per_seq = np.bincount(np.repeat(seq_of_span, count), minlength=batch).astype(np.int64)
+    tokens = np.bincount(seq_of_span, weights=lengths, minlength=batch).astype(np.int64)
+    indptr = np.concatenate([[0], np.cumsum(per_seq)])
+    return SpanWindows(indptr.astype(np.int32), windows.astype(np.int32), tokens)
+
+
 @dataclass(frozen=True, eq=False)
 class SpanPlan:
     """One span list over a cache shape, as a page table, and the split plan of its paged run."""
@@ -114,10 +153,18 @@ class SpanPlan:
     dtype: str
     table: SpanPageTable
     split: SplitKVPlan
+    windows: "SpanWindows | None" = None   # read by windows instead of the page table
+
+    @property
+    def layout(self) -> str:
+        """"windows" or "pages": how the kernel reads the spans."""
+        return "windows" if self.windows is not None else "pages"
 
     @property
     def attended_tokens(self) -> np.ndarray:
         """Tokens each sequence attends to [batch]."""
+        if self.windows is not None:
+            return self.windows.tokens.copy()
         t = self.table
         pages = np.diff(t.kv_indptr).astype(np.int64)
         return np.where(pages > 0, (pages - 1) * t.page_size + t.kv_last_page_len, 0)
@@ -136,11 +183,18 @@ def plan_span(span_indptr, spans, *, batch: int, kv_len: int, num_qo_heads: int,
         raise ValueError(f"kv_len must be a non-negative int, got {kv_len!r}")
     check_kernel_dtype_and_head_dim(dtype, head_dim)
     table = span_page_table(span_indptr, spans, batch, int(kv_len))
-    pages = np.diff(table.kv_indptr).astype(np.int64)
-    longest = int(pages.max(initial=0)) * table.page_size
+    windows = None
+    if table.page_size < WINDOW_ROWS and uses_tensor_cores(dtype, head_dim) and \
+            batch * kv_len <= MAX_WINDOW_ROWS_OF_CACHE:
+        windows = span_windows(span_indptr, spans, batch, int(kv_len))
+    if windows is not None:
+        page_size, per_seq = WINDOW_ROWS, np.diff(windows.kv_indptr).astype(np.int64)
+    else:
+        page_size, per_seq = table.page_size, np.diff(table.kv_indptr).astype(np.int64)
+    longest = int(per_seq.max(initial=0)) * page_size
     split = plan_split_kv(batch, num_qo_heads, num_kv_heads, head_dim, _length_bucket(max(longest, 1)),
-                          dtype=dtype, num_splits=num_splits, num_sms=num_sms, page_size=table.page_size, gpu=gpu)
-    return SpanPlan(batch, int(kv_len), num_qo_heads, num_kv_heads, head_dim, dtype, table, split)
+                          dtype=dtype, num_splits=num_splits, num_sms=num_sms, page_size=page_size, gpu=gpu)
+    return SpanPlan(batch, int(kv_len), num_qo_heads, num_kv_heads, head_dim, dtype, table, split, windows)
 
 
 class Span:
@@ -164,12 +218,18 @@ class Span:
         key = (kind, device_id)
         tables = self._tables.get(key)
         if tables is None:
-            t = self.plan.table
-            indices = t.kv_indices if len(t.kv_indices) else np.zeros(1, np.int32)
+            w = self.plan.windows
+            if w is not None:   # windows: a sequence with windows reads them as pages of WINDOW_ROWS
+                indptr, indices = w.kv_indptr, w.windows
+                last = np.where(np.diff(indptr) > 0, WINDOW_ROWS, 0).astype(np.int32)
+            else:
+                t = self.plan.table
+                indptr, indices, last = t.kv_indptr, t.kv_indices, t.kv_last_page_len
+            padded = indices if len(indices) else np.zeros(1, np.int32)
             tables = self._tables[key] = (
-                rt.device_int32(t.kv_indptr, kind, device_id, "kv_indptr"),
-                rt.device_int32(indices, kind, device_id, "kv_indices")[: len(t.kv_indices)],
-                rt.device_int32(t.kv_last_page_len, kind, device_id, "kv_last_page_len"),
+                rt.device_int32(indptr, kind, device_id, "kv_indptr"),
+                rt.device_int32(padded, kind, device_id, "kv_indices")[: len(indices)],
+                rt.device_int32(last, kind, device_id, "kv_last_page_len"),
             )
         return tables
 
@@ -186,12 +246,18 @@ class Span:
                 raise ValueError(f"{name} must be [batch, kv_len, num_kv_heads, head_dim] = {list(expected)} "
                                  f"as planned, got {a.shape}")
             rt.require_contiguous(a, name)
-        ps = p.table.page_size
-        pages = p.batch * p.kv_len // ps
-        k_pages = k.reshape(pages, ps, p.num_kv_heads, p.head_dim)   # views of the same memory
-        v_pages = v.reshape(pages, ps, p.num_kv_heads, p.head_dim)
-        out, lse = self._runner.run_paged(q, k_pages, v_pages, *self._device_tables(qa.kind, qa.device_id),
-                                          sm_scale=sm_scale, out=out, lse=lse)
+        tables = self._device_tables(qa.kind, qa.device_id)
+        if p.windows is not None:
+            rows = p.batch * p.kv_len
+            k_rows = k.reshape(rows, p.num_kv_heads, p.head_dim)      # views of the same memory
+            v_rows = v.reshape(rows, p.num_kv_heads, p.head_dim)
+            out, lse = self._runner.run_windows(q, k_rows, v_rows, *tables, sm_scale=sm_scale, out=out, lse=lse)
+        else:
+            ps = p.table.page_size
+            pages = p.batch * p.kv_len // ps
+            k_pages = k.reshape(pages, ps, p.num_kv_heads, p.head_dim)   # views of the same memory
+            v_pages = v.reshape(pages, ps, p.num_kv_heads, p.head_dim)
+            out, lse = self._runner.run_paged(q, k_pages, v_pages, *tables, sm_scale=sm_scale, out=out, lse=lse)
         if sinks is not None:
             out, lse = _merge_sinks(out, lse, _sinks_on_device(sinks, qa.kind, qa.device_id, p.num_qo_heads),
                                     qa.kind)

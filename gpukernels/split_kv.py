@@ -60,7 +60,7 @@ _LOG2E = 1.4426950408889634
 # 128 run 3 stages as well since their page indices arrive through a ring of registers ahead of
 # use; while each lane waited on a page-table read one tile ahead, 2 stages were faster (pages of
 # 16, 2 against 3 stages: H200 981 vs 1083 us at 64 x 8 x 16k and 148 vs 158 at 1 x 8 x 128k).
-# Two blocks per SM: at head_dim 128 the registers (184 per thread) hold two; forcing three (168
+# Two blocks per SM: at head_dim 128 the registers (190 per thread) hold two; forcing three (168
 # registers) measured 1310 against 988 us at 64 x 8 x 16k on H200.
 
 
@@ -104,8 +104,10 @@ def _kernel(plan: SplitKVPlan, paged: bool):
 
 # The kernels' arguments: q, k, v, kv_lens, kv_indptr, kv_indices, kv_last_page_len, out, lse,
 # partial_out, partial_lse, counters; batch, kv_len, num_pages, page_size, num_qo_heads,
-# num_kv_heads, head_groups, chunk_size; scale_log2.
-KERNEL_SIGNATURE = "p" * 12 + "i" * 8 + "f"
+# num_kv_heads, head_groups, chunk_size; scale_log2; windows (kv_indices holds windows, see run_windows).
+KERNEL_SIGNATURE = "p" * 12 + "i" * 8 + "f" + "i"
+WINDOW_ROWS = 16   # rows of a window at most (a warp tile of the tensor-core kernel)
+WINDOW_LEN_BITS = 4  # an entry is (first row << WINDOW_LEN_BITS) | (rows - 1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -229,6 +231,19 @@ class SplitKV:
                        paged=(kv_indptr, kv_indices, kv_last_page_len), sm_scale=sm_scale, out=out,
                        lse=lse, workspace=self._workspace_for)
 
+    def run_windows(self, q, k_rows, v_rows, kv_indptr, windows, kv_last_page_len, *, sm_scale=None,
+                    out=None, lse=None):
+        """A cache seen as rows, k_rows and v_rows [rows, num_kv_heads, head_dim], read by windows:
+        sequence b's tokens are the windows windows[kv_indptr[b]:kv_indptr[b + 1]], each an int32
+        (first row << WINDOW_LEN_BITS) | (row count - 1) of 1 to WINDOW_ROWS consecutive rows;
+        kv_last_page_len is WINDOW_ROWS for a sequence with windows. The plan must be for pages of
+        WINDOW_ROWS (a window is read as a page whose row count it carries) on the tensor-core path.
+        Index arrays as int32 device arrays (values not checked here: a window outside the rows
+        gives its sequence NaN)."""
+        return _launch(self.plan, q, k_rows, v_rows, kv_lens=None,
+                       paged=(kv_indptr, windows, kv_last_page_len), sm_scale=sm_scale, out=out,
+                       lse=lse, workspace=self._workspace_for, windows=True)
+
 
 def _expect_shape(a: rt.Device, name: str, template: str, expected: tuple) -> None:
     if a.shape == expected:
@@ -280,7 +295,7 @@ def outputs(out, lse, kind: str, shape: tuple, dtype: str, device_id: int):
     return out, lse, out_ptr, lse_ptr
 
 
-def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace, views=None):
+def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace, views=None, windows=False):
     """Check shapes against the plan (metadata only: no synchronisation) and launch. `views`: the
     device views of q, k, v when the caller already made them."""
     if views is None:
@@ -291,6 +306,11 @@ def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace, vie
     _expect_shape(qa, "q", "[batch, num_qo_heads, head_dim]", (B, Hq, D))
     if paged is None:
         _expect_shape(ka, "k", "[batch, kv_len, num_kv_heads, head_dim]", (B, None, Hkv, D))
+    elif windows:
+        if plan.page_size != WINDOW_ROWS or not uses_tensor_cores(plan.dtype, D):
+            raise ValueError(f"windows need a plan for pages of {WINDOW_ROWS} on the tensor-core path "
+                             f"(float16, bfloat16), got pages of {plan.page_size}, {plan.dtype}")
+        _expect_shape(ka, "k_rows", "[rows, num_kv_heads, head_dim]", (None, Hkv, D))
     else:
         _expect_shape(ka, "k_cache", "[num_pages, page_size, num_kv_heads, head_dim]",
                       (None, plan.page_size, Hkv, D))
@@ -313,7 +333,7 @@ def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace, vie
         indices = _expect_index(paged[1], "kv_indices", None, device_id)
         kv_len = _numel(indices)   # the kernel keeps every sequence's pages inside kv_indices
         last = _expect_index(paged[2], "kv_last_page_len", B, device_id)
-        num_pages, page_size = ka.shape[0], plan.page_size
+        num_pages, page_size = ka.shape[0], plan.page_size   # windows: the rows of the cache
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(D)
     if not (isinstance(sm_scale, (int, float, np.floating, np.integer)) and math.isfinite(sm_scale)):
@@ -331,7 +351,7 @@ def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace, vie
         qa.ptr, ka.ptr, va.ptr, address(kv_lens), address(indptr), address(indices), address(last),
         out_ptr, lse_ptr, p_out, p_lse, counters,
         B, kv_len, num_pages, page_size, Hq, Hkv, plan.head_groups, plan.chunk_size,
-        sm_scale * _LOG2E,
+        sm_scale * _LOG2E, int(windows),
     )
     _kernel(plan, paged is not None)(plan.grid, (NUM_WARPS * 32,), args, stream_ptr=stream_ptr,
                                      device_id=device_id)

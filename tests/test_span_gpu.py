@@ -97,3 +97,44 @@ def test_a_plan_runs_many_times_and_checks_its_shapes(dtype):
         _check_with_empty(out, lse, ref_out, ref_lse, dtype)
     with pytest.raises(ValueError, match="as planned"):
         runner.run(qd, _device(k[:, :999]), _device(v[:, :999]))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("pattern", ["arithmetic", "summarization"])
+def test_spans_with_arbitrary_boundaries_run_as_windows(dtype, pattern):
+    gspan = importlib.import_module("gpukernels.span")
+
+    rng = np.random.default_rng(11)
+    batch, kv_len, hq, hkv, d = 3, 5000, 8, 2, 128
+    indptr, spans = refattn.span_pattern(pattern, batch=batch, kv_len=kv_len, density=0.1, seed=3)
+    plan = gspan.plan_span(indptr, spans, batch=batch, kv_len=kv_len, num_qo_heads=hq, num_kv_heads=hkv,
+                           head_dim=d, dtype=dtype)
+    assert plan.layout == "windows"
+    q, k, v = (_random(rng, s, dtype) for s in ((batch, hq, d), (batch, kv_len, hkv, d), (batch, kv_len, hkv, d)))
+    ref_out, ref_lse = refattn.span(q, k, v, indptr, spans)
+    qd = _device(q)
+    out = _poisoned(qd, q.shape, dtype)
+    lse = _poisoned(qd, q.shape[:2], "float32")
+    gspan.Span(plan).run(qd, _device(k), _device(v), out=out, lse=lse)
+    _check_with_empty(out, lse, ref_out, ref_lse, dtype)
+
+
+def test_a_window_outside_the_cache_poisons_its_sequence_only():
+    """run_windows reads the windows it is given without a host check: one that reaches past the
+    cache's rows gives its sequence NaN and reads nothing outside (compute-sanitizer)."""
+    import gpukernels
+    from gpukernels.split_kv import WINDOW_LEN_BITS, WINDOW_ROWS
+
+    rng = np.random.default_rng(5)
+    batch, rows, hq, hkv, d = 2, 64, 8, 2, 128
+    q = _random(rng, (batch, hq, d), "float16")
+    k, v = (_random(rng, (rows, hkv, d), "float16") for _ in range(2))
+    windows = np.array([(0 << WINDOW_LEN_BITS) | 15, (16 << WINDOW_LEN_BITS) | 4,     # sequence 0: rows 0-20
+                        (60 << WINDOW_LEN_BITS) | 7], dtype=np.int32)                 # sequence 1: rows 60-67
+    plan = gpukernels.plan_split_kv(batch, hq, hkv, d, 32, dtype="float16", page_size=WINDOW_ROWS)
+    out, lse = gpukernels.SplitKV(plan).run_windows(
+        _device(q), _device(k), _device(v), cp.asarray(np.array([0, 2, 3], np.int32)), cp.asarray(windows),
+        cp.asarray(np.array([WINDOW_ROWS, WINDOW_ROWS], np.int32)))
+    ref_out, ref_lse = refattn.decode(q[:1], k[None, :21], v[None, :21])
+    _check(out[:1], lse[:1], ref_out, ref_lse, "float16")
+    assert cp.isnan(out[1]).all() and cp.isnan(lse[1]).all()

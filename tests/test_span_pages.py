@@ -102,3 +102,52 @@ def test_a_span_plan_is_made_on_the_host():
         plan_span(indptr, spans, batch=2, kv_len=32768, num_qo_heads=32, num_kv_heads=8, head_dim=96)
     with pytest.raises(ValueError):
         plan_span(indptr, spans, batch=3, kv_len=32768, num_qo_heads=32, num_kv_heads=8, head_dim=128)
+
+
+@given(span_sets())
+def test_the_windows_read_exactly_the_spans(case):
+    """Windows: runs of 1 to 16 consecutive rows, each inside one span, grouped by sequence, that
+    together list each sequence's attended rows once; the reference over those rows gives
+    refattn.span's answer."""
+    from gpukernels.span import span_windows
+    from gpukernels.split_kv import WINDOW_LEN_BITS, WINDOW_ROWS
+
+    batch, kv_len, indptr, spans, seed = case
+    w = span_windows(indptr, spans, batch, kv_len)
+    assert w.kv_indptr.dtype == np.int32 and w.windows.dtype == np.int32
+    first = w.windows.astype(np.int64) >> WINDOW_LEN_BITS
+    rows = (w.windows & (WINDOW_ROWS - 1)) + 1
+    rng = np.random.default_rng(seed)
+    hq, hkv, d = 4, 2, 8
+    q = rng.standard_normal((batch, hq, d))
+    k = rng.standard_normal((batch, kv_len, hkv, d))
+    v = rng.standard_normal((batch, kv_len, hkv, d))
+    out = np.zeros((batch, hq, d))
+    for b in range(batch):
+        own = slice(w.kv_indptr[b], w.kv_indptr[b + 1])
+        listed = np.concatenate([np.arange(f, f + n) for f, n in zip(first[own], rows[own])] or [[]]).astype(int)
+        expected = np.concatenate([b * kv_len + np.arange(s, e) for s, e in spans[indptr[b]:indptr[b + 1]]]
+                                  or [[]]).astype(int)
+        assert sorted(listed) == sorted(expected) and len(set(listed)) == len(listed)
+        assert w.tokens[b] == len(expected)
+        if len(listed):
+            rows_of_b = k.reshape(-1, hkv, d)[listed], v.reshape(-1, hkv, d)[listed]
+            out[b] = refattn.decode(q[b:b + 1], rows_of_b[0][None], rows_of_b[1][None])[0][0]
+    ref, _ = refattn.span(q, k, v, indptr, spans)
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_spans_with_arbitrary_boundaries_are_read_by_windows_in_half_precision():
+    from gpukernels.span import plan_span
+
+    indptr, spans = np.array([0, 2, 3]), np.array([[3, 40], [100, 117], [5, 6]])
+    kwargs = dict(batch=2, kv_len=1000, num_qo_heads=8, num_kv_heads=2, head_dim=128, gpu="H200")
+    half = plan_span(indptr, spans, dtype="float16", **kwargs)
+    assert half.layout == "windows" and half.split.page_size == 16 and half.table.page_size == 1
+    assert half.windows.kv_indptr.tolist() == [0, 5, 6]     # 37 rows: 3 windows, 17 rows: 2, 1 row: 1
+    assert half.attended_tokens.tolist() == [54, 1]
+    single = plan_span(indptr, spans, dtype="float32", **kwargs)
+    assert single.layout == "pages" and single.split.page_size == 1
+    assert single.attended_tokens.tolist() == [54, 1]
+    aligned = plan_span([0, 1, 1], np.array([[0, 4096]]), dtype="float16", **{**kwargs, "kv_len": 8192})
+    assert aligned.layout == "pages" and aligned.table.page_size == 64   # whole pages need no windows

@@ -15,7 +15,10 @@
 // partials in split order, writes the output and resets the counter, so a call is one launch.
 //
 // The same kernel reads a paged cache (PAGED): row t of sequence b lives at slot t % page_size of
-// page kv_indices[kv_indptr[b] + t / page_size].
+// page kv_indices[kv_indptr[b] + t / page_size]. The tensor-core kernel also reads windows (spans
+// with arbitrary boundaries): each entry of kv_indices is a warp tile of 1 to 16 consecutive rows
+// starting anywhere in the cache, read as whole rows like a page; the rows past a window's count
+// are masked (instead of pages of one row, each looked up on its own).
 
 #include "common.cuh"
 
@@ -286,7 +289,8 @@ split_kv_kernel(const T* __restrict__ q,                 // [batch, num_qo_heads
                 float* __restrict__ partial_lse,         // [num_splits, batch, num_qo_heads]
                 int* __restrict__ counters,              // [batch * num_kv_heads * head_groups]
                 int batch, int kv_len, int num_pages, int page_size, int num_qo_heads,
-                int num_kv_heads, int head_groups, int chunk_size, float scale_log2) {
+                int num_kv_heads, int head_groups, int chunk_size, float scale_log2, int windows) {
+  (void)windows;   // windows are read by the tensor-core kernel alone (the launcher sends 0 here)
   using S = SplitKVShape<T, HEAD_DIM, GROUP>;
   constexpr int VEC = S::VEC;
   constexpr int LPR = S::LANES_PER_ROW;
@@ -608,7 +612,7 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
                     T* __restrict__ out, float* __restrict__ lse, float* __restrict__ partial_out,
                     float* __restrict__ partial_lse, int* __restrict__ counters, int batch, int kv_len,
                     int num_pages, int page_size, int num_qo_heads, int num_kv_heads, int head_groups,
-                    int chunk_size, float scale_log2) {
+                    int chunk_size, float scale_log2, int windows) {
   static_assert(HEAD_DIM == 64 || HEAD_DIM == 128 || HEAD_DIM == 256,
                 "tensor-core path: head_dim 64, 128 or 256");
   static_assert(GROUP <= 8, "at most 8 query heads per block (rows 8..15 of A stay zero)");
@@ -624,6 +628,7 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   extern __shared__ uint4 smem_stage[];     // [STAGES][NUM_WARPS][SLOTS][32]
   __shared__ float smem_m[NUM_WARPS][GROUP];
   __shared__ float smem_l[NUM_WARPS][GROUP];
+  __shared__ int smem_tile_rows[NUM_WARPS][STAGES];   // windows: rows of the tile in each stage
 
   BlockWork w;
   if (!block_work<T, HEAD_DIM, GROUP, PAGED>(w, out, lse, kv_lens, kv_indptr, kv_last_page_len, batch,
@@ -701,7 +706,11 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   // rows at a fixed distance from the tile's first row (the usual page sizes, 16 and up). Measured
   // on H200 with pages of 16, two A/B rounds: 1 x 8 x 128k 146.4 -> 139.3 us, 1 x 32 x 32k 145.0 ->
   // 138.2, 8 x 8 x 32k 263.1 -> 259.9, 16 x 32 x 8k 503.5 -> 500.7.
-  const bool whole_tiles = PAGED && pdiv.pow2 && page_size >= WARP_ROWS;
+  // Windows (`windows` != 0, page_size WARP_ROWS): entry (start << WINDOW_LEN_BITS) | (rows - 1) is a
+  // warp tile of 1..WARP_ROWS rows from `start` of the cache seen as num_pages rows, read whole.
+  constexpr int WINDOW_LEN_BITS = 4;
+  static_assert((1 << WINDOW_LEN_BITS) == WARP_ROWS, "a window's row count fills the low bits");
+  const bool whole_tiles = PAGED && (windows || (pdiv.pow2 && page_size >= WARP_ROWS));
   // The page indices come ahead of their use through a ring of four registers per lane, each
   // loaded three registers before it is read, so a lookup is a shuffle. With whole tiles a
   // register holds the pages of 32 of the warp's tiles (lane j: the tile of ordinal base + j); with
@@ -794,14 +803,14 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   // plus immediates, the sources by stepping one row at a time.
   const unsigned lane_k_smem = static_cast<unsigned>(__cvta_generic_to_shared(k_dst(0, 0)));
   const unsigned lane_v_smem = static_cast<unsigned>(__cvta_generic_to_shared(v_dst(0, 0)));
-  auto copy_rows = [&](int tile, int stage, const T* kr, const T* vr, bool ok) {
+  auto copy_rows = [&](int stage, const T* kr, const T* vr, bool ok, int tile_rows) {
     if constexpr (ROWS_PER_COPY == 1) {
       const unsigned stage_bytes = stage * (NUM_WARPS * SLOTS * 32 * 16);
       static_for<COPIES>([&](auto ic) {
         constexpr int i = decltype(ic)::value;
         constexpr int K_OFFSET = ((i / 8) * CHUNKS * 32 + (i % 8) * 4) * 16;
         constexpr int V_OFFSET = (((i % 2) + (i / 8) * 2) * VCHUNKS * 32 + (i % 8) / 2) * 16;
-        const bool valid = ok && tile + i < w.end;
+        const bool valid = ok && i < tile_rows;
         cp_async_16_at<K_OFFSET>(lane_k_smem + stage_bytes, valid ? kr : k, valid);
         cp_async_16_at<V_OFFSET>(lane_v_smem + stage_bytes, valid ? vr : v, valid);
         kr += copy_step;
@@ -810,7 +819,7 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     } else {
 #pragma unroll
       for (int i = 0; i < COPIES; ++i) {
-        const bool valid = ok && tile + i * ROWS_PER_COPY + copy_row < w.end;
+        const bool valid = ok && i * ROWS_PER_COPY + copy_row < tile_rows;
         cp_async_16(k_dst(stage, i), valid ? kr + i * copy_step : k, valid);
         cp_async_16(v_dst(stage, i), valid ? vr + i * copy_step : v, valid);
       }
@@ -818,7 +827,17 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   };
   auto issue = [&](int tile, int stage) {
     if constexpr (PAGED) {
-      if (tile < w.end && whole_tiles) {
+      if (tile < w.end && windows) {
+        // A window: rows start .. start + rows - 1 of the cache seen as rows (num_pages of them).
+        const unsigned entry = static_cast<unsigned>(pages[0]);
+        const long long start = entry >> WINDOW_LEN_BITS;
+        const int rows = static_cast<int>(entry & (WARP_ROWS - 1)) + 1;
+        const bool window_ok = start + rows <= num_pages;
+        bad_page = bad_page || !window_ok;
+        const long long at = window_ok ? (start + copy_row) * row_elems + w.kh * HEAD_DIM + copy_piece * 8 : 0;
+        if (lane == 0) smem_tile_rows[warp][stage] = rows;
+        copy_rows(stage, k + at, v + at, window_ok, rows);
+      } else if (tile < w.end && whole_tiles) {
         // The warp tile lies in one page: whole rows, as from a contiguous cache.
         const int page = pages[0];
         const bool page_ok = page >= 0 && page < num_pages;
@@ -827,7 +846,7 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
                                            static_cast<long long>(pdiv.mod(tile) + copy_row) * row_elems +
                                            w.kh * HEAD_DIM + copy_piece * 8
                                      : 0;
-        copy_rows(tile, stage, k + at, v + at, page_ok);
+        copy_rows(stage, k + at, v + at, page_ok, w.end - tile);
       } else if (tile < w.end) {
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
@@ -849,7 +868,7 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
         }
       }
     } else {
-      if (tile < w.end) copy_rows(tile, stage, kp, vp, true);
+      if (tile < w.end) copy_rows(stage, kp, vp, true, w.end - tile);
       kp += tile_step;
       vp += tile_step;
     }
@@ -886,13 +905,14 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
       }
     }
 
+    // Rows of this tile that hold tokens: a window's own count, else up to the sequence's end.
+    const int tile_rows = PAGED && windows ? smem_tile_rows[warp][stage] : w.end - tile;
     float m_new = m;
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int row = tile + n * 8 + 2 * tig + e;
-        if (row < w.end) {
+        if (n * 8 + 2 * tig + e < tile_rows) {
           nonfinite = nonfinite || !is_finite(s[n][e]);   // NaN or infinity in q or this K row
           s[n][e] *= scale_log2;
         } else {
