@@ -137,8 +137,9 @@ def row_errors(
     suites: "set[str] | None" = None,
 ) -> tuple[list[RowError], list[tuple[str, str, str]]]:
     """Predicted against measured for every row of our variants; also the rows that could not be
-    predicted as (suite, impl, reason). `calibration`: one for every GPU, or one per GPU key
-    (others load theirs), or None to load each GPU's."""
+    predicted as (suite, impl, reason). Rows whose `status` says they were not measured (out of
+    memory, failed) are not scored. `calibration`: one for every GPU, or one per GPU key (others
+    load theirs), or None to load each GPU's."""
     errors, unsupported = [], []
     for f in files:
         if suites is not None and f.suite not in suites:
@@ -149,7 +150,7 @@ def row_errors(
         else:
             cal = calibration or load_calibration(gpu.key)
         for row in f.rows:
-            if not is_ours(row):
+            if not is_ours(row) or row.get("status", "ok") != "ok":
                 continue
             suite = str(row.get("suite", f.suite))
             measured_ms = row.get("time_ms")

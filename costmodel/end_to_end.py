@@ -5,28 +5,33 @@ A decode step of a batch of sequences runs every layer once, one token per seque
 
     weights_s   = max(weight_bytes / (bw_fraction * stream_bytes_per_s),
                       2 * weight_params * batch / (matmul_fraction * matmul_flops_per_s))
-    attention_s = num_layers * (the variant's predicted call, its launch term at graph_kernel_s)
+    attention_s = num_layers * (the call as the decoder runs it, each launch's term at graph_kernel_s)
     launches_s  = other_kernels * graph_kernel_s
     step_s      = weights_s + attention_s + launches_s
 
 `weight_bytes` counts every weight a step reads: each layer's projections, MLP and norms, the
 final norm and the output head (the embedding table is not read, only one row per sequence).
-`other_kernels` counts the launches of the step other than attention (`kernels_per_layer` a
-layer, as the decoder of `decode_attention.e2e` issues them, and `STEP_KERNELS` once a step), each
-of which, at decode sizes, costs about one kernel's launch inside a CUDA graph: `graph_kernel_s`
-(an estimate, `GRAPH_KERNEL_S`, not fitted on measurements). The attention variants:
+`other_kernels` counts the launches of the step other than attention (`KERNELS_PER_LAYER` a
+layer, as the decoder of `decode_attention.e2e` issues them, `KV_WRITE_KERNELS` a layer more for
+an attention that keeps a KV cache, and `STEP_KERNELS` once a step), each of which, at decode
+sizes, costs about one kernel's launch inside a CUDA graph: `graph_kernel_s` (an estimate,
+`GRAPH_KERNEL_S`, not fitted on measurements). The attention variants, as the decoder's backends
+run them:
 
 | attention | what one layer runs |
 |---|---|
 | `split_kv` | `costmodel.split_kv` over a contiguous cache, the prompt copied into every sequence |
-| `paged_decode` | `costmodel.paged_decode`, pages of `page_size`, the prompt's pages in every table |
-| `shared_prefix` | `costmodel.shared_prefix`, Hydragen: the prompt once, each sequence's own tokens |
+| `paged_decode` | `costmodel.paged_decode`, pages of `page_size`, the prompt's full pages in every table: the sequences whose blocks are resident together read them from HBM once, the others from L2 (`shared_page_l2_hits`) |
+| `shared_prefix` | Hydragen as `gpukernels.shared_prefix` runs it, three launches (`hydragen_launches`): the prefix pass on the tensor cores (chunks of `costmodel.shared_prefix.prefix_pass_chunk`), the suffixes by `costmodel.split_kv`, the merge (`costmodel.merge_states`) |
 | `span` | `costmodel.span`: sinks + a window, or given span lengths |
-| `none` | nothing: the ceiling a faster attention approaches |
+| `none` | nothing, not even the KV write: the ceiling a faster attention approaches |
 
 >>> p = predict_step(LLAMA3_8B, "split_kv", batch=1, context_len=8192, gpu="H200")
 >>> round(p.weight_bytes / 1e9, 2), p.attention_launches
 (15.01, 32)
+>>> predict_step(LLAMA2_7B, "shared_prefix", batch=16, context_len=8192 + 128, prompt_len=8192,
+...              gpu="H200").attention_launches
+96
 """
 
 from __future__ import annotations
@@ -36,15 +41,17 @@ from dataclasses import dataclass
 
 from decode_attention.contract import check_nonnegative_int, check_positive_int
 
-from . import paged_decode, shared_prefix, span, split_kv
+from . import merge_states, paged_decode, shared_prefix, span, split_kv
 from .calibration import Calibration
 from .display import Table, format_bytes, format_seconds
 from .gpus import GPUSpec, get_gpu
-from .prediction import Prediction, calibration_for, dtype_bytes
+from .prediction import F32, Launch, Prediction, calibration_for, dtype_bytes, predict_launches
+from .segments import MMA_ROWS, QUERY_TILE_ROWS
 
 __all__ = ["DecoderShape", "LLAMA3_8B", "CODELLAMA_34B", "LLAMA2_7B", "DECODERS", "get_decoder",
            "ATTENTIONS", "StepPrediction", "predict_step", "GRAPH_KERNEL_S", "KERNELS_PER_LAYER",
-           "STEP_KERNELS", "decoder_for_row", "predict_result_row"]
+           "KV_WRITE_KERNELS", "STEP_KERNELS", "hydragen_launches", "shared_page_l2_hits", "decoder_for_row",
+           "predict_result_row"]
 
 # A kernel inside a CUDA graph at decode sizes: the gap between dependent nodes plus a small
 # kernel's own run (an estimate of this order is what graph replays of small kernels show on
@@ -53,9 +60,12 @@ GRAPH_KERNEL_S = 2.5e-6
 # Launches per layer other than attention, as `decode_attention.e2e.model.Decoder.step` issues
 # them: two RMS norms (8 each: widen, square, mean, add eps, rsqrt, scale, narrow, weight), the
 # fused QKV projection, the rotary embedding of q and of k (5 each: negate, concatenate, two
-# products, sum), the KV write (2), the output projection and its residual add, the fused
-# gate-up projection, SiLU and the product, the down projection and its residual add.
-KERNELS_PER_LAYER = 36
+# products, sum), the output projection and its residual add, the fused gate-up projection, SiLU
+# and the product, the down projection and its residual add.
+KERNELS_PER_LAYER = 34
+# The new token's K and V written to the cache (one copy each), by every attention but `none`,
+# which keeps no cache.
+KV_WRITE_KERNELS = 2
 # Once a step: the position and lengths (4), the embedding lookup, the rotary rows (2), the final
 # norm (8), the output head and its widening (2), the next token, the step's bookkeeping (5).
 STEP_KERNELS = 23
@@ -184,6 +194,90 @@ class StepPrediction:
         return self.table().html()
 
 
+# Hydragen's prefix pass as `gpukernels.shared_prefix` runs it: KV tiles of 64 rows (32 at
+# head_dim 256), two resident blocks per SM (one at head_dim 256: its registers).
+def _prefix_pass_tile(head_dim: int) -> int:
+    return 32 if head_dim >= 256 else 64
+
+
+def _prefix_pass_blocks_per_sm(head_dim: int) -> int:
+    return 1 if head_dim >= 256 else 2
+
+
+def _prefix_pass_launch(shape: shared_prefix.SharedPrefixShape, chunk_size: int) -> Launch:
+    """The prefix pass: per KV head, the query rows of every sequence and head of its group in
+    tiles of QUERY_TILE_ROWS, each tile a block per prefix chunk (grid: chunks fastest, then
+    tiles, then KV heads) that reads the chunk's K and V (tiles after the first: from L2) and
+    writes a float32 partial (out, lse) per row. Warps of padding rows skip their products."""
+    s = shape
+    elem = dtype_bytes(s.dtype)
+    d, hkv, p = s.head_dim, s.num_kv_heads, s.prefix_len
+    rows = s.batch * s.group_size
+    tiles = [min(QUERY_TILE_ROWS, rows - t) for t in range(0, rows, QUERY_TILE_ROWS)]
+    chunks = -(-p // chunk_size)
+    last_tokens = p - (chunks - 1) * chunk_size
+    prefix_kv = p * hkv * d * elem                          # one of K or V
+    runs = []
+    for _ in range(hkv):
+        for r in tiles:
+            own = r * d * elem + r * (d + 1) * F32          # its queries, its partial states
+            runs += [(2 * chunk_size * d * elem + own, 1, chunks - 1), (2 * last_tokens * d * elem + own, 1, 1)]
+    padded = sum(MMA_ROWS * -(-r // MMA_ROWS) for r in tiles)
+    return Launch(
+        name="prefix_pass",
+        bytes_by_tensor={"k_prefix": prefix_kv * len(tiles), "v_prefix": prefix_kv * len(tiles),
+                         "q": chunks * hkv * rows * d * elem,
+                         "partial_out_write": chunks * s.batch * s.num_qo_heads * d * F32,
+                         "partial_lse_write": chunks * s.batch * s.num_qo_heads * F32},
+        block_runs=tuple(run for run in runs if run[2]),
+        matmul_flops=4 * hkv * padded * p * d,
+        useful_flops=4 * s.batch * s.num_qo_heads * p * d,
+        l2_hit_bytes=2 * prefix_kv * (len(tiles) - 1),
+        blocks_per_sm=_prefix_pass_blocks_per_sm(d),
+    )
+
+
+def hydragen_launches(shape: shared_prefix.SharedPrefixShape, *, gpu: GPUSpec) -> list[Launch]:
+    """Hydragen as `gpukernels.shared_prefix.SharedPrefix.run` launches it: the prefix pass in
+    chunks that fill one wave of resident blocks (`shared_prefix.prefix_pass_chunk`), the suffixes
+    by split-KV (its own plan for the longest suffix), and the merge of every chunk's state and
+    the suffix's, per (sequence, query head) row. (`costmodel.shared_prefix.predict` predicts
+    instead the one fused launch the kernels do not have yet.)"""
+    s = shape
+    launches = []
+    chunks = 0
+    if s.prefix_len:
+        chunk = shared_prefix.prefix_pass_chunk(s.prefix_len, s.batch * s.group_size, s.num_kv_heads, gpu.num_sms,
+                                                _prefix_pass_blocks_per_sm(s.head_dim), _prefix_pass_tile(s.head_dim))
+        chunks = -(-s.prefix_len // chunk)
+        launches.append(_prefix_pass_launch(s, chunk))
+    if s.suffix_len:
+        plan = split_kv.plan_split_kv(s.batch, s.num_qo_heads, s.num_kv_heads, s.head_dim, s.suffix_len,
+                                      dtype=s.dtype, gpu=gpu)
+        launches.append(split_kv.split_kv_launch(plan, list(s.lens()), name="suffixes"))
+    states = chunks + (1 if s.suffix_len else 0)
+    merge = merge_states.MergeStatesShape(max(states, 1), s.batch, s.num_qo_heads, s.head_dim, "float32")
+    launches.append(dataclasses.replace(merge_states.merge_states_launch(merge), name="merge"))
+    return launches
+
+
+def shared_page_l2_hits(plan: split_kv.SplitKVPlan, shared_tokens: int, *, resident_blocks: int) -> int:
+    """Bytes of pages listed in every sequence's table (the first `shared_tokens` tokens) that
+    come from L2 rather than HBM, beyond the head groups' re-reads `split_kv_launch` already
+    counts. Blocks are dispatched sequence after sequence (`plan.num_splits * plan.seq_heads /
+    batch` blocks each); the sequences whose blocks are resident together stream the same pages
+    of each KV head side by side, so the first of them reads a page from HBM and the others find it
+    in L2. Each wave of resident sequences reads the shared pages from HBM once.
+    `resident_blocks`: the launch's blocks resident at once (SMs x blocks per SM)."""
+    if shared_tokens <= 0 or plan.batch < 2:
+        return 0
+    blocks_per_sequence = plan.num_splits * plan.num_kv_heads * plan.head_groups
+    resident = max(1, resident_blocks // blocks_per_sequence)
+    waves = -(-plan.batch // resident)
+    shared_bytes = 2 * shared_tokens * plan.num_kv_heads * plan.head_dim * dtype_bytes(plan.dtype)   # K and V
+    return (plan.batch - waves) * shared_bytes
+
+
 def _attention_prediction(decoder: DecoderShape, attention: str, *, batch: int, prompt_len: int,
                           own_len: int, dtype: str, page_size: int, num_sinks: int, window: int,
                           span_lens, gpu: GPUSpec, cal: Calibration) -> "Prediction | None":
@@ -199,10 +293,16 @@ def _attention_prediction(decoder: DecoderShape, attention: str, *, batch: int, 
     if attention == "paged_decode":
         plan = paged_decode.plan_paged_decode(batch, hq, hkv, d, max(context, 1), page_size=page_size,
                                               dtype=dtype, gpu=gpu)
-        return paged_decode.predict(plan, kv_lens=lens, gpu=gpu, calibration=cal)
+        launch = split_kv.split_kv_launch(plan, lens, name="paged_decode")
+        shared_tokens = prompt_len // page_size * page_size      # the prompt's partial last page is copied
+        resident = gpu.num_sms * (launch.blocks_per_sm or cal.blocks_per_sm)
+        hits = shared_page_l2_hits(plan, shared_tokens, resident_blocks=resident)
+        launch = dataclasses.replace(launch, l2_hit_bytes=launch.l2_hit_bytes + hits)
+        return predict_launches("paged_decode", [launch], gpu=gpu, calibration=cal)
     if attention == "shared_prefix":
         shape = shared_prefix.SharedPrefixShape(batch, hq, hkv, d, prompt_len, own_len, dtype)
-        return shared_prefix.predict(shape, method="hydragen", gpu=gpu, calibration=cal)
+        return predict_launches("shared_prefix:hydragen", hydragen_launches(shape, gpu=gpu), gpu=gpu,
+                                calibration=cal)
     if attention == "span":
         if span_lens is not None:
             shape = span.SpanShape(batch, hq, hkv, d, context, tuple(span_lens), dtype)
@@ -246,7 +346,7 @@ def predict_step(decoder: "DecoderShape | str", attention: str, *, batch: int, c
     n = decoder.num_layers
     attention_s = n * layer.time_s if layer else 0.0
     kv_bytes = n * sum(v for k, v in layer.bytes_by_tensor.items() if k.startswith(("k", "v"))) if layer else 0
-    other_kernels = n * KERNELS_PER_LAYER + STEP_KERNELS
+    other_kernels = n * (KERNELS_PER_LAYER + (KV_WRITE_KERNELS if layer else 0)) + STEP_KERNELS
     launches_s = other_kernels * graph_kernel_s
     return StepPrediction(decoder.name, attention, batch, context_len, weight_bytes, weight_flops, weights_s,
                           layer, attention_s, kv_bytes, n * (layer.launches if layer else 0), other_kernels,

@@ -12,6 +12,8 @@ A row (docs/benchmarks.md, "Result files") names the variant in `impl` and carri
 | `shared_prefix:<method>` | `prefix_len`, `suffix_len`; optional `suffix_lens`, `fused`, `prefix_chunk_size`, `suffix_chunk_size` |
 | `tree` | `levels` ([[num_segments, seg_len], ...] from the root), or `prefix_len`, `num_groups`, `group_len`, `suffix_len` |
 | `span[:<kind>]` | `kv_len` and one of: `span_lens` (list); `density` and `num_spans`; `num_sinks` and `window` |
+| `sharded` | `kv_len`, `num_gpus`; optional `placement_block`, `graph` (the `distributed` suite: `costmodel.sharded`) |
+| `model:<attention>[:<pattern>]` | a decode step of a whole decoder (the `end_to_end` suite): `model`, `num_layers`, `prompt_len`, `context_len`, span settings; predicted by `costmodel.end_to_end.predict_result_row` |
 
 Peers (`peer:...`) are not predicted. A row this module cannot read raises `UnsupportedRow`.
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from . import decode, merge_states, paged_decode, shared_prefix, span, split_kv, tree
+from . import decode, end_to_end, merge_states, paged_decode, sharded, shared_prefix, span, split_kv, tree
 from .calibration import Calibration
 from .gpus import GPUSpec, get_gpu
 from .prediction import Prediction, calibration_for
@@ -91,9 +93,11 @@ def _tree_shape(row: dict) -> tree.TreeShape:
     return tree.TreeShape(c["batch"], c["num_qo_heads"], c["num_kv_heads"], c["head_dim"], levels, c["dtype"])
 
 
-def predict_row(row: dict, gpu: "GPUSpec | str", *, calibration: Calibration | None = None) -> Prediction:
+def predict_row(row: dict, gpu: "GPUSpec | str", *,
+                calibration: Calibration | None = None) -> "Prediction | end_to_end.StepPrediction":
     """The prediction for the call a result row measured, on `gpu` (pass the run's measured
-    ceilings with `get_gpu(meta["gpu"]).with_measured(...)`)."""
+    ceilings with `get_gpu(meta["gpu"]).with_measured(...)`); for a `model:` row, the whole
+    decode step's (`time_s` like any prediction)."""
     if not isinstance(row, Mapping):
         raise TypeError(f"row must be a mapping (a result row), got {type(row).__name__}")
     impl = str(row.get("impl", ""))
@@ -102,6 +106,11 @@ def predict_row(row: dict, gpu: "GPUSpec | str", *, calibration: Calibration | N
     gpu = get_gpu(gpu)
     cal = calibration_for(gpu, calibration)
     variant, _, method = impl.partition(":")
+    if variant == "model":
+        try:
+            return end_to_end.predict_result_row(row, gpu, calibration=cal)
+        except (KeyError, TypeError, ValueError) as e:
+            raise UnsupportedRow(f"{impl!r} row: {e}") from None
     kv_lens = row.get("kv_lens")
     if variant in ("decode", "split_kv", "paged_decode"):
         page_size = int(row.get("page_size") or 0)
@@ -144,4 +153,12 @@ def predict_row(row: dict, gpu: "GPUSpec | str", *, calibration: Calibration | N
         return tree.predict(_tree_shape(row), gpu=gpu, calibration=cal)
     if variant == "span":
         return span.predict(_span_shape(row), gpu=gpu, calibration=cal)
+    if variant == "sharded":   # one sequence's cache over num_gpus GPUs (the distributed suite)
+        c = _common(row)
+        plan = sharded.plan_sharded(c["batch"], c["num_qo_heads"], c["num_kv_heads"], c["head_dim"],
+                                    int(_need(row, "kv_len")), num_gpus=int(_need(row, "num_gpus")),
+                                    dtype=c["dtype"], gpu=gpu,
+                                    placement_block=int(row.get("placement_block", sharded.DEFAULT_PLACEMENT_BLOCK)),
+                                    graph=bool(row.get("graph", True)))
+        return sharded.predict(plan, gpu=gpu, calibration=cal)
     raise UnsupportedRow(f"unknown variant {impl!r}")

@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch", reason="the end-to-end decoder needs PyTorc
 
 from costmodel import end_to_end as e2e_model  # noqa: E402
 from costmodel.end_to_end import DecoderShape, predict_step  # noqa: E402
+from costmodel.gpus import get_gpu  # noqa: E402
 from decode_attention import cli  # noqa: E402
 from decode_attention.e2e.attention import PAGE_SIZE, SpanPattern, prompt_pattern  # noqa: E402
 from decode_attention.e2e.generate import Generation  # noqa: E402
@@ -278,6 +279,90 @@ def test_shared_prefix_step_reads_the_prompt_once():
     assert copied.kv_bytes >= 32 * 32 * per_layer_prompt
     assert shared.kv_bytes < 2 * 32 * per_layer_prompt
     assert shared.time_s < copied.time_s / 2
+
+
+def test_only_an_attention_with_a_cache_writes_the_new_token_to_it():
+    none = predict_step("llama3-8b", "none", batch=4, context_len=4096, gpu="H200")
+    dense = predict_step("llama3-8b", "split_kv", batch=4, context_len=4096, gpu="H200")
+    layers = e2e_model.LLAMA3_8B.num_layers
+    assert none.other_kernels == layers * e2e_model.KERNELS_PER_LAYER + e2e_model.STEP_KERNELS
+    assert dense.other_kernels - none.other_kernels == layers * e2e_model.KV_WRITE_KERNELS
+    assert dense.launches_s > none.launches_s and dense.weights_s == none.weights_s
+
+
+def test_shared_prefix_step_runs_the_three_launches_of_the_kernels():
+    """Hydragen in the step is what `gpukernels.shared_prefix` launches: the prefix pass in the
+    chunks its plan takes, the suffixes by split-KV with their plan, and the merge of every
+    chunk's state and the suffix's."""
+    from costmodel.shared_prefix import SharedPrefixShape
+    from gpukernels.shared_prefix import plan_shared_prefix
+
+    for batch, (hq, hkv), prompt in ((16, (32, 32), 8192), (256, (32, 8), 16384), (3, (28, 4), 1000)):
+        shape = SharedPrefixShape(batch, hq, hkv, 128, prompt, 129)
+        plan = plan_shared_prefix(batch, hq, hkv, 128, prompt, 129, gpu="H200")
+        prefix, suffixes, merge = e2e_model.hydragen_launches(shape, gpu=get_gpu("H200"))
+        tiles = -(-batch * (hq // hkv) // 64)
+        assert prefix.num_blocks == plan.num_chunks * tiles * hkv
+        assert prefix.bytes_by_tensor["partial_lse_write"] == plan.num_chunks * batch * hq * 4
+        assert prefix.bytes_by_tensor["k_prefix"] == tiles * prompt * hkv * 128 * 2
+        assert suffixes.num_blocks == plan.suffix.num_blocks
+        assert merge.num_blocks == batch * hq
+        assert merge.bytes_by_tensor["states_lse"] == (plan.num_chunks + 1) * batch * hq * 4
+    step = predict_step("llama2-7b", "shared_prefix", batch=16, context_len=8192 + 129, prompt_len=8192, gpu="H200")
+    assert step.attention_launches == 3 * e2e_model.LLAMA2_7B.num_layers
+    layer = step.attention_per_layer
+    assert {"prefix_pass.time_s", "suffixes.time_s", "merge.time_s"} <= set(layer.terms)
+    assert layer.time_s == pytest.approx(sum(layer.terms[f"{n}.time_s"] for n in ("prefix_pass", "suffixes", "merge")))
+
+
+def test_shared_prompt_pages_come_from_hbm_once_per_wave_of_resident_sequences():
+    """The paged cache lists the prompt's full pages in every table: the sequences resident
+    together read them from HBM once, the others from L2; its copied partial page is each
+    sequence's own. MHA, 8k prompt, pages of 16, 264 resident blocks on an H200 (two per SM):
+    with one split, 32 blocks a sequence and 8 sequences a wave."""
+    gpu = get_gpu("H200")
+    prompt, own = 8192 + 5, 129
+    kv_token = 2 * 32 * 128 * 2                                   # K and V of one token, one layer
+    shared = prompt // PAGE_SIZE * PAGE_SIZE
+    for batch in (1, 4, 9, 64):
+        step = predict_step("llama2-7b", "paged_decode", batch=batch, context_len=prompt + own, prompt_len=prompt,
+                            gpu=gpu)
+        layer = step.attention_per_layer
+        resident = 264 // (layer.num_blocks // batch)
+        waves = -(-batch // resident)
+        assert layer.launches == 1 and (batch != 64 or (resident, waves) == (8, 8))
+        per_sequence = (prompt + own - shared) * kv_token
+        assert layer.l2_hit_bytes == (batch - waves) * shared * kv_token
+        kv_hbm = layer.hbm_bytes - sum(v for k, v in layer.bytes_by_tensor.items() if not k.startswith(("k", "v")))
+        assert kv_hbm == waves * shared * kv_token + batch * per_sequence
+    copied = predict_step("llama2-7b", "split_kv", batch=64, context_len=prompt + own, prompt_len=prompt, gpu=gpu)
+    assert step.attention_s < copied.attention_s and copied.attention_per_layer.l2_hit_bytes == 0
+
+
+def test_accuracy_reports_the_end_to_end_rows_and_skips_unmeasured_ones(tmp_path):
+    """`decode-attention accuracy` scores a `model:` row by its step prediction; a row out of
+    memory was not measured and is neither scored nor unsupported; peers are never scored."""
+    from costmodel import accuracy as acc
+    from costmodel.rows import UnsupportedRow, predict_row
+
+    gpu = get_gpu("H200")
+    row = {"suite": "end_to_end", "impl": "model:shared_prefix", "model": e2e_model.LLAMA2_7B.name, "num_layers": 8,
+           "dtype": "float16", "batch": 16, "num_qo_heads": 32, "num_kv_heads": 32, "head_dim": 128,
+           "prompt_len": 8192, "own_tokens": 128, "context_len": 8192 + 129, "status": "ok"}
+    step = e2e_model.predict_result_row(row, gpu)
+    assert predict_row(row, gpu).time_s == step.time_s
+    with pytest.raises(UnsupportedRow, match="unknown model"):
+        predict_row({**row, "model": "GPT-2"}, gpu)
+    rows = [{**row, "time_ms": 1.25 * step.time_s * 1e3},
+            {**row, "impl": "model:split_kv", "batch": 256, "status": "oom"},
+            {**row, "impl": "peer:cudnn", "status": "failed"}]
+    (tmp_path / "h200").mkdir()
+    (tmp_path / "h200" / "end_to_end.json").write_text(json.dumps({"meta": {"gpu": "NVIDIA H200"}, "rows": rows}))
+    errors, unsupported = acc.row_errors(acc.load_results(tmp_path))
+    assert unsupported == [] and [e.impl for e in errors] == ["model:shared_prefix"]
+    assert errors[0].rel_error == pytest.approx(0.2)
+    (suite, _) = acc.summarize(errors)
+    assert suite.suite == "end_to_end" and not suite.meets_target
 
 
 def test_step_prediction_checks_its_arguments():
