@@ -559,6 +559,14 @@ def bench(run: Run, args) -> int:
     gpu = get_gpu(box[0]).with_measured(copy_bytes_per_s=ceilings["copy_bytes_per_s"],
                                        matmul_flops_per_s=ceilings["matmul_flops_per_s"])
     rows, crossovers = [], []
+    path = Path(args.out) / f"{gpu_slug(meta.get('gpu', ''))}x{run.world}" / "distributed.json"
+
+    def write_so_far(stage: str) -> None:
+        # A run stopped by its time limit still leaves the rows measured so far (meta "partial").
+        if run.rank == 0 and not args.quick:
+            done = [r for r in rows if r is not None]
+            write_result(path, {**meta, "partial": stage}, done, crossovers, targets(done, crossovers))
+
     for batch in BATCHES:
         grid = context_grid(batch, run.memory_bytes, quick=args.quick)
         for i, n in enumerate(grid, 1):
@@ -569,6 +577,7 @@ def bench(run: Run, args) -> int:
         rows += sweep_rows
         if verdict is not None:
             crossovers.append(verdict)
+        write_so_far(f"measured up to batch {batch}, without the larger-than-one-GPU row")
     large = LARGE_KV_LEN if not args.quick else 1 << 22
     run.say(f"batch {LARGE_BATCH} x {large:,} tokens on {run.world} GPUs, checked against the exact answer")
     rows.append(measured_row(run, sharded_row, LARGE_BATCH, large, ceilings, gpu, reps=args.reps, check=True))
@@ -577,8 +586,7 @@ def bench(run: Run, args) -> int:
     rows = [r for r in rows if r is not None]
     goals = targets(rows, crossovers)
     if not args.quick:
-        path = write_result(Path(args.out) / f"{gpu_slug(meta['gpu'])}x{run.world}" / "distributed.json",
-                            meta, rows, crossovers, goals)
+        write_result(path, meta, rows, crossovers, goals)
         run.say(f"wrote {path}")
     print(format_table(rows, crossovers, goals), flush=True)
     large_rows = [r for r in rows if r.get("check")]
