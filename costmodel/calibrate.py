@@ -44,6 +44,10 @@ BOUNDS = {
     "paged_stream_fraction": (0.05, 20.0),
 }
 BLOCKS_PER_SM_CHOICES = (1, 2, 4, 8)
+# Simplex steps per fit. 400 stopped short on the H200's decode suite of 2026-11-30: a fit of
+# blocks_per_sm = 2 (paged blocks streaming 1.6x a contiguous one's rate) that 1500 steps beat with
+# blocks_per_sm = 1 and 0.86, at lower loss and with plans that agree with the suite's sweeps.
+FIT_MAX_EVALS = 1500
 
 
 def nelder_mead(f, x0, *, step: float = 0.3, max_evals: int = 400, tol: float = 1e-7):
@@ -102,7 +106,7 @@ def fit_calibration(
     start: Calibration = DEFAULT_CALIBRATION,
     fields: tuple[str, ...] = FITTED_FIELDS,
     blocks_per_sm_choices: tuple[int, ...] = BLOCKS_PER_SM_CHOICES,
-    max_evals: int = 400,
+    max_evals: int = FIT_MAX_EVALS,
     source: str = "",
 ) -> tuple[Calibration, float]:
     """Constants minimising the loss over (row, gpu, measured seconds) samples; returns them and
@@ -150,7 +154,7 @@ def _is_paged(row: dict) -> bool:
     return int(row.get("page_size") or 0) > 0
 
 
-def fit_samples(samples, *, start: Calibration | None = None, max_evals: int = 400,
+def fit_samples(samples, *, start: Calibration | None = None, max_evals: int = FIT_MAX_EVALS,
                 source: str = "") -> Calibration:
     """The two-stage fit: contiguous rows first, then the paged rows with the rest held."""
     start = start or load_calibration(None)
@@ -165,7 +169,7 @@ def fit_samples(samples, *, start: Calibration | None = None, max_evals: int = 4
     return dataclasses.replace(cal, source=source or f"fitted on {len(samples)} {FIT_SUITE} rows")
 
 
-def fit_results(root: "str | Path | None" = None, *, max_evals: int = 400) -> dict[str, Calibration]:
+def fit_results(root: "str | Path | None" = None, *, max_evals: int = FIT_MAX_EVALS) -> dict[str, Calibration]:
     """One fitted Calibration per GPU that has a decode suite under `root`."""
     files = load_results(root)
     fitted = {}

@@ -37,15 +37,17 @@ from .prediction import (F32, Launch, Prediction, calibration_for, check_head_gr
 NUM_WARPS = 4                # warps per thread block
 TILE_TOKENS = 64             # tokens one block consumes per iteration (NUM_WARPS warps x 16 rows)
 # Tiles per warp in flight on the tensor-core path, by (head_dim, paged). Head_dim 128: 3 stages
-# (96 KB, two blocks per SM), from a contiguous cache and from pages alike since the page indices
-# arrive ahead of use (H200, pages of 16, 2 / 3 stages: 1 x 8 x 128k 141.4 / 138.3 us, 8 x 8 x 32k
-# 259.5 / 254.4, 64 x 8 x 16k 974.4 / 961.5).
+# from a contiguous cache (96 KB, two blocks per SM), 2 from pages (two blocks per SM: registers).
+# With the page indices arriving ahead of use, 3 stages read the decode grid's paged rows 1-2%
+# faster (H200, pages of 16, 2 / 3 stages: 1 x 8 x 128k 141.4 / 138.3 us, 8 x 8 x 32k 259.5 /
+# 254.4, 64 x 8 x 16k 974.4 / 961.5) but the span grid at its plans' split counts up to 9% slower
+# (75% in 96 spans, 3 splits: 206.3 / 225.0; 4 sinks + 4096 window: 48.8 / 51.9).
 # Head_dim 256: one block per SM, 2 stages (128 KB); measured on H200 against 3 stages (192 KB):
 # 1 x 8/1 x 262147 105 vs 115 us, 2 x 16/16 x 32k 256 vs 294, 16 x 64/8 x 16385 489 vs 575.
 # Head_dim 64: 6 stages, the bytes in flight of head_dim 128 (H200, 3 / 4 / 6 stages: 4 x 32/4 x
 # 64k 83.5 / 84.4 / 76.4 us, 16 x 20/4 x 8191 50.8 / 51.0 / 46.0, 1 x 32/32 x 131071 295.6 / 256.6
 # / 255.9).
-PIPELINE_STAGES_BY_HEAD_DIM = {(64, False): 6, (64, True): 4, (128, False): 3, (128, True): 3,
+PIPELINE_STAGES_BY_HEAD_DIM = {(64, False): 6, (64, True): 4, (128, False): 3, (128, True): 2,
                                (256, False): 2, (256, True): 2}
 TENSOR_CORE_HEAD_DIMS = (64, 128, 256)
 TENSOR_CORE_DTYPES = ("float16", "bfloat16")  # the kernel's mma path; float32 runs on CUDA cores
@@ -54,7 +56,7 @@ REGISTERS_PER_SM = 65536
 # Registers per thread of the tensor-core kernel by (head_dim, paged): the most over the
 # instantiations of that key, as ptxas reports them for sm_90. `python -m gpukernels.compile_check`
 # fails when a kernel's count would give an SM a different number of resident blocks than this does.
-TENSOR_CORE_REGISTERS = {(64, False): 114, (64, True): 124, (128, False): 180, (128, True): 190,
+TENSOR_CORE_REGISTERS = {(64, False): 114, (64, True): 124, (128, False): 180, (128, True): 188,
                          (256, False): 200, (256, True): 218}
 MIN_CHUNK_TOKENS = 256       # the shortest chunk the split choice considers
 HEADS_PER_BLOCK_CHOICES = (1, 2, 4, 8)  # query heads served by one block (template parameter)

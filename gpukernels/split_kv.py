@@ -57,10 +57,10 @@ _LOG2E = 1.4426950408889634
 # 3/16 186.9, 2/16 187.2; 1 x 32 x 32k 4/4 189.7, 3/4 187.7, 2/4 186.9; 8 x 8 x 32k 4/1 368.9,
 # 3/2 357.7, 2/2 354.0; 64 x 8 x 16k 4/1 1400.9, 3/2 1390.6, 2/1 1397.5; 16 x 32 x 8k 4/1 704.9,
 # 3/2 703.9, 2/1 725.1 (3 stages: never more than 1% from the best). Paged caches at head_dim
-# 128 run 3 stages as well since their page indices arrive through a ring of registers ahead of
-# use; while each lane waited on a page-table read one tile ahead, 2 stages were faster (pages of
-# 16, 2 against 3 stages: H200 981 vs 1083 us at 64 x 8 x 16k and 148 vs 158 at 1 x 8 x 128k).
-# Two blocks per SM: at head_dim 128 the registers (190 per thread) hold two; forcing three (168
+# 128 run 2 stages (see costmodel.split_kv.PIPELINE_STAGES_BY_HEAD_DIM for 2 against 3 since the
+# page indices arrive through a ring of registers; before it, with each lane waiting on a
+# page-table read one tile ahead, 3 stages measured 1083 against 981 us at 64 x 8 x 16k on H200).
+# Two blocks per SM: at head_dim 128 the registers (188 per thread) hold two; forcing three (168
 # registers) measured 1310 against 988 us at 64 x 8 x 16k on H200.
 
 

@@ -300,10 +300,11 @@ def test_accuracy_with_another_gpus_constants(capsys):
     code, out = run(capsys, "accuracy", "--constants-from", "h100")
     assert code == 0
     files = acc.results_of_other_gpus(acc.load_results(REPO / "results"), "h100")
-    assert {f.gpu_slug for f in files} == {"h200"}
+    assert {f.gpu_slug for f in files} == {"h200", "h200x2"}
     errors, _ = acc.row_errors(files, calibration=acc.fitted_calibration("h100"))
     overall = acc.summarize(errors)[-1]
-    assert f"cost model accuracy over {overall.count} rows (h200) with the constants of h100_sxm:" in out
+    slugs = ", ".join(sorted({f.gpu_slug for f in files}))
+    assert f"cost model accuracy over {overall.count} rows ({slugs}) with the constants of h100_sxm:" in out
     line = next(ln for ln in out.splitlines() if ln.startswith("all "))
     assert line.split()[2:4] == [f"{100 * overall.median:.1f}%", f"{100 * overall.p90:.1f}%"]
     assert "for comparison, each GPU with its own constants" in out
