@@ -1771,7 +1771,18 @@ def main(argv=None) -> int:
 
         try:
             result = read_result_file(args.report)
-            print(format_markdown(result.rows))
+            suites = {r.get("suite") for r in result.rows}
+            if suites == {"end_to_end"}:   # decoder steps: their suite's own table
+                from decode_attention.e2e.bench import format_rows
+
+                print(format_rows(result.rows))
+            elif suites == {"distributed"}:   # one GPU against several: with the crossovers and targets
+                from gpukernels.bench_sharded import format_table as format_sharded
+
+                whole = json.loads(Path(args.report).read_text())
+                print(format_sharded(result.rows, whole.get("crossover", []), whole.get("targets", {})))
+            else:
+                print(format_markdown(result.rows))
         except FileNotFoundError:
             print(f"decode-attention bench: --report: no such file: {args.report}", file=sys.stderr)
             return 2

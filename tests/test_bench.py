@@ -524,3 +524,14 @@ def test_gpu_check_takes_the_new_steps_only_when_named(tmp_path):
     run = subprocess.run(["bash", str(script), "no_such_step"], capture_output=True, text=True,
                          env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out")}, cwd=tmp_path)
     assert run.returncode == 2 and "shared_prefix_papers" in run.stderr and "tree" in run.stderr
+
+
+def test_report_of_the_end_to_end_and_distributed_files(capsys):
+    """--report prints the committed end-to-end and two-GPU files with their own tables."""
+    repo = Path(__file__).resolve().parent.parent
+    assert bench.main(["--report", str(repo / "results" / "h200" / "end_to_end.json")]) == 0
+    out = capsys.readouterr().out
+    assert "model:shared_prefix" in out and "tok/s" in out and "oom" in out
+    assert bench.main(["--report", str(repo / "results" / "h200x2" / "distributed.json")]) == 0
+    out = capsys.readouterr().out
+    assert "crossover, batch 1" in out and "larger than one GPU" in out
