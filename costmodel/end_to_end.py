@@ -22,7 +22,7 @@ run them:
 |---|---|
 | `split_kv` | `costmodel.split_kv` over a contiguous cache, the prompt copied into every sequence |
 | `paged_decode` | `costmodel.paged_decode`, pages of `page_size`, the prompt's full pages in every table: the sequences whose blocks are resident together read them from HBM once, the others from L2 (`shared_page_l2_hits`) |
-| `shared_prefix` | Hydragen as `gpukernels.shared_prefix` runs it, three launches (`hydragen_launches`): the prefix pass on the tensor cores (chunks of `costmodel.shared_prefix.prefix_pass_chunk`), the suffixes by `costmodel.split_kv`, the merge (`costmodel.merge_states`) |
+| `shared_prefix` | Hydragen as `gpukernels.shared_prefix` runs it, three launches (`costmodel.shared_prefix.predict`, `hydragen_launches`): the prefix pass on the tensor cores (chunks of `costmodel.shared_prefix.prefix_pass_chunk`), the suffixes by `costmodel.split_kv`, the merge |
 | `span` | `costmodel.span`: sinks + a window, or given span lengths |
 | `none` | nothing, not even the KV write: the ceiling a faster attention approaches |
 
@@ -41,12 +41,12 @@ from dataclasses import dataclass
 
 from decode_attention.contract import check_nonnegative_int, check_positive_int
 
-from . import merge_states, paged_decode, shared_prefix, span, split_kv
+from . import paged_decode, shared_prefix, span, split_kv
 from .calibration import Calibration
 from .display import Table, format_bytes, format_seconds
 from .gpus import GPUSpec, get_gpu
-from .prediction import F32, Launch, Prediction, calibration_for, dtype_bytes, predict_launches
-from .segments import MMA_ROWS, QUERY_TILE_ROWS
+from .prediction import Prediction, calibration_for, dtype_bytes, predict_launches
+from .shared_prefix import hydragen_launches
 
 __all__ = ["DecoderShape", "LLAMA3_8B", "CODELLAMA_34B", "LLAMA2_7B", "DECODERS", "get_decoder",
            "ATTENTIONS", "StepPrediction", "predict_step", "GRAPH_KERNEL_S", "KERNELS_PER_LAYER",
@@ -194,73 +194,6 @@ class StepPrediction:
         return self.table().html()
 
 
-# Hydragen's prefix pass as `gpukernels.shared_prefix` runs it: KV tiles of 64 rows (32 at
-# head_dim 256), two resident blocks per SM (one at head_dim 256: its registers).
-def _prefix_pass_tile(head_dim: int) -> int:
-    return 32 if head_dim >= 256 else 64
-
-
-def _prefix_pass_blocks_per_sm(head_dim: int) -> int:
-    return 1 if head_dim >= 256 else 2
-
-
-def _prefix_pass_launch(shape: shared_prefix.SharedPrefixShape, chunk_size: int) -> Launch:
-    """The prefix pass: per KV head, the query rows of every sequence and head of its group in
-    tiles of QUERY_TILE_ROWS, each tile a block per prefix chunk (grid: chunks fastest, then
-    tiles, then KV heads) that reads the chunk's K and V (tiles after the first: from L2) and
-    writes a float32 partial (out, lse) per row. Warps of padding rows skip their products."""
-    s = shape
-    elem = dtype_bytes(s.dtype)
-    d, hkv, p = s.head_dim, s.num_kv_heads, s.prefix_len
-    rows = s.batch * s.group_size
-    tiles = [min(QUERY_TILE_ROWS, rows - t) for t in range(0, rows, QUERY_TILE_ROWS)]
-    chunks = -(-p // chunk_size)
-    last_tokens = p - (chunks - 1) * chunk_size
-    prefix_kv = p * hkv * d * elem                          # one of K or V
-    runs = []
-    for _ in range(hkv):
-        for r in tiles:
-            own = r * d * elem + r * (d + 1) * F32          # its queries, its partial states
-            runs += [(2 * chunk_size * d * elem + own, 1, chunks - 1), (2 * last_tokens * d * elem + own, 1, 1)]
-    padded = sum(MMA_ROWS * -(-r // MMA_ROWS) for r in tiles)
-    return Launch(
-        name="prefix_pass",
-        bytes_by_tensor={"k_prefix": prefix_kv * len(tiles), "v_prefix": prefix_kv * len(tiles),
-                         "q": chunks * hkv * rows * d * elem,
-                         "partial_out_write": chunks * s.batch * s.num_qo_heads * d * F32,
-                         "partial_lse_write": chunks * s.batch * s.num_qo_heads * F32},
-        block_runs=tuple(run for run in runs if run[2]),
-        matmul_flops=4 * hkv * padded * p * d,
-        useful_flops=4 * s.batch * s.num_qo_heads * p * d,
-        l2_hit_bytes=2 * prefix_kv * (len(tiles) - 1),
-        blocks_per_sm=_prefix_pass_blocks_per_sm(d),
-    )
-
-
-def hydragen_launches(shape: shared_prefix.SharedPrefixShape, *, gpu: GPUSpec) -> list[Launch]:
-    """Hydragen as `gpukernels.shared_prefix.SharedPrefix.run` launches it: the prefix pass in
-    chunks that fill one wave of resident blocks (`shared_prefix.prefix_pass_chunk`), the suffixes
-    by split-KV (its own plan for the longest suffix), and the merge of every chunk's state and
-    the suffix's, per (sequence, query head) row. (`costmodel.shared_prefix.predict` predicts
-    instead the one fused launch the kernels do not have yet.)"""
-    s = shape
-    launches = []
-    chunks = 0
-    if s.prefix_len:
-        chunk = shared_prefix.prefix_pass_chunk(s.prefix_len, s.batch * s.group_size, s.num_kv_heads, gpu.num_sms,
-                                                _prefix_pass_blocks_per_sm(s.head_dim), _prefix_pass_tile(s.head_dim))
-        chunks = -(-s.prefix_len // chunk)
-        launches.append(_prefix_pass_launch(s, chunk))
-    if s.suffix_len:
-        plan = split_kv.plan_split_kv(s.batch, s.num_qo_heads, s.num_kv_heads, s.head_dim, s.suffix_len,
-                                      dtype=s.dtype, gpu=gpu)
-        launches.append(split_kv.split_kv_launch(plan, list(s.lens()), name="suffixes"))
-    states = chunks + (1 if s.suffix_len else 0)
-    merge = merge_states.MergeStatesShape(max(states, 1), s.batch, s.num_qo_heads, s.head_dim, "float32")
-    launches.append(dataclasses.replace(merge_states.merge_states_launch(merge), name="merge"))
-    return launches
-
-
 def shared_page_l2_hits(plan: split_kv.SplitKVPlan, shared_tokens: int, *, resident_blocks: int) -> int:
     """Bytes of pages listed in every sequence's table (the first `shared_tokens` tokens) that
     come from L2 rather than HBM, beyond the head groups' re-reads `split_kv_launch` already
@@ -301,8 +234,7 @@ def _attention_prediction(decoder: DecoderShape, attention: str, *, batch: int, 
         return predict_launches("paged_decode", [launch], gpu=gpu, calibration=cal)
     if attention == "shared_prefix":
         shape = shared_prefix.SharedPrefixShape(batch, hq, hkv, d, prompt_len, own_len, dtype)
-        return predict_launches("shared_prefix:hydragen", hydragen_launches(shape, gpu=gpu), gpu=gpu,
-                                calibration=cal)
+        return shared_prefix.predict(shape, method="hydragen", gpu=gpu, calibration=cal)
     if attention == "span":
         if span_lens is not None:
             shape = span.SpanShape(batch, hq, hkv, d, context, tuple(span_lens), dtype)

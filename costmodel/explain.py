@@ -156,14 +156,15 @@ def _predictions(w: Workload, gpu: GPUSpec, cal: Calibration) -> list[tuple[str,
         hp = shared_prefix.plan_hydragen(shape, gpu=gpu, calibration=cal)
         out.append(("shared_prefix:hydragen",
                     shared_prefix.predict(shape, method="hydragen", gpu=gpu, calibration=cal, plan=hp),
-                    f"prefix chunks of {hp.prefix_chunk_size}, suffix chunks of {hp.suffix_chunk_size}"))
+                    f"3 launches: prefix pass in chunks of {hp.prefix_chunk_size}, suffixes in chunks of "
+                    f"{hp.suffix_chunk_size}, merge"))
         out.append(("shared_prefix:bifurcated",
                     shared_prefix.predict(shape, method="bifurcated", gpu=gpu, calibration=cal),
                     "the paper's form: 5 launches, float32 logits in memory"))
         ts = tree.TreeShape(b, hq, hkv, d, ((1, w.prefix_len), (b, w.suffix_len)), w.dtype)
         tp = tree.plan_tree(ts, gpu=gpu, calibration=cal)
         out.append(("tree", tree.predict(ts, gpu=gpu, calibration=cal, plan=tp),
-                    f"2 levels, chunks of {' / '.join(map(str, tp.chunk_sizes))}"))
+                    f"2 levels in chunks of {tp.chunk_size}, then the merge"))
     if w.density < 1.0:
         shape = span.SpanShape.from_density(b, hq, hkv, d, n, density=w.density, num_spans=w.num_spans,
                                             dtype=w.dtype)

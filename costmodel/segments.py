@@ -14,13 +14,18 @@ one chunk writes its output directly.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-from .gpus import get_gpu
+from .calibration import Calibration
+from .gpus import GPUSpec, get_gpu
 from .prediction import F32, Launch, Prediction, calibration_for, check_shape_type, dtype_bytes, predict_launches
 from .split_kv import MMA_ROWS, TILE_TOKENS, _append_run, heads_per_block_for
 
-__all__ = ["SegmentGroup", "segments_launch", "QUERY_TILE_ROWS", "MMA_ROWS", "chunk_candidates", "best_chunks"]
+__all__ = ["SegmentGroup", "segments_launch", "QUERY_TILE_ROWS", "MMA_ROWS", "chunk_candidates", "best_chunks",
+           "WorkItem", "attend_rows_launch", "attend_rows_kv_tile", "attend_rows_blocks_per_sm",
+           "attend_rows_tile_counts", "attend_rows_flops_per_s", "tensor_flops_per_clock_per_sm",
+           "predict_kernel_launches"]
 
 QUERY_TILE_ROWS = 64   # query rows one tensor-core block serves
 
@@ -196,3 +201,155 @@ def predict_planned(variant: str, shape, shape_type, make_plan, plan_type, *, gp
     elif plan.shape != shape:
         raise ValueError("plan was made for another shape")
     return predict_launches(variant, [plan.launch()], gpu=spec, calibration=cal)
+
+
+# ---------------------------------------------------------------------------------------------
+# The blocks the kernels run: `attend_rows` of cuda/shared_prefix.cu, shared by Hydragen's prefix
+# pass (`shared_prefix_kernel`) and the tree's segments launch (`tree_segments_kernel`). A block
+# serves up to QUERY_TILE_ROWS query rows (4 warps of MMA_ROWS rows; a warp whose rows are all
+# padding skips its products) against one chunk of KV, streamed through shared memory in tiles of
+# `attend_rows_kv_tile` rows. Per tile, each active warp reads the whole K and V tile from shared
+# memory through ldmatrix.x4 for its 16 rows and issues mma.sync m16n8k16 on them; the tile's
+# copies (cp.async) write it there once for the block.
+
+WARP_ROWS = MMA_ROWS                  # query rows per warp: one m16 tile
+LDMATRIX_X4_BYTES = 4 * 8 * 8 * 2     # four 8x8 matrices of 16-bit elements
+MMA_FLOPS = 2 * 16 * 8 * 16           # one mma.sync m16n8k16
+SMEM_BYTES_PER_CLOCK = 128            # per SM: 32 banks of 4 bytes (Volta through Hopper)
+# Dense fp16 tensor-core FLOPs per clock per SM: 4 tensor cores x 512 FMA on Hopper, x 256 on
+# Ampere (each GPU's datasheet rate / (SMs x boost clock)).
+TENSOR_FLOPS_PER_CLOCK_PER_SM = {"h100_sxm": 4096, "h100_pcie": 4096, "h200": 4096,
+                                 "a100_80gb": 2048, "a100_40gb": 2048}
+
+
+def attend_rows_kv_tile(head_dim: int) -> int:
+    """KV rows per pipeline stage (shared_prefix.cu: PrefixTile::KV_TILE)."""
+    return 32 if head_dim >= 256 else 64
+
+
+def attend_rows_blocks_per_sm(head_dim: int) -> int:
+    """Resident blocks per SM (the kernels' launch bounds: registers and shared memory)."""
+    return 1 if head_dim >= 256 else 2
+
+
+def tensor_flops_per_clock_per_sm(gpu: GPUSpec) -> int:
+    try:
+        return TENSOR_FLOPS_PER_CLOCK_PER_SM[gpu.key]
+    except KeyError:
+        raise ValueError(f"no tensor-core rate per clock known for {gpu.key}; known: "
+                         f"{', '.join(TENSOR_FLOPS_PER_CLOCK_PER_SM)}") from None
+
+
+def attend_rows_tile_counts(head_dim: int, active_warps: int, dtype: str) -> dict[str, int]:
+    """What one block does per KV tile, counted from the kernel's loops: ldmatrix.x4 of K for
+    S = Q K^T ((head_dim / 32) x (tile / 8) per warp) and of V for O = P V ((tile / 16) x
+    (head_dim / 16) per warp), two mma per ldmatrix; the shared-memory bytes those reads, the
+    query fragments read back from shared memory (head_dim 256 keeps them there) and the tile's
+    copies move."""
+    t, d = attend_rows_kv_tile(head_dim), head_dim
+    ldmatrix = active_warps * (d // 32 * (t // 8) + t // 16 * (d // 16))
+    q_from_smem = active_warps * (d // 32) * 8 * 4 * 32 if d >= 256 else 0   # 8 registers a lane per c
+    copies = 2 * t * d * dtype_bytes(dtype)
+    return {"ldmatrix_x4": ldmatrix, "mma": 2 * ldmatrix,
+            "smem_bytes": ldmatrix * LDMATRIX_X4_BYTES + q_from_smem + copies}
+
+
+def _tile_clocks(gpu: GPUSpec, head_dim: int, active_warps: int, dtype: str) -> tuple[float, float]:
+    """(tensor-core clocks, shared-memory clocks) of one block's KV tile on its SM."""
+    c = attend_rows_tile_counts(head_dim, active_warps, dtype)
+    return c["mma"] * MMA_FLOPS / tensor_flops_per_clock_per_sm(gpu), c["smem_bytes"] / SMEM_BYTES_PER_CLOCK
+
+
+def attend_rows_flops_per_s(gpu: GPUSpec, head_dim: int, dtype: str, active_warps: int = 4) -> float:
+    """The tensor-core rate of a launch of such blocks: the GPU's matmul rate while its tensor
+    cores wait on shared memory, i.e. scaled by tensor-core clocks / shared-memory clocks per
+    tile (H200, head_dim 128, 4 warps: 512 mma = 512 clocks of the tensor cores against 163,840
+    bytes = 1,280 clocks of shared memory, so 0.4 of the rate). The clock cancels: both counts
+    are per SM per clock."""
+    tensor, smem = _tile_clocks(gpu, head_dim, active_warps, dtype)
+    return gpu.matmul_flops_per_s * tensor / max(tensor, smem)
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One block of `attend_rows` (per KV head): `tokens` KV rows against `rows` query rows;
+    `rereads` whether another block read the same KV rows before it (a later row tile: from L2);
+    `label` names their bytes (`k_<label>`, `v_<label>`; empty: `k`, `v`)."""
+
+    tokens: int
+    rows: int
+    rereads: bool = False
+    label: str = ""
+
+
+def attend_rows_launch(name: str, items: "list[WorkItem]", *, num_kv_heads: int, head_dim: int, dtype: str,
+                       gpu: GPUSpec) -> tuple[Launch, float]:
+    """The launch of `items` (dispatch order of one KV head; the grid repeats them for every KV
+    head, heads slowest) and its tensor-core rate (`attend_rows_flops_per_s` over its blocks'
+    tiles). Each block reads its queries and its KV rows, writes a float32 state (out, lse) per
+    row."""
+    elem = dtype_bytes(dtype)
+    d, hkv = head_dim, num_kv_heads
+    kv_tile = attend_rows_kv_tile(d)
+    kv_by_label: dict[str, int] = {}
+    reread = q_rows = matmul = useful = 0
+    tensor_clocks = sm_clocks = 0.0
+    runs: list = []
+    for it in items:
+        warps = -(-it.rows // WARP_ROWS)
+        block_kv = 2 * it.tokens * d * elem
+        kv_by_label[it.label] = kv_by_label.get(it.label, 0) + block_kv
+        reread += block_kv if it.rereads else 0
+        q_rows += it.rows
+        matmul += 4 * warps * WARP_ROWS * it.tokens * d
+        useful += 4 * it.rows * it.tokens * d
+        tensor, smem = _tile_clocks(gpu, d, warps, dtype) if warps else (0.0, 0.0)
+        tiles = -(-it.tokens // kv_tile)
+        tensor_clocks += tiles * tensor
+        sm_clocks += tiles * max(tensor, smem)
+        _append_run(runs, block_kv + it.rows * d * elem + it.rows * (d + 1) * F32, 1, 1)
+    head_runs = [tuple(r) for r in runs]
+    launch = Launch(
+        name=name,
+        bytes_by_tensor={**{f"{kv}_{label}" if label else kv: hkv * both // 2
+                            for label, both in kv_by_label.items() for kv in ("k", "v")},
+                         "q": hkv * q_rows * d * elem,
+                         "partial_out_write": hkv * q_rows * d * F32, "partial_lse_write": hkv * q_rows * F32},
+        block_runs=tuple(head_runs * hkv),
+        matmul_flops=hkv * matmul,
+        useful_flops=hkv * useful,
+        l2_hit_bytes=hkv * reread,
+        blocks_per_sm=attend_rows_blocks_per_sm(d),
+    )
+    # (a head_dim the kernels are not built for, below 32, counts no ldmatrix: the GPU's rate)
+    rate = gpu.matmul_flops_per_s * tensor_clocks / sm_clocks if tensor_clocks else gpu.matmul_flops_per_s
+    return launch, rate
+
+
+def predict_kernel_launches(variant: str, launches: "list[tuple[Launch, float | None]]", *, gpu: GPUSpec,
+                            calibration: Calibration) -> Prediction:
+    """`predict_launches` where a launch may have a tensor-core rate of its own (None: the GPU's):
+    each launch is timed on the GPU with that rate, and the launches are summed as
+    `predict_launches` sums them (every term, and per launch as '<launch>.<term>')."""
+    parts = [(launch, predict_launches(launch.name, [launch], calibration=calibration,
+                                       gpu=gpu if rate is None else dataclasses.replace(gpu, matmul_flops_per_s=rate)))
+             for launch, rate in launches]
+    keys = ("launch_s", "hbm_s", "page_lookup_s", "l2_s", "memory_s", "compute_s", "schedule_s", "time_s")
+    totals = {k: sum(p.terms[k] for _, p in parts) for k in keys}
+    terms = dict(totals)
+    if len(parts) > 1:
+        terms.update({f"{launch.name}.{k}": p.terms[k] for launch, p in parts for k in keys})
+    bytes_by_tensor: dict[str, int] = {}
+    for _, p in parts:
+        for k, v in p.bytes_by_tensor.items():
+            bytes_by_tensor[k] = bytes_by_tensor.get(k, 0) + v
+    roofline_s = max(totals["memory_s"], totals["compute_s"])
+    if totals["time_s"] - roofline_s > roofline_s:
+        bound = "latency"
+    else:
+        bound = "compute" if totals["compute_s"] > totals["memory_s"] else "memory"
+    return Prediction(
+        variant=variant, bytes_by_tensor=bytes_by_tensor, hbm_bytes=sum(p.hbm_bytes for _, p in parts),
+        l2_hit_bytes=sum(p.l2_hit_bytes for _, p in parts), flops=sum(p.flops for _, p in parts),
+        num_blocks=sum(p.num_blocks for _, p in parts), waves=max((p.waves for _, p in parts), default=0.0),
+        launches=len(parts), bound=bound, time_s=totals["time_s"], terms=terms)

@@ -2,16 +2,19 @@
 
 Three ways to run it, all predicted here (`METHODS`):
 
-* `"hydragen"` (Juravsky et al., 2024): one fused launch. The prefix is read once; the queries of
-  all sequences and all heads of a GQA group form one matrix per KV head, multiplied with each
-  prefix chunk on tensor cores; the suffixes are read like split-KV chunks; partial states are
-  merged by LSE in the same launch. Plan: `HydragenPlan` (chunk sizes chosen by the model).
+* `"hydragen"` (Juravsky et al., 2024), as `gpukernels.shared_prefix` runs it: three launches
+  (`HydragenPlan`). The prefix pass reads the prefix once: the queries of all sequences and all
+  heads of a GQA group form one matrix per KV head, 64 rows a block, multiplied with each prefix
+  chunk on the tensor cores (chunks of `prefix_pass_chunk`), at the rate shared memory lets them
+  run (`costmodel.segments.attend_rows_flops_per_s`); the suffixes by split-KV with the kernels'
+  plan; the merge of the partial states by LSE. `fused=True` predicts instead one fused launch
+  that would do all three (`FusedHydragenPlan`, chunk sizes chosen by the model), for comparison.
 * `"bifurcated"` (Athiwaratkun et al., 2024), as this project's kernels run the published method
   (`bifurcated_launches`): the prefix logits of all samples as one product per KV head, the
   suffix logits, one softmax over their concatenation, and the output as P V over the prefix
   (again one product per KV head) plus P V over each suffix; five launches, the float32 logits
   written to memory once and read twice. `fused=True` predicts instead a single-launch kernel of
-  the same arithmetic, which costs what Hydragen's launch costs.
+  the same arithmetic, which costs what Hydragen's fused launch costs.
 * `"naive"`: the existing approach: the prefix copied into every sequence's cache and the whole
   cache read by split-KV decode (`costmodel.split_kv`'s own plan).
 
@@ -21,19 +24,24 @@ Bytes per the bifurcated paper's Eq. 5/6: without sharing `g*k*b*(m_c + m_d)` KV
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from decode_attention.contract import check_positive_int
 
 from .calibration import Calibration
 from .gpus import GPUSpec, get_gpu, plan_gpu
+from .merge_states import MergeStatesShape, merge_states_launch
 from .prediction import (F32, Launch, Prediction, calibration_for, check_int_tuple, check_shape_fields,
                          check_shape_type, dtype_bytes, predict_launches)
-from .segments import MMA_ROWS, QUERY_TILE_ROWS, SegmentGroup, best_chunks, segments_launch
-from .split_kv import DEFAULT_NUM_SMS, plan_split_kv
+from .segments import (MMA_ROWS, QUERY_TILE_ROWS, SegmentGroup, WorkItem, attend_rows_blocks_per_sm,
+                       attend_rows_kv_tile, attend_rows_launch, best_chunks, predict_kernel_launches,
+                       segments_launch)
+from .split_kv import DEFAULT_NUM_SMS, SplitKVPlan, plan_split_kv, split_kv_launch
 from .split_kv import predict as _predict_split_kv
 
-__all__ = ["SharedPrefixShape", "HydragenPlan", "plan_hydragen", "prefix_pass_chunk", "predict", "METHODS"]
+__all__ = ["SharedPrefixShape", "HydragenPlan", "FusedHydragenPlan", "plan_hydragen", "hydragen_launches",
+           "prefix_pass_chunk", "predict", "METHODS"]
 
 METHODS = ("hydragen", "bifurcated", "naive")
 
@@ -77,6 +85,80 @@ class SharedPrefixShape:
 
 @dataclass(frozen=True)
 class HydragenPlan:
+    """Hydragen as `gpukernels.shared_prefix` runs it, three launches (`launches`): the prefix pass
+    (`shared_prefix_kernel`: per KV head, tiles of QUERY_TILE_ROWS query rows against chunks of
+    `prefix_chunk_size` prefix tokens, chunks fastest, then tiles, then KV heads), the suffixes by
+    split-KV with `suffix` (the plan the kernels make: `costmodel.split_kv.plan_split_kv` for the
+    longest suffix), and the merge of every prefix chunk's state with the suffix's
+    (`merge_prefix_suffix_kernel`, one block per (sequence, query head))."""
+
+    shape: SharedPrefixShape
+    prefix_chunk_size: int       # tokens of the prefix per block of the prefix pass
+    suffix: "SplitKVPlan | None"  # the suffixes' split-KV plan; None without suffixes
+    num_sms: int = DEFAULT_NUM_SMS
+
+    @property
+    def num_chunks(self) -> int:
+        """Prefix chunks (the prefix pass's grid x)."""
+        return -(-self.shape.prefix_len // self.prefix_chunk_size) if self.shape.prefix_len else 0
+
+    @property
+    def row_tiles(self) -> int:
+        """Tiles of QUERY_TILE_ROWS query rows per KV head (the prefix pass's grid y)."""
+        s = self.shape
+        return -(-(s.batch * s.group_size) // QUERY_TILE_ROWS)
+
+    @property
+    def prefix_blocks(self) -> int:
+        return self.num_chunks * self.row_tiles * self.shape.num_kv_heads
+
+    @property
+    def suffix_chunk_size(self) -> int:
+        """Tokens of a suffix per split-KV block (0 without suffixes)."""
+        return self.suffix.chunk_size if self.suffix is not None else 0
+
+    @property
+    def parts_per_sequence(self) -> int:
+        """States the merge reads per (sequence, query head): the prefix chunks' and the suffix's."""
+        return self.num_chunks + (1 if self.suffix is not None else 0)
+
+    def prefix_items(self) -> list[WorkItem]:
+        """The prefix pass's blocks of one KV head in dispatch order: chunks of each row tile."""
+        s = self.shape
+        rows = s.batch * s.group_size
+        items = []
+        for t in range(self.row_tiles):
+            tile_rows = min(QUERY_TILE_ROWS, rows - t * QUERY_TILE_ROWS)
+            for c in range(self.num_chunks):
+                tokens = min(self.prefix_chunk_size, s.prefix_len - c * self.prefix_chunk_size)
+                items.append(WorkItem(tokens, tile_rows, rereads=t > 0, label="prefix"))
+        return items
+
+    def launches(self, gpu: "GPUSpec | str") -> list[tuple[Launch, float | None]]:
+        """The three launches, each with its tensor-core rate (None: the GPU's): the prefix pass
+        at `costmodel.segments.attend_rows_flops_per_s` over its blocks' tiles."""
+        s = self.shape
+        spec = get_gpu(gpu)
+        out: list[tuple[Launch, float | None]] = []
+        if self.num_chunks:
+            out.append(attend_rows_launch("prefix_pass", self.prefix_items(), num_kv_heads=s.num_kv_heads,
+                                          head_dim=s.head_dim, dtype=s.dtype, gpu=spec))
+        if self.suffix is not None:
+            launch = split_kv_launch(self.suffix, list(s.lens()), name="suffixes")
+            renamed = {f"{k}_suffix" if k in ("k", "v") else k: v for k, v in launch.bytes_by_tensor.items()}
+            out.append((dataclasses.replace(launch, bytes_by_tensor=renamed), None))
+        merge = MergeStatesShape(max(self.parts_per_sequence, 1), s.batch, s.num_qo_heads, s.head_dim, "float32")
+        out.append((dataclasses.replace(merge_states_launch(merge), name="merge"), None))
+        return out
+
+
+@dataclass(frozen=True)
+class FusedHydragenPlan:
+    """Hydragen as one fused launch (`costmodel.segments.segments_launch`), which the kernels do
+    not have: prefix and suffix chunks in one grid, the merge by the last block of each row.
+    Chunk sizes chosen by the model (`plan_hydragen(..., fused=True)`). Predicted with
+    `predict(..., fused=True)`, to compare with the three launches that run."""
+
     shape: SharedPrefixShape
     prefix_chunk_size: int       # tokens of the prefix per block
     suffix_chunk_size: int       # tokens of a suffix per block
@@ -113,21 +195,37 @@ def plan_hydragen(
     calibration: Calibration | None = None,
     prefix_chunk_size: int | None = None,
     suffix_chunk_size: int | None = None,
-) -> HydragenPlan:
-    """Chunk sizes the model predicts fastest (given ones are kept). The plan is for `gpu` and
-    takes its SM count; `num_sms`, if also given, must agree (see `plan_split_kv`)."""
+    fused: bool = False,
+) -> "HydragenPlan | FusedHydragenPlan":
+    """The plan the kernels make (`gpukernels.shared_prefix.plan_shared_prefix`): the prefix chunk
+    of `prefix_pass_chunk`, the suffixes' split-KV plan; given sizes are kept (a given
+    `suffix_chunk_size` replaces the split plan's chunk). `fused=True`: the single fused launch's
+    plan instead, its chunk sizes those the model predicts fastest (`calibration` is only used
+    there). The plan is for `gpu` and takes its SM count; `num_sms`, if also given, must agree
+    (see `plan_split_kv`)."""
     check_shape_type(shape, SharedPrefixShape)
     spec, num_sms = plan_gpu(gpu, num_sms, default_num_sms=DEFAULT_NUM_SMS)
-    cal = calibration_for(spec, calibration)
     fixed = [check_positive_int(prefix_chunk_size, "prefix_chunk_size", allow_none=True),
              check_positive_int(suffix_chunk_size, "suffix_chunk_size", allow_none=True)]
+    if fused:
+        cal = calibration_for(spec, calibration)
 
-    def time_of(chunks):
-        plan = HydragenPlan(shape, *(f or c for f, c in zip(fixed, chunks)), num_sms=num_sms)
-        return predict_launches("shared_prefix:hydragen", [plan.launch()], gpu=spec, calibration=cal).time_s
+        def time_of(chunks):
+            plan = FusedHydragenPlan(shape, *(f or c for f, c in zip(fixed, chunks)), num_sms=num_sms)
+            return predict_launches("shared_prefix:hydragen", [plan.launch()], gpu=spec, calibration=cal).time_s
 
-    chunks = best_chunks([shape.prefix_len, shape.suffix_len], time_of)
-    return HydragenPlan(shape, *(f or c for f, c in zip(fixed, chunks)), num_sms=num_sms)
+        chunks = best_chunks([shape.prefix_len, shape.suffix_len], time_of)
+        return FusedHydragenPlan(shape, *(f or c for f, c in zip(fixed, chunks)), num_sms=num_sms)
+    s = shape
+    chunk = fixed[0] or prefix_pass_chunk(max(s.prefix_len, 1), s.batch * s.group_size, s.num_kv_heads, num_sms,
+                                          attend_rows_blocks_per_sm(s.head_dim), attend_rows_kv_tile(s.head_dim))
+    suffix = None
+    if s.suffix_len:
+        suffix = plan_split_kv(s.batch, s.num_qo_heads, s.num_kv_heads, s.head_dim, s.suffix_len, dtype=s.dtype,
+                               num_sms=num_sms, gpu=spec)
+        if fixed[1] is not None and fixed[1] != suffix.chunk_size:
+            suffix = dataclasses.replace(suffix, chunk_size=fixed[1], num_splits=-(-s.suffix_len // fixed[1]))
+    return HydragenPlan(shape, chunk, suffix, num_sms=num_sms)
 
 
 def prefix_pass_chunk(prefix_len: int, query_rows: int, num_kv_heads: int, num_sms: int,
@@ -258,23 +356,34 @@ def bifurcated_launches(shape: SharedPrefixShape, num_sms: int = DEFAULT_NUM_SMS
     return launches
 
 
+def hydragen_launches(shape: SharedPrefixShape, *, gpu: "GPUSpec | str") -> list[Launch]:
+    """The launches of Hydragen's kernels on `gpu` (the plan `plan_hydragen` makes), in order:
+    prefix pass, suffixes, merge."""
+    return [launch for launch, _ in plan_hydragen(shape, gpu=gpu).launches(gpu)]
+
+
 def predict(
     shape: SharedPrefixShape,
     *,
     method: str = "hydragen",
     gpu: "GPUSpec | str",
     calibration: Calibration | None = None,
-    plan: HydragenPlan | None = None,
+    plan: "HydragenPlan | FusedHydragenPlan | None" = None,
     fused: bool = False,
 ) -> Prediction:
-    """Prediction for one shared-prefix call by `method` (see METHODS)."""
+    """Prediction for one shared-prefix call by `method` (see METHODS): Hydragen as the three
+    launches of its kernels, or with `fused=True` as one fused launch (`FusedHydragenPlan`; for
+    "bifurcated" too: a single-launch kernel of the same arithmetic costs what that launch costs).
+    A given `HydragenPlan` with `fused=True` gives its chunk sizes to the fused launch."""
     check_shape_type(shape, SharedPrefixShape)
     if not isinstance(method, str):
         raise TypeError(f"method must be a str, one of {', '.join(METHODS)}, got {type(method).__name__}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    if plan is not None and not isinstance(plan, HydragenPlan):
-        raise TypeError(f"plan must be a HydragenPlan or None, got {type(plan).__name__}")
+    if plan is not None and not isinstance(plan, (HydragenPlan, FusedHydragenPlan)):
+        raise TypeError(f"plan must be a HydragenPlan, a FusedHydragenPlan or None, got {type(plan).__name__}")
+    if plan is not None and plan.shape != shape:
+        raise ValueError("plan was made for another shape")
     spec = get_gpu(gpu)
     cal = calibration_for(spec, calibration)
     variant = f"shared_prefix:{method}"
@@ -286,9 +395,16 @@ def predict(
         return _predict_split_kv(naive, kv_lens=lens, gpu=spec, calibration=cal, variant=variant)
     if method == "bifurcated" and not fused:
         return predict_launches(variant, bifurcated_launches(shape, spec.num_sms), gpu=spec, calibration=cal)
+    if fused:
+        if isinstance(plan, HydragenPlan):
+            plan = FusedHydragenPlan(shape, plan.prefix_chunk_size, max(plan.suffix_chunk_size, 1),
+                                     num_sms=plan.num_sms)
+        elif plan is None:
+            plan = plan_hydragen(shape, num_sms=spec.num_sms, gpu=spec, calibration=cal, fused=True)
+        return predict_launches(variant, [plan.launch()], gpu=spec, calibration=cal)
+    if isinstance(plan, FusedHydragenPlan):
+        raise ValueError("a FusedHydragenPlan is predicted with fused=True; the kernels' launches take a "
+                         "HydragenPlan")
     if plan is None:
-        plan = plan_hydragen(shape, num_sms=spec.num_sms, gpu=spec, calibration=cal)
-    elif plan.shape != shape:
-        raise ValueError("plan was made for another shape")
-    return predict_launches(variant, [plan.launch()], gpu=spec, calibration=cal)
-
+        plan = plan_hydragen(shape, num_sms=spec.num_sms, gpu=spec)
+    return predict_kernel_launches(variant, plan.launches(spec), gpu=spec, calibration=cal)

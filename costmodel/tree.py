@@ -3,9 +3,12 @@ sequences below it (Hydragen's hierarchy; FlashInfer's cascade).
 
 The shape is given by levels: level i has `num_segments` segments of `seg_len` tokens, and the
 sequences are split evenly among them (segment j of a level is shared by sequences
-`j * batch / num_segments ...`). The kernel is one fused launch: every segment read once for all
-its sequences (a tensor-core product when shared), partial states merged by LSE at the end; see
-`costmodel.segments`. The chunk size of each level is the model's choice (`plan_tree`).
+`j * batch / num_segments ...`). `gpukernels.tree` runs two launches (`TreePlan.launches`): the
+segments launch, one block per (segment, chunk, tile of 64 query rows) and KV head, every segment
+read once for all its sequences as a tensor-core product (`costmodel.segments.attend_rows_launch`,
+the blocks of Hydragen's prefix pass), and the merge of each sequence's states by LSE. One chunk
+size for every segment, as the kernels choose it (`tree_chunk_size`). `fused=True` predicts
+instead one fused launch with a chunk size per level chosen by the model (`FusedTreePlan`).
 
 Example: the tree of docs/benchmarks.md, 64 sequences, a 4096-token root, 8 groups of 8 sharing 2048 more and
 256 own tokens each: `TreeShape(64, 32, 32, 128, levels=((1, 4096), (8, 2048), (64, 256)))`.
@@ -15,14 +18,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import dataclasses
+
 from .calibration import Calibration
-from .gpus import GPUSpec, plan_gpu
+from .gpus import GPUSpec, get_gpu, plan_gpu
+from .merge_states import MergeStatesShape, merge_states_launch
 from .prediction import (Launch, Prediction, calibration_for, check_int_tuple, check_shape_fields,
                          check_shape_type, dtype_bytes, predict_launches)
-from .segments import SegmentGroup, best_chunks, predict_planned, segments_launch
+from .segments import (QUERY_TILE_ROWS, SegmentGroup, WorkItem, attend_rows_kv_tile, attend_rows_launch,
+                       best_chunks, predict_kernel_launches, predict_planned, segments_launch)
 from .split_kv import DEFAULT_NUM_SMS
 
-__all__ = ["TreeShape", "TreePlan", "plan_tree", "predict"]
+__all__ = ["TreeShape", "TreePlan", "FusedTreePlan", "plan_tree", "tree_chunk_size", "predict"]
+
+LONGEST_CHUNK = 8192   # the kernels' first chunk size (gpukernels.tree.choose_work)
 
 
 @dataclass(frozen=True)
@@ -68,8 +77,68 @@ def _check_levels(levels) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
+def _items(shape: TreeShape, chunk_size: int) -> list[WorkItem]:
+    """The segments launch's blocks of one KV head in the work list's order: segment by segment
+    (root first), chunk by chunk, tiles of QUERY_TILE_ROWS of its sharers' query rows."""
+    s = shape
+    group_size = s.num_qo_heads // s.num_kv_heads
+    items = []
+    for level, (n, length) in enumerate(s.levels):
+        rows = s.batch // n * group_size
+        for _ in range(n if length else 0):
+            for c in range(-(-length // chunk_size)):
+                tokens = min(chunk_size, length - c * chunk_size)
+                for first_row in range(0, rows, QUERY_TILE_ROWS):
+                    items.append(WorkItem(tokens, min(QUERY_TILE_ROWS, rows - first_row), rereads=first_row > 0,
+                                          label=f"level{level}"))
+    return items
+
+
+def tree_chunk_size(shape: TreeShape, num_sms: int) -> int:
+    """The chunk `gpukernels.tree.choose_work` takes: the longest power of two from LONGEST_CHUNK
+    down to one pipeline tile whose work list gives every SM two blocks (the shortest if none)."""
+    tile = attend_rows_kv_tile(shape.head_dim)
+    chunk = LONGEST_CHUNK
+    while chunk > tile and len(_items(shape, chunk)) * shape.num_kv_heads < 2 * num_sms:
+        chunk //= 2
+    return chunk
+
+
 @dataclass(frozen=True)
 class TreePlan:
+    """The tree as `gpukernels.tree` runs it: every segment in chunks of `chunk_size` tokens."""
+
+    shape: TreeShape
+    chunk_size: int
+    num_sms: int = DEFAULT_NUM_SMS
+
+    @property
+    def parts_per_sequence(self) -> int:
+        """States the merge reads per (sequence, query head): the chunks of its path's segments."""
+        return max(1, sum(-(-length // self.chunk_size) for _, length in self.shape.levels))
+
+    def items(self) -> list[WorkItem]:
+        return _items(self.shape, self.chunk_size)
+
+    def launches(self, gpu: "GPUSpec | str") -> list[tuple[Launch, float | None]]:
+        """The segments launch (with its tensor-core rate) and the merge."""
+        s = self.shape
+        spec = get_gpu(gpu)
+        out: list[tuple[Launch, float | None]] = []
+        items = self.items()
+        if items:
+            out.append(attend_rows_launch("segments", items, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
+                                          dtype=s.dtype, gpu=spec))
+        merge = MergeStatesShape(self.parts_per_sequence, s.batch, s.num_qo_heads, s.head_dim, "float32")
+        out.append((dataclasses.replace(merge_states_launch(merge), name="merge"), None))
+        return out
+
+
+@dataclass(frozen=True)
+class FusedTreePlan:
+    """The tree as one fused launch (`costmodel.segments.segments_launch`), which the kernels do
+    not have; a chunk size per level, chosen by the model."""
+
     shape: TreeShape
     chunk_sizes: tuple[int, ...]     # tokens per block, one per level
     num_sms: int = DEFAULT_NUM_SMS
@@ -98,19 +167,23 @@ def plan_tree(
     num_sms: int | None = None,
     gpu: "GPUSpec | str | None" = None,
     calibration: Calibration | None = None,
-) -> TreePlan:
-    """Chunk sizes per level that the model predicts fastest. The plan is for `gpu` and takes its
-    SM count; `num_sms`, if also given, must agree (see `plan_split_kv`)."""
+    fused: bool = False,
+) -> "TreePlan | FusedTreePlan":
+    """The kernels' plan (`tree_chunk_size`), or with `fused=True` the fused launch's chunk sizes
+    per level that the model predicts fastest (`calibration` is only used there). The plan is for
+    `gpu` and takes its SM count; `num_sms`, if also given, must agree (see `plan_split_kv`)."""
     check_shape_type(shape, TreeShape)
     spec, num_sms = plan_gpu(gpu, num_sms, default_num_sms=DEFAULT_NUM_SMS)
+    if not fused:
+        return TreePlan(shape, tree_chunk_size(shape, num_sms), num_sms=num_sms)
     cal = calibration_for(spec, calibration)
 
     def time_of(chunks):
-        plan = TreePlan(shape, tuple(chunks), num_sms=num_sms)
+        plan = FusedTreePlan(shape, tuple(chunks), num_sms=num_sms)
         return predict_launches("tree", [plan.launch()], gpu=spec, calibration=cal).time_s
 
     chunks = best_chunks([length for _, length in shape.levels], time_of)
-    return TreePlan(shape, tuple(chunks), num_sms=num_sms)
+    return FusedTreePlan(shape, tuple(chunks), num_sms=num_sms)
 
 
 def predict(
@@ -118,7 +191,21 @@ def predict(
     *,
     gpu: "GPUSpec | str",
     calibration: Calibration | None = None,
-    plan: TreePlan | None = None,
+    plan: "TreePlan | FusedTreePlan | None" = None,
+    fused: bool = False,
 ) -> Prediction:
-    return predict_planned("tree", shape, TreeShape, plan_tree, TreePlan, gpu=gpu,
-                           calibration=calibration, plan=plan)
+    """The kernels' two launches, or with `fused=True` (or a FusedTreePlan) one fused launch."""
+    if fused or isinstance(plan, FusedTreePlan):
+        make = lambda sh, **kw: plan_tree(sh, fused=True, **kw)  # noqa: E731
+        return predict_planned("tree", shape, TreeShape, make, FusedTreePlan, gpu=gpu,
+                               calibration=calibration, plan=plan)
+    check_shape_type(shape, TreeShape)
+    if plan is not None and not isinstance(plan, TreePlan):
+        raise TypeError(f"plan must be a TreePlan, a FusedTreePlan or None, got {type(plan).__name__}")
+    spec = get_gpu(gpu)
+    cal = calibration_for(spec, calibration)
+    if plan is None:
+        plan = plan_tree(shape, num_sms=spec.num_sms, gpu=spec)
+    elif plan.shape != shape:
+        raise ValueError("plan was made for another shape")
+    return predict_kernel_launches("tree", plan.launches(spec), gpu=spec, calibration=cal)

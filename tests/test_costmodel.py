@@ -362,12 +362,15 @@ def test_shared_prefix_reads_the_prefix_once():
     assert n.bytes_by_tensor["k"] + n.bytes_by_tensor["v"] == kv_elems * b * (P + S) * 2
     assert (h.bytes_by_tensor["k_prefix"] + h.bytes_by_tensor["v_prefix"] + h.bytes_by_tensor["k_suffix"]
             + h.bytes_by_tensor["v_suffix"]) == kv_elems * (P + b * S) * 2
-    assert h.flops == n.flops == 4 * b * 32 * (P + S) * d
-    assert h.launches == 1 and f.launches == 5
+    prefix, suffixes, merge = shared_prefix.hydragen_launches(shape, gpu=H100)
+    assert prefix.flops + suffixes.flops == n.flops == 4 * b * 32 * (P + S) * d
+    assert h.flops == n.flops + merge.flops
+    assert h.launches == 3 and f.launches == 5
     assert h.time_s < f.time_s < n.time_s
     assert n.time_s > 5 * h.time_s
     fused = shared_prefix.predict(shape, method="bifurcated", fused=True, gpu=H100)
-    assert fused.launches == 1 and fused.time_s == pytest.approx(h.time_s)
+    hydragen_fused = shared_prefix.predict(shape, method="hydragen", fused=True, gpu=H100)
+    assert fused.launches == 1 and fused.time_s == pytest.approx(hydragen_fused.time_s)
 
 
 def test_shared_prefix_checks_its_shape():
@@ -380,18 +383,102 @@ def test_shared_prefix_checks_its_shape():
 def test_gqa_prefix_is_a_tensor_core_product():
     shape = shared_prefix.SharedPrefixShape(128, 32, 8, 128, 32768, 256)
     plan = shared_prefix.plan_hydragen(shape, gpu=H100)
-    launch = plan.launch()
-    assert launch.matmul_flops > 0
+    (prefix, _), _, _ = plan.launches(H100)
+    assert prefix.matmul_flops > 0
     # 128 sequences x 4 heads = 512 query rows per KV head: 8 tiles, the later ones read from L2
-    assert launch.l2_hit_bytes == 7 * 2 * 32768 * 8 * 128 * 2
+    assert prefix.l2_hit_bytes == 7 * 2 * 32768 * 8 * 128 * 2
     assert plan.parts_per_sequence == -(-32768 // plan.prefix_chunk_size) + 1
+    fused = shared_prefix.plan_hydragen(shape, gpu=H100, fused=True)
+    assert fused.launch().l2_hit_bytes == 7 * 2 * 32768 * 8 * 128 * 2
 
 
-def test_two_level_tree_is_hydragen():
+def test_hydragen_is_the_kernels_three_launches():
+    """The prefix pass in the kernels' chunks (one wave of resident blocks), the suffixes by the
+    kernels' split-KV plan, the merge of every chunk's state and the suffix's."""
+    from gpukernels.shared_prefix import plan_shared_prefix
+
+    for b, hq, hkv, d, P, S in [(64, 32, 8, 128, 16384, 256), (16, 32, 32, 128, 8192, 256),
+                                (5, 28, 4, 256, 339, 17), (1024, 32, 8, 64, 1024, 128)]:
+        shape = shared_prefix.SharedPrefixShape(b, hq, hkv, d, P, S)
+        plan = shared_prefix.plan_hydragen(shape, gpu=H100)
+        kernels = plan_shared_prefix(b, hq, hkv, d, P, S, gpu=H100)
+        assert plan.prefix_chunk_size == kernels.prefix_chunk_size
+        assert plan.num_chunks == kernels.num_chunks
+        assert plan.suffix == kernels.suffix
+        (prefix, rate), (suffixes, _), (merge, _) = plan.launches(H100)
+        assert [launch.name for launch in (prefix, suffixes, merge)] == ["prefix_pass", "suffixes", "merge"]
+        # grid: chunks x tiles of 64 query rows x KV heads, two resident blocks (one at head_dim 256)
+        assert prefix.num_blocks == plan.prefix_blocks == kernels.num_chunks * -(-b * hq // hkv // 64) * hkv
+        assert prefix.blocks_per_sm == (1 if d >= 256 else 2)
+        assert merge.num_blocks == b * hq
+        # the unique bytes (prefix once, every suffix once) plus the re-reads of later row tiles (L2)
+        # and the partial states written by the prefix pass and read by the merge
+        kv_row = hkv * d * 2                      # one of K or V of one token, float16
+        tiles = plan.row_tiles
+        assert prefix.bytes_by_tensor["k_prefix"] == tiles * P * kv_row
+        assert prefix.l2_hit_bytes == (tiles - 1) * 2 * P * kv_row
+        assert suffixes.bytes_by_tensor["k_suffix"] == b * S * kv_row
+        states = plan.num_chunks * b * hq
+        assert prefix.bytes_by_tensor["partial_out_write"] == states * d * 4
+        assert merge.bytes_by_tensor["states_out"] == (states + b * hq) * d * 4
+        p = shared_prefix.predict(shape, gpu=H100, plan=plan)
+        kv = sum(v for k, v in p.bytes_by_tensor.items() if k[:2] in ("k_", "v_"))
+        assert kv - prefix.l2_hit_bytes - suffixes.l2_hit_bytes == 2 * (P + b * S) * kv_row
+        assert p.launches == 3 and p.time_s == pytest.approx(sum(p.terms[f"{n}.time_s"] for n in
+                                                                 ("prefix_pass", "suffixes", "merge")))
+        # the prefix pass's tensor cores wait on shared memory: never faster than the GPU's rate
+        assert rate <= H100.matmul_flops_per_s
+
+
+def test_prefix_pass_rate_is_shared_memory_bound():
+    """Per tile of 64 KV rows at head_dim 128, a block of 4 warps issues 256 ldmatrix.x4 (512 B
+    each) and 512 mma.sync m16n8k16, and its copies write 32 KB: 163,840 bytes at 128 a clock is
+    1,280 clocks against 512 for the tensor cores (4,096 FLOPs a clock per SM on Hopper)."""
+    from costmodel import segments
+
+    counts = segments.attend_rows_tile_counts(128, 4, "float16")
+    assert counts == {"ldmatrix_x4": 256, "mma": 512, "smem_bytes": 163840}
+    h200 = get_gpu("H200")
+    assert segments.attend_rows_flops_per_s(h200, 128, "float16") == pytest.approx(0.4 * h200.matmul_flops_per_s)
+    # a warp alone (16 query rows) pays the whole tile's copies: a quarter of the rate
+    assert segments.attend_rows_flops_per_s(h200, 128, "float16", 1) == pytest.approx(0.25 * h200.matmul_flops_per_s)
+    fused = shared_prefix.predict(shared_prefix.SharedPrefixShape(64, 32, 8, 128, 16384, 256), gpu=h200, fused=True)
+    assert fused.launches == 1
+
+
+def test_two_level_tree_fused_is_hydragen_fused():
     sp = shared_prefix.SharedPrefixShape(16, 32, 32, 128, 4096, 256)
     t = tree.TreeShape(16, 32, 32, 128, ((1, 4096), (16, 256)))
-    assert tree.predict(t, gpu=H100).time_s == pytest.approx(
-        shared_prefix.predict(sp, method="hydragen", gpu=H100).time_s)
+    assert tree.predict(t, gpu=H100, fused=True).time_s == pytest.approx(
+        shared_prefix.predict(sp, method="hydragen", gpu=H100, fused=True).time_s)
+
+
+def test_tree_is_the_kernels_two_launches():
+    """The kernels' chunk (gpukernels.tree.choose_work), one block per (segment, chunk, row tile)
+    and KV head, then the merge of each sequence's states."""
+    from gpukernels.tree import choose_work
+
+    for levels, hq, hkv in [(((1, 4096), (8, 2048), (64, 256)), 32, 32), (((1, 339), (4, 17)), 28, 4),
+                            (((1, 1024), (2, 300), (16, 64)), 32, 8)]:
+        batch = levels[-1][0] if levels[-1][0] > 1 else 16
+        t = tree.TreeShape(batch, hq, hkv, 128, levels)
+        seg_lens, paths = [], [[] for _ in range(batch)]
+        for n, length in levels:
+            for j in range(n):
+                for b in range(j * batch // n, (j + 1) * batch // n):
+                    paths[b].append(len(seg_lens))
+                seg_lens.append(length)
+        seg_indptr = np.concatenate([[0], np.cumsum(seg_lens)])
+        path_indptr = np.concatenate([[0], np.cumsum([len(p) for p in paths])])
+        work = choose_work(seg_indptr, path_indptr, np.concatenate(paths), group_size=hq // hkv,
+                           num_kv_heads=hkv, sms=H100.num_sms, tile=64)
+        plan = tree.plan_tree(t, gpu=H100)
+        assert plan.chunk_size == work.chunk_size
+        (segments, _), (merge, _) = plan.launches(H100)
+        assert segments.num_blocks == len(work.work) * hkv
+        assert merge.num_blocks == batch * hq
+        assert merge.bytes_by_tensor["states_lse"] == work.num_states * hq * 4
+        assert tree.predict(t, gpu=H100).launches == 2
 
 
 def test_tree_levels_are_read_once_each():
