@@ -193,8 +193,8 @@ def _why_sharded(w: Workload, gpu: GPUSpec, win: VariantRow, base: VariantRow) -
     return (f"{win.variant} wins, {win.speedup:.1f}x faster than {base.variant}, because each of its "
             f"{w.num_gpus} GPUs reads only its shard of the cache ({format_bytes(shard.hbm_bytes)} of "
             f"memory traffic instead of {format_bytes(q.hbm_bytes)}) in {format_seconds(p.shard_s)}, and "
-            f"exchanging and merging the partial states adds only "
-            f"{format_seconds(p.collective_s + p.merge_s)}; the slowest shard is {shard.bound}-bound, "
+            f"exchanging and merging the partial states (packing, the all-gather, unpacking, the merge) "
+            f"adds only {format_seconds(p.exchange_s)}; the slowest shard is {shard.bound}-bound, "
             f"reaching {ceiling:.0%} of one GPU's {gpu.stream_bytes_per_s / 1e12:.1f} TB/s memory ceiling.")
 
 

@@ -1,24 +1,36 @@
 """Decode over several GPUs: one sequence's KV cache sharded along its tokens over `num_gpus` GPUs.
 
-Every rank attends to its shard with the split_kv kernel, one NCCL all-gather exchanges the partial
-states (out and lse: batch x num_qo_heads x (head_dim + 1) float32 values per rank) and every rank
-merges the gathered states with the LSE merge. So
+Every rank attends to its shard with the split_kv kernel, packs its partial state (out and lse:
+batch x num_qo_heads x (head_dim + 1) float32 values) into one buffer, one NCCL all-gather
+exchanges the packed states, every rank unpacks them and merges them with the LSE merge. The step
+is the kernels `gpukernels.sharded` launches on each rank (`STEP_KERNELS`, in order), captured
+in one CUDA graph as `ShardedDecode` runs it, so
 
-    time_s = shard_s + collective_s + merge_s
+    time_s = shard_s + pack_s + collective_s + unpack_s + merge_s
 
-    shard_s      = max over ranks of split_kv.predict(that rank's plan)   (the slowest shard)
-    collective_s = (N - 1) x (step_latency_s + bytes_per_rank / link_bytes_per_s)
+    shard_s      = max over ranks of split_kv.predict(that rank's plan)     (the slowest shard)
+    pack_s       = 2 copies: out (q's dtype -> float32) and lse into the send buffer
+    collective_s = call_latency_s + (N - 1) x (step_latency_s + bytes_per_rank / link_bytes_per_s)
                    [+ eager_call_overhead_s when called outside a CUDA graph]
                    (of the collective model's segments, the faster for this message size)
-    merge_s      = merge_states.predict(N states)
+    unpack_s     = 2 copies: the gathered outs (float32 -> q's dtype) and lses out of the gather buffer
+    merge_s      = merge_states.predict(N states in q's dtype)
 
-shard_s and merge_s are the single-GPU model's predictions unchanged, launch constant included
-(fitted on kernels timed back to back, not inside a CUDA graph).
+shard_s is the single-GPU model's prediction unchanged: the graph's first kernel starts like a
+lone launch (`launch_s`, fitted on kernels timed one at a time). The copies and the merge run
+behind it inside the graph, each at `GRAPH_KERNEL_S` (the end-to-end model's cost of a kernel
+inside a CUDA graph) plus its own roofline and schedule; called eagerly (`graph=False`) each
+pays the fitted `launch_s` instead.
 
-The collective's constants are data (`data/collectives.json`): fitted on 2 H200 joined by NVLink
-and extrapolated to more GPUs by the ring formula until measured. The payload does not depend on
-the context length while the shard's read shrinks as 1/N, so one GPU wins at short contexts and N
-GPUs approach 1/N of the time at long ones; `crossover_kv_len` says where the two meet.
+The collective's constants are data (`data/collectives.json`): its latency is the all-gather's
+as measured alone on 2 H200 joined by NVLink, one graph replay at a time, as the step runs it
+(`call_latency_s` once per call plus one ring step); the bandwidths come from larger messages.
+Measured alone, the all-gather's time includes starting its graph, which inside the step the
+shard's launch has already paid (a few microseconds counted twice), and waiting for the later
+rank, which the step waits for too. More GPUs are extrapolated by the ring formula until measured.
+The payload does not depend on the context length while the shard's read shrinks as 1/N, so one
+GPU wins at short contexts and N GPUs approach 1/N of the time at long ones; `crossover_kv_len`
+says where the two meet.
 
 Shards: new tokens go round-robin over the ranks in blocks of `placement_block` tokens, so the
 shard lengths differ by at most one block and a shard may be empty (fewer blocks than ranks).
@@ -27,7 +39,9 @@ shard lengths differ by at most one block and a shard may be empty (fewer blocks
 >>> plan.shard_lens, plan.payload_bytes
 ((524288, 524288), 16512)
 >>> p = predict(plan)
->>> abs(p.shard_s + p.collective_s + p.merge_s - p.time_s) < 1e-12
+>>> abs(p.shard_s + p.pack_s + p.collective_s + p.unpack_s + p.merge_s - p.time_s) < 1e-12
+True
+>>> p.launches == len(STEP_KERNELS)
 True
 
 `print(p)` shows the terms as a short table with units; `sharding_table(...)` prints the predicted
@@ -37,6 +51,7 @@ for every GPU count from 2 to MAX_NUM_GPUS.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from dataclasses import dataclass
@@ -49,21 +64,39 @@ from decode_attention.contract import check_nonnegative_int, check_positive_int
 from . import merge_states, split_kv
 from .calibration import Calibration
 from .display import Table, format_bytes, format_bytes_per_s, format_seconds
+from .end_to_end import GRAPH_KERNEL_S
 from .gpus import GPUSpec, get_gpu, plan_gpu
-from .prediction import F32, Prediction, TimeAndRates, calibration_for, check_head_grouping, dtype_bytes
+from .prediction import (F32, Launch, Prediction, TimeAndRates, calibration_for, check_head_grouping,
+                         dtype_bytes, predict_launches)
 
-__all__ = ["MAX_NUM_GPUS", "DEFAULT_PLACEMENT_BLOCK", "TABLE_KV_LENS", "CollectiveSegment",
+__all__ = ["MAX_NUM_GPUS", "DEFAULT_PLACEMENT_BLOCK", "TABLE_KV_LENS", "STEP_KERNELS", "CollectiveSegment",
            "Interconnect", "AllGather", "ShardedPlan", "ShardedPrediction", "ShardingTable",
            "check_num_gpus", "get_interconnect", "interconnect_for", "interconnect_names", "shard_lens",
-           "plan_sharded", "predict", "speedup", "crossover_kv_len", "sharding_table", "CrossoverTable",
-           "crossover_table"]
+           "plan_sharded", "step_copy_launches", "predict", "speedup", "crossover_kv_len", "sharding_table",
+           "CrossoverTable", "crossover_table"]
 
 MAX_NUM_GPUS = 8                 # GPUs of one host
 DEFAULT_PLACEMENT_BLOCK = 32     # tokens placed on one rank before the next (Helix appends 32 at a time)
 STATE_VALUES = 1                 # lse: one float32 per (sequence, head) besides the head_dim outputs
 TABLE_KV_LENS = (32768, 131072, 1 << 20, 1 << 22)    # 32k, 128k, 1M, 4M tokens
 MAX_SEARCH_KV_LEN = 1 << 28      # crossover_kv_len gives up above this context length
-NO_COLLECTIVE = {"latency_s": 0.0, "transfer_s": 0.0, "eager_call_s": 0.0, "time_s": 0.0}   # one rank
+NO_COLLECTIVE = {"call_s": 0.0, "latency_s": 0.0, "transfer_s": 0.0, "eager_call_s": 0.0, "time_s": 0.0}  # one rank
+# What one sharded step launches on every rank, in order (gpukernels.sharded: ShardedDecode.run ->
+# _step): (term, what). One GPU launches the first alone.
+STEP_KERNELS = (
+    ("shard_s", "split_kv on the rank's shard (its merge of splits inside the same launch)"),
+    ("pack_s", "copy of out into the send buffer, q's dtype -> float32"),
+    ("pack_s", "copy of lse into the send buffer's last column"),
+    ("collective_s", "the NCCL all-gather of the packed states"),
+    ("unpack_s", "copy of the gathered outs, float32 -> q's dtype"),
+    ("unpack_s", "copy of the gathered lses"),
+    ("merge_s", "merge_states of the N states into out and lse"),
+)
+# The copies are PyTorch's elementwise kernels (`Tensor.copy_`; the benchmark's arrays are tensors):
+# blocks of 128 threads, 4 elements each, no shared memory, so the thread limit (2048 a Hopper SM)
+# decides how many are resident.
+COPY_ELEMENTS_PER_BLOCK = 128 * 4
+COPY_BLOCKS_PER_SM = 2048 // 128
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,14 +123,18 @@ class Interconnect:
     measured_ranks: int              # ranks of the measurements (more are extrapolated)
     assumed_for: tuple[tuple[str, str], ...]   # (GPU key, why the entry is taken for it), unmeasured
     algorithm: str                   # "ring"
+    call_latency_s: float            # once per call: what a lone call inside a CUDA graph takes
+                                     # beyond its ring steps (starting on idle GPUs, waiting for
+                                     # the later rank)
     eager_call_overhead_s: float     # what calling outside a CUDA graph adds, once per call
     segments: tuple[CollectiveSegment, ...]
     source: str
 
     def all_gather_terms(self, bytes_per_rank: int, num_ranks: int, *, graph: bool = True) -> dict[str, float]:
-        """Ring all-gather of `bytes_per_rank` from each of `num_ranks` ranks: (N - 1) steps of the
-        faster segment's latency plus bytes over its link bandwidth, the eager overhead once.
-        Keys: latency_s, transfer_s, eager_call_s, time_s (their sum), seconds."""
+        """Ring all-gather of `bytes_per_rank` from each of `num_ranks` ranks: the call latency
+        once, (N - 1) steps of the faster segment's latency plus bytes over its link bandwidth,
+        the eager overhead once. Keys: call_s, latency_s, transfer_s, eager_call_s, time_s (their
+        sum), seconds."""
         steps = num_ranks - 1
         if steps <= 0:
             return dict(NO_COLLECTIVE)
@@ -105,8 +142,8 @@ class Interconnect:
         latency_s = steps * seg.step_latency_s
         transfer_s = steps * bytes_per_rank / seg.link_bytes_per_s
         eager_s = 0.0 if graph else self.eager_call_overhead_s
-        return {"latency_s": latency_s, "transfer_s": transfer_s, "eager_call_s": eager_s,
-                "time_s": latency_s + transfer_s + eager_s}
+        return {"call_s": self.call_latency_s, "latency_s": latency_s, "transfer_s": transfer_s,
+                "eager_call_s": eager_s, "time_s": self.call_latency_s + latency_s + transfer_s + eager_s}
 
     def all_gather_s(self, bytes_per_rank: int, num_ranks: int, *, graph: bool = True) -> float:
         return self.all_gather_terms(bytes_per_rank, num_ranks, graph=graph)["time_s"]
@@ -149,7 +186,8 @@ def get_interconnect(key: str) -> Interconnect:
     return Interconnect(
         key=key, name=e["name"], gpus=tuple(e["gpus"]), measured_on=e["measured_on"],
         measured_ranks=int(e["measured_ranks"]), assumed_for=tuple(e.get("assumed_for", {}).items()),
-        algorithm=e["algorithm"], eager_call_overhead_s=float(e["eager_call_overhead_s"]),
+        algorithm=e["algorithm"], call_latency_s=float(e["call_latency_s"]),
+        eager_call_overhead_s=float(e["eager_call_overhead_s"]),
         segments=tuple(CollectiveSegment(s["name"], float(s["step_latency_s"]), float(s["link_bytes_per_s"]))
                        for s in e["segments"]),
         source=e["source"],
@@ -178,7 +216,7 @@ class AllGather:
     interconnect: str            # key into data/collectives.json
     num_ranks: int
     bytes_per_rank: int
-    graph: bool                  # inside a CUDA graph (else called eagerly)
+    graph: bool                  # inside the step's CUDA graph (else called eagerly)
 
     @property
     def gathered_bytes(self) -> int:
@@ -271,9 +309,10 @@ def plan_sharded(
 ) -> ShardedPlan:
     """Cut a decode call over `num_gpus` GPUs (1 to MAX_NUM_GPUS) of kind `gpu`: the shards of a
     round-robin placement in blocks of `placement_block` tokens, each rank's split_kv plan for its
-    shard (the split count chosen as on one GPU), and the all-gather of the partial states, inside
-    a CUDA graph unless `graph` is False. `interconnect` (default: the one the data file lists for
-    `gpu`) names the collective model. One GPU is the plain split_kv plan with no collective.
+    shard (the split count chosen as on one GPU), and the all-gather of the partial states; the
+    whole step runs inside one CUDA graph unless `graph` is False. `interconnect` (default: the
+    one the data file lists for `gpu`) names the collective model. One GPU is the plain split_kv
+    plan with no collective.
     Sizes are ints (NumPy integers too): a wrong type is a TypeError, a wrong value a ValueError."""
     batch, num_qo_heads, num_kv_heads, head_dim, dtype = _check_shape(
         batch, num_qo_heads, num_kv_heads, head_dim, dtype)
@@ -300,13 +339,42 @@ def plan_sharded(
 # The prediction
 # ---------------------------------------------------------------------------------------------
 
+def _copy_launch(name: str, num_elements: int, src_bytes: int, dst_bytes: int) -> Launch:
+    """One elementwise copy of `num_elements` values: each block loads its elements, then stores
+    them (one dependent round trip)."""
+    full, rest = divmod(num_elements, COPY_ELEMENTS_PER_BLOCK)
+    elem = src_bytes + dst_bytes
+    runs = ((COPY_ELEMENTS_PER_BLOCK * elem, 1, full),) + (((rest * elem, 1, 1),) if rest else ())
+    return Launch(name=name, bytes_by_tensor={f"{name}.src": num_elements * src_bytes,
+                                              f"{name}.dst": num_elements * dst_bytes},
+                  block_runs=runs, blocks_per_sm=COPY_BLOCKS_PER_SM)
+
+
+def step_copy_launches(plan: "ShardedPlan") -> tuple[tuple[Launch, ...], tuple[Launch, ...]]:
+    """The copies of a sharded step as `gpukernels.sharded._step` makes them: (pack, unpack).
+    Pack: this rank's out [B, H, D] (q's dtype) and lse [B, H] into the float32 send buffer
+    [B, H, D + 1]; unpack: the gathered [N, B, H, D + 1] into outs [N, B, H, D] (q's dtype) and
+    lses [N, B, H], which the merge reads. None with one GPU: ((), ())."""
+    if plan.num_gpus == 1:
+        return (), ()
+    rows = plan.batch * plan.num_qo_heads
+    elem = dtype_bytes(plan.dtype)
+    n = plan.num_gpus
+    pack = (_copy_launch("pack_out", rows * plan.head_dim, elem, F32),
+            _copy_launch("pack_lse", rows, F32, F32))
+    unpack = (_copy_launch("unpack_outs", n * rows * plan.head_dim, F32, elem),
+              _copy_launch("unpack_lses", n * rows, F32, F32))
+    return pack, unpack
+
+
 @dataclass(frozen=True, repr=False)
 class ShardedPrediction(TimeAndRates):
     """Predicted cost of one sharded call (its achieved bytes per second: all GPUs' HBM traffic
     over the time, up to num_gpus times one GPU's ceiling). Prints as a short table with units (`str`, `repr`) and
     renders as one in a notebook; the numbers are in seconds and bytes: `terms` holds shard_s,
-    collective_s, merge_s and time_s (their sum) and the collective's parts as 'collective.<part>',
-    `shards[r]` each rank's split_kv prediction, `merge` the merge's (None with one GPU).
+    pack_s, collective_s, unpack_s, merge_s and time_s (their sum) and the collective's parts as
+    'collective.<part>', `shards[r]` each rank's split_kv prediction, `pack`, `unpack` and `merge`
+    those of the step's copies and merge (None with one GPU).
 
     It also answers what an explanation's row reads from a Prediction (time, traffic, FLOPs,
     blocks, waves, bound), summed over the GPUs where a sum makes sense."""
@@ -315,7 +383,10 @@ class ShardedPrediction(TimeAndRates):
     gpu: GPUSpec
     interconnect: Interconnect | None
     shards: tuple[Prediction, ...]
+    pack: Prediction | None
+    unpack: Prediction | None
     merge: Prediction | None
+    kernel_launch_s: float           # what each kernel after the shard's costs to start (in a graph: GRAPH_KERNEL_S)
     terms: dict[str, float]
 
     variant = "sharded"
@@ -333,12 +404,25 @@ class ShardedPrediction(TimeAndRates):
         return self.terms["shard_s"]
 
     @property
+    def pack_s(self) -> float:
+        return self.terms["pack_s"]
+
+    @property
     def collective_s(self) -> float:
         return self.terms["collective_s"]
 
     @property
+    def unpack_s(self) -> float:
+        return self.terms["unpack_s"]
+
+    @property
     def merge_s(self) -> float:
         return self.terms["merge_s"]
+
+    @property
+    def exchange_s(self) -> float:
+        """Everything after the shard: packing, the all-gather, unpacking and the merge."""
+        return self.time_s - self.shard_s
 
     @property
     def slowest_rank(self) -> int:
@@ -351,12 +435,12 @@ class ShardedPrediction(TimeAndRates):
         return self.shards[self.slowest_rank]
 
     def _launch_predictions(self) -> list[Prediction]:
-        merges = [self.merge] * self.num_gpus if self.merge is not None else []
-        return [*self.shards, *merges]
+        small = [p for p in (self.pack, self.unpack, self.merge) if p is not None]
+        return [*self.shards, *(small * self.num_gpus)]
 
     @property
     def hbm_bytes(self) -> int:
-        """HBM traffic of all GPUs together (each rank's split_kv and merge)."""
+        """HBM traffic of all GPUs together (each rank's split_kv, copies and merge)."""
         return sum(p.hbm_bytes for p in self._launch_predictions())
 
     @property
@@ -379,14 +463,14 @@ class ShardedPrediction(TimeAndRates):
 
     @property
     def launches(self) -> int:
-        """Launches on each GPU: split_kv, and with several GPUs the collective and the merge."""
-        return 1 if self.num_gpus == 1 else 3
+        """Kernels each GPU launches (`STEP_KERNELS`): split_kv alone on one GPU."""
+        return 1 if self.num_gpus == 1 else len(STEP_KERNELS)
 
     @property
     def bound(self) -> str:
         """"collective" when exchanging and merging the states takes longer than the slowest
         shard; otherwise that shard's bound."""
-        if self.collective_s + self.merge_s > self.shard_s:
+        if self.exchange_s > self.shard_s:
             return "collective"
         return self.slowest_shard.bound
 
@@ -401,9 +485,10 @@ class ShardedPrediction(TimeAndRates):
 
 def predict(plan: ShardedPlan, *, gpu: "GPUSpec | str | None" = None,
             calibration: Calibration | None = None) -> ShardedPrediction:
-    """Predicted time of a sharded plan: the slowest rank's split_kv, the all-gather, the merge.
-    `gpu` defaults to the plan's; one given must have the plan's SM count (a GPUSpec with measured
-    ceilings, say). With one GPU the time is split_kv's prediction for the whole cache."""
+    """Predicted time of a sharded plan: the slowest rank's split_kv, the packing copies, the
+    all-gather, the unpacking copies, the merge. `gpu` defaults to the plan's; one given must have
+    the plan's SM count (a GPUSpec with measured ceilings, say). With one GPU the time is
+    split_kv's prediction for the whole cache."""
     if not isinstance(plan, ShardedPlan):
         raise TypeError(f"plan must be a ShardedPlan, got {type(plan).__name__}")
     spec = get_gpu(plan.gpu if gpu is None else gpu)
@@ -417,19 +502,30 @@ def predict(plan: ShardedPlan, *, gpu: "GPUSpec | str | None" = None,
             by_plan[rp] = split_kv.predict(rp, gpu=spec, calibration=cal)
     shards = tuple(by_plan[rp] for rp in plan.rank_plans)
     shard_s = max(p.time_s for p in shards)
+    # the kernels behind the shard's: inside the step's CUDA graph, or launched one by one
+    graph = plan.collective is None or plan.collective.graph
+    kernel_launch_s = GRAPH_KERNEL_S if graph else cal.launch_s
     if plan.collective is None:
-        net, merge, coll = None, None, dict(NO_COLLECTIVE)
+        net, pack, unpack, merge, coll = None, None, None, None, dict(NO_COLLECTIVE)
     else:
         net = get_interconnect(plan.collective.interconnect)
         coll = net.all_gather_terms(plan.collective.bytes_per_rank, plan.num_gpus, graph=plan.collective.graph)
+        behind = dataclasses.replace(cal, launch_s=kernel_launch_s)
+        pack_launches, unpack_launches = step_copy_launches(plan)
+        pack = predict_launches("pack", pack_launches, gpu=spec, calibration=behind)
+        unpack = predict_launches("unpack", unpack_launches, gpu=spec, calibration=behind)
         shape = merge_states.MergeStatesShape(plan.num_gpus, plan.batch, plan.num_qo_heads, plan.head_dim,
-                                              "float32")
-        merge = merge_states.predict(shape, gpu=spec, calibration=cal)
-    merge_s = merge.time_s if merge is not None else 0.0
-    terms = {"shard_s": shard_s, "collective_s": coll["time_s"], "merge_s": merge_s,
-             "time_s": shard_s + coll["time_s"] + merge_s}
+                                              plan.dtype)
+        merge = merge_states.predict(shape, gpu=spec, calibration=behind)
+    parts = {"shard_s": shard_s,
+             "pack_s": pack.time_s if pack is not None else 0.0,
+             "collective_s": coll["time_s"],
+             "unpack_s": unpack.time_s if unpack is not None else 0.0,
+             "merge_s": merge.time_s if merge is not None else 0.0}
+    terms = {**parts, "time_s": sum(parts.values())}
     terms.update({f"collective.{k}": v for k, v in coll.items() if k != "time_s"})
-    return ShardedPrediction(plan=plan, gpu=spec, interconnect=net, shards=shards, merge=merge, terms=terms)
+    return ShardedPrediction(plan=plan, gpu=spec, interconnect=net, shards=shards, pack=pack, unpack=unpack,
+                             merge=merge, kernel_launch_s=kernel_launch_s, terms=terms)
 
 
 def _shards_text(lens: tuple[int, ...]) -> str:
@@ -443,11 +539,17 @@ def _splits_text(p: split_kv.SplitKVPlan) -> str:
     return f"{p.num_splits} split{'' if p.num_splits == 1 else 's'} of {p.chunk_size} tokens"
 
 
+def _kernels_text(p: ShardedPrediction, what: str, count: int) -> str:
+    where = "in the graph" if p.plan.collective.graph else "launched eagerly"
+    kernels = f"{count} kernel{'' if count == 1 else 's'}"
+    return f"{what}, {kernels} {where} ({format_seconds(p.kernel_launch_s)} to start each)"
+
+
 def _prediction_tables(p: ShardedPrediction) -> tuple[Table]:
     plan, n = p.plan, p.num_gpus
     gpus = f"{n} GPU{'' if n == 1 else 's'}"
     where = "" if p.interconnect is None else (
-        f", {p.interconnect.name}, collective "
+        f", {p.interconnect.name}, step "
         + ("inside a CUDA graph" if plan.collective.graph else "called eagerly"))
     header = [
         f"sharded: split_kv on {gpus}, {format_seconds(p.time_s)} predicted, {p.bound}-bound "
@@ -464,20 +566,26 @@ def _prediction_tables(p: ShardedPrediction) -> tuple[Table]:
         c, net = plan.collective, p.interconnect
         seg = net.segment_for(c.bytes_per_rank)
         steps = n - 1
-        what = (f"all-gather of {format_bytes(c.bytes_per_rank)} per rank, {net.algorithm}: {steps} "
-                f"step{'' if steps == 1 else 's'} x ({format_seconds(seg.step_latency_s)} + bytes at "
-                f"{format_bytes_per_s(seg.link_bytes_per_s)}, {seg.name})")
+        what = (f"all-gather of {format_bytes(c.bytes_per_rank)} per rank, {net.algorithm}: "
+                f"{format_seconds(net.call_latency_s)} a call + {steps} step{'' if steps == 1 else 's'} x "
+                f"({format_seconds(seg.step_latency_s)} + bytes at {format_bytes_per_s(seg.link_bytes_per_s)}, "
+                f"{seg.name})")
         if not c.graph:
             what += f" + {format_seconds(net.eager_call_overhead_s)} eager call"
+        rows.append(("pack_s", format_seconds(p.pack_s), _kernels_text(p, "out and lse into the send buffer",
+                                                                      p.pack.launches)))
         rows.append(("collective_s", format_seconds(p.collective_s), what))
-        rows.append(("merge_s", format_seconds(p.merge_s), f"merge_states of {n} states on every rank"))
+        rows.append(("unpack_s", format_seconds(p.unpack_s), _kernels_text(p, f"the {n} gathered outs and lses",
+                                                                          p.unpack.launches)))
+        rows.append(("merge_s", format_seconds(p.merge_s), _kernels_text(p, f"merge_states of {n} states",
+                                                                        p.merge.launches)))
     rows.append(("time_s", format_seconds(p.time_s),
-                 "shard_s + collective_s + merge_s" if plan.collective is not None else "split_kv alone"))
+                 f"their sum, {p.launches} kernels a GPU" if plan.collective is not None else "split_kv alone"))
     total = p.time_s
     table_rows = tuple((k, t, f"{p.terms[k] / total:.0%}" if total else "-", what) for k, t, what in rows)
     footer = ["each rank's split_kv prediction in .shards[r]"
-              + (", the merge's in .merge, the collective's parts in .terms['collective.<part>']"
-                 if plan.collective is not None else "")]
+              + (", the copies' in .pack and .unpack, the merge's in .merge, the collective's parts in "
+                 ".terms['collective.<part>']" if plan.collective is not None else "")]
     if p.interconnect is not None:
         footer += p.interconnect.caveats(p.gpu.key, n)
     return (Table(tuple(header), ("term", "time", "share", "what"), table_rows, tuple(footer), "lrrl"),)
