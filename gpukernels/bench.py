@@ -411,6 +411,24 @@ def _plan_rows(plans: dict, impl: str, run, base: dict, timer, gpu) -> list[dict
     return rows
 
 
+def _peer_rows_with_host(timer: Timer, base: dict, one_shot_row: dict, one_shot, peers: dict) -> list[dict]:
+    """A row for each peer of `peers` (label -> call) that runs, timed; then the host time of the
+    one-shot call and of those peers, measured together in interleaved rounds
+    (`host_us_interleaved`), written into `one_shot_row` and the peer rows."""
+    rows, timed = [], {one_shot_row["impl"]: one_shot}
+    for label, fn in peers.items():
+        try:
+            rows.append({**base, "impl": label, "time_ms": timer(fn)})
+        except Exception as exc:  # noqa: BLE001 - a peer that cannot run this shape: reported, left out
+            _progress(f"  {label} failed: {str(exc).splitlines()[0][:80]}")
+            continue
+        timed[label] = fn
+    host = host_us_interleaved(timed)
+    for row in (one_shot_row, *rows):
+        row["host_us"] = host[row["impl"]]
+    return rows
+
+
 def run_decode_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool, sweep: bool = True) -> list[dict]:
     import cupy as cp
 
@@ -459,20 +477,8 @@ def run_decode_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool, sweep: b
         rows += _plan_rows(plans(page_size=PAGE_SIZE), "paged_decode", run_paged,
                            {**base, "page_size": PAGE_SIZE}, timer, gpu)
         del kp, vp
-        timed = {"split_kv:oneshot": one_shot}
-        for label, fn in _peers(q, k, v, batch, num_kv_heads, kv_len).items():
-            try:
-                rows.append({**base, "impl": label, "time_ms": timer(fn)})
-            except Exception as exc:  # noqa: BLE001
-                _progress(f"  {label} failed: {str(exc).splitlines()[0][:80]}")
-                continue
-            timed[label] = fn
-        # The one-shot call's host time and the peers' are measured together (interleaved rounds).
-        host = host_us_interleaved(timed)
-        for row in rows:
-            if row["impl"] in host and row["kv_len"] == kv_len and row["batch"] == batch \
-                    and row["num_kv_heads"] == num_kv_heads:
-                row["host_us"] = host[row["impl"]]
+        rows += _peer_rows_with_host(timer, base, one_shot_row, one_shot,
+                                     _peers(q, k, v, batch, num_kv_heads, kv_len))
         for row in rows:
             if "frac" not in row:
                 row["frac"] = row["floor_ms"] / row["time_ms"]
@@ -542,21 +548,10 @@ def run_coverage_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool) -> lis
         row["predicted_ms"] = predict_row(row, gpu).time_s * 1e3
         rows.append(row)
         one_shot = lambda: gpukernels.split_kv(q, k, v)  # noqa: E731
-        row_rows = [{**base, "impl": "split_kv:oneshot", "num_splits": plan.num_splits,
-                     "time_ms": timer(one_shot)}]
-        timed = {"split_kv:oneshot": one_shot}
-        for label, fn in _sdpa_peers(q, k, v).items():
-            try:
-                row_rows.append({**base, "impl": label, "time_ms": timer(fn)})
-            except Exception as exc:  # noqa: BLE001
-                _progress(f"  {label} failed: {str(exc).splitlines()[0][:80]}")
-                continue
-            timed[label] = fn
-        # The one-shot call's host time and the peers' are measured together (interleaved rounds).
-        host = host_us_interleaved(timed)
-        for r in row_rows:
-            r["host_us"] = host[r["impl"]]
-        rows += row_rows
+        one_shot_row = {**base, "impl": "split_kv:oneshot", "num_splits": plan.num_splits,
+                        "time_ms": timer(one_shot)}
+        rows.append(one_shot_row)
+        rows += _peer_rows_with_host(timer, base, one_shot_row, one_shot, _sdpa_peers(q, k, v))
         for r in rows:
             r.setdefault("frac", r["floor_ms"] / r["time_ms"])
         _progress("  " + ", ".join(f"{r['impl']} {r['time_ms'] * 1e3:.1f} us" for r in rows
