@@ -297,7 +297,7 @@ def _check_plan_args(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, dt
 
 @functools.lru_cache(maxsize=4096)
 def _choose_num_splits(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, dtype, page_size,
-                       num_sms, spec, cal) -> int:
+                       num_sms, spec, cal, max_blocks_per_sm=None) -> int:
     base = _make_plan(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, dtype, 1, num_sms,
                       page_size)
     base_blocks = base.num_blocks
@@ -305,6 +305,8 @@ def _choose_num_splits(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, 
     for s in candidate_num_splits(base_blocks, max_kv_len, num_sms, cal.blocks_per_sm):
         plan = base if s == 1 else _make_plan(batch, num_qo_heads, num_kv_heads, head_dim,
                                               max_kv_len, dtype, s, num_sms, page_size)
+        if max_blocks_per_sm is not None and s > 1 and plan.num_blocks > max_blocks_per_sm * num_sms:
+            continue
         if plan.num_splits not in times:
             times[plan.num_splits] = predict(plan, gpu=spec, calibration=cal).time_s
     best = min(times.values())
@@ -323,8 +325,11 @@ def plan_split_kv(
     num_sms: int | None = None,
     page_size: int = 0,
     gpu: "GPUSpec | str | None" = None,
+    max_blocks_per_sm: int | None = None,
 ) -> SplitKVPlan:
     """Cut a decode call into blocks. `num_splits=None` lets the cost model choose; 1 means no split.
+    `max_blocks_per_sm`, with `num_splits=None`: the choice is made among the split counts whose grid
+    holds at most this many blocks per SM (one split is always allowed).
 
     The plan is for `gpu` (a name or a GPUSpec) and takes its SM count; `num_sms`, if also given,
     must agree. Without a GPU, `num_sms` (default DEFAULT_NUM_SMS) picks the listed GPU with that
@@ -345,7 +350,8 @@ def plan_split_kv(
         if chunk is not None:
             return _make_plan(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, dtype, 0,
                               num_sms, page_size, chunk_size=chunk)
-        num_splits = _choose_num_splits(*args, num_sms, spec, load_calibration(spec.key))
+        max_blocks_per_sm = check_positive_int(max_blocks_per_sm, "max_blocks_per_sm", allow_none=True)
+        num_splits = _choose_num_splits(*args, num_sms, spec, load_calibration(spec.key), max_blocks_per_sm)
     return _make_plan(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, dtype, num_splits,
                       num_sms, page_size)
 

@@ -287,9 +287,11 @@ class Kernel:
 
 
 def address(x) -> int:
-    """The device address of a CuPy array or PyTorch tensor; 0 for None."""
+    """The device address of a CuPy array, a PyTorch tensor or a `Device` view; 0 for None."""
     if x is None:
         return 0
+    if isinstance(x, Device):
+        return x.ptr
     if _is_torch(x):
         return x.data_ptr()
     return x.data.ptr

@@ -22,7 +22,7 @@ What it measures, for batch 1 and 8, 32 query / 8 KV heads, head_dim 128, float1
 
 Timing: every step is captured in a CUDA graph and replayed (a decode step runs so); CUDA events
 around each replay, the L2 flushed before each (a 256 MB write), then a device barrier (an NCCL
-all-reduce of one element: both GPUs leave it together) and a short GPU wait that hides the
+all-reduce of one element: both GPUs leave it together) and a 1 ms GPU wait that hides the
 host's launch; the median over repetitions of each repetition's slowest rank. One-GPU rows time
 rank 0 alone. Every row carries the cost model's prediction (`costmodel.sharded`, collective
 inside a CUDA graph) with the ceilings measured in the same run, `stream_ms` (a kernel that only
@@ -63,7 +63,11 @@ CROSSOVER_STEPS_PER_OCTAVE = 4
 CROSSOVER_TARGET = 0.15            # |measured - predicted| / measured
 LONG_KV_LEN = 1 << 20              # from here on two GPUs must take ...
 LONG_TIME_RATIO_TARGET = 0.55      # ... at most this share of one GPU's time
-LEAD_MS = 0.05                     # GPU wait between the barrier and the start event
+# GPU wait between the barrier and the start event: long enough that every rank's host has queued
+# its replay before its GPU starts, so no rank's step begins late and stretches another's wait in the
+# collective (with 0.05 ms, steps of 1-8 ms read 70-320 us above their shard plus collective on
+# some rows, on others 30 us).
+LEAD_MS = 1.0
 SWEEP_REPS_FACTOR = 2              # crossover rows: small and noisy, so twice the repetitions
 TEARDOWN_TIMEOUT_S = 30.0
 SEED = 0

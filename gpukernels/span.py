@@ -37,13 +37,22 @@ import numpy as np
 from decode_attention.contract import check_positive_int, check_sinks, check_span, check_spans
 
 from . import _runtime as rt
-from .split_kv import (WINDOW_LEN_BITS, WINDOW_ROWS, SplitKV, SplitKVPlan, _length_bucket,
+from .split_kv import (WINDOW_LEN_BITS, WINDOW_ROWS, SplitKV, SplitKVPlan, _launch, _length_bucket,
                        check_kernel_dtype_and_head_dim, device_gpu, num_sms, plan_split_kv, uses_tensor_cores)
 
 __all__ = ["SpanPageTable", "span_page_table", "SpanWindows", "span_windows", "SpanPlan", "plan_span", "Span",
            "span"]
 
 MAX_SPAN_PAGE = 64
+# Spans read through a page table are split at most to one block per SM. There a second resident
+# block per SM adds no throughput, and the partials it adds cost time: on H200, 8 x 32/8 heads x 32k,
+# head_dim 128 (64 rows of blocks), 2 splits (128 blocks) against 3 and 4 (192, 256): 75% density
+# in 96 spans 198.3 us against 206.7 and 206.7; 4 sinks + a 4096 window 47.0 against 49.2 and 49.3;
+# 12.5%, 25% and 50% within 1% of each other. The cost model, which counts two resident blocks per
+# SM as twice the streams, picks 3 for the first two. Spans read by windows keep the model's count:
+# their short windows leave each warp waiting on its loads, and the second block per SM hides that
+# (summarisation-like spans of about 30 tokens: 43.1 us at 2 splits, 41.9 at the model's 4).
+SPAN_PAGE_BLOCKS_PER_SM = 1
 
 
 class SpanPageTable(NamedTuple):
@@ -193,7 +202,8 @@ def plan_span(span_indptr, spans, *, batch: int, kv_len: int, num_qo_heads: int,
         page_size, per_seq = table.page_size, np.diff(table.kv_indptr).astype(np.int64)
     longest = int(per_seq.max(initial=0)) * page_size
     split = plan_split_kv(batch, num_qo_heads, num_kv_heads, head_dim, _length_bucket(max(longest, 1)),
-                          dtype=dtype, num_splits=num_splits, num_sms=num_sms, page_size=page_size, gpu=gpu)
+                          dtype=dtype, num_splits=num_splits, num_sms=num_sms, page_size=page_size, gpu=gpu,
+                          max_blocks_per_sm=None if windows is not None else SPAN_PAGE_BLOCKS_PER_SM)
     return SpanPlan(batch, int(kv_len), num_qo_heads, num_kv_heads, head_dim, dtype, table, split, windows)
 
 
@@ -226,11 +236,14 @@ class Span:
                 t = self.plan.table
                 indptr, indices, last = t.kv_indptr, t.kv_indices, t.kv_last_page_len
             padded = indices if len(indices) else np.zeros(1, np.int32)
-            tables = self._tables[key] = (
+            arrays = (
                 rt.device_int32(indptr, kind, device_id, "kv_indptr"),
                 rt.device_int32(padded, kind, device_id, "kv_indices")[: len(indices)],
                 rt.device_int32(last, kind, device_id, "kv_last_page_len"),
             )
+            # viewed once: each run passes the views (pointer, shape, dtype) instead of the arrays
+            tables = self._tables[key] = tuple(rt.device_array(a, name) for a, name in zip(
+                arrays, ("kv_indptr", "kv_indices", "kv_last_page_len")))
         return tables
 
     def run(self, q, k, v, *, sinks=None, sm_scale=None, out=None, lse=None):
@@ -238,8 +251,13 @@ class Span:
         as planned. `sinks`: optional per-head sink logits [num_qo_heads] (see `refattn.span`).
         Returns (out, lse) like `split_kv`; a sequence without spans gets out = 0, lse = -inf
         (lse = sinks[h] with sinks)."""
+        return self._run((rt.device_array(q, "q"), rt.device_array(k, "k"), rt.device_array(v, "v")),
+                         sinks=sinks, sm_scale=sm_scale, out=out, lse=lse)
+
+    def _run(self, views, *, sinks, sm_scale, out, lse):
+        """`run` on the views of q, k, v (`rt.Device`), which the one-shot call has already made."""
         p = self.plan
-        qa, ka, va = rt.device_array(q, "q"), rt.device_array(k, "k"), rt.device_array(v, "v")
+        qa, ka, va = views
         expected = (p.batch, p.kv_len, p.num_kv_heads, p.head_dim)
         for name, a in (("k", ka), ("v", va)):
             if a.shape != expected:
@@ -247,17 +265,16 @@ class Span:
                                  f"as planned, got {a.shape}")
             rt.require_contiguous(a, name)
         tables = self._device_tables(qa.kind, qa.device_id)
+        # the cache seen as rows (windows) or pages: views of the same memory, by shape alone
         if p.windows is not None:
-            rows = p.batch * p.kv_len
-            k_rows = k.reshape(rows, p.num_kv_heads, p.head_dim)      # views of the same memory
-            v_rows = v.reshape(rows, p.num_kv_heads, p.head_dim)
-            out, lse = self._runner.run_windows(q, k_rows, v_rows, *tables, sm_scale=sm_scale, out=out, lse=lse)
+            shape, windows = (p.batch * p.kv_len, p.num_kv_heads, p.head_dim), True
         else:
             ps = p.table.page_size
-            pages = p.batch * p.kv_len // ps
-            k_pages = k.reshape(pages, ps, p.num_kv_heads, p.head_dim)   # views of the same memory
-            v_pages = v.reshape(pages, ps, p.num_kv_heads, p.head_dim)
-            out, lse = self._runner.run_paged(q, k_pages, v_pages, *tables, sm_scale=sm_scale, out=out, lse=lse)
+            shape, windows = (p.batch * p.kv_len // ps, ps, p.num_kv_heads, p.head_dim), False
+        ka, va = ka._replace(shape=shape), va._replace(shape=shape)
+        out, lse = _launch(p.split, qa.obj, ka.obj, va.obj, kv_lens=None, paged=tables, sm_scale=sm_scale,
+                           out=out, lse=lse, workspace=self._runner._workspace_for, views=(qa, ka, va),
+                           windows=windows)
         if sinks is not None:
             out, lse = _merge_sinks(out, lse, _sinks_on_device(sinks, qa.kind, qa.device_id, p.num_qo_heads),
                                     qa.kind)
@@ -350,4 +367,4 @@ def span(q, k, v, span_indptr, spans, *, sm_scale=None, num_splits=None, out=Non
     key = (indptr_h.shape, spans_h.shape, indptr_h.tobytes(), spans_h.tobytes(), qa.shape, ka.shape, va.shape,
            qa.dtype, ka.dtype, va.dtype, qa.device_id, sm_scale, num_splits) if cacheable else None
     problem, runner = _one_shot_span(key, qa.device_id, q, k, v, indptr_h, spans_h, sm_scale, num_splits)
-    return runner.run(q, k, v, sinks=sinks, sm_scale=problem.sm_scale, out=out, lse=lse)
+    return runner._run((qa, ka, va), sinks=sinks, sm_scale=problem.sm_scale, out=out, lse=lse)

@@ -257,7 +257,7 @@ def _expect_shape(a: rt.Device, name: str, template: str, expected: tuple) -> No
 def _expect_index(x, name: str, length: int, device_id: int):
     if x is None:
         return None
-    a = rt.device_array(x, name)
+    a = x if isinstance(x, rt.Device) else rt.device_array(x, name)
     if a.dtype != "int32":
         raise TypeError(f"{name} must be an int32 device array for SplitKV.run, got {a.dtype}")
     _expect_shape(a, name, "[n]", (length,) if length is not None else (None,))

@@ -6,8 +6,10 @@ head_dim 128, float16, contexts 32k and 128k, it prints (us per layer): the plan
 SDPA's cuDNN backend on one cache (as the decode grid runs them), the same with the lengths on the
 GPU (as the decoder passes them) and an additive mask for cuDNN, and both over `LAYERS` distinct
 caches one after another under a CUDA graph (as the decoder's step runs them).
-Run: PYTHONPATH=. python3 scripts/explore/model_attention.py
+Run: [HQ=32] PYTHONPATH=. python3 scripts/explore/model_attention.py
 """
+import os
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -16,7 +18,7 @@ import gpukernels
 from gpukernels.bench import Timer
 
 LAYERS = 16
-HQ, HKV, D = 64, 8, 128
+HQ, HKV, D = int(os.environ.get("HQ", 64)), 8, 128   # HQ=32: the decode grid's group of 4
 timer = Timer(30)
 
 

@@ -3,9 +3,10 @@
 An exploration, not a benchmark: it prints one line per shape (us: read-only time, the planned run
 for each stage count and split count, SDPA peers, the one-shot call; host time of the one-shot call
 and of the first peer, both in us) and writes no result file. The stage count is swapped by replacing the
-launcher's kernel lookup. Run: PYTHONPATH=. python3 scripts/explore/stages_and_splits.py
+launcher's kernel lookup. Run: PYTHONPATH=. python3 scripts/explore/stages_and_splits.py [rows, e.g.
+7,13: only those rows of the grid, each followed by a profile of its one-shot call's host path]
 """
-import functools, importlib, sys, time
+import cProfile, functools, importlib, io, pstats, sys, time
 import numpy as np, torch, cupy as cp
 sk = importlib.import_module("gpukernels.split_kv")
 import gpukernels
@@ -58,10 +59,22 @@ def case(dtype, B, hq, hkv, d, L, stages_list, splits_list):
     pk = [fn for l, fn in _sdpa_peers(q, k, v).items()]
     if pk: res["host_peer"] = host_us(pk[0]) / 1e3
     print(f"{dtype} {B}x{hq}/{hkv}x{d} L={L}: " + ", ".join(f"{k_}={v_*1e3:.1f}" for k_, v_ in res.items()), flush=True)
+    if PROFILE:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(2000):
+            one()
+        prof.disable()
+        torch.cuda.synchronize()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(14)
+        print("\n".join(text.getvalue().splitlines()[:32]), flush=True)
 
-for (dtype, B, hq, hkv, d, L) in COVERAGE_GRID:
+PROFILE = len(sys.argv) > 1
+rows = [int(x) for x in sys.argv[1].split(",")] if PROFILE else range(len(COVERAGE_GRID))
+for (dtype, B, hq, hkv, d, L) in (COVERAGE_GRID[i] for i in rows):
     if d == 64:
-        case(dtype, B, hq, hkv, d, L, [3, 4, 6], ["auto", 1, 4, 16, 32])
+        case(dtype, B, hq, hkv, d, L, [3, 4, 6], ["auto", 1, 2, 3, 4, 16, 32])
     elif d == 256:
         case(dtype, B, hq, hkv, d, L, [2, 3], ["auto", 1, 4, 16, 32])
     else:
