@@ -3,19 +3,25 @@ attention of every layer by this project's variant predictions, and the launches
 
 A decode step of a batch of sequences runs every layer once, one token per sequence::
 
-    weights_s   = max(weight_bytes / (bw_fraction * stream_bytes_per_s),
+    weights_s   = max(weight_bytes / gemv_bytes_per_s,
                       2 * weight_params * batch / (matmul_fraction * matmul_flops_per_s))
     attention_s = num_layers * (the call as the decoder runs it, each launch's term at graph_kernel_s)
     launches_s  = other_kernels * graph_kernel_s
     step_s      = weights_s + attention_s + launches_s
 
-`weight_bytes` counts every weight a step reads: each layer's projections, MLP and norms, the
+`gemv_bytes_per_s` is the rate the framework's matrix-vector products read the decoder's projection
+weights, as the benchmark measures it for each decoder beside its rows (`gemv_bytes_per_s` of a
+row; `weight_read_bytes_per_s`); without a measurement, the attention kernels' `bw_fraction` of the
+stream ceiling. `weight_bytes` counts every weight a step reads: each layer's projections, MLP and norms, the
 final norm and the output head (the embedding table is not read, only one row per sequence).
 `other_kernels` counts the launches of the step other than attention (`KERNELS_PER_LAYER` a
 layer, as the decoder of `decode_attention.e2e` issues them, `KV_WRITE_KERNELS` a layer more for
 an attention that keeps a KV cache, and `STEP_KERNELS` once a step), each of which, at decode
-sizes, costs about one kernel's launch inside a CUDA graph: `graph_kernel_s` (an estimate,
-`GRAPH_KERNEL_S`, not fitted on measurements). The attention variants, as the decoder's backends
+sizes, costs about one kernel's launch inside a CUDA graph: `graph_kernel_s`, as the benchmark
+measures it for each decoder (the decoder's own RMS norm on one token under a CUDA graph, per kernel:
+`graph_kernel_s` of a row) or, unmeasured, the estimate `GRAPH_KERNEL_S`. Where the projections'
+matrix-vector rate was measured under a CUDA graph, their launches are inside `weights_s` and
+`other_kernels` leaves them out (`PROJECTION_KERNELS_PER_LAYER`). The attention variants, as the decoder's backends
 run them:
 
 | attention | what one layer runs |
@@ -66,6 +72,10 @@ KERNELS_PER_LAYER = 34
 # The new token's K and V written to the cache (one copy each), by every attention but `none`,
 # which keeps no cache.
 KV_WRITE_KERNELS = 2
+# Of KERNELS_PER_LAYER, the projections (fused QKV, output, fused gate-up, down): where the run
+# measured their matrix-vector rate under a CUDA graph (`gemv_bytes_per_s`), their starts are inside
+# that rate's time and are not counted again among the launches.
+PROJECTION_KERNELS_PER_LAYER = 4
 # Once a step: the position and lengths (4), the embedding lookup, the rotary rows (2), the final
 # norm (8), the output head and its widening (2), the next token, the step's bookkeeping (5).
 STEP_KERNELS = 23
@@ -245,11 +255,22 @@ def _attention_prediction(decoder: DecoderShape, attention: str, *, batch: int, 
     raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
 
 
+def weight_read_bytes_per_s(spec: GPUSpec, cal: Calibration) -> float:
+    """The rate a step's weights are read at: the matrix-vector rate measured in the same run
+    (`GPUSpec.gemv_bytes_per_s`) when there is one, else the attention kernels' fitted fraction of
+    the stream ceiling. The projections are cuBLAS's kernels, not this project's, and read below
+    that fraction: on H200 the CodeLlama-34B step's projections read at 3.7-4.4 TB/s, where
+    1.1 x the measured read ceiling is 5.0 TB/s (the step predicted 9% fast)."""
+    if spec.gemv_bytes_per_s:
+        return spec.gemv_bytes_per_s
+    return cal.bw_fraction * spec.stream_bytes_per_s
+
+
 def predict_step(decoder: "DecoderShape | str", attention: str, *, batch: int, context_len: int,
                  prompt_len: "int | None" = None, dtype: str = "float16", page_size: int = 16,
                  num_sinks: int = 4, window: int = 4096, span_lens=None, gpu: "GPUSpec | str",
                  calibration: "Calibration | None" = None,
-                 graph_kernel_s: float = GRAPH_KERNEL_S) -> StepPrediction:
+                 graph_kernel_s: "float | None" = None) -> StepPrediction:
     """The predicted decode step of `batch` sequences, each attending to `context_len` tokens, of
     which `prompt_len` (default: all) are a prompt the sequences share (only `shared_prefix`
     reads it once for all of them; the others read it per sequence). `span` attends to
@@ -264,12 +285,14 @@ def predict_step(decoder: "DecoderShape | str", attention: str, *, batch: int, c
         raise ValueError(f"prompt_len must be at most context_len = {context_len}, got {prompt_len}")
     spec = get_gpu(gpu)
     cal = calibration_for(spec, calibration)
+    if graph_kernel_s is None:
+        graph_kernel_s = spec.graph_kernel_s or GRAPH_KERNEL_S
     in_graph = dataclasses.replace(cal, launch_s=graph_kernel_s)
 
     params = decoder.params_read_per_step
     weight_bytes = params * dtype_bytes(dtype)
     weight_flops = 2 * params * batch
-    weights_s = max(weight_bytes / (cal.bw_fraction * spec.stream_bytes_per_s),
+    weights_s = max(weight_bytes / weight_read_bytes_per_s(spec, cal),
                     weight_flops / (cal.matmul_fraction * spec.matmul_flops_per_s))
     layer = _attention_prediction(decoder, attention, batch=batch, prompt_len=prompt_len,
                                   own_len=context_len - prompt_len, dtype=dtype, page_size=page_size,
@@ -278,7 +301,8 @@ def predict_step(decoder: "DecoderShape | str", attention: str, *, batch: int, c
     n = decoder.num_layers
     attention_s = n * layer.time_s if layer else 0.0
     kv_bytes = n * sum(v for k, v in layer.bytes_by_tensor.items() if k.startswith(("k", "v"))) if layer else 0
-    other_kernels = n * (KERNELS_PER_LAYER + (KV_WRITE_KERNELS if layer else 0)) + STEP_KERNELS
+    per_layer = KERNELS_PER_LAYER - (PROJECTION_KERNELS_PER_LAYER if spec.gemv_bytes_per_s else 0)
+    other_kernels = n * (per_layer + (KV_WRITE_KERNELS if layer else 0)) + STEP_KERNELS
     launches_s = other_kernels * graph_kernel_s
     return StepPrediction(decoder.name, attention, batch, context_len, weight_bytes, weight_flops, weights_s,
                           layer, attention_s, kv_bytes, n * (layer.launches if layer else 0), other_kernels,
@@ -298,7 +322,8 @@ def decoder_for_row(row: dict) -> DecoderShape:
 
 def predict_result_row(row: dict, gpu: "GPUSpec | str", *, calibration: "Calibration | None" = None) -> StepPrediction:
     """The predicted step of an end_to_end result row (`impl` "model:<attention>"; peers are not
-    predicted): its decoder, batch, prompt and own tokens, span settings."""
+    predicted): its decoder, batch, prompt and own tokens, span settings, and the matrix-vector
+    rate the run measured for its decoder (`gemv_bytes_per_s`) when the row has one."""
     impl = str(row.get("impl", ""))
     if not impl.startswith("model:"):
         raise ValueError(f"only rows of this project's attentions inside the model are predicted, got {impl!r}")
@@ -307,6 +332,9 @@ def predict_result_row(row: dict, gpu: "GPUSpec | str", *, calibration: "Calibra
     span_lens = None
     if fixed:
         span_lens = [int(e) - int(s) for s, e in fixed] + [min(int(row["window"]), int(row.get("own_tokens", 0)) + 1)]
+    if row.get("gemv_bytes_per_s") or row.get("graph_kernel_s"):   # what the run measured for this decoder
+        gpu = get_gpu(gpu).with_measured(gemv_bytes_per_s=row.get("gemv_bytes_per_s"),
+                                         graph_kernel_s=row.get("graph_kernel_s"))
     return predict_step(decoder_for_row(row), attention, batch=int(row["batch"]), context_len=int(row["context_len"]),
                         prompt_len=int(row["prompt_len"]), dtype=str(row.get("dtype", "float16")),
                         num_sinks=int(row.get("num_sinks", 4)), window=int(row.get("window", 4096)),

@@ -48,6 +48,12 @@ class GPUSpec:
     smem_bytes_per_sm: int
     datasheet_matmul_flops_per_s: float
     source: str                       # where the ceilings come from
+    # the rate a framework's matrix-vector product (one token's row against a weight matrix larger
+    # than L2, cuBLAS through PyTorch) reads the weights; None if not measured
+    gemv_bytes_per_s: float | None = None
+    # what one small kernel of a decode step (an element-wise op on one token's activations) costs
+    # inside a CUDA graph, its start included; None if not measured
+    graph_kernel_s: float | None = None
 
     @property
     def stream_bytes_per_s(self) -> float:
@@ -68,6 +74,8 @@ class GPUSpec:
         copy_bytes_per_s: float | None = None,
         read_bytes_per_s: float | None = None,
         matmul_flops_per_s: float | None = None,
+        gemv_bytes_per_s: float | None = None,
+        graph_kernel_s: float | None = None,
     ) -> "GPUSpec":
         """This GPU with ceilings measured in one benchmark run; None keeps the current value."""
         changes = {}
@@ -75,6 +83,8 @@ class GPUSpec:
             ("copy_bytes_per_s", copy_bytes_per_s),
             ("read_bytes_per_s", read_bytes_per_s),
             ("matmul_flops_per_s", matmul_flops_per_s),
+            ("gemv_bytes_per_s", gemv_bytes_per_s),
+            ("graph_kernel_s", graph_kernel_s),
         ):
             if value is None:
                 continue

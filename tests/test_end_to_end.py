@@ -5,6 +5,7 @@ every backend."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -394,6 +395,29 @@ def test_result_rows_are_predicted_as_the_suite_predicted_them(attention, patter
     assert e2e_model.predict_result_row(row, gpu).time_s * 1e3 == pytest.approx(expected, rel=1e-12)
     with pytest.raises(ValueError, match="only rows of this project's attentions"):
         e2e_model.predict_result_row({**row, "impl": "peer:cudnn"}, gpu)
+    # the matrix-vector rate the run measured for the decoder reads its weights, as the suite did
+    measured = gpu.with_measured(gemv_bytes_per_s=3.9e12)
+    expected = bench._prediction(decoder, attention, 8, 32768, 128, span, measured)
+    again = e2e_model.predict_result_row({**row, "gemv_bytes_per_s": 3.9e12}, gpu)
+    assert again.time_s * 1e3 == pytest.approx(expected["predicted_ms"], rel=1e-12)
+    assert again.weights_s == pytest.approx(again.weight_bytes / 3.9e12, rel=1e-12)
+
+
+def test_measured_rates_replace_the_estimates_and_projections_are_not_counted_twice():
+    """A run's measured small-kernel cost replaces GRAPH_KERNEL_S; with the projections' rate
+    measured under a graph, their launches are inside the weights term and leave the launch count."""
+    gpu = get_gpu("H200")
+    base = predict_step("llama2-7b", "split_kv", batch=4, context_len=8192, gpu=gpu)
+    small = predict_step("llama2-7b", "split_kv", batch=4, context_len=8192,
+                         gpu=gpu.with_measured(graph_kernel_s=1.5e-6))
+    assert small.other_kernels == base.other_kernels
+    assert small.launches_s == pytest.approx(base.other_kernels * 1.5e-6)
+    assert base.launches_s == pytest.approx(base.other_kernels * e2e_model.GRAPH_KERNEL_S)
+    both = predict_step("llama2-7b", "split_kv", batch=4, context_len=8192,
+                        gpu=gpu.with_measured(graph_kernel_s=1.5e-6, gemv_bytes_per_s=3.5e12))
+    layers = e2e_model.get_decoder("llama2-7b").num_layers
+    assert base.other_kernels - both.other_kernels == layers * e2e_model.PROJECTION_KERNELS_PER_LAYER
+    assert both.weights_s == pytest.approx(both.weight_bytes / 3.5e12)
 
 
 def test_suite_measures_a_row_on_the_cpu_too():
@@ -468,7 +492,8 @@ def _have_gpu() -> bool:
 
 GPU_SHAPE = DecoderShape("small", num_layers=3, hidden_size=512, intermediate_size=1024, num_qo_heads=8,
                          num_kv_heads=2, head_dim=128, vocab_size=1000)
-GPU_BACKENDS = ("split_kv", "paged_decode", "shared_prefix", "span", "peer:cudnn")
+GPU_BACKENDS = ("split_kv", "paged_decode", "shared_prefix", "span", "peer:cudnn") + (
+    ("peer:flashinfer", "peer:flashinfer_cascade") if importlib.util.find_spec("flashinfer") else ())
 
 
 def _gpu_run(attention, dtype, *, prompt, new_tokens, samples=4, forced=None):

@@ -4,8 +4,8 @@ attention (the ceiling) and the cost model's prediction of the step.
 
 | setting | decoder | grid | attention |
 |---|---|---|---|
-| `flash_decoding` | CodeLlama-34B, all 48 layers | batch 1, context 1k to 128k | split_kv, SDPA cuDNN, none |
-| `bifurcated` | Llama-2-7B shape (7B MHA), 8 of its 32 layers | prompt 8k + 128 own tokens, 1 to 64 samples | shared_prefix, split_kv (prompt copied), paged_decode (prompt pages in every table), none |
+| `flash_decoding` | CodeLlama-34B, all 48 layers | batch 1, context 1k to 128k | split_kv, SDPA cuDNN, FlashInfer decode, none |
+| `bifurcated` | Llama-2-7B shape (7B MHA), 8 of its 32 layers | prompt 8k + 128 own tokens, 1 to 64 samples | shared_prefix, split_kv (prompt copied), paged_decode (prompt pages in every table), FlashInfer decode (the same pages) and cascade (up to 32 samples: `PEER_MAX_BATCH`), none |
 | `hydragen` | Llama-3-8B, all 32 layers | 256 samples, shared prompt 1k to 16k | shared_prefix, split_kv (prompt copied: out of memory first), none |
 | `spans` | Llama-3-8B, all 32 layers | batch 8, 32k context | span (64 sinks + 4032 window; arithmetic and summarization patterns at 10%), split_kv, none |
 
@@ -13,7 +13,9 @@ Each row is one step's median over `STEPS` CUDA-graph replays (CUDA events; the 
 flushed: a step reads far more than it holds). The caches are filled with random normals, not by
 a prefill (a step's cost does not depend on the values; the rows say so). Rows of a reduced
 decoder say how many of the model's layers ran (`num_layers` of `model_layers`); nothing is
-scaled to the full model. A run out of memory is a row with `status: "oom"`.
+scaled to the full model. A run out of memory is a row with `status: "oom"`, a peer that is not
+installed one with `status: "unavailable"`, a backend that fails one with `status: "failed"` (and
+the command exits 1); each says its error.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 __all__ = ["SETTINGS", "run_end_to_end_suite", "write_end_to_end", "main"]
 
 STEPS = 20
@@ -33,9 +37,9 @@ SPAN_SINKS, SPAN_WINDOW = 64, 4032
 # setting -> (decoder key, layers run or None for all, [(batch, prompt_len, own_tokens)], attentions)
 SETTINGS = {
     "flash_decoding": ("codellama-34b", None, [(1, n, 0) for n in (1024, 8192, 32768, 131072)],
-                       ("split_kv", "peer:cudnn", "none")),
+                       ("split_kv", "peer:cudnn", "peer:flashinfer", "none")),
     "bifurcated": ("llama2-7b", 8, [(b, 8192, OWN_TOKENS) for b in (1, 4, 16, 32, 64)],
-                   ("shared_prefix", "split_kv", "paged_decode", "none")),
+                   ("shared_prefix", "split_kv", "paged_decode", "peer:flashinfer", "peer:flashinfer_cascade", "none")),
     "hydragen": ("llama3-8b", None, [(256, n, OWN_TOKENS) for n in (1024, 4096, 16384)],
                  ("shared_prefix", "split_kv", "none")),
     "spans": ("llama3-8b", None, [(8, 32768, 0)],
@@ -79,6 +83,92 @@ def _prediction(decoder, attention: str, batch: int, prompt_len: int, own: int, 
             "kv_bytes": p.kv_bytes}
 
 
+GEMV_LAYERS = 4      # layers whose projections the matrix-vector rate is measured on
+GEMV_REPS = 20
+
+
+LAYERS_PER_GRAPH = 8   # layers' small kernels in the graph that times one small kernel
+
+
+def _graph_seconds(fn, reps: int = GEMV_REPS) -> float:
+    """Median time of one replay of `fn` captured in a CUDA graph (CUDA events), in seconds."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3)
+    return float(np.median(times))
+
+
+def measure_graph_kernel_s(decoder) -> float:
+    """What one small kernel of this decoder's step costs inside a CUDA graph, its start included:
+    the operations of a layer other than its projections and its attention, as `Decoder.step` runs
+    them on one token (two RMS norms, the rotary embedding of q and of k, the two residual adds,
+    SiLU and the product), LAYERS_PER_GRAPH layers' worth one after another, per kernel (the
+    cost model's count of them: KERNELS_PER_LAYER less PROJECTION_KERNELS_PER_LAYER). It is
+    `costmodel.end_to_end`'s `graph_kernel_s`."""
+    import torch
+    import torch.nn.functional as F
+
+    from costmodel.end_to_end import KERNELS_PER_LAYER, PROJECTION_KERNELS_PER_LAYER
+
+    from .model import apply_rotary, rms_norm
+
+    s = decoder.shape
+    dev, dt = decoder.embed.device, decoder.dtype
+    x = torch.randn(1, s.hidden_size, device=dev, dtype=dt)
+    q = torch.randn(1, s.num_qo_heads, s.head_dim, device=dev, dtype=dt)
+    k = torch.randn(1, s.num_kv_heads, s.head_dim, device=dev, dtype=dt)
+    gate, up = (torch.randn(1, s.intermediate_size, device=dev, dtype=dt) for _ in range(2))
+    cos, sin = decoder.cos[:1], decoder.sin[:1]
+    norm = decoder.layers[0].attn_norm
+
+    def small_kernels():
+        for _ in range(LAYERS_PER_GRAPH):
+            h = rms_norm(x, norm, s.rms_norm_eps)
+            apply_rotary(q[:, None], cos, sin)
+            apply_rotary(k[:, None], cos, sin)
+            h = h + x
+            rms_norm(h, norm, s.rms_norm_eps)
+            F.silu(gate) * up
+            h + x
+
+    kernels = LAYERS_PER_GRAPH * (KERNELS_PER_LAYER - PROJECTION_KERNELS_PER_LAYER)
+    return _graph_seconds(small_kernels) / kernels
+
+
+def measure_gemv(decoder) -> float:
+    """Bytes per second at which PyTorch's matrix-vector products (one token) read this decoder's
+    projection weights (fused qkv, o, fused gate and up, down) of its first GEMV_LAYERS layers, one
+    product after another under a CUDA graph as a decode step runs them (the median of GEMV_REPS
+    replays; those layers hold far more than the L2). The rate at which the cost model reads a
+    step's weights (`costmodel.end_to_end.weight_read_bytes_per_s`): cuBLAS's kernels, not this
+    project's, whose speed depends on the matrices' shapes."""
+    import torch
+
+    weights = [w for layer in decoder.layers[:GEMV_LAYERS] for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    xs = {n: torch.randn(1, n, device=weights[0].device, dtype=weights[0].dtype) for n in {w.shape[1] for w in weights}}
+
+    def products():
+        for w in weights:
+            torch.matmul(xs[w.shape[1]], w.T)
+
+    return sum(w.numel() * w.element_size() for w in weights) / _graph_seconds(products)
+
+
 def _free() -> None:
     import gc
 
@@ -92,6 +182,12 @@ def _free() -> None:
         cp.get_default_memory_pool().free_all_blocks()
     except ImportError:
         pass
+
+
+# Peers run only up to a batch: FlashInfer's cascade (0.5.3, CUDA-graph mode) stopped the process with
+# an illegal memory access at 64 samples of the 8k prompt (Llama-2-7B shape, 8 layers), after running
+# at 1 to 32; a larger batch is a row with status "unavailable" saying so.
+PEER_MAX_BATCH = {"peer:flashinfer_cascade": 32}
 
 
 def _measure_row(decoder, attention: str, batch: int, prompt_len: int, own: int, gpu) -> dict:
@@ -112,12 +208,18 @@ def _measure_row(decoder, attention: str, batch: int, prompt_len: int, own: int,
         row.update(num_sinks=span.num_sinks, window=span.window, fixed_spans=[list(x) for x in span.fixed_spans],
                    span_pattern=pattern)
     row.update(_prediction(s, kind, batch, prompt_len, own, span, gpu))
+    if batch > PEER_MAX_BATCH.get(attention, batch):
+        row.update(status="unavailable", error=f"not run above {PEER_MAX_BATCH[attention]} sequences: it stopped "
+                                               "with an illegal memory access at 64")
+        return row
     try:
         step_ms, facts = step_time_ms(decoder, kind, samples=batch,
                                       context_len=prompt_len, own_tokens=own, steps=STEPS, span=span)
         row.update(status="ok", time_ms=step_ms, tokens_per_s=batch / (step_ms * 1e-3), **facts)
     except torch.cuda.OutOfMemoryError as exc:
         row.update(status="oom", error=str(exc).splitlines()[0][:200])
+    except ImportError as exc:   # a peer that is not installed here
+        row.update(status="unavailable", error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
     except Exception as exc:  # noqa: BLE001 - a backend that cannot run here: recorded, the suite goes on
         oom = "out of memory" in str(exc).lower()
         row.update(status="oom" if oom else "failed", error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
@@ -158,10 +260,14 @@ def run_end_to_end_suite(gpu, *, quick: bool = False, settings=None) -> list[dic
         longest = max(p + own + STEPS + 2 for _, p, own in grid)
         _progress(f"{name}: {shape.name}, {shape.num_layers} of {full_layers} layers, random weights")
         decoder = random_decoder(shape, max_positions=longest, device="cuda", dtype=torch.float16)
+        gemv, small = measure_gemv(decoder), measure_graph_kernel_s(decoder)
+        _progress(f"  its projections read by matrix-vector products at {gemv / 1e12:.2f} TB/s; "
+                  f"a small kernel in a graph {small * 1e6:.2f} us")
+        setting_gpu = gpu.with_measured(gemv_bytes_per_s=gemv, graph_kernel_s=small)
         for batch, prompt_len, own in grid:
             for attention in attentions:
-                row = _measure_row(decoder, attention, batch, prompt_len, own, gpu)
-                row.update(setting=name, model_layers=full_layers)
+                row = _measure_row(decoder, attention, batch, prompt_len, own, setting_gpu)
+                row.update(setting=name, model_layers=full_layers, gemv_bytes_per_s=gemv, graph_kernel_s=small)
                 rows.append(row)
                 shown = f"{row['time_ms']:.3f} ms" if row["status"] == "ok" else row["status"]
                 _progress(f"  {attention:<20} batch {batch:>3}, prompt {prompt_len:>6}: {shown}")
