@@ -9,10 +9,10 @@ A decode step of a batch of sequences runs every layer once, one token per seque
     launches_s  = other_kernels * graph_kernel_s
     step_s      = weights_s + attention_s + launches_s
 
-`gemv_bytes_per_s` is the rate the framework's matrix-vector products read the decoder's projection
-weights, as the benchmark measures it for each decoder beside its rows (`gemv_bytes_per_s` of a
-row; `weight_read_bytes_per_s`); without a measurement, the attention kernels' `bw_fraction` of the
-stream ceiling. `weight_bytes` counts every weight a step reads: each layer's projections, MLP and norms, the
+`gemv_bytes_per_s` is the rate the framework's products of the step's tokens with the decoder's
+projection weights read those weights, as the benchmark measures it for each decoder and batch
+beside its rows (`gemv_bytes_per_s` of a row; `weight_read_bytes_per_s`); without a measurement,
+the attention kernels' `bw_fraction` of the stream ceiling. `weight_bytes` counts every weight a step reads: each layer's projections, MLP and norms, the
 final norm and the output head (the embedding table is not read, only one row per sequence).
 `other_kernels` counts the launches of the step other than attention (`KERNELS_PER_LAYER` a
 layer, as the decoder of `decode_attention.e2e` issues them, `KV_WRITE_KERNELS` a layer more for

@@ -464,8 +464,7 @@ def _cmd_accuracy(args) -> int:
 # generate
 # ---------------------------------------------------------------------------------------------
 
-GENERATE_ATTENTIONS = ("split_kv", "paged_decode", "shared_prefix", "span", "peer:cudnn", "peer:flashinfer",
-                       "peer:flashinfer_cascade", "none")
+GENERATE_ATTENTIONS = ("split_kv", "paged_decode", "shared_prefix", "span", "peer:cudnn", "peer:flashinfer", "none")
 SPAN_PATTERNS = ("sinks_window", "arithmetic", "summarization")
 
 
@@ -478,7 +477,7 @@ def _generate_cache_bytes(args, decoder) -> int:
     per_token = decoder.kv_bytes_per_token(args.dtype)
     if args.attention == "shared_prefix":
         tokens = args.prompt_len + args.samples * args.new_tokens
-    elif args.attention in ("paged_decode", "peer:flashinfer", "peer:flashinfer_cascade"):
+    elif args.attention in ("paged_decode", "peer:flashinfer"):
         tokens = args.prompt_len + args.samples * (args.new_tokens + 16)
     elif args.attention == "none":
         tokens = 0
@@ -756,8 +755,8 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--attention", choices=GENERATE_ATTENTIONS, default="shared_prefix",
                     help="split_kv and paged_decode (the prompt copied into every sample's cache, or its pages "
                          "listed in every table), shared_prefix (the prompt's KV once), span (sinks + window, or "
-                         "--span-pattern), the peers peer:cudnn (SDPA), peer:flashinfer and "
-                         "peer:flashinfer_cascade, or none (attention skipped) (default: %(default)s)")
+                         "--span-pattern), the peers peer:cudnn (SDPA) and peer:flashinfer, or none (attention "
+                         "skipped) (default: %(default)s)")
     ge.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16",
                     help="weights, activations and KV cache (default: %(default)s)")
     ge.add_argument("--temperature", type=float, default=0.0,

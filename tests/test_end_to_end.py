@@ -493,7 +493,7 @@ def _have_gpu() -> bool:
 GPU_SHAPE = DecoderShape("small", num_layers=3, hidden_size=512, intermediate_size=1024, num_qo_heads=8,
                          num_kv_heads=2, head_dim=128, vocab_size=1000)
 GPU_BACKENDS = ("split_kv", "paged_decode", "shared_prefix", "span", "peer:cudnn") + (
-    ("peer:flashinfer", "peer:flashinfer_cascade") if importlib.util.find_spec("flashinfer") else ())
+    ("peer:flashinfer",) if importlib.util.find_spec("flashinfer") else ())
 
 
 def _gpu_run(attention, dtype, *, prompt, new_tokens, samples=4, forced=None):

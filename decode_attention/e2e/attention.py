@@ -9,7 +9,6 @@ through one of this project's variants, a peer, or not at all.
 | `span` | contiguous, read through a page table of its spans: sinks + a window (and fixed spans of the prompt) | `SplitKV(plan).run_paged` over the cache seen as pages |
 | `peer:cudnn` | contiguous, the prompt copied | PyTorch SDPA, cuDNN backend, an additive mask over the unwritten positions |
 | `peer:flashinfer` | as `paged_decode` | FlashInfer's paged decode wrapper (tensor cores), planned each step on the host |
-| `peer:flashinfer_cascade` | as `paged_decode` | FlashInfer's two-level cascade: the prompt's shared full pages for all sequences' queries at once, then each sequence's own pages, the states merged; planned each step on the host |
 | `peer:sdpa_math` | as `peer:cudnn` | PyTorch SDPA's math backend (also on a CPU) |
 | `none` | nothing | skipped: the ceiling a faster attention approaches |
 
@@ -36,8 +35,8 @@ __all__ = ["AttentionSetup", "SpanPattern", "make_attention", "BACKENDS", "PAGE_
 
 PAGE_SIZE = 16                     # tokens per page of the paged backends
 MAX_SPAN_PAGE = 64                 # the span backend's largest page
-BACKENDS = ("split_kv", "paged_decode", "shared_prefix", "span", "peer:cudnn", "peer:flashinfer",
-            "peer:flashinfer_cascade", "peer:sdpa_math", "none")
+BACKENDS = ("split_kv", "paged_decode", "shared_prefix", "span", "peer:cudnn", "peer:flashinfer", "peer:sdpa_math",
+            "none")
 
 
 @dataclass(frozen=True)
@@ -98,8 +97,7 @@ class SpanPattern:
 def make_attention(name: str, setup: AttentionSetup, *, span: "SpanPattern | None" = None):
     """The backend `name` (one of BACKENDS) sized for `setup`."""
     kinds = {"split_kv": SplitKVAttention, "paged_decode": PagedAttention, "shared_prefix": SharedPrefixAttention,
-             "peer:cudnn": SdpaAttention, "peer:flashinfer": FlashInferAttention,
-             "peer:flashinfer_cascade": FlashInferCascadeAttention, "none": NoAttention}
+             "peer:cudnn": SdpaAttention, "peer:flashinfer": FlashInferAttention, "none": NoAttention}
     if name == "span":
         return SpanAttention(setup, span or SpanPattern())
     if name == "peer:sdpa_math":
@@ -379,57 +377,6 @@ class FlashInferAttention(PagedAttention):
         last = torch.full((s.batch,), n - (used - 1) * PAGE_SIZE, dtype=torch.int32)
         self.wrapper.plan(indptr, indices, last, s.num_qo_heads, s.num_kv_heads, s.head_dim, PAGE_SIZE,
                           data_type=s.dtype, q_data_type=s.dtype)
-
-    def attend(self, layer, q) -> torch.Tensor:
-        return self.wrapper.run(q, (self.k[layer], self.v[layer]))
-
-
-class FlashInferCascadeAttention(PagedAttention):
-    """FlashInfer's MultiLevelCascadeAttentionWrapper over the same pages, two levels: level 0 one
-    request of all `batch` queries over the prompt's shared full pages, level 1 one request per
-    sequence over its own pages (its copy of the prompt's partial last page, then its new tokens).
-    Planned on the host before every step (`before_step`) into the buffers its CUDA-graph mode
-    reads."""
-
-    name = "peer:flashinfer_cascade"
-
-    def _make_runner(self) -> None:
-        import flashinfer
-
-        s, p = self.setup, self.pages
-        if p.shared_pages == 0:
-            raise ValueError(f"{self.name} needs a prompt of at least one full page ({PAGE_SIZE} tokens)")
-        dev, i32 = s.device, torch.int32
-        own_max = p.max_pages - p.shared_pages
-        self.buffers = (
-            [torch.zeros(2, dtype=i32, device=dev), torch.zeros(s.batch + 1, dtype=i32, device=dev)],
-            [torch.zeros(2, dtype=i32, device=dev), torch.zeros(s.batch + 1, dtype=i32, device=dev)],
-            [torch.zeros(p.shared_pages, dtype=i32, device=dev), torch.zeros(s.batch * own_max, dtype=i32, device=dev)],
-            [torch.zeros(1, dtype=i32, device=dev), torch.zeros(s.batch, dtype=i32, device=dev)],
-        )
-        self.workspace = torch.zeros(256 << 20, dtype=torch.uint8, device=dev)
-        self.wrapper = flashinfer.MultiLevelCascadeAttentionWrapper(2, self.workspace, "NHD", use_cuda_graph=True,
-                                                                    qo_indptr_buf_arr=self.buffers[0],
-                                                                    paged_kv_indptr_buf_arr=self.buffers[1],
-                                                                    paged_kv_indices_buf_arr=self.buffers[2],
-                                                                    paged_kv_last_page_len_buf_arr=self.buffers[3])
-        self.host_table = _host(p.table).astype(np.int32)
-
-    def before_step(self, position: int) -> None:
-        s, p = self.setup, self.pages
-        n = position + 1
-        used = -(-n // PAGE_SIZE)
-        own = used - p.shared_pages
-        i32 = torch.int32
-        self.wrapper.plan(
-            qo_indptr_arr=[torch.tensor([0, s.batch], dtype=i32), torch.arange(s.batch + 1, dtype=i32)],
-            paged_kv_indptr_arr=[torch.tensor([0, p.shared_pages], dtype=i32), torch.arange(s.batch + 1, dtype=i32) * own],
-            paged_kv_indices_arr=[torch.from_numpy(np.ascontiguousarray(self.host_table[0, :p.shared_pages])),
-                                  torch.from_numpy(np.ascontiguousarray(self.host_table[:, p.shared_pages:used].reshape(-1)))],
-            paged_kv_last_page_len=[torch.tensor([PAGE_SIZE], dtype=i32),
-                                    torch.full((s.batch,), n - (used - 1) * PAGE_SIZE, dtype=i32)],
-            num_qo_heads=s.num_qo_heads, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim, page_size=PAGE_SIZE,
-            q_data_type=s.dtype, kv_data_type=s.dtype)
 
     def attend(self, layer, q) -> torch.Tensor:
         return self.wrapper.run(q, (self.k[layer], self.v[layer]))

@@ -5,7 +5,7 @@ attention (the ceiling) and the cost model's prediction of the step.
 | setting | decoder | grid | attention |
 |---|---|---|---|
 | `flash_decoding` | CodeLlama-34B, all 48 layers | batch 1, context 1k to 128k | split_kv, SDPA cuDNN, FlashInfer decode, none |
-| `bifurcated` | Llama-2-7B shape (7B MHA), 8 of its 32 layers | prompt 8k + 128 own tokens, 1 to 64 samples | shared_prefix, split_kv (prompt copied), paged_decode (prompt pages in every table), FlashInfer decode (the same pages) and cascade (up to 32 samples: `PEER_MAX_BATCH`), none |
+| `bifurcated` | Llama-2-7B shape (7B MHA), 8 of its 32 layers | prompt 8k + 128 own tokens, 1 to 64 samples | shared_prefix, split_kv (prompt copied), paged_decode (prompt pages in every table), FlashInfer decode (the same pages), none |
 | `hydragen` | Llama-3-8B, all 32 layers | 256 samples, shared prompt 1k to 16k | shared_prefix, split_kv (prompt copied: out of memory first), none |
 | `spans` | Llama-3-8B, all 32 layers | batch 8, 32k context | span (64 sinks + 4032 window; arithmetic and summarization patterns at 10%), split_kv, none |
 
@@ -39,7 +39,7 @@ SETTINGS = {
     "flash_decoding": ("codellama-34b", None, [(1, n, 0) for n in (1024, 8192, 32768, 131072)],
                        ("split_kv", "peer:cudnn", "peer:flashinfer", "none")),
     "bifurcated": ("llama2-7b", 8, [(b, 8192, OWN_TOKENS) for b in (1, 4, 16, 32, 64)],
-                   ("shared_prefix", "split_kv", "paged_decode", "peer:flashinfer", "peer:flashinfer_cascade", "none")),
+                   ("shared_prefix", "split_kv", "paged_decode", "peer:flashinfer", "none")),
     "hydragen": ("llama3-8b", None, [(256, n, OWN_TOKENS) for n in (1024, 4096, 16384)],
                  ("shared_prefix", "split_kv", "none")),
     "spans": ("llama3-8b", None, [(8, 32768, 0)],
@@ -150,17 +150,18 @@ def measure_graph_kernel_s(decoder) -> float:
     return _graph_seconds(small_kernels) / kernels
 
 
-def measure_gemv(decoder) -> float:
-    """Bytes per second at which PyTorch's matrix-vector products (one token) read this decoder's
-    projection weights (fused qkv, o, fused gate and up, down) of its first GEMV_LAYERS layers, one
-    product after another under a CUDA graph as a decode step runs them (the median of GEMV_REPS
-    replays; those layers hold far more than the L2). The rate at which the cost model reads a
-    step's weights (`costmodel.end_to_end.weight_read_bytes_per_s`): cuBLAS's kernels, not this
-    project's, whose speed depends on the matrices' shapes."""
+def measure_gemv(decoder, batch: int = 1) -> float:
+    """Bytes per second at which PyTorch's products of `batch` tokens with this decoder's projection
+    weights (fused qkv, o, fused gate and up, down) of its first GEMV_LAYERS layers read those
+    weights, one product after another under a CUDA graph as a decode step runs them (the median of
+    GEMV_REPS replays; those layers hold far more than the L2). The rate at which the cost model
+    reads a step's weights (`costmodel.end_to_end.weight_read_bytes_per_s`): cuBLAS's kernels, not
+    this project's, whose speed depends on the matrices' shapes and the batch."""
     import torch
 
     weights = [w for layer in decoder.layers[:GEMV_LAYERS] for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-    xs = {n: torch.randn(1, n, device=weights[0].device, dtype=weights[0].dtype) for n in {w.shape[1] for w in weights}}
+    xs = {n: torch.randn(batch, n, device=weights[0].device, dtype=weights[0].dtype)
+          for n in {w.shape[1] for w in weights}}
 
     def products():
         for w in weights:
@@ -184,12 +185,6 @@ def _free() -> None:
         pass
 
 
-# Peers run only up to a batch: FlashInfer's cascade (0.5.3, CUDA-graph mode) stopped the process with
-# an illegal memory access at 64 samples of the 8k prompt (Llama-2-7B shape, 8 layers), after running
-# at 1 to 32; a larger batch is a row with status "unavailable" saying so.
-PEER_MAX_BATCH = {"peer:flashinfer_cascade": 32}
-
-
 def _measure_row(decoder, attention: str, batch: int, prompt_len: int, own: int, gpu) -> dict:
     import torch
 
@@ -208,10 +203,6 @@ def _measure_row(decoder, attention: str, batch: int, prompt_len: int, own: int,
         row.update(num_sinks=span.num_sinks, window=span.window, fixed_spans=[list(x) for x in span.fixed_spans],
                    span_pattern=pattern)
     row.update(_prediction(s, kind, batch, prompt_len, own, span, gpu))
-    if batch > PEER_MAX_BATCH.get(attention, batch):
-        row.update(status="unavailable", error=f"not run above {PEER_MAX_BATCH[attention]} sequences: it stopped "
-                                               "with an illegal memory access at 64")
-        return row
     try:
         step_ms, facts = step_time_ms(decoder, kind, samples=batch,
                                       context_len=prompt_len, own_tokens=own, steps=STEPS, span=span)
@@ -260,14 +251,19 @@ def run_end_to_end_suite(gpu, *, quick: bool = False, settings=None) -> list[dic
         longest = max(p + own + STEPS + 2 for _, p, own in grid)
         _progress(f"{name}: {shape.name}, {shape.num_layers} of {full_layers} layers, random weights")
         decoder = random_decoder(shape, max_positions=longest, device="cuda", dtype=torch.float16)
-        gemv, small = measure_gemv(decoder), measure_graph_kernel_s(decoder)
-        _progress(f"  its projections read by matrix-vector products at {gemv / 1e12:.2f} TB/s; "
-                  f"a small kernel in a graph {small * 1e6:.2f} us")
-        setting_gpu = gpu.with_measured(gemv_bytes_per_s=gemv, graph_kernel_s=small)
+        small = measure_graph_kernel_s(decoder)
+        _progress(f"  a small kernel of its step in a graph: {small * 1e6:.2f} us")
+        gemv = {}
         for batch, prompt_len, own in grid:
+            if batch not in gemv:
+                gemv[batch] = measure_gemv(decoder, batch)
+                _progress(f"  its projections, {batch} token{'s' if batch > 1 else ''} at a time, read at "
+                          f"{gemv[batch] / 1e12:.2f} TB/s")
+            setting_gpu = gpu.with_measured(gemv_bytes_per_s=gemv[batch], graph_kernel_s=small)
             for attention in attentions:
                 row = _measure_row(decoder, attention, batch, prompt_len, own, setting_gpu)
-                row.update(setting=name, model_layers=full_layers, gemv_bytes_per_s=gemv, graph_kernel_s=small)
+                row.update(setting=name, model_layers=full_layers, gemv_bytes_per_s=gemv[batch],
+                           graph_kernel_s=small)
                 rows.append(row)
                 shown = f"{row['time_ms']:.3f} ms" if row["status"] == "ok" else row["status"]
                 _progress(f"  {attention:<20} batch {batch:>3}, prompt {prompt_len:>6}: {shown}")
