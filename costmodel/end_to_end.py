@@ -59,10 +59,12 @@ __all__ = ["DecoderShape", "LLAMA3_8B", "CODELLAMA_34B", "LLAMA2_7B", "DECODERS"
            "KV_WRITE_KERNELS", "STEP_KERNELS", "hydragen_launches", "shared_page_l2_hits", "decoder_for_row",
            "predict_result_row"]
 
-# A kernel inside a CUDA graph at decode sizes: the gap between dependent nodes plus a small
-# kernel's own run (an estimate of this order is what graph replays of small kernels show on
-# Hopper; not fitted on this project's measurements).
-GRAPH_KERNEL_S = 2.5e-6
+# A kernel inside a CUDA graph at decode sizes, when the run did not measure it: the gap between
+# dependent nodes plus a small kernel's own run. On H200 the end-to-end suite measured 1.58-1.66 us
+# for the decoders' own element-wise kernels on one token in a graph (`graph_kernel_s` of its rows;
+# the earlier estimate, 2.5 us, put the two-GPU step's five small kernels 8 us above what the step
+# less its shard and all-gather measured).
+GRAPH_KERNEL_S = 1.6e-6
 # Launches per layer other than attention, as `decode_attention.e2e.model.Decoder.step` issues
 # them: two RMS norms (8 each: widen, square, mean, add eps, rsqrt, scale, narrow, weight), the
 # fused QKV projection, the rotary embedding of q and of k (5 each: negate, concatenate, two

@@ -504,7 +504,7 @@ def predict(plan: ShardedPlan, *, gpu: "GPUSpec | str | None" = None,
     shard_s = max(p.time_s for p in shards)
     # the kernels behind the shard's: inside the step's CUDA graph, or launched one by one
     graph = plan.collective is None or plan.collective.graph
-    kernel_launch_s = GRAPH_KERNEL_S if graph else cal.launch_s
+    kernel_launch_s = (spec.graph_kernel_s or GRAPH_KERNEL_S) if graph else cal.launch_s
     if plan.collective is None:
         net, pack, unpack, merge, coll = None, None, None, None, dict(NO_COLLECTIVE)
     else:
