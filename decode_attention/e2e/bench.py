@@ -90,7 +90,7 @@ GEMV_REPS = 20
 LAYERS_PER_GRAPH = 8   # layers' small kernels in the graph that times one small kernel
 
 
-def _graph_seconds(fn, reps: int = GEMV_REPS) -> float:
+def graph_seconds(fn, reps: int = GEMV_REPS) -> float:
     """Median time of one replay of `fn` captured in a CUDA graph (CUDA events), in seconds."""
     import torch
 
@@ -147,7 +147,7 @@ def measure_graph_kernel_s(decoder) -> float:
             h + x
 
     kernels = LAYERS_PER_GRAPH * (KERNELS_PER_LAYER - PROJECTION_KERNELS_PER_LAYER)
-    return _graph_seconds(small_kernels) / kernels
+    return graph_seconds(small_kernels) / kernels
 
 
 def measure_gemv(decoder, batch: int = 1) -> float:
@@ -167,7 +167,7 @@ def measure_gemv(decoder, batch: int = 1) -> float:
         for w in weights:
             torch.matmul(xs[w.shape[1]], w.T)
 
-    return sum(w.numel() * w.element_size() for w in weights) / _graph_seconds(products)
+    return sum(w.numel() * w.element_size() for w in weights) / graph_seconds(products)
 
 
 def _free() -> None:

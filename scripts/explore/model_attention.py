@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import gpukernels
+from decode_attention.e2e.bench import graph_seconds
 from gpukernels.bench import Timer
 
 LAYERS = 16
@@ -28,24 +29,9 @@ def cudnn(q, k, v, mask=None):
                                               attn_mask=mask, enable_gqa=True)
 
 
-def graph_us(fn, reps: int = 20) -> float:
-    """Median time of one replay of a graph of `fn`, in us."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        fn()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return sorted(times)[len(times) // 2]
+def graph_us(fn) -> float:
+    """Median time of one replay of a CUDA graph of `fn`, in us."""
+    return graph_seconds(fn) * 1e6
 
 
 for kv_len in (32768, 131072):

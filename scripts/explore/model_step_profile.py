@@ -16,6 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from costmodel.end_to_end import get_decoder
+from decode_attention.e2e.bench import graph_seconds
 from decode_attention.e2e.generate import Generation
 from decode_attention.e2e.model import random_decoder
 
@@ -25,24 +26,9 @@ shape = get_decoder("codellama-34b")
 decoder = random_decoder(shape, max_positions=CONTEXT + STEPS + 2, device="cuda", dtype=torch.float16)
 
 
-def graph_us(fn, reps: int = 10) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return float(np.median(times))
+def graph_us(fn) -> float:
+    """Median time of one replay of a CUDA graph of `fn`, in us."""
+    return graph_seconds(fn) * 1e6
 
 
 for attention in ("split_kv", "peer:cudnn", "split_kv"):
