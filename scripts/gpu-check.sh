@@ -8,11 +8,12 @@
 #   bash scripts/gpu-check.sh tests sanitizer      # only the named steps, in the order given
 #   bash scripts/gpu-check.sh shared_prefix span   # suites outside the default list run when named
 #   bash scripts/gpu-check.sh tree shared_prefix_papers
+#   bash scripts/gpu-check.sh end_to_end            # the decoder steps (python -m decode_attention.e2e.bench)
 #
 # Steps: tests (pytest -m gpu), sanitizer (compute-sanitizer memcheck and racecheck over
 # `python -m decode_attention.verify`), decode, coverage, shared_prefix, shared_prefix_papers, span
-# and tree (`decode-attention bench --suite ...`; each writes bench-<suite>.log and the
-# <gpu>/<suite>.json it wrote, nothing else). SKIP_BENCH=1 drops the benchmark steps from the default list.
+# and tree (`decode-attention bench --suite ...`), end_to_end (`python -m decode_attention.e2e.bench`);
+# each writes bench-<suite>.log and the <gpu>/<suite>.json it wrote, nothing else. SKIP_BENCH=1 drops the benchmark steps from the default list.
 set -uo pipefail
 OUT=${OUT:-gpu-check-out}
 mkdir -p "$OUT"
@@ -24,9 +25,9 @@ if [ ${#steps[@]} -eq 0 ]; then
   [ "${SKIP_BENCH:-0}" = 1 ] || steps+=(decode coverage)
 fi
 for s in "${steps[@]}"; do
-  case $s in tests|sanitizer|decode|coverage|shared_prefix|shared_prefix_papers|span|tree) ;;
+  case $s in tests|sanitizer|decode|coverage|shared_prefix|shared_prefix_papers|span|tree|end_to_end) ;;
   *) echo "unknown step '$s' (tests, sanitizer, decode, coverage, shared_prefix, shared_prefix_papers," \
-       "span, tree)" >&2; exit 2;; esac
+       "span, tree, end_to_end)" >&2; exit 2;; esac
 done
 if ls .peers/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-deps --no-index .peers/*.whl >/tmp/peers-install.log 2>&1 \
@@ -65,10 +66,12 @@ for s in "${steps[@]}"; do
       [ $rc -eq 0 ] || status=1
     done
     ;;
-  decode|coverage|shared_prefix|shared_prefix_papers|span|tree)
+  decode|coverage|shared_prefix|shared_prefix_papers|span|tree|end_to_end)
     step "$s benchmark"
     marker=$(mktemp)  # only the file this run writes comes back, not the committed ones of other GPUs
-    python3 -m gpukernels.bench --suite "$s" --out results 2>&1 | tee "$OUT/bench-$s.log" | grep -v "^\["
+    if [ "$s" = end_to_end ]; then cmd=(python3 -m decode_attention.e2e.bench --out results)
+    else cmd=(python3 -m gpukernels.bench --suite "$s" --out results); fi
+    "${cmd[@]}" 2>&1 | tee "$OUT/bench-$s.log" | grep -v "^\["
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
     for f in results/*/"$s".json; do  # keep each GPU's file under its own folder
       [ -e "$f" ] && [ "$f" -nt "$marker" ] || continue
