@@ -1,6 +1,7 @@
 """Where the time of a Hydragen call goes: its three launches timed alone (GPU time, the host kept
 ahead by a GPU wait), the whole call with and without that wait, the prefix pass over several
-chunk sizes, and the host's share (a profile of repeated calls).
+chunk sizes, and the host's share (a profile of repeated calls). Then the bifurcated method's five
+launches, each timed by CUDA events around it inside whole calls (the median over the calls).
 
 An exploration, not a benchmark: lines of text (us), no result file.
 Run: PYTHONPATH=. python3 scripts/explore/shared_prefix_parts.py
@@ -12,7 +13,9 @@ import pstats
 
 import cupy as cp
 
-from gpukernels.bench import SHARED_PREFIX_GRID, Timer, _randn16, host_us, stream_read
+import numpy as np
+
+from gpukernels.bench import SHARED_PREFIX_GRID, Timer, _randn16, gpu_wait, host_us, stream_read
 
 sp = importlib.import_module("gpukernels.shared_prefix")
 import gpukernels  # noqa: E402
@@ -21,6 +24,46 @@ timer = Timer(20)
 stream = stream_read()
 HQ, D = 32, 128
 import sys  # noqa: E402
+
+bif = importlib.import_module("gpukernels.bifurcated")
+
+
+def bifurcated_parts(hydragen_plan, q, kp, vp, ks, vs, out, lse, calls: int = 20) -> None:
+    """Each launch of a bifurcated call, timed by CUDA events around it (us, median over `calls`
+    whole calls after a GPU wait), and the whole call."""
+    p = hydragen_plan
+    plan = sp.plan_shared_prefix(p.batch, p.num_qo_heads, p.num_kv_heads, p.head_dim, p.prefix_len, p.suffix_len,
+                                 num_sms=132, method="bifurcated")
+    runner = sp.SharedPrefix(plan)
+    call = lambda: runner.run(q, kp, vp, ks, vs, out=out, lse=lse)  # noqa: E731
+    whole = timer(call, lead_ms=0.5)
+    original = bif._kernel
+    times: dict = {}
+
+    def timed(expression, signature, shared_mem=0):
+        kernel = original(expression, signature, shared_mem)
+        name = expression.split("::")[-1].split("<")[0].removeprefix("bifurcated_").removesuffix("_kernel")
+
+        def launch(*args, **kwargs):
+            start, end = cp.cuda.Event(), cp.cuda.Event()
+            start.record()
+            kernel(*args, **kwargs)
+            end.record()
+            times.setdefault(name, []).append((start, end))
+        return launch
+
+    bif._kernel = timed
+    try:
+        for _ in range(calls):
+            gpu_wait(0.5)
+            call()
+        cp.cuda.Device().synchronize()
+    finally:
+        bif._kernel = original
+    parts = {name: float(np.median([cp.cuda.get_elapsed_time(a, b) for a, b in pairs])) * 1e3
+             for name, pairs in times.items()}
+    print(f"  bifurcated: call={whole * 1e3:.1f}, " + ", ".join(f"{k}={v:.1f}" for k, v in parts.items()), flush=True)
+
 
 rows = SHARED_PREFIX_GRID if len(sys.argv) < 2 else [SHARED_PREFIX_GRID[int(i)] for i in sys.argv[1].split(",")]
 for hkv, B, P, S in rows:
@@ -71,5 +114,6 @@ for hkv, B, P, S in rows:
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(14)
         print(s.getvalue(), flush=True)
+    bifurcated_parts(plan, q, kp, vp, ks, vs, out, lse)
     del q, k_pool, v_pool, kp, vp, ks, vs
     cp.get_default_memory_pool().free_all_blocks()
