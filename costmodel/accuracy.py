@@ -127,7 +127,6 @@ def gpu_for_meta(meta: dict, fallback: str | None = None) -> GPUSpec:
         copy_bytes_per_s=meta.get("copy_bytes_per_s"),
         read_bytes_per_s=meta.get("read_bytes_per_s"),
         matmul_flops_per_s=meta.get("matmul_flops_per_s"),
-        gemv_bytes_per_s=meta.get("gemv_bytes_per_s"),
     )
 
 

@@ -55,9 +55,9 @@ from .prediction import Prediction, calibration_for, dtype_bytes, predict_launch
 from .shared_prefix import hydragen_launches
 
 __all__ = ["DecoderShape", "LLAMA3_8B", "CODELLAMA_34B", "LLAMA2_7B", "DECODERS", "get_decoder",
-           "ATTENTIONS", "StepPrediction", "predict_step", "GRAPH_KERNEL_S", "KERNELS_PER_LAYER",
-           "KV_WRITE_KERNELS", "STEP_KERNELS", "hydragen_launches", "shared_page_l2_hits", "decoder_for_row",
-           "predict_result_row"]
+           "ATTENTIONS", "StepPrediction", "predict_step", "GRAPH_KERNEL_S", "graph_kernel_seconds",
+           "KERNELS_PER_LAYER", "KV_WRITE_KERNELS", "STEP_KERNELS", "hydragen_launches", "shared_page_l2_hits",
+           "decoder_for_row", "predict_result_row"]
 
 # A kernel inside a CUDA graph at decode sizes, when the run did not measure it: the gap between
 # dependent nodes plus a small kernel's own run. On H200 the end-to-end suite measured 1.58-1.66 us
@@ -257,6 +257,12 @@ def _attention_prediction(decoder: DecoderShape, attention: str, *, batch: int, 
     raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
 
 
+def graph_kernel_seconds(spec: GPUSpec) -> float:
+    """What a small kernel costs inside a CUDA graph on `spec`: the run's measurement
+    (`GPUSpec.graph_kernel_s`) when there is one, else GRAPH_KERNEL_S."""
+    return spec.graph_kernel_s or GRAPH_KERNEL_S
+
+
 def weight_read_bytes_per_s(spec: GPUSpec, cal: Calibration) -> float:
     """The rate a step's weights are read at: the matrix-vector rate measured in the same run
     (`GPUSpec.gemv_bytes_per_s`) when there is one, else the attention kernels' fitted fraction of
@@ -288,7 +294,7 @@ def predict_step(decoder: "DecoderShape | str", attention: str, *, batch: int, c
     spec = get_gpu(gpu)
     cal = calibration_for(spec, calibration)
     if graph_kernel_s is None:
-        graph_kernel_s = spec.graph_kernel_s or GRAPH_KERNEL_S
+        graph_kernel_s = graph_kernel_seconds(spec)
     in_graph = dataclasses.replace(cal, launch_s=graph_kernel_s)
 
     params = decoder.params_read_per_step

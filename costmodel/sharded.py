@@ -18,8 +18,8 @@ in one CUDA graph as `ShardedDecode` runs it, so
 
 shard_s is the single-GPU model's prediction unchanged: the graph's first kernel starts like a
 lone launch (`launch_s`, fitted on kernels timed one at a time). The copies and the merge run
-behind it inside the graph, each at `GRAPH_KERNEL_S` (the end-to-end model's cost of a kernel
-inside a CUDA graph) plus its own roofline and schedule; called eagerly (`graph=False`) each
+behind it inside the graph, each at `end_to_end.graph_kernel_seconds` (a kernel's cost inside a
+CUDA graph: the run's measurement, else `GRAPH_KERNEL_S`) plus its own roofline and schedule; called eagerly (`graph=False`) each
 pays the fitted `launch_s` instead.
 
 The collective's constants are data (`data/collectives.json`): its latency is the all-gather's
@@ -64,7 +64,7 @@ from decode_attention.contract import check_nonnegative_int, check_positive_int
 from . import merge_states, split_kv
 from .calibration import Calibration
 from .display import Table, format_bytes, format_bytes_per_s, format_seconds
-from .end_to_end import GRAPH_KERNEL_S
+from .end_to_end import graph_kernel_seconds
 from .gpus import GPUSpec, get_gpu, plan_gpu
 from .prediction import (F32, Launch, Prediction, TimeAndRates, calibration_for, check_head_grouping,
                          dtype_bytes, predict_launches)
@@ -386,7 +386,7 @@ class ShardedPrediction(TimeAndRates):
     pack: Prediction | None
     unpack: Prediction | None
     merge: Prediction | None
-    kernel_launch_s: float           # what each kernel after the shard's costs to start (in a graph: GRAPH_KERNEL_S)
+    kernel_launch_s: float           # what each kernel after the shard's costs to start (in a graph: `end_to_end.graph_kernel_seconds`)
     terms: dict[str, float]
 
     variant = "sharded"
@@ -504,7 +504,7 @@ def predict(plan: ShardedPlan, *, gpu: "GPUSpec | str | None" = None,
     shard_s = max(p.time_s for p in shards)
     # the kernels behind the shard's: inside the step's CUDA graph, or launched one by one
     graph = plan.collective is None or plan.collective.graph
-    kernel_launch_s = (spec.graph_kernel_s or GRAPH_KERNEL_S) if graph else cal.launch_s
+    kernel_launch_s = graph_kernel_seconds(spec) if graph else cal.launch_s
     if plan.collective is None:
         net, pack, unpack, merge, coll = None, None, None, None, dict(NO_COLLECTIVE)
     else:

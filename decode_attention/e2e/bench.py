@@ -83,14 +83,12 @@ def _prediction(decoder, attention: str, batch: int, prompt_len: int, own: int, 
             "kv_bytes": p.kv_bytes}
 
 
-GEMV_LAYERS = 4      # layers whose projections the matrix-vector rate is measured on
-GEMV_REPS = 20
-
-
+GEMV_LAYERS = 4        # layers whose projections the matrix-vector rate is measured on
 LAYERS_PER_GRAPH = 8   # layers' small kernels in the graph that times one small kernel
+GRAPH_REPS = 20        # replays a graph is timed over (the median kept)
 
 
-def graph_seconds(fn, reps: int = GEMV_REPS) -> float:
+def graph_seconds(fn, reps: int = GRAPH_REPS) -> float:
     """Median time of one replay of `fn` captured in a CUDA graph (CUDA events), in seconds."""
     import torch
 
@@ -154,7 +152,7 @@ def measure_gemv(decoder, batch: int = 1) -> float:
     """Bytes per second at which PyTorch's products of `batch` tokens with this decoder's projection
     weights (fused qkv, o, fused gate and up, down) of its first GEMV_LAYERS layers read those
     weights, one product after another under a CUDA graph as a decode step runs them (the median of
-    GEMV_REPS replays; those layers hold far more than the L2). The rate at which the cost model
+    GRAPH_REPS replays; those layers hold far more than the L2). The rate at which the cost model
     reads a step's weights (`costmodel.end_to_end.weight_read_bytes_per_s`): cuBLAS's kernels, not
     this project's, whose speed depends on the matrices' shapes and the batch."""
     import torch

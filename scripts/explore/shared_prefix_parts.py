@@ -6,15 +6,13 @@ launches, each timed by CUDA events around it inside whole calls (the median ove
 An exploration, not a benchmark: lines of text (us), no result file.
 Run: PYTHONPATH=. python3 scripts/explore/shared_prefix_parts.py
 """
-import cProfile
 import importlib
-import io
-import pstats
 
 import cupy as cp
 
 import numpy as np
 
+from _profile import print_host_profile
 from gpukernels.bench import SHARED_PREFIX_GRID, Timer, _randn16, gpu_wait, host_us, stream_read
 
 sp = importlib.import_module("gpukernels.shared_prefix")
@@ -105,15 +103,7 @@ for hkv, B, P, S in rows:
         del po, pl
     print(f"{HQ}/{hkv} B={B} {P}+{S}: " + ", ".join(f"{a}={b * 1e3:.1f}" for a, b in res.items()), flush=True)
     if (hkv, B) == (8, 16):
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(200):
-            call()
-        prof.disable()
-        cp.cuda.Device().synchronize()
-        s = io.StringIO()
-        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(14)
-        print(s.getvalue(), flush=True)
+        print_host_profile(call, calls=200, top=14, lines=60)
     bifurcated_parts(plan, q, kp, vp, ks, vs, out, lse)
     del q, k_pool, v_pool, kp, vp, ks, vs
     cp.get_default_memory_pool().free_all_blocks()

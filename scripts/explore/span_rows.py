@@ -7,10 +7,7 @@ with others, and split_kv over the same tokens packed into a contiguous cache (w
 Then a profile of the host path of the one-shot calls (span, split_kv) and the planned run.
 Run: PYTHONPATH=. python3 scripts/explore/span_rows.py [rows, e.g. 3,5,6]
 """
-import cProfile
 import importlib
-import io
-import pstats
 import sys
 
 import cupy as cp
@@ -18,6 +15,7 @@ import numpy as np
 import torch
 
 import gpukernels
+from _profile import print_host_profile
 from gpukernels.bench import (HEAD_DIM, NUM_QO_HEADS, SPAN_BATCH, SPAN_GRID, SPAN_KV_HEADS, SPAN_KV_LEN, Timer,
                               _randn16, _sdpa_peers, host_us, span_case_spans, span_token_mask, stream_read)
 
@@ -86,12 +84,4 @@ calls = {
 }
 for label, fn in calls.items():
     print(f"{label}: host {host_us(fn):.1f} us")
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(2000):
-        fn()
-    prof.disable()
-    torch.cuda.synchronize()
-    s = io.StringIO()
-    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(12)
-    print("\n".join(s.getvalue().splitlines()[:30]), flush=True)
+    print_host_profile(fn)

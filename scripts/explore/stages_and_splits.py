@@ -6,10 +6,11 @@ and of the first peer, both in us) and writes no result file. The stage count is
 launcher's kernel lookup. Run: PYTHONPATH=. python3 scripts/explore/stages_and_splits.py [rows, e.g.
 7,13: only those rows of the grid, each followed by a profile of its one-shot call's host path]
 """
-import cProfile, functools, importlib, io, pstats, sys, time
+import functools, importlib, sys, time
 import numpy as np, torch, cupy as cp
 sk = importlib.import_module("gpukernels.split_kv")
 import gpukernels
+from _profile import print_host_profile
 from gpukernels import _runtime as rt
 from gpukernels.bench import Timer, stream_read, _sdpa_peers, COVERAGE_GRID, host_us
 from costmodel.gpus import get_gpu
@@ -60,15 +61,7 @@ def case(dtype, B, hq, hkv, d, L, stages_list, splits_list):
     if pk: res["host_peer"] = host_us(pk[0]) / 1e3
     print(f"{dtype} {B}x{hq}/{hkv}x{d} L={L}: " + ", ".join(f"{k_}={v_*1e3:.1f}" for k_, v_ in res.items()), flush=True)
     if PROFILE:
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(2000):
-            one()
-        prof.disable()
-        torch.cuda.synchronize()
-        text = io.StringIO()
-        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(14)
-        print("\n".join(text.getvalue().splitlines()[:32]), flush=True)
+        print_host_profile(one, top=14, lines=32)
 
 PROFILE = len(sys.argv) > 1
 rows = [int(x) for x in sys.argv[1].split(",")] if PROFILE else range(len(COVERAGE_GRID))
