@@ -10,16 +10,16 @@ A decode step of a batch of sequences runs every layer once, one token per seque
     step_s      = weights_s + attention_s + launches_s
 
 `gemv_bytes_per_s` is the rate the framework's products of the step's tokens with the decoder's
-projection weights read those weights, as the benchmark measures it for each decoder and batch
-beside its rows (`gemv_bytes_per_s` of a row; `weight_read_bytes_per_s`); without a measurement,
-the attention kernels' `bw_fraction` of the stream ceiling. `weight_bytes` counts every weight a step reads: each layer's projections, MLP and norms, the
+projection weights and LM head read those weights, as the benchmark measures it for each decoder
+and batch beside its rows (`gemv_bytes_per_s` of a row; `weight_read_bytes_per_s`); without a
+measurement, the attention kernels' `bw_fraction` of the stream ceiling. `weight_bytes` counts every weight a step reads: each layer's projections, MLP and norms, the
 final norm and the output head (the embedding table is not read, only one row per sequence).
 `other_kernels` counts the launches of the step other than attention (`KERNELS_PER_LAYER` a
 layer, as the decoder of `decode_attention.e2e` issues them, `KV_WRITE_KERNELS` a layer more for
 an attention that keeps a KV cache, and `STEP_KERNELS` once a step), each of which, at decode
 sizes, costs about one kernel's launch inside a CUDA graph: `graph_kernel_s`, as the benchmark
-measures it for each decoder (the decoder's own RMS norm on one token under a CUDA graph, per kernel:
-`graph_kernel_s` of a row) or, unmeasured, the estimate `GRAPH_KERNEL_S`. Where the projections'
+measures it for each decoder and batch (the decoder's own element-wise operations on the row's
+tokens under a CUDA graph, per kernel: `graph_kernel_s` of a row) or, unmeasured, the estimate `GRAPH_KERNEL_S`. Where the projections'
 matrix-vector rate was measured under a CUDA graph, their launches are inside `weights_s` and
 `other_kernels` leaves them out (`PROJECTION_KERNELS_PER_LAYER`). The attention variants, as the decoder's backends
 run them:

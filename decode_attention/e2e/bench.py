@@ -111,10 +111,10 @@ def graph_seconds(fn, reps: int = GRAPH_REPS) -> float:
     return float(np.median(times))
 
 
-def measure_graph_kernel_s(decoder) -> float:
+def measure_graph_kernel_s(decoder, batch: int = 1) -> float:
     """What one small kernel of this decoder's step costs inside a CUDA graph, its start included:
     the operations of a layer other than its projections and its attention, as `Decoder.step` runs
-    them on one token (two RMS norms, the rotary embedding of q and of k, the two residual adds,
+    them on `batch` tokens (two RMS norms, the rotary embedding of q and of k, the two residual adds,
     SiLU and the product), LAYERS_PER_GRAPH layers' worth one after another, per kernel (the
     cost model's count of them: KERNELS_PER_LAYER less PROJECTION_KERNELS_PER_LAYER). It is
     `costmodel.end_to_end`'s `graph_kernel_s`."""
@@ -127,10 +127,10 @@ def measure_graph_kernel_s(decoder) -> float:
 
     s = decoder.shape
     dev, dt = decoder.embed.device, decoder.dtype
-    x = torch.randn(1, s.hidden_size, device=dev, dtype=dt)
-    q = torch.randn(1, s.num_qo_heads, s.head_dim, device=dev, dtype=dt)
-    k = torch.randn(1, s.num_kv_heads, s.head_dim, device=dev, dtype=dt)
-    gate, up = (torch.randn(1, s.intermediate_size, device=dev, dtype=dt) for _ in range(2))
+    x = torch.randn(batch, s.hidden_size, device=dev, dtype=dt)
+    q = torch.randn(batch, s.num_qo_heads, s.head_dim, device=dev, dtype=dt)
+    k = torch.randn(batch, s.num_kv_heads, s.head_dim, device=dev, dtype=dt)
+    gate, up = (torch.randn(batch, s.intermediate_size, device=dev, dtype=dt) for _ in range(2))
     cos, sin = decoder.cos[:1], decoder.sin[:1]
     norm = decoder.layers[0].attn_norm
 
@@ -150,14 +150,15 @@ def measure_graph_kernel_s(decoder) -> float:
 
 def measure_gemv(decoder, batch: int = 1) -> float:
     """Bytes per second at which PyTorch's products of `batch` tokens with this decoder's projection
-    weights (fused qkv, o, fused gate and up, down) of its first GEMV_LAYERS layers read those
-    weights, one product after another under a CUDA graph as a decode step runs them (the median of
-    GRAPH_REPS replays; those layers hold far more than the L2). The rate at which the cost model
+    weights (fused qkv, o, fused gate and up, down) of its first GEMV_LAYERS layers and with its
+    LM head read those weights, one product after another under a CUDA graph as a decode step runs
+    them (the median of GRAPH_REPS replays; those weights hold far more than the L2). The rate at which the cost model
     reads a step's weights (`costmodel.end_to_end.weight_read_bytes_per_s`): cuBLAS's kernels, not
     this project's, whose speed depends on the matrices' shapes and the batch."""
     import torch
 
     weights = [w for layer in decoder.layers[:GEMV_LAYERS] for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    weights.append(decoder.lm_head)
     xs = {n: torch.randn(batch, n, device=weights[0].device, dtype=weights[0].dtype)
           for n in {w.shape[1] for w in weights}}
 
@@ -249,19 +250,19 @@ def run_end_to_end_suite(gpu, *, quick: bool = False, settings=None) -> list[dic
         longest = max(p + own + STEPS + 2 for _, p, own in grid)
         _progress(f"{name}: {shape.name}, {shape.num_layers} of {full_layers} layers, random weights")
         decoder = random_decoder(shape, max_positions=longest, device="cuda", dtype=torch.float16)
-        small = measure_graph_kernel_s(decoder)
-        _progress(f"  a small kernel of its step in a graph: {small * 1e6:.2f} us")
-        gemv = {}
+        gemv, small = {}, {}
         for batch, prompt_len, own in grid:
             if batch not in gemv:
                 gemv[batch] = measure_gemv(decoder, batch)
-                _progress(f"  its projections, {batch} token{'s' if batch > 1 else ''} at a time, read at "
-                          f"{gemv[batch] / 1e12:.2f} TB/s")
-            setting_gpu = gpu.with_measured(gemv_bytes_per_s=gemv[batch], graph_kernel_s=small)
+                small[batch] = measure_graph_kernel_s(decoder, batch)
+                _progress(f"  {batch} token{'s' if batch > 1 else ''} at a time: its projections read at "
+                          f"{gemv[batch] / 1e12:.2f} TB/s, a small kernel of its step in a graph takes "
+                          f"{small[batch] * 1e6:.2f} us")
+            setting_gpu = gpu.with_measured(gemv_bytes_per_s=gemv[batch], graph_kernel_s=small[batch])
             for attention in attentions:
                 row = _measure_row(decoder, attention, batch, prompt_len, own, setting_gpu)
                 row.update(setting=name, model_layers=full_layers, gemv_bytes_per_s=gemv[batch],
-                           graph_kernel_s=small)
+                           graph_kernel_s=small[batch])
                 rows.append(row)
                 shown = f"{row['time_ms']:.3f} ms" if row["status"] == "ok" else row["status"]
                 _progress(f"  {attention:<20} batch {batch:>3}, prompt {prompt_len:>6}: {shown}")
