@@ -11,10 +11,9 @@ every span end but at most one per sequence: that sequence's ragged end becomes 
 partly filled (`kv_last_page_len`), listed after its whole pages (attention does not depend on
 the order of the tokens). Four sink tokens and a window of whole blocks thus run with pages of
 64. Where that size falls below 16 (spans with arbitrary boundaries) the float16 and bfloat16
-kernels read windows instead (`span_windows`): each span cut into runs of 16 rows that start
-anywhere and a short end, two short ends of a sequence sharing a window where they fit, each window
-read whole like a page of 16 with its rows carried in its entry; float32 runs on the page table
-(pages down to one token, one lookup per row).
+kernels read windows instead (`span_windows`): each span cut into runs of up to 16 rows that start
+anywhere, each read whole like a page of 16 with its row count carried in its entry; float32 runs
+on the page table (pages down to one token, one lookup per row).
 
 Three ways to call it:
 
@@ -118,11 +117,10 @@ def span_page_table(span_indptr, spans, batch: int, kv_len: int) -> SpanPageTabl
 
 class SpanWindows(NamedTuple):
     """A span list as windows over the contiguous cache seen as batch * kv_len rows: each span cut
-    into whole windows of WINDOW_ROWS rows, and the short ends (the rest of a span, 1 to
-    WINDOW_ROWS - 1 rows) paired two to a window where their rows fit one."""
+    into runs of WINDOW_ROWS rows, its last run shorter where its length is not a multiple."""
 
     kv_indptr: np.ndarray   # int32 [batch + 1]
-    windows: np.ndarray     # int32 [num_windows, 2]: entry, tail (`SplitKV.run_windows`)
+    windows: np.ndarray     # int32 [num_windows]: (first row << WINDOW_LEN_BITS) | (rows - 1)
     tokens: np.ndarray      # int64 [batch]: attended tokens of each sequence
 
 
@@ -130,65 +128,26 @@ class SpanWindows(NamedTuple):
 MAX_WINDOW_ROWS_OF_CACHE = 1 << (31 - WINDOW_LEN_BITS)
 
 
-def _pair_short_ends(seq: np.ndarray, rows: np.ndarray) -> list[tuple[int, int]]:
-    """Pairs (i, j) of short ends of one sequence whose rows fit one window, as many as can be
-    made (ends sorted by rows, the longest left paired with the shortest left when they fit, else
-    alone: the greedy that maximises the pairs when a window holds two ends); the unpaired ends
-    as (i, -1). Indices into `seq` and `rows`."""
-    order = np.lexsort((rows, seq))
-    bounds = np.flatnonzero(np.diff(seq[order])) + 1
-    out = []
-    for group in np.split(order, bounds):
-        lo, hi = 0, len(group) - 1
-        r = rows[group].tolist()
-        g = group.tolist()
-        while lo <= hi:
-            if lo < hi and r[lo] + r[hi] <= WINDOW_ROWS:
-                out.append((g[hi], g[lo]))
-                lo += 1
-            else:
-                out.append((g[hi], -1))
-            hi -= 1
-    return out
-
-
 def span_windows(span_indptr, spans, batch: int, kv_len: int) -> SpanWindows:
-    """The windows of a span list (checked as `refattn.span` checks it). Span [start, end) of
-    sequence b covers rows b * kv_len + start .. b * kv_len + end - 1 of the cache seen as rows: its
-    whole windows of WINDOW_ROWS rows first, in span order, then its sequence's short ends, two to
-    a window where they fit (summarisation-like spans of about 30 tokens fill 81% of their tiles one
-    end to a tile, over 95% paired)."""
+    """The windows of a span list (checked as `refattn.span` checks it): span [start, end) of
+    sequence b becomes the windows of rows b * kv_len + start + i * WINDOW_ROWS, in span order."""
     span_indptr, spans = check_spans(span_indptr, spans, batch, kv_len)
     if batch * kv_len > MAX_WINDOW_ROWS_OF_CACHE:
         raise ValueError(f"windows address at most {MAX_WINDOW_ROWS_OF_CACHE} rows, the cache has "
                          f"{batch} x {kv_len}")
     seq_of_span = np.repeat(np.arange(batch, dtype=np.int64), np.diff(span_indptr))  # [num_spans]
-    first_row = seq_of_span * kv_len + spans[:, 0]
     lengths = spans[:, 1] - spans[:, 0]
-    whole = lengths // WINDOW_ROWS                                                   # whole windows per span
-    total = int(whole.sum())
-    run_start = np.repeat(np.cumsum(whole) - whole, whole)                           # [total]
+    count = -(-lengths // WINDOW_ROWS)                                               # windows per span
+    total = int(count.sum())
+    run_start = np.repeat(np.cumsum(count) - count, count)                           # [total]
     i = np.arange(total, dtype=np.int64) - run_start                                 # window within its span
-    whole_entry = ((np.repeat(first_row, whole) + i * WINDOW_ROWS) << WINDOW_LEN_BITS) | (WINDOW_ROWS - 1)
-    # The short ends: rows whole * WINDOW_ROWS .. length - 1 of each span, paired.
-    short = np.flatnonzero(lengths % WINDOW_ROWS)
-    end_first = first_row[short] + whole[short] * WINDOW_ROWS
-    end_rows = lengths[short] % WINDOW_ROWS
-    pairs = np.array(_pair_short_ends(seq_of_span[short], end_rows), dtype=np.int64).reshape(-1, 2)
-    a, b = pairs[:, 0], pairs[:, 1]
-    paired = b >= 0
-    rows = end_rows[a] + np.where(paired, end_rows[b], 0)
-    end_entry = (end_first[a] << WINDOW_LEN_BITS) | (rows - 1)
-    end_tail = np.where(paired, (end_first[np.maximum(b, 0)] << WINDOW_LEN_BITS) | end_rows[a], 0)
-    # Each sequence's whole windows, then its ends (a stable sort by sequence).
-    seqs = np.concatenate([np.repeat(seq_of_span, whole), seq_of_span[short][a]])
-    order = np.argsort(seqs, kind="stable")
-    windows = np.stack([np.concatenate([whole_entry, end_entry]), np.concatenate([np.zeros(total, np.int64),
-                                                                                  end_tail])], axis=1)[order]
-    per_seq = np.bincount(seqs, minlength=batch).astype(np.int64)
+    first = np.repeat(seq_of_span * kv_len + spans[:, 0], count) + i * WINDOW_ROWS
+    rows = np.minimum(WINDOW_ROWS, np.repeat(lengths, count) - i * WINDOW_ROWS)
+    windows = (first << WINDOW_LEN_BITS) | (rows - 1)
+    per_seq = np.bincount(np.repeat(seq_of_span, count), minlength=batch).astype(np.int64)
     tokens = np.bincount(seq_of_span, weights=lengths, minlength=batch).astype(np.int64)
     indptr = np.concatenate([[0], np.cumsum(per_seq)])
-    return SpanWindows(indptr.astype(np.int32), windows.astype(np.int32).reshape(-1, 2), tokens)
+    return SpanWindows(indptr.astype(np.int32), windows.astype(np.int32), tokens)
 
 
 @dataclass(frozen=True, eq=False)
@@ -276,7 +235,7 @@ class Span:
             else:
                 t = self.plan.table
                 indptr, indices, last = t.kv_indptr, t.kv_indices, t.kv_last_page_len
-            padded = indices if len(indices) else np.zeros((1, *indices.shape[1:]), np.int32)
+            padded = indices if len(indices) else np.zeros(1, np.int32)
             arrays = (
                 rt.device_int32(indptr, kind, device_id, "kv_indptr"),
                 rt.device_int32(padded, kind, device_id, "kv_indices")[: len(indices)],

@@ -60,7 +60,7 @@ _LOG2E = 1.4426950408889634
 # 128 run 2 stages (see costmodel.split_kv.PIPELINE_STAGES_BY_HEAD_DIM for 2 against 3 since the
 # page indices arrive through a ring of registers; before it, with each lane waiting on a
 # page-table read one tile ahead, 3 stages measured 1083 against 981 us at 64 x 8 x 16k on H200).
-# Two blocks per SM: at head_dim 128 the registers (192 per thread, paged) hold two; forcing three (168
+# Two blocks per SM: at head_dim 128 the registers (188 per thread) hold two; forcing three (168
 # registers) measured 1310 against 988 us at 64 x 8 x 16k on H200.
 
 
@@ -234,12 +234,9 @@ class SplitKV:
     def run_windows(self, q, k_rows, v_rows, kv_indptr, windows, kv_last_page_len, *, sm_scale=None,
                     out=None, lse=None):
         """A cache seen as rows, k_rows and v_rows [rows, num_kv_heads, head_dim], read by windows:
-        sequence b's tokens are the windows windows[kv_indptr[b]:kv_indptr[b + 1]] (int32
-        [num_windows, 2], 8-byte aligned), each a tile of 1 to WINDOW_ROWS rows: entry
-        (first row << WINDOW_LEN_BITS) | (row count - 1) and tail 0 for consecutive rows, or tail
-        (second first row << WINDOW_LEN_BITS) | rows1 for rows1 (1 to row count - 1) rows from the
-        first row and the rest from the second; kv_last_page_len is WINDOW_ROWS for a sequence with
-        windows. The plan must be for pages of
+        sequence b's tokens are the windows windows[kv_indptr[b]:kv_indptr[b + 1]], each an int32
+        (first row << WINDOW_LEN_BITS) | (row count - 1) of 1 to WINDOW_ROWS consecutive rows;
+        kv_last_page_len is WINDOW_ROWS for a sequence with windows. The plan must be for pages of
         WINDOW_ROWS (a window is read as a page whose row count it carries) on the tensor-core path.
         Index arrays as int32 device arrays (values not checked here: a window outside the rows
         gives its sequence NaN)."""
@@ -257,19 +254,13 @@ def _expect_shape(a: rt.Device, name: str, template: str, expected: tuple) -> No
         raise ValueError(f"{name} must be {template} = [{shown}], got {a.shape}")
 
 
-def _expect_index(x, name: str, length: int, device_id: int, *, pairs: bool = False):
-    """An int32 device index array [length] (any length for None), or [n, 2] with `pairs`."""
+def _expect_index(x, name: str, length: int, device_id: int):
     if x is None:
         return None
     a = x if isinstance(x, rt.Device) else rt.device_array(x, name)
     if a.dtype != "int32":
         raise TypeError(f"{name} must be an int32 device array for SplitKV.run, got {a.dtype}")
-    if pairs:
-        _expect_shape(a, name, "[num_windows, 2]", (None, 2))
-        if a.ptr % 8:
-            raise ValueError(f"{name} must start on an 8-byte boundary (its pairs are read as one load)")
-    else:
-        _expect_shape(a, name, "[n]", (length,) if length is not None else (None,))
+    _expect_shape(a, name, "[n]", (length,) if length is not None else (None,))
     rt.require_contiguous(a, name)
     if a.device_id != device_id:
         raise ValueError(f"{name} must be on GPU {device_id}, got GPU {a.device_id}")
@@ -339,9 +330,8 @@ def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace, vie
         num_pages, page_size = 0, 1
     else:
         indptr = _expect_index(paged[0], "kv_indptr", B + 1, device_id)
-        indices = _expect_index(paged[1], "windows" if windows else "kv_indices", None, device_id, pairs=windows)
-        # the kernel keeps every sequence's pages (windows) inside kv_indices
-        kv_len = _numel(indices) // 2 if windows else _numel(indices)
+        indices = _expect_index(paged[1], "kv_indices", None, device_id)
+        kv_len = _numel(indices)   # the kernel keeps every sequence's pages inside kv_indices
         last = _expect_index(paged[2], "kv_last_page_len", B, device_id)
         num_pages, page_size = ka.shape[0], plan.page_size   # windows: the rows of the cache
     if sm_scale is None:

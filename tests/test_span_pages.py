@@ -106,29 +106,17 @@ def test_a_span_plan_is_made_on_the_host():
 
 @given(span_sets())
 def test_the_windows_read_exactly_the_spans(case):
-    """Windows: tiles of 1 to 16 rows, each one run of consecutive rows inside one span or two runs
-    inside two spans of its sequence, grouped by sequence, that together list each sequence's
-    attended rows once, with at most one window short of 16 rows that could have taken another
-    short run; the reference over those rows gives refattn.span's answer."""
+    """Windows: runs of 1 to 16 consecutive rows, each inside one span, grouped by sequence, that
+    together list each sequence's attended rows once; the reference over those rows gives
+    refattn.span's answer."""
     from gpukernels.span import span_windows
     from gpukernels.split_kv import WINDOW_LEN_BITS, WINDOW_ROWS
 
     batch, kv_len, indptr, spans, seed = case
     w = span_windows(indptr, spans, batch, kv_len)
-    assert w.kv_indptr.dtype == np.int32 and w.windows.dtype == np.int32 and w.windows.shape[1:] == (2,)
-    entry, tail = w.windows[:, 0].astype(np.int64), w.windows[:, 1].astype(np.int64)
-    rows = (entry & (WINDOW_ROWS - 1)) + 1
-    rows1 = np.where(tail != 0, tail & (WINDOW_ROWS - 1), rows)        # rows of the first run
-    assert ((tail == 0) | ((rows1 >= 1) & (rows1 < rows))).all()
-    runs = [(f, n) for f, n in zip(entry >> WINDOW_LEN_BITS, rows1)]
-    seconds = [(f, n) for f, n, t in zip(tail >> WINDOW_LEN_BITS, rows - rows1, tail) if t != 0]
-    owner = np.repeat(np.arange(batch), np.diff(w.kv_indptr))
-    owner_of_second = owner[tail != 0]
-    for b in range(batch):
-        own = np.flatnonzero(owner == b)
-        short = [i for i in own if tail[i] == 0 and rows[i] < WINDOW_ROWS]
-        # two short single-run windows of one sequence never fit one window together
-        assert all(rows[i] + rows[j] > WINDOW_ROWS for i in short for j in short if i < j)
+    assert w.kv_indptr.dtype == np.int32 and w.windows.dtype == np.int32
+    first = w.windows.astype(np.int64) >> WINDOW_LEN_BITS
+    rows = (w.windows & (WINDOW_ROWS - 1)) + 1
     rng = np.random.default_rng(seed)
     hq, hkv, d = 4, 2, 8
     q = rng.standard_normal((batch, hq, d))
@@ -136,9 +124,8 @@ def test_the_windows_read_exactly_the_spans(case):
     v = rng.standard_normal((batch, kv_len, hkv, d))
     out = np.zeros((batch, hq, d))
     for b in range(batch):
-        own = range(w.kv_indptr[b], w.kv_indptr[b + 1])
-        mine = [runs[i] for i in own] + [r for r, o in zip(seconds, owner_of_second) if o == b]
-        listed = np.concatenate([np.arange(f, f + n) for f, n in mine] or [[]]).astype(int)
+        own = slice(w.kv_indptr[b], w.kv_indptr[b + 1])
+        listed = np.concatenate([np.arange(f, f + n) for f, n in zip(first[own], rows[own])] or [[]]).astype(int)
         expected = np.concatenate([b * kv_len + np.arange(s, e) for s, e in spans[indptr[b]:indptr[b + 1]]]
                                   or [[]]).astype(int)
         assert sorted(listed) == sorted(expected) and len(set(listed)) == len(listed)
@@ -157,10 +144,7 @@ def test_spans_with_arbitrary_boundaries_are_read_by_windows_in_half_precision()
     kwargs = dict(batch=2, kv_len=1000, num_qo_heads=8, num_kv_heads=2, head_dim=128, gpu="H200")
     half = plan_span(indptr, spans, dtype="float16", **kwargs)
     assert half.layout == "windows" and half.split.page_size == 16 and half.table.page_size == 1
-    # 37 rows: 2 whole windows and an end of 5; 17 rows: 1 and an end of 1 (the two ends share a
-    # window); 1 row: 1
-    assert half.windows.kv_indptr.tolist() == [0, 4, 5]
-    assert half.windows.windows[3].tolist() == [((35 << 4) | 5), ((116 << 4) | 5)]
+    assert half.windows.kv_indptr.tolist() == [0, 5, 6]     # 37 rows: 3 windows, 17 rows: 2, 1 row: 1
     assert half.attended_tokens.tolist() == [54, 1]
     single = plan_span(indptr, spans, dtype="float32", **kwargs)
     assert single.layout == "pages" and single.split.page_size == 1

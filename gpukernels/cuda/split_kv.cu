@@ -16,10 +16,9 @@
 //
 // The same kernel reads a paged cache (PAGED): row t of sequence b lives at slot t % page_size of
 // page kv_indices[kv_indptr[b] + t / page_size]. The tensor-core kernel also reads windows (spans
-// with arbitrary boundaries): each pair of entries of kv_indices is a warp tile of 1 to 16 rows in
-// one or two runs of consecutive rows starting anywhere in the cache, read as whole rows like a
-// page; the rows past a window's count are masked (instead of pages of one row, each looked up on
-// its own).
+// with arbitrary boundaries): each entry of kv_indices is a warp tile of 1 to 16 consecutive rows
+// starting anywhere in the cache, read as whole rows like a page; the rows past a window's count
+// are masked (instead of pages of one row, each looked up on its own).
 
 #include "common.cuh"
 
@@ -707,11 +706,8 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   // rows at a fixed distance from the tile's first row (the usual page sizes, 16 and up). Measured
   // on H200 with pages of 16, two A/B rounds: 1 x 8 x 128k 146.4 -> 139.3 us, 1 x 32 x 32k 145.0 ->
   // 138.2, 8 x 8 x 32k 263.1 -> 259.9, 16 x 32 x 8k 503.5 -> 500.7.
-  // Windows (`windows` != 0, page_size WARP_ROWS): kv_indices holds a pair per window, entry
-  // (start << WINDOW_LEN_BITS) | (rows - 1) and tail (start2 << WINDOW_LEN_BITS) | rows1: a warp tile
-  // of 1..WARP_ROWS rows of the cache seen as num_pages rows, read whole. A tail of 0 makes them the
-  // rows from `start`; else the first rows1 rows come from `start` and the rest from `start2`
-  // (two spans' short ends in one tile instead of a partly filled tile each).
+  // Windows (`windows` != 0, page_size WARP_ROWS): entry (start << WINDOW_LEN_BITS) | (rows - 1) is a
+  // warp tile of 1..WARP_ROWS rows from `start` of the cache seen as num_pages rows, read whole.
   constexpr int WINDOW_LEN_BITS = 4;
   static_assert((1 << WINDOW_LEN_BITS) == WARP_ROWS, "a window's row count fills the low bits");
   const bool whole_tiles = PAGED && (windows || (pdiv.pow2 && page_size >= WARP_ROWS));
@@ -722,30 +718,18 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   // one tile ahead instead, each lookup's latency held up the next tile's copies: 8 x 8 x 24576
   // tokens with pages of 16 ran at 216 us against 188 for the same tokens contiguous (H200, two
   // splits); with the ring, 201 (2 stages) and 196 (3).
-  // Windows carry their tails in a second ring beside the first.
   const int ring_tiles = whole_tiles ? 32 : 2;   // tiles per ring register
   int ring[4] = {0, 0, 0, 0};
-  int ring_tail[4] = {0, 0, 0, 0};
   int ring_base = 0;       // ordinal of the first tile ring[0] holds
   int look_n = 0;          // ordinal of the next tile looked up
-  int tail = 0;            // windows: the tail of the tile looked up last
-  auto ring_load = [&](int base, int& entry, int& entry_tail) {
+  auto ring_load = [&](int base) -> int {
     const int ordinal = whole_tiles ? base + lane : base + lane / 16;
     const long long row = first_tile + static_cast<long long>(ordinal) * stride + (whole_tiles ? 0 : lane % 16);
-    if (row >= w.end) {
-      entry = entry_tail = 0;
-    } else if (windows) {
-      const int2 pair = __ldg(reinterpret_cast<const int2*>(kv_indices) + page_base + pdiv.div(static_cast<int>(row)));
-      entry = pair.x;
-      entry_tail = pair.y;
-    } else {
-      entry = __ldg(kv_indices + page_base + pdiv.div(static_cast<int>(row)));
-      entry_tail = 0;
-    }
+    return row < w.end ? __ldg(kv_indices + page_base + pdiv.div(static_cast<int>(row))) : 0;
   };
   if constexpr (PAGED) {
 #pragma unroll
-    for (int r = 0; r < 4; ++r) ring_load(r * ring_tiles, ring[r], ring_tail[r]);
+    for (int r = 0; r < 4; ++r) ring[r] = ring_load(r * ring_tiles);
   }
   auto look_up = [&](int tile) {
     if constexpr (PAGED) {
@@ -754,16 +738,12 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
         ring[0] = ring[1];
         ring[1] = ring[2];
         ring[2] = ring[3];
-        ring_tail[0] = ring_tail[1];
-        ring_tail[1] = ring_tail[2];
-        ring_tail[2] = ring_tail[3];
-        ring_load(ring_base + 3 * ring_tiles, ring[3], ring_tail[3]);
+        ring[3] = ring_load(ring_base + 3 * ring_tiles);
       }
       const int at = look_n - ring_base;
       ++look_n;
       if (whole_tiles) {
         pages[0] = __shfl_sync(kFullMask, ring[0], at);
-        if (windows) tail = __shfl_sync(kFullMask, ring_tail[0], at);
         return;
       }
 #pragma unroll
@@ -848,32 +828,15 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   auto issue = [&](int tile, int stage) {
     if constexpr (PAGED) {
       if (tile < w.end && windows) {
-        // A window: rows start .. start + rows - 1 of the cache seen as rows (num_pages of them),
-        // or, with a tail, rows1 of them from start and the rest from start2.
+        // A window: rows start .. start + rows - 1 of the cache seen as rows (num_pages of them).
         const unsigned entry = static_cast<unsigned>(pages[0]);
         const long long start = entry >> WINDOW_LEN_BITS;
         const int rows = static_cast<int>(entry & (WARP_ROWS - 1)) + 1;
-        const int rows1 = static_cast<int>(static_cast<unsigned>(tail) & (WARP_ROWS - 1));
+        const bool window_ok = start + rows <= num_pages;
+        bad_page = bad_page || !window_ok;
+        const long long at = window_ok ? (start + copy_row) * row_elems + w.kh * HEAD_DIM + copy_piece * 8 : 0;
         if (lane == 0) smem_tile_rows[warp][stage] = rows;
-        if (rows1 == 0) {   // warp-uniform
-          const bool window_ok = start + rows <= num_pages;
-          bad_page = bad_page || !window_ok;
-          const long long at = window_ok ? (start + copy_row) * row_elems + w.kh * HEAD_DIM + copy_piece * 8 : 0;
-          copy_rows(stage, k + at, v + at, window_ok, rows);
-        } else {
-          const long long start2 = static_cast<unsigned>(tail) >> WINDOW_LEN_BITS;
-          const bool window_ok = rows1 < rows && start + rows1 <= num_pages && start2 + (rows - rows1) <= num_pages;
-          bad_page = bad_page || !window_ok;
-          const long long piece = w.kh * HEAD_DIM + copy_piece * 8;
-#pragma unroll
-          for (int i = 0; i < COPIES; ++i) {
-            const int r = i * ROWS_PER_COPY + copy_row;   // the tile row this copy fills
-            const bool valid = window_ok && r < rows;
-            const long long at = (r < rows1 ? start + r : start2 + (r - rows1)) * row_elems + piece;
-            cp_async_16(k_dst(stage, i), valid ? k + at : k, valid);
-            cp_async_16(v_dst(stage, i), valid ? v + at : v, valid);
-          }
-        }
+        copy_rows(stage, k + at, v + at, window_ok, rows);
       } else if (tile < w.end && whole_tiles) {
         // The warp tile lies in one page: whole rows, as from a contiguous cache.
         const int page = pages[0];
