@@ -3,26 +3,32 @@ attention of every layer by this project's variant predictions, and the launches
 
 A decode step of a batch of sequences runs every layer once, one token per sequence::
 
-    weights_s   = max(weight_bytes / gemv_bytes_per_s,
+    weights_s   = weight_bytes / gemv_bytes_per_s                        (measured at the batch)
+                | max(weight_bytes / (bw_fraction * stream_bytes_per_s),
                       2 * weight_params * batch / (matmul_fraction * matmul_flops_per_s))
     attention_s = num_layers * (the call as the decoder runs it, each launch's term at graph_kernel_s)
     launches_s  = other_kernels * graph_kernel_s
     step_s      = weights_s + attention_s + launches_s
 
 `gemv_bytes_per_s` is the rate the framework's products of the step's tokens with the decoder's
-projection weights and LM head read those weights, as the benchmark measures it for each decoder
-and batch beside its rows (`gemv_bytes_per_s` of a row; `weight_read_bytes_per_s`); without a
-measurement, the attention kernels' `bw_fraction` of the stream ceiling. `weight_bytes` counts every weight a step reads: each layer's projections, MLP and norms, the
-final norm and the output head (the embedding table is not read, only one row per sequence).
-`other_kernels` counts the launches of the step other than attention (`KERNELS_PER_LAYER` a
-layer, as the decoder of `decode_attention.e2e` issues them, `KV_WRITE_KERNELS` a layer more for
-an attention that keeps a KV cache, and `STEP_KERNELS` once a step), each of which, at decode
-sizes, costs about one kernel's launch inside a CUDA graph: `graph_kernel_s`, as the benchmark
-measures it for each decoder and batch (the decoder's own element-wise operations on the row's
-tokens under a CUDA graph, per kernel: `graph_kernel_s` of a row) or, unmeasured, the estimate `GRAPH_KERNEL_S`. Where the projections'
-matrix-vector rate was measured under a CUDA graph, their launches are inside `weights_s` and
-`other_kernels` leaves them out (`PROJECTION_KERNELS_PER_LAYER`). The attention variants, as the decoder's backends
-run them:
+projection weights and LM head read those weights, as the benchmark measures it for each decoder and
+batch beside its rows (`gemv_bytes_per_s` of a row; `weight_read_bytes_per_s`). Measured at the
+row's batch, that rate already holds whatever bounds the products there (at 256 tokens they are
+matrix products, 2.4 TB/s on H200), so it stands alone; the roofline of the second line is for a
+step without a measurement (the attention kernels' `bw_fraction` of the stream ceiling, or the
+weights' FLOPs at the fitted matrix-product rate). `weight_bytes` counts every weight a step reads:
+each layer's projections, MLP and norms, the final norm and the output head (the embedding table is
+not read, only one row per sequence). `other_kernels` counts the launches of the step other than
+attention (`KERNELS_PER_LAYER` a layer, as the decoder of `decode_attention.e2e` issues them,
+`KV_WRITE_KERNELS` a layer more for an attention that keeps a KV cache, and `STEP_KERNELS` once a
+step), each of which, at decode sizes, costs about one kernel's launch inside a CUDA graph:
+`graph_kernel_s`, as the benchmark measures it for each decoder and batch (the decoder's own
+element-wise operations on the row's tokens under a CUDA graph, per kernel: `graph_kernel_s` of a
+row) or, unmeasured, the estimate `GRAPH_KERNEL_S`. Where the projections' matrix-vector rate was
+measured under a CUDA graph, their launches are inside `weights_s` and `other_kernels` leaves them
+out (`PROJECTION_KERNELS_PER_LAYER`).
+
+The attention variants, as the decoder's backends run them:
 
 | attention | what one layer runs |
 |---|---|
@@ -300,8 +306,12 @@ def predict_step(decoder: "DecoderShape | str", attention: str, *, batch: int, c
     params = decoder.params_read_per_step
     weight_bytes = params * dtype_bytes(dtype)
     weight_flops = 2 * params * batch
-    weights_s = max(weight_bytes / weight_read_bytes_per_s(spec, cal),
-                    weight_flops / (cal.matmul_fraction * spec.matmul_flops_per_s))
+    if spec.gemv_bytes_per_s:
+        # the products measured at this batch: their rate holds whatever bounds them there
+        weights_s = weight_bytes / spec.gemv_bytes_per_s
+    else:
+        weights_s = max(weight_bytes / weight_read_bytes_per_s(spec, cal),
+                        weight_flops / (cal.matmul_fraction * spec.matmul_flops_per_s))
     layer = _attention_prediction(decoder, attention, batch=batch, prompt_len=prompt_len,
                                   own_len=context_len - prompt_len, dtype=dtype, page_size=page_size,
                                   num_sinks=num_sinks, window=window, span_lens=span_lens, gpu=spec,

@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch", reason="the end-to-end decoder needs PyTorc
 from costmodel import end_to_end as e2e_model  # noqa: E402
 from costmodel.end_to_end import DecoderShape, predict_step  # noqa: E402
 from costmodel.gpus import get_gpu  # noqa: E402
+from costmodel.prediction import calibration_for  # noqa: E402
 from decode_attention import cli  # noqa: E402
 from decode_attention.e2e.attention import PAGE_SIZE, SpanPattern, prompt_pattern  # noqa: E402
 from decode_attention.e2e.generate import Generation  # noqa: E402
@@ -418,6 +419,14 @@ def test_measured_rates_replace_the_estimates_and_projections_are_not_counted_tw
     layers = e2e_model.get_decoder("llama2-7b").num_layers
     assert base.other_kernels - both.other_kernels == layers * e2e_model.PROJECTION_KERNELS_PER_LAYER
     assert both.weights_s == pytest.approx(both.weight_bytes / 3.5e12)
+    # at 256 tokens the roofline puts the products at the matrix-product rate; a rate measured at
+    # that batch already holds that bound and replaces it
+    wide = predict_step("llama3-8b", "none", batch=256, context_len=1024, gpu=gpu)
+    cal = calibration_for(gpu, None)
+    assert wide.weights_s == pytest.approx(wide.weight_flops / (cal.matmul_fraction * gpu.matmul_flops_per_s))
+    measured = predict_step("llama3-8b", "none", batch=256, context_len=1024,
+                            gpu=gpu.with_measured(gemv_bytes_per_s=2.4e12))
+    assert measured.weights_s == pytest.approx(measured.weight_bytes / 2.4e12)
 
 
 def test_suite_measures_a_row_on_the_cpu_too():
