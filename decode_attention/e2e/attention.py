@@ -349,7 +349,11 @@ class PagedAttention(_Backend):
 
 class FlashInferAttention(PagedAttention):
     """FlashInfer's paged decode (tensor cores) over the same pages; its plan is made on the host
-    before every step (`before_step`), as FlashInfer's CUDA-graph mode requires."""
+    before every step (`before_step`), as FlashInfer's CUDA-graph mode requires. A plan stages its
+    tables in one pinned host buffer and copies them to the GPU on the stream, behind the steps
+    already queued; the next plan waits for that copy (an event), else it rewrites the buffer
+    before the copy reads it (replanned each step with no wait, the suite saw an indptr of garbage
+    in one run and a step that never returned in the next)."""
 
     name = "peer:flashinfer"
 
@@ -367,9 +371,12 @@ class FlashInferAttention(PagedAttention):
             paged_kv_indptr_buffer=self.fi_indptr, paged_kv_indices_buffer=self.fi_indices,
             paged_kv_last_page_len_buffer=self.fi_last)
         self.host_table = _host(p.table).astype(np.int32)
+        self.planned = None   # an event after the last plan's copies were queued
 
     def before_step(self, position: int) -> None:
         s, p = self.setup, self.pages
+        if self.planned is not None:
+            self.planned.synchronize()
         n = position + 1
         used = -(-n // PAGE_SIZE)
         indptr = torch.arange(s.batch + 1, dtype=torch.int32) * used
@@ -377,6 +384,8 @@ class FlashInferAttention(PagedAttention):
         last = torch.full((s.batch,), n - (used - 1) * PAGE_SIZE, dtype=torch.int32)
         self.wrapper.plan(indptr, indices, last, s.num_qo_heads, s.num_kv_heads, s.head_dim, PAGE_SIZE,
                           data_type=s.dtype, q_data_type=s.dtype)
+        self.planned = torch.cuda.Event()
+        self.planned.record()
 
     def attend(self, layer, q) -> torch.Tensor:
         return self.wrapper.run(q, (self.k[layer], self.v[layer]))

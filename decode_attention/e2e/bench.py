@@ -230,9 +230,10 @@ def _with_ceiling(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def run_end_to_end_suite(gpu, *, quick: bool = False, settings=None) -> list[dict]:
+def run_end_to_end_suite(gpu, *, quick: bool = False, settings=None, after_setting=None) -> list[dict]:
     """Every setting's rows (the first workload of each when `quick`), `gpu` the cost model's GPU
-    with the run's measured ceilings."""
+    with the run's measured ceilings. `after_setting(rows)`, if given, gets the rows so far after
+    each setting (the suite writes them, so that a run stopped later keeps them)."""
     import torch
 
     from costmodel.end_to_end import get_decoder
@@ -268,6 +269,8 @@ def run_end_to_end_suite(gpu, *, quick: bool = False, settings=None) -> list[dic
                 _progress(f"  {attention:<20} batch {batch:>3}, prompt {prompt_len:>6}: {shown}")
         del decoder
         _free()
+        if after_setting is not None:
+            after_setting(_with_ceiling(rows))
     return _with_ceiling(rows)
 
 
@@ -325,9 +328,15 @@ def main(argv=None) -> int:
                                                read_bytes_per_s=ceilings["read_bytes_per_s"],
                                                matmul_flops_per_s=ceilings["matmul_flops_per_s"])
     _free()
-    rows = run_end_to_end_suite(gpu, quick=args.quick, settings=args.settings)
+    out_dir = Path(args.out) / gpu_slug(meta["gpu"])
+
+    def write_so_far(rows):   # each setting's rows on disk as soon as it ends
+        write_end_to_end(rows, {**meta, "complete": False}, out_dir)
+
+    rows = run_end_to_end_suite(gpu, quick=args.quick, settings=args.settings,
+                                after_setting=None if args.quick else write_so_far)
     if not args.quick:
-        _progress(f"wrote {write_end_to_end(rows, meta, Path(args.out) / gpu_slug(meta['gpu']))}")
+        _progress(f"wrote {write_end_to_end(rows, {**meta, 'complete': True}, out_dir)}")
     print(format_rows(rows))
     failed = [r for r in rows if r["status"] == "failed"]
     for r in failed:
