@@ -23,8 +23,9 @@ What it measures, for batch 1 and 8, 32 query / 8 KV heads, head_dim 128, float1
 Timing: every step is captured in a CUDA graph and replayed (a decode step runs so); CUDA events
 around each replay, the L2 flushed before each (a 256 MB write), then a device barrier (an NCCL
 all-reduce of one element: both GPUs leave it together) and a 1 ms GPU wait that hides the
-host's launch; the median over repetitions of each repetition's slowest rank. One-GPU rows time
-rank 0 alone. Every row carries the cost model's prediction (`costmodel.sharded`, collective
+host's launch; the median over repetitions of each repetition's slowest rank. The crossover rows
+replay the step SWEEP_REPLAYS times back to back inside each repetition and take the mean, on one
+GPU and on N alike. One-GPU rows time rank 0 alone. Every row carries the cost model's prediction (`costmodel.sharded`, collective
 inside a CUDA graph) with the ceilings measured in the same run, `stream_ms` (a kernel that only
 reads the row's K and V once: on two GPUs each rank its shard, at the same time), the floor and
 frac, like the single-GPU suites (gpukernels/bench.py). Only rank 0 writes the result file,
@@ -69,6 +70,12 @@ LONG_TIME_RATIO_TARGET = 0.55      # ... at most this share of one GPU's time
 # some rows, on others 30 us).
 LEAD_MS = 1.0
 SWEEP_REPS_FACTOR = 2              # crossover rows: small and noisy, so twice the repetitions
+# Crossover rows time this many replays of the step back to back in each repetition (the time of
+# one: their mean), as a decode loop runs its steps, on one GPU and on N alike. Timed one replay
+# after a barrier each, the batch-8 sweep's two-GPU steps read 50-240 us above their shard plus
+# all-gather on a third of its rows, in runs of neighbouring rows (batch 1 steady; the cause not
+# established), which put the measured crossover at 17k and at 266k tokens in two runs.
+SWEEP_REPLAYS = 8
 TEARDOWN_TIMEOUT_S = 30.0
 SEED = 0
 
@@ -303,10 +310,11 @@ class Run:
         with self.cp.cuda.ExternalStream(self.torch.cuda.current_stream().cuda_stream):
             gpu_wait(LEAD_MS)
 
-    def time_ms(self, fn, *, together: bool, reps: int | None = None) -> float:
+    def time_ms(self, fn, *, together: bool, reps: int | None = None, replays: int = 1) -> float:
         """Median over repetitions of `fn`'s time in ms (CUDA events, L2 flushed, a GPU wait first).
         together: every rank runs fn at once, after a device barrier; the repetition's time is
-        its slowest rank's (every rank gets the same number). Else this rank alone."""
+        its slowest rank's (every rank gets the same number). Else this rank alone. `replays`: fn
+        runs that many times back to back inside each repetition, which times their mean."""
         torch = self.torch
         reps = reps or self.reps
         for _ in range(3):
@@ -320,10 +328,11 @@ class Run:
             self._lead()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(replays):
+                fn()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end))
+            times.append(start.elapsed_time(end) / replays)
         mine = torch.tensor(times, dtype=torch.float64, device=self.device)
         if together:
             every = torch.empty(self.world * reps, dtype=torch.float64, device=self.device)
@@ -409,13 +418,13 @@ def one_gpu_row(run: Run, batch: int, kv_len: int, ceilings: dict, gpu, *, reps:
         g = run.graph(lambda: runner.run(q, k, v, out=out, lse=lse))
         row = row_base(batch, kv_len, 1, "split_kv", ceilings)
         row.update(num_splits=plan.num_splits, chunk_size=plan.chunk_size, plan="auto", graph=True,
-                   time_ms=run.time_ms(g.replay, together=False, reps=reps),
+                   time_ms=run.time_ms(g.replay, together=False, reps=reps, replays=SWEEP_REPLAYS if sweep else 1),
                    stream_ms=run.time_ms(_stream_fn(run, k, v), together=False, reps=reps),
                    predicted_ms=model.predict(model.plan_split_kv(batch, NUM_QO_HEADS, NUM_KV_HEADS, HEAD_DIM,
                                                                   kv_len, dtype=DTYPE, gpu=gpu),
                                               gpu=gpu).time_s * 1e3)
         if sweep:
-            row["sweep"] = "crossover"
+            row.update(sweep="crossover", replays_per_rep=SWEEP_REPLAYS)
         else:
             row["host_us"] = host_us(g.replay)
         finish_row(row)
@@ -445,7 +454,7 @@ def sharded_row(run: Run, batch: int, kv_len: int, ceilings: dict, gpu, *, reps:
     collective = TorchCollective()
     dec = ShardedDecode(plan, collective)
     step_graph = run.graph(lambda: dec.run(q, k, v, shard_lens, out=out, lse=lse))
-    time_ms = run.time_ms(step_graph.replay, together=True, reps=reps)
+    time_ms = run.time_ms(step_graph.replay, together=True, reps=reps, replays=SWEEP_REPLAYS if sweep else 1)
     step_host_us = None if sweep or check else host_us(step_graph.replay)   # every rank the same calls
     send = torch.zeros((batch, NUM_QO_HEADS, HEAD_DIM + 1), dtype=torch.float32, device=run.device)
     gathered = torch.empty((run.world, *send.shape), dtype=torch.float32, device=run.device)
@@ -471,7 +480,7 @@ def sharded_row(run: Run, batch: int, kv_len: int, ceilings: dict, gpu, *, reps:
     if step_host_us is not None:
         row["host_us"] = step_host_us
     if sweep:
-        row["sweep"] = "crossover"
+        row.update(sweep="crossover", replays_per_rep=SWEEP_REPLAYS)
     if check:
         row.update(larger_than_one_gpu=kv_cache_bytes(batch, kv_len) > run.memory_bytes,
                    one_gpu_memory_bytes=run.memory_bytes, check=result)
