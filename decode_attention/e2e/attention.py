@@ -351,9 +351,9 @@ class FlashInferAttention(PagedAttention):
     """FlashInfer's paged decode (tensor cores) over the same pages; its plan is made on the host
     before every step (`before_step`), as FlashInfer's CUDA-graph mode requires. A plan stages its
     tables in one pinned host buffer and copies them to the GPU on the stream, behind the steps
-    already queued; the next plan waits for that copy (an event), else it rewrites the buffer
+    already queued; the next plan waits for that copy (an event), else it could rewrite the buffer
     before the copy reads it (replanned each step with no wait, the suite saw an indptr of garbage
-    in one run and a step that never returned in the next)."""
+    in one run and a step that never returned in the next, as that race would give)."""
 
     name = "peer:flashinfer"
 
