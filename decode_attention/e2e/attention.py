@@ -8,7 +8,7 @@ through one of this project's variants, a peer, or not at all.
 | `shared_prefix` | the prompt once [P, Hkv, D]; each sequence's own tokens [batch, new_tokens, Hkv, D] | `gpukernels.SharedPrefix(plan).run` (Hydragen) |
 | `span` | contiguous, read through a page table of its spans: sinks + a window (and fixed spans of the prompt) | `SplitKV(plan).run_paged` over the cache seen as pages |
 | `peer:cudnn` | contiguous, the prompt copied | PyTorch SDPA, cuDNN backend, an additive mask over the unwritten positions |
-| `peer:flashinfer` | as `paged_decode` | FlashInfer's paged decode wrapper (tensor cores), planned each step on the host |
+| `peer:flashinfer` | as `paged_decode` | FlashInfer's paged decode wrapper (tensor cores from 4 query heads per KV head), planned each step on the host |
 | `peer:sdpa_math` | as `peer:cudnn` | PyTorch SDPA's math backend (also on a CPU) |
 | `none` | nothing | skipped: the ceiling a faster attention approaches |
 
@@ -347,8 +347,14 @@ class PagedAttention(_Backend):
         return self._to_out(out)
 
 
+TENSOR_CORE_GROUP = 4   # query heads per KV head from which FlashInfer's decode runs on tensor cores
+
+
 class FlashInferAttention(PagedAttention):
-    """FlashInfer's paged decode (tensor cores) over the same pages; its plan is made on the host
+    """FlashInfer's paged decode over the same pages, on tensor cores where a KV head serves at
+    least TENSOR_CORE_GROUP query heads, else on CUDA cores (its documentation: tensor cores are faster
+    for large groups; on the 7B MHA shape its tensor-core planner read a garbage indptr in one run and
+    never returned in two, at 1 to 64 samples, while the GQA shape ran). Its plan is made on the host
     before every step (`before_step`), as FlashInfer's CUDA-graph mode requires. A plan stages its
     tables in one pinned host buffer and copies them to the GPU on the stream, behind the steps
     already queued; the next plan waits for that copy (an event), else it could rewrite the buffer
@@ -367,7 +373,8 @@ class FlashInferAttention(PagedAttention):
         self.fi_indices = torch.zeros(s.batch * p.max_pages, dtype=torch.int32, device=dev)
         self.fi_last = torch.zeros(s.batch, dtype=torch.int32, device=dev)
         self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+            self.workspace, "NHD", use_cuda_graph=True,
+            use_tensor_cores=s.num_qo_heads // s.num_kv_heads >= TENSOR_CORE_GROUP,
             paged_kv_indptr_buffer=self.fi_indptr, paged_kv_indices_buffer=self.fi_indices,
             paged_kv_last_page_len_buffer=self.fi_last)
         self.host_table = _host(p.table).astype(np.int32)
