@@ -237,18 +237,19 @@ def test_the_collective_model_reproduces_its_measurements():
 
 
 def test_the_call_latency_is_the_benchmark_s_all_gather_alone():
-    """call_latency_s: the median over the 2-GPU rows of the committed benchmark of the all-gather
-    measured alone (collective_ms), less one small-message step, never the sharded step's time."""
+    """call_latency_s: the median over the 2-GPU rows of the committed benchmark run it names
+    (call_latency_source) of the all-gather measured alone (collective_ms), less one
+    small-message step, never the sharded step's time."""
     entry = _collectives_data()["interconnects"]["nvlink4"]
     accuracy = importlib.import_module("costmodel.accuracy")
     root = accuracy.find_results_dir()
-    path = None if root is None else root / "h200x2" / "distributed.json"
+    source = entry["call_latency_source"]
+    assert source.startswith("results/")
+    path = None if root is None else root / source.removeprefix("results/")
     if path is None or not path.exists():
-        pytest.skip("no committed results/h200x2/distributed.json")
+        pytest.skip(f"no committed {source}")
     result = json.loads(path.read_text())
-    if result["meta"]["date"] not in entry["timings"]["single replay"]:
-        pytest.skip(f"results/h200x2/distributed.json was measured again ({result['meta']['date']}): "
-                    "refresh call_latency_s in costmodel/data/collectives.json from its collective_ms")
+    assert result["meta"]["date"] in entry["timings"]["single replay"]
     net = sharded.get_interconnect("nvlink4")
     rows = [r for r in result["rows"] if r["num_gpus"] == 2]
     extra = []
