@@ -254,12 +254,17 @@ def _attention_prediction(decoder: DecoderShape, attention: str, *, batch: int, 
         shape = shared_prefix.SharedPrefixShape(batch, hq, hkv, d, prompt_len, own_len, dtype)
         return shared_prefix.predict(shape, method="hydragen", gpu=gpu, calibration=cal)
     if attention == "span":
-        if span_lens is not None:
-            shape = span.SpanShape(batch, hq, hkv, d, context, tuple(span_lens), dtype)
-        else:
-            shape = span.SpanShape.sinks_window(batch, hq, hkv, d, context, num_sinks=num_sinks,
-                                                window=window, dtype=dtype)
-        return span.predict(shape, gpu=gpu, calibration=cal)
+        # The decoder's span backend: a page table of `page_size` pages over the contiguous cache,
+        # rebuilt on the device each step (sinks, fixed spans, then the window's pages), run by the
+        # paged split-KV kernel with the plan it makes for the sinks, fixed spans, window and a page.
+        sinks = min(num_sinks, context)
+        recent = min(window, context - sinks)
+        attended = sinks + (sum(span_lens) if span_lens is not None else recent)
+        planned = min(-(-context // page_size) * page_size,
+                      sinks + (sum(span_lens[:-1]) if span_lens is not None else 0) + window + page_size)
+        plan = split_kv.plan_split_kv(batch, hq, hkv, d, max(planned, 1), dtype=dtype, page_size=page_size,
+                                      gpu=gpu)
+        return split_kv.predict(plan, kv_lens=[attended] * batch, gpu=gpu, calibration=cal, variant="span")
     raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
 
 
@@ -288,7 +293,8 @@ def predict_step(decoder: "DecoderShape | str", attention: str, *, batch: int, c
     """The predicted decode step of `batch` sequences, each attending to `context_len` tokens, of
     which `prompt_len` (default: all) are a prompt the sequences share (only `shared_prefix`
     reads it once for all of them; the others read it per sequence). `span` attends to
-    `num_sinks` + `window` tokens, or to `span_lens` when given."""
+    `num_sinks` + `window` tokens, or to `span_lens` when given. `page_size`: the pages of
+    `paged_decode`, and of the span backend's table (`span_backend_page`)."""
     decoder = get_decoder(decoder)
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
@@ -327,6 +333,16 @@ def predict_step(decoder: "DecoderShape | str", attention: str, *, batch: int, c
                           launches_s, weights_s + attention_s + launches_s)
 
 
+def span_backend_page(num_sinks: int, fixed_spans=()) -> int:
+    """The page of the decoder's span backend (`decode_attention.e2e.attention.SpanPattern.page_size`):
+    the largest power of two up to span.MAX_SPAN_PAGE dividing the sinks and every fixed boundary."""
+    bounds = [int(num_sinks)] + [int(b) for s in fixed_spans for b in s]
+    page = span.MAX_SPAN_PAGE
+    while page > 1 and any(b % page for b in bounds):
+        page //= 2
+    return page
+
+
 def decoder_for_row(row: dict) -> DecoderShape:
     """The decoder an end-to-end result row ran: its model's shape with the row's `num_layers`."""
     by_name = {d.name: d for d in DECODERS.values()}
@@ -348,12 +364,15 @@ def predict_result_row(row: dict, gpu: "GPUSpec | str", *, calibration: "Calibra
     attention = impl.removeprefix("model:").partition(":")[0]
     fixed = row.get("fixed_spans") or []
     span_lens = None
+    page_size = 16
     if fixed:
         span_lens = [int(e) - int(s) for s, e in fixed] + [min(int(row["window"]), int(row.get("own_tokens", 0)) + 1)]
+    if attention == "span":
+        page_size = span_backend_page(int(row.get("num_sinks", 4)), fixed)
     if row.get("gemv_bytes_per_s") or row.get("graph_kernel_s"):   # what the run measured for this decoder
         gpu = get_gpu(gpu).with_measured(gemv_bytes_per_s=row.get("gemv_bytes_per_s"),
                                          graph_kernel_s=row.get("graph_kernel_s"))
     return predict_step(decoder_for_row(row), attention, batch=int(row["batch"]), context_len=int(row["context_len"]),
                         prompt_len=int(row["prompt_len"]), dtype=str(row.get("dtype", "float16")),
                         num_sinks=int(row.get("num_sinks", 4)), window=int(row.get("window", 4096)),
-                        span_lens=span_lens, gpu=gpu, calibration=calibration)
+                        span_lens=span_lens, page_size=page_size, gpu=gpu, calibration=calibration)

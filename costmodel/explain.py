@@ -170,7 +170,8 @@ def _predictions(w: Workload, gpu: GPUSpec, cal: Calibration) -> list[tuple[str,
                                             dtype=w.dtype)
         sp = span.plan_span(shape, gpu=gpu, calibration=cal)
         out.append(("span", span.predict(shape, gpu=gpu, calibration=cal, plan=sp),
-                    f"{sp.items_per_sequence} work items of <= {sp.chunk_size} tokens per sequence"))
+                    f"pages of {sp.split.page_size} in {_splits(sp.split.num_splits)} of {sp.split.chunk_size} "
+                    f"rows"))
     if w.num_gpus > 1:
         plan = sharded.plan_sharded(b, hq, hkv, d, n, num_gpus=w.num_gpus, dtype=w.dtype, gpu=gpu)
         p = sharded.predict(plan, gpu=gpu, calibration=cal)

@@ -69,18 +69,28 @@ def _split_plan(row: dict, gpu: GPUSpec, *, page_size: int, force_unsplit: bool)
     return plan
 
 
+def _span_page(row: dict, default: int) -> int:
+    """The page a span row's kernel read through: WINDOWS for the windows layout, else the row's
+    `page_size` (`default` where the row does not say)."""
+    if row.get("layout") == "windows":
+        return span.WINDOWS
+    return int(row.get("page_size", default))
+
+
 def _span_shape(row: dict) -> span.SpanShape:
     c = _common(row)
     kv_len = int(_need(row, "kv_len"))
     args = (c["batch"], c["num_qo_heads"], c["num_kv_heads"], c["head_dim"], kv_len)
     if row.get("span_lens") is not None:
-        return span.SpanShape(*args, tuple(int(n) for n in row["span_lens"]), c["dtype"])
+        return span.SpanShape(*args, tuple(int(n) for n in row["span_lens"]), c["dtype"],
+                              _span_page(row, span.WINDOW_ROWS))
     if row.get("num_sinks") is not None or row.get("window") is not None:
         sinks, window = _need(row, "num_sinks", "window")
-        return span.SpanShape.sinks_window(*args, num_sinks=int(sinks), window=int(window), dtype=c["dtype"])
+        shape = span.SpanShape.sinks_window(*args, num_sinks=int(sinks), window=int(window), dtype=c["dtype"])
+        return dataclasses.replace(shape, page_size=_span_page(row, shape.page_size))
     density, num_spans = _need(row, "density", "num_spans")
     return span.SpanShape.from_density(*args, density=float(density), num_spans=int(num_spans),
-                                       dtype=c["dtype"])
+                                       dtype=c["dtype"], page_size=_span_page(row, span.WINDOW_ROWS))
 
 
 def _tree_shape(row: dict) -> tree.TreeShape:
@@ -152,7 +162,10 @@ def predict_row(row: dict, gpu: "GPUSpec | str", *,
                                                 force_unsplit=False), gpu=gpu, calibration=cal)
         return tree.predict(_tree_shape(row), gpu=gpu, calibration=cal)
     if variant == "span":
-        return span.predict(_span_shape(row), gpu=gpu, calibration=cal)
+        shape = _span_shape(row)
+        splits = row.get("num_splits")
+        plan = span.plan_span(shape, gpu=gpu, num_splits=None if splits is None else int(splits))
+        return span.predict(shape, gpu=gpu, calibration=cal, plan=plan)
     if variant == "sharded":   # one sequence's cache over num_gpus GPUs (the distributed suite)
         c = _common(row)
         plan = sharded.plan_sharded(c["batch"], c["num_qo_heads"], c["num_kv_heads"], c["head_dim"],

@@ -34,6 +34,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from costmodel.span import MAX_SPAN_PAGE, PAGE_BLOCKS_PER_SM
 from decode_attention.contract import check_positive_int, check_sinks, check_span, check_spans
 
 from . import _runtime as rt
@@ -42,17 +43,6 @@ from .split_kv import (WINDOW_LEN_BITS, WINDOW_ROWS, SplitKV, SplitKVPlan, _laun
 
 __all__ = ["SpanPageTable", "span_page_table", "SpanWindows", "span_windows", "SpanPlan", "plan_span", "Span",
            "span"]
-
-MAX_SPAN_PAGE = 64
-# Spans read through a page table are split at most to one block per SM. There a second resident
-# block per SM adds no throughput, and the partials it adds cost time: on H200, 8 x 32/8 heads x 32k,
-# head_dim 128 (64 rows of blocks), 2 splits (128 blocks) against 3 and 4 (192, 256): 75% density
-# in 96 spans 198.3 us against 206.7 and 206.7; 4 sinks + a 4096 window 47.0 against 49.2 and 49.3;
-# 12.5%, 25% and 50% within 1% of each other. The cost model, which counts two resident blocks per
-# SM as twice the streams, picks 3 for the first two. Spans read by windows keep the model's count:
-# their short windows leave each warp waiting on its loads, and the second block per SM hides that
-# (summarisation-like spans of about 30 tokens: 43.1 us at 2 splits, 41.9 at the model's 4).
-SPAN_PAGE_BLOCKS_PER_SM = 1
 
 
 class SpanPageTable(NamedTuple):
@@ -203,7 +193,7 @@ def plan_span(span_indptr, spans, *, batch: int, kv_len: int, num_qo_heads: int,
     longest = int(per_seq.max(initial=0)) * page_size
     split = plan_split_kv(batch, num_qo_heads, num_kv_heads, head_dim, _length_bucket(max(longest, 1)),
                           dtype=dtype, num_splits=num_splits, num_sms=num_sms, page_size=page_size, gpu=gpu,
-                          max_blocks_per_sm=None if windows is not None else SPAN_PAGE_BLOCKS_PER_SM)
+                          max_blocks_per_sm=None if windows is not None else PAGE_BLOCKS_PER_SM)
     return SpanPlan(batch, int(kv_len), num_qo_heads, num_kv_heads, head_dim, dtype, table, split, windows)
 
 

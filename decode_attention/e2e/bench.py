@@ -72,6 +72,8 @@ def _impl(attention: str) -> str:
 def _prediction(decoder, attention: str, batch: int, prompt_len: int, own: int, span, gpu) -> dict:
     from costmodel.end_to_end import predict_step
 
+    from .attention import PAGE_SIZE
+
     if attention.startswith("peer:"):
         return {}
     kind = attention.partition(":")[0]
@@ -80,7 +82,7 @@ def _prediction(decoder, attention: str, batch: int, prompt_len: int, own: int, 
         span_lens = [e - s for s, e in span.fixed_spans] + [min(span.window, own + 1)]
     p = predict_step(decoder, kind, batch=batch, context_len=prompt_len + own + 1, prompt_len=prompt_len,
                      num_sinks=span.num_sinks if span else 4, window=span.window if span else 4096,
-                     span_lens=span_lens, gpu=gpu)
+                     span_lens=span_lens, page_size=span.page_size() if span else PAGE_SIZE, gpu=gpu)
     return {"predicted_ms": p.time_s * 1e3, "predicted_weights_ms": p.weights_s * 1e3,
             "predicted_attention_ms": p.attention_s * 1e3, "predicted_launches_ms": p.launches_s * 1e3,
             "predicted_kernels": p.other_kernels + p.attention_launches, "weight_bytes": p.weight_bytes,
