@@ -9,12 +9,11 @@ the model's own 48 caches, in a graph, while the weights stay allocated.
 Run: PYTHONPATH=. python3 scripts/explore/model_step_profile.py [context, default 131072]
 """
 import sys
-from collections import defaultdict
 
 import numpy as np
 import torch
-from torch.profiler import ProfilerActivity, profile
 
+from _profile import kernel_profile, print_kernel_profile
 from costmodel.end_to_end import get_decoder
 from decode_attention.e2e.bench import graph_seconds
 from decode_attention.e2e.generate import Generation
@@ -40,24 +39,11 @@ for attention in ("split_kv", "peer:cudnn", "split_kv"):
     step_ms = float(np.median(gen._decode(STEPS, None)))
     gen.position.fill_(CONTEXT)
     gen.attention.prepare(gen.position)
-    with torch.no_grad():
-        for _ in range(2):
-            gen._step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                gen._step()
-            torch.cuda.synchronize()
-    per_kernel = defaultdict(lambda: [0.0, 0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel[ev.name][0] += ev.device_time / 3
-            per_kernel[ev.name][1] += 1
-    total = sum(t for t, _ in per_kernel.values())
+    kernels = kernel_profile(gen._step)
+    total = sum(t for _, t, _ in kernels)
     print(f"== {attention}, 1 x {CONTEXT}: step {step_ms:.3f} ms (graph); kernels of an eager step "
           f"{total / 1e3:.3f} ms", flush=True)
-    for name, (t, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:12]:
-        print(f"  {t:9.1f} us  {n // 3:4d} calls  {name[:110]}")
+    print_kernel_profile(kernels)
     a = gen.attention
     q = torch.randn(1, shape.num_qo_heads, shape.head_dim, device="cuda", dtype=torch.float16)
 

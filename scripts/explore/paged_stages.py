@@ -3,17 +3,16 @@ span grid, against the same tokens read from a contiguous cache, on one GPU.
 
 An exploration, not a benchmark: it writes no result file. One line per shape (us): the read-only
 time, the contiguous planned run, then the paged run with 2 and 3 stages for several split
-counts ('*': the plan's own). The stage count is swapped by replacing the launcher's kernel lookup.
+counts ('*': the plan's own). The stage count is swapped by `_stages.use_stages`.
 Run: PYTHONPATH=. python3 scripts/explore/paged_stages.py
 """
-import functools
 import importlib
 
 import cupy as cp
 import numpy as np
 
 import gpukernels
-from gpukernels import _runtime as rt
+from _stages import use_stages
 from gpukernels.bench import (HEAD_DIM, NUM_QO_HEADS, PAGE_SIZE, SPAN_BATCH, SPAN_GRID, SPAN_KV_HEADS,
                               SPAN_KV_LEN, Timer, _randn16, span_case_spans, stream_read)
 
@@ -23,34 +22,16 @@ timer = Timer(30)
 stream = stream_read()
 sms = sk.num_sms(0)
 gpu = sk.device_gpu(0)
-STAGES = {}
-orig_kernel = sk._kernel
-
-
-@functools.lru_cache(None)
-def _k(dtype, d, g, paged, st):
-    return rt.Kernel("split_kv", sk.name_expression(dtype, d, g, paged, stages=st), sk.KERNEL_SIGNATURE,
-                     shared_mem=sk.dynamic_smem_bytes(dtype, d, paged, stages=st))
-
-
-def patched(plan, paged):
-    st = STAGES.get("n")
-    if st is None or not paged:
-        return orig_kernel(plan, paged)
-    return _k(plan.dtype, plan.head_dim, plan.heads_per_block, paged, st)
-
-
-sk._kernel = patched
 
 
 def sweep(label, read_us, contiguous, make_paged_runner, auto_splits, splits=(1, 2, 3, 4, 8, 12, 16)):
     res = {"read": read_us, "contig": contiguous}
     for st in (2, 3):
-        STAGES["n"] = st
+        use_stages(st, paged_only=True)
         for s in sorted(set(splits) | {auto_splits}):
             run = make_paged_runner(s)
             res[f"st{st}/s{s}{'*' if s == auto_splits else ''}"] = timer(run)
-    STAGES["n"] = None
+    use_stages(None)
     print(f"{label}: " + ", ".join(f"{k}={v * 1e3:.1f}" for k, v in res.items()), flush=True)
 
 

@@ -6,10 +6,9 @@ An exploration, not a benchmark: it writes no result file. For each row of the s
 with others, and split_kv over the same tokens packed into a contiguous cache (what paging costs).
 Then a profile of the host path of the one-shot calls (span, split_kv) and the planned run.
 With STAGES=2,3,4 in the environment, rows read by windows are also timed at those pipeline depths
-(the launcher's kernel lookup replaced, as in stages_and_splits.py).
+(`_stages.use_stages`).
 Run: PYTHONPATH=. python3 scripts/explore/span_rows.py [rows, e.g. 3,5,6]
 """
-import functools
 import importlib
 import os
 import sys
@@ -20,7 +19,7 @@ import torch
 
 import gpukernels
 from _profile import print_host_profile
-from gpukernels import _runtime as rt
+from _stages import use_stages
 from gpukernels.bench import (HEAD_DIM, NUM_QO_HEADS, SPAN_BATCH, SPAN_GRID, SPAN_KV_HEADS, SPAN_KV_LEN, Timer,
                               _randn16, _sdpa_peers, host_us, span_case_spans, span_token_mask, stream_read)
 
@@ -29,23 +28,6 @@ sk = importlib.import_module("gpukernels.split_kv")
 
 timer = Timer(30)
 SWEEP_STAGES = [int(x) for x in os.environ.get("STAGES", "").split(",") if x]
-_orig_kernel = sk._kernel
-_stages = {}
-
-
-@functools.lru_cache(None)
-def _staged(dtype, d, g, paged, st):
-    return rt.Kernel("split_kv", sk.name_expression(dtype, d, g, paged, stages=st), sk.KERNEL_SIGNATURE,
-                     shared_mem=sk.dynamic_smem_bytes(dtype, d, paged, stages=st))
-
-
-def _kernel(plan, paged):
-    st = _stages.get("n")
-    return _orig_kernel(plan, paged) if st is None else _staged(plan.dtype, plan.head_dim, plan.heads_per_block,
-                                                                  paged, st)
-
-
-sk._kernel = _kernel
 stream = stream_read()
 sms = sk.num_sms(0)
 gpu = sk.device_gpu(0)
@@ -79,13 +61,13 @@ for i in chosen:
         res[f"s{s}"] = timer(lambda: r2.run(q, k, v, out=out, lse=lse))
     if plan.layout == "windows":
         for st in SWEEP_STAGES:
-            _stages["n"] = st
+            use_stages(st)
             for s in (2, 4, 8):
                 p2 = span_mod.plan_span(indptr, spans, batch=batch, kv_len=kv_len, num_qo_heads=NUM_QO_HEADS,
                                         num_kv_heads=hkv, head_dim=HEAD_DIM, num_sms=sms, num_splits=s)
                 r2 = span_mod.Span(p2)
                 res[f"st{st}/s{s}"] = timer(lambda: r2.run(q, k, v, out=out, lse=lse))
-        _stages["n"] = None
+        use_stages(None)
     per_seq = mask.sum(axis=1)
     if (per_seq == per_seq[0]).all():
         kp = k_att.reshape(batch, int(per_seq[0]), hkv, HEAD_DIM)

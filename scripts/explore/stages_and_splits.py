@@ -2,16 +2,16 @@
 
 An exploration, not a benchmark: it prints one line per shape (us: read-only time, the planned run
 for each stage count and split count, SDPA peers, the one-shot call; host time of the one-shot call
-and of the first peer, both in us) and writes no result file. The stage count is swapped by replacing the
-launcher's kernel lookup. Run: PYTHONPATH=. python3 scripts/explore/stages_and_splits.py [rows, e.g.
+and of the first peer, both in us) and writes no result file. The stage count is swapped by
+`_stages.use_stages`. Run: PYTHONPATH=. python3 scripts/explore/stages_and_splits.py [rows, e.g.
 7,13: only those rows of the grid, each followed by a profile of its one-shot call's host path]
 """
-import functools, importlib, sys, time
+import importlib, sys, time
 import numpy as np, torch, cupy as cp
 sk = importlib.import_module("gpukernels.split_kv")
 import gpukernels
 from _profile import print_host_profile
-from gpukernels import _runtime as rt
+from _stages import use_stages
 from gpukernels.bench import Timer, stream_read, _sdpa_peers, COVERAGE_GRID, host_us
 from costmodel.gpus import get_gpu
 
@@ -19,18 +19,6 @@ timer = Timer(30)
 stream = stream_read()
 sms = sk.num_sms(0)
 gpu = sk.device_gpu(0)
-orig_kernel = sk._kernel
-STAGES = {}
-def patched(plan, paged):
-    st = STAGES.get("n")
-    if st is None:
-        return orig_kernel(plan, paged)
-    return _k(plan.dtype, plan.head_dim, plan.heads_per_block, paged, st)
-@functools.lru_cache(None)
-def _k(dtype, d, g, paged, st):
-    return rt.Kernel("split_kv", sk.name_expression(dtype, d, g, paged, stages=st), sk.KERNEL_SIGNATURE,
-                     shared_mem=sk.dynamic_smem_bytes(dtype, d, paged, stages=st))
-sk._kernel = patched
 
 def case(dtype, B, hq, hkv, d, L, stages_list, splits_list):
     t = getattr(torch, dtype)
@@ -43,7 +31,7 @@ def case(dtype, B, hq, hkv, d, L, stages_list, splits_list):
     auto = gpukernels.plan_split_kv(B, hq, hkv, d, L, dtype=dtype, num_sms=sms, gpu=gpu)
     res = {"read": ro}
     for st in stages_list:
-        STAGES["n"] = st
+        use_stages(st)
         for s in splits_list:
             plan = auto if s == "auto" else gpukernels.plan_split_kv(B, hq, hkv, d, L, dtype=dtype, num_sms=sms, num_splits=s)
             r = gpukernels.SplitKV(plan)
@@ -51,7 +39,7 @@ def case(dtype, B, hq, hkv, d, L, stages_list, splits_list):
                 res[f"st{st}/s{plan.num_splits}{'*' if s=='auto' else ''}"] = timer(lambda: r.run(q, k, v, out=out, lse=lse))
             except Exception as e:
                 print("fail", st, s, str(e)[:100])
-    STAGES["n"] = None
+    use_stages(None)
     for lab, fn in _sdpa_peers(q, k, v).items():
         res[lab] = timer(fn)
     one = lambda: gpukernels.split_kv(q, k, v)

@@ -9,12 +9,11 @@ batch: the projections' read rate (`measure_gemv`) and one small kernel in a gra
 Run: PYTHONPATH=. python3 scripts/explore/step_by_batch.py [batches, default 1,4,16,64]
 """
 import sys
-from collections import defaultdict
 
 import numpy as np
 import torch
-from torch.profiler import ProfilerActivity, profile
 
+from _profile import kernel_profile, print_kernel_profile
 from costmodel.end_to_end import get_decoder
 from decode_attention.e2e.bench import measure_gemv, measure_graph_kernel_s
 from decode_attention.e2e.generate import Generation
@@ -29,26 +28,13 @@ for batch in BATCHES:
     gen = Generation(decoder, "none", samples=batch, prompt_len=PROMPT, new_tokens=STEPS + 1)
     step_ms = float(np.median(gen._decode(STEPS, None)))
     gen.position.fill_(PROMPT)
-    with torch.no_grad():
-        for _ in range(2):
-            gen._step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                gen._step()
-            torch.cuda.synchronize()
-    per_kernel = defaultdict(lambda: [0.0, 0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel[ev.name][0] += ev.device_time / 3
-            per_kernel[ev.name][1] += 1
-    total = sum(t for t, _ in per_kernel.values())
+    kernels = kernel_profile(gen._step)
+    total = sum(t for _, t, _ in kernels)
     gemv = measure_gemv(decoder, batch)
     small = measure_graph_kernel_s(decoder, batch)
     print(f"== batch {batch}: step {step_ms:.3f} ms (graph); kernels of an eager step {total / 1e3:.3f} ms "
-          f"in {sum(n for _, n in per_kernel.values()) // 3} launches; projections read at {gemv / 1e12:.2f} TB/s; "
+          f"in {sum(n for _, _, n in kernels)} launches; projections read at {gemv / 1e12:.2f} TB/s; "
           f"a small kernel in a graph {small * 1e6:.2f} us", flush=True)
-    for name, (t, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:14]:
-        print(f"  {t:9.1f} us  {n // 3:4d} calls  {name[:110]}")
+    print_kernel_profile(kernels, top=14)
     del gen
     torch.cuda.empty_cache()
