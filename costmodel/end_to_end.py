@@ -14,7 +14,7 @@ A decode step of a batch of sequences runs every layer once, one token per seque
 projection weights and LM head read those weights, as the benchmark measures it for each decoder and
 batch beside its rows (`gemv_bytes_per_s` of a row; `weight_read_bytes_per_s`). Measured at the
 row's batch, that rate already holds whatever bounds the products there (at 256 tokens they are
-matrix products, 2.4 TB/s on H200), so it stands alone; the roofline of the second line is for a
+matrix products, 2.5 TB/s on H200), so it stands alone; the roofline of the second line is for a
 step without a measurement (the attention kernels' `bw_fraction` of the stream ceiling, or the
 weights' FLOPs at the fitted matrix-product rate). `weight_bytes` counts every weight a step reads:
 each layer's projections, MLP and norms, the final norm and the output head (the embedding table is
