@@ -34,7 +34,7 @@ __all__ = ["SpanShape", "SpanPlan", "plan_span", "predict", "span_page_size", "W
            "MAX_SPAN_PAGE", "PAGE_BLOCKS_PER_SM"]
 
 WINDOWS = 0            # the page_size of a shape whose spans are read through windows
-WINDOW_ROWS = 16       # rows of a window at most: one warp tile of the tensor-core kernel
+WINDOW_ROWS = split_kv.ROWS_PER_WARP_TILE   # rows of a window at most: one warp tile of the tensor-core kernel
 MAX_SPAN_PAGE = 64     # the largest page a span table uses
 # Spans read through a page table are split at most to one block per SM. There a second resident
 # block per SM adds no throughput, and the partials it adds cost time: on H200, 8 x 32/8 heads x 32k,

@@ -37,8 +37,8 @@ import math
 
 import numpy as np
 
-from costmodel.split_kv import (HEADS_PER_BLOCK_CHOICES, NUM_WARPS, SplitKVPlan, pipeline_stage_bytes,
-                                 pipeline_stages, plan_split_kv, uses_tensor_cores)
+from costmodel.split_kv import (HEADS_PER_BLOCK_CHOICES, NUM_WARPS, ROWS_PER_WARP_TILE, SplitKVPlan,
+                                 pipeline_stage_bytes, pipeline_stages, plan_split_kv, uses_tensor_cores)
 from decode_attention.contract import check_decode, check_kv_lens, check_paged, check_paged_layout
 
 from . import _runtime as rt
@@ -106,7 +106,7 @@ def _kernel(plan: SplitKVPlan, paged: bool):
 # partial_out, partial_lse, counters; batch, kv_len, num_pages, page_size, num_qo_heads,
 # num_kv_heads, head_groups, chunk_size; scale_log2; windows (kv_indices holds windows, see run_windows).
 KERNEL_SIGNATURE = "p" * 12 + "i" * 8 + "f" + "i"
-WINDOW_ROWS = 16   # rows of a window at most (a warp tile of the tensor-core kernel)
+WINDOW_ROWS = ROWS_PER_WARP_TILE   # rows of a window at most (a warp tile of the tensor-core kernel)
 WINDOW_LEN_BITS = 4  # an entry is (first row << WINDOW_LEN_BITS) | (rows - 1)
 
 

@@ -31,10 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from costmodel.end_to_end import span_backend_page
+from costmodel.span import MAX_SPAN_PAGE
+
 __all__ = ["AttentionSetup", "SpanPattern", "make_attention", "BACKENDS", "PAGE_SIZE"]
 
 PAGE_SIZE = 16                     # tokens per page of the paged backends
-MAX_SPAN_PAGE = 64                 # the span backend's largest page
 BACKENDS = ("split_kv", "paged_decode", "shared_prefix", "span", "peer:cudnn", "peer:flashinfer", "peer:sdpa_math",
             "none")
 
@@ -79,12 +81,9 @@ class SpanPattern:
     fixed_spans: tuple[tuple[int, int], ...] = ()
 
     def page_size(self) -> int:
-        """The largest power of two up to MAX_SPAN_PAGE dividing the sinks and every fixed boundary."""
-        bounds = [self.num_sinks] + [b for span in self.fixed_spans for b in span]
-        page = MAX_SPAN_PAGE
-        while page > 1 and any(b % page for b in bounds):
-            page //= 2
-        return page
+        """The largest power of two up to MAX_SPAN_PAGE dividing the sinks and every fixed boundary
+        (`costmodel.end_to_end.span_backend_page`, which the step's prediction uses too)."""
+        return span_backend_page(self.num_sinks, self.fixed_spans)
 
     def fixed_pages(self, page: int) -> list[int]:
         """Pages of the sinks and the fixed spans, in order, each once."""

@@ -7,7 +7,7 @@ attention (the ceiling) and the cost model's prediction of the step.
 | `flash_decoding` | CodeLlama-34B, all 48 layers | batch 1, context 1k to 128k | split_kv, SDPA cuDNN, FlashInfer decode, none |
 | `bifurcated` | Llama-2-7B shape (7B MHA), 8 of its 32 layers | prompt 8k + 128 own tokens, 1 to 64 samples | shared_prefix, split_kv (prompt copied), paged_decode (prompt pages in every table), none |
 | `hydragen` | Llama-3-8B, all 32 layers | 256 samples, shared prompt 1k to 16k | shared_prefix, split_kv (prompt copied: out of memory first), none |
-| `spans` | Llama-3-8B, all 32 layers | batch 8, 32k context | span (64 sinks + 4032 window; arithmetic and summarization patterns at 10%), split_kv, none |
+| `spans` | Llama-3-8B, all 32 layers | batch 8, 32k context | span (64 sinks + 4032 window; arithmetic and summarization patterns at 10% of the prompt, widened to pages of 64), split_kv, none |
 
 Each row is one step's median over `STEPS` CUDA-graph replays (CUDA events; the L2 is not
 flushed: a step reads far more than it holds). The caches are filled with random normals, not by
