@@ -10,12 +10,5 @@
 # NPROC: processes (GPUs), default all; TIMEOUT_S: wall-clock limit, default 600 (a rank waiting
 # in a collective for a rank that died would otherwise hang). NVLink multicast stays off.
 set -uo pipefail
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
-NPROC=${NPROC:-$(python3 -c 'import torch; print(torch.cuda.device_count())')}
-if [ "${NPROC:-0}" -lt 2 ]; then
-  echo "sharded-bench: needs at least 2 GPUs, found ${NPROC:-0}" >&2
-  exit 2
-fi
-exec timeout --kill-after=30 "${TIMEOUT_S:-600}" \
-  python3 -m torch.distributed.run --standalone --nproc-per-node "$NPROC" -m gpukernels.bench_sharded "$@"
+. "$(dirname "$0")/torchrun-gpus.sh"
+torchrun_gpus sharded-bench 600 -m gpukernels.bench_sharded "$@"
