@@ -101,6 +101,22 @@ def calibration_for(gpu: GPUSpec, calibration: "Calibration | None") -> Calibrat
     return load_calibration(gpu.key) if calibration is None else check_calibration(calibration)
 
 
+def resolve_plan(shape, shape_type, plan, plan_type, make_plan, *, gpu, calibration=None, accepted: str = ""):
+    """(GPU spec, calibration, plan) of one prediction: `shape` checked to be a `shape_type`, a
+    given `plan` checked to be a `plan_type` made for it, else `make_plan(shape, spec, cal)`.
+    `accepted`: what the TypeError names as allowed (default: a `plan_type` or None)."""
+    check_shape_type(shape, shape_type)
+    if plan is not None and not isinstance(plan, plan_type):
+        raise TypeError(f"plan must be {accepted or f'a {plan_type.__name__} or None'}, got {type(plan).__name__}")
+    spec = get_gpu(gpu)
+    cal = calibration_for(spec, calibration)
+    if plan is None:
+        plan = make_plan(shape, spec, cal)
+    elif plan.shape != shape:
+        raise ValueError("plan was made for another shape")
+    return spec, cal, plan
+
+
 def check_head_grouping(num_qo_heads: int, num_kv_heads: int) -> None:
     if num_qo_heads % num_kv_heads:
         raise ValueError(f"num_qo_heads must be a multiple of num_kv_heads, got "

@@ -18,8 +18,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from .calibration import Calibration
-from .gpus import GPUSpec, get_gpu
-from .prediction import F32, Launch, Prediction, calibration_for, check_shape_type, dtype_bytes, predict_launches
+from .gpus import GPUSpec
+from .prediction import F32, Launch, Prediction, dtype_bytes, predict_launches, resolve_plan
 from .split_kv import MMA_ROWS, TILE_TOKENS, _append_run, heads_per_block_for
 
 __all__ = ["SegmentGroup", "segments_launch", "QUERY_TILE_ROWS", "MMA_ROWS", "chunk_candidates", "best_chunks",
@@ -191,15 +191,10 @@ def predict_planned(variant: str, shape, shape_type, make_plan, plan_type, *, gp
                     plan=None) -> Prediction:
     """Predict a one-launch segment variant (span, tree): check the shape, plan it unless a plan
     for it is given, and time the plan's launch."""
-    check_shape_type(shape, shape_type)
-    if plan is not None and not isinstance(plan, plan_type):
-        raise TypeError(f"plan must be a {plan_type.__name__} or None, got {type(plan).__name__}")
-    spec = get_gpu(gpu)
-    cal = calibration_for(spec, calibration)
-    if plan is None:
-        plan = make_plan(shape, num_sms=spec.num_sms, gpu=spec, calibration=cal)
-    elif plan.shape != shape:
-        raise ValueError("plan was made for another shape")
+    spec, cal, plan = resolve_plan(
+        shape, shape_type, plan, plan_type,
+        lambda sh, spec, cal: make_plan(sh, num_sms=spec.num_sms, gpu=spec, calibration=cal),
+        gpu=gpu, calibration=calibration)
     return predict_launches(variant, [plan.launch()], gpu=spec, calibration=cal)
 
 

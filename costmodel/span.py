@@ -25,9 +25,9 @@ from decode_attention.contract import check_nonnegative_int, check_positive_int
 
 from . import split_kv
 from .calibration import Calibration
-from .gpus import GPUSpec, get_gpu
-from .prediction import Prediction, calibration_for, check_fraction, check_int_tuple, check_shape_fields, \
-    check_shape_type, dtype_bytes
+from .gpus import GPUSpec
+from .prediction import Prediction, check_fraction, check_int_tuple, check_shape_fields, check_shape_type, \
+    dtype_bytes, resolve_plan
 from .split_kv import SplitKVPlan
 
 __all__ = ["SpanShape", "SpanPlan", "plan_span", "predict", "span_page_size", "WINDOWS", "WINDOW_ROWS",
@@ -182,13 +182,8 @@ def predict(
 ) -> Prediction:
     """The paged split-KV launch of `plan` (default: `plan_span(shape)`) over each sequence's
     rows (`SpanShape.rows`)."""
-    check_shape_type(shape, SpanShape)
-    if plan is not None and not isinstance(plan, SpanPlan):
-        raise TypeError(f"plan must be a SpanPlan or None, got {type(plan).__name__}")
-    spec = get_gpu(gpu)
-    if plan is None:
-        plan = plan_span(shape, gpu=spec, calibration=calibration)
-    elif plan.shape != shape:
-        raise ValueError("plan was made for another shape")
-    return split_kv.predict(plan.split, kv_lens=[shape.rows] * shape.batch, gpu=spec,
-                            calibration=calibration_for(spec, calibration), variant="span")
+    spec, cal, plan = resolve_plan(shape, SpanShape, plan, SpanPlan,
+                                   lambda sh, spec, cal: plan_span(sh, gpu=spec, calibration=cal),
+                                   gpu=gpu, calibration=calibration)
+    return split_kv.predict(plan.split, kv_lens=[shape.rows] * shape.batch, gpu=spec, calibration=cal,
+                            variant="span")

@@ -24,7 +24,7 @@ from .calibration import Calibration
 from .gpus import GPUSpec, get_gpu, plan_gpu
 from .merge_states import MergeStatesShape, merge_states_launch
 from .prediction import (Launch, Prediction, calibration_for, check_int_tuple, check_shape_fields,
-                         check_shape_type, dtype_bytes, predict_launches)
+                         check_shape_type, dtype_bytes, predict_launches, resolve_plan)
 from .segments import (QUERY_TILE_ROWS, SegmentGroup, WorkItem, attend_rows_kv_tile, attend_rows_launch,
                        best_chunks, predict_kernel_launches, predict_planned, segments_launch)
 from .split_kv import DEFAULT_NUM_SMS
@@ -199,13 +199,7 @@ def predict(
         make = lambda sh, **kw: plan_tree(sh, fused=True, **kw)  # noqa: E731
         return predict_planned("tree", shape, TreeShape, make, FusedTreePlan, gpu=gpu,
                                calibration=calibration, plan=plan)
-    check_shape_type(shape, TreeShape)
-    if plan is not None and not isinstance(plan, TreePlan):
-        raise TypeError(f"plan must be a TreePlan, a FusedTreePlan or None, got {type(plan).__name__}")
-    spec = get_gpu(gpu)
-    cal = calibration_for(spec, calibration)
-    if plan is None:
-        plan = plan_tree(shape, num_sms=spec.num_sms, gpu=spec)
-    elif plan.shape != shape:
-        raise ValueError("plan was made for another shape")
+    spec, cal, plan = resolve_plan(shape, TreeShape, plan, TreePlan,
+                                   lambda sh, spec, cal: plan_tree(sh, num_sms=spec.num_sms, gpu=spec),
+                                   gpu=gpu, calibration=calibration, accepted="a TreePlan, a FusedTreePlan or None")
     return predict_kernel_launches("tree", plan.launches(spec), gpu=spec, calibration=cal)
