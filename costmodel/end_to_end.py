@@ -259,7 +259,7 @@ def _attention_prediction(decoder: DecoderShape, attention: str, *, batch: int, 
         # paged split-KV kernel with the plan it makes for the sinks, fixed spans, window and a page.
         sinks = min(num_sinks, context)
         recent = min(window, context - sinks)
-        attended = sinks + (sum(span_lens) if span_lens is not None else recent)
+        attended = sinks + (sum(span_lens) if span_lens is not None else recent)   # span_lens[-1]: the window
         planned = min(-(-context // page_size) * page_size,
                       sinks + (sum(span_lens[:-1]) if span_lens is not None else 0) + window + page_size)
         plan = split_kv.plan_split_kv(batch, hq, hkv, d, max(planned, 1), dtype=dtype, page_size=page_size,
@@ -293,8 +293,9 @@ def predict_step(decoder: "DecoderShape | str", attention: str, *, batch: int, c
     """The predicted decode step of `batch` sequences, each attending to `context_len` tokens, of
     which `prompt_len` (default: all) are a prompt the sequences share (only `shared_prefix`
     reads it once for all of them; the others read it per sequence). `span` attends to
-    `num_sinks` + `window` tokens, or to `span_lens` when given. `page_size`: the pages of
-    `paged_decode`, and of the span backend's table (`span_backend_page`)."""
+    `num_sinks` + `window` tokens, or to `span_lens` when given: the fixed spans' lengths, then the
+    window's tokens at this step (as `predict_result_row` and the suite build them). `page_size`:
+    the pages of `paged_decode`, and of the span backend's table (`span_backend_page`)."""
     decoder = get_decoder(decoder)
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
