@@ -111,16 +111,24 @@ def stream_read() -> StreamRead:
     return StreamRead()
 
 
-# One thread spinning on its SM's clock: keeps the stream busy while the host prepares a call
-# whose host work is longer than the flush, so that the events time the kernels alone.
+# One thread spinning: keeps the stream busy while the host prepares a call whose host work is
+# longer than the flush, so that the events time the kernels alone. It spins on the GPU's global
+# nanosecond timer, not on SM clock cycles: a count of cycles lasts longer on a GPU running at a
+# lower clock (2.1 million cycles: 1.06 ms at 1.98 GHz, 1.15 ms at 1.83 GHz), so two GPUs leaving
+# a barrier together left such a wait apart, and the first collective of the timed step waited out
+# the difference (scripts/explore/gpu_wait_skew.py).
 _GPU_WAIT = r"""
-extern "C" __global__ void gpu_wait(long long cycles) {
-  const long long start = clock64();
-  while (clock64() - start < cycles) {
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+extern "C" __global__ void gpu_wait(long long ns) {
+  const unsigned long long start = global_ns();
+  while (global_ns() - start < static_cast<unsigned long long>(ns)) {
   }
 }
 """
-GPU_WAIT_CLOCK_HZ = 2.1e9   # at least the SM clock of the GPUs measured here: the wait is never shorter
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,10 +139,11 @@ def _gpu_wait_kernel():
 
 
 def gpu_wait(ms: float) -> None:
-    """Keep the current stream busy for at least `ms` milliseconds (one block of one thread)."""
+    """Keep the current stream busy for `ms` milliseconds of wall time (one block of one thread),
+    whatever the GPU's clock."""
     import cupy as cp
 
-    _gpu_wait_kernel()((1,), (1,), (cp.int64(int(ms * 1e-3 * GPU_WAIT_CLOCK_HZ)),))
+    _gpu_wait_kernel()((1,), (1,), (cp.int64(int(ms * 1e6)),))
 
 
 def _progress(msg: str) -> None:
