@@ -231,6 +231,61 @@ class _ArgBuffer:
 _THREAD = threading.local()
 
 
+# Programmatic dependent launch (sm_90): cuLaunchKernelEx with the programmatic stream serialization
+# attribute lets a kernel start while the one before it in the stream still runs; the kernel waits
+# for it in `wait_for_previous_grid` (cuda/common.cuh) before reading anything. CuPy launches
+# through cuLaunchKernel only, so this calls the driver directly.
+CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6   # CUlaunchAttributeID (cuda.h)
+
+
+class _LaunchAttribute(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_char * 64)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("numAttrs", ctypes.c_uint)]
+
+
+@functools.lru_cache(maxsize=None)
+def _launch_kernel_ex():
+    """cuLaunchKernelEx of the driver CuPy uses (CUDA 12 and later)."""
+    driver = ctypes.CDLL("libcuda.so.1")
+    fn = driver.cuLaunchKernelEx
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    return fn
+
+
+def _programmatic_attribute() -> _LaunchAttribute:
+    attr = _LaunchAttribute()
+    attr.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    ctypes.memmove(ctypes.addressof(attr) + _LaunchAttribute.value.offset,
+                   ctypes.byref(ctypes.c_int(1)), ctypes.sizeof(ctypes.c_int))   # allowed = 1
+    return attr
+
+
+@functools.lru_cache(maxsize=None)
+def _programmatic_launches(device_id: int) -> bool:
+    """Whether the GPU has programmatic dependent launch (compute capability 9.0 and up); on older
+    ones a programmatic launch is a plain one."""
+    return int(cupy().cuda.Device(device_id).compute_capability) >= 90
+
+
+def launch_programmatic(function: int, grid, block, shared_mem: int, stream_ptr: int, argv: int) -> None:
+    """Launch `function` (a CUfunction) as cuLaunchKernel would, allowed to start while the kernel
+    before it in the stream still runs (programmatic stream serialization); a CUDA error raises."""
+    attrs = getattr(_THREAD, "programmatic", None)
+    if attrs is None:
+        attrs = _THREAD.programmatic = (_LaunchAttribute * 1)(_programmatic_attribute())
+    config = _LaunchConfig(*grid, *block, shared_mem, stream_ptr, attrs, 1)
+    status = _launch_kernel_ex()(ctypes.byref(config), function, argv, None)
+    if status != 0:
+        raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {status}")
+
+
 def _arg_buffer(n: int) -> _ArgBuffer:
     buffers = getattr(_THREAD, "buffers", None)
     if buffers is None:
@@ -269,7 +324,10 @@ class Kernel:
                 f = self._functions[device_id] = raw.kernel.ptr
         return f
 
-    def __call__(self, grid, block, args, *, stream_ptr: int, device_id: int) -> None:
+    def __call__(self, grid, block, args, *, stream_ptr: int, device_id: int, programmatic: bool = False) -> None:
+        """Launch on `device_id`'s stream `stream_ptr`. `programmatic`: allowed to start while the
+        kernel before it in the stream still runs (`launch_programmatic`; the kernel must wait for
+        it before reading its outputs)."""
         if len(args) != self.nargs:
             raise TypeError(f"{self.name} takes {self.nargs} arguments, got {len(args)}")
         cp = cupy()
@@ -278,6 +336,10 @@ class Kernel:
         struct.pack_into(self.format, buf.values, 0, *args)
         gx, gy, gz = (tuple(grid) + (1, 1))[:3]
         bx, by, bz = (tuple(block) + (1, 1))[:3]
+        if programmatic and _programmatic_launches(device_id):
+            with cp.cuda.Device(device_id):
+                launch_programmatic(f, (gx, gy, gz), (bx, by, bz), self.shared_mem, stream_ptr, buf.argv)
+            return
         launch_kernel = cp.cuda.driver.launchKernel
         if cp.cuda.runtime.getDevice() != device_id:
             with cp.cuda.Device(device_id):

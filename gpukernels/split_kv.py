@@ -202,11 +202,15 @@ class SplitKV:
     >>> out, lse = dec.run(q, k, v, kv_lens_on_gpu)                   # doctest: +SKIP
     """
 
-    def __init__(self, plan: SplitKVPlan):
+    def __init__(self, plan: SplitKVPlan, *, programmatic: bool = False):
+        """`programmatic`: each launch may start while the kernel before it in the stream still
+        runs (programmatic dependent launch, sm_90; its blocks read nothing until that kernel has
+        finished), hiding the launch behind it."""
         if not isinstance(plan, SplitKVPlan):
             raise TypeError(f"plan must be a SplitKVPlan, got {type(plan).__name__}")
         check_kernel_dtype_and_head_dim(plan.dtype, plan.head_dim)
         self.plan = plan
+        self.programmatic = bool(programmatic)
         self._workspaces: dict = {}   # (kind, device, stream) -> _Workspace
 
     def _workspace_for(self, kind: str, device_id: int, stream_ptr: int) -> _Workspace:
@@ -222,14 +226,14 @@ class SplitKV:
     def run(self, q, k, v, kv_lens=None, *, sm_scale=None, out=None, lse=None):
         """Contiguous cache; `kv_lens` None or an int32 device array [batch] (values not checked here)."""
         return _launch(self.plan, q, k, v, kv_lens=kv_lens, paged=None, sm_scale=sm_scale, out=out,
-                       lse=lse, workspace=self._workspace_for)
+                       lse=lse, workspace=self._workspace_for, programmatic=self.programmatic)
 
     def run_paged(self, q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, *,
                   sm_scale=None, out=None, lse=None):
         """Paged cache; the three index arrays as int32 device arrays (values not checked here)."""
         return _launch(self.plan, q, k_cache, v_cache, kv_lens=None,
                        paged=(kv_indptr, kv_indices, kv_last_page_len), sm_scale=sm_scale, out=out,
-                       lse=lse, workspace=self._workspace_for)
+                       lse=lse, workspace=self._workspace_for, programmatic=self.programmatic)
 
     def run_windows(self, q, k_rows, v_rows, kv_indptr, windows, kv_last_page_len, *, sm_scale=None,
                     out=None, lse=None):
@@ -242,7 +246,7 @@ class SplitKV:
         gives its sequence NaN)."""
         return _launch(self.plan, q, k_rows, v_rows, kv_lens=None,
                        paged=(kv_indptr, windows, kv_last_page_len), sm_scale=sm_scale, out=out,
-                       lse=lse, workspace=self._workspace_for, windows=True)
+                       lse=lse, workspace=self._workspace_for, windows=True, programmatic=self.programmatic)
 
 
 def _expect_shape(a: rt.Device, name: str, template: str, expected: tuple) -> None:
@@ -295,9 +299,10 @@ def outputs(out, lse, kind: str, shape: tuple, dtype: str, device_id: int):
     return out, lse, out_ptr, lse_ptr
 
 
-def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace, views=None, windows=False):
+def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace, views=None, windows=False,
+            programmatic=False):
     """Check shapes against the plan (metadata only: no synchronisation) and launch. `views`: the
-    device views of q, k, v when the caller already made them."""
+    device views of q, k, v when the caller already made them; `programmatic`: see `SplitKV`."""
     if views is None:
         qa, ka, va = rt.device_array(q, "q"), rt.device_array(k, "k"), rt.device_array(v, "v")
     else:
@@ -354,7 +359,7 @@ def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace, vie
         sm_scale * _LOG2E, int(windows),
     )
     _kernel(plan, paged is not None)(plan.grid, (NUM_WARPS * 32,), args, stream_ptr=stream_ptr,
-                                     device_id=device_id)
+                                     device_id=device_id, programmatic=programmatic)
     return out, lse
 
 

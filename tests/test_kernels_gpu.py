@@ -593,3 +593,74 @@ def test_merge_states_lets_non_finite_states_through(dtype):
     ref_out, ref_lse = refattn.merge_states(outs.astype(np.float64), lses.astype(np.float64))
     out, lse = gpukernels.merge_states(_device(outs), _device(lses))
     _compare_nonfinite(out, lse, ref_out, ref_lse, dtype)
+
+
+# A kernel that spins for `cycles` clock cycles, then copies `n` 16-bit values: the kernel before a
+# programmatic launch, still running when the launch could start.
+_SPIN_THEN_COPY = r"""
+extern "C" __global__ void spin_then_copy(const unsigned short* src, unsigned short* dst, int n,
+                                          long long cycles) {
+  const long long start = clock64();
+  while (clock64() - start < cycles) {}
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) dst[i] = src[i];
+}
+"""
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_a_programmatic_launch_waits_for_the_kernel_before_it(dtype, paged):
+    """SplitKV(plan, programmatic=True) may start while the kernel before it runs; q written by that
+    kernel (after spinning for about 0.1 ms, from a NaN-poisoned buffer) must be the q it reads,
+    so the output matches the reference and the plain launch's bit for bit, also in a CUDA graph."""
+    import gpukernels
+
+    rng = np.random.default_rng(31)
+    batch, hq, hkv, d, kv_len, page = 3, 8, 2, 128, 700, 16
+    q, k, v = _random_qkv(rng, dtype, batch, hq, hkv, kv_len, d)
+    ref_out, ref_lse = refattn.decode(q, k, v)
+    spin = cp.RawKernel(_SPIN_THEN_COPY, "spin_then_copy")
+    q_src = cp.asarray(q)
+    q_dst = cp.full(q.shape, np.nan, dtype=q.dtype)
+    elems = q_src.nbytes // 2
+    plan = gpukernels.plan_split_kv(batch, hq, hkv, d, kv_len, dtype=dtype, num_splits=2,
+                                    page_size=page if paged else 0)
+    if paged:
+        pages = -(-kv_len // page)
+        pad = ((0, 0), (0, pages * page - kv_len), (0, 0), (0, 0))
+        kc, vc = (cp.asarray(np.ascontiguousarray(np.pad(x, pad).reshape(-1, page, hkv, d))) for x in (k, v))
+        tables = (cp.asarray(np.arange(batch + 1, dtype=np.int32) * pages),
+                  cp.asarray(np.arange(batch * pages, dtype=np.int32)),
+                  cp.asarray(np.full(batch, kv_len - (pages - 1) * page, np.int32)))
+    else:
+        kc, vc = cp.asarray(k), cp.asarray(v)
+
+    def step(runner, out, lse):
+        spin((1,), (256,), (q_src.view(cp.uint16), q_dst.view(cp.uint16), np.int32(elems), np.int64(200_000)))
+        if paged:
+            runner.run_paged(q_dst, kc, vc, *tables, out=out, lse=lse)
+        else:
+            runner.run(q_dst, kc, vc, out=out, lse=lse)
+
+    results = {}
+    for programmatic in (False, True):
+        runner = gpukernels.SplitKV(plan, programmatic=programmatic)
+        out, lse = _poisoned(q_dst, q.shape, dtype), _poisoned(q_dst, q.shape[:2], "float32")
+        q_dst.fill(np.nan)
+        step(runner, out, lse)
+        cp.cuda.Device().synchronize()
+        _check(out, lse, ref_out, ref_lse, dtype)
+        results[programmatic] = (cp.asnumpy(out), cp.asnumpy(lse))
+        # the same two launches captured in a graph and replayed
+        stream = cp.cuda.Stream(non_blocking=True)
+        graph_out, graph_lse = _poisoned(q_dst, q.shape, dtype), _poisoned(q_dst, q.shape[:2], "float32")
+        with stream:
+            stream.begin_capture()
+            step(runner, graph_out, graph_lse)
+            graph = stream.end_capture()
+            q_dst.fill(np.nan)
+            graph.launch(stream)
+        stream.synchronize()
+        _check(graph_out, graph_lse, ref_out, ref_lse, dtype)
+    np.testing.assert_array_equal(results[True][0], results[False][0])
+    np.testing.assert_array_equal(results[True][1], results[False][1])

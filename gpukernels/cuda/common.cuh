@@ -10,6 +10,15 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kLog2e = 1.4426950408889634f;
 // -inf, the lse of an empty state.
+// Programmatic dependent launch (sm_90): a kernel launched with programmatic stream serialization
+// may start while the kernel before it in the stream still runs; this waits until that kernel has
+// finished and its writes are visible. Without that launch attribute it returns at once.
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 __device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
 // By the bits, so that fast-math compilation cannot fold them away.

@@ -235,6 +235,9 @@ __device__ __forceinline__ bool block_work(BlockWork& w, T* __restrict__ out, fl
                                            int kv_len, int page_size, int num_qo_heads,
                                            int num_kv_heads, int head_groups, int chunk_size) {
   if (seq_head_index() >= batch * num_kv_heads * head_groups) return false;   // the z tail
+  // Launched dependent on the kernel before it (`pdl`), a block reads nothing before that kernel
+  // has finished: q, the lengths, the page table and the cache may all be its outputs.
+  wait_for_previous_grid();
   const int split = split_index();
   const int hg = seq_head_index() % head_groups;
   const int kh = (seq_head_index() / head_groups) % num_kv_heads;
