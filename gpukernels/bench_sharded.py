@@ -20,10 +20,12 @@ What it measures, for batch 1 and 8, 32 query / 8 KV heads, head_dim 128, float1
   refattn.split_kv, in PyTorch, float64), the ranks exchange those states and merge them by LSE;
   the host could not hold a float64 copy of the cache.
 
-Timing: every step is captured in a CUDA graph and replayed (a decode step runs so); CUDA events
-around each replay, the L2 flushed before each (a 256 MB write), then a device barrier (an NCCL
-all-reduce of one element: both GPUs leave it together) and a 1 ms GPU wait that hides the
-host's launch; the median over repetitions of each repetition's slowest rank. The crossover rows
+Timing: every step is captured in a CUDA graph and replayed (a decode step runs so), first for at
+least WARMUP_MS as a warm-up; CUDA events around each replay, the L2 flushed before each (a 256 MB
+write), then a device barrier (an NCCL all-reduce of one element: both GPUs leave it together) and
+a 1 ms GPU wait on the GPU's own nanosecond timer (so both GPUs leave it together too, whatever
+their clocks) that hides the host's launch; the median over repetitions of each repetition's
+slowest rank. The crossover rows
 replay the step SWEEP_REPLAYS times back to back inside each repetition and take the mean, on one
 GPU and on N alike. One-GPU rows time rank 0 alone. Every row carries the cost model's prediction (`costmodel.sharded`, collective
 inside a CUDA graph) with the ceilings measured in the same run, `stream_ms` (a kernel that only
@@ -76,6 +78,14 @@ SWEEP_REPS_FACTOR = 2              # crossover rows: small and noisy, so twice t
 # all-gather on a third of its rows, in runs of neighbouring rows (batch 1 steady; the cause not
 # established), which put the measured crossover at 17k and at 266k tokens in two runs.
 SWEEP_REPLAYS = 8
+# Before each measurement the timed function runs WARMUP_CALLS times, then more until WARMUP_MS
+# have passed (at most WARMUP_MAX_CALLS more). After three calls alone, the first repetitions of a
+# two-GPU step on a freshly filled 34 GB shard still read up to 1.1 ms above the later ones
+# (8.8 against 7.7 ms: scripts/explore/sharded_large_rows.py), which on the largest rows put the
+# median 1 ms high.
+WARMUP_CALLS = 3
+WARMUP_MS = 250.0
+WARMUP_MAX_CALLS = 200
 TEARDOWN_TIMEOUT_S = 30.0
 SEED = 0
 
@@ -310,6 +320,23 @@ class Run:
         with self.cp.cuda.ExternalStream(self.torch.cuda.current_stream().cuda_stream):
             gpu_wait(LEAD_MS)
 
+    def _warm_up(self, fn, together: bool) -> None:
+        """fn run WARMUP_CALLS times, then more until WARMUP_MS have passed (at most
+        WARMUP_MAX_CALLS calls); together, every rank runs the largest count any rank asks for, so
+        a step with a collective never waits for a rank that stopped."""
+        torch = self.torch
+        begin = time.perf_counter()
+        for _ in range(WARMUP_CALLS):
+            fn()
+        torch.cuda.synchronize()
+        per_call_ms = (time.perf_counter() - begin) * 1e3 / WARMUP_CALLS
+        more = torch.tensor([min(WARMUP_MAX_CALLS, math.ceil(WARMUP_MS / max(per_call_ms, 1e-3)))], device=self.device)
+        if together:
+            self.dist.all_reduce(more, op=self.dist.ReduceOp.MAX)
+        for _ in range(int(more.item())):
+            fn()
+        torch.cuda.synchronize()
+
     def time_ms(self, fn, *, together: bool, reps: int | None = None, replays: int = 1) -> float:
         """Median over repetitions of `fn`'s time in ms (CUDA events, L2 flushed, a GPU wait first).
         together: every rank runs fn at once, after a device barrier; the repetition's time is
@@ -317,9 +344,7 @@ class Run:
         runs that many times back to back inside each repetition, which times their mean."""
         torch = self.torch
         reps = reps or self.reps
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
+        self._warm_up(fn, together)
         times = []
         for _ in range(reps):
             self.flush.fill_(1)
