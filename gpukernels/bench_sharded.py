@@ -22,9 +22,9 @@ What it measures, for batch 1 and 8, 32 query / 8 KV heads, head_dim 128, float1
 
 Timing: every step is captured in a CUDA graph and replayed (a decode step runs so), first for at
 least WARMUP_MS as a warm-up; CUDA events around each replay, the L2 flushed before each (a 256 MB
-write), then a device barrier (an NCCL all-reduce of one element: both GPUs leave it together) and
-a 1 ms GPU wait on the GPU's own nanosecond timer (so both GPUs leave it together too, whatever
-their clocks) that hides the host's launch; the median over repetitions of each repetition's
+write), then a 1 ms GPU wait (on the GPU's own nanosecond timer) that hides the host's launch and a
+device barrier (an NCCL all-reduce of one element: both GPUs leave it together, with the start
+event and the step already queued behind it); the median over repetitions of each repetition's
 slowest rank. The crossover rows
 replay the step SWEEP_REPLAYS times back to back inside each repetition and take the mean, on one
 GPU and on N alike. One-GPU rows time rank 0 alone. Every row carries the cost model's prediction (`costmodel.sharded`, collective
@@ -66,10 +66,12 @@ CROSSOVER_STEPS_PER_OCTAVE = 4
 CROSSOVER_TARGET = 0.15            # |measured - predicted| / measured
 LONG_KV_LEN = 1 << 20              # from here on two GPUs must take ...
 LONG_TIME_RATIO_TARGET = 0.55      # ... at most this share of one GPU's time
-# GPU wait between the barrier and the start event: long enough that every rank's host has queued
-# its replay before its GPU starts, so no rank's step begins late and stretches another's wait in the
-# collective (with 0.05 ms, steps of 1-8 ms read 70-320 us above their shard plus collective on
-# some rows, on others 30 us).
+# GPU wait before the barrier: long enough that every rank's host has queued the barrier, the start
+# event and its replay before its GPU reaches the barrier, so the GPUs leave the barrier together
+# and go straight into the step. With the wait after the barrier instead, a rank whose host queued
+# the wait only after the barrier had let its GPU go began late by that host time, and the other
+# rank waited it out in the step's collective: single replays read 10-135 us above their shard plus
+# all-gather on a third of the rows (with a 0.05 ms wait there, 70-320 us).
 LEAD_MS = 1.0
 SWEEP_REPS_FACTOR = 2              # crossover rows: small and noisy, so twice the repetitions
 # Crossover rows time this many replays of the step back to back in each repetition (the time of
@@ -348,9 +350,9 @@ class Run:
         times = []
         for _ in range(reps):
             self.flush.fill_(1)
+            self._lead()
             if together:
                 self.dist.all_reduce(self.token)
-            self._lead()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(replays):
