@@ -221,13 +221,13 @@ def test_the_collective_model_reproduces_its_measurements():
             t = net.all_gather_terms(m["bytes_per_rank"], m["ranks"], graph=graph)
             if m["timing"] == "single replay":
                 # one call as the step makes it: the call latency serves every size, so each size's
-                # median is met within the scatter of the rows it is the median of, and within 15%
-                # where those rows agree (quartiles less than 1.5x apart; at batch 8 some rows read
-                # 50-105 us, others batch 1's 14 us, and their median falls between)
+                # median is met within 15% where the rows it is the median of agree (quartiles less
+                # than 1.5x apart), else within their scatter
                 lo, hi = m["quartiles_s"]
-                assert lo < t["time_s"] < hi, m
                 if hi < 1.5 * lo:
                     assert t["time_s"] == pytest.approx(m["time_s"], rel=0.15), m
+                else:
+                    assert lo < t["time_s"] < hi, m
             else:
                 # the earlier series did not see a lone call's start and wait
                 assert t["time_s"] - t["call_s"] == pytest.approx(m["time_s"], rel=0.01), m
