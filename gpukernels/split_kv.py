@@ -205,7 +205,8 @@ class SplitKV:
     def __init__(self, plan: SplitKVPlan, *, programmatic: bool = False):
         """`programmatic`: each launch may start while the kernel before it in the stream still
         runs (programmatic dependent launch, sm_90; its blocks read nothing until that kernel has
-        finished), hiding the launch behind it."""
+        finished), hiding the launch behind it. Off by default: behind PyTorch's kernels in a
+        decode step it measured slower, not faster (docs/end-to-end.md)."""
         if not isinstance(plan, SplitKVPlan):
             raise TypeError(f"plan must be a SplitKVPlan, got {type(plan).__name__}")
         check_kernel_dtype_and_head_dim(plan.dtype, plan.head_dim)
