@@ -34,6 +34,7 @@ def _cases():
         yield dtype, 128, 32, 8, "span", None
         yield dtype, 128, 32, 8, "bifurcated", None
         if dtype != "float32":
+            yield dtype, 64, 16, 16, "persistent", 1
             for head_dim in (64, 128, 256):
                 yield dtype, head_dim, 32, 8, "hydragen", None
             yield dtype, 128, 16, 4, "tree", None
@@ -83,6 +84,14 @@ def run_case(rng, dtype, head_dim, hq, hkv, kind, num_splits) -> float:
         out, _ = gpukernels.merge_states(_to_device(outs, dtype), cp.asarray(lses))
     elif kind in ("hydragen", "bifurcated", "tree", "span"):
         return _sharing_case(rng, rounded, dtype, head_dim, hq, hkv, kind)
+    elif kind == "persistent":
+        # more (sequence, head) items than the GPU holds blocks, of one length: the persistent kernel
+        q = rounded(rng.standard_normal((24, hq, head_dim)))
+        k = rounded(rng.standard_normal((24, 200, hkv, head_dim)))
+        v = rounded(rng.standard_normal((24, 200, hkv, head_dim)))
+        ref_out, _ = refattn.decode(q, k, v)
+        out, _ = gpukernels.split_kv(_to_device(q, dtype), _to_device(k, dtype), _to_device(v, dtype),
+                                     num_splits=num_splits)
     else:
         q = rounded(rng.standard_normal((batch, hq, head_dim)))
         k = rounded(rng.standard_normal((batch, kv_len, hkv, head_dim)))

@@ -310,7 +310,7 @@ class Kernel:
         self.nargs = len(signature)
         self.format = "<" + "".join(_SLOTS[c] for c in signature)
         self.shared_mem = shared_mem
-        self._functions: dict = {}   # device id -> CUfunction handle
+        self._functions: dict = {}   # device id -> CUfunction handle; ("resident", ...) -> blocks per SM
 
     def function(self, device_id: int) -> int:
         """The CUfunction handle on one device (loaded there, its shared-memory limit raised, once)."""
@@ -323,6 +323,24 @@ class Kernel:
                     raw.max_dynamic_shared_size_bytes = self.shared_mem
                 f = self._functions[device_id] = raw.kernel.ptr
         return f
+
+    def resident_blocks(self, device_id: int, block_threads: int) -> int:
+        """Blocks of `block_threads` threads one SM holds at once (the driver's occupancy query,
+        with this kernel's dynamic shared memory), once per device."""
+        key = ("resident", device_id, block_threads)
+        n = self._functions.get(key)
+        if n is None:
+            f = self.function(device_id)
+            query = ctypes.CDLL("libcuda.so.1").cuOccupancyMaxActiveBlocksPerMultiprocessor
+            query.restype = ctypes.c_int
+            query.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+            blocks = ctypes.c_int(0)
+            with cupy().cuda.Device(device_id):
+                status = query(ctypes.byref(blocks), f, block_threads, self.shared_mem)
+            if status != 0:
+                raise RuntimeError(f"cuOccupancyMaxActiveBlocksPerMultiprocessor failed ({status}) for {self.name}")
+            n = self._functions[key] = blocks.value
+        return n
 
     def __call__(self, grid, block, args, *, stream_ptr: int, device_id: int, programmatic: bool = False) -> None:
         """Launch on `device_id`'s stream `stream_ptr`. `programmatic`: allowed to start while the

@@ -664,3 +664,69 @@ def test_a_programmatic_launch_waits_for_the_kernel_before_it(dtype, paged):
         _check(graph_out, graph_lse, ref_out, ref_lse, dtype)
     np.testing.assert_array_equal(results[True][0], results[False][0])
     np.testing.assert_array_equal(results[True][1], results[False][1])
+
+
+# More (sequence, KV head, head group) items than the GPU holds blocks at once, all of one length:
+# the persistent kernel (a grid of the resident blocks, each running on from item to item).
+PERSISTENT_SHAPES = [   # head_dim, num_qo_heads, num_kv_heads, batch
+    (64, 16, 16, 24),       # MHA: 384 items
+    (64, 32, 8, 40),        # GQA 4: 320
+    (64, 28, 4, 80),        # GQA 7: 320
+    (64, 8, 1, 300),        # MQA: 300
+]
+
+
+def _persistent_run(monkeypatch, persistent, plan, qd, kd, vd, dtype):
+    import importlib
+
+    import gpukernels
+
+    sk = importlib.import_module("gpukernels.split_kv")
+    monkeypatch.setattr(sk, "PERSISTENT", persistent)
+    assert (sk.persistent_grid(plan, cp.cuda.Device().id) is not None) == persistent
+    out = _poisoned(qd, (plan.batch, plan.num_qo_heads, plan.head_dim), dtype)
+    lse = _poisoned(qd, (plan.batch, plan.num_qo_heads), "float32")
+    gpukernels.SplitKV(plan).run(qd, kd, vd, out=out, lse=lse)
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("head_dim, hq, hkv, batch", PERSISTENT_SHAPES)
+@pytest.mark.parametrize("kv_len", [0, 1, 333, 1000])
+def test_persistent_items_match_reference_and_one_block_per_item(monkeypatch, dtype, head_dim, hq, hkv, batch,
+                                                                 kv_len):
+    import gpukernels
+
+    rng = np.random.default_rng(kv_len + head_dim + hq + batch)
+    q, k, v = _random_qkv(rng, dtype, batch, hq, hkv, kv_len, head_dim)
+    ref_out, ref_lse = refattn.decode(q, k, v)
+    qd, kd, vd = _device(q), _device(k), _device(v)
+    plan = gpukernels.plan_split_kv(batch, hq, hkv, head_dim, max(kv_len, 1), dtype=dtype, num_splits=1)
+    out, lse = _persistent_run(monkeypatch, True, plan, qd, kd, vd, dtype)
+    if kv_len == 0:
+        _check_with_empty(out, lse, ref_out, ref_lse, dtype)
+    else:
+        _check(out, lse, ref_out, ref_lse, dtype)
+    # the same arithmetic in the same order as one block per item: the same bits
+    one_out, one_lse = _persistent_run(monkeypatch, False, plan, qd, kd, vd, dtype)
+    np.testing.assert_array_equal(_host(out), _host(one_out))
+    np.testing.assert_array_equal(_host(lse), _host(one_lse))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("head_dim", [64])
+def test_persistent_items_let_non_finite_inputs_through(monkeypatch, dtype, head_dim):
+    import gpukernels
+
+    rng = np.random.default_rng(head_dim)
+    batch, hq, hkv, kv_len = 80, 16, 4, 200
+    q, k, v = _random_qkv(rng, dtype, batch, hq, hkv, kv_len, head_dim)
+    q[0, 5, 3] = np.nan                  # one query head of sequence 0
+    k[2, 17, 1, 0] = np.inf              # a key row: every head of KV head 1, sequence 2
+    v[3, 150, 2, 7] = -np.inf            # one value element: dim 7 of KV head 2's heads, sequence 3
+    q[79, 15, 0] = np.nan                # the last item
+    ref_out, ref_lse = refattn.decode(q, k, v)
+    qd = _device(q)
+    plan = gpukernels.plan_split_kv(batch, hq, hkv, head_dim, kv_len, dtype=dtype, num_splits=1)
+    out, lse = _persistent_run(monkeypatch, True, plan, qd, _device(k), _device(v), dtype)
+    _compare_nonfinite(out, lse, ref_out, ref_lse, dtype)

@@ -6,6 +6,7 @@ can profile them (this script times nothing and writes nothing).
   finish     the bifurcated method on 16 sequences x 32/8 heads, prefix 8192 + suffix 256
   summary    the span grid's summarisation row (spans read by windows)
 
+A second argument "one" runs split_kv one block per item instead of its persistent kernel.
 Run under ncu, e.g.:
   ncu --clock-control none --section SpeedOfLight --section WarpStateStats --section Occupancy \
       --section MemoryWorkloadAnalysis -k regex:split_kv --launch-skip 2 --launch-count 1 \
@@ -72,4 +73,6 @@ def summary() -> None:
     cp.cuda.Device().synchronize()
 
 
+if len(sys.argv) > 2:   # "one": one block per item instead of the persistent kernel
+    importlib.import_module("gpukernels.split_kv").PERSISTENT = sys.argv[2] != "one"
 {"coverage": coverage, "finish": finish, "summary": summary}[sys.argv[1]]()
