@@ -694,6 +694,39 @@ __device__ __forceinline__ void mma_consume_tile(const uint4* slots, QFragment q
   }
 }
 
+// A warp's state at the end of its rows, stored for finish_block: l summed over the 4 lanes of
+// each group; o[j][e] of head gid at dim (j/8)*64 + (2*tig + e)*8 + j%8. A non-finite score of head
+// gid in any lane of its group, or (PAGES) a page index outside the cache anywhere in the warp's
+// rows, makes the head's max NaN, which the merge in finish_block carries through. (Every lane
+// takes part in every shuffle: no short-circuit between them.)
+template <int HEAD_DIM, int GROUP, int ACC, bool PAGES>
+__device__ __forceinline__ void store_warp_state(float (&smem_o)[NUM_WARPS][GROUP][HEAD_DIM],
+                                                 float (&smem_m)[NUM_WARPS][GROUP],
+                                                 float (&smem_l)[NUM_WARPS][GROUP],
+                                                 const float (&o)[HEAD_DIM / 8][ACC], float m, float l,
+                                                 bool nonfinite, bool bad_page, int warp, int gid, int tig) {
+  l += __shfl_xor_sync(kFullMask, l, 1);
+  l += __shfl_xor_sync(kFullMask, l, 2);
+  bool warp_bad_page = false;
+  if constexpr (PAGES) warp_bad_page = __any_sync(kFullMask, bad_page);
+  int group_nonfinite = static_cast<int>(nonfinite);
+  group_nonfinite |= __shfl_xor_sync(kFullMask, group_nonfinite, 1);
+  group_nonfinite |= __shfl_xor_sync(kFullMask, group_nonfinite, 2);
+  const bool poisoned = warp_bad_page || group_nonfinite != 0;
+  if (poisoned) m = quiet_nan();
+  if (gid < GROUP) {
+#pragma unroll
+    for (int j = 0; j < HEAD_DIM / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) smem_o[warp][gid][(j / 8) * 64 + (2 * tig + e) * 8 + j % 8] = o[j][e];
+    }
+    if (tig == 0) {
+      smem_m[warp][gid] = m;
+      smem_l[warp][gid] = l;
+    }
+  }
+}
+
 template <typename T, int HEAD_DIM, int GROUP, bool PAGED, int STAGES>
 __global__ void __launch_bounds__(NUM_THREADS, mma_min_blocks_per_sm<HEAD_DIM>())
 split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
@@ -991,30 +1024,8 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   __syncthreads();   // every warp is done with its stages: the memory now holds the epilogue state
   auto& smem_o = *reinterpret_cast<float (*)[NUM_WARPS][GROUP][HEAD_DIM]>(smem_stage);
 
-  // Sum l over the 4 lanes of a group; then write this warp's state: o[j][e] is head gid,
-  // dim (j/8)*64 + (2*tig + e)*8 + j%8.
-  l += __shfl_xor_sync(kFullMask, l, 1);
-  l += __shfl_xor_sync(kFullMask, l, 2);
-  // A non-finite score of head gid, or a page index outside the cache anywhere in the warp's rows,
-  // makes the head's result NaN (the merge in finish_block carries a NaN max through).
-  // (Every lane takes part in every shuffle: no short-circuit between them.)
-  const bool warp_bad_page = __any_sync(kFullMask, bad_page);
-  int group_nonfinite = static_cast<int>(nonfinite);
-  group_nonfinite |= __shfl_xor_sync(kFullMask, group_nonfinite, 1);
-  group_nonfinite |= __shfl_xor_sync(kFullMask, group_nonfinite, 2);
-  const bool poisoned = warp_bad_page || group_nonfinite != 0;
-  if (poisoned) m = quiet_nan();
-  if (gid < GROUP) {
-#pragma unroll
-    for (int j = 0; j < DIM_TILES; ++j) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) smem_o[warp][gid][(j / 8) * 64 + (2 * tig + e) * 8 + j % 8] = o[j][e];
-    }
-    if (tig == 0) {
-      smem_m[warp][gid] = m;
-      smem_l[warp][gid] = l;
-    }
-  }
+  store_warp_state<HEAD_DIM, GROUP, ACC, PAGED>(smem_o, smem_m, smem_l, o, m, l, nonfinite, bad_page, warp, gid,
+                                                tig);
   __syncthreads();
   finish_block<T, HEAD_DIM, GROUP>(smem_o, smem_m, smem_l, out, lse, partial_out, partial_lse, counters,
                                    w.b, w.split, w.splits_here, w.head0, w.heads_here, batch,
@@ -1166,28 +1177,12 @@ split_kv_mma_persistent_kernel(const T* __restrict__ q, const T* __restrict__ k,
                                          scale_log2, tig, o, m, l, nonfinite);
       stage = (stage + 1) % STAGES;
     }
-    // The warps' states merged and written as split_kv_mma_kernel does with one split.
-    l += __shfl_xor_sync(kFullMask, l, 1);
-    l += __shfl_xor_sync(kFullMask, l, 2);
-    int group_nonfinite = static_cast<int>(nonfinite);
-    group_nonfinite |= __shfl_xor_sync(kFullMask, group_nonfinite, 1);
-    group_nonfinite |= __shfl_xor_sync(kFullMask, group_nonfinite, 2);
-    if (group_nonfinite != 0) m = quiet_nan();
-    // The stage every warp just read is free until the next item's first copy: it holds the state.
+    // The warps' states merged and written as split_kv_mma_kernel does with one split. The stage
+    // every warp just read is free until the next item's first copy: it holds the state.
     __syncthreads();
     auto& smem_o = *reinterpret_cast<float (*)[NUM_WARPS][GROUP][HEAD_DIM]>(
         smem_stage + ((stage + STAGES - 1) % STAGES) * (NUM_WARPS * SLOTS * 32));
-    if (gid < GROUP) {
-#pragma unroll
-      for (int j = 0; j < DIM_TILES; ++j) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) smem_o[warp][gid][(j / 8) * 64 + (2 * tig + e) * 8 + j % 8] = o[j][e];
-      }
-      if (tig == 0) {
-        smem_m[warp][gid] = m;
-        smem_l[warp][gid] = l;
-      }
-    }
+    store_warp_state<HEAD_DIM, GROUP, ACC, false>(smem_o, smem_m, smem_l, o, m, l, nonfinite, false, warp, gid, tig);
     __syncthreads();
     finish_block<T, HEAD_DIM, GROUP>(smem_o, smem_m, smem_l, out, lse, partial_out, partial_lse, counters, b, 0,
                                      1, head0, heads_here, batch, num_qo_heads);
