@@ -607,6 +607,28 @@ struct MmaSlots {
   static constexpr int TOTAL = K + 4 * VCHUNKS;
 };
 
+// Where a lane's whole-row copy i of a warp tile lands in stage `stage`: K row r's piece pc is read
+// by lane (r % 8) * 4 + pc % 4 from slot (r / 8) * CHUNKS + pc / 4; V row r's piece pc by lane
+// (pc % 8) * 4 + (r % 8) / 2 from slot K + (r % 2 + (r / 8) * 2) * VCHUNKS + pc / 8 (the operand
+// layouts of mma_consume_tile), r = i * ROWS_PER_COPY + copy_row.
+template <int HEAD_DIM>
+struct WholeRowSlots {
+  static constexpr int ROWS_PER_COPY = 32 / (HEAD_DIM / 8);
+  uint4* warp_slots;   // this warp's slots of stage 0
+  int copy_row, copy_piece;
+  __device__ __forceinline__ uint4* k(int stage, int i) const {
+    const int r = i * ROWS_PER_COPY + copy_row;
+    return warp_slots + stage * (NUM_WARPS * MmaSlots<HEAD_DIM>::TOTAL * 32) +
+           ((r / 8) * MmaSlots<HEAD_DIM>::CHUNKS + copy_piece / 4) * 32 + (r % 8) * 4 + copy_piece % 4;
+  }
+  __device__ __forceinline__ uint4* v(int stage, int i) const {
+    const int r = i * ROWS_PER_COPY + copy_row;
+    return warp_slots + stage * (NUM_WARPS * MmaSlots<HEAD_DIM>::TOTAL * 32) +
+           (MmaSlots<HEAD_DIM>::K + (r % 2 + (r / 8) * 2) * MmaSlots<HEAD_DIM>::VCHUNKS + copy_piece / 8) * 32 +
+           (copy_piece % 8) * 4 + (r % 8) / 2;
+  }
+};
+
 // One warp tile of the tensor-core kernel, its K and V already in this lane's slots of one stage
 // (`slots`: slot i of this lane at slots[i * 32]): the scores of its `tile_rows` rows for the
 // group's heads, the online softmax update of (m, l) and the output accumulators o, and the
@@ -906,21 +928,10 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     kp = k + at;
     vp = v + at;
   }
-  // Where copy i of this lane lands: K row r's piece pc is read by lane (r % 8) * 4 + pc % 4 from
-  // slot (r / 8) * CHUNKS + pc / 4; V row r's piece pc by lane (pc % 8) * 4 + (r % 8) / 2 from slot
-  // K + (r % 2 + (r / 8) * 2) * VCHUNKS + pc / 8 (the operand layouts below).
-  uint4* const warp_slots = smem_stage + warp * SLOTS * 32;
-  auto k_dst = [&](int stage, int i) -> uint4* {
-    const int r = i * ROWS_PER_COPY + copy_row;
-    return warp_slots + stage * (NUM_WARPS * SLOTS * 32) +
-           ((r / 8) * CHUNKS + copy_piece / 4) * 32 + (r % 8) * 4 + copy_piece % 4;
-  };
-  auto v_dst = [&](int stage, int i) -> uint4* {
-    const int r = i * ROWS_PER_COPY + copy_row;
-    return warp_slots + stage * (NUM_WARPS * SLOTS * 32) +
-           (MmaSlots<HEAD_DIM>::K + (r % 2 + (r / 8) * 2) * VCHUNKS + copy_piece / 8) * 32 +
-           (copy_piece % 8) * 4 + (r % 8) / 2;
-  };
+  // Where copy i of this lane lands (WholeRowSlots: the operand layouts below).
+  const WholeRowSlots<HEAD_DIM> slots_of{smem_stage + warp * SLOTS * 32, copy_row, copy_piece};
+  auto k_dst = [&](int stage, int i) -> uint4* { return slots_of.k(stage, i); };
+  auto v_dst = [&](int stage, int i) -> uint4* { return slots_of.v(stage, i); };
   // The whole-row copies of the warp tile at `tile`, this lane's first K and V pieces at kr and vr.
   // Head_dim 256 (one row per copy instruction, copy_row 0): the destinations as this lane's base
   // plus immediates, the sources by stepping one row at a time.
@@ -1089,18 +1100,9 @@ split_kv_mma_persistent_kernel(const T* __restrict__ q, const T* __restrict__ k,
   static_assert(COPIES == MmaSlots<HEAD_DIM>::K, "one K slot per copy");
   const int copy_row = lane / PIECES, copy_piece = lane % PIECES;
   const long long copy_step = static_cast<long long>(ROWS_PER_COPY) * row_elems;
-  uint4* const warp_slots = smem_stage + warp * SLOTS * 32;
-  auto k_dst = [&](int stage, int i) -> uint4* {
-    const int r = i * ROWS_PER_COPY + copy_row;
-    return warp_slots + stage * (NUM_WARPS * SLOTS * 32) +
-           ((r / 8) * CHUNKS + copy_piece / 4) * 32 + (r % 8) * 4 + copy_piece % 4;
-  };
-  auto v_dst = [&](int stage, int i) -> uint4* {
-    const int r = i * ROWS_PER_COPY + copy_row;
-    return warp_slots + stage * (NUM_WARPS * SLOTS * 32) +
-           (MmaSlots<HEAD_DIM>::K + (r % 2 + (r / 8) * 2) * VCHUNKS + copy_piece / 8) * 32 +
-           (copy_piece % 8) * 4 + (r % 8) / 2;
-  };
+  const WholeRowSlots<HEAD_DIM> slots_of{smem_stage + warp * SLOTS * 32, copy_row, copy_piece};
+  auto k_dst = [&](int stage, int i) -> uint4* { return slots_of.k(stage, i); };
+  auto v_dst = [&](int stage, int i) -> uint4* { return slots_of.v(stage, i); };
 
   // The copies' cursor: this warp's next tile is row p_row of item p_item, its first piece at
   // element p_at of K and V; one commit group per call, empty past the last item. Every warp takes
