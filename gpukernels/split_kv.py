@@ -153,13 +153,18 @@ def persistent_grid(plan: SplitKVPlan, device_id: int) -> "tuple[int, int, int] 
     """The persistent kernel's grid for `plan` on a contiguous cache without lengths, or None when
     the plan runs one block per item (split plans, other head dims or dtypes, or no more items than
     the GPU holds at once)."""
-    if not (PERSISTENT and plan.num_splits == 1 and plan.head_dim in PERSISTENT_HEAD_DIMS
+    return _persistent_grid(plan, device_id) if PERSISTENT else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _persistent_grid(plan: SplitKVPlan, device_id: int) -> "tuple[int, int, int] | None":
+    """persistent_grid's answer, once per plan and device (it sits on every launch's path)."""
+    if not (plan.num_splits == 1 and plan.head_dim in PERSISTENT_HEAD_DIMS
             and uses_tensor_cores(plan.dtype, plan.head_dim)):
         return None
     per_sm = _persistent_kernel_for(plan.dtype, plan.head_dim, plan.heads_per_block).resident_blocks(
         device_id, NUM_WARPS * 32)
-    # Its epilogue's own shared memory must not cost a resident block (head_dim 128 with 8 heads
-    # a block would hold one where one block per item holds two).
+    # As many blocks an SM as one block per item holds, or the persistent grid streams less at once.
     if per_sm < 1 or per_sm < _kernel(plan, False).resident_blocks(device_id, NUM_WARPS * 32):
         return None
     resident = per_sm * num_sms(device_id)

@@ -82,9 +82,11 @@ for dtype, batch, hq, hkv, d, n in SHAPES:
     extra = ""
     for st in EXTRA_STAGES:
         _depth["stages"] = st
+        sk._persistent_grid.cache_clear()   # the grid follows the depth's resident blocks
         g = sk.persistent_grid(plan, 0)
         extra += f", persistent at {st} stages {timer(lambda: runner.run(q, k, v, out=out, lse=lse)) * 1e3:.1f} (grid {g})"  # noqa: B023
         _depth["stages"] = None
+        sk._persistent_grid.cache_clear()
     print(f"{dtype} {batch}x{hq}/{hkv}x{d} L={n}: {plan.seq_heads} items, {plan.num_splits} split(s), persistent grid "
           f"{grid}; read {read:.1f}, one block per item {one:.1f}, persistent {pers:.1f} ({one / pers:.3f}x), "
           f"best SDPA {best[1]:.1f} ({best[0]}){extra}; rounds {', '.join(f'{t:.1f}' for t in times[False])} / "
