@@ -76,9 +76,10 @@ LEAD_MS = 1.0
 SWEEP_REPS_FACTOR = 2              # crossover rows: small and noisy, so twice the repetitions
 # Crossover rows time this many replays of the step back to back in each repetition (the time of
 # one: their mean), as a decode loop runs its steps, on one GPU and on N alike. Timed one replay
-# after a barrier each, the batch-8 sweep's two-GPU steps read 50-240 us above their shard plus
-# all-gather on a third of its rows, in runs of neighbouring rows (batch 1 steady; the cause not
-# established), which put the measured crossover at 17k and at 266k tokens in two runs.
+# after a barrier each, with the GPU wait then counted in clock cycles and placed after the
+# barrier (see LEAD_MS and gpukernels.bench.gpu_wait), the batch-8 sweep's two-GPU steps read
+# 50-240 us above their shard plus all-gather on a third of its rows, which put the measured
+# crossover at 17k and at 266k tokens in two runs.
 SWEEP_REPLAYS = 8
 # Before each measurement the timed function runs WARMUP_CALLS times, then more until WARMUP_MS
 # have passed (at most WARMUP_MAX_CALLS more). After three calls alone, the first repetitions of a
