@@ -173,6 +173,30 @@ def test_every_span_case_is_a_valid_seeded_list_with_its_density():
     assert spans.reshape(8, 2, 2).tolist() == [[[0, 4], [28672, 32768]]] * 8
 
 
+def test_paper_like_span_rows_carry_the_spans_of_the_sequence_with_the_most_windows():
+    from costmodel.gpus import get_gpu
+    from costmodel.rows import predict_row
+    from costmodel.span import WINDOW_ROWS
+
+    gpu = get_gpu("h200")
+    for case in bench.SPAN_GRID:
+        indptr, spans = bench.span_case_spans(case)
+        base = bench.span_base(case, indptr, spans)
+        if case["pattern"] in ("intervals", "sinks_window"):
+            assert "span_lens" not in base
+            continue
+        lens = [np.diff(spans[indptr[b]:indptr[b + 1]], axis=1).ravel() for b in range(bench.SPAN_BATCH)]
+        windows = [int(np.ceil(seq / WINDOW_ROWS).sum()) for seq in lens]
+        b = int(np.argmax(windows))
+        assert base["span_lens"] == lens[b].tolist() and sum(base["span_lens"]) > 0
+        # the model reads them: the row's windows are those of that sequence, not of equal spans
+        row = {**base, "impl": "span", "layout": "windows"}
+        equal = {k: v for k, v in row.items() if k != "span_lens"}
+        if max(windows) > sum(-(-int(n) // WINDOW_ROWS) for n in
+                              np.full(base["num_spans"], sum(base["span_lens"]) // base["num_spans"])):
+            assert predict_row(row, gpu).time_s > predict_row(equal, gpu).time_s
+
+
 def test_block_coverage_and_the_block_sparse_matrix():
     mask = np.zeros((2, 40), dtype=bool)
     mask[0, 3:5] = True        # block 0 (of 16)
