@@ -47,6 +47,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -459,26 +460,49 @@ def one_gpu_row(run: Run, batch: int, kv_len: int, ceilings: dict, gpu, *, reps:
     return row
 
 
+class ShardInputs(NamedTuple):
+    """One rank's side of a sharded row: the placement's shard lengths (`lens`, this rank's `mine`),
+    q (the same on every rank), this rank's K and V shard [batch, capacity, ...], its lengths on
+    the device, the outputs and the split-KV plan of the shard's capacity."""
+    lens: np.ndarray
+    mine: int
+    q: object
+    k: object
+    v: object
+    shard_lens: object
+    out: object
+    lse: object
+    plan: object
+
+
+def shard_inputs(run: Run, batch: int, kv_len: int) -> ShardInputs:
+    """The inputs of the sharded step on this rank for `kv_len` tokens placed round-robin in blocks."""
+    from gpukernels import ShardPlacement  # noqa: PLC0415
+
+    torch = run.torch
+    lens = ShardPlacement(run.world).shard_lens(kv_len)
+    capacity = int(lens.max())
+    mine = int(lens[run.rank])
+    return ShardInputs(
+        lens=lens, mine=mine, q=run.query(batch, SEED + batch),
+        k=run.randn((batch, capacity, NUM_KV_HEADS, HEAD_DIM), SEED + 10 + 2 * run.rank),
+        v=run.randn((batch, capacity, NUM_KV_HEADS, HEAD_DIM), SEED + 11 + 2 * run.rank),
+        shard_lens=torch.full((batch,), mine, dtype=torch.int32, device=run.device),
+        out=torch.empty((batch, NUM_QO_HEADS, HEAD_DIM), dtype=torch.float16, device=run.device),
+        lse=torch.empty((batch, NUM_QO_HEADS), dtype=torch.float32, device=run.device),
+        plan=_plan(run, batch, capacity))
+
+
 def sharded_row(run: Run, batch: int, kv_len: int, ceilings: dict, gpu, *, reps: int, sweep: bool = False,
                 check: bool = False) -> "dict | None":
     """The sharded step on every rank, graph-replayed; beside it the all-gather alone and the
     shard's split_kv alone; with `check`, also its result against the exact answer. The row on
     rank 0, None elsewhere."""
     from costmodel import sharded as model  # noqa: PLC0415
-    from gpukernels import ShardedDecode, ShardPlacement, SplitKV, TorchCollective  # noqa: PLC0415
+    from gpukernels import ShardedDecode, SplitKV, TorchCollective  # noqa: PLC0415
 
     torch = run.torch
-    placement = ShardPlacement(run.world)
-    lens = placement.shard_lens(kv_len)
-    capacity = int(lens.max())
-    mine = int(lens[run.rank])
-    q = run.query(batch, SEED + batch)
-    k = run.randn((batch, capacity, NUM_KV_HEADS, HEAD_DIM), SEED + 10 + 2 * run.rank)
-    v = run.randn((batch, capacity, NUM_KV_HEADS, HEAD_DIM), SEED + 11 + 2 * run.rank)
-    shard_lens = torch.full((batch,), mine, dtype=torch.int32, device=run.device)
-    out = torch.empty((batch, NUM_QO_HEADS, HEAD_DIM), dtype=torch.float16, device=run.device)
-    lse = torch.empty((batch, NUM_QO_HEADS), dtype=torch.float32, device=run.device)
-    plan = _plan(run, batch, capacity)
+    lens, mine, q, k, v, shard_lens, out, lse, plan = shard_inputs(run, batch, kv_len)
     collective = TorchCollective()
     dec = ShardedDecode(plan, collective)
     step_graph = run.graph(lambda: dec.run(q, k, v, shard_lens, out=out, lse=lse))

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from gpukernels import ShardedDecode, ShardPlacement, SplitKV, TorchCollective
-from gpukernels.bench_sharded import HEAD_DIM, NUM_KV_HEADS, NUM_QO_HEADS, SEED, Run, _plan
+from gpukernels import ShardedDecode, SplitKV, TorchCollective
+from gpukernels.bench_sharded import HEAD_DIM, NUM_KV_HEADS, SEED, Run, _plan, shard_inputs
 
 ROWS = [(1, 16 << 20), (8, 2 << 20), (1, 8 << 20)]
 REPS = 10
@@ -81,15 +81,7 @@ def main() -> None:
     for batch, kv_len in ROWS:
         if PRELUDE:
             one_gpu_prelude(run, batch, kv_len)
-        lens = ShardPlacement(run.world).shard_lens(kv_len)
-        capacity, mine = int(lens.max()), int(lens[run.rank])
-        q = run.query(batch, SEED + batch)
-        k = run.randn((batch, capacity, NUM_KV_HEADS, HEAD_DIM), SEED + 10 + 2 * run.rank)
-        v = run.randn((batch, capacity, NUM_KV_HEADS, HEAD_DIM), SEED + 11 + 2 * run.rank)
-        shard_lens = torch.full((batch,), mine, dtype=torch.int32, device=run.device)
-        out = torch.empty((batch, NUM_QO_HEADS, HEAD_DIM), dtype=torch.float16, device=run.device)
-        lse = torch.empty((batch, NUM_QO_HEADS), dtype=torch.float32, device=run.device)
-        plan = _plan(run, batch, capacity)
+        _, _, q, k, v, shard_lens, out, lse, plan = shard_inputs(run, batch, kv_len)
         dec = ShardedDecode(plan, TorchCollective())
         step = run.graph(lambda: dec.run(q, k, v, shard_lens, out=out, lse=lse))  # noqa: B023
         runner = SplitKV(plan)
