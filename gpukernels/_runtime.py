@@ -250,13 +250,19 @@ class _LaunchConfig(ctypes.Structure):
 
 
 @functools.lru_cache(maxsize=None)
-def _launch_kernel_ex():
-    """cuLaunchKernelEx of the driver CuPy uses (CUDA 12 and later)."""
-    driver = ctypes.CDLL("libcuda.so.1")
-    fn = driver.cuLaunchKernelEx
+def _driver_function(name: str, *argtypes):
+    """A function of the CUDA driver CuPy uses, returning its CUresult (an int), called directly
+    for what CuPy does not wrap."""
+    fn = getattr(ctypes.CDLL("libcuda.so.1"), name)
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    fn.argtypes = list(argtypes)
     return fn
+
+
+def _launch_kernel_ex():
+    """cuLaunchKernelEx (CUDA 12 and later)."""
+    return _driver_function("cuLaunchKernelEx", ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p,
+                            ctypes.c_void_p)
 
 
 def _programmatic_attribute() -> _LaunchAttribute:
@@ -331,9 +337,8 @@ class Kernel:
         n = self._functions.get(key)
         if n is None:
             f = self.function(device_id)
-            query = ctypes.CDLL("libcuda.so.1").cuOccupancyMaxActiveBlocksPerMultiprocessor
-            query.restype = ctypes.c_int
-            query.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+            query = _driver_function("cuOccupancyMaxActiveBlocksPerMultiprocessor", ctypes.POINTER(ctypes.c_int),
+                                     ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t)
             blocks = ctypes.c_int(0)
             with cupy().cuda.Device(device_id):
                 status = query(ctypes.byref(blocks), f, block_threads, self.shared_mem)
