@@ -538,7 +538,32 @@ bifurcated_prefix_values_simt_kernel(const float* __restrict__ logits, const flo
 
 // ---------------------------------------------------------------------------------------------
 // 5. Per row: the prefix chunks' partials in chunk order, plus P V over the row's suffix, over
-// the row's sum. One block per row; threads along head_dim.
+// the row's sum. One block per row. The suffix is shared out among the warps, token t to warp
+// t / 32 % BF_WARPS, so each warp follows its own chain of loads; a lane holds head_dim / 32
+// adjacent dims of the output (one load of 4-16 bytes per token), and the warps' sums are added in
+// warp order at the end (deterministic). With all threads on one token at a time (a thread per
+// dim), each token waited out a full load's latency: 110 us for 256 tokens in one wave of rows.
+
+// N adjacent elements of T at p (N * sizeof(T) bytes, aligned to that) as floats x[0 .. N - 1], in one
+// or two vector loads.
+template <typename T, int N>
+__device__ __forceinline__ void load_floats(const T* p, float (&x)[8]) {
+  constexpr int BYTES = N * static_cast<int>(sizeof(T));
+  static_assert(BYTES == 4 || BYTES == 8 || BYTES % 16 == 0, "whole 4, 8 or 16-byte loads");
+  alignas(16) T buf[N];
+  if constexpr (BYTES % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < BYTES / 16; ++i) {
+      reinterpret_cast<uint4*>(buf)[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
+    }
+  } else if constexpr (BYTES == 8) {
+    *reinterpret_cast<uint2*>(buf) = __ldg(reinterpret_cast<const uint2*>(p));
+  } else {
+    *reinterpret_cast<unsigned*>(buf) = __ldg(reinterpret_cast<const unsigned*>(p));
+  }
+#pragma unroll
+  for (int i = 0; i < N; ++i) to_scalar_float(&buf[i], &x[i]);
+}
 
 template <typename T>
 __global__ void __launch_bounds__(BF_FINISH_THREADS)
@@ -550,56 +575,80 @@ bifurcated_finish_kernel(const float* __restrict__ logits, const float2* __restr
                          int num_chunks, int prefix_len, int capacity, int num_indices, int num_pages,
                          int page_size, int num_qo_heads, int num_kv_heads, int head_dim,
                          long long logits_stride) {
-  constexpr int MAX_COLS = 2;   // head_dim <= 2 * BF_FINISH_THREADS
+  constexpr int MAX_COLS = 2;        // head_dim <= 2 * BF_FINISH_THREADS: the prefix partials, per thread
+  constexpr int MAX_LANE_DIMS = 8;   // head_dim <= 32 * 8: the suffix, per lane
+  static_assert(BF_FINISH_THREADS == BF_WARPS * 32, "a warp per share of the suffix");
   const Suffixes<T> sfx{nullptr, v_suffix, suffix_lens, kv_indptr, kv_indices, kv_last_page_len, capacity,
                         num_indices, num_pages, page_size, num_kv_heads};
-  __shared__ float p_s[BF_FINISH_THREADS];
-  __shared__ long long at_s[BF_FINISH_THREADS];
+  __shared__ float warp_sum_s[BF_WARPS][MAX_LANE_DIMS * 32];
   const long long row = blockIdx.x;
   const long long all_rows = gridDim.x;
   const int b = static_cast<int>(row / num_qo_heads);
   const int kh = static_cast<int>(row % num_qo_heads) / (num_qo_heads / num_kv_heads);
   const float2 ms = stats[row];   // (max, sum); a NaN sum: the row comes out NaN
   const int len = sfx.length(b);
-  float o[MAX_COLS];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int lane_dims = head_dim / 32;   // 2, 4 or 8
+  const int d0 = lane * lane_dims;
+
+  // This warp's share of P V over the suffix: 32 tokens at a time, each lane computing one token's
+  // weight and element offset, then every lane taking each token's dims in turn.
+  float acc[MAX_LANE_DIMS];
 #pragma unroll
-  for (int c = 0; c < MAX_COLS; ++c) {
-    const int d = threadIdx.x + c * BF_FINISH_THREADS;
-    o[c] = 0.0f;
-    if (d >= head_dim) continue;
-#pragma unroll 4
-    for (int k = 0; k < num_chunks; ++k) o[c] += part_out[(k * all_rows + row) * head_dim + d];
-  }
+  for (int j = 0; j < MAX_LANE_DIMS; ++j) acc[j] = 0.0f;
   const float* lr = logits + row * logits_stride + prefix_len;
-  for (int t0 = 0; t0 < len; t0 += BF_FINISH_THREADS) {   // len is uniform over the block
-    __syncthreads();
-    const int t = t0 + threadIdx.x;
+  for (int t0 = warp * 32; t0 < len; t0 += BF_WARPS * 32) {   // len is uniform over the block
+    const int t = t0 + lane;
+    float p_mine = 0.0f;
+    long long at_mine = 0;
     if (t < len) {
-      p_s[threadIdx.x] = exp2f(lr[t] - ms.x);
-      at_s[threadIdx.x] = sfx.offset(b, t, kh, head_dim);
+      p_mine = exp2f(lr[t] - ms.x);
+      at_mine = sfx.offset(b, t, kh, head_dim);
     }
-    __syncthreads();
-    const int n = min(BF_FINISH_THREADS, len - t0);
-    for (int k = 0; k < n; ++k) {
-      const float p = p_s[k];
-      const long long at = at_s[k];
+    const int n = min(32, len - t0);
+#pragma unroll 4
+    for (int i = 0; i < n; ++i) {
+      const float p = __shfl_sync(kFullMask, p_mine, i);
+      const long long at = __shfl_sync(kFullMask, at_mine, i);
+      float x[MAX_LANE_DIMS];
+      if (at >= 0) {
+        const T* src = v_suffix + at + d0;
+        if (lane_dims == 8) {
+          load_floats<T, 8>(src, x);
+        } else if (lane_dims == 4) {
+          load_floats<T, 4>(src, x);
+        } else {
+          load_floats<T, 2>(src, x);
+        }
+      } else {
 #pragma unroll
-      for (int c = 0; c < MAX_COLS; ++c) {
-        const int d = threadIdx.x + c * BF_FINISH_THREADS;
-        if (d >= head_dim) continue;
-        float x = quiet_nan();   // a page outside the cache
-        if (at >= 0) to_scalar_float(v_suffix + at + d, &x);
-        o[c] = fmaf(p, x, o[c]);
+        for (int j = 0; j < MAX_LANE_DIMS; ++j) x[j] = quiet_nan();   // a page outside the cache
+      }
+#pragma unroll
+      for (int j = 0; j < MAX_LANE_DIMS; ++j) {
+        if (j < lane_dims) acc[j] = fmaf(p, x[j], acc[j]);
       }
     }
   }
+#pragma unroll
+  for (int j = 0; j < MAX_LANE_DIMS; ++j) {
+    if (j < lane_dims) warp_sum_s[warp][d0 + j] = acc[j];
+  }
+  __syncthreads();
+
   const bool bad = len < 0 || is_nan(ms.y);
   const float inv = ms.y > 0.0f ? 1.0f / ms.y : 0.0f;
 #pragma unroll
   for (int c = 0; c < MAX_COLS; ++c) {
     const int d = threadIdx.x + c * BF_FINISH_THREADS;
     if (d >= head_dim) continue;
-    const float x = bad ? quiet_nan() : ms.y > 0.0f ? finite_or_nan(o[c] * inv) : 0.0f;
+    float o = 0.0f;
+#pragma unroll 4
+    for (int k = 0; k < num_chunks; ++k) o += part_out[(k * all_rows + row) * head_dim + d];
+#pragma unroll
+    for (int w = 0; w < BF_WARPS; ++w) o += warp_sum_s[w][d];
+    const float x = bad ? quiet_nan() : ms.y > 0.0f ? finite_or_nan(o * inv) : 0.0f;
     out[row * head_dim + d] = from_float<T>(x);
   }
 }
