@@ -2,13 +2,14 @@
 
 Three ways to run it, all predicted here (`METHODS`):
 
-* `"hydragen"` (Juravsky et al., 2024), as `gpukernels.shared_prefix` runs it: three launches
+* `"hydragen"` (Juravsky et al., 2024), as `gpukernels.shared_prefix` runs it: two launches
   (`HydragenPlan`). The prefix pass reads the prefix once: the queries of all sequences and all
   heads of a GQA group form one matrix per KV head, 64 rows a block, multiplied with each prefix
   chunk on the tensor cores (chunks of `prefix_pass_chunk`), at the rate shared memory lets them
   run (`costmodel.segments.attend_rows_flops_per_s`); the suffixes by split-KV with the kernels'
-  plan; the merge of the partial states by LSE. `fused=True` predicts instead one fused launch
-  that would do all three (`FusedHydragenPlan`, chunk sizes chosen by the model), for comparison.
+  plan, whose blocks that write a row's output merge the prefix chunks' states into it by LSE
+  (a separate merge launch only without suffixes). `fused=True` predicts instead one fused launch
+  that would do it all (`FusedHydragenPlan`, chunk sizes chosen by the model), for comparison.
 * `"bifurcated"` (Athiwaratkun et al., 2024), as this project's kernels run the published method
   (`bifurcated_launches`): the prefix logits of all samples as one product per KV head, the
   suffix logits, one softmax over their concatenation, and the output as P V over the prefix
@@ -83,14 +84,20 @@ class SharedPrefixShape:
         return out
 
 
+PREFETCHED_STATES = 2   # prefix states a suffix block loads at its start (split_kv.cu: PREFETCHED_STATES)
+STATES_BATCH = 8        # states loaded at once at a block's end (merge_states_into)
+
+
 @dataclass(frozen=True)
 class HydragenPlan:
-    """Hydragen as `gpukernels.shared_prefix` runs it, three launches (`launches`): the prefix pass
+    """Hydragen as `gpukernels.shared_prefix` runs it, two launches (`launches`): the prefix pass
     (`shared_prefix_kernel`: per KV head, tiles of QUERY_TILE_ROWS query rows against chunks of
-    `prefix_chunk_size` prefix tokens, chunks fastest, then tiles, then KV heads), the suffixes by
-    split-KV with `suffix` (the plan the kernels make: `costmodel.split_kv.plan_split_kv` for the
-    longest suffix), and the merge of every prefix chunk's state with the suffix's
-    (`merge_prefix_suffix_kernel`, one block per (sequence, query head))."""
+    `prefix_chunk_size` prefix tokens, chunks fastest, then tiles, then KV heads), then the
+    suffixes by split-KV with `suffix` (the plan the kernels make:
+    `costmodel.split_kv.plan_split_kv` for the longest suffix), whose blocks that write a row's
+    output also read and merge every prefix chunk's state (split_kv.cu: ExtraStates). Without
+    suffixes the merge of the chunks' states is a launch of its own
+    (`merge_prefix_chunks_kernel`)."""
 
     shape: SharedPrefixShape
     prefix_chunk_size: int       # tokens of the prefix per block of the prefix pass
@@ -135,8 +142,11 @@ class HydragenPlan:
         return items
 
     def launches(self, gpu: "GPUSpec | str") -> list[tuple[Launch, float | None]]:
-        """The three launches, each with its tensor-core rate (None: the GPU's): the prefix pass
-        at `costmodel.segments.attend_rows_flops_per_s` over its blocks' tiles."""
+        """The launches, each with its tensor-core rate (None: the GPU's): the prefix pass at
+        `costmodel.segments.attend_rows_flops_per_s` over its blocks' tiles, then the suffixes
+        (with the chunks' states: their bytes, and for a block that writes its output directly
+        one more round trip per STATES_BATCH states when there are more than PREFETCHED_STATES,
+        which it loads at its end instead of its start), or the merge."""
         s = self.shape
         spec = get_gpu(gpu)
         out: list[tuple[Launch, float | None]] = []
@@ -146,9 +156,18 @@ class HydragenPlan:
         if self.suffix is not None:
             launch = split_kv_launch(self.suffix, list(s.lens()), name="suffixes")
             renamed = {f"{k}_suffix" if k in ("k", "v") else k: v for k, v in launch.bytes_by_tensor.items()}
-            out.append((dataclasses.replace(launch, bytes_by_tensor=renamed), None))
-        merge = MergeStatesShape(max(self.parts_per_sequence, 1), s.batch, s.num_qo_heads, s.head_dim, "float32")
-        out.append((dataclasses.replace(merge_states_launch(merge), name="merge"), None))
+            runs = launch.block_runs
+            if self.num_chunks:
+                n, rows = self.num_chunks, s.batch * s.num_qo_heads
+                renamed["prefix_states"] = n * rows * (s.head_dim + 1) * F32
+                direct = self.suffix.num_splits == 1
+                trips = -(-n // STATES_BATCH) if direct and n > PREFETCHED_STATES else 0
+                per_block = n * (rows // max(launch.busy_blocks, 1)) * (s.head_dim + 1) * F32 if direct else 0
+                runs = tuple((b + per_block, t + trips, c) if (b or t) else (b, t, c) for b, t, c in runs)
+            out.append((dataclasses.replace(launch, bytes_by_tensor=renamed, block_runs=runs), None))
+        else:
+            merge = MergeStatesShape(max(self.num_chunks, 1), s.batch, s.num_qo_heads, s.head_dim, "float32")
+            out.append((dataclasses.replace(merge_states_launch(merge), name="merge"), None))
         return out
 
 

@@ -1,18 +1,19 @@
 """One prefix shared by every sequence, read once for all of them: Hydragen and bifurcated
 attention on the GPU.
 
-Hydragen (`method="hydragen"`) runs three launches on the caller's stream:
+Hydragen (`method="hydragen"`) runs two launches on the caller's stream:
 
 1. `shared_prefix_kernel` (cuda/shared_prefix.cu): per KV head, the queries of all sequences and
    all query heads of its group as rows of one matrix, 64 rows a block, against chunks of the
    prefix on the tensor cores; a float32 partial state (out, lse) per row and chunk.
-2. The suffixes by this project's split-KV kernel (`gpukernels.split_kv`), contiguous or paged.
-3. `merge_prefix_suffix_kernel`: the LSE merge of the prefix chunks' states and the suffix state,
-   in float32.
+2. The suffixes by this project's split-KV kernel (`gpukernels.split_kv`), contiguous or paged;
+   the block that writes a row's output merges the prefix chunks' states into it by LSE, in
+   float32 (`SplitKV.run`'s `states`). With no suffix tokens at all, `merge_prefix_chunks_kernel`
+   merges the chunks instead.
 
 The prefix chunk fills one wave of resident blocks (`costmodel.shared_prefix.prefix_pass_chunk`).
-The cost model predicts Hydragen as one fused launch; these three launches are not that launch
-yet, and take up to twice its prediction (results/h200/NOTES.md).
+The cost model predicts Hydragen as one fused launch; these two launches are not that launch
+yet (results/h200/NOTES.md).
 float16 and bfloat16; head_dim 64, 128 and 256.
 
 Bifurcated attention (`method="bifurcated"`): the paper's one softmax over the prefix and suffix
@@ -36,8 +37,9 @@ from decode_attention.contract import check_paged, check_paged_layout, check_pos
 
 from . import _runtime as rt
 from . import bifurcated
-from .split_kv import (SplitKV, SplitKVPlan, _expect_index, _expect_shape, _index_on_device, _length_bucket,
-                       _numel, _on_device, checked_once, device_gpu, num_sms, outputs, plan_split_kv)
+from .split_kv import (SplitKV, SplitKVPlan, StatePointers, _expect_index, _expect_shape, _index_on_device,
+                       _length_bucket, _numel, _on_device, checked_once, device_gpu, num_sms, outputs,
+                       plan_split_kv)
 
 __all__ = ["shared_prefix", "SharedPrefixPlan", "plan_shared_prefix", "SharedPrefix", "PREFIX_DTYPES", "METHODS"]
 
@@ -47,7 +49,7 @@ _LOG2E = 1.4426950408889634
 PREFIX_DTYPES = ("float16", "bfloat16")   # the prefix pass runs on the tensor cores
 QUERY_ROWS = 64                           # query rows per block (shared_prefix.cu: QUERY_ROWS)
 THREADS = 128
-MERGE_THREADS = 128                       # merge kernels: one block per (sequence, head) row
+MERGE_THREADS = 128                       # merge kernels: a thread per 4 dims of a (sequence, head) row
 
 
 def kv_tile(head_dim: int) -> int:
@@ -72,7 +74,7 @@ def prefix_name_expression(dtype: str, head_dim: int) -> str:
 
 
 def merge_name_expression(dtype: str) -> str:
-    return f"decode_attention::merge_prefix_suffix_kernel<{rt.C_TYPES[dtype]}>"
+    return f"decode_attention::merge_prefix_chunks_kernel<{rt.C_TYPES[dtype]}>"
 
 
 def instantiations() -> list[tuple[str, str]]:
@@ -90,8 +92,8 @@ def all_name_expressions() -> list[str]:
 # q, k_prefix, v_prefix, part_out, part_lse; batch, prefix_len, num_qo_heads, num_kv_heads,
 # chunk_size; scale_log2.
 PREFIX_SIGNATURE = "ppppp" + "iiiii" + "f"
-# part_out, part_lse, suffix_out, suffix_lse, out, lse; num_chunks, rows, head_dim.
-MERGE_SIGNATURE = "pppppp" + "iqi"
+# part_out, part_lse, out, lse; num_chunks, rows, head_dim.
+MERGE_SIGNATURE = "pppp" + "iqi"
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,6 +105,11 @@ def _prefix_kernel(dtype: str, head_dim: int) -> rt.Kernel:
 @functools.lru_cache(maxsize=None)
 def _merge_kernel(dtype: str) -> rt.Kernel:
     return rt.Kernel("shared_prefix", merge_name_expression(dtype), MERGE_SIGNATURE)
+
+
+def merge_blocks(rows: int, head_dim: int) -> int:
+    """Blocks of a merge kernel over `rows` (sequence, head) rows: a thread per 4 dims."""
+    return -(-rows * (head_dim // 4) // MERGE_THREADS)
 
 
 def blocks_per_sm(head_dim: int) -> int:
@@ -428,8 +435,6 @@ class SharedPrefix:
                 bufs = (
                     rt.empty(kind, (n, p.batch, p.num_qo_heads, p.head_dim), "float32", device_id),
                     rt.empty(kind, (n, p.batch, p.num_qo_heads), "float32", device_id),
-                    rt.empty(kind, (p.batch, p.num_qo_heads, p.head_dim), p.dtype, device_id),
-                    rt.empty(kind, (p.batch, p.num_qo_heads), "float32", device_id),
                 )
             self._buffers[key] = bufs
         return bufs
@@ -515,8 +520,9 @@ class SharedPrefix:
             bifurcated.run(p, bufs, qa.ptr, prefix[0].ptr, prefix[1].ptr, suffix[0].ptr, suffix[1].ptr, tables,
                            out_ptr, lse_ptr, sm_scale, stream_ptr=stream_ptr, device_id=device_id)
             return out, lse
-        part_out, part_lse, suffix_out, suffix_lse = bufs
-        # 1. The prefix, once for every sequence. 2. Each sequence's own tokens, by split-KV. 3. The merge.
+        part_out, part_lse = bufs
+        # 1. The prefix, once for every sequence. 2. Each sequence's own tokens, by split-KV, whose
+        # blocks that write a row's output merge the prefix chunks' states into it.
         n = p.num_chunks
         if n:
             grid = (n, -(-(B * (Hq // Hkv)) // QUERY_ROWS), Hkv)
@@ -525,15 +531,14 @@ class SharedPrefix:
                 (qa.ptr, prefix[0].ptr, prefix[1].ptr, rt.address(part_out), rt.address(part_lse),
                  B, p.prefix_len, Hq, Hkv, p.prefix_chunk_size, sm_scale * _LOG2E),
                 stream_ptr=stream_ptr, device_id=device_id)
-        suffix_ptrs = (0, 0)
+        states = StatePointers(rt.address(part_out), rt.address(part_lse), n) if n else None
         if paged is not None:
-            self._suffix.run_paged(*suffix_args, *paged, sm_scale=sm_scale, out=suffix_out, lse=suffix_lse)
-            suffix_ptrs = (rt.address(suffix_out), rt.address(suffix_lse))
+            self._suffix.run_paged(*suffix_args, *paged, sm_scale=sm_scale, out=out, lse=lse, states=states)
         elif p.suffix_len:
-            self._suffix.run(*suffix_args, sm_scale=sm_scale, out=suffix_out, lse=suffix_lse)
-            suffix_ptrs = (rt.address(suffix_out), rt.address(suffix_lse))
-        _merge_kernel(p.dtype)(
-            (B * Hq,), (MERGE_THREADS,),
-            (rt.address(part_out), rt.address(part_lse), *suffix_ptrs, out_ptr, lse_ptr, n, B * Hq, D),
-            stream_ptr=stream_ptr, device_id=device_id)
+            self._suffix.run(*suffix_args, sm_scale=sm_scale, out=out, lse=lse, states=states)
+        else:   # no suffix tokens: the merge of the prefix chunks alone
+            _merge_kernel(p.dtype)(
+                (merge_blocks(B * Hq, D),), (MERGE_THREADS,),
+                (rt.address(part_out), rt.address(part_lse), out_ptr, lse_ptr, n, B * Hq, D),
+                stream_ptr=stream_ptr, device_id=device_id)
         return out, lse

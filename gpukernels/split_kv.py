@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -72,15 +73,18 @@ def dynamic_smem_bytes(dtype: str, head_dim: int, paged: bool = False, stages: i
 
 
 def name_expression(dtype: str, head_dim: int, heads_per_block: int, paged: bool,
-                    stages: int | None = None) -> str:
+                    stages: int | None = None, states: bool = False) -> str:
     """The kernel template instantiation for one key (also compiled by the CI compile check);
-    `stages` overrides the tensor-core pipeline depth (for experiments)."""
+    `stages` overrides the tensor-core pipeline depth (for experiments); `states`: the tensor-core
+    kernel that merges extra states into its outputs (`SplitKV.run`'s `states`)."""
     paged_arg = "true" if paged else "false"
     if uses_tensor_cores(dtype, head_dim):
         return (
             f"decode_attention::split_kv_mma_kernel<{rt.C_TYPES[dtype]}, {head_dim}, {heads_per_block}, "
-            f"{paged_arg}, {stages or pipeline_stages(head_dim, paged)}>"
+            f"{paged_arg}, {stages or pipeline_stages(head_dim, paged)}{', true' if states else ''}>"
         )
+    if states:
+        raise ValueError("states are merged by the tensor-core kernels only (float16, bfloat16)")
     return (
         f"decode_attention::split_kv_kernel<{rt.C_TYPES[dtype]}, {head_dim}, {heads_per_block}, "
         f"{paged_arg}>"
@@ -103,6 +107,13 @@ def all_name_expressions() -> list[str]:
         for g in HEADS_PER_BLOCK_CHOICES
         for paged in (False, True)
     ] + [
+        name_expression(dtype, head_dim, g, paged, states=True)
+        for dtype in rt.KERNEL_DTYPES
+        for head_dim in rt.HEAD_DIMS
+        for g in HEADS_PER_BLOCK_CHOICES
+        for paged in (False, True)
+        if uses_tensor_cores(dtype, head_dim)
+    ] + [
         persistent_name_expression(dtype, head_dim, g)
         for dtype in rt.KERNEL_DTYPES
         for head_dim in PERSISTENT_HEAD_DIMS
@@ -111,22 +122,23 @@ def all_name_expressions() -> list[str]:
     ]
 
 
-def _kernel(plan: SplitKVPlan, paged: bool):
-    return _kernel_for(plan.dtype, plan.head_dim, plan.heads_per_block, paged)
+def _kernel(plan: SplitKVPlan, paged: bool, states: bool = False):
+    return _kernel_for(plan.dtype, plan.head_dim, plan.heads_per_block, paged, states)
 
 
 # The kernels' arguments: q, k, v, kv_lens, kv_indptr, kv_indices, kv_last_page_len, out, lse,
 # partial_out, partial_lse, counters; batch, kv_len, num_pages, page_size, num_qo_heads,
-# num_kv_heads, head_groups, chunk_size; scale_log2; windows (kv_indices holds windows, see run_windows).
-KERNEL_SIGNATURE = "p" * 12 + "i" * 8 + "f" + "i"
+# num_kv_heads, head_groups, chunk_size; scale_log2; windows (kv_indices holds windows, see run_windows);
+# extra_out, extra_lse, extra_count (states merged into each row's output, see `SplitKV.run`).
+KERNEL_SIGNATURE = "p" * 12 + "i" * 8 + "f" + "i" + "ppi"
 WINDOW_ROWS = ROWS_PER_WARP_TILE   # rows of a window at most (a warp tile of the tensor-core kernel)
 WINDOW_LEN_BITS = 4  # an entry is (first row << WINDOW_LEN_BITS) | (rows - 1)
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel_for(dtype: str, head_dim: int, heads_per_block: int, paged: bool) -> rt.Kernel:
+def _kernel_for(dtype: str, head_dim: int, heads_per_block: int, paged: bool, states: bool = False) -> rt.Kernel:
     """The compiled kernel of one key (its shared-memory limit is raised once per device)."""
-    return rt.Kernel("split_kv", name_expression(dtype, head_dim, heads_per_block, paged),
+    return rt.Kernel("split_kv", name_expression(dtype, head_dim, heads_per_block, paged, states=states),
                      KERNEL_SIGNATURE, shared_mem=dynamic_smem_bytes(dtype, head_dim, paged))
 
 
@@ -278,17 +290,25 @@ class SplitKV:
             ws = self._workspaces[key] = _Workspace(kind, device_id).ensure(self.plan)
         return ws
 
-    def run(self, q, k, v, kv_lens=None, *, sm_scale=None, out=None, lse=None):
-        """Contiguous cache; `kv_lens` None or an int32 device array [batch] (values not checked here)."""
+    def run(self, q, k, v, kv_lens=None, *, sm_scale=None, out=None, lse=None, states=None):
+        """Contiguous cache; `kv_lens` None or an int32 device array [batch] (values not checked here).
+
+        `states`: None, or (states_out, states_lse), float32 device arrays [n, batch, num_qo_heads,
+        head_dim] and [n, batch, num_qo_heads] (lse in natural log): n more attention states of
+        every row, computed before this call in the same stream over other tokens, merged into its
+        output by LSE in the same launch (out and lse are then the attention over this cache's
+        tokens and the states' together). float16 and bfloat16 (the tensor-core kernels). Hydragen's
+        suffix pass merges the prefix chunks so."""
         return _launch(self.plan, q, k, v, kv_lens=kv_lens, paged=None, sm_scale=sm_scale, out=out,
-                       lse=lse, workspace=self._workspace_for, programmatic=self.programmatic)
+                       lse=lse, workspace=self._workspace_for, programmatic=self.programmatic, states=states)
 
     def run_paged(self, q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, *,
-                  sm_scale=None, out=None, lse=None):
-        """Paged cache; the three index arrays as int32 device arrays (values not checked here)."""
+                  sm_scale=None, out=None, lse=None, states=None):
+        """Paged cache; the three index arrays as int32 device arrays (values not checked here);
+        `states` as for `run`."""
         return _launch(self.plan, q, k_cache, v_cache, kv_lens=None,
                        paged=(kv_indptr, kv_indices, kv_last_page_len), sm_scale=sm_scale, out=out,
-                       lse=lse, workspace=self._workspace_for, programmatic=self.programmatic)
+                       lse=lse, workspace=self._workspace_for, programmatic=self.programmatic, states=states)
 
     def run_windows(self, q, k_rows, v_rows, kv_indptr, windows, kv_last_page_len, *, sm_scale=None,
                     out=None, lse=None):
@@ -355,9 +375,10 @@ def outputs(out, lse, kind: str, shape: tuple, dtype: str, device_id: int):
 
 
 def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace, views=None, windows=False,
-            programmatic=False):
+            programmatic=False, states=None):
     """Check shapes against the plan (metadata only: no synchronisation) and launch. `views`: the
-    device views of q, k, v when the caller already made them; `programmatic`: see `SplitKV`."""
+    device views of q, k, v when the caller already made them; `programmatic`, `states`: see
+    `SplitKV.run`."""
     if views is None:
         qa, ka, va = rt.device_array(q, "q"), rt.device_array(k, "k"), rt.device_array(v, "v")
     else:
@@ -399,6 +420,7 @@ def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace, vie
     if not (isinstance(sm_scale, (int, float, np.floating, np.integer)) and math.isfinite(sm_scale)):
         raise ValueError(f"sm_scale must be a finite real number, got {sm_scale!r}")
 
+    extra = _extra_states(states, plan, device_id)
     out, lse, out_ptr, lse_ptr = outputs(out, lse, kind, (B, Hq, D), plan.dtype, device_id)
     if B == 0:
         return out, lse
@@ -411,16 +433,52 @@ def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace, vie
         qa.ptr, ka.ptr, va.ptr, address(kv_lens), address(indptr), address(indices), address(last),
         out_ptr, lse_ptr, p_out, p_lse, counters,
         B, kv_len, num_pages, page_size, Hq, Hkv, plan.head_groups, plan.chunk_size,
-        sm_scale * _LOG2E, int(windows),
+        sm_scale * _LOG2E, int(windows), *extra,
     )
-    grid = persistent_grid(plan, device_id) if paged is None and kv_lens is None else None
+    grid = persistent_grid(plan, device_id) if paged is None and kv_lens is None and not extra[2] else None
     if grid is not None:
         _persistent_kernel_for(plan.dtype, D, plan.heads_per_block)(
             grid, (NUM_WARPS * 32,), args, stream_ptr=stream_ptr, device_id=device_id, programmatic=programmatic)
         return out, lse
-    _kernel(plan, paged is not None)(plan.grid, (NUM_WARPS * 32,), args, stream_ptr=stream_ptr,
-                                     device_id=device_id, programmatic=programmatic)
+    _kernel(plan, paged is not None, bool(extra[2]))(plan.grid, (NUM_WARPS * 32,), args, stream_ptr=stream_ptr,
+                                                     device_id=device_id, programmatic=programmatic)
     return out, lse
+
+
+class StatePointers(NamedTuple):
+    """States for `SplitKV.run` given as the addresses of float32 arrays of the run's device
+    ([count, batch, num_qo_heads, head_dim] and [count, batch, num_qo_heads]), unchecked: for
+    callers that allocated them for the plan themselves (Hydragen's runner)."""
+
+    out: int
+    lse: int
+    count: int
+
+
+def _extra_states(states, plan: SplitKVPlan, device_id: int) -> tuple:
+    """The kernels' (extra_out, extra_lse, extra_count) for `states` (see `SplitKV.run`), checked
+    by their metadata."""
+    if states is None:
+        return (0, 0, 0)
+    if not uses_tensor_cores(plan.dtype, plan.head_dim):
+        raise TypeError(f"states are merged by the tensor-core kernels only (float16, bfloat16), got {plan.dtype}")
+    if isinstance(states, StatePointers):
+        return tuple(states)
+    if not (isinstance(states, tuple) and len(states) == 2):
+        raise TypeError(f"states must be a tuple (states_out, states_lse), got {type(states).__name__}")
+    so, sl = (rt.device_array(x, name) for x, name in zip(states, ("states_out", "states_lse")))
+    B, Hq, D = plan.batch, plan.num_qo_heads, plan.head_dim
+    _expect_shape(so, "states_out", "[n, batch, num_qo_heads, head_dim]", (None, B, Hq, D))
+    _expect_shape(sl, "states_lse", "[n, batch, num_qo_heads] like states_out", (so.shape[0], B, Hq))
+    for a, name in ((so, "states_out"), (sl, "states_lse")):
+        if a.dtype != "float32":
+            raise TypeError(f"{name} must be float32, got {a.dtype}")
+        rt.require_contiguous(a, name)
+        if a.device_id != device_id:
+            raise ValueError(f"{name} must be on GPU {device_id} like q, got GPU {a.device_id}")
+    if so.shape[0] >= 2**31:
+        raise ValueError(f"states must hold fewer than 2**31 states per row, got {so.shape[0]}")
+    return (so.ptr, sl.ptr, so.shape[0])
 
 
 def _length_bucket(n: int) -> int:

@@ -24,7 +24,7 @@ import numpy as np
 from decode_attention.contract import check_tree
 
 from . import _runtime as rt
-from .shared_prefix import (MERGE_THREADS, PREFIX_DTYPES, QUERY_ROWS, THREADS, kv_tile,
+from .shared_prefix import (MERGE_THREADS, merge_blocks, PREFIX_DTYPES, QUERY_ROWS, THREADS, kv_tile,
                             pipeline_stages, stage_bytes)
 from .split_kv import num_sms, outputs
 
@@ -122,8 +122,8 @@ def all_name_expressions() -> list[str]:
 # q, k_segs, v_segs, work, sharers, first_state, part_out, part_lse; num_qo_heads, num_kv_heads;
 # scale_log2.
 SEGMENTS_SIGNATURE = "pppppppp" + "ii" + "f"
-# part_out, part_lse, part_indptr, out, lse; num_qo_heads, head_dim.
-MERGE_PARTS_SIGNATURE = "ppppp" + "ii"
+# part_out, part_lse, part_indptr, out, lse; rows, num_qo_heads, head_dim.
+MERGE_PARTS_SIGNATURE = "ppppp" + "qii"
 
 
 def tree(q, k_segs, v_segs, seg_indptr, path_indptr, path_segs, *, sm_scale=None, out=None, lse=None,
@@ -175,7 +175,7 @@ def tree(q, k_segs, v_segs, seg_indptr, path_indptr, path_segs, *, sm_scale=None
              rt.address(part_out), rt.address(part_lse), Hq, Hkv, problem.sm_scale * _LOG2E),
             stream_ptr=stream_ptr, device_id=device_id)
     _merge_kernel(problem.dtype)(
-        (B * Hq,), (MERGE_THREADS,),
-        (rt.address(part_out), rt.address(part_lse), rt.address(indptr_d), out_ptr, lse_ptr, Hq, D),
+        (merge_blocks(B * Hq, D),), (MERGE_THREADS,),
+        (rt.address(part_out), rt.address(part_lse), rt.address(indptr_d), out_ptr, lse_ptr, B * Hq, Hq, D),
         stream_ptr=stream_ptr, device_id=device_id)
     return out, lse

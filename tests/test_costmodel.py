@@ -362,10 +362,15 @@ def test_shared_prefix_reads_the_prefix_once():
     assert n.bytes_by_tensor["k"] + n.bytes_by_tensor["v"] == kv_elems * b * (P + S) * 2
     assert (h.bytes_by_tensor["k_prefix"] + h.bytes_by_tensor["v_prefix"] + h.bytes_by_tensor["k_suffix"]
             + h.bytes_by_tensor["v_suffix"]) == kv_elems * (P + b * S) * 2
-    prefix, suffixes, merge = shared_prefix.hydragen_launches(shape, gpu=H100)
+    prefix, suffixes = shared_prefix.hydragen_launches(shape, gpu=H100)   # the suffixes' blocks merge
     assert prefix.flops + suffixes.flops == n.flops == 4 * b * 32 * (P + S) * d
-    assert h.flops == n.flops + merge.flops
-    assert h.launches == 3 and f.launches == 5
+    assert h.flops == n.flops
+    chunks = shared_prefix.plan_hydragen(shape, gpu=H100).num_chunks
+    assert suffixes.bytes_by_tensor["prefix_states"] == chunks * b * 32 * (d + 1) * 4
+    assert h.launches == 2 and f.launches == 5
+    # Without suffixes, a merge launch of the chunks' states.
+    alone = shared_prefix.hydragen_launches(shared_prefix.SharedPrefixShape(b, 32, hkv, d, P, 0), gpu=H100)
+    assert [launch.name for launch in alone] == ["prefix_pass", "merge"]
     assert h.time_s < f.time_s < n.time_s
     assert n.time_s > 5 * h.time_s
     fused = shared_prefix.predict(shape, method="bifurcated", fused=True, gpu=H100)
@@ -383,7 +388,7 @@ def test_shared_prefix_checks_its_shape():
 def test_gqa_prefix_is_a_tensor_core_product():
     shape = shared_prefix.SharedPrefixShape(128, 32, 8, 128, 32768, 256)
     plan = shared_prefix.plan_hydragen(shape, gpu=H100)
-    (prefix, _), _, _ = plan.launches(H100)
+    (prefix, _), _ = plan.launches(H100)
     assert prefix.matmul_flops > 0
     # 128 sequences x 4 heads = 512 query rows per KV head: 8 tiles, the later ones read from L2
     assert prefix.l2_hit_bytes == 7 * 2 * 32768 * 8 * 128 * 2
@@ -392,9 +397,9 @@ def test_gqa_prefix_is_a_tensor_core_product():
     assert fused.launch().l2_hit_bytes == 7 * 2 * 32768 * 8 * 128 * 2
 
 
-def test_hydragen_is_the_kernels_three_launches():
+def test_hydragen_is_the_kernels_two_launches():
     """The prefix pass in the kernels' chunks (one wave of resident blocks), the suffixes by the
-    kernels' split-KV plan, the merge of every chunk's state and the suffix's."""
+    kernels' split-KV plan, whose blocks merge every chunk's state into their rows."""
     from gpukernels.shared_prefix import plan_shared_prefix
 
     for b, hq, hkv, d, P, S in [(64, 32, 8, 128, 16384, 256), (16, 32, 32, 128, 8192, 256),
@@ -405,14 +410,13 @@ def test_hydragen_is_the_kernels_three_launches():
         assert plan.prefix_chunk_size == kernels.prefix_chunk_size
         assert plan.num_chunks == kernels.num_chunks
         assert plan.suffix == kernels.suffix
-        (prefix, rate), (suffixes, _), (merge, _) = plan.launches(H100)
-        assert [launch.name for launch in (prefix, suffixes, merge)] == ["prefix_pass", "suffixes", "merge"]
+        (prefix, rate), (suffixes, _) = plan.launches(H100)
+        assert [launch.name for launch in (prefix, suffixes)] == ["prefix_pass", "suffixes"]
         # grid: chunks x tiles of 64 query rows x KV heads, two resident blocks (one at head_dim 256)
         assert prefix.num_blocks == plan.prefix_blocks == kernels.num_chunks * -(-b * hq // hkv // 64) * hkv
         assert prefix.blocks_per_sm == (1 if d >= 256 else 2)
-        assert merge.num_blocks == b * hq
         # the unique bytes (prefix once, every suffix once) plus the re-reads of later row tiles (L2)
-        # and the partial states written by the prefix pass and read by the merge
+        # and the partial states written by the prefix pass and read by the suffixes' blocks
         kv_row = hkv * d * 2                      # one of K or V of one token, float16
         tiles = plan.row_tiles
         assert prefix.bytes_by_tensor["k_prefix"] == tiles * P * kv_row
@@ -420,12 +424,17 @@ def test_hydragen_is_the_kernels_three_launches():
         assert suffixes.bytes_by_tensor["k_suffix"] == b * S * kv_row
         states = plan.num_chunks * b * hq
         assert prefix.bytes_by_tensor["partial_out_write"] == states * d * 4
-        assert merge.bytes_by_tensor["states_out"] == (states + b * hq) * d * 4
+        assert suffixes.bytes_by_tensor["prefix_states"] == states * (d + 1) * 4
+        # loaded at a block's start (one round trip fewer) up to PREFETCHED_STATES states
+        plain = split_kv.split_kv_launch(plan.suffix, [S] * b, name="suffixes")
+        extra_trips = 0 if plan.num_chunks <= shared_prefix.PREFETCHED_STATES else -(-plan.num_chunks // 8)
+        if plan.suffix.num_splits == 1:
+            assert [t for _, t, _ in suffixes.block_runs] == [t + extra_trips for _, t, _ in plain.block_runs]
         p = shared_prefix.predict(shape, gpu=H100, plan=plan)
         kv = sum(v for k, v in p.bytes_by_tensor.items() if k[:2] in ("k_", "v_"))
         assert kv - prefix.l2_hit_bytes - suffixes.l2_hit_bytes == 2 * (P + b * S) * kv_row
-        assert p.launches == 3 and p.time_s == pytest.approx(sum(p.terms[f"{n}.time_s"] for n in
-                                                                 ("prefix_pass", "suffixes", "merge")))
+        assert p.launches == 2 and p.time_s == pytest.approx(sum(p.terms[f"{n}.time_s"] for n in
+                                                                 ("prefix_pass", "suffixes")))
         # the prefix pass's tensor cores wait on shared memory: never faster than the GPU's rate
         assert rate <= H100.matmul_flops_per_s
 

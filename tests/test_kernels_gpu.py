@@ -595,6 +595,122 @@ def test_merge_states_lets_non_finite_states_through(dtype):
     _compare_nonfinite(out, lse, ref_out, ref_lse, dtype)
 
 
+def _random_states(rng, num_states, batch, hq, head_dim):
+    """float32 states (out [n, batch, hq, head_dim], lse [n, batch, hq]), some of them empty (lse
+    -inf, out NaN: an empty state's out must never be read)."""
+    outs = rng.standard_normal((num_states, batch, hq, head_dim)).astype(np.float32)
+    lses = (rng.standard_normal((num_states, batch, hq)) * 3).astype(np.float32)
+    empty = rng.random((num_states, batch, hq)) < 0.2
+    lses[empty] = -np.inf
+    outs[empty] = np.nan
+    return outs, lses
+
+
+def _paged_cache(k, v, kv_lens, page):
+    """k, v [batch, kv_len, hkv, d] as a paged cache with each sequence's pages in order, and the
+    three tables."""
+    batch, kv_len = k.shape[:2]
+    pages = max(-(-kv_len // page), 1)
+    pad = ((0, 0), (0, pages * page - kv_len), (0, 0), (0, 0))
+    kc, vc = (np.ascontiguousarray(np.pad(x, pad).reshape(-1, page, *x.shape[2:])) for x in (k, v))
+    used = -(-np.asarray(kv_lens) // page)
+    indptr = np.concatenate([[0], np.cumsum(used)])
+    indices = np.concatenate([b * pages + np.arange(used[b]) for b in range(batch)] + [np.zeros(0, int)])
+    last = np.where(used > 0, kv_lens - (used - 1) * page, 0)
+    return kc, vc, indptr, indices, last
+
+
+@given(st.sampled_from(("float16", "bfloat16")), st.sampled_from(HEAD_DIMS), st.sampled_from(HEADS),
+       st.integers(1, 3), st.sampled_from((0, 1, 17, 339, 1000)), st.integers(1, 9), st.sampled_from((1, 3)), st.booleans(),
+       st.sampled_from((False, 16)), st.integers(0, 2**31 - 1))
+@example("float16", 64, (8, 8), 3, 1000, 4, 1, False, False, 1)     # the persistent kernel
+@example("bfloat16", 128, (32, 8), 2, 339, 9, 3, True, 16, 2)
+@example("float16", 128, (32, 8), 2, 0, 2, 1, False, False, 3)       # no tokens: the states alone
+def test_split_kv_merges_the_given_states(dtype, head_dim, heads, batch, kv_len, num_states, num_splits, ragged,
+                                          page, seed):
+    """`states`: the output is the LSE merge of the given states and the attention over the cache,
+    as refattn.merge_states computes it (the states' empty entries never read)."""
+    from gpukernels.split_kv import SplitKV, plan_split_kv
+
+    hq, hkv = heads
+    rng = np.random.default_rng(seed)
+    q, k, v = _random_qkv(rng, dtype, batch, hq, hkv, kv_len, head_dim)
+    kv_lens = rng.integers(0, kv_len + 1, size=batch) if ragged or page else np.full(batch, kv_len)
+    s_out, s_lse = _random_states(rng, num_states, batch, hq, head_dim)
+    own_out, own_lse = refattn.decode(q, k, v, kv_lens)
+    ref_out, ref_lse = refattn.merge_states(np.concatenate([s_out, own_out[None]]).astype(np.float64),
+                                            np.concatenate([s_lse, own_lse[None]]).astype(np.float64))
+    qd = _device(q)
+    out = _poisoned(qd, (batch, hq, head_dim), dtype)
+    lse = _poisoned(qd, (batch, hq), "float32")
+    states = (cp.asarray(s_out), cp.asarray(s_lse))
+    plan = plan_split_kv(batch, hq, hkv, head_dim, max(kv_len, 1), dtype=dtype, num_splits=num_splits,
+                         page_size=page or 0)
+    runner = SplitKV(plan)
+    if page:
+        kc, vc, indptr, indices, last = _paged_cache(k, v, kv_lens, page)
+        tables = [cp.asarray(x.astype(np.int32)) for x in (indptr, indices, last)]
+        runner.run_paged(qd, _device(kc), _device(vc), *tables, out=out, lse=lse, states=states)
+    else:
+        lens = cp.asarray(kv_lens.astype(np.int32)) if ragged else None
+        runner.run(qd, _device(k), _device(v), lens, out=out, lse=lse, states=states)
+    o, l = _host(out).astype(np.float64), _host(lse).astype(np.float64)
+    assert not np.any(np.isnan(o)), "output has NaN (unwritten, or an empty state's out was read)"
+    assert np.array_equal(np.isneginf(l), np.isneginf(ref_lse))
+    err = rel_error(o, ref_out)
+    assert err <= OUT_RTOL[dtype], f"out rel error {err:.3g} > {OUT_RTOL[dtype]} ({dtype})"
+    finite = np.isfinite(ref_lse)
+    lerr = lse_error(l[finite], ref_lse[finite])
+    assert lerr <= LSE_ATOL[dtype] * 4, f"lse error {lerr:.3g} ({dtype})"
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_split_kv_states_let_non_finite_values_through(num_splits):
+    from gpukernels.split_kv import SplitKV, plan_split_kv
+
+    rng = np.random.default_rng(5 + num_splits)
+    batch, hq, hkv, d, kv_len = 3, 8, 2, 128, 700
+    q, k, v = _random_qkv(rng, "float16", batch, hq, hkv, kv_len, d)
+    s_out, s_lse = _random_states(rng, 4, batch, hq, d)
+    s_lse[1, 0, 2] = np.nan                       # row (0, 2): NaN
+    s_lse[2, 1, 3] = np.inf                       # row (1, 3): NaN
+    s_lse[0, 2, 5] = 0.5
+    s_out[0, 2, 5, 9] = np.inf                    # row (2, 5), element 9: NaN
+    own_out, own_lse = refattn.decode(q, k, v)
+    ref_out, ref_lse = refattn.merge_states(np.concatenate([s_out, own_out[None]]).astype(np.float64),
+                                            np.concatenate([s_lse, own_lse[None]]).astype(np.float64))
+    qd = _device(q)
+    out, lse = _poisoned(qd, (batch, hq, d), "float16"), _poisoned(qd, (batch, hq), "float32")
+    SplitKV(plan_split_kv(batch, hq, hkv, d, kv_len, num_splits=num_splits)).run(
+        qd, _device(k), _device(v), out=out, lse=lse, states=(cp.asarray(s_out), cp.asarray(s_lse)))
+    _compare_nonfinite(out, lse, ref_out, ref_lse, "float16")
+
+
+@pytest.mark.parametrize("states, exc, words", [
+    ("x", TypeError, "tuple"),
+    ((np.zeros((1, 2, 8, 64), np.float32), np.zeros((1, 2, 8), np.float32)), TypeError, "CuPy"),
+    (("shape", (1, 2, 8, 32), (1, 2, 8)), ValueError, "states_out"),
+    (("shape", (1, 2, 8, 64), (2, 2, 8)), ValueError, "states_lse"),
+    (("dtype", "float16"), TypeError, "float32"),
+    (("kernel", "float32"), TypeError, "tensor-core"),
+])
+def test_split_kv_states_are_checked_before_launch(states, exc, words):
+    from gpukernels.split_kv import SplitKV, plan_split_kv
+
+    tag = states[0] if isinstance(states, tuple) and isinstance(states[0], str) else None
+    dtype = "float32" if tag == "kernel" else "float16"
+    q = cp.zeros((2, 8, 64), dtype)
+    k = cp.zeros((2, 16, 2, 64), dtype)
+    if tag == "shape":
+        states = (cp.zeros(states[1], cp.float32), cp.zeros(states[2], cp.float32))
+    elif tag in ("dtype", "kernel"):
+        states = (cp.zeros((1, 2, 8, 64), states[1]), cp.zeros((1, 2, 8), cp.float32))
+    out = cp.full((2, 8, 64), np.nan, dtype)
+    with pytest.raises(exc, match=words):
+        SplitKV(plan_split_kv(2, 8, 2, 64, 16, dtype=dtype)).run(q, k, k, out=out, states=states)
+    assert bool(cp.isnan(out).all()), "nothing may run before the checks"
+
+
 # A kernel that spins for `cycles` clock cycles, then copies `n` 16-bit values: the kernel before a
 # programmatic launch, still running when the launch could start.
 _SPIN_THEN_COPY = r"""

@@ -43,7 +43,7 @@ def test_merge_states_signature_matches_the_kernel():
 
 @pytest.mark.parametrize("kernel, module_name, attr", [
     ("shared_prefix_kernel", "shared_prefix", "PREFIX_SIGNATURE"),
-    ("merge_prefix_suffix_kernel", "shared_prefix", "MERGE_SIGNATURE"),
+    ("merge_prefix_chunks_kernel", "shared_prefix", "MERGE_SIGNATURE"),
     ("tree_segments_kernel", "tree", "SEGMENTS_SIGNATURE"),
     ("merge_parts_kernel", "tree", "MERGE_PARTS_SIGNATURE"),
 ])

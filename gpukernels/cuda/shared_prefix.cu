@@ -9,8 +9,9 @@
 // conflicts); each warp computes S = Q K^T for its 16 rows (mma.sync m16n8k16, K fragments by
 // ldmatrix), keeps the online softmax in float32 (base 2, log2(e) folded into the scale), and
 // accumulates O += P V (V fragments by ldmatrix.trans). The block writes a float32 partial state
-// (out, lse) per query row for its chunk; `merge_prefix_suffix_kernel` merges the chunks' states
-// with the suffix's state (from the split-KV kernel) in float32.
+// (out, lse) per query row for its chunk; the split-KV kernel that attends to the suffixes next
+// merges the chunks' states into its output (split_kv.cu: ExtraStates), or, with no suffix tokens,
+// `merge_prefix_chunks_kernel`.
 //
 // Grid: x over the prefix chunks, y over the tiles of 64 query rows, z over the KV heads.
 // Non-finite values never hide: a NaN or infinite score of a row makes its state NaN.
@@ -325,125 +326,56 @@ tree_segments_kernel(const T* __restrict__ q,            // [batch, num_qo_heads
                                    kv_begin, kv_end, row_b, row_h, row_state, scale_log2);
 }
 
-constexpr int MERGE_THREADS = 128;      // threads of a merge block: one (sequence, head) row
-constexpr int MERGE_CACHED_STATES = 512; // states whose weights a merge block keeps in shared memory
+constexpr int MERGE_THREADS = 128;   // threads of a merge block
 
-// The LSE merge of one (sequence, head) row over `count` states (lse_of(i), out_of(i, d)), with the
-// rules of merge_states.cu: an empty state (lse -inf) is never read, an lse of NaN or +inf makes
-// the row NaN, a non-finite out element of a non-empty state makes that element NaN. The block's
-// threads first read the states' lse at once (thread t: states t, t + MERGE_THREADS, ...), reduce
-// their maximum and the sum of their weights across the block, and keep each weight in shared
-// memory (-1 marks an empty state); then they run along head_dim, their out loads unrolled eight at
-// a time. (Reading the lse twice per thread, one state after another, took 26 us for 33 states of
-// 512 rows; a merge of 32 chunks with one load at a time, 68 us.) Called by every thread of a
-// block of MERGE_THREADS.
-template <typename T, typename LseOf, typename OutOf>
-__device__ __forceinline__ void merge_row(int count, LseOf lse_of, OutOf out_of, T* __restrict__ out_row,
-                                          float* __restrict__ lse_row, int head_dim) {
-  __shared__ float weight[MERGE_CACHED_STATES];
-  __shared__ float partial[MERGE_THREADS / 32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  float lse_max = neg_inf();
-  bool poisoned = false;
-  for (int i = threadIdx.x; i < count; i += MERGE_THREADS) {
-    const float l = lse_of(i);
-    lse_max = fmaxf(lse_max, l);
-    poisoned = poisoned || is_nan(l) || l == -neg_inf();
-  }
-  poisoned = __syncthreads_or(poisoned);
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) lse_max = fmaxf(lse_max, __shfl_xor_sync(kFullMask, lse_max, off));
-  if (lane == 0) partial[warp] = lse_max;
-  __syncthreads();
-#pragma unroll
-  for (int w = 0; w < MERGE_THREADS / 32; ++w) lse_max = fmaxf(lse_max, partial[w]);
-  __syncthreads();   // partial is reused below
-  float w_sum = 0.0f;
-  for (int i = threadIdx.x; i < count; i += MERGE_THREADS) {
-    const float l = lse_of(i);
-    const bool empty = poisoned || l == neg_inf();
-    const float w = empty ? 0.0f : __expf(l - lse_max);
-    if (i < MERGE_CACHED_STATES) weight[i] = empty ? -1.0f : w;
-    w_sum += w;
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) w_sum += __shfl_xor_sync(kFullMask, w_sum, off);
-  if (lane == 0) partial[warp] = w_sum;
-  __syncthreads();
-  w_sum = 0.0f;
-#pragma unroll
-  for (int w = 0; w < MERGE_THREADS / 32; ++w) w_sum += partial[w];
-  const float inv = w_sum > 0.0f ? 1.0f / w_sum : 0.0f;
-  for (int d = threadIdx.x; d < head_dim; d += MERGE_THREADS) {
-    float o_sum = 0.0f;
-    bool bad_out = false;
-    if (!poisoned) {
-#pragma unroll 8
-      for (int i = 0; i < count; ++i) {
-        float w;
-        if (i < MERGE_CACHED_STATES) {
-          w = weight[i];
-        } else {
-          const float l = lse_of(i);
-          w = l == neg_inf() ? -1.0f : __expf(l - lse_max);
-        }
-        if (w < 0.0f) continue;   // empty: never read
-        const float o_i = out_of(i, d);
-        bad_out = bad_out || !is_finite(o_i);
-        o_sum += w * o_i;
-      }
-    }
-    const float o = poisoned || bad_out ? quiet_nan() : o_sum * inv;
-    out_row[d] = from_float<T>(finite_or_nan(o));
-  }
-  if (threadIdx.x == 0) *lse_row = poisoned ? quiet_nan() : w_sum > 0.0f ? lse_max + __logf(w_sum) : neg_inf();
+// The merge kernels' threads: each takes 4 adjacent dims of one (sequence, query head) row, a block
+// MERGE_THREADS / (head_dim / 4) rows, and merges the row's states by LSE (RunningMerge: the rules
+// of merge_states.cu), loading 8 states at once. (One block per row, a thread per dim and one state
+// after another, took 22 us for 33 states of 512 rows.) Returns false for a thread past the rows.
+__device__ __forceinline__ bool merge_thread(long long rows, int head_dim, long long& row, int& d) {
+  const int per_row = head_dim / 4;
+  const long long t = static_cast<long long>(blockIdx.x) * MERGE_THREADS + threadIdx.x;
+  row = t / per_row;
+  d = static_cast<int>(t % per_row) * 4;
+  return row < rows;
 }
-
 
 // Merge, per (sequence, query head), the states part_indptr[b] .. part_indptr[b + 1] - 1 of
 // part_out [num_states, num_qo_heads, head_dim] (a sequence's chunks of all its segments) by LSE.
-// One block per (sequence, head).
+// Grid: rows * head_dim / 4 threads.
 template <typename T>
 __global__ void __launch_bounds__(MERGE_THREADS)
 merge_parts_kernel(const float* __restrict__ part_out, const float* __restrict__ part_lse,
                    const int* __restrict__ part_indptr,   // [batch + 1]
                    T* __restrict__ out,                   // [batch, num_qo_heads, head_dim]
                    float* __restrict__ lse,               // [batch, num_qo_heads]
-                   int num_qo_heads, int head_dim) {
-  const int b = blockIdx.x / num_qo_heads, h = blockIdx.x % num_qo_heads;
+                   long long rows, int num_qo_heads, int head_dim) {
+  long long row;
+  int d;
+  if (!merge_thread(rows, head_dim, row, d)) return;
+  const long long b = row / num_qo_heads, h = row % num_qo_heads;
   const int first = part_indptr[b];
-  auto row = [&](int i) { return static_cast<long long>(first + i) * num_qo_heads + h; };
-  merge_row<T>(part_indptr[b + 1] - first, [&](int i) { return part_lse[row(i)]; },
-               [&](int i, int d) { return part_out[row(i) * head_dim + d]; },
-               out + static_cast<long long>(blockIdx.x) * head_dim, lse + blockIdx.x, head_dim);
+  RunningMerge r;
+  merge_states_into(r, part_out, part_lse, part_indptr[b + 1] - first, num_qo_heads,
+                    static_cast<long long>(first) * num_qo_heads + h, d, head_dim);
+  write_merged<T>(r, out + row * head_dim + d, lse + row, d);
 }
 
-// Merge, per (sequence, query head), the prefix chunks' float32 states with the suffix's state
-// (out in T, lse in float32; none when suffix_out is null): the LSE merge of merge_states.cu,
-// with its rules for empty and non-finite states. One block per (sequence, head).
+// Merge, per (sequence, query head), the prefix chunks' float32 states (Hydragen with no suffix
+// tokens). Grid: rows * head_dim / 4 threads.
 template <typename T>
 __global__ void __launch_bounds__(MERGE_THREADS)
-merge_prefix_suffix_kernel(const float* __restrict__ part_out,   // [num_chunks, rows, head_dim]
+merge_prefix_chunks_kernel(const float* __restrict__ part_out,   // [num_chunks, rows, head_dim]
                            const float* __restrict__ part_lse,   // [num_chunks, rows]
-                           const T* __restrict__ suffix_out,     // [rows, head_dim] or null
-                           const float* __restrict__ suffix_lse, // [rows] or null
                            T* __restrict__ out,                  // [rows, head_dim]
                            float* __restrict__ lse,              // [rows]
                            int num_chunks, long long rows, int head_dim) {
-  const long long row = blockIdx.x;
-  const bool has_suffix = suffix_out != nullptr;
-  merge_row<T>(num_chunks + (has_suffix ? 1 : 0),
-               [&](int c) { return c < num_chunks ? part_lse[c * rows + row] : suffix_lse[row]; },
-               [&](int c, int d) {
-                 float o;
-                 if (c < num_chunks) {
-                   o = part_out[(c * rows + row) * head_dim + d];
-                 } else {
-                   to_scalar_float(suffix_out + row * head_dim + d, &o);
-                 }
-                 return o;
-               },
-               out + row * head_dim, lse + row, head_dim);
+  long long row;
+  int d;
+  if (!merge_thread(rows, head_dim, row, d)) return;
+  RunningMerge r;
+  merge_states_into(r, part_out, part_lse, num_chunks, rows, row, d, head_dim);
+  write_merged<T>(r, out + row * head_dim + d, lse + row, d);
 }
 
 }  // namespace decode_attention

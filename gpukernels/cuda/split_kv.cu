@@ -91,9 +91,55 @@ __device__ __forceinline__ int atomic_add_acq_rel(int* p, int v) {
   return old;
 }
 
+// States computed elsewhere that the block writing a row's output merges into it: `count` float32
+// states per (sequence, query head) row, extra_out [count, batch, num_qo_heads, HEAD_DIM] and
+// extra_lse [count, batch, num_qo_heads] (natural log). Hydragen's prefix chunks, written by the
+// prefix pass before this kernel runs, so that the suffix's launch is also the merge's. count 0:
+// none.
+struct ExtraStates {
+  const float* out = nullptr;
+  const float* lse = nullptr;
+  int count = 0;
+};
+
+// The first extra states of a thread's first (head, 4 dims) item in finish_block, loaded when a
+// block that writes its output directly starts, so that their latency passes behind its rows
+// (loaded at the end instead, they added one memory round trip to every block: 20 us over the 31
+// waves of short blocks of 32/32 heads x 256 sequences x 128 suffix tokens). Up to
+// PREFETCHED_STATES of them; more are loaded at the end.
+constexpr int PREFETCHED_STATES = 2;
+struct PrefetchedStates {
+  float lse[PREFETCHED_STATES];
+  float4 out[PREFETCHED_STATES];
+  int count = 0;   // loaded here (0: none, all loaded at the end)
+};
+
+template <int HEAD_DIM>
+__device__ __forceinline__ PrefetchedStates prefetch_states(const ExtraStates& extra, int b, int head0,
+                                                            int heads_here, int splits_here, int batch,
+                                                            int num_qo_heads) {
+  PrefetchedStates p;
+  const int t = threadIdx.x;
+  if (splits_here != 1 || extra.count < 1 || extra.count > PREFETCHED_STATES || t >= heads_here * (HEAD_DIM / 4)) {
+    return p;
+  }
+  const long long row = static_cast<long long>(b) * num_qo_heads + head0 + t / (HEAD_DIM / 4);
+  const int d = (t % (HEAD_DIM / 4)) * 4;
+  const long long stride = static_cast<long long>(batch) * num_qo_heads;
+#pragma unroll
+  for (int i = 0; i < PREFETCHED_STATES; ++i) {
+    const bool here = i < extra.count;
+    p.lse[i] = here ? __ldcg(extra.lse + i * stride + row) : neg_inf();
+    p.out[i] = here ? __ldcg(reinterpret_cast<const float4*>(extra.out + (i * stride + row) * HEAD_DIM + d))
+                    : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  }
+  p.count = extra.count;
+  return p;
+}
+
 // The end of every block: merge the warps' states (in warp order), then either write the output
 // (one split) or write a float32 partial and, in the last block to arrive, merge all the partials of
-// this (sequence, KV head, head group) in split order.
+// this (sequence, KV head, head group) in split order; the extra states, if any, are merged last.
 template <typename T, int HEAD_DIM, int GROUP>
 __device__ __forceinline__ void finish_block(const float (&smem_o)[NUM_WARPS][GROUP][HEAD_DIM],
                                              const float (&smem_m)[NUM_WARPS][GROUP],
@@ -102,11 +148,13 @@ __device__ __forceinline__ void finish_block(const float (&smem_o)[NUM_WARPS][GR
                                              float* __restrict__ partial_out,
                                              float* __restrict__ partial_lse, int* __restrict__ counters,
                                              int b, int split, int splits_here, int head0, int heads_here,
-                                             int batch, int num_qo_heads) {
+                                             int batch, int num_qo_heads, ExtraStates extra,
+                                             const PrefetchedStates& pre = PrefetchedStates{}) {
   __shared__ int smem_is_last;
 
   // Merge the warps in warp order; each thread finishes 4 adjacent dims of one head at a time.
   const bool direct = splits_here == 1;
+  const long long state_stride = static_cast<long long>(batch) * num_qo_heads;   // rows between states
   for (int t = threadIdx.x; t < heads_here * (HEAD_DIM / 4); t += NUM_THREADS) {
     const int g = t / (HEAD_DIM / 4);
     const int d = (t % (HEAD_DIM / 4)) * 4;
@@ -138,7 +186,26 @@ __device__ __forceinline__ void finish_block(const float (&smem_o)[NUM_WARPS][GR
                                finite_or_nan(o_tot.z * inv), finite_or_nan(o_tot.w * inv));
     const float lse_final = poisoned ? quiet_nan() : l_tot > 0.0f ? (m_tot + log2f(l_tot)) * kLn2 : neg_inf();
     const int h = head0 + g;
-    if (direct) {
+    if (direct && extra.count > 0) {
+      const long long row = static_cast<long long>(b) * num_qo_heads + h;
+      // This block's state first, then the extra states.
+      RunningMerge r;
+      r.poisoned = poisoned;
+      if (!poisoned && l_tot > 0.0f) {
+        r.m = lse_final;
+        r.w = 1.0f;
+        r.acc = o_final;
+      }
+      if (pre.count > 0 && t == threadIdx.x) {
+#pragma unroll
+        for (int i = 0; i < PREFETCHED_STATES; ++i) {
+          if (i < pre.count) merge_state(r, pre.lse[i], pre.out[i]);
+        }
+      } else {
+        merge_states_into(r, extra.out, extra.lse, extra.count, state_stride, row, d, HEAD_DIM);
+      }
+      write_merged<T>(r, out + row * HEAD_DIM + d, lse + row, d);
+    } else if (direct) {
       T* o = out + static_cast<long long>(b * num_qo_heads + h) * HEAD_DIM + d;
       o[0] = from_float<T>(o_final.x);
       o[1] = from_float<T>(o_final.y);
@@ -208,6 +275,16 @@ __device__ __forceinline__ void finish_block(const float (&smem_o)[NUM_WARPS][GR
         acc.w = fmaf(w, os[u].w, acc.w);
       }
       m_run = m_new;
+    }
+    if (extra.count > 0) {   // then the extra states
+      RunningMerge r;
+      r.m = m_run;
+      r.w = w_sum;
+      r.poisoned = poisoned;
+      r.acc = acc;
+      merge_states_into(r, extra.out, extra.lse, extra.count, split_stride, base, d, HEAD_DIM);
+      write_merged<T>(r, out + base * HEAD_DIM + d, lse + base, d);
+      continue;
     }
     const float inv = poisoned ? quiet_nan() : w_sum > 0.0f ? 1.0f / w_sum : 0.0f;
     T* o = out + base * HEAD_DIM + d;
@@ -292,7 +369,9 @@ split_kv_kernel(const T* __restrict__ q,                 // [batch, num_qo_heads
                 float* __restrict__ partial_lse,         // [num_splits, batch, num_qo_heads]
                 int* __restrict__ counters,              // [batch * num_kv_heads * head_groups]
                 int batch, int kv_len, int num_pages, int page_size, int num_qo_heads,
-                int num_kv_heads, int head_groups, int chunk_size, float scale_log2, int windows) {
+                int num_kv_heads, int head_groups, int chunk_size, float scale_log2, int windows,
+                const float* __restrict__ extra_out,      // ExtraStates (count 0: none)
+                const float* __restrict__ extra_lse, int extra_count) {
   (void)windows;   // windows are read by the tensor-core kernel alone (the launcher sends 0 here)
   using S = SplitKVShape<T, HEAD_DIM, GROUP>;
   constexpr int VEC = S::VEC;
@@ -314,6 +393,8 @@ split_kv_kernel(const T* __restrict__ q,                 // [batch, num_qo_heads
   }
   const int split = w.split, b = w.b, kh = w.kh, head0 = w.head0, heads_here = w.heads_here;
   const int splits_here = w.splits_here, end = w.end;
+  (void)extra_out, (void)extra_lse, (void)extra_count;   // states: the tensor-core kernel's alone
+  const ExtraStates extra{};
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -510,7 +591,7 @@ split_kv_kernel(const T* __restrict__ q,                 // [batch, num_qo_heads
   }
   __syncthreads();
   finish_block<T, HEAD_DIM, GROUP>(smem_o, smem_m, smem_l, out, lse, partial_out, partial_lse, counters,
-                                   b, split, splits_here, head0, heads_here, batch, num_qo_heads);
+                                   b, split, splits_here, head0, heads_here, batch, num_qo_heads, extra);
 }
 
 
@@ -749,7 +830,10 @@ __device__ __forceinline__ void store_warp_state(float (&smem_o)[NUM_WARPS][GROU
   }
 }
 
-template <typename T, int HEAD_DIM, int GROUP, bool PAGED, int STAGES>
+// STATES: the launch merges extra states into its outputs (ExtraStates; Hydragen's suffixes). Without
+// it the kernel ignores extra_out, extra_lse and extra_count and carries no code for them (holding
+// prefetched states through the loop measured 4-7% slower on few-block decode rows).
+template <typename T, int HEAD_DIM, int GROUP, bool PAGED, int STAGES, bool STATES = false>
 __global__ void __launch_bounds__(NUM_THREADS, mma_min_blocks_per_sm<HEAD_DIM>())
 split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                     const int* __restrict__ kv_lens, const int* __restrict__ kv_indptr,
@@ -757,7 +841,8 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
                     T* __restrict__ out, float* __restrict__ lse, float* __restrict__ partial_out,
                     float* __restrict__ partial_lse, int* __restrict__ counters, int batch, int kv_len,
                     int num_pages, int page_size, int num_qo_heads, int num_kv_heads, int head_groups,
-                    int chunk_size, float scale_log2, int windows) {
+                    int chunk_size, float scale_log2, int windows, const float* __restrict__ extra_out,
+                    const float* __restrict__ extra_lse, int extra_count) {
   static_assert(HEAD_DIM == 64 || HEAD_DIM == 128 || HEAD_DIM == 256,
                 "tensor-core path: head_dim 64, 128 or 256");
   static_assert(GROUP <= 8, "at most 8 query heads per block (rows 8..15 of A stay zero)");
@@ -780,6 +865,11 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
                                              kv_len, page_size, num_qo_heads, num_kv_heads,
                                              head_groups, chunk_size)) {
     return;
+  }
+  const ExtraStates extra = STATES ? ExtraStates{extra_out, extra_lse, extra_count} : ExtraStates{};
+  PrefetchedStates pre;
+  if constexpr (STATES) {
+    pre = prefetch_states<HEAD_DIM>(extra, w.b, w.head0, w.heads_here, w.splits_here, batch, num_qo_heads);
   }
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -1040,7 +1130,7 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   __syncthreads();
   finish_block<T, HEAD_DIM, GROUP>(smem_o, smem_m, smem_l, out, lse, partial_out, partial_lse, counters,
                                    w.b, w.split, w.splits_here, w.head0, w.heads_here, batch,
-                                   num_qo_heads);
+                                   num_qo_heads, extra, pre);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1063,8 +1153,11 @@ split_kv_mma_persistent_kernel(const T* __restrict__ q, const T* __restrict__ k,
                                T* __restrict__ out, float* __restrict__ lse, float* __restrict__ partial_out,
                                float* __restrict__ partial_lse, int* __restrict__ counters, int batch,
                                int kv_len, int num_pages, int page_size, int num_qo_heads, int num_kv_heads,
-                               int head_groups, int chunk_size, float scale_log2, int windows) {
+                               int head_groups, int chunk_size, float scale_log2, int windows,
+                               const float* __restrict__ extra_out, const float* __restrict__ extra_lse,
+                               int extra_count) {
   static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "persistent form: head_dim 64 or 128");
+  (void)extra_out, (void)extra_lse, (void)extra_count;   // launches with states run one block per item
   static_assert(GROUP <= 8, "at most 8 query heads per block (rows 8..15 of A stay zero)");
   static_assert(STAGES >= 2, "at least double buffering");
   static_assert(NUM_WARPS * GROUP * HEAD_DIM * 4 <= NUM_WARPS * MmaSlots<HEAD_DIM>::TOTAL * 32 * 16,
@@ -1187,7 +1280,8 @@ split_kv_mma_persistent_kernel(const T* __restrict__ q, const T* __restrict__ k,
     store_warp_state<HEAD_DIM, GROUP, ACC, false>(smem_o, smem_m, smem_l, o, m, l, nonfinite, false, warp, gid, tig);
     __syncthreads();
     finish_block<T, HEAD_DIM, GROUP>(smem_o, smem_m, smem_l, out, lse, partial_out, partial_lse, counters, b, 0,
-                                     1, head0, heads_here, batch, num_qo_heads);
+                                     1, head0, heads_here, batch, num_qo_heads,
+                                     ExtraStates{});
     __syncthreads();   // the epilogue's state is free for the next item
   }
   cp_async_wait<0>();

@@ -1,12 +1,14 @@
-"""Where the time of a Hydragen call goes: its three launches timed alone (GPU time, the host kept
+"""Where the time of a Hydragen call goes: its two launches timed alone (GPU time, the host kept
 ahead by a GPU wait), the whole call with and without that wait, the prefix pass over several
-chunk sizes, and the host's share (a profile of repeated calls). Then the bifurcated method's five
+chunk sizes, the suffix launch (which merges the prefix chunks' states) over several split
+counts, the merge of the chunks alone, and the host's share (a profile of repeated calls). Then the bifurcated method's five
 launches, each timed by CUDA events around it inside whole calls (the median over the calls).
 
 An exploration, not a benchmark: lines of text (us), no result file.
 Run: PYTHONPATH=. python3 scripts/explore/shared_prefix_parts.py
 """
 import importlib
+import os
 
 import cupy as cp
 
@@ -92,18 +94,25 @@ for hkv, B, P, S in rows:
                               device_id=0)
         res[f"prefix c{chunk}x{n}{'*' if chunk == chunk0 else ''}"] = timer(launch, lead_ms=0.3)
         if chunk == chunk0:
-            so, sl = gpukernels.split_kv(q, ks, vs)
-            res["suffix"] = timer(lambda: gpukernels.split_kv(q, ks, vs, out=so, lse=sl), lead_ms=0.3)
+            # The suffix launch as the call runs it (merging the prefix chunks' states), then the
+            # same with other split counts, and the separate merge it replaced.
+            states = sp.StatePointers(po.data.ptr, pl.data.ptr, n)
+            for splits in sorted({plan.suffix.num_splits, 1, 2, 4, 8}):
+                suffix_plan = sp.plan_split_kv(B, HQ, hkv, D, S, num_splits=splits, num_sms=132)
+                suffix = sp.SplitKV(suffix_plan)
+                name = f"suffix s{splits}{'*' if splits == plan.suffix.num_splits else ''}"
+                res[name] = timer(lambda: suffix.run(q, ks, vs, out=out, lse=lse, states=states),  # noqa: B023
+                                  lead_ms=0.3)
             mk = sp._merge_kernel("float16")
-            margs = (po.data.ptr, pl.data.ptr, so.data.ptr, sl.data.ptr, out.data.ptr, lse.data.ptr, n,
-                     B * HQ, D)
-            res["merge"] = timer(lambda: mk((B * HQ,), (sp.MERGE_THREADS,), margs,  # noqa: B023
-                                            stream_ptr=cp.cuda.get_current_stream().ptr, device_id=0),
-                                 lead_ms=0.3)
+            margs = (po.data.ptr, pl.data.ptr, out.data.ptr, lse.data.ptr, n, B * HQ, D)
+            res["chunks merge"] = timer(lambda: mk((sp.merge_blocks(B * HQ, D),), (sp.MERGE_THREADS,),  # noqa: B023
+                                                   margs, stream_ptr=cp.cuda.get_current_stream().ptr,  # noqa: B023
+                                                   device_id=0), lead_ms=0.3)
         del po, pl
     print(f"{HQ}/{hkv} B={B} {P}+{S}: " + ", ".join(f"{a}={b * 1e3:.1f}" for a, b in res.items()), flush=True)
     if (hkv, B) == (8, 16):
         print_host_profile(call, calls=200, top=14, lines=60)
-    bifurcated_parts(plan, q, kp, vp, ks, vs, out, lse)
+    if os.environ.get("BIFURCATED", "1") == "1":
+        bifurcated_parts(plan, q, kp, vp, ks, vs, out, lse)
     del q, k_pool, v_pool, kp, vp, ks, vs
     cp.get_default_memory_pool().free_all_blocks()
