@@ -176,7 +176,7 @@ class FusedHydragenPlan:
     """Hydragen as one fused launch (`costmodel.segments.segments_launch`), which the kernels do
     not have: prefix and suffix chunks in one grid, the merge by the last block of each row.
     Chunk sizes chosen by the model (`plan_hydragen(..., fused=True)`). Predicted with
-    `predict(..., fused=True)`, to compare with the three launches that run."""
+    `predict(..., fused=True)`, to compare with the two launches that run."""
 
     shape: SharedPrefixShape
     prefix_chunk_size: int       # tokens of the prefix per block
