@@ -208,8 +208,10 @@ __device__ __forceinline__ void merge_state(RunningMerge& r, float l, const floa
 // Merge states 0 .. count - 1 of (state_out [count, ...] with `stride` rows between states,
 // state_lse) at row `base`, dims d .. d + 3, into r: BATCH states' loads at once, so that they
 // arrive in one L2 round trip per batch (measured on H100: a two-pass merge with one value per load
-// took 2.7-4.4 us after the last block's loop; this takes under 1 us).
-template <int BATCH = 8>
+// took 2.7-4.4 us after the last block's loop; this takes under 1 us). SKIP_EMPTY: an empty
+// state's out is not even multiplied by its zero weight (states from outside, whose empty out may
+// be NaN); split-KV's own partials write 0 there and take the branch-free form.
+template <int BATCH = 8, bool SKIP_EMPTY = true>
 __device__ __forceinline__ void merge_states_into(RunningMerge& r, const float* __restrict__ state_out,
                                                   const float* __restrict__ state_lse, int count,
                                                   long long stride, long long base, int d, int head_dim) {
@@ -236,8 +238,8 @@ __device__ __forceinline__ void merge_states_into(RunningMerge& r, const float* 
     r.acc.x *= a; r.acc.y *= a; r.acc.z *= a; r.acc.w *= a;
 #pragma unroll
     for (int u = 0; u < BATCH; ++u) {
-      if (ls[u] == neg_inf()) continue;   // empty: its out is never read
-      const float w = exp2f((ls[u] - m_new) * kLog2e);
+      if (SKIP_EMPTY && ls[u] == neg_inf()) continue;   // empty: its out is never read
+      const float w = ls[u] == neg_inf() ? 0.0f : exp2f((ls[u] - m_new) * kLog2e);
       r.w += w;
       r.acc.x = fmaf(w, os[u].x, r.acc.x);
       r.acc.y = fmaf(w, os[u].y, r.acc.y);

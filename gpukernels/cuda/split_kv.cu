@@ -232,67 +232,17 @@ __device__ __forceinline__ void finish_block(const float (&smem_o)[NUM_WARPS][GR
   }
   __syncthreads();
   if (!smem_is_last) return;
-  // Each thread merges 4 adjacent dims of one head over all splits, loading MERGE_BATCH splits at
-  // once so the partials arrive in one L2 round trip per batch (measured on H100: a two-pass merge
-  // with one value per load took 2.7-4.4 us after the last block's loop; this takes under 1 us).
-  constexpr int MERGE_BATCH = 8;
+  // Each thread merges 4 adjacent dims of one head over all splits (merge_states_into: 8 splits'
+  // partials a load batch), then the extra states.
   const long long split_stride = static_cast<long long>(batch) * num_qo_heads;
   for (int t = threadIdx.x; t < heads_here * (HEAD_DIM / 4); t += NUM_THREADS) {
     const int g = t / (HEAD_DIM / 4);
     const int d = (t % (HEAD_DIM / 4)) * 4;
     const long long base = static_cast<long long>(b) * num_qo_heads + head0 + g;
-    float m_run = neg_inf(), w_sum = 0.0f;
-    bool poisoned = false;   // a split's lse is NaN (or +inf): the merged state is NaN
-    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    for (int s0 = 0; s0 < splits_here; s0 += MERGE_BATCH) {
-      float ls[MERGE_BATCH];
-      float4 os[MERGE_BATCH];
-#pragma unroll
-      for (int u = 0; u < MERGE_BATCH; ++u) {
-        const long long row = (s0 + u) * split_stride + base;
-        const bool here = s0 + u < splits_here;
-        ls[u] = here ? __ldcg(partial_lse + row) : neg_inf();
-        os[u] = here ? __ldcg(reinterpret_cast<const float4*>(partial_out + row * HEAD_DIM + d))
-                     : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      }
-      float m_new = m_run;
-#pragma unroll
-      for (int u = 0; u < MERGE_BATCH; ++u) {
-        m_new = fmaxf(m_new, ls[u]);
-        poisoned = poisoned || is_nan(ls[u]) || ls[u] == -neg_inf();
-      }
-      if (m_new == neg_inf()) continue;  // only empty states so far
-      const float a = m_run == neg_inf() ? 0.0f : exp2f((m_run - m_new) * kLog2e);
-      w_sum *= a;
-      acc.x *= a; acc.y *= a; acc.z *= a; acc.w *= a;
-#pragma unroll
-      for (int u = 0; u < MERGE_BATCH; ++u) {
-        const float w = ls[u] == neg_inf() ? 0.0f : exp2f((ls[u] - m_new) * kLog2e);
-        w_sum += w;
-        acc.x = fmaf(w, os[u].x, acc.x);
-        acc.y = fmaf(w, os[u].y, acc.y);
-        acc.z = fmaf(w, os[u].z, acc.z);
-        acc.w = fmaf(w, os[u].w, acc.w);
-      }
-      m_run = m_new;
-    }
-    if (extra.count > 0) {   // then the extra states
-      RunningMerge r;
-      r.m = m_run;
-      r.w = w_sum;
-      r.poisoned = poisoned;
-      r.acc = acc;
-      merge_states_into(r, extra.out, extra.lse, extra.count, split_stride, base, d, HEAD_DIM);
-      write_merged<T>(r, out + base * HEAD_DIM + d, lse + base, d);
-      continue;
-    }
-    const float inv = poisoned ? quiet_nan() : w_sum > 0.0f ? 1.0f / w_sum : 0.0f;
-    T* o = out + base * HEAD_DIM + d;
-    o[0] = from_float<T>(finite_or_nan(acc.x * inv));
-    o[1] = from_float<T>(finite_or_nan(acc.y * inv));
-    o[2] = from_float<T>(finite_or_nan(acc.z * inv));
-    o[3] = from_float<T>(finite_or_nan(acc.w * inv));
-    if (d == 0) lse[base] = poisoned ? quiet_nan() : w_sum > 0.0f ? m_run + log2f(w_sum) * kLn2 : neg_inf();
+    RunningMerge r;
+    merge_states_into<8, false>(r, partial_out, partial_lse, splits_here, split_stride, base, d, HEAD_DIM);
+    if (extra.count > 0) merge_states_into(r, extra.out, extra.lse, extra.count, split_stride, base, d, HEAD_DIM);
+    write_merged<T>(r, out + base * HEAD_DIM + d, lse + base, d);
   }
   if (threadIdx.x == 0) *counter = 0;  // ready for the next call (and the next graph replay)
 }
