@@ -292,29 +292,28 @@ def test_only_an_attention_with_a_cache_writes_the_new_token_to_it():
     assert dense.launches_s > none.launches_s and dense.weights_s == none.weights_s
 
 
-def test_shared_prefix_step_runs_the_three_launches_of_the_kernels():
+def test_shared_prefix_step_runs_the_two_launches_of_the_kernels():
     """Hydragen in the step is what `gpukernels.shared_prefix` launches: the prefix pass in the
-    chunks its plan takes, the suffixes by split-KV with their plan, and the merge of every
-    chunk's state and the suffix's."""
+    chunks its plan takes, then the suffixes by split-KV with their plan, whose blocks merge every
+    chunk's state."""
     from costmodel.shared_prefix import SharedPrefixShape
     from gpukernels.shared_prefix import plan_shared_prefix
 
     for batch, (hq, hkv), prompt in ((16, (32, 32), 8192), (256, (32, 8), 16384), (3, (28, 4), 1000)):
         shape = SharedPrefixShape(batch, hq, hkv, 128, prompt, 129)
         plan = plan_shared_prefix(batch, hq, hkv, 128, prompt, 129, gpu="H200")
-        prefix, suffixes, merge = e2e_model.hydragen_launches(shape, gpu=get_gpu("H200"))
+        prefix, suffixes = e2e_model.hydragen_launches(shape, gpu=get_gpu("H200"))
         tiles = -(-batch * (hq // hkv) // 64)
         assert prefix.num_blocks == plan.num_chunks * tiles * hkv
         assert prefix.bytes_by_tensor["partial_lse_write"] == plan.num_chunks * batch * hq * 4
         assert prefix.bytes_by_tensor["k_prefix"] == tiles * prompt * hkv * 128 * 2
         assert suffixes.num_blocks == plan.suffix.num_blocks
-        assert merge.num_blocks == batch * hq
-        assert merge.bytes_by_tensor["states_lse"] == (plan.num_chunks + 1) * batch * hq * 4
+        assert suffixes.bytes_by_tensor["prefix_states"] == plan.num_chunks * batch * hq * 129 * 4
     step = predict_step("llama2-7b", "shared_prefix", batch=16, context_len=8192 + 129, prompt_len=8192, gpu="H200")
-    assert step.attention_launches == 3 * e2e_model.LLAMA2_7B.num_layers
+    assert step.attention_launches == 2 * e2e_model.LLAMA2_7B.num_layers
     layer = step.attention_per_layer
-    assert {"prefix_pass.time_s", "suffixes.time_s", "merge.time_s"} <= set(layer.terms)
-    assert layer.time_s == pytest.approx(sum(layer.terms[f"{n}.time_s"] for n in ("prefix_pass", "suffixes", "merge")))
+    assert {"prefix_pass.time_s", "suffixes.time_s"} <= set(layer.terms)
+    assert layer.time_s == pytest.approx(sum(layer.terms[f"{n}.time_s"] for n in ("prefix_pass", "suffixes")))
 
 
 def test_shared_prompt_pages_come_from_hbm_once_per_wave_of_resident_sequences():
