@@ -432,10 +432,12 @@ class SharedPrefix:
                         for name, shape in bifurcated.workspace_shapes(p).items()}
             else:
                 n = max(p.num_chunks, 1)
-                bufs = (
-                    rt.empty(kind, (n, p.batch, p.num_qo_heads, p.head_dim), "float32", device_id),
-                    rt.empty(kind, (n, p.batch, p.num_qo_heads), "float32", device_id),
-                )
+                part_out = rt.empty(kind, (n, p.batch, p.num_qo_heads, p.head_dim), "float32", device_id)
+                part_lse = rt.empty(kind, (n, p.batch, p.num_qo_heads), "float32", device_id)
+                # The suffix launch's view of the chunks' states (none without prefix tokens).
+                states = (StatePointers(rt.address(part_out), rt.address(part_lse), p.num_chunks)
+                          if p.num_chunks else None)
+                bufs = (part_out, part_lse, states)
             self._buffers[key] = bufs
         return bufs
 
@@ -520,7 +522,7 @@ class SharedPrefix:
             bifurcated.run(p, bufs, qa.ptr, prefix[0].ptr, prefix[1].ptr, suffix[0].ptr, suffix[1].ptr, tables,
                            out_ptr, lse_ptr, sm_scale, stream_ptr=stream_ptr, device_id=device_id)
             return out, lse
-        part_out, part_lse = bufs
+        part_out, part_lse, states = bufs
         # 1. The prefix, once for every sequence. 2. Each sequence's own tokens, by split-KV, whose
         # blocks that write a row's output merge the prefix chunks' states into it.
         n = p.num_chunks
@@ -531,7 +533,6 @@ class SharedPrefix:
                 (qa.ptr, prefix[0].ptr, prefix[1].ptr, rt.address(part_out), rt.address(part_lse),
                  B, p.prefix_len, Hq, Hkv, p.prefix_chunk_size, sm_scale * _LOG2E),
                 stream_ptr=stream_ptr, device_id=device_id)
-        states = StatePointers(rt.address(part_out), rt.address(part_lse), n) if n else None
         if paged is not None:
             self._suffix.run_paged(*suffix_args, *paged, sm_scale=sm_scale, out=out, lse=lse, states=states)
         elif p.suffix_len:

@@ -24,7 +24,7 @@ import numpy as np
 from decode_attention.contract import check_tree
 
 from . import _runtime as rt
-from .shared_prefix import (MERGE_THREADS, merge_blocks, PREFIX_DTYPES, QUERY_ROWS, THREADS, kv_tile,
+from .shared_prefix import (MERGE_THREADS, PREFIX_DTYPES, QUERY_ROWS, THREADS, kv_tile, merge_blocks,
                             pipeline_stages, stage_bytes)
 from .split_kv import num_sms, outputs
 

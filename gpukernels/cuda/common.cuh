@@ -190,27 +190,39 @@ struct RunningMerge {
   float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 };
 
-// Fold one state (lse l, out o at 4 dims) into r.
-__device__ __forceinline__ void merge_state(RunningMerge& r, float l, const float4& o) {
-  r.poisoned = r.poisoned || is_nan(l) || l == -neg_inf();
-  if (l == neg_inf()) return;   // empty: its out is never read
-  const float m_new = fmaxf(r.m, l);
+// Fold N states (lse ls[u], out os[u] at 4 dims) into r, rescaling r once. SKIP_EMPTY: an empty
+// state's out is not even multiplied by its zero weight (states from outside, whose empty out may
+// be NaN); split-KV's own partials write 0 there and take the branch-free form.
+template <int N, bool SKIP_EMPTY = true>
+__device__ __forceinline__ void fold_states(RunningMerge& r, const float (&ls)[N], const float4 (&os)[N]) {
+  float m_new = r.m;
+#pragma unroll
+  for (int u = 0; u < N; ++u) {
+    m_new = fmaxf(m_new, ls[u]);
+    r.poisoned = r.poisoned || is_nan(ls[u]) || ls[u] == -neg_inf();
+  }
+  if (m_new == neg_inf()) return;  // only empty states so far
   const float a = r.m == neg_inf() ? 0.0f : exp2f((r.m - m_new) * kLog2e);
-  const float w = exp2f((l - m_new) * kLog2e);
-  r.w = r.w * a + w;
-  r.acc.x = fmaf(w, o.x, r.acc.x * a);
-  r.acc.y = fmaf(w, o.y, r.acc.y * a);
-  r.acc.z = fmaf(w, o.z, r.acc.z * a);
-  r.acc.w = fmaf(w, o.w, r.acc.w * a);
+  r.w *= a;
+  r.acc.x *= a; r.acc.y *= a; r.acc.z *= a; r.acc.w *= a;
+#pragma unroll
+  for (int u = 0; u < N; ++u) {
+    if (SKIP_EMPTY && ls[u] == neg_inf()) continue;   // empty: its out is never read
+    const float w = ls[u] == neg_inf() ? 0.0f : exp2f((ls[u] - m_new) * kLog2e);
+    r.w += w;
+    r.acc.x = fmaf(w, os[u].x, r.acc.x);
+    r.acc.y = fmaf(w, os[u].y, r.acc.y);
+    r.acc.z = fmaf(w, os[u].z, r.acc.z);
+    r.acc.w = fmaf(w, os[u].w, r.acc.w);
+  }
   r.m = m_new;
 }
 
 // Merge states 0 .. count - 1 of (state_out [count, ...] with `stride` rows between states,
 // state_lse) at row `base`, dims d .. d + 3, into r: BATCH states' loads at once, so that they
 // arrive in one L2 round trip per batch (measured on H100: a two-pass merge with one value per load
-// took 2.7-4.4 us after the last block's loop; this takes under 1 us). SKIP_EMPTY: an empty
-// state's out is not even multiplied by its zero weight (states from outside, whose empty out may
-// be NaN); split-KV's own partials write 0 there and take the branch-free form.
+// took 2.7-4.4 us after the last block's loop; this takes under 1 us). SKIP_EMPTY as for
+// fold_states.
 template <int BATCH = 8, bool SKIP_EMPTY = true>
 __device__ __forceinline__ void merge_states_into(RunningMerge& r, const float* __restrict__ state_out,
                                                   const float* __restrict__ state_lse, int count,
@@ -226,27 +238,7 @@ __device__ __forceinline__ void merge_states_into(RunningMerge& r, const float* 
       os[u] = here ? __ldcg(reinterpret_cast<const float4*>(state_out + row * head_dim + d))
                    : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
-    float m_new = r.m;
-#pragma unroll
-    for (int u = 0; u < BATCH; ++u) {
-      m_new = fmaxf(m_new, ls[u]);
-      r.poisoned = r.poisoned || is_nan(ls[u]) || ls[u] == -neg_inf();
-    }
-    if (m_new == neg_inf()) continue;  // only empty states so far
-    const float a = r.m == neg_inf() ? 0.0f : exp2f((r.m - m_new) * kLog2e);
-    r.w *= a;
-    r.acc.x *= a; r.acc.y *= a; r.acc.z *= a; r.acc.w *= a;
-#pragma unroll
-    for (int u = 0; u < BATCH; ++u) {
-      if (SKIP_EMPTY && ls[u] == neg_inf()) continue;   // empty: its out is never read
-      const float w = ls[u] == neg_inf() ? 0.0f : exp2f((ls[u] - m_new) * kLog2e);
-      r.w += w;
-      r.acc.x = fmaf(w, os[u].x, r.acc.x);
-      r.acc.y = fmaf(w, os[u].y, r.acc.y);
-      r.acc.z = fmaf(w, os[u].z, r.acc.z);
-      r.acc.w = fmaf(w, os[u].w, r.acc.w);
-    }
-    r.m = m_new;
+    fold_states<BATCH, SKIP_EMPTY>(r, ls, os);
   }
 }
 

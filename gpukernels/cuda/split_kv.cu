@@ -190,17 +190,9 @@ __device__ __forceinline__ void finish_block(const float (&smem_o)[NUM_WARPS][GR
       const long long row = static_cast<long long>(b) * num_qo_heads + h;
       // This block's state first, then the extra states.
       RunningMerge r;
-      r.poisoned = poisoned;
-      if (!poisoned && l_tot > 0.0f) {
-        r.m = lse_final;
-        r.w = 1.0f;
-        r.acc = o_final;
-      }
+      fold_states<1>(r, {lse_final}, {o_final});
       if (pre.count > 0 && t == threadIdx.x) {
-#pragma unroll
-        for (int i = 0; i < PREFETCHED_STATES; ++i) {
-          if (i < pre.count) merge_state(r, pre.lse[i], pre.out[i]);
-        }
+        fold_states(r, pre.lse, pre.out);   // the states not loaded hold lse -inf: empty
       } else {
         merge_states_into(r, extra.out, extra.lse, extra.count, state_stride, row, d, HEAD_DIM);
       }
@@ -233,7 +225,8 @@ __device__ __forceinline__ void finish_block(const float (&smem_o)[NUM_WARPS][GR
   __syncthreads();
   if (!smem_is_last) return;
   // Each thread merges 4 adjacent dims of one head over all splits (merge_states_into: 8 splits'
-  // partials a load batch), then the extra states.
+  // partials a load batch), then the extra states. (The stride is computed again here: reusing
+  // state_stride changed the code of the decode kernels' merge.)
   const long long split_stride = static_cast<long long>(batch) * num_qo_heads;
   for (int t = threadIdx.x; t < heads_here * (HEAD_DIM / 4); t += NUM_THREADS) {
     const int g = t / (HEAD_DIM / 4);
@@ -344,7 +337,6 @@ split_kv_kernel(const T* __restrict__ q,                 // [batch, num_qo_heads
   const int split = w.split, b = w.b, kh = w.kh, head0 = w.head0, heads_here = w.heads_here;
   const int splits_here = w.splits_here, end = w.end;
   (void)extra_out, (void)extra_lse, (void)extra_count;   // states: the tensor-core kernel's alone
-  const ExtraStates extra{};
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -541,7 +533,8 @@ split_kv_kernel(const T* __restrict__ q,                 // [batch, num_qo_heads
   }
   __syncthreads();
   finish_block<T, HEAD_DIM, GROUP>(smem_o, smem_m, smem_l, out, lse, partial_out, partial_lse, counters,
-                                   b, split, splits_here, head0, heads_here, batch, num_qo_heads, extra);
+                                   b, split, splits_here, head0, heads_here, batch, num_qo_heads,
+                                   ExtraStates{});
 }
 
 
