@@ -25,6 +25,15 @@ C_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
 KERNEL_DTYPES = tuple(C_TYPES)
 HEAD_DIMS = (64, 128, 256)
 COMPILE_OPTIONS = ("-std=c++17", "--use_fast_math")
+# Sources with code for Hopper's arch-specific instructions (wgmma.cuh): compiled for sm_90a on a
+# GPU of compute capability 9.0, where `HAS_WGMMA` turns those paths on; elsewhere for the GPU's own
+# architecture, with the paths that work everywhere.
+ARCH_SPECIFIC_SOURCES = frozenset({"shared_prefix"})
+
+
+def arch_options(source: str, compute_capability: str) -> tuple:
+    """Extra compile options of `source` for a GPU of `compute_capability` ("90" for Hopper)."""
+    return ("-arch=sm_90a",) if source in ARCH_SPECIFIC_SOURCES and compute_capability == "90" else ()
 
 
 def cupy():
@@ -53,7 +62,7 @@ def module(source: str, name_expression: str):
     """The compiled module of one kernel instantiation (`source` is a file in gpukernels/cuda)."""
     cp = cupy()
     code = (CUDA_DIR / f"{source}.cu").read_text()
-    options = COMPILE_OPTIONS + (f"-I{CUDA_DIR}",)
+    options = COMPILE_OPTIONS + (f"-I{CUDA_DIR}",) + arch_options(source, cp.cuda.Device().compute_capability)
     return cp.RawModule(code=code, options=options, name_expressions=[name_expression])
 
 

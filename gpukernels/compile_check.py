@@ -46,6 +46,8 @@ def _translation_unit(source: str, expressions: list[str]) -> str:
 def _compile(nvcc: str, arch: str, source: str, expressions: list[str], workdir: Path, tag: str):
     unit = workdir / f"unit_{tag}.cu"
     unit.write_text(_translation_unit(source, expressions))
+    if arch == "sm_90" and rt.arch_options(source, "90"):
+        arch = "sm_90a"   # as the runtime compiles it for Hopper
     cmd = [nvcc, f"-arch={arch}", *rt.COMPILE_OPTIONS, f"-I{rt.CUDA_DIR}", "-Xptxas", "-v",
            "-c", str(unit), "-o", str(workdir / f"{tag}.o")]
     proc = subprocess.run(cmd, capture_output=True, text=True)

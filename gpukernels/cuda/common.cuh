@@ -26,6 +26,12 @@ __device__ __forceinline__ bool is_finite(float x) {
   return (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u;
 }
 __device__ __forceinline__ bool is_nan(float x) { return (__float_as_uint(x) & 0x7fffffffu) > 0x7f800000u; }
+// c, or NaN when x is NaN or infinite: x * 0 + c, as an instruction the compiler cannot simplify.
+__device__ __forceinline__ float nan_if_nonfinite(float x, float c) {
+  float r;
+  asm("fma.rn.f32 %0, %1, 0f00000000, %2;" : "=f"(r) : "f"(x), "f"(c));
+  return r;
+}
 // Non-finite values never hide: an infinity that reaches an output becomes NaN.
 __device__ __forceinline__ float finite_or_nan(float x) { return is_finite(x) ? x : quiet_nan(); }
 

@@ -17,6 +17,7 @@
 // Non-finite values never hide: a NaN or infinite score of a row makes its state NaN.
 
 #include "common.cuh"
+#include "wgmma.cuh"
 
 namespace decode_attention {
 
@@ -35,6 +36,10 @@ struct PrefixTile {
   static constexpr int PIECES = HEAD_DIM / 8;                       // 16-byte pieces per row
   static constexpr int COPIES = KV_TILE * PIECES / SP_THREADS;      // pieces per thread per tile
   static_assert(KV_TILE * PIECES % SP_THREADS == 0, "whole copies per thread");
+  // With wgmma (sm_90a) the tiles are stored swizzled (wgmma.cuh), unpadded, from the first
+  // 1024-byte boundary of the dynamic shared memory: the launch's size (padded rows) covers that.
+  static constexpr int SW_TILE_BYTES = KV_TILE * HEAD_DIM * 2;
+  static constexpr int SW_STAGE_BYTES = 2 * SW_TILE_BYTES;
 };
 
 // The work of one block: the (up to) 64 query rows of this block (a lane's two rows gid and
@@ -57,6 +62,9 @@ __device__ __forceinline__ void attend_rows(const T* __restrict__ q, const T* __
   constexpr int PV_STEPS = KV_TILE / 16;     // k-steps of O = P V
   constexpr int O_TILES = HEAD_DIM / 8;      // n-tiles of O
 
+  // The products on wgmma (sm_90a) up to head_dim 128; at 256 the query's fragments would not fit
+  // in the registers beside the output's, and they stay on mma.sync.
+  constexpr bool WG = HAS_WGMMA && HEAD_DIM <= 128;
   extern __shared__ __align__(16) unsigned char smem[];   // [STAGES][K tile, V tile]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int tig = lane & 3;
@@ -64,20 +72,25 @@ __device__ __forceinline__ void attend_rows(const T* __restrict__ q, const T* __
   const bool row_ok[2] = {row_state[0] >= 0, row_state[1] >= 0};
   // A warp whose 16 rows are all padding (fewer query rows than the block holds: MHA, small
   // batches, a segment with one sharer) still copies its share of every tile but skips the products.
-  const bool warp_active = __any_sync(kFullMask, row_ok[0] || row_ok[1]);
+  // With wgmma the four warps compute together: every warp takes part.
+  const bool warp_active = WG || __any_sync(kFullMask, row_ok[0] || row_ok[1]);
   // Q as A fragments for every k-step (rows past R are zero). At head_dim 256 they wait in shared
   // memory, each lane's own (64 registers fewer: no spills); below, in registers.
   constexpr bool Q_IN_SMEM = HEAD_DIM >= 256;
   __shared__ unsigned smem_q[Q_IN_SMEM ? SP_WARPS : 1][Q_IN_SMEM ? K_STEPS : 1][4][32];
   unsigned qa[Q_IN_SMEM ? 1 : K_STEPS][4];
+  // A negative scale: q's signs flipped (exact) and the scale made positive, so that the largest raw
+  // score is the largest scaled one.
+  const unsigned q_sign = scale_log2 < 0.0f ? 0x80008000u : 0u;
+  scale_log2 = fabsf(scale_log2);
 #pragma unroll
   for (int kk = 0; kk < K_STEPS; ++kk) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const T* qr = q + (static_cast<long long>(row_b[i]) * num_qo_heads + row_h[i]) * HEAD_DIM + kk * 16 +
                     2 * tig;
-      const unsigned lo = row_ok[i] ? __ldg(reinterpret_cast<const unsigned*>(qr)) : 0u;      // a0, a1
-      const unsigned hi = row_ok[i] ? __ldg(reinterpret_cast<const unsigned*>(qr + 8)) : 0u; // a2, a3
+      const unsigned lo = (row_ok[i] ? __ldg(reinterpret_cast<const unsigned*>(qr)) : 0u) ^ q_sign;      // a0, a1
+      const unsigned hi = (row_ok[i] ? __ldg(reinterpret_cast<const unsigned*>(qr + 8)) : 0u) ^ q_sign; // a2, a3
       if constexpr (Q_IN_SMEM) {
         smem_q[warp][kk][i][lane] = lo;
         smem_q[warp][kk][2 + i][lane] = hi;
@@ -96,10 +109,15 @@ __device__ __forceinline__ void attend_rows(const T* __restrict__ q, const T* __
   };
 
   // The copies of one tile: thread t takes pieces t, t + SP_THREADS, ... of the tile's rows.
-  const unsigned smem_base = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  static_assert(!WG || STAGES * Tile::SW_STAGE_BYTES + 1024 <= STAGES * Tile::STAGE_BYTES,
+                "the swizzled stages fit the launch's shared memory after alignment");
+  constexpr int STAGE_BYTES = WG ? Tile::SW_STAGE_BYTES : Tile::STAGE_BYTES;
+  constexpr int TILE_BYTES = WG ? Tile::SW_TILE_BYTES : Tile::TILE_BYTES;
+  const unsigned smem_raw = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const unsigned smem_base = WG ? (smem_raw + 1023u) & ~1023u : smem_raw;
   auto issue = [&](int tile_start, int stage) {
-    const unsigned k_tile = smem_base + stage * Tile::STAGE_BYTES;
-    const unsigned v_tile = k_tile + Tile::TILE_BYTES;
+    const unsigned k_tile = smem_base + stage * STAGE_BYTES;
+    const unsigned v_tile = k_tile + TILE_BYTES;
 #pragma unroll
     for (int c = 0; c < Tile::COPIES; ++c) {
       const int piece = threadIdx.x + c * SP_THREADS;
@@ -107,7 +125,7 @@ __device__ __forceinline__ void attend_rows(const T* __restrict__ q, const T* __
       const int kv = tile_start + row;
       const bool valid = kv < kv_end;
       const long long at = valid ? kv * row_elems + kh * HEAD_DIM + col * 8 : 0;
-      const unsigned dst = row * Tile::ROW_BYTES + col * 16;
+      const unsigned dst = WG ? swizzled_offset<KV_TILE>(row, col) : row * Tile::ROW_BYTES + col * 16;
       cp_async_16_zfill(k_tile + dst, k_rows + at, valid);
       cp_async_16_zfill(v_tile + dst, v_rows + at, valid);
     }
@@ -119,117 +137,215 @@ __device__ __forceinline__ void attend_rows(const T* __restrict__ q, const T* __
   for (int j = 0; j < O_TILES; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
   float m[2] = {neg_inf(), neg_inf()};   // running max of rows gid, gid + 8 (base 2)
   float l[2] = {0.0f, 0.0f};             // this lane's share of the running sums
-  bool nonfinite[2] = {false, false};
+  float check[2] = {0.0f, 0.0f};   // NaN once a row has had a NaN or infinite score
 
-  const int num_tiles = kv_end > kv_begin ? (kv_end - kv_begin + KV_TILE - 1) / KV_TILE : 0;
-#pragma unroll
-  for (int st = 0; st < STAGES - 1; ++st) {
-    if (st < num_tiles) {
-      issue(kv_begin + st * KV_TILE, st);
-    } else {
-      cp_async_commit();
-    }
-  }
-  for (int t = 0; t < num_tiles; ++t) {
-    const int stage = t % STAGES;
-    // Refill the stage read in iteration t - 1 once every warp is done with it.
-    __syncthreads();
-    const int ahead = t + STAGES - 1;
-    if (ahead < num_tiles) {
-      issue(kv_begin + ahead * KV_TILE, ahead % STAGES);
-    } else {
-      cp_async_commit();
-    }
-    cp_async_wait<STAGES - 1>();
-    __syncthreads();   // every thread's copies of tile t have landed
-    if (!warp_active) continue;   // uniform over the warp; the block's barriers are above
-
-    const unsigned k_tile = smem_base + stage * Tile::STAGE_BYTES;
-    const unsigned v_tile = k_tile + Tile::TILE_BYTES;
-    const int tile_start = kv_begin + t * KV_TILE;
-
-    // S = Q K^T: n-tile j holds prefix rows tile_start + 8j .. +7. ldmatrix.x4 of K rows
-    // 8j + (lane % 8) at dims 32c + 8 (lane / 8): b0, b1 of k-steps 2c and 2c + 1.
-    float s[S_TILES][4];
-#pragma unroll
-    for (int j = 0; j < S_TILES; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-    const unsigned k_lane = k_tile + (lane & 7) * Tile::ROW_BYTES + 16 * (lane >> 3);
-    static_for<HEAD_DIM / 32>([&](auto ci) {
-      constexpr int c = decltype(ci)::value;
-      unsigned a[2][4];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-#pragma unroll
-        for (int r = 0; r < 4; ++r) a[h][r] = q_frag(2 * c + h, r);
-      }
-      static_for<S_TILES>([&](auto ji) {
-        constexpr int j = decltype(ji)::value;
-        unsigned kb[4];
-        ldmatrix_x4_at<8 * j * Tile::ROW_BYTES + 64 * c>(kb, k_lane);
-        mma_16816_full<T>(s[j], a[0][0], a[0][1], a[0][2], a[0][3], kb[0], kb[1]);
-        mma_16816_full<T>(s[j], a[1][0], a[1][1], a[1][2], a[1][3], kb[2], kb[3]);
-      });
-    });
-    // Online softmax: s[j][0..1] are row gid, s[j][2..3] row gid + 8; columns 8j + 2 tig + {0, 1}.
-    float m_new[2] = {m[0], m[1]};
+  // The online softmax of one tile's scores s (its first prefix row tile_start) and the output's
+  // rescale, giving P (unnormalised, base 2) as the A fragments of O += P V: P's k-step kv holds
+  // S's n-tiles 2kv, 2kv + 1 (the accumulator layout of S is the A layout of P). s[j][0..1] are row
+  // gid, s[j][2..3] row gid + 8; columns 8j + 2 tig + {0, 1}. The scores are only read: with wgmma
+  // the next tile's scores are being written meanwhile, and writes to any products' accumulators
+  // there would make the compiler wait for each product.
+  // Every score, masked or not, goes into `check` as s * 0 (NaN once any is NaN or infinite: the
+  // prefix rows past kv_end are zero-filled, so their scores are finite unless q is not); the
+  // maximum is taken over the raw scores (the scale is positive: a negative one flipped q's sign)
+  // and scaled once; exp2(s * scale - m) is one fused multiply-add.
+  // (partial: the last tile, rows past kv_end masked; a constant at both calls, so that the full
+  // tiles' code has no masking)
+  auto softmax_tile = [&](bool partial, const float (&s)[S_TILES][4], int tile_start,
+                          unsigned (&pa)[PV_STEPS][4]) {
+    auto outside = [&](int j, int e) { return partial && tile_start + 8 * j + 2 * tig + (e & 1) >= kv_end; };
+    float m_raw[2] = {neg_inf(), neg_inf()};
 #pragma unroll
     for (int j = 0; j < S_TILES; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int i = e >> 1;
-        const bool inside = tile_start + 8 * j + 2 * tig + (e & 1) < kv_end;
-        if (inside) {
-          nonfinite[i] = nonfinite[i] || !is_finite(s[j][e]);
-          s[j][e] *= scale_log2;
-        } else {
-          s[j][e] = neg_inf();
-        }
-        m_new[i] = fmaxf(m_new[i], s[j][e]);
+        check[e >> 1] = nan_if_nonfinite(s[j][e], check[e >> 1]);
+        m_raw[e >> 1] = fmaxf(m_raw[e >> 1], outside(j, e) ? neg_inf() : s[j][e]);
       }
     }
-    float alpha[2];
+    float alpha[2], m_bias[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      m_new[i] = fmaxf(m_new[i], __shfl_xor_sync(kFullMask, m_new[i], 1));
-      m_new[i] = fmaxf(m_new[i], __shfl_xor_sync(kFullMask, m_new[i], 2));
-      alpha[i] = rescale(m[i], m_new[i]);
-      m[i] = m_new[i];
+      m_raw[i] = fmaxf(m_raw[i], __shfl_xor_sync(kFullMask, m_raw[i], 1));
+      m_raw[i] = fmaxf(m_raw[i], __shfl_xor_sync(kFullMask, m_raw[i], 2));
+      const float m_new = fmaxf(m[i], m_raw[i] * scale_log2);
+      alpha[i] = rescale(m[i], m_new);
+      m[i] = m_new;
+      m_bias[i] = m_new == neg_inf() ? 0.0f : -m_new;   // a row with no score yet: every p is 0
       l[i] *= alpha[i];
     }
 #pragma unroll
-    for (int j = 0; j < S_TILES; ++j) {
+    for (int kv = 0; kv < PV_STEPS; ++kv) {
+      float p[2][4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = e >> 1;
-        s[j][e] = m[i] == neg_inf() ? 0.0f : exp2f(s[j][e] - m[i]);
-        l[i] += s[j][e];
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int j = 2 * kv + h;
+          p[h][e] = outside(j, e) ? 0.0f : exp2f(fmaf(s[j][e], scale_log2, m_bias[e >> 1]));
+          l[e >> 1] += p[h][e];
+        }
+      }
+      pa[kv][0] = pack2<T>(p[0][0], p[0][1]);
+      pa[kv][1] = pack2<T>(p[0][2], p[0][3]);
+      pa[kv][2] = pack2<T>(p[1][0], p[1][1]);
+      pa[kv][3] = pack2<T>(p[1][2], p[1][3]);
+    }
+    // The output's rescale, skipped by the warp when no row's maximum moved (most tiles after the
+    // first few).
+    if (__any_sync(kFullMask, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
+#pragma unroll
+      for (int j = 0; j < O_TILES; ++j) {
+        o[j][0] *= alpha[0];
+        o[j][1] *= alpha[0];
+        o[j][2] *= alpha[1];
+        o[j][3] *= alpha[1];
       }
     }
-#pragma unroll
-    for (int j = 0; j < O_TILES; ++j) {
-      o[j][0] *= alpha[0];
-      o[j][1] *= alpha[0];
-      o[j][2] *= alpha[1];
-      o[j][3] *= alpha[1];
+  };
+  auto softmax = [&](const float (&s)[S_TILES][4], int tile_start, unsigned (&pa)[PV_STEPS][4]) {
+    if (tile_start + KV_TILE > kv_end) {
+      softmax_tile(true, s, tile_start, pa);
+    } else {
+      softmax_tile(false, s, tile_start, pa);
     }
-    // O += P V: P's k-step kv holds S's n-tiles 2kv, 2kv + 1 (the accumulator layout of S is the A
-    // layout of P). ldmatrix.x4.trans of V rows 16kv + (lane % 16) at dims 8 (2jj + lane / 16):
-    // b0, b1 of O's n-tiles 2jj and 2jj + 1.
-    const unsigned v_lane = v_tile + (lane & 15) * Tile::ROW_BYTES + 16 * (lane >> 4);
-    static_for<PV_STEPS>([&](auto kvi) {
-      constexpr int kv = decltype(kvi)::value;
-      const unsigned pa0 = pack2<T>(s[2 * kv][0], s[2 * kv][1]);
-      const unsigned pa1 = pack2<T>(s[2 * kv][2], s[2 * kv][3]);
-      const unsigned pa2 = pack2<T>(s[2 * kv + 1][0], s[2 * kv + 1][1]);
-      const unsigned pa3 = pack2<T>(s[2 * kv + 1][2], s[2 * kv + 1][3]);
-      static_for<O_TILES / 2>([&](auto jji) {
-        constexpr int jj = decltype(jji)::value;
-        unsigned vb[4];
-        ldmatrix_x4_trans_at<16 * kv * Tile::ROW_BYTES + 32 * jj>(vb, v_lane);
-        mma_16816_full<T>(o[2 * jj], pa0, pa1, pa2, pa3, vb[0], vb[1]);
-        mma_16816_full<T>(o[2 * jj + 1], pa0, pa1, pa2, pa3, vb[2], vb[3]);
+  };
+
+  const int num_tiles = kv_end > kv_begin ? (kv_end - kv_begin + KV_TILE - 1) / KV_TILE : 0;
+  if constexpr (WG) {
+    // While the tensor cores compute the next tile's scores, the warps take this tile's softmax:
+    // two score buffers, the loop unrolled by two so that they swap without copies. Every stage is
+    // filled ahead (STAGES tiles in flight) and refilled once the products of its tile are done.
+    // S = Q K^T: one m64nKV_TILE product per k-step for the warpgroup's 64 rows, K read K-major
+    // from the swizzled tile (k-step kk is 32 bytes into its column of 64 dims).
+    auto scores = [&](float (&s)[S_TILES][4], int t) {
+      const unsigned k_tile = smem_base + (t % STAGES) * STAGE_BYTES;
+      fence_accumulators(s);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < K_STEPS; ++kk) {
+        wgmma_rs<T, KV_TILE, 0>(s, qa[kk], sw128_descriptor(k_tile + (kk >> 2) * (KV_TILE * 128) + (kk & 3) * 32,
+                                                           16, 1024), kk > 0);
+      }
+      wgmma_commit();
+    };
+    // O += P V: one m64nHEAD_DIM product per k-step of 16 prefix rows, V read N-major (8-row groups
+    // 1024 bytes apart, columns of 64 dims KV_TILE * 128 bytes apart).
+    auto values = [&](const unsigned (&pa)[PV_STEPS][4], int t) {
+      const unsigned v_tile = smem_base + (t % STAGES) * STAGE_BYTES + TILE_BYTES;
+      fence_accumulators(o);
+      wgmma_fence();
+#pragma unroll
+      for (int kv = 0; kv < PV_STEPS; ++kv) {
+        wgmma_rs<T, HEAD_DIM, 1>(o, pa[kv], sw128_descriptor(v_tile + kv * 16 * 128, KV_TILE * 128, 1024));
+      }
+      wgmma_commit();
+    };
+    auto step = [&](float (&cur)[S_TILES][4], float (&next)[S_TILES][4], int t) {
+      const bool more = t + 1 < num_tiles;
+      if (more) {   // tile t + 1 landed (one later tile may still be in flight): its scores
+        cp_async_wait<STAGES - 2>();
+        fence_async_shared();
+        __syncthreads();
+        scores(next, t + 1);
+      }
+      unsigned pa[PV_STEPS][4];
+      softmax(cur, kv_begin + t * KV_TILE, pa);
+      values(pa, t);
+      wgmma_wait<0>();
+      fence_accumulators(o);
+      fence_accumulators(next);
+      __syncthreads();   // every warp's products of tile t are done: refill its stage
+      if (t + STAGES < num_tiles) {
+        issue(kv_begin + (t + STAGES) * KV_TILE, t % STAGES);
+      } else {
+        cp_async_commit();
+      }
+    };
+#pragma unroll
+    for (int st = 0; st < STAGES; ++st) {
+      if (st < num_tiles) {
+        issue(kv_begin + st * KV_TILE, st);
+      } else {
+        cp_async_commit();
+      }
+    }
+    float sa[S_TILES][4], sb[S_TILES][4];
+    if (num_tiles > 0) {
+      cp_async_wait<STAGES - 1>();
+      fence_async_shared();
+      __syncthreads();
+      scores(sa, 0);
+      wgmma_wait<0>();
+      fence_accumulators(sa);
+    }
+    for (int t = 0; t < num_tiles; t += 2) {
+      step(sa, sb, t);
+      if (t + 1 < num_tiles) step(sb, sa, t + 1);
+    }
+  } else {
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+      if (st < num_tiles) {
+        issue(kv_begin + st * KV_TILE, st);
+      } else {
+        cp_async_commit();
+      }
+    }
+    for (int t = 0; t < num_tiles; ++t) {
+      const int stage = t % STAGES;
+      // Refill the stage read in iteration t - 1 once every warp is done with it.
+      __syncthreads();
+      const int ahead = t + STAGES - 1;
+      if (ahead < num_tiles) {
+        issue(kv_begin + ahead * KV_TILE, ahead % STAGES);
+      } else {
+        cp_async_commit();
+      }
+      cp_async_wait<STAGES - 1>();
+      __syncthreads();   // every thread's copies of tile t have landed
+      if (!warp_active) continue;   // uniform over the warp; the block's barriers are above
+
+      const unsigned k_tile = smem_base + stage * STAGE_BYTES;
+      const unsigned v_tile = k_tile + TILE_BYTES;
+          // S = Q K^T: n-tile j holds prefix rows tile_start + 8j .. +7. ldmatrix.x4 of K rows
+          // 8j + (lane % 8) at dims 32c + 8 (lane / 8): b0, b1 of k-steps 2c and 2c + 1.
+          float s[S_TILES][4];
+      #pragma unroll
+          for (int j = 0; j < S_TILES; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+          const unsigned k_lane = k_tile + (lane & 7) * Tile::ROW_BYTES + 16 * (lane >> 3);
+          static_for<HEAD_DIM / 32>([&](auto ci) {
+            constexpr int c = decltype(ci)::value;
+            unsigned a[2][4];
+      #pragma unroll
+            for (int h = 0; h < 2; ++h) {
+      #pragma unroll
+              for (int r = 0; r < 4; ++r) a[h][r] = q_frag(2 * c + h, r);
+            }
+            static_for<S_TILES>([&](auto ji) {
+              constexpr int j = decltype(ji)::value;
+              unsigned kb[4];
+              ldmatrix_x4_at<8 * j * Tile::ROW_BYTES + 64 * c>(kb, k_lane);
+              mma_16816_full<T>(s[j], a[0][0], a[0][1], a[0][2], a[0][3], kb[0], kb[1]);
+              mma_16816_full<T>(s[j], a[1][0], a[1][1], a[1][2], a[1][3], kb[2], kb[3]);
+            });
+          });
+      unsigned pa[PV_STEPS][4];
+      softmax(s, kv_begin + t * KV_TILE, pa);
+      // O += P V with mma.sync: ldmatrix.x4.trans of V rows 16kv + (lane % 16) at dims
+      // 8 (2jj + lane / 16): b0, b1 of O's n-tiles 2jj and 2jj + 1.
+      const unsigned v_lane = v_tile + (lane & 15) * Tile::ROW_BYTES + 16 * (lane >> 4);
+      static_for<PV_STEPS>([&](auto kvi) {
+        constexpr int kv = decltype(kvi)::value;
+        static_for<O_TILES / 2>([&](auto jji) {
+          constexpr int jj = decltype(jji)::value;
+          unsigned vb[4];
+          ldmatrix_x4_trans_at<16 * kv * Tile::ROW_BYTES + 32 * jj>(vb, v_lane);
+          mma_16816_full<T>(o[2 * jj], pa[kv][0], pa[kv][1], pa[kv][2], pa[kv][3], vb[0], vb[1]);
+          mma_16816_full<T>(o[2 * jj + 1], pa[kv][0], pa[kv][1], pa[kv][2], pa[kv][3], vb[2], vb[3]);
+        });
       });
-    });
+    }
   }
   cp_async_wait<0>();
 
@@ -238,7 +354,7 @@ __device__ __forceinline__ void attend_rows(const T* __restrict__ q, const T* __
   for (int i = 0; i < 2; ++i) {
     l[i] += __shfl_xor_sync(kFullMask, l[i], 1);
     l[i] += __shfl_xor_sync(kFullMask, l[i], 2);
-    int bad = static_cast<int>(nonfinite[i]);
+    int bad = static_cast<int>(is_nan(check[i]));
     bad |= __shfl_xor_sync(kFullMask, bad, 1);
     bad |= __shfl_xor_sync(kFullMask, bad, 2);
     if (!row_ok[i]) continue;

@@ -1,10 +1,11 @@
-"""The kernels of three rows that miss their targets, run a few times each so that Nsight Compute
+"""The kernels of four rows that miss their targets, run a few times each so that Nsight Compute
 can profile them (this script times nothing and writes nothing).
 
   coverage   bfloat16, 64 sequences x 16/16 heads x head_dim 64, 1000 tokens: split_kv's planned
              run, PyTorch SDPA (cuDNN) and the read-only kernel on the same tensors
   finish     the bifurcated method on 16 sequences x 32/8 heads, prefix 8192 + suffix 256
   summary    the span grid's summarisation row (spans read by windows)
+  prefix     Hydragen on 128 sequences x 32/8 heads, prefix 32768 + suffix 256 (its prefix pass)
 
 A second argument "one" runs split_kv one block per item instead of its persistent kernel.
 Run under ncu, e.g.:
@@ -58,6 +59,16 @@ def finish() -> None:
     cp.cuda.Device().synchronize()
 
 
+def prefix() -> None:
+    B, hkv, P, S = 128, 8, 32768, 256
+    q = _randn16((B, NUM_QO_HEADS, HEAD_DIM))
+    kp, vp = _randn16((P, hkv, HEAD_DIM)), _randn16((P, hkv, HEAD_DIM))
+    ks, vs = _randn16((B, S, hkv, HEAD_DIM)), _randn16((B, S, hkv, HEAD_DIM))
+    for _ in range(CALLS):
+        gpukernels.shared_prefix(q, kp, vp, ks, vs)
+    cp.cuda.Device().synchronize()
+
+
 def summary() -> None:
     span_mod = importlib.import_module("gpukernels.span")
     case = next(c for c in SPAN_GRID if "summar" in str(c))
@@ -75,4 +86,4 @@ def summary() -> None:
 
 if len(sys.argv) > 2:   # "one": one block per item instead of the persistent kernel
     importlib.import_module("gpukernels.split_kv").PERSISTENT = sys.argv[2] != "one"
-{"coverage": coverage, "finish": finish, "summary": summary}[sys.argv[1]]()
+{"coverage": coverage, "finish": finish, "summary": summary, "prefix": prefix}[sys.argv[1]]()
