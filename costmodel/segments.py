@@ -25,6 +25,7 @@ from .split_kv import MMA_ROWS, TILE_TOKENS, _append_run, heads_per_block_for
 __all__ = ["SegmentGroup", "segments_launch", "QUERY_TILE_ROWS", "MMA_ROWS", "chunk_candidates", "best_chunks",
            "WorkItem", "attend_rows_launch", "attend_rows_kv_tile", "attend_rows_blocks_per_sm",
            "attend_rows_tile_counts", "attend_rows_flops_per_s", "tensor_flops_per_clock_per_sm",
+           "attend_rows_uses_wgmma", "attend_rows_wgmma_tile_clocks", "CountedRate",
            "predict_kernel_launches"]
 
 QUERY_TILE_ROWS = 64   # query rows one tensor-core block serves
@@ -217,6 +218,49 @@ TENSOR_FLOPS_PER_CLOCK_PER_SM = {"h100_sxm": 4096, "h100_pcie": 4096, "h200": 40
                                  "a100_80gb": 2048, "a100_40gb": 2048}
 
 
+# On Hopper (shared_prefix.cu compiled for sm_90a) up to head_dim 128 the products run on wgmma
+# instead: the tensor cores read K and V from shared memory once for the block's 64 rows, every
+# warp computes (padding rows too), and what bounds a tile is the softmax beside the products. Per
+# warp and tile, its exponentials go through the SFU (16 results a clock per SM: a warp
+# instruction takes 8 clocks of its scheduler's share) and its other instructions issue one a
+# clock: about SOFTMAX_INSTRUCTIONS_PER_SCORE per score a lane (the non-finite check, the maximum,
+# the scaled exponent's FMA, the row sum, half a pack) and COPY_INSTRUCTIONS per 16-byte copy
+# (cp.async and its address). The products and the softmax of an SM's two blocks hardly overlap
+# (H200, 32/8 heads, 128 sequences, 32k prefix: 408 TFLOP/s, `logs/explore-shared-prefix-parts-wgmma.log`),
+# so a tile costs its tensor clocks plus its softmax clocks.
+WGMMA_GPUS = ("h100_sxm", "h100_pcie", "h200")
+WGMMA_MAX_HEAD_DIM = 128
+SFU_RESULTS_PER_CLOCK = 16            # per SM (exp2, Volta through Hopper)
+SCHEDULERS_PER_SM = 4
+SOFTMAX_INSTRUCTIONS_PER_SCORE = 4.5
+COPY_INSTRUCTIONS = 4
+
+
+class CountedRate(float):
+    """A launch's tensor-core rate counted whole from its kernel, the softmax beside the products
+    included (the wgmma blocks): the calibration's `matmul_fraction`, which stands for what the
+    mma.sync count leaves out, is not applied on top of it."""
+
+
+def attend_rows_uses_wgmma(gpu: GPUSpec, head_dim: int, dtype: str) -> bool:
+    """Whether the prefix pass and the tree's segments run on wgmma (Hopper, 16-bit, head_dim up
+    to 128) rather than mma.sync."""
+    return gpu.key in WGMMA_GPUS and head_dim <= WGMMA_MAX_HEAD_DIM and dtype in ("float16", "bfloat16")
+
+
+def attend_rows_wgmma_tile_clocks(gpu: GPUSpec, head_dim: int, dtype: str) -> tuple[float, float]:
+    """(tensor-core clocks, softmax clocks) of one block's KV tile on wgmma (H200, head_dim 128:
+    2,097,152 FLOPs = 512 tensor clocks; 32 scores a lane: 256 SFU clocks, 144 instructions, and
+    16 copies a thread: 64; so 464 softmax clocks)."""
+    t, d = attend_rows_kv_tile(head_dim), head_dim
+    rows = 4 * WARP_ROWS
+    tensor = 4 * rows * t * d / tensor_flops_per_clock_per_sm(gpu)
+    scores_per_lane = WARP_ROWS * t / 32
+    sfu = scores_per_lane * 32 / (SFU_RESULTS_PER_CLOCK / SCHEDULERS_PER_SM)
+    copies = 2 * t * d * dtype_bytes(dtype) // 16 // (4 * 32)
+    return tensor, sfu + scores_per_lane * SOFTMAX_INSTRUCTIONS_PER_SCORE + copies * COPY_INSTRUCTIONS
+
+
 def attend_rows_kv_tile(head_dim: int) -> int:
     """KV rows per pipeline stage (shared_prefix.cu: PrefixTile::KV_TILE)."""
     return 32 if head_dim >= 256 else 64
@@ -250,19 +294,24 @@ def attend_rows_tile_counts(head_dim: int, active_warps: int, dtype: str) -> dic
 
 
 def _tile_clocks(gpu: GPUSpec, head_dim: int, active_warps: int, dtype: str) -> tuple[float, float]:
-    """(tensor-core clocks, shared-memory clocks) of one block's KV tile on its SM."""
+    """(tensor-core clocks, the clocks that bound the tile) of one block's KV tile on its SM: on
+    mma.sync its shared-memory clocks, on wgmma tensor plus softmax clocks (all four warps)."""
+    if attend_rows_uses_wgmma(gpu, head_dim, dtype):
+        tensor, softmax = attend_rows_wgmma_tile_clocks(gpu, head_dim, dtype)
+        return tensor, tensor + softmax
     c = attend_rows_tile_counts(head_dim, active_warps, dtype)
     return c["mma"] * MMA_FLOPS / tensor_flops_per_clock_per_sm(gpu), c["smem_bytes"] / SMEM_BYTES_PER_CLOCK
 
 
 def attend_rows_flops_per_s(gpu: GPUSpec, head_dim: int, dtype: str, active_warps: int = 4) -> float:
-    """The tensor-core rate of a launch of such blocks: the GPU's matmul rate while its tensor
-    cores wait on shared memory, i.e. scaled by tensor-core clocks / shared-memory clocks per
-    tile (H200, head_dim 128, 4 warps: 512 mma = 512 clocks of the tensor cores against 163,840
-    bytes = 1,280 clocks of shared memory, so 0.4 of the rate). The clock cancels: both counts
-    are per SM per clock."""
-    tensor, smem = _tile_clocks(gpu, head_dim, active_warps, dtype)
-    return gpu.matmul_flops_per_s * tensor / max(tensor, smem)
+    """The tensor-core rate of a launch of such blocks. On mma.sync: the GPU's matmul rate while
+    its tensor cores wait on shared memory, i.e. scaled by tensor-core clocks / shared-memory
+    clocks per tile (A100, head_dim 128, 4 warps: 512 mma = 1,024 clocks of the tensor cores
+    against 163,840 bytes = 1,280 clocks of shared memory, so 0.8 of the rate). On wgmma
+    (`attend_rows_uses_wgmma`; every warp computes): scaled by tensor / (tensor + softmax) clocks
+    (H200, head_dim 128: 512 / 976, 0.52). The clock cancels: the counts are per SM per clock."""
+    tensor, bound = _tile_clocks(gpu, head_dim, active_warps, dtype)
+    return gpu.matmul_flops_per_s * tensor / max(tensor, bound)
 
 
 @dataclass(frozen=True)
@@ -290,8 +339,9 @@ def attend_rows_launch(name: str, items: "list[WorkItem]", *, num_kv_heads: int,
     reread = q_rows = matmul = useful = 0
     tensor_clocks = sm_clocks = 0.0
     runs: list = []
+    wgmma = attend_rows_uses_wgmma(gpu, d, dtype)
     for it in items:
-        warps = -(-it.rows // WARP_ROWS)
+        warps = 4 if wgmma and it.rows else -(-it.rows // WARP_ROWS)   # wgmma: the padding rows too
         block_kv = 2 * it.tokens * d * elem
         kv_by_label[it.label] = kv_by_label.get(it.label, 0) + block_kv
         reread += block_kv if it.rereads else 0
@@ -318,15 +368,18 @@ def attend_rows_launch(name: str, items: "list[WorkItem]", *, num_kv_heads: int,
     )
     # (a head_dim the kernels are not built for, below 32, counts no ldmatrix: the GPU's rate)
     rate = gpu.matmul_flops_per_s * tensor_clocks / sm_clocks if tensor_clocks else gpu.matmul_flops_per_s
-    return launch, rate
+    return launch, CountedRate(rate) if wgmma else rate
 
 
 def predict_kernel_launches(variant: str, launches: "list[tuple[Launch, float | None]]", *, gpu: GPUSpec,
                             calibration: Calibration) -> Prediction:
     """`predict_launches` where a launch may have a tensor-core rate of its own (None: the GPU's):
     each launch is timed on the GPU with that rate, and the launches are summed as
-    `predict_launches` sums them (every term, and per launch as '<launch>.<term>')."""
-    parts = [(launch, predict_launches(launch.name, [launch], calibration=calibration,
+    `predict_launches` sums them (every term, and per launch as '<launch>.<term>'). A
+    `CountedRate` is taken whole (no `matmul_fraction`)."""
+    whole = dataclasses.replace(calibration, matmul_fraction=1.0)
+    parts = [(launch, predict_launches(launch.name, [launch],
+                                       calibration=whole if isinstance(rate, CountedRate) else calibration,
                                        gpu=gpu if rate is None else dataclasses.replace(gpu, matmul_flops_per_s=rate)))
              for launch, rate in launches]
     keys = ("launch_s", "hbm_s", "page_lookup_s", "l2_s", "memory_s", "compute_s", "schedule_s", "time_s")

@@ -439,18 +439,36 @@ def test_hydragen_is_the_kernels_two_launches():
         assert rate <= H100.matmul_flops_per_s
 
 
-def test_prefix_pass_rate_is_shared_memory_bound():
+def test_prefix_pass_rate_is_shared_memory_bound_on_mma_sync():
     """Per tile of 64 KV rows at head_dim 128, a block of 4 warps issues 256 ldmatrix.x4 (512 B
     each) and 512 mma.sync m16n8k16, and its copies write 32 KB: 163,840 bytes at 128 a clock is
-    1,280 clocks against 512 for the tensor cores (4,096 FLOPs a clock per SM on Hopper)."""
+    1,280 clocks against 1,024 for the tensor cores (2,048 FLOPs a clock per SM on Ampere)."""
     from costmodel import segments
 
     counts = segments.attend_rows_tile_counts(128, 4, "float16")
     assert counts == {"ldmatrix_x4": 256, "mma": 512, "smem_bytes": 163840}
+    a100 = get_gpu("A100")
+    assert not segments.attend_rows_uses_wgmma(a100, 128, "float16")
+    assert segments.attend_rows_flops_per_s(a100, 128, "float16") == pytest.approx(0.8 * a100.matmul_flops_per_s)
+    # a warp alone (16 query rows) pays the whole tile's copies: 128 mma (256 clocks) against 64
+    # ldmatrix.x4 and 32 KB of copies (64 KB: 512 clocks), half the rate
+    assert segments.attend_rows_flops_per_s(a100, 128, "float16", 1) == pytest.approx(0.5 * a100.matmul_flops_per_s)
+
+
+def test_prefix_pass_rate_on_wgmma_is_bound_by_the_softmax():
+    """On Hopper (wgmma) a tile of 64 KV rows at head_dim 128 is 512 tensor clocks; its softmax
+    256 SFU clocks for 32 exponentials a lane, 144 other instructions and 64 for 16 copies; the
+    rate is 512 / 976 of the GPU's, every warp computing (padding rows too)."""
+    from costmodel import segments
+
     h200 = get_gpu("H200")
-    assert segments.attend_rows_flops_per_s(h200, 128, "float16") == pytest.approx(0.4 * h200.matmul_flops_per_s)
-    # a warp alone (16 query rows) pays the whole tile's copies: a quarter of the rate
-    assert segments.attend_rows_flops_per_s(h200, 128, "float16", 1) == pytest.approx(0.25 * h200.matmul_flops_per_s)
+    assert segments.attend_rows_uses_wgmma(h200, 128, "bfloat16")
+    assert not segments.attend_rows_uses_wgmma(h200, 256, "float16")   # head_dim 256 stays on mma.sync
+    assert not segments.attend_rows_uses_wgmma(h200, 128, "float32")
+    assert segments.attend_rows_wgmma_tile_clocks(h200, 128, "float16") == (512, 464)
+    rate = 512 / 976 * h200.matmul_flops_per_s
+    for warps in (1, 4):
+        assert segments.attend_rows_flops_per_s(h200, 128, "float16", warps) == pytest.approx(rate)
     fused = shared_prefix.predict(shared_prefix.SharedPrefixShape(64, 32, 8, 128, 16384, 256), gpu=h200, fused=True)
     assert fused.launches == 1
 
