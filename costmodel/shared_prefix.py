@@ -236,8 +236,7 @@ def plan_hydragen(
         chunks = best_chunks([shape.prefix_len, shape.suffix_len], time_of)
         return FusedHydragenPlan(shape, *(f or c for f, c in zip(fixed, chunks)), num_sms=num_sms)
     s = shape
-    chunk = fixed[0] or prefix_pass_chunk(max(s.prefix_len, 1), s.batch * s.group_size, s.num_kv_heads, num_sms,
-                                          attend_rows_blocks_per_sm(s.head_dim), attend_rows_kv_tile(s.head_dim))
+    chunk = fixed[0] or hydragen_prefix_chunk(s, gpu=spec, num_sms=num_sms, calibration=calibration)
     suffix = None
     if s.suffix_len:
         suffix = plan_split_kv(s.batch, s.num_qo_heads, s.num_kv_heads, s.head_dim, s.suffix_len, dtype=s.dtype,
@@ -245,6 +244,36 @@ def plan_hydragen(
         if fixed[1] is not None and fixed[1] != suffix.chunk_size:
             suffix = dataclasses.replace(suffix, chunk_size=fixed[1], num_splits=-(-s.suffix_len // fixed[1]))
     return HydragenPlan(shape, chunk, suffix, num_sms=num_sms)
+
+
+def hydragen_prefix_chunk(shape: SharedPrefixShape, *, gpu: "GPUSpec | str", num_sms: int | None = None,
+                          calibration: Calibration | None = None) -> int:
+    """The prefix chunk of Hydragen's prefix pass (the kernels' plan): of the one-wave chunk
+    (`prefix_pass_chunk`), its half and its doublings (x2, x4), the one whose whole call the model
+    predicts fastest, the one-wave chunk on a tie. Fewer, longer chunks leave SMs idle in the
+    prefix pass but shorten the suffix launch's merge of one state per chunk. Measured on H200
+    (whole call, us; `logs/explore-prefix-chunk-sweep.log`): 32/8 heads, batch 16, 8192 + 256:
+    c256 33.3, c512 31.3, c1024 35.4 (the model: 35.1, 32.1, 34.2); on the grid's other seven rows
+    the one-wave chunk was within 1.5% of the fastest."""
+    check_shape_type(shape, SharedPrefixShape)
+    spec, num_sms = plan_gpu(gpu, num_sms, default_num_sms=DEFAULT_NUM_SMS)
+    s = shape
+    tile = attend_rows_kv_tile(s.head_dim)
+    one_wave = prefix_pass_chunk(max(s.prefix_len, 1), s.batch * s.group_size, s.num_kv_heads, num_sms,
+                                 attend_rows_blocks_per_sm(s.head_dim), tile)
+    longest = max(tile, -(-max(s.prefix_len, 1) // tile) * tile)
+    candidates = sorted({one_wave, max(tile, one_wave // 2 // tile * tile), min(longest, 2 * one_wave),
+                         min(longest, 4 * one_wave)})
+    if len(candidates) == 1:
+        return one_wave
+
+    def time_of(chunk: int) -> float:
+        plan = plan_hydragen(s, gpu=spec, num_sms=num_sms, prefix_chunk_size=chunk)
+        return predict(s, method="hydragen", gpu=spec, calibration=calibration, plan=plan).time_s
+
+    times = {c: time_of(c) for c in candidates}
+    best = min(candidates, key=lambda c: (times[c], c != one_wave))
+    return one_wave if times[one_wave] <= times[best] else best
 
 
 def prefix_pass_chunk(prefix_len: int, query_rows: int, num_kv_heads: int, num_sms: int,

@@ -5,15 +5,20 @@ Hydragen (`method="hydragen"`) runs two launches on the caller's stream:
 
 1. `shared_prefix_kernel` (cuda/shared_prefix.cu): per KV head, the queries of all sequences and
    all query heads of its group as rows of one matrix, 64 rows a block, against chunks of the
-   prefix on the tensor cores; a float32 partial state (out, lse) per row and chunk.
+   prefix on the tensor cores (wgmma on Hopper up to head_dim 128, the next tile's scores computed
+   while the warps take this tile's softmax; mma.sync at head_dim 256 and on other GPUs); a
+   float32 partial state (out, lse) per row and chunk.
 2. The suffixes by this project's split-KV kernel (`gpukernels.split_kv`), contiguous or paged;
    the block that writes a row's output merges the prefix chunks' states into it by LSE, in
    float32 (`SplitKV.run`'s `states`). With no suffix tokens at all, `merge_prefix_chunks_kernel`
    merges the chunks instead.
 
-The prefix chunk fills one wave of resident blocks (`costmodel.shared_prefix.prefix_pass_chunk`).
-The cost model predicts Hydragen as one fused launch; these two launches are not that launch
-yet (results/h200/NOTES.md).
+Hydragen's prefix chunk is the one, of the chunk that fills one wave of resident blocks and its half
+and doublings, whose whole call the cost model predicts fastest
+(`costmodel.shared_prefix.hydragen_prefix_chunk`); the bifurcated method's fills one wave
+(`costmodel.shared_prefix.prefix_pass_chunk`).
+The cost model predicts these two launches (`costmodel.shared_prefix.predict`), and, with
+`fused=True`, the single launch they are not yet (results/h200/NOTES.md).
 float16 and bfloat16; head_dim 64, 128 and 256.
 
 Bifurcated attention (`method="bifurcated"`): the paper's one softmax over the prefix and suffix
@@ -344,12 +349,13 @@ def plan_shared_prefix(batch: int, num_qo_heads: int, num_kv_heads: int, head_di
                        suffix_len: int, *, method: str = "hydragen", dtype: str = "float16",
                        prefix_chunk_size: int | None = None, page_size: int = 0, num_sms: int | None = None,
                        gpu=None) -> SharedPrefixPlan:
-    """The plan of a shared-prefix call (made on the host, no GPU needed): the prefix chunk that
-    fills one wave of resident blocks; for Hydragen the suffixes' split plan from the cost model.
+    """The plan of a shared-prefix call (made on the host, no GPU needed): the prefix chunk (for
+    Hydragen the one the cost model predicts fastest, for the bifurcated method the one that fills
+    one wave of resident blocks); for Hydragen the suffixes' split plan from the cost model.
     `page_size` > 0 plans for suffixes in pages of that size (`SharedPrefix.run_paged`). `num_sms`
     and `gpu` as for `plan_split_kv` (the H100's 132 SMs when neither is given)."""
     from costmodel.gpus import plan_gpu  # noqa: PLC0415
-    from costmodel.shared_prefix import prefix_pass_chunk  # noqa: PLC0415
+    from costmodel.shared_prefix import SharedPrefixShape, hydragen_prefix_chunk, prefix_pass_chunk  # noqa: PLC0415
     from costmodel.split_kv import DEFAULT_NUM_SMS  # noqa: PLC0415
 
     _check_method(method, allow_auto=False)
@@ -366,7 +372,7 @@ def plan_shared_prefix(batch: int, num_qo_heads: int, num_kv_heads: int, head_di
     _check_kernel_support(method, dtype, head_dim)
     if prefix_len + suffix_len >= 2**31:
         raise ValueError(f"prefix_len + suffix_len must stay below 2**31, got {prefix_len + suffix_len}")
-    _, sms = plan_gpu(gpu, num_sms, default_num_sms=DEFAULT_NUM_SMS)
+    spec, sms = plan_gpu(gpu, num_sms, default_num_sms=DEFAULT_NUM_SMS)
     tile = _chunk_tile(method, dtype, head_dim)
     rows = batch * (num_qo_heads // num_kv_heads)   # query rows per KV head
     common = (batch, num_qo_heads, num_kv_heads, head_dim, int(prefix_len), int(suffix_len), dtype)
@@ -376,8 +382,11 @@ def plan_shared_prefix(batch: int, num_qo_heads: int, num_kv_heads: int, head_di
         # The CUDA-core values pass serves tiles of SIMT_ROWS rows: counted as row tiles of 64.
         chunk = prefix_pass_chunk(max(int(prefix_len), 1), rows * (QUERY_ROWS // bifurcated.SIMT_ROWS),
                                   num_kv_heads, sms, 2, tile)
-    else:
+    elif method == "bifurcated":
         chunk = prefix_pass_chunk(max(int(prefix_len), 1), rows, num_kv_heads, sms, blocks_per_sm(head_dim), tile)
+    else:   # the chunk whose whole call the cost model predicts fastest
+        chunk = hydragen_prefix_chunk(SharedPrefixShape(batch, num_qo_heads, num_kv_heads, head_dim, int(prefix_len),
+                                                        int(suffix_len), dtype=dtype), gpu=spec, num_sms=sms)
     if method == "bifurcated":
         return SharedPrefixPlan(*common, chunk, None, "bifurcated", int(page_size),
                                 _logits_row_tiles(int(prefix_len), rows, num_kv_heads, sms, dtype))
