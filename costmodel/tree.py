@@ -29,7 +29,8 @@ from .segments import (QUERY_TILE_ROWS, SegmentGroup, WorkItem, attend_rows_kv_t
                        best_chunks, predict_kernel_launches, predict_planned, segments_launch)
 from .split_kv import DEFAULT_NUM_SMS
 
-__all__ = ["TreeShape", "TreePlan", "FusedTreePlan", "plan_tree", "tree_chunk_size", "predict"]
+__all__ = ["TreeShape", "TreePlan", "FusedTreePlan", "plan_tree", "tree_chunk_size", "predict", "predict_work",
+           "fastest_chunk", "chunk_candidates_of_tree"]
 
 LONGEST_CHUNK = 8192   # the kernels' first chunk size (gpukernels.tree.choose_work)
 
@@ -94,14 +95,54 @@ def _items(shape: TreeShape, chunk_size: int) -> list[WorkItem]:
     return items
 
 
-def tree_chunk_size(shape: TreeShape, num_sms: int) -> int:
-    """The chunk `gpukernels.tree.choose_work` takes: the longest power of two from LONGEST_CHUNK
-    down to one pipeline tile whose work list gives every SM two blocks (the shortest if none)."""
-    tile = attend_rows_kv_tile(shape.head_dim)
-    chunk = LONGEST_CHUNK
-    while chunk > tile and len(_items(shape, chunk)) * shape.num_kv_heads < 2 * num_sms:
+def chunk_candidates_of_tree(tile: int) -> list[int]:
+    """The chunk sizes the kernels consider: powers of two from LONGEST_CHUNK down to one tile."""
+    out, chunk = [], LONGEST_CHUNK
+    while chunk >= tile:
+        out.append(chunk)
         chunk //= 2
-    return chunk
+    return out or [tile]
+
+
+def fastest_chunk(time_of, tile: int) -> int:
+    """Of `chunk_candidates_of_tree(tile)`, the chunk with the smallest predicted time (the longer
+    on a tie)."""
+    times = {c: time_of(c) for c in chunk_candidates_of_tree(tile)}
+    return min(times, key=lambda c: (times[c], -c))
+
+
+def work_launches(items: "list[WorkItem]", *, batch: int, num_qo_heads: int, num_kv_heads: int, head_dim: int,
+                  dtype: str, parts_per_sequence: int, gpu: GPUSpec) -> list[tuple[Launch, float | None]]:
+    """The segments launch of `items` (one KV head's blocks; with its tensor-core rate) and the
+    merge of `parts_per_sequence` states per (sequence, query head)."""
+    out: list[tuple[Launch, float | None]] = []
+    if items:
+        out.append(attend_rows_launch("segments", items, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype,
+                                      gpu=gpu))
+    merge = MergeStatesShape(max(1, parts_per_sequence), batch, num_qo_heads, head_dim, "float32")
+    out.append((dataclasses.replace(merge_states_launch(merge), name="merge"), None))
+    return out
+
+
+def predict_work(items: "list[WorkItem]", *, batch: int, num_qo_heads: int, num_kv_heads: int, head_dim: int,
+                 dtype: str, parts_per_sequence: int, gpu: "GPUSpec | str",
+                 calibration: Calibration | None = None) -> Prediction:
+    """The two launches of any tree's work list (`gpukernels.tree.plan_tree_work` as WorkItems)."""
+    spec = get_gpu(gpu)
+    launches = work_launches(items, batch=batch, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
+                             head_dim=head_dim, dtype=dtype, parts_per_sequence=parts_per_sequence, gpu=spec)
+    return predict_kernel_launches("tree", launches, gpu=spec, calibration=calibration_for(spec, calibration))
+
+
+def tree_chunk_size(shape: TreeShape, num_sms: int, gpu: "GPUSpec | str | None" = None) -> int:
+    """The chunk `gpukernels.tree.choose_work` takes: of the powers of two from LONGEST_CHUNK down
+    to one pipeline tile, the one whose two launches the model predicts fastest (the longer on a
+    tie). Measured on H200 (the tree row, us; `logs/explore-tree-chunk-sweep.log`): 256 201.0, 512
+    191.4, 1024 190.4, 2048 198.5, 4096 219.8, 8192 220.5 (the model: 162.2, 155.4, 155.1, 159.4,
+    176.6, 176.6)."""
+    spec, num_sms = plan_gpu(gpu, num_sms, default_num_sms=DEFAULT_NUM_SMS)
+    return fastest_chunk(lambda c: predict(shape, gpu=spec, plan=TreePlan(shape, c, num_sms=num_sms)).time_s,
+                         attend_rows_kv_tile(shape.head_dim))
 
 
 @dataclass(frozen=True)
@@ -123,15 +164,9 @@ class TreePlan:
     def launches(self, gpu: "GPUSpec | str") -> list[tuple[Launch, float | None]]:
         """The segments launch (with its tensor-core rate) and the merge."""
         s = self.shape
-        spec = get_gpu(gpu)
-        out: list[tuple[Launch, float | None]] = []
-        items = self.items()
-        if items:
-            out.append(attend_rows_launch("segments", items, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
-                                          dtype=s.dtype, gpu=spec))
-        merge = MergeStatesShape(self.parts_per_sequence, s.batch, s.num_qo_heads, s.head_dim, "float32")
-        out.append((dataclasses.replace(merge_states_launch(merge), name="merge"), None))
-        return out
+        return work_launches(self.items(), batch=s.batch, num_qo_heads=s.num_qo_heads, num_kv_heads=s.num_kv_heads,
+                             head_dim=s.head_dim, dtype=s.dtype, parts_per_sequence=self.parts_per_sequence,
+                             gpu=get_gpu(gpu))
 
 
 @dataclass(frozen=True)
@@ -175,7 +210,7 @@ def plan_tree(
     check_shape_type(shape, TreeShape)
     spec, num_sms = plan_gpu(gpu, num_sms, default_num_sms=DEFAULT_NUM_SMS)
     if not fused:
-        return TreePlan(shape, tree_chunk_size(shape, num_sms), num_sms=num_sms)
+        return TreePlan(shape, tree_chunk_size(shape, num_sms, gpu=spec), num_sms=num_sms)
     cal = calibration_for(spec, calibration)
 
     def time_of(chunks):

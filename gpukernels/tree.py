@@ -26,7 +26,7 @@ from decode_attention.contract import check_tree
 from . import _runtime as rt
 from .shared_prefix import (MERGE_THREADS, PREFIX_DTYPES, QUERY_ROWS, THREADS, kv_tile, merge_blocks,
                             pipeline_stages, stage_bytes)
-from .split_kv import num_sms, outputs
+from .split_kv import device_gpu, num_sms, outputs
 
 __all__ = ["TreeWork", "plan_tree_work", "choose_work", "choose_chunk_size", "tree"]
 
@@ -81,16 +81,42 @@ def plan_tree_work(seg_indptr, path_indptr, path_segs, *, group_size: int, chunk
                     first_state.astype(np.int32), part_indptr.astype(np.int32), int(part_indptr[-1]))
 
 
+def work_items(work: TreeWork, group_size: int) -> list:
+    """The work list as the cost model's WorkItems (tokens, query rows, whether a later row tile)."""
+    from costmodel.segments import WorkItem  # noqa: PLC0415
+
+    return [WorkItem(int(end - begin), min(QUERY_ROWS, int(n) * group_size - int(first_row)), int(first_row) > 0)
+            for begin, end, _, n, first_row, _ in work.work]
+
+
 def choose_work(seg_indptr, path_indptr, path_segs, *, group_size: int, num_kv_heads: int,
-                sms: int, tile: int) -> TreeWork:
-    """The work list of the longest power-of-two chunk (from 8192 down to one pipeline tile) that
-    still gives every SM two blocks; of the shortest when none does."""
-    chunk = 8192
-    while True:
-        work = plan_tree_work(seg_indptr, path_indptr, path_segs, group_size=group_size, chunk_size=chunk)
-        if chunk <= tile or len(work.work) * num_kv_heads >= 2 * sms:
-            return work
-        chunk //= 2
+                sms: int, tile: int, head_dim: int = 128, dtype: str = "float16", gpu=None) -> TreeWork:
+    """The work list of the chunk (a power of two from 8192 down to one pipeline tile) whose two
+    launches the cost model predicts fastest (`costmodel.tree.fastest_chunk`), for `gpu` (a
+    GPUSpec or name; the H100's when None) with `sms` SMs. Chosen once per tree and shape."""
+    key = (np.asarray(seg_indptr, np.int64).tobytes(), np.asarray(path_indptr, np.int64).tobytes(),
+           np.asarray(path_segs, np.int64).tobytes(), group_size, num_kv_heads, sms, tile, head_dim, dtype,
+           getattr(gpu, "key", gpu))
+    chunk = _CHOSEN.get(key)
+    if chunk is None:
+        from costmodel.gpus import plan_gpu  # noqa: PLC0415
+        from costmodel.tree import fastest_chunk, predict_work  # noqa: PLC0415
+
+        spec, _ = plan_gpu(gpu, None, default_num_sms=sms)
+        batch = len(path_indptr) - 1
+
+        def time_of(c: int) -> float:
+            work = plan_tree_work(seg_indptr, path_indptr, path_segs, group_size=group_size, chunk_size=c)
+            parts = int(np.diff(work.part_indptr).max()) if batch else 1
+            return predict_work(work_items(work, group_size), batch=max(batch, 1), num_qo_heads=group_size * num_kv_heads,
+                                num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, parts_per_sequence=parts,
+                                gpu=spec).time_s
+
+        chunk = _CHOSEN[key] = fastest_chunk(time_of, tile)
+    return plan_tree_work(seg_indptr, path_indptr, path_segs, group_size=group_size, chunk_size=chunk)
+
+
+_CHOSEN: dict = {}
 
 
 def choose_chunk_size(seg_indptr, path_indptr, path_segs, **kwargs) -> int:
@@ -155,7 +181,7 @@ def tree(q, k_segs, v_segs, seg_indptr, path_indptr, path_segs, *, sm_scale=None
     tile = kv_tile(D)
     if chunk_size is None:
         work = choose_work(seg_h, ind_h, segs_h, group_size=G, num_kv_heads=Hkv, sms=num_sms(device_id),
-                           tile=tile)
+                           tile=tile, head_dim=D, dtype=problem.dtype, gpu=device_gpu(device_id))
     elif not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool):
         raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
     elif chunk_size < tile or chunk_size % tile:

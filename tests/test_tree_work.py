@@ -83,5 +83,12 @@ def test_each_segment_is_read_once_per_64_rows_of_its_sharers():
     assert work.num_states == 64 * (4 + 2 + 1)
     tokens_read = sum(int(e - b) for b, e, *_ in work.work)
     assert tokens_read == sum(lens)          # every segment once, for all its sharers
-    assert choose_chunk_size(seg_indptr, path_indptr, path_segs, group_size=1, num_kv_heads=32,
-                             sms=132, tile=64) == 8192   # 73 items x 32 heads fill 132 SMs twice
+    # the chunk the cost model predicts fastest for this tree, as it predicts the level shape
+    from costmodel import tree as tree_model
+
+    chosen = choose_chunk_size(seg_indptr, path_indptr, path_segs, group_size=1, num_kv_heads=32, sms=132, tile=64)
+    shape = tree_model.TreeShape(64, 32, 32, 128, ((1, 4096), (8, 2048), (64, 256)))
+    assert chosen == tree_model.tree_chunk_size(shape, 132)
+    times = {c: tree_model.predict(shape, gpu="H100", plan=tree_model.TreePlan(shape, c)).time_s
+             for c in tree_model.chunk_candidates_of_tree(64)}
+    assert times[chosen] == min(times.values())
