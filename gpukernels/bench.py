@@ -1048,11 +1048,12 @@ def _tree_chunk(seg_indptr, path_indptr, path_segs, num_kv_heads: int, device_id
     """The chunk size the tree kernel picks for itself (`gpukernels.tree.choose_chunk_size`)."""
     try:
         from gpukernels.shared_prefix import kv_tile
-        from gpukernels.split_kv import num_sms
+        from gpukernels.split_kv import device_gpu, num_sms
         from gpukernels.tree import choose_chunk_size
 
         return int(choose_chunk_size(seg_indptr, path_indptr, path_segs, group_size=NUM_QO_HEADS // num_kv_heads,
-                                     num_kv_heads=num_kv_heads, sms=num_sms(device_id), tile=kv_tile(HEAD_DIM)))
+                                     num_kv_heads=num_kv_heads, sms=num_sms(device_id), tile=kv_tile(HEAD_DIM),
+                                     head_dim=HEAD_DIM, dtype="float16", gpu=device_gpu(device_id)))
     except Exception as exc:  # noqa: BLE001 - the row goes without it
         _progress(f"  no tree chunk size: {_error_line(exc)}")
         return None

@@ -9,7 +9,7 @@ import cupy as cp
 
 from gpukernels.bench import (HEAD_DIM, NUM_QO_HEADS, TREE_BATCH, TREE_KV_HEADS, TREE_LEVELS, Timer, _randn16,
                               tree_layout)
-from gpukernels.split_kv import num_sms
+from gpukernels.split_kv import device_gpu, num_sms
 from gpukernels.tree import choose_chunk_size, kv_tile, tree
 
 timer = Timer(30)
@@ -20,7 +20,8 @@ k, v = _randn16((total, TREE_KV_HEADS, HEAD_DIM)), _randn16((total, TREE_KV_HEAD
 out = cp.empty((TREE_BATCH, NUM_QO_HEADS, HEAD_DIM), cp.float16)
 lse = cp.empty((TREE_BATCH, NUM_QO_HEADS), cp.float32)
 chunk0 = choose_chunk_size(seg_indptr, path_indptr, path_segs, group_size=NUM_QO_HEADS // TREE_KV_HEADS,
-                           num_kv_heads=TREE_KV_HEADS, sms=num_sms(cp.cuda.Device().id), tile=kv_tile(HEAD_DIM))
+                           num_kv_heads=TREE_KV_HEADS, sms=num_sms(cp.cuda.Device().id), tile=kv_tile(HEAD_DIM),
+                           head_dim=HEAD_DIM, dtype="float16", gpu=device_gpu(cp.cuda.Device().id))
 res = {}
 for chunk in (256, 512, 1024, 2048, 4096, 8192):
     res[f"c{chunk}{'*' if chunk == chunk0 else ''}"] = timer(
