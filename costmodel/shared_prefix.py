@@ -272,8 +272,7 @@ def hydragen_prefix_chunk(shape: SharedPrefixShape, *, gpu: "GPUSpec | str", num
         return predict(s, method="hydragen", gpu=spec, calibration=calibration, plan=plan).time_s
 
     times = {c: time_of(c) for c in candidates}
-    best = min(candidates, key=lambda c: (times[c], c != one_wave))
-    return one_wave if times[one_wave] <= times[best] else best
+    return min(candidates, key=lambda c: (times[c], c != one_wave))
 
 
 def prefix_pass_chunk(prefix_len: int, query_rows: int, num_kv_heads: int, num_sms: int,

@@ -49,24 +49,21 @@ def coverage() -> None:
     torch.cuda.synchronize()
 
 
-def finish() -> None:
-    B, hkv, P, S = 16, 8, 8192, 256
+def _shared_prefix_calls(B: int, hkv: int, P: int, S: int, method: str) -> None:
     q = _randn16((B, NUM_QO_HEADS, HEAD_DIM))
     kp, vp = _randn16((P, hkv, HEAD_DIM)), _randn16((P, hkv, HEAD_DIM))
     ks, vs = _randn16((B, S, hkv, HEAD_DIM)), _randn16((B, S, hkv, HEAD_DIM))
     for _ in range(CALLS):
-        gpukernels.shared_prefix(q, kp, vp, ks, vs, method="bifurcated")
+        gpukernels.shared_prefix(q, kp, vp, ks, vs, method=method)
     cp.cuda.Device().synchronize()
+
+
+def finish() -> None:
+    _shared_prefix_calls(16, 8, 8192, 256, "bifurcated")
 
 
 def prefix() -> None:
-    B, hkv, P, S = 128, 8, 32768, 256
-    q = _randn16((B, NUM_QO_HEADS, HEAD_DIM))
-    kp, vp = _randn16((P, hkv, HEAD_DIM)), _randn16((P, hkv, HEAD_DIM))
-    ks, vs = _randn16((B, S, hkv, HEAD_DIM)), _randn16((B, S, hkv, HEAD_DIM))
-    for _ in range(CALLS):
-        gpukernels.shared_prefix(q, kp, vp, ks, vs)
-    cp.cuda.Device().synchronize()
+    _shared_prefix_calls(128, 8, 32768, 256, "hydragen")
 
 
 def summary() -> None:
