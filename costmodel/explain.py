@@ -164,7 +164,9 @@ def _predictions(w: Workload, gpu: GPUSpec, cal: Calibration) -> list[tuple[str,
         ts = tree.TreeShape(b, hq, hkv, d, ((1, w.prefix_len), (b, w.suffix_len)), w.dtype)
         tp = tree.plan_tree(ts, gpu=gpu, calibration=cal)
         out.append(("tree", tree.predict(ts, gpu=gpu, calibration=cal, plan=tp),
-                    f"2 levels in chunks of {tp.chunk_size}, then the merge"))
+                    f"2 levels: the shared one in chunks of {tp.chunk_size}, then "
+                    + ("each sequence's own tokens by split-KV, merging the shared states" if tp.form == "own"
+                       else "the merge of each sequence's states")))
     if w.density < 1.0:
         shape = span.SpanShape.from_density(b, hq, hkv, d, n, density=w.density, num_spans=w.num_spans,
                                             dtype=w.dtype)

@@ -160,7 +160,11 @@ def predict_row(row: dict, gpu: "GPUSpec | str", *,
         if method == "naive":   # every path copied into a contiguous cache, then split-KV
             return split_kv.predict(_split_plan({**row, "kv_len": _need(row, "context_len")}, gpu, page_size=0,
                                                 force_unsplit=False), gpu=gpu, calibration=cal)
-        return tree.predict(_tree_shape(row), gpu=gpu, calibration=cal)
+        shape = _tree_shape(row)
+        plan = None
+        if row.get("chunk_size") is not None:   # the form and chunk the run took
+            plan = tree.TreePlan(shape, int(row["chunk_size"]), num_sms=gpu.num_sms, form=row.get("form", "merge"))
+        return tree.predict(shape, gpu=gpu, calibration=cal, plan=plan)
     if variant == "span":
         shape = _span_shape(row)
         splits = row.get("num_splits")

@@ -156,19 +156,29 @@ class HydragenPlan:
         if self.suffix is not None:
             launch = split_kv_launch(self.suffix, list(s.lens()), name="suffixes")
             renamed = {f"{k}_suffix" if k in ("k", "v") else k: v for k, v in launch.bytes_by_tensor.items()}
-            runs = launch.block_runs
-            if self.num_chunks:
-                n, rows = self.num_chunks, s.batch * s.num_qo_heads
-                renamed["prefix_states"] = n * rows * (s.head_dim + 1) * F32
-                direct = self.suffix.num_splits == 1
-                trips = -(-n // STATES_BATCH) if direct and n > PREFETCHED_STATES else 0
-                per_block = n * (rows // max(launch.busy_blocks, 1)) * (s.head_dim + 1) * F32 if direct else 0
-                runs = tuple((b + per_block, t + trips, c) if (b or t) else (b, t, c) for b, t, c in runs)
-            out.append((dataclasses.replace(launch, bytes_by_tensor=renamed, block_runs=runs), None))
+            launch = dataclasses.replace(launch, bytes_by_tensor=renamed)
+            out.append((with_merged_states(launch, self.suffix, self.num_chunks, "prefix_states"), None))
         else:
             merge = MergeStatesShape(max(self.num_chunks, 1), s.batch, s.num_qo_heads, s.head_dim, "float32")
             out.append((dataclasses.replace(merge_states_launch(merge), name="merge"), None))
         return out
+
+
+def with_merged_states(launch: Launch, plan: SplitKVPlan, num_states: int, name: str) -> Launch:
+    """A split-KV launch of `plan` whose blocks that write a row's output also read and merge
+    `num_states` float32 states of every row (split_kv.cu: ExtraStates): their bytes (as `name`),
+    and for a block that writes its output directly one more round trip per STATES_BATCH states
+    when there are more than PREFETCHED_STATES, which it loads at its end instead of its start."""
+    if not num_states:
+        return launch
+    n, rows = num_states, plan.batch * plan.num_qo_heads
+    bytes_by_tensor = dict(launch.bytes_by_tensor)
+    bytes_by_tensor[name] = n * rows * (plan.head_dim + 1) * F32
+    direct = plan.num_splits == 1
+    trips = -(-n // STATES_BATCH) if direct and n > PREFETCHED_STATES else 0
+    per_block = n * (rows // max(launch.busy_blocks, 1)) * (plan.head_dim + 1) * F32 if direct else 0
+    runs = tuple((b + per_block, t + trips, c) if (b or t) else (b, t, c) for b, t, c in launch.block_runs)
+    return dataclasses.replace(launch, bytes_by_tensor=bytes_by_tensor, block_runs=runs)
 
 
 @dataclass(frozen=True)

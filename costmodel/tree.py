@@ -5,10 +5,13 @@ The shape is given by levels: level i has `num_segments` segments of `seg_len` t
 sequences are split evenly among them (segment j of a level is shared by sequences
 `j * batch / num_segments ...`). `gpukernels.tree` runs two launches (`TreePlan.launches`): the
 segments launch, one block per (segment, chunk, tile of 64 query rows) and KV head, every segment
-read once for all its sequences as a tensor-core product (`costmodel.segments.attend_rows_launch`,
-the blocks of Hydragen's prefix pass), and the merge of each sequence's states by LSE. One chunk
-size for every segment, as the kernels choose it (`tree_chunk_size`). `fused=True` predicts
-instead one fused launch with a chunk size per level chosen by the model (`FusedTreePlan`).
+shared by two sequences or more read once for all of them as a tensor-core product
+(`costmodel.segments.attend_rows_launch`, the blocks of Hydragen's prefix pass), then each
+sequence's own tokens (the segments no other sequence reads) by split-KV over windows of its
+rows, whose blocks merge the shared segments' states into their outputs (as Hydragen's suffixes
+merge the prefix's; `own_tokens_launch`). One chunk size for every shared segment, as the kernels
+choose it (`tree_chunk_size`). `fused=True` predicts instead one fused launch with a chunk size
+per level chosen by the model (`FusedTreePlan`).
 
 Example: the tree of docs/benchmarks.md, 64 sequences, a 4096-token root, 8 groups of 8 sharing 2048 more and
 256 own tokens each: `TreeShape(64, 32, 32, 128, levels=((1, 4096), (8, 2048), (64, 256)))`.
@@ -27,12 +30,15 @@ from .prediction import (Launch, Prediction, calibration_for, check_int_tuple, c
                          check_shape_type, dtype_bytes, predict_launches, resolve_plan)
 from .segments import (QUERY_TILE_ROWS, SegmentGroup, WorkItem, attend_rows_kv_tile, attend_rows_launch,
                        best_chunks, predict_kernel_launches, predict_planned, segments_launch)
-from .split_kv import DEFAULT_NUM_SMS
+from .shared_prefix import with_merged_states
+from .split_kv import DEFAULT_NUM_SMS, ROWS_PER_WARP_TILE, SplitKVPlan, plan_split_kv, split_kv_launch
 
 __all__ = ["TreeShape", "TreePlan", "FusedTreePlan", "plan_tree", "tree_chunk_size", "predict", "predict_work",
-           "fastest_chunk", "chunk_candidates_of_tree"]
+           "chunk_candidates_of_tree", "own_tokens_plan", "own_tokens_launch", "kernels_plan",
+           "FORMS"]
 
 LONGEST_CHUNK = 8192   # the kernels' first chunk size (gpukernels.tree.choose_work)
+WINDOW_ROWS = ROWS_PER_WARP_TILE   # rows of a window of own tokens at most (gpukernels.split_kv.WINDOW_ROWS)
 
 
 @dataclass(frozen=True)
@@ -78,13 +84,17 @@ def _check_levels(levels) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def _items(shape: TreeShape, chunk_size: int) -> list[WorkItem]:
+def _items(shape: TreeShape, chunk_size: int, shared_only: bool = True) -> list[WorkItem]:
     """The segments launch's blocks of one KV head in the work list's order: segment by segment
-    (root first), chunk by chunk, tiles of QUERY_TILE_ROWS of its sharers' query rows."""
+    (root first), chunk by chunk, tiles of QUERY_TILE_ROWS of its sharers' query rows; with
+    `shared_only` ("own" form) only the shared segments (the levels of one segment per sequence are
+    its own tokens, read by split-KV)."""
     s = shape
     group_size = s.num_qo_heads // s.num_kv_heads
     items = []
     for level, (n, length) in enumerate(s.levels):
+        if shared_only and n == s.batch:
+            continue
         rows = s.batch // n * group_size
         for _ in range(n if length else 0):
             for c in range(-(-length // chunk_size)):
@@ -104,21 +114,36 @@ def chunk_candidates_of_tree(tile: int) -> list[int]:
     return out or [tile]
 
 
-def fastest_chunk(time_of, tile: int) -> int:
-    """Of `chunk_candidates_of_tree(tile)`, the chunk with the smallest predicted time (the longer
-    on a tie)."""
-    times = {c: time_of(c) for c in chunk_candidates_of_tree(tile)}
-    return min(times, key=lambda c: (times[c], -c))
+def own_tokens_plan(batch: int, num_qo_heads: int, num_kv_heads: int, head_dim: int, longest_rows: int, *,
+                    dtype: str, gpu: "GPUSpec | str", num_sms: int) -> SplitKVPlan:
+    """The split-KV plan of the sequences' own tokens: windows of WINDOW_ROWS rows, as a paged
+    plan for the longest sequence's `longest_rows` (its windows' rows; at least 1)."""
+    return plan_split_kv(batch, num_qo_heads, num_kv_heads, head_dim, max(int(longest_rows), 1), dtype=dtype,
+                         num_sms=num_sms, page_size=WINDOW_ROWS, gpu=gpu)
+
+
+def own_tokens_launch(plan: SplitKVPlan, rows: "list[int]", num_states: int) -> Launch:
+    """The launch of the sequences' own tokens (`rows`: each sequence's windows' rows) that merges
+    `num_states` states of every row (the shared segments' chunks, empty ones included)."""
+    launch = split_kv_launch(plan, list(rows), name="own")
+    renamed = {f"{k}_own" if k in ("k", "v") else k: v for k, v in launch.bytes_by_tensor.items()}
+    return with_merged_states(dataclasses.replace(launch, bytes_by_tensor=renamed), plan, num_states,
+                              "shared_states")
 
 
 def work_launches(items: "list[WorkItem]", *, batch: int, num_qo_heads: int, num_kv_heads: int, head_dim: int,
-                  dtype: str, parts_per_sequence: int, gpu: GPUSpec) -> list[tuple[Launch, float | None]]:
-    """The segments launch of `items` (one KV head's blocks; with its tensor-core rate) and the
-    merge of `parts_per_sequence` states per (sequence, query head)."""
+                  dtype: str, parts_per_sequence: int, gpu: GPUSpec,
+                  own: "tuple[SplitKVPlan, list[int]] | None" = None) -> list[tuple[Launch, float | None]]:
+    """The segments launch of `items` (one KV head's blocks; with its tensor-core rate), then
+    with `own` (the own tokens' plan and each sequence's rows) the own tokens' launch merging
+    `parts_per_sequence` states per (sequence, query head), without it the merge of that many."""
     out: list[tuple[Launch, float | None]] = []
     if items:
         out.append(attend_rows_launch("segments", items, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype,
                                       gpu=gpu))
+    if own is not None:
+        out.append((own_tokens_launch(own[0], own[1], parts_per_sequence), None))
+        return out
     merge = MergeStatesShape(max(1, parts_per_sequence), batch, num_qo_heads, head_dim, "float32")
     out.append((dataclasses.replace(merge_states_launch(merge), name="merge"), None))
     return out
@@ -126,47 +151,85 @@ def work_launches(items: "list[WorkItem]", *, batch: int, num_qo_heads: int, num
 
 def predict_work(items: "list[WorkItem]", *, batch: int, num_qo_heads: int, num_kv_heads: int, head_dim: int,
                  dtype: str, parts_per_sequence: int, gpu: "GPUSpec | str",
-                 calibration: Calibration | None = None) -> Prediction:
-    """The two launches of any tree's work list (`gpukernels.tree.plan_tree_work` as WorkItems)."""
+                 calibration: Calibration | None = None,
+                 own: "tuple[SplitKVPlan, list[int]] | None" = None) -> Prediction:
+    """The two launches of any tree's work list (`gpukernels.tree.plan_tree_work` as WorkItems;
+    `own` as for `work_launches`)."""
     spec = get_gpu(gpu)
     launches = work_launches(items, batch=batch, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
-                             head_dim=head_dim, dtype=dtype, parts_per_sequence=parts_per_sequence, gpu=spec)
+                             head_dim=head_dim, dtype=dtype, parts_per_sequence=parts_per_sequence, gpu=spec,
+                             own=own)
     return predict_kernel_launches("tree", launches, gpu=spec, calibration=calibration_for(spec, calibration))
 
 
-def tree_chunk_size(shape: TreeShape, num_sms: int, gpu: "GPUSpec | str | None" = None) -> int:
-    """The chunk `gpukernels.tree.choose_work` takes: of the powers of two from LONGEST_CHUNK down
-    to one pipeline tile, the one whose two launches the model predicts fastest (the longer on a
-    tie). Measured on H200 (the tree row, us; `logs/explore-tree-chunk-sweep.log`): 256 201.0, 512
-    191.4, 1024 190.4, 2048 198.5, 4096 219.8, 8192 220.5 (the model: 162.2, 155.4, 155.1, 159.4,
-    176.6, 176.6)."""
+FORMS = ("own", "merge")   # gpukernels.tree.FORMS, in the order the plan tries them
+
+
+def kernels_plan(shape: TreeShape, num_sms: int, gpu: "GPUSpec | str | None" = None) -> "TreePlan":
+    """The plan `gpukernels.tree.plan_tree` makes: of the forms ("own" first) and the chunks (powers
+    of two from LONGEST_CHUNK down to one pipeline tile), the one whose two launches the model
+    predicts fastest (the first, and the longer chunk, on a tie)."""
     spec, num_sms = plan_gpu(gpu, num_sms, default_num_sms=DEFAULT_NUM_SMS)
-    return fastest_chunk(lambda c: predict(shape, gpu=spec, plan=TreePlan(shape, c, num_sms=num_sms)).time_s,
-                         attend_rows_kv_tile(shape.head_dim))
+    best, best_s = None, None
+    for form in FORMS:
+        for c in chunk_candidates_of_tree(attend_rows_kv_tile(shape.head_dim)):
+            plan = TreePlan(shape, c, num_sms=num_sms, form=form)
+            t = predict(shape, gpu=spec, plan=plan).time_s
+            if best is None or t < best_s:
+                best, best_s = plan, t
+    return best
+
+
+def tree_chunk_size(shape: TreeShape, num_sms: int, gpu: "GPUSpec | str | None" = None) -> int:
+    """The chunk of `kernels_plan`."""
+    return kernels_plan(shape, num_sms, gpu).chunk_size
 
 
 @dataclass(frozen=True)
 class TreePlan:
-    """The tree as `gpukernels.tree` runs it: every segment in chunks of `chunk_size` tokens."""
+    """The tree as `gpukernels.tree` runs it. "own" form: every shared segment in chunks of
+    `chunk_size` tokens, then each sequence's own tokens by split-KV merging their states.
+    "merge" form: every segment in chunks, then the merge of each sequence's states."""
 
     shape: TreeShape
     chunk_size: int
     num_sms: int = DEFAULT_NUM_SMS
+    form: str = "own"
+
+    def __post_init__(self):
+        if self.form not in FORMS:
+            raise ValueError(f"form must be one of {', '.join(map(repr, FORMS))}, got {self.form!r}")
 
     @property
     def parts_per_sequence(self) -> int:
-        """States the merge reads per (sequence, query head): the chunks of its path's segments."""
-        return max(1, sum(-(-length // self.chunk_size) for _, length in self.shape.levels))
+        """States merged per (sequence, query head): the chunks of its path's segments (in the
+        "own" form its shared segments'; their merge is the own tokens' launch's)."""
+        n_own = self.shape.batch if self.form == "own" else None
+        chunks = sum(-(-length // self.chunk_size) for n, length in self.shape.levels if n != n_own)
+        return chunks if self.form == "own" else max(1, chunks)
+
+    @property
+    def own_rows(self) -> int:
+        """Rows of each sequence's windows over its own tokens."""
+        return sum(-(-length // WINDOW_ROWS) * WINDOW_ROWS for n, length in self.shape.levels
+                   if n == self.shape.batch)
 
     def items(self) -> list[WorkItem]:
-        return _items(self.shape, self.chunk_size)
+        return _items(self.shape, self.chunk_size, shared_only=self.form == "own")
 
     def launches(self, gpu: "GPUSpec | str") -> list[tuple[Launch, float | None]]:
-        """The segments launch (with its tensor-core rate) and the merge."""
+        """The segments launch (with its tensor-core rate), then the own tokens' launch or the merge."""
         s = self.shape
+        spec = get_gpu(gpu)
+        if self.form == "merge":
+            return work_launches(self.items(), batch=s.batch, num_qo_heads=s.num_qo_heads,
+                                 num_kv_heads=s.num_kv_heads, head_dim=s.head_dim, dtype=s.dtype,
+                                 parts_per_sequence=self.parts_per_sequence, gpu=spec)
+        own = own_tokens_plan(s.batch, s.num_qo_heads, s.num_kv_heads, s.head_dim, self.own_rows, dtype=s.dtype,
+                              gpu=spec, num_sms=self.num_sms)
         return work_launches(self.items(), batch=s.batch, num_qo_heads=s.num_qo_heads, num_kv_heads=s.num_kv_heads,
                              head_dim=s.head_dim, dtype=s.dtype, parts_per_sequence=self.parts_per_sequence,
-                             gpu=get_gpu(gpu))
+                             gpu=spec, own=(own, [self.own_rows] * s.batch))
 
 
 @dataclass(frozen=True)
@@ -210,7 +273,7 @@ def plan_tree(
     check_shape_type(shape, TreeShape)
     spec, num_sms = plan_gpu(gpu, num_sms, default_num_sms=DEFAULT_NUM_SMS)
     if not fused:
-        return TreePlan(shape, tree_chunk_size(shape, num_sms, gpu=spec), num_sms=num_sms)
+        return kernels_plan(shape, num_sms, gpu=spec)
     cal = calibration_for(spec, calibration)
 
     def time_of(chunks):

@@ -38,6 +38,8 @@ def _cases():
             for head_dim in (64, 128, 256):
                 yield dtype, head_dim, 32, 8, "hydragen", None
             yield dtype, 128, 16, 4, "tree", None
+            for form in ("own", "merge"):   # both forms of the tree plan
+                yield dtype, 64, 16, 4, f"tree:{form}", None
 
 
 def _to_device(x, dtype):
@@ -82,7 +84,7 @@ def run_case(rng, dtype, head_dim, hq, hkv, kind, num_splits) -> float:
         import cupy as cp
 
         out, _ = gpukernels.merge_states(_to_device(outs, dtype), cp.asarray(lses))
-    elif kind in ("hydragen", "bifurcated", "tree", "span"):
+    elif kind in ("hydragen", "bifurcated", "tree", "tree:own", "tree:merge", "span"):
         return _sharing_case(rng, rounded, dtype, head_dim, hq, hkv, kind)
     elif kind == "persistent":
         # more (sequence, head) items than the GPU holds blocks, of one length: the persistent kernel
@@ -130,7 +132,7 @@ def _sharing_case(rng, rounded, dtype, head_dim, hq, hkv, kind) -> float:
     import refattn
     from gpukernels.shared_prefix import shared_prefix
     from gpukernels.span import span
-    from gpukernels.tree import tree
+    from gpukernels.tree import Tree, plan_tree, tree
 
     dev = lambda a: _to_device(a, dtype)  # noqa: E731
     batch = 5
@@ -141,13 +143,18 @@ def _sharing_case(rng, rounded, dtype, head_dim, hq, hkv, kind) -> float:
         lens = np.array([40, 0, 13, 40, 1])
         ref_out, _ = refattn.shared_prefix(q, kp, vp, ks, vs, lens)
         out, _ = shared_prefix(dev(q), dev(kp), dev(vp), dev(ks), dev(vs), lens, method=kind)
-    elif kind == "tree":
+    elif kind.startswith("tree"):
         lens = [300, 120, 70, 50, 0, 33, 64]
         paths = [[0, 1, 3], [0, 1, 4], [0, 2, 5], [0, 2], [6]]
         segs = [[rounded(rng.standard_normal((n, hkv, head_dim))) for n in lens] for _ in range(2)]
         k_segs, v_segs, *index = refattn.tree_from_paths(segs[0], segs[1], paths)
         ref_out, _ = refattn.tree(q, k_segs, v_segs, *index)
-        out, _ = tree(dev(q), dev(k_segs), dev(v_segs), *index)
+        if kind == "tree":   # the one-shot call, the plan's own choice
+            out, _ = tree(dev(q), dev(k_segs), dev(v_segs), *index)
+        else:
+            plan = plan_tree(*index, num_qo_heads=hq, num_kv_heads=hkv, head_dim=head_dim, dtype=dtype,
+                             form=kind.split(":")[1], chunk_size=64, gpu="H200")
+            out, _ = Tree(plan).run(dev(q), dev(k_segs), dev(v_segs))
     else:
         k, v = (rounded(rng.standard_normal((batch, 500, hkv, head_dim))) for _ in range(2))
         span_indptr = np.array([0, 2, 2, 5, 6, 7])

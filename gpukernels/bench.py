@@ -1044,21 +1044,6 @@ def _tree_peers(q, k_pool, v_pool, levels, batch: int, num_kv_heads: int) -> dic
     return peers
 
 
-def _tree_chunk(seg_indptr, path_indptr, path_segs, num_kv_heads: int, device_id: int) -> "int | None":
-    """The chunk size the tree kernel picks for itself (`gpukernels.tree.choose_chunk_size`)."""
-    try:
-        from gpukernels.shared_prefix import kv_tile
-        from gpukernels.split_kv import device_gpu, num_sms
-        from gpukernels.tree import choose_chunk_size
-
-        return int(choose_chunk_size(seg_indptr, path_indptr, path_segs, group_size=NUM_QO_HEADS // num_kv_heads,
-                                     num_kv_heads=num_kv_heads, sms=num_sms(device_id), tile=kv_tile(HEAD_DIM),
-                                     head_dim=HEAD_DIM, dtype="float16", gpu=device_gpu(device_id)))
-    except Exception as exc:  # noqa: BLE001 - the row goes without it
-        _progress(f"  no tree chunk size: {_error_line(exc)}")
-        return None
-
-
 def _kernel_ms(timer, label: str, fn, host: float) -> dict:
     """{"kernel_ms"}: `fn` timed again with a GPU wait of twice its host time (at least 0.2 ms)
     before the start event, so that the host work of each call (checks, the work list) is not in
@@ -1074,8 +1059,9 @@ def _kernel_ms(timer, label: str, fn, host: float) -> dict:
 def run_tree_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool = False,
                    failed: "list | None" = None) -> list[dict]:
     """The tree of docs/benchmarks.md on one pool of segments (the root, the groups', each
-    sequence's own, back to back): `tree` (out/lse given; also timed with its host work hidden,
-    `kernel_ms`) and its one-shot call; `tree:naive`, every sequence's path copied into a
+    sequence's own, back to back): `tree`, the planned run (`Tree(plan_tree(...)).run`, out/lse
+    given; also timed with its host work hidden, `kernel_ms`; its form and chunk in the row) and
+    the one-shot call; `tree:naive`, every sequence's path copied into a
     contiguous cache (not timed) then split-KV; FlashInfer's cascade with three levels and with
     two, and its paged decode over whole paths, on the same pool as pages. `stream_ms`: the pool
     read once. `quick` changes nothing (one workload)."""
@@ -1100,21 +1086,24 @@ def run_tree_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool = False,
     lse = cp.empty((batch, NUM_QO_HEADS), dtype=cp.float32)
 
     try:
-        from gpukernels.tree import tree
+        from gpukernels.split_kv import device_gpu
+        from gpukernels.tree import Tree, plan_tree, tree
+
+        plan = plan_tree(seg_indptr, path_indptr, path_segs, num_qo_heads=NUM_QO_HEADS, num_kv_heads=hkv,
+                         head_dim=HEAD_DIM, gpu=device_gpu(cp.cuda.Device().id))
+        runner = Tree(plan)
     except Exception as exc:  # noqa: BLE001 - the peers still run
         _progress(f"  tree unavailable: {_error_line(exc)}")
         failed.append("tree")
         tree = None
     if tree is not None:
-        # The index arrays stay on the host, where the call reads them to build its work list.
-        ours = lambda: tree(q, k_pool, v_pool, seg_indptr, path_indptr, path_segs, out=out, lse=lse)  # noqa: E731
+        ours = lambda: runner.run(q, k_pool, v_pool, out=out, lse=lse)  # noqa: E731
         m = _measure(timer, "tree", ours, failed)
         if m:
-            row = {**base, "impl": "tree", **m, **_kernel_ms(timer, "tree", ours, m["host_us"])}
-            chunk = _tree_chunk(seg_indptr, path_indptr, path_segs, hkv, cp.cuda.Device().id)
-            if chunk is not None:
-                row["chunk_size"] = chunk
+            row = {**base, "impl": "tree", **m, **_kernel_ms(timer, "tree", ours, m["host_us"]),
+                   "chunk_size": plan.chunk_size, "form": plan.form}
             rows.append(_predicted(row, gpu))
+        # The index arrays stay on the host, where the call reads them (its plan is kept for the next call).
         one_shot = lambda: tree(q, k_pool, v_pool, seg_indptr, path_indptr, path_segs)  # noqa: E731
         m = _measure(timer, "tree:oneshot", one_shot, failed)
         if m:

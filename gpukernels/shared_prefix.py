@@ -42,6 +42,7 @@ from decode_attention.contract import check_paged, check_paged_layout, check_pos
 
 from . import _runtime as rt
 from . import bifurcated
+from .split_kv import _launch as split_launch
 from .split_kv import (SplitKV, SplitKVPlan, StatePointers, _expect_index, _expect_shape, _index_on_device,
                        _length_bucket, _numel, _on_device, checked_once, device_gpu, num_sms, outputs,
                        plan_split_kv)
@@ -533,7 +534,8 @@ class SharedPrefix:
             return out, lse
         part_out, part_lse, states = bufs
         # 1. The prefix, once for every sequence. 2. Each sequence's own tokens, by split-KV, whose
-        # blocks that write a row's output merge the prefix chunks' states into it.
+        # blocks that write a row's output merge the prefix chunks' states into it; its first wave
+        # starts on the SMs the prefix pass frees and waits for that pass only before the merge.
         n = p.num_chunks
         if n:
             grid = (n, -(-(B * (Hq // Hkv)) // QUERY_ROWS), Hkv)
@@ -542,10 +544,11 @@ class SharedPrefix:
                 (qa.ptr, prefix[0].ptr, prefix[1].ptr, rt.address(part_out), rt.address(part_lse),
                  B, p.prefix_len, Hq, Hkv, p.prefix_chunk_size, sm_scale * _LOG2E),
                 stream_ptr=stream_ptr, device_id=device_id)
-        if paged is not None:
-            self._suffix.run_paged(*suffix_args, *paged, sm_scale=sm_scale, out=out, lse=lse, states=states)
-        elif p.suffix_len:
-            self._suffix.run(*suffix_args, sm_scale=sm_scale, out=out, lse=lse, states=states)
+        if paged is not None or p.suffix_len:
+            q_, k_, v_, *lens = suffix_args
+            split_launch(self._suffix.plan, q_, k_, v_, kv_lens=lens[0] if lens else None, paged=paged,
+                         sm_scale=sm_scale, out=out, lse=lse, workspace=self._suffix._workspace_for,
+                         states=states, states_overlap=True)
         else:   # no suffix tokens: the merge of the prefix chunks alone
             _merge_kernel(p.dtype)(
                 (merge_blocks(B * Hq, D),), (MERGE_THREADS,),

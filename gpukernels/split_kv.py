@@ -129,8 +129,10 @@ def _kernel(plan: SplitKVPlan, paged: bool, states: bool = False):
 # The kernels' arguments: q, k, v, kv_lens, kv_indptr, kv_indices, kv_last_page_len, out, lse,
 # partial_out, partial_lse, counters; batch, kv_len, num_pages, page_size, num_qo_heads,
 # num_kv_heads, head_groups, chunk_size; scale_log2; windows (kv_indices holds windows, see run_windows);
-# extra_out, extra_lse, extra_count (states merged into each row's output, see `SplitKV.run`).
-KERNEL_SIGNATURE = "p" * 12 + "i" * 8 + "f" + "i" + "ppi"
+# extra_out, extra_lse, extra_count (states merged into each row's output, see `SplitKV.run`);
+# late_states_blocks (the first blocks, which wait for the states' kernel only at their end: see
+# `_launch`).
+KERNEL_SIGNATURE = "p" * 12 + "i" * 8 + "f" + "i" + "ppi" + "i"
 WINDOW_ROWS = ROWS_PER_WARP_TILE   # rows of a window at most (a warp tile of the tensor-core kernel)
 WINDOW_LEN_BITS = 4  # an entry is (first row << WINDOW_LEN_BITS) | (rows - 1)
 
@@ -153,6 +155,17 @@ def _kernel_for(dtype: str, head_dim: int, heads_per_block: int, paged: bool, st
 # runs every call one block per item (for comparisons).
 PERSISTENT = True
 PERSISTENT_HEAD_DIMS = (64,)
+# Launches that merge states written by the kernel just before them (Hydragen's suffixes, the
+# tree's own tokens) start their first wave while that kernel runs (`_launch`'s states_overlap).
+# False: they wait for it at their start (for comparisons). Only launches of at most OVERLAP_WAVES
+# waves: with more, the first wave, done with its tokens, holds its SMs waiting for the states while
+# the later waves wait for those SMs, and the late loads of its states cost more than the overlap
+# gains. Measured on H200 (Hydragen, 32 query heads, head_dim 128, call us overlapping / waiting;
+# logs/explore-shared-prefix-parts-overlap.log): suffix launches of 128-1024 blocks (two blocks an
+# SM: up to four waves) 1.9-4.4 us faster, or level; 2048 blocks level; 8192 blocks (32/32 heads x
+# 256 sequences) 14.7 us slower.
+STATES_OVERLAP = True
+OVERLAP_WAVES = 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -311,17 +324,18 @@ class SplitKV:
                        lse=lse, workspace=self._workspace_for, programmatic=self.programmatic, states=states)
 
     def run_windows(self, q, k_rows, v_rows, kv_indptr, windows, kv_last_page_len, *, sm_scale=None,
-                    out=None, lse=None):
+                    out=None, lse=None, states=None):
         """A cache seen as rows, k_rows and v_rows [rows, num_kv_heads, head_dim], read by windows:
         sequence b's tokens are the windows windows[kv_indptr[b]:kv_indptr[b + 1]], each an int32
         (first row << WINDOW_LEN_BITS) | (row count - 1) of 1 to WINDOW_ROWS consecutive rows;
         kv_last_page_len is WINDOW_ROWS for a sequence with windows. The plan must be for pages of
         WINDOW_ROWS (a window is read as a page whose row count it carries) on the tensor-core path.
         Index arrays as int32 device arrays (values not checked here: a window outside the rows
-        gives its sequence NaN)."""
+        gives its sequence NaN); `states` as for `run`."""
         return _launch(self.plan, q, k_rows, v_rows, kv_lens=None,
                        paged=(kv_indptr, windows, kv_last_page_len), sm_scale=sm_scale, out=out,
-                       lse=lse, workspace=self._workspace_for, windows=True, programmatic=self.programmatic)
+                       lse=lse, workspace=self._workspace_for, windows=True, programmatic=self.programmatic,
+                       states=states)
 
 
 def _expect_shape(a: rt.Device, name: str, template: str, expected: tuple) -> None:
@@ -375,10 +389,14 @@ def outputs(out, lse, kind: str, shape: tuple, dtype: str, device_id: int):
 
 
 def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace, views=None, windows=False,
-            programmatic=False, states=None):
+            programmatic=False, states=None, states_overlap=False):
     """Check shapes against the plan (metadata only: no synchronisation) and launch. `views`: the
     device views of q, k, v when the caller already made them; `programmatic`, `states`: see
-    `SplitKV.run`."""
+    `SplitKV.run`. `states_overlap` (with `states`, for a launch right after the kernel that writes
+    them, which lets it start early: Hydragen's prefix pass, the tree's segments): launched
+    dependent on that kernel, the blocks of the first wave attend to their tokens while it runs and
+    wait for it only before they merge its states; q, the cache and the tables must not be its
+    outputs."""
     if views is None:
         qa, ka, va = rt.device_array(q, "q"), rt.device_array(k, "k"), rt.device_array(v, "v")
     else:
@@ -433,15 +451,21 @@ def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace, vie
         qa.ptr, ka.ptr, va.ptr, address(kv_lens), address(indptr), address(indices), address(last),
         out_ptr, lse_ptr, p_out, p_lse, counters,
         B, kv_len, num_pages, page_size, Hq, Hkv, plan.head_groups, plan.chunk_size,
-        sm_scale * _LOG2E, int(windows), *extra,
+        sm_scale * _LOG2E, int(windows), *extra, 0,
     )
     grid = persistent_grid(plan, device_id) if paged is None and kv_lens is None and not extra[2] else None
     if grid is not None:
         _persistent_kernel_for(plan.dtype, D, plan.heads_per_block)(
             grid, (NUM_WARPS * 32,), args, stream_ptr=stream_ptr, device_id=device_id, programmatic=programmatic)
         return out, lse
-    _kernel(plan, paged is not None, bool(extra[2]))(plan.grid, (NUM_WARPS * 32,), args, stream_ptr=stream_ptr,
-                                                     device_id=device_id, programmatic=programmatic)
+    kernel = _kernel(plan, paged is not None, bool(extra[2]))
+    if states_overlap and extra[2] and STATES_OVERLAP:
+        # The first wave: the blocks the SMs hold at once, in launch order.
+        wave = kernel.resident_blocks(device_id, NUM_WARPS * 32) * num_sms(device_id)
+        if math.prod(plan.grid) <= OVERLAP_WAVES * wave:
+            args = args[:-1] + (wave,)
+            programmatic = True
+    kernel(plan.grid, (NUM_WARPS * 32,), args, stream_ptr=stream_ptr, device_id=device_id, programmatic=programmatic)
     return out, lse
 
 

@@ -1,51 +1,95 @@
-"""Tree-shaped sharing on the GPU: every segment read once for all the sequences under it, all
-segments in one launch.
+"""Tree-shaped sharing on the GPU: every segment read once for all the sequences under it, in two
+launches whatever the depth of the tree.
 
 The work list is tested on the CPU (tests/test_tree_work.py: the list executed in NumPy gives
 `refattn.tree`'s answer), the kernels on the GPU (tests/test_tree_gpu.py).
 
 Sequence b attends to the concatenation of segments path_segs[path_indptr[b]:path_indptr[b+1]] of
 k_segs, v_segs ([total_tokens, num_kv_heads, head_dim], segment s = rows seg_indptr[s] ..
-seg_indptr[s+1] - 1). The host turns the tree into a work list (`plan_tree_work`): each segment is
-cut into chunks, its sharers' query rows (all heads of a GQA group) into tiles of 64, and every
-(segment, chunk, tile) is one block of `tree_segments_kernel`, which serves those rows from one
-read of the chunk on the tensor cores (as Hydragen's prefix pass does for a single shared prefix)
-and writes a float32 state per row. `merge_parts_kernel` then merges each sequence's states (its
-segments' chunks) by LSE. Two launches, whatever the depth of the tree.
+seg_indptr[s+1] - 1). The host turns the tree into a plan (`plan_tree`), in one of two forms:
+
+* "own" (the usual one): the segments that two sequences or more share are cut into chunks, their
+  sharers' query rows (all heads of a GQA group) into tiles of 64, and every (segment, chunk,
+  tile) is one block of `tree_segments_kernel`, which serves those rows from one read of the
+  chunk on the tensor cores (as Hydragen's prefix pass does for a single shared prefix) and writes
+  a float32 state per row. Each sequence's own tokens (the segments no other sequence reads) are
+  then read by split-KV through windows of up to 16 rows of k_segs (`SplitKV.run_windows`), whose
+  blocks merge the sequence's shared states into its output by LSE, as Hydragen's suffix pass
+  merges the prefix's. That launch starts on the SMs the segments launch frees: its first wave
+  reads its own tokens while the segments launch still runs.
+* "merge": every segment by the segments launch, then `merge_parts_kernel` merges each sequence's
+  states. For pools of more rows than windows address (2**27).
+
+The cost model picks the form and the chunk size (`costmodel.tree`), once per tree.
+
+Three ways to call it:
+
+* `tree(q, k_segs, v_segs, seg_indptr, path_indptr, path_segs)`: one-shot. The tree is checked and
+  planned on the host, and the plan kept with its arrays on the GPU for the next call with the same
+  tree and shapes (the most recent 64): a repeated call compares bytes, then runs.
+* `Tree(plan_tree(seg_indptr, path_indptr, path_segs, ...)).run(q, k_segs, v_segs)`: the plan made
+  once, for many calls (the layers of a model); `run` allocates nothing given `out` and `lse`, and
+  never synchronises (CUDA-graph capturable).
+* `plan_tree_work` for the work list alone.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
-from decode_attention.contract import check_tree
+from decode_attention.contract import check_positive_int, check_tree, check_tree_index
 
 from . import _runtime as rt
 from .shared_prefix import (MERGE_THREADS, PREFIX_DTYPES, QUERY_ROWS, THREADS, kv_tile, merge_blocks,
                             pipeline_stages, stage_bytes)
-from .split_kv import device_gpu, num_sms, outputs
+from .split_kv import (WINDOW_LEN_BITS, WINDOW_ROWS, SplitKV, SplitKVPlan, StatePointers, _launch, _length_bucket,
+                       device_gpu, num_sms, outputs)
 
-__all__ = ["TreeWork", "plan_tree_work", "choose_work", "choose_chunk_size", "tree"]
+__all__ = ["TreeWork", "plan_tree_work", "OwnWindows", "own_windows", "TreePlan", "plan_tree", "Tree",
+           "choose_work", "choose_chunk_size", "tree", "FORMS"]
 
 _LOG2E = 1.4426950408889634
+FORMS = ("own", "merge")
+# Windows address rows with the bits above WINDOW_LEN_BITS of an int32.
+MAX_WINDOW_ROWS = 1 << (31 - WINDOW_LEN_BITS)
 
 
 class TreeWork(NamedTuple):
-    """The work list of one tree (host int32 arrays)."""
+    """The segments launch's work list of one tree (host int32 arrays) and where its states go.
+
+    Chunk c of a sharer's segment writes state first_state[entry] + c * state_stride of
+    [num_states, num_qo_heads] rows. "merge" form: a sequence's states back to back
+    (state_stride 1), sequence b's being part_indptr[b] .. part_indptr[b+1] - 1. "own" form (only
+    the shared segments): slot-major, sequence b's j-th state at j * batch + b (state_stride =
+    batch), part_indptr counting them; the slots a sequence does not fill stay empty states."""
 
     chunk_size: int
     work: np.ndarray          # [num_items, 6]: token begin, token end, sharer offset, sharers, first row, chunk
     sharers: np.ndarray       # [nnz]: sequences, grouped by segment (in path order within a segment)
     first_state: np.ndarray   # [nnz]: the state of the sharer's first chunk of that segment
-    part_indptr: np.ndarray   # [batch + 1]: sequence b's states
+    part_indptr: np.ndarray   # [batch + 1]: sequence b's states (their count: part_indptr[b+1] - part_indptr[b])
     num_states: int
+    state_stride: int = 1
+
+    @property
+    def num_slots(self) -> int:
+        """States per sequence at most."""
+        return int(np.diff(self.part_indptr).max(initial=0))
 
 
-def plan_tree_work(seg_indptr, path_indptr, path_segs, *, group_size: int, chunk_size: int) -> TreeWork:
-    """Cut every segment into chunks of `chunk_size` tokens and its sharers' query rows
+def _sharer_counts(path_segs: np.ndarray, num_segs: int) -> np.ndarray:
+    return np.bincount(path_segs, minlength=num_segs).astype(np.int64)
+
+
+def plan_tree_work(seg_indptr, path_indptr, path_segs, *, group_size: int, chunk_size: int,
+                   shared_only: bool = False) -> TreeWork:
+    """Cut every segment (`shared_only`: every segment two sequences or more read, with the states
+    slot-major, see TreeWork) into chunks of `chunk_size` tokens and its sharers' query rows
     (`group_size` per sharer) into tiles of QUERY_ROWS; number each sequence's states in path
     order (segment by segment, chunk by chunk)."""
     seg_indptr = np.asarray(seg_indptr, dtype=np.int64)
@@ -53,32 +97,73 @@ def plan_tree_work(seg_indptr, path_indptr, path_segs, *, group_size: int, chunk
     path_segs = np.asarray(path_segs, dtype=np.int64)
     num_segs, batch = len(seg_indptr) - 1, len(path_indptr) - 1
     seg_len = np.diff(seg_indptr)                                               # [num_segs]
-    seg_chunks = -(-seg_len // chunk_size)                                      # [num_segs]
+    counts = _sharer_counts(path_segs, num_segs)
+    taken = counts >= 2 if shared_only else np.ones(num_segs, dtype=bool)      # segments in the launch
+    seg_chunks = np.where(taken, -(-seg_len // chunk_size), 0)                  # [num_segs]
     seq_of_entry = np.repeat(np.arange(batch), np.diff(path_indptr))           # [nnz]
     entry_states = seg_chunks[path_segs]                                        # [nnz]
-    entry_first = np.cumsum(entry_states) - entry_states                        # [nnz]: path order
     states_per_seq = np.zeros(batch, dtype=np.int64)
     np.add.at(states_per_seq, seq_of_entry, entry_states)
     part_indptr = np.concatenate([[0], np.cumsum(states_per_seq)])
+    entry_first = np.cumsum(entry_states) - entry_states                        # [nnz]: path order
+    if shared_only:   # slot of the entry's first state within its sequence, then slot-major
+        entry_first = (entry_first - part_indptr[seq_of_entry]) * batch + seq_of_entry
+        stride, num_states = batch, int(states_per_seq.max(initial=0)) * batch
+    else:
+        stride, num_states = 1, int(part_indptr[-1])
     order = np.argsort(path_segs, kind="stable")                                # group by segment
     sharers, first_state = seq_of_entry[order], entry_first[order]
-    sharer_indptr = np.concatenate([[0], np.cumsum(np.bincount(path_segs, minlength=num_segs))])
+    sharer_indptr = np.concatenate([[0], np.cumsum(counts)])
     items = []
-    for s in range(num_segs):
-        n = int(sharer_indptr[s + 1] - sharer_indptr[s])
-        if n == 0 or seg_len[s] == 0:
-            continue
+    for s in np.flatnonzero(taken & (counts > 0) & (seg_len > 0)):
+        n = int(counts[s])
         for c in range(int(seg_chunks[s])):
             begin = int(seg_indptr[s]) + c * chunk_size
             end = min(int(seg_indptr[s + 1]), begin + chunk_size)
             for first_row in range(0, n * group_size, QUERY_ROWS):
                 items.append((begin, end, int(sharer_indptr[s]), n, first_row, c))
     work = np.array(items, dtype=np.int64).reshape(-1, 6)
-    for name, a in (("work", work), ("part_indptr", part_indptr)):
+    for name, a in (("work", work), ("states", np.array([num_states, stride]))):
         if a.size and a.max() >= 2**31:
             raise ValueError(f"the tree is too large for int32 work lists ({name} reaches {int(a.max())})")
     return TreeWork(chunk_size, work.astype(np.int32), sharers.astype(np.int32),
-                    first_state.astype(np.int32), part_indptr.astype(np.int32), int(part_indptr[-1]))
+                    first_state.astype(np.int32), part_indptr.astype(np.int32), num_states, stride)
+
+
+class OwnWindows(NamedTuple):
+    """Each sequence's own tokens (the segments of its path no other sequence reads) as windows
+    over k_segs seen as rows: each such segment cut into runs of WINDOW_ROWS rows, the last one
+    shorter where its length is not a multiple."""
+
+    kv_indptr: np.ndarray   # int32 [batch + 1]
+    windows: np.ndarray     # int32 [num_windows]: (first row << WINDOW_LEN_BITS) | (rows - 1)
+    rows: np.ndarray        # int64 [batch]: rows of each sequence's windows (WINDOW_ROWS per window)
+
+
+def own_windows(seg_indptr, path_indptr, path_segs) -> OwnWindows:
+    """The windows of every sequence's own segments, in path order (index arrays as checked by
+    `check_tree_index`)."""
+    seg_indptr = np.asarray(seg_indptr, dtype=np.int64)
+    path_indptr = np.asarray(path_indptr, dtype=np.int64)
+    path_segs = np.asarray(path_segs, dtype=np.int64)
+    num_segs, batch = len(seg_indptr) - 1, len(path_indptr) - 1
+    if seg_indptr[-1] > MAX_WINDOW_ROWS:
+        raise ValueError(f"windows address at most {MAX_WINDOW_ROWS} rows, the segments hold {int(seg_indptr[-1])}")
+    own = _sharer_counts(path_segs, num_segs) == 1
+    seq_of_entry = np.repeat(np.arange(batch, dtype=np.int64), np.diff(path_indptr))
+    mine = own[path_segs]
+    segs, seqs = path_segs[mine], seq_of_entry[mine]
+    lengths = seg_indptr[segs + 1] - seg_indptr[segs]
+    count = -(-lengths // WINDOW_ROWS)                                         # windows per segment
+    total = int(count.sum())
+    run_start = np.repeat(np.cumsum(count) - count, count)
+    i = np.arange(total, dtype=np.int64) - run_start
+    first = np.repeat(seg_indptr[segs], count) + i * WINDOW_ROWS
+    rows = np.minimum(WINDOW_ROWS, np.repeat(lengths, count) - i * WINDOW_ROWS)
+    windows = (first << WINDOW_LEN_BITS) | (rows - 1)
+    per_seq = np.bincount(np.repeat(seqs, count), minlength=batch).astype(np.int64)
+    indptr = np.concatenate([[0], np.cumsum(per_seq)])
+    return OwnWindows(indptr.astype(np.int32), windows.astype(np.int32), per_seq * WINDOW_ROWS)
 
 
 def work_items(work: TreeWork, group_size: int) -> list:
@@ -89,34 +174,124 @@ def work_items(work: TreeWork, group_size: int) -> list:
             for begin, end, _, n, first_row, _ in work.work]
 
 
+@dataclass(frozen=True, eq=False)
+class TreePlan:
+    """One tree's launches for one shape: the segments launch's work list (`work`), and in the
+    "own" form the windows of each sequence's own tokens with their split-KV plan (`own`,
+    `split`; None in the "merge" form). See the module's docstring."""
+
+    batch: int
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    total_tokens: int
+    work: TreeWork
+    own: "OwnWindows | None"
+    split: "SplitKVPlan | None"
+    predicted_s: float   # the cost model's time of these launches (on the GPU planned for)
+
+    @property
+    def form(self) -> str:
+        return "own" if self.own is not None else "merge"
+
+    @property
+    def chunk_size(self) -> int:
+        return self.work.chunk_size
+
+
+def _predicted(work: TreeWork, own: "OwnWindows | None", split, *, group_size, num_kv_heads, head_dim, dtype,
+               spec) -> float:
+    from costmodel.tree import predict_work  # noqa: PLC0415
+
+    batch = len(work.part_indptr) - 1
+    parts = work.num_slots if own is not None else max(1, work.num_slots)
+    return predict_work(work_items(work, group_size), batch=max(batch, 1), num_qo_heads=group_size * num_kv_heads,
+                        num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, parts_per_sequence=parts,
+                        gpu=spec, own=None if own is None else (split, [int(r) for r in own.rows])).time_s
+
+
+def _own_plan(own: OwnWindows, batch, num_qo_heads, num_kv_heads, head_dim, dtype, spec, sms) -> SplitKVPlan:
+    from costmodel.tree import own_tokens_plan  # noqa: PLC0415
+
+    longest = int(own.rows.max(initial=0))
+    return own_tokens_plan(batch, num_qo_heads, num_kv_heads, head_dim, _length_bucket(max(longest, 1)),
+                           dtype=dtype, gpu=spec, num_sms=sms)
+
+
+def plan_tree(seg_indptr, path_indptr, path_segs, *, num_qo_heads: int, num_kv_heads: int, head_dim: int,
+              dtype: str = "float16", chunk_size: int | None = None, form: str | None = None,
+              num_sms: int | None = None, gpu=None) -> TreePlan:
+    """The plan of a tree (index arrays on the host, checked as `refattn.tree` checks them) for
+    q [batch, num_qo_heads, head_dim] and segments of `dtype` (float16, bfloat16). `form` ("own",
+    "merge") and `chunk_size` (tokens of a shared segment per block, a multiple of the pipeline
+    tile) None: the ones the cost model predicts fastest. Made on the host (no GPU needed); the
+    plan is for `gpu` and takes its SM count (`num_sms`, if also given, must agree; neither:
+    the H100's 132)."""
+    for name, value in (("num_qo_heads", num_qo_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+        check_positive_int(value, name)
+    if num_qo_heads % num_kv_heads:
+        raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if not isinstance(dtype, str) or dtype not in PREFIX_DTYPES:
+        raise TypeError(f"dtype must be float16 or bfloat16 for the tree kernel, got {dtype!r}")
+    if head_dim not in rt.HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {rt.HEAD_DIMS} for the GPU kernels, got {head_dim}")
+    if form is not None and (not isinstance(form, str) or form not in FORMS):
+        raise ValueError(f"form must be one of {', '.join(map(repr, FORMS))} or None, got {form!r}")
+    seg_h = rt.host_ints(seg_indptr, "seg_indptr")
+    ind_h = rt.host_ints(path_indptr, "path_indptr")
+    segs_h = rt.host_ints(path_segs, "path_segs")
+    if seg_h.ndim != 1 or seg_h.size < 1:
+        raise ValueError(f"seg_indptr must be [num_segs + 1] with at least one entry, got {seg_h.shape}")
+    if ind_h.ndim != 1 or ind_h.size < 1:
+        raise ValueError(f"path_indptr must be [batch + 1] with at least one entry, got {ind_h.shape}")
+    seg_h, ind_h, segs_h = check_tree_index(seg_h, ind_h, segs_h, ind_h.size - 1, int(seg_h[-1]))
+    return _plan(seg_h, ind_h, segs_h, num_qo_heads, num_kv_heads, head_dim, dtype, chunk_size, form, num_sms, gpu)
+
+
+def _plan(seg_h, ind_h, segs_h, num_qo_heads, num_kv_heads, head_dim, dtype, chunk_size, form, num_sms, gpu):
+    """plan_tree after its checks."""
+    from costmodel.gpus import plan_gpu  # noqa: PLC0415
+    from costmodel.split_kv import DEFAULT_NUM_SMS  # noqa: PLC0415
+    from costmodel.tree import chunk_candidates_of_tree  # noqa: PLC0415
+
+    spec, sms = plan_gpu(gpu, num_sms, default_num_sms=DEFAULT_NUM_SMS)
+    tile = kv_tile(head_dim)
+    if chunk_size is not None:
+        if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool):
+            raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
+        if chunk_size < tile or chunk_size % tile:
+            raise ValueError(f"chunk_size must be a positive multiple of {tile}, got {chunk_size}")
+    batch, total = ind_h.size - 1, int(seg_h[-1])
+    group_size = num_qo_heads // num_kv_heads
+    forms = [form] if form is not None else [f for f in FORMS if f == "merge" or total <= MAX_WINDOW_ROWS]
+    chunks = [int(chunk_size)] if chunk_size is not None else chunk_candidates_of_tree(tile)
+    best = None
+    for f in forms:
+        own = own_windows(seg_h, ind_h, segs_h) if f == "own" else None
+        split = _own_plan(own, batch, num_qo_heads, num_kv_heads, head_dim, dtype, spec, sms) if own else None
+        for c in chunks:   # longest first: the longer chunk on a tie
+            work = plan_tree_work(seg_h, ind_h, segs_h, group_size=group_size, chunk_size=c,
+                                  shared_only=own is not None)
+            t = _predicted(work, own, split, group_size=group_size, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                           dtype=dtype, spec=spec)
+            if best is None or t < best.predicted_s:
+                best = TreePlan(batch, num_qo_heads, num_kv_heads, head_dim, dtype, total, work, own, split, t)
+    return best
+
+
 def choose_work(seg_indptr, path_indptr, path_segs, *, group_size: int, num_kv_heads: int,
                 sms: int, tile: int, head_dim: int = 128, dtype: str = "float16", gpu=None) -> TreeWork:
-    """The work list of the chunk (a power of two from 8192 down to one pipeline tile) whose two
-    launches the cost model predicts fastest (`costmodel.tree.fastest_chunk`), for `gpu` (a
-    GPUSpec or name; the H100's when None) with `sms` SMs. Chosen once per tree and shape."""
-    key = (np.asarray(seg_indptr, np.int64).tobytes(), np.asarray(path_indptr, np.int64).tobytes(),
-           np.asarray(path_segs, np.int64).tobytes(), group_size, num_kv_heads, sms, tile, head_dim, dtype,
-           getattr(gpu, "key", gpu))
-    chunk = _CHOSEN.get(key)
-    if chunk is None:
-        from costmodel.gpus import plan_gpu  # noqa: PLC0415
-        from costmodel.tree import fastest_chunk, predict_work  # noqa: PLC0415
+    """The work list `plan_tree` chooses for this tree (a GPUSpec or name `gpu`, the H100's when
+    None, with `sms` SMs; `tile` must be the pipeline tile of `head_dim`)."""
+    if tile != kv_tile(head_dim):
+        raise ValueError(f"tile must be {kv_tile(head_dim)} at head_dim {head_dim}, got {tile}")
+    from costmodel.gpus import get_gpu  # noqa: PLC0415
 
-        spec, _ = plan_gpu(gpu, None, default_num_sms=sms)
-        batch = len(path_indptr) - 1
-
-        def time_of(c: int) -> float:
-            work = plan_tree_work(seg_indptr, path_indptr, path_segs, group_size=group_size, chunk_size=c)
-            parts = int(np.diff(work.part_indptr).max()) if batch else 1
-            return predict_work(work_items(work, group_size), batch=max(batch, 1), num_qo_heads=group_size * num_kv_heads,
-                                num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, parts_per_sequence=parts,
-                                gpu=spec).time_s
-
-        chunk = _CHOSEN[key] = fastest_chunk(time_of, tile)
-    return plan_tree_work(seg_indptr, path_indptr, path_segs, group_size=group_size, chunk_size=chunk)
-
-
-_CHOSEN: dict = {}
+    if gpu is not None and get_gpu(gpu).num_sms != sms:
+        gpu = None   # the SM count decides (as the one-shot call does for a GPU the model does not know)
+    return plan_tree(seg_indptr, path_indptr, path_segs, num_qo_heads=group_size * num_kv_heads,
+                     num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, num_sms=sms, gpu=gpu).work
 
 
 def choose_chunk_size(seg_indptr, path_indptr, path_segs, **kwargs) -> int:
@@ -145,11 +320,130 @@ def all_name_expressions() -> list[str]:
             + [f"decode_attention::merge_parts_kernel<{rt.C_TYPES[dt]}>" for dt in PREFIX_DTYPES])
 
 
-# q, k_segs, v_segs, work, sharers, first_state, part_out, part_lse; num_qo_heads, num_kv_heads;
-# scale_log2.
-SEGMENTS_SIGNATURE = "pppppppp" + "ii" + "f"
+# q, k_segs, v_segs, work, sharers, first_state, part_out, part_lse; num_qo_heads, num_kv_heads,
+# state_stride; scale_log2.
+SEGMENTS_SIGNATURE = "pppppppp" + "iii" + "f"
 # part_out, part_lse, part_indptr, out, lse; rows, num_qo_heads, head_dim.
 MERGE_PARTS_SIGNATURE = "ppppp" + "qii"
+
+
+class Tree:
+    """A tree plan bound to its arrays on the GPU (the work list and windows, copied once per array
+    kind and device; the states, one set per stream) and, in the "own" form, its split-KV runner;
+    `run` many times without host synchronisation, allocating nothing when `out` and `lse` are
+    given (CUDA-graph capturable).
+
+    >>> plan = plan_tree(seg_indptr, path_indptr, path_segs, num_qo_heads=32,  # doctest: +SKIP
+    ...                  num_kv_heads=32, head_dim=128, gpu="H200")
+    >>> t = Tree(plan)                                                     # doctest: +SKIP
+    >>> out, lse = t.run(q, k_segs, v_segs)                                # doctest: +SKIP
+    """
+
+    def __init__(self, plan: TreePlan):
+        if not isinstance(plan, TreePlan):
+            raise TypeError(f"plan must be a TreePlan, got {type(plan).__name__}")
+        self.plan = plan
+        self._own = SplitKV(plan.split) if plan.split is not None else None
+        self._tables: dict = {}   # (kind, device) -> the index arrays on the GPU
+        self._states: dict = {}   # (kind, device, stream) -> part_out, part_lse
+
+    def _device_tables(self, kind: str, device_id: int) -> dict:
+        key = (kind, device_id)
+        tables = self._tables.get(key)
+        if tables is None:
+            w = self.plan.work
+            dev = lambda a, name: rt.device_int32(a if a.size else np.zeros(1, np.int32), kind, device_id,  # noqa: E731
+                                                  name)
+            tables = {name: dev(getattr(w, name), name) for name in ("work", "sharers", "first_state", "part_indptr")}
+            own = self.plan.own
+            if own is not None:
+                last = np.where(np.diff(own.kv_indptr) > 0, WINDOW_ROWS, 0).astype(np.int32)
+                arrays = (dev(own.kv_indptr, "kv_indptr"), dev(own.windows, "windows")[: len(own.windows)],
+                          dev(last, "kv_last_page_len"))
+                # viewed once: each run passes the views (pointer, shape, dtype) instead of the arrays
+                tables["own"] = tuple(rt.device_array(a, name) for a, name in zip(
+                    arrays, ("kv_indptr", "kv_indices", "kv_last_page_len")))
+            self._tables[key] = tables
+        return tables
+
+    def _states_for(self, kind: str, device_id: int, stream_ptr: int):
+        key = (kind, device_id, stream_ptr)
+        states = self._states.get(key)
+        if states is None:
+            p = self.plan
+            n = max(p.work.num_states, 1)
+            part_out = rt.empty(kind, (n, p.num_qo_heads, p.head_dim), "float32", device_id, zero=True)
+            part_lse = rt.empty(kind, (n, p.num_qo_heads), "float32", device_id)
+            # The slots no chunk writes (a sequence with fewer shared states) stay empty states.
+            part_lse.fill_(-np.inf) if kind == "torch" else part_lse.fill(-np.inf)
+            states = self._states[key] = (part_out, part_lse)
+        return states
+
+    def run(self, q, k_segs, v_segs, *, sm_scale=None, out=None, lse=None):
+        """q [batch, num_qo_heads, head_dim]; k_segs, v_segs [total_tokens, num_kv_heads, head_dim],
+        contiguous, of the planned dtype, on q's GPU. Returns (out, lse) like `split_kv`; a sequence
+        with an empty path gets out = 0, lse = -inf."""
+        p = self.plan
+        qa, ka, va = (rt.device_array(x, name) for x, name in ((q, "q"), (k_segs, "k_segs"), (v_segs, "v_segs")))
+        expected = {"q": ((p.batch, p.num_qo_heads, p.head_dim), "[batch, num_qo_heads, head_dim]"),
+                    "k_segs": ((p.total_tokens, p.num_kv_heads, p.head_dim), "[total_tokens, num_kv_heads, head_dim]")}
+        expected["v_segs"] = expected["k_segs"]
+        for name, a in (("q", qa), ("k_segs", ka), ("v_segs", va)):
+            shape, template = expected[name]
+            if a.shape != shape:
+                raise ValueError(f"{name} must be {template} = {list(shape)} as planned, got {a.shape}")
+            if a.dtype != p.dtype:
+                raise TypeError(f"{name} must be {p.dtype} as planned, got {a.dtype}")
+            rt.require_contiguous(a, name)
+        device_id = rt.require_same_device({"q": qa, "k_segs": ka, "v_segs": va})
+        if sm_scale is None:
+            sm_scale = 1.0 / float(np.sqrt(p.head_dim))
+        if not (isinstance(sm_scale, (int, float, np.floating, np.integer)) and np.isfinite(sm_scale)):
+            raise ValueError(f"sm_scale must be a finite real number, got {sm_scale!r}")
+        return self._run((qa, ka, va), float(sm_scale), out, lse)
+
+    def _run(self, views, sm_scale: float, out, lse):
+        """`run` after its checks, on the views of q, k_segs, v_segs."""
+        p = self.plan
+        qa, ka, va = views
+        kind, device_id = qa.kind, qa.device_id
+        out, lse, out_ptr, lse_ptr = outputs(out, lse, kind, (p.batch, p.num_qo_heads, p.head_dim), p.dtype, device_id)
+        if p.batch == 0:
+            return out, lse
+        tables = self._device_tables(kind, device_id)
+        stream_ptr = rt.current_stream_ptr(kind, device_id)
+        part_out, part_lse = self._states_for(kind, device_id, stream_ptr)
+        w = p.work
+        if len(w.work):
+            _segments_kernel(p.dtype, p.head_dim)(
+                (len(w.work), p.num_kv_heads), (THREADS,),
+                (qa.ptr, ka.ptr, va.ptr, rt.address(tables["work"]), rt.address(tables["sharers"]),
+                 rt.address(tables["first_state"]), rt.address(part_out), rt.address(part_lse), p.num_qo_heads,
+                 p.num_kv_heads, w.state_stride, sm_scale * _LOG2E),
+                stream_ptr=stream_ptr, device_id=device_id)
+        if p.own is None:
+            _merge_kernel(p.dtype)(
+                (merge_blocks(p.batch * p.num_qo_heads, p.head_dim),), (MERGE_THREADS,),
+                (rt.address(part_out), rt.address(part_lse), rt.address(tables["part_indptr"]), out_ptr, lse_ptr,
+                 p.batch * p.num_qo_heads, p.num_qo_heads, p.head_dim),
+                stream_ptr=stream_ptr, device_id=device_id)
+            return out, lse
+        # The own tokens, merging the shared states (launched dependent on the segments launch
+        # when there is one: its first wave reads its windows while that launch still runs).
+        slots = w.num_slots
+        states = StatePointers(rt.address(part_out), rt.address(part_lse), slots) if slots else None
+        rows = (p.total_tokens, p.num_kv_heads, p.head_dim)   # k_segs seen as rows: the same memory
+        return _launch(p.split, qa.obj, ka.obj, va.obj, kv_lens=None, paged=tables["own"], sm_scale=sm_scale,
+                       out=out, lse=lse, workspace=self._own._workspace_for,
+                       views=(qa, ka._replace(shape=rows), va._replace(shape=rows)), windows=True,
+                       states=states, states_overlap=bool(len(w.work)))
+
+
+# One-shot calls by everything their checks read: the bytes of the index arrays, the shapes and
+# dtypes of q, k_segs, v_segs, sm_scale, chunk_size and the device. A call that matches one of the
+# most recent ONE_SHOT_CACHE_SIZE skips the checks it already passed and reuses that tree's runner.
+ONE_SHOT_CACHE_SIZE = 64
+_ONE_SHOT: "collections.OrderedDict" = collections.OrderedDict()
 
 
 def tree(q, k_segs, v_segs, seg_indptr, path_indptr, path_segs, *, sm_scale=None, out=None, lse=None,
@@ -158,50 +452,55 @@ def tree(q, k_segs, v_segs, seg_indptr, path_indptr, path_segs, *, sm_scale=None
 
     q [batch, num_qo_heads, head_dim]; k_segs, v_segs [total_tokens, num_kv_heads, head_dim];
     seg_indptr [num_segs + 1], path_indptr [batch + 1], path_segs [nnz] on the host (read there
-    to build the work list; arrays on the GPU are copied to the host first, which synchronises).
-    float16 and bfloat16; head_dim 64, 128, 256. Returns (out, lse) like `split_kv`.
+    to build the plan; arrays on the GPU are copied to the host first, which synchronises).
+    float16 and bfloat16; head_dim 64, 128, 256. `chunk_size`: tokens of a shared segment per
+    block (None: the cost model's choice). Returns (out, lse) like `split_kv`. The plan of a tree
+    is kept for the next call with the same tree and shapes (`Tree` runs one without the checks).
     """
     qa, ka, va = rt.device_array(q, "q"), rt.device_array(k_segs, "k_segs"), rt.device_array(v_segs, "v_segs")
-    seg_h, ind_h, segs_h = (rt.host_ints(x, name) for x, name in (
+    seg_h, ind_h, segs_h = (np.ascontiguousarray(rt.host_ints(x, name), dtype=np.int64) for x, name in (
         (seg_indptr, "seg_indptr"), (path_indptr, "path_indptr"), (path_segs, "path_segs")))
+    cacheable = (sm_scale is None or type(sm_scale) in (float, int)) and \
+        (chunk_size is None or type(chunk_size) is int)
+    key = (seg_h.shape, ind_h.shape, segs_h.shape, seg_h.tobytes(), ind_h.tobytes(), segs_h.tobytes(), qa.shape,
+           ka.shape, va.shape, qa.dtype, ka.dtype, va.dtype, qa.device_id, sm_scale, chunk_size) if cacheable else None
+    hit = _ONE_SHOT.get(key) if key is not None else None
+    if hit is not None:
+        _ONE_SHOT.move_to_end(key)
+    else:
+        hit = _one_shot_plan(q, k_segs, v_segs, qa, seg_h, ind_h, segs_h, sm_scale, chunk_size)
+        if key is not None:
+            _ONE_SHOT[key] = hit
+            while len(_ONE_SHOT) > ONE_SHOT_CACHE_SIZE:
+                _ONE_SHOT.popitem(last=False)
+    problem, runner = hit
+    for name, a in (("q", qa), ("k_segs", ka), ("v_segs", va)):
+        rt.require_contiguous(a, name)
+    rt.require_same_device({"q": qa, "k_segs": ka, "v_segs": va})
+    if runner is None:   # no sequences
+        out, lse, _, _ = outputs(out, lse, qa.kind, (0, problem.num_qo_heads, problem.head_dim), problem.dtype,
+                                 qa.device_id)
+        return out, lse
+    return runner._run((qa, ka, va), problem.sm_scale, out, lse)
+
+
+def _one_shot_plan(q, k_segs, v_segs, qa, seg_h, ind_h, segs_h, sm_scale, chunk_size):
+    """The (problem, Tree) of a one-shot call (Tree None without sequences), checked and planned."""
     problem = check_tree(q, k_segs, v_segs, seg_h, ind_h, segs_h, sm_scale=sm_scale, dtypes=rt.KERNEL_DTYPES)
     if problem.dtype not in PREFIX_DTYPES:
         raise TypeError(f"q must be float16 or bfloat16 for the tree kernel, got {problem.dtype}")
     if problem.head_dim not in rt.HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {rt.HEAD_DIMS} for the GPU kernels, got {problem.head_dim}")
-    for name, a in (("q", qa), ("k_segs", ka), ("v_segs", va)):
-        rt.require_contiguous(a, name)
-    device_id = rt.require_same_device({"q": qa, "k_segs": ka, "v_segs": va})
-    kind = qa.kind
-    B, Hq, Hkv, D = problem.batch, problem.num_qo_heads, problem.num_kv_heads, problem.head_dim
-    G = Hq // Hkv
-    out, lse, out_ptr, lse_ptr = outputs(out, lse, kind, (B, Hq, D), problem.dtype, device_id)
-    if B == 0:
-        return out, lse
-    tile = kv_tile(D)
-    if chunk_size is None:
-        work = choose_work(seg_h, ind_h, segs_h, group_size=G, num_kv_heads=Hkv, sms=num_sms(device_id),
-                           tile=tile, head_dim=D, dtype=problem.dtype, gpu=device_gpu(device_id))
-    elif not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool):
-        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
-    elif chunk_size < tile or chunk_size % tile:
-        raise ValueError(f"chunk_size must be a positive multiple of {tile}, got {chunk_size}")
-    else:
-        work = plan_tree_work(seg_h, ind_h, segs_h, group_size=G, chunk_size=int(chunk_size))
-    dev = lambda a: rt.device_int32(a if a.size else np.zeros(1, np.int32), kind, device_id, "tree")  # noqa: E731
-    work_d, sharers_d, first_d, indptr_d = (dev(a) for a in (work.work, work.sharers, work.first_state,
-                                                             work.part_indptr))
-    part_out = rt.empty(kind, (max(work.num_states, 1), Hq, D), "float32", device_id)
-    part_lse = rt.empty(kind, (max(work.num_states, 1), Hq), "float32", device_id)
-    stream_ptr = rt.current_stream_ptr(kind, device_id)
-    if len(work.work):
-        _segments_kernel(problem.dtype, D)(
-            (len(work.work), Hkv), (THREADS,),
-            (qa.ptr, ka.ptr, va.ptr, rt.address(work_d), rt.address(sharers_d), rt.address(first_d),
-             rt.address(part_out), rt.address(part_lse), Hq, Hkv, problem.sm_scale * _LOG2E),
-            stream_ptr=stream_ptr, device_id=device_id)
-    _merge_kernel(problem.dtype)(
-        (merge_blocks(B * Hq, D),), (MERGE_THREADS,),
-        (rt.address(part_out), rt.address(part_lse), rt.address(indptr_d), out_ptr, lse_ptr, B * Hq, Hq, D),
-        stream_ptr=stream_ptr, device_id=device_id)
-    return out, lse
+    tile = kv_tile(problem.head_dim)
+    if chunk_size is not None:
+        if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool):
+            raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
+        if chunk_size < tile or chunk_size % tile:
+            raise ValueError(f"chunk_size must be a positive multiple of {tile}, got {chunk_size}")
+    if problem.batch == 0:
+        return problem, None
+    device_id = qa.device_id
+    gpu = device_gpu(device_id)
+    plan = _plan(seg_h, ind_h, segs_h, problem.num_qo_heads, problem.num_kv_heads, problem.head_dim, problem.dtype,
+                 chunk_size, None, None if gpu is not None else num_sms(device_id), gpu)
+    return problem, Tree(plan)

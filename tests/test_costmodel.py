@@ -481,9 +481,10 @@ def test_two_level_tree_fused_is_hydragen_fused():
 
 
 def test_tree_is_the_kernels_two_launches():
-    """The kernels' chunk (gpukernels.tree.choose_work), one block per (segment, chunk, row tile)
-    and KV head, then the merge of each sequence's states."""
-    from gpukernels.tree import choose_work
+    """The kernels' plan (gpukernels.tree.plan_tree: its form and chunk), one block per (segment,
+    chunk, row tile) and KV head, then the own tokens' launch merging the shared states or the
+    merge of each sequence's states; both forms predicted as the kernels run them."""
+    from gpukernels.tree import plan_tree, plan_tree_work
 
     for levels, hq, hkv in [(((1, 4096), (8, 2048), (64, 256)), 32, 32), (((1, 339), (4, 17)), 28, 4),
                             (((1, 1024), (2, 300), (16, 64)), 32, 8)]:
@@ -497,15 +498,25 @@ def test_tree_is_the_kernels_two_launches():
                 seg_lens.append(length)
         seg_indptr = np.concatenate([[0], np.cumsum(seg_lens)])
         path_indptr = np.concatenate([[0], np.cumsum([len(p) for p in paths])])
-        work = choose_work(seg_indptr, path_indptr, np.concatenate(paths), group_size=hq // hkv,
-                           num_kv_heads=hkv, sms=H100.num_sms, tile=64)
+        path_segs = np.concatenate(paths)
+        kernels = plan_tree(seg_indptr, path_indptr, path_segs, num_qo_heads=hq, num_kv_heads=hkv, head_dim=128,
+                            gpu=H100)
         plan = tree.plan_tree(t, gpu=H100)
-        assert plan.chunk_size == work.chunk_size
-        (segments, _), (merge, _) = plan.launches(H100)
-        assert segments.num_blocks == len(work.work) * hkv
-        assert merge.num_blocks == batch * hq
-        assert merge.bytes_by_tensor["states_lse"] == work.num_states * hq * 4
-        assert tree.predict(t, gpu=H100).launches == 2
+        assert (plan.form, plan.chunk_size) == (kernels.form, kernels.chunk_size)
+        assert tree.predict(t, gpu=H100).time_s == pytest.approx(kernels.predicted_s, rel=1e-9)
+        for form in tree.FORMS:
+            work = plan_tree_work(seg_indptr, path_indptr, path_segs, group_size=hq // hkv, chunk_size=plan.chunk_size,
+                                  shared_only=form == "own")
+            (segments, _), (second, _) = tree.TreePlan(t, plan.chunk_size, form=form).launches(H100)
+            assert segments.num_blocks == len(work.work) * hkv
+            if form == "merge":
+                assert second.num_blocks == batch * hq
+                assert second.bytes_by_tensor["states_lse"] == work.num_states * hq * 4
+            else:   # every sequence's slots, read by the blocks that write its outputs
+                assert second.bytes_by_tensor["shared_states"] == work.num_slots * batch * hq * (128 + 1) * 4
+                own_rows = -(-levels[-1][1] // 16) * 16 if levels[-1][0] == batch else 0   # whole windows
+                assert second.bytes_by_tensor["k_own"] == batch * own_rows * hkv * 128 * 2
+            assert tree.predict(t, gpu=H100, plan=tree.TreePlan(t, plan.chunk_size, form=form)).launches == 2
 
 
 def test_tree_levels_are_read_once_each():

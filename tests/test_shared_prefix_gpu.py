@@ -7,6 +7,8 @@ Outputs are poisoned with NaN before every run, so an element the kernels never 
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 from hypothesis import example, given
@@ -268,6 +270,84 @@ def test_bifurcated_device_lengths_out_of_range_poison_their_sequence_only(dtype
     good = [0, 3]
     ref_out, ref_lse = refattn.shared_prefix(q[good], kp, vp, ks[good], vs[good], lens[good], method="bifurcated")
     _check(out[good], lse[good], ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_hydragen_suffixes_overlapping_the_prefix_pass_give_the_same_bits(paged, monkeypatch):
+    """The suffix launch starts while the prefix pass runs: its first wave waits for the prefix
+    states only before merging them, the later blocks at their start (prefetching them). 24
+    sequences x 32 heads make 768 suffix blocks, two to three waves: both kinds; the bits are those
+    of the launch that waits at its start, and the answer the reference's."""
+    import gpukernels._runtime as rt
+    sk = importlib.import_module("gpukernels.split_kv")   # the module (the package exports a function by its name)
+
+    launches = []
+    call = rt.Kernel.__call__
+
+    def spy(self, grid, block, args, **kwargs):
+        launches.append((self.name, kwargs.get("programmatic", False)))
+        return call(self, grid, block, args, **kwargs)
+
+    monkeypatch.setattr(rt.Kernel, "__call__", spy)
+    rng = np.random.default_rng(23)
+    batch, hq, hkv, d, prefix_len, suffix_len = 24, 32, 32, 64, 200, 40
+    q, kp, vp, ks, vs = _inputs(rng, "float16", batch, hq, hkv, d, prefix_len, suffix_len)
+    lens = rng.integers(0, suffix_len + 1, batch)
+    ref_out, ref_lse = refattn.shared_prefix(q, kp, vp, ks, vs, lens)
+    kwargs = {}
+    if paged:   # pages of 16, one sequence after another
+        pages = -(-lens // 16)
+        kwargs = dict(kv_indptr=np.concatenate([[0], np.cumsum(pages)]), kv_indices=np.arange(pages.sum()),
+                      kv_last_page_len=np.where(lens > 0, lens - 16 * (pages - 1), 0))
+        cache_k = np.zeros((max(pages.sum(), 1), 16, hkv, d), dtype=ks.dtype)
+        cache_v = np.zeros_like(cache_k)
+        for b in range(batch):
+            at = kwargs["kv_indptr"][b] * 16
+            cache_k.reshape(-1, hkv, d)[at:at + lens[b]] = ks[b, :lens[b]]
+            cache_v.reshape(-1, hkv, d)[at:at + lens[b]] = vs[b, :lens[b]]
+        ks, vs, lens = cache_k, cache_v, None
+    results = []
+    for overlap in (True, False):
+        sk.STATES_OVERLAP = overlap
+        launches.clear()
+        try:
+            out, lse = _run(q, kp, vp, ks, vs, lens, "float16", prefix_chunk_size=64, **kwargs)
+        finally:
+            sk.STATES_OVERLAP = True
+        _check(out, lse, ref_out, ref_lse, "float16")
+        results.append((_host(out), _host(lse)))
+        assert [programmatic for _, programmatic in launches] == [False, overlap], launches
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_hydragen_plan_runs_in_a_cuda_graph():
+    from gpukernels.shared_prefix import SharedPrefix, plan_shared_prefix
+
+    rng = np.random.default_rng(24)
+    batch, hq, hkv, d, prefix_len, suffix_len = 16, 32, 8, 128, 2000, 90
+    runner = SharedPrefix(plan_shared_prefix(batch, hq, hkv, d, prefix_len, suffix_len, dtype="float16",
+                                             gpu="H200"))
+    q, kp, vp, ks, vs = (cp.asarray(x) for x in _inputs(rng, "float16", batch, hq, hkv, d, prefix_len, suffix_len))
+    lens = rng.integers(0, suffix_len + 1, batch)
+    lens_d = cp.asarray(lens.astype(np.int32))
+    out = cp.full((batch, hq, d), np.nan, dtype=cp.float16)
+    lse = cp.full((batch, hq), np.nan, dtype=cp.float32)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        runner.run(q, kp, vp, ks, vs, lens_d, out=out, lse=lse)   # this stream's buffers
+        stream.synchronize()
+        stream.begin_capture()
+        runner.run(q, kp, vp, ks, vs, lens_d, out=out, lse=lse)
+        graph = stream.end_capture()
+        for _ in range(2):
+            q[...] = cp.asarray(_random(rng, (batch, hq, d), "float16"))
+            out.fill(np.nan)
+            lse.fill(np.nan)
+            graph.launch(stream)
+            stream.synchronize()
+            ref_out, ref_lse = refattn.shared_prefix(*(cp.asnumpy(x) for x in (q, kp, vp, ks, vs)), lens)
+            _check(out, lse, ref_out, ref_lse, "float16")
 
 
 @pytest.mark.parametrize("dtype", BIFURCATED_DTYPES)

@@ -3,6 +3,8 @@ the float64 reference. Skipped with a reason without CuPy and a CUDA GPU."""
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -73,3 +75,106 @@ def test_malformed_trees_raise_before_launch(bad, exc):
         (kwargs if key == "chunk_size" else args)[key] = value
     with pytest.raises(exc):
         tree(q, k, k, args["seg_indptr"], args["path_indptr"], args["path_segs"], **kwargs)
+
+
+@pytest.mark.parametrize("form", ["own", "merge"])
+def test_a_tree_plan_runs_many_times_and_in_a_cuda_graph(form):
+    """Tree(plan_tree(...)): fresh inputs through one plan, then the same launches captured in a CUDA
+    graph and replayed on new queries; both forms."""
+    from gpukernels.tree import Tree, plan_tree
+
+    rng = np.random.default_rng(21)
+    lens = [300, 0, 77, 1000, 16, 5]
+    paths = [[0, 1, 2], [0, 1, 3], [0, 4], [3], [], [0, 5, 2, 1]]   # segment 2 shared out of order
+    q, k_segs, v_segs, *index = _tree_inputs(rng, "float16", 16, 4, 64, lens, paths)
+    plan = plan_tree(*index, num_qo_heads=16, num_kv_heads=4, head_dim=64, dtype="float16", form=form,
+                     chunk_size=64, gpu="H200")
+    assert plan.form == form
+    runner = Tree(plan)
+    for _ in range(2):
+        q, k_segs, v_segs, *_ = _tree_inputs(rng, "float16", 16, 4, 64, lens, paths)
+        ref_out, ref_lse = refattn.tree(q, k_segs, v_segs, *index)
+        qd = _device(q)
+        out = _poisoned(qd, q.shape, "float16")
+        lse = _poisoned(qd, q.shape[:2], "float32")
+        res = runner.run(qd, _device(k_segs), _device(v_segs), out=out, lse=lse)
+        assert res[0] is out and res[1] is lse
+        _check_with_empty(out, lse, ref_out, ref_lse, "float16")
+    qd, kd, vd = (cp.asarray(x) for x in (q, k_segs, v_segs))
+    out = cp.full(q.shape, np.nan, dtype=cp.float16)
+    lse = cp.full(q.shape[:2], np.nan, dtype=cp.float32)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        runner.run(qd, kd, vd, out=out, lse=lse)   # this stream's states
+        stream.synchronize()
+        stream.begin_capture()
+        runner.run(qd, kd, vd, out=out, lse=lse)
+        graph = stream.end_capture()
+        for _ in range(2):
+            qd[...] = cp.asarray(_random(rng, q.shape, "float16"))
+            out.fill(np.nan)
+            lse.fill(np.nan)
+            graph.launch(stream)
+            stream.synchronize()
+            ref_out, ref_lse = refattn.tree(cp.asnumpy(qd), k_segs, v_segs, *index)
+            _check_with_empty(out, lse, ref_out, ref_lse, "float16")
+
+
+def test_both_forms_and_the_overlap_give_the_same_bits(monkeypatch):
+    """The own tokens' launch overlapping the segments launch (its first wave waiting for the states
+    only before the merge, the later blocks prefetching them) computes what it computes waiting at
+    its start, bit for bit; the two forms agree with the reference. 16 sequences under a 2048-token
+    root and 4 groups of 1000 tokens, 300 own tokens each, 32/32 heads: 512 blocks of own tokens,
+    two waves."""
+    import gpukernels._runtime as rt
+    sk = importlib.import_module("gpukernels.split_kv")   # the module (the package exports a function by its name)
+    from gpukernels.tree import Tree, plan_tree
+
+    launches = []
+    call = rt.Kernel.__call__
+
+    def spy(self, grid, block, args, **kwargs):
+        launches.append(kwargs.get("programmatic", False))
+        return call(self, grid, block, args, **kwargs)
+
+    monkeypatch.setattr(rt.Kernel, "__call__", spy)
+    rng = np.random.default_rng(22)
+    lens = [2048] + [1000] * 4 + [300] * 16
+    paths = [[0, 1 + b // 4, 5 + b] for b in range(16)]
+    q, k_segs, v_segs, *index = _tree_inputs(rng, "float16", 32, 32, 128, lens, paths)
+    ref_out, ref_lse = refattn.tree(q, k_segs, v_segs, *index)
+    qd, kd, vd = (cp.asarray(x) for x in (q, k_segs, v_segs))
+    results = {}
+    for form, overlap in (("own", True), ("own", False), ("merge", True)):
+        runner = Tree(plan_tree(*index, num_qo_heads=32, num_kv_heads=32, head_dim=128, form=form, gpu="H200"))
+        sk.STATES_OVERLAP = overlap
+        launches.clear()
+        try:
+            out, lse = runner.run(qd, kd, vd)
+        finally:
+            sk.STATES_OVERLAP = True
+        assert launches == [False, overlap and form == "own"]
+        _check_with_empty(out, lse, ref_out, ref_lse, "float16")
+        results[form, overlap] = (cp.asnumpy(out), cp.asnumpy(lse))
+    for a, b in zip(results["own", True], results["own", False]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_tree_plan_rejects_what_it_was_not_made_for():
+    from gpukernels.tree import Tree, plan_tree
+
+    index = (np.array([0, 10, 20]), np.array([0, 2, 3]), np.array([0, 1, 0]))
+    plan = plan_tree(*index, num_qo_heads=8, num_kv_heads=2, head_dim=64, gpu="H200")
+    runner = Tree(plan)
+    q = cp.zeros((2, 8, 64), cp.float16)
+    k = cp.zeros((20, 2, 64), cp.float16)
+    strided = cp.zeros((20, 2, 128), cp.float16)[:, :, :64]
+    for args, exc in (((q[:1], k, k), ValueError), ((q, k[:19], k[:19]), ValueError),
+                      ((q.astype(cp.float32), k, k), TypeError), ((q, k, k.astype(cp.float32)), TypeError),
+                      ((q, k[:, :1], k[:, :1]), ValueError), ((q, strided, k), ValueError)):
+        with pytest.raises(exc):
+            runner.run(*args)
+    with pytest.raises(ValueError, match="sm_scale"):
+        runner.run(q, k, k, sm_scale=float("nan"))
+    with pytest.raises(TypeError, match="TreePlan"):
+        Tree("plan")

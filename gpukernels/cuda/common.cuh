@@ -19,6 +19,16 @@ __device__ __forceinline__ void wait_for_previous_grid() {
 #endif
 }
 
+// The other side: once every block of this kernel has called it (or exited), the kernel launched
+// after it with programmatic stream serialization may start (its blocks still wait in
+// wait_for_previous_grid for this kernel's end). Called at a block's start, the next kernel's blocks
+// take the SMs this kernel's blocks leave free, and its first wave overlaps this kernel's tail.
+__device__ __forceinline__ void let_dependents_start() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 __device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
 // By the bits, so that fast-math compilation cannot fold them away.

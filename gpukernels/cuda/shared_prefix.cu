@@ -383,6 +383,7 @@ shared_prefix_kernel(const T* __restrict__ q,          // [batch, num_qo_heads, 
                      float* __restrict__ part_lse,     // [num_chunks, batch, num_qo_heads]
                      int batch, int prefix_len, int num_qo_heads, int num_kv_heads, int chunk_size,
                      float scale_log2) {
+  let_dependents_start();   // the suffix pass's first wave runs on the SMs this pass frees
   const int chunk = blockIdx.x, kh = blockIdx.z;
   const int group_size = num_qo_heads / num_kv_heads;
   const int rows = batch * group_size;
@@ -406,9 +407,10 @@ shared_prefix_kernel(const T* __restrict__ q,          // [batch, num_qo_heads, 
 // Tree-shaped sharing in one launch: every (segment, chunk, tile of 64 query rows) is a work item
 // (grid x; grid y over the KV heads). The rows of a segment are its sharers' query heads of KV
 // head kh: row r = i * G + g for sharer i = sharers[sharer_offset + r / G]. Sharer i's state for
-// chunk c of the segment is state first_state[sharer_offset + r / G] + c of part_out
-// [num_states, num_qo_heads, HEAD_DIM]. A work item is six ints: the chunk's first and end token
-// (rows of k_segs), sharer_offset, the segment's number of sharers, its first query row, and c.
+// chunk c of the segment is state first_state[sharer_offset + r / G] + c * state_stride of
+// part_out [num_states, num_qo_heads, HEAD_DIM]. A work item is six ints: the chunk's first and
+// end token (rows of k_segs), sharer_offset, the segment's number of sharers, its first query row,
+// and c.
 template <typename T, int HEAD_DIM, int STAGES>
 __global__ void __launch_bounds__(SP_THREADS, HEAD_DIM >= 256 ? 1 : 2)
 tree_segments_kernel(const T* __restrict__ q,            // [batch, num_qo_heads, HEAD_DIM]
@@ -419,7 +421,8 @@ tree_segments_kernel(const T* __restrict__ q,            // [batch, num_qo_heads
                      const int* __restrict__ first_state,  // parallel to sharers
                      float* __restrict__ part_out,       // [num_states, num_qo_heads, HEAD_DIM]
                      float* __restrict__ part_lse,       // [num_states, num_qo_heads]
-                     int num_qo_heads, int num_kv_heads, float scale_log2) {
+                     int num_qo_heads, int num_kv_heads, int state_stride, float scale_log2) {
+  let_dependents_start();   // the launch after it (the sequences' own tokens) may start
   const int* item = work + 6 * static_cast<long long>(blockIdx.x);
   const int kv_begin = item[0], kv_end = item[1], sharer_offset = item[2], num_sharers = item[3];
   const int first_row = item[4], c = item[5];
@@ -436,7 +439,8 @@ tree_segments_kernel(const T* __restrict__ q,            // [batch, num_qo_heads
     const int sharer = ok ? sharer_offset + r / group_size : 0;
     row_b[i] = ok ? sharers[sharer] : 0;
     row_h[i] = ok ? kh * group_size + r % group_size : 0;
-    row_state[i] = ok ? (static_cast<long long>(first_state[sharer]) + c) * num_qo_heads + row_h[i] : -1;
+    row_state[i] = ok ? (first_state[sharer] + static_cast<long long>(c) * state_stride) * num_qo_heads + row_h[i]
+                      : -1;
   }
   attend_rows<T, HEAD_DIM, STAGES>(q, k_segs, v_segs, part_out, part_lse, num_qo_heads, num_kv_heads, kh,
                                    kv_begin, kv_end, row_b, row_h, row_state, scale_log2);

@@ -247,7 +247,9 @@ struct BlockWork {
   int split, b, kh, head0, heads_here, splits_here, first, step, end;
 };
 
-template <typename T, int HEAD_DIM, int GROUP, bool PAGED>
+// WAIT: the block waits for the kernel before it (programmatic dependent launch) here, at its
+// start; without it the caller waits later itself.
+template <typename T, int HEAD_DIM, int GROUP, bool PAGED, bool WAIT = true>
 __device__ __forceinline__ bool block_work(BlockWork& w, T* __restrict__ out, float* __restrict__ lse,
                                            const int* __restrict__ kv_lens,
                                            const int* __restrict__ kv_indptr,
@@ -257,7 +259,7 @@ __device__ __forceinline__ bool block_work(BlockWork& w, T* __restrict__ out, fl
   if (seq_head_index() >= batch * num_kv_heads * head_groups) return false;   // the z tail
   // Launched dependent on the kernel before it (`pdl`), a block reads nothing before that kernel
   // has finished: q, the lengths, the page table and the cache may all be its outputs.
-  wait_for_previous_grid();
+  if constexpr (WAIT) wait_for_previous_grid();
   const int split = split_index();
   const int hg = seq_head_index() % head_groups;
   const int kh = (seq_head_index() / head_groups) % num_kv_heads;
@@ -314,8 +316,9 @@ split_kv_kernel(const T* __restrict__ q,                 // [batch, num_qo_heads
                 int batch, int kv_len, int num_pages, int page_size, int num_qo_heads,
                 int num_kv_heads, int head_groups, int chunk_size, float scale_log2, int windows,
                 const float* __restrict__ extra_out,      // ExtraStates (count 0: none)
-                const float* __restrict__ extra_lse, int extra_count) {
+                const float* __restrict__ extra_lse, int extra_count, int late_states_blocks) {
   (void)windows;   // windows are read by the tensor-core kernel alone (the launcher sends 0 here)
+  (void)late_states_blocks;   // states are merged by the tensor-core kernel alone
   using S = SplitKVShape<T, HEAD_DIM, GROUP>;
   constexpr int VEC = S::VEC;
   constexpr int LPR = S::LANES_PER_ROW;
@@ -774,8 +777,14 @@ __device__ __forceinline__ void store_warp_state(float (&smem_o)[NUM_WARPS][GROU
 }
 
 // STATES: the launch merges extra states into its outputs (ExtraStates; Hydragen's suffixes). Without
-// it the kernel ignores extra_out, extra_lse and extra_count and carries no code for them (holding
-// prefetched states through the loop measured 4-7% slower on few-block decode rows).
+// it the kernel ignores extra_out, extra_lse, extra_count and late_states_blocks and carries no code
+// for them (holding prefetched states through the loop measured 4-7% slower on few-block decode
+// rows).
+// late_states_blocks: with STATES, launched dependent on the kernel that writes the states (its
+// blocks having let this launch start: `let_dependents_start`), blocks of linear index below it
+// (the first wave) attend to their tokens while that kernel still runs and wait for it only
+// before they read the states, at their end; the later blocks wait at their start and prefetch
+// their states. Only for a launch whose q, cache and tables that kernel does not write.
 template <typename T, int HEAD_DIM, int GROUP, bool PAGED, int STAGES, bool STATES = false>
 __global__ void __launch_bounds__(NUM_THREADS, mma_min_blocks_per_sm<HEAD_DIM>())
 split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
@@ -785,7 +794,7 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
                     float* __restrict__ partial_lse, int* __restrict__ counters, int batch, int kv_len,
                     int num_pages, int page_size, int num_qo_heads, int num_kv_heads, int head_groups,
                     int chunk_size, float scale_log2, int windows, const float* __restrict__ extra_out,
-                    const float* __restrict__ extra_lse, int extra_count) {
+                    const float* __restrict__ extra_lse, int extra_count, int late_states_blocks) {
   static_assert(HEAD_DIM == 64 || HEAD_DIM == 128 || HEAD_DIM == 256,
                 "tensor-core path: head_dim 64, 128 or 256");
   static_assert(GROUP <= 8, "at most 8 query heads per block (rows 8..15 of A stay zero)");
@@ -804,15 +813,24 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   __shared__ int smem_tile_rows[NUM_WARPS][STAGES];   // windows: rows of the tile in each stage
 
   BlockWork w;
-  if (!block_work<T, HEAD_DIM, GROUP, PAGED>(w, out, lse, kv_lens, kv_indptr, kv_last_page_len, batch,
-                                             kv_len, page_size, num_qo_heads, num_kv_heads,
-                                             head_groups, chunk_size)) {
+  // STATES: blocks of the first wave wait at their end (late_states_blocks), the others here.
+  const bool late_states =
+      STATES && static_cast<long long>(blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x <
+                    late_states_blocks;
+  if constexpr (STATES) {
+    if (!late_states) wait_for_previous_grid();
+  }
+  if (!block_work<T, HEAD_DIM, GROUP, PAGED, !STATES>(w, out, lse, kv_lens, kv_indptr, kv_last_page_len, batch,
+                                                      kv_len, page_size, num_qo_heads, num_kv_heads,
+                                                      head_groups, chunk_size)) {
     return;
   }
   const ExtraStates extra = STATES ? ExtraStates{extra_out, extra_lse, extra_count} : ExtraStates{};
   PrefetchedStates pre;
   if constexpr (STATES) {
-    pre = prefetch_states<HEAD_DIM>(extra, w.b, w.head0, w.heads_here, w.splits_here, batch, num_qo_heads);
+    if (!late_states) {
+      pre = prefetch_states<HEAD_DIM>(extra, w.b, w.head0, w.heads_here, w.splits_here, batch, num_qo_heads);
+    }
   }
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -1070,6 +1088,9 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
 
   store_warp_state<HEAD_DIM, GROUP, ACC, PAGED>(smem_o, smem_m, smem_l, o, m, l, nonfinite, bad_page, warp, gid,
                                                 tig);
+  if constexpr (STATES) {
+    if (late_states) wait_for_previous_grid();   // the states are now written
+  }
   __syncthreads();
   finish_block<T, HEAD_DIM, GROUP>(smem_o, smem_m, smem_l, out, lse, partial_out, partial_lse, counters,
                                    w.b, w.split, w.splits_here, w.head0, w.heads_here, batch,
@@ -1098,9 +1119,10 @@ split_kv_mma_persistent_kernel(const T* __restrict__ q, const T* __restrict__ k,
                                int kv_len, int num_pages, int page_size, int num_qo_heads, int num_kv_heads,
                                int head_groups, int chunk_size, float scale_log2, int windows,
                                const float* __restrict__ extra_out, const float* __restrict__ extra_lse,
-                               int extra_count) {
+                               int extra_count, int late_states_blocks) {
   static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "persistent form: head_dim 64 or 128");
-  (void)extra_out, (void)extra_lse, (void)extra_count;   // launches with states run one block per item
+  // launches with states run one block per item
+  (void)extra_out, (void)extra_lse, (void)extra_count, (void)late_states_blocks;
   static_assert(GROUP <= 8, "at most 8 query heads per block (rows 8..15 of A stay zero)");
   static_assert(STAGES >= 2, "at least double buffering");
   static_assert(NUM_WARPS * GROUP * HEAD_DIM * 4 <= NUM_WARPS * MmaSlots<HEAD_DIM>::TOTAL * 32 * 16,

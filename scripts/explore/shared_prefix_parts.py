@@ -18,6 +18,7 @@ from _profile import print_host_profile
 from gpukernels.bench import SHARED_PREFIX_GRID, Timer, _randn16, gpu_wait, host_us, stream_read
 
 sp = importlib.import_module("gpukernels.shared_prefix")
+sk = importlib.import_module("gpukernels.split_kv")
 import gpukernels  # noqa: E402
 
 timer = Timer(20)
@@ -79,10 +80,20 @@ for hkv, B, P, S in rows:
     call = lambda: runner.run(q, kp, vp, ks, vs, out=out, lse=lse)  # noqa: E731
     res["call"] = timer(call)
     res["call_lead"] = timer(call, lead_ms=0.5)
+    sk.STATES_OVERLAP = False   # the suffix launch waiting for the prefix pass at its start
+    try:
+        res["call_lead waiting"] = timer(call, lead_ms=0.5)
+    finally:
+        sk.STATES_OVERLAP = True
+    for chunk in (plan.prefix_chunk_size // 2, plan.prefix_chunk_size * 2):   # the whole call, other chunks
+        if chunk >= sp.kv_tile(D):
+            other = sp.SharedPrefix(sp.plan_shared_prefix(B, HQ, hkv, D, P, S, num_sms=132, prefix_chunk_size=chunk))
+            res[f"call_lead c{chunk}"] = timer(lambda: other.run(q, kp, vp, ks, vs, out=out, lse=lse),  # noqa: B023
+                                               lead_ms=0.5)
     res["host"] = host_us(call) / 1e3
     chunk0 = plan.prefix_chunk_size
     group = HQ // hkv
-    for chunk in sorted({chunk0, chunk0 * 2, chunk0 * 4}):
+    for chunk in sorted({chunk0, chunk0 * 2, chunk0 * 4}) if os.environ.get("CALLS_ONLY", "0") != "1" else ():
         n = -(-P // chunk)
         po = cp.empty((n, B, HQ, D), cp.float32)
         pl = cp.empty((n, B, HQ), cp.float32)
@@ -110,9 +121,9 @@ for hkv, B, P, S in rows:
                                                    device_id=0), lead_ms=0.3)
         del po, pl
     print(f"{HQ}/{hkv} B={B} {P}+{S}: " + ", ".join(f"{a}={b * 1e3:.1f}" for a, b in res.items()), flush=True)
-    if (hkv, B) == (8, 16):
+    if (hkv, B) == (8, 16) and os.environ.get("CALLS_ONLY", "0") != "1":
         print_host_profile(call, calls=200, top=14, lines=60)
-    if os.environ.get("BIFURCATED", "1") == "1":
+    if os.environ.get("BIFURCATED", "1") == "1" and os.environ.get("CALLS_ONLY", "0") != "1":
         bifurcated_parts(plan, q, kp, vp, ks, vs, out, lse)
     del q, k_pool, v_pool, kp, vp, ks, vs
     cp.get_default_memory_pool().free_all_blocks()
