@@ -84,7 +84,10 @@ class SharedPrefixShape:
         return out
 
 
-PREFETCHED_STATES = 2   # prefix states a suffix block loads at its start (split_kv.cu: PREFETCHED_STATES)
+def prefetched_states(head_dim: int) -> int:
+    """Prefix states a suffix block loads at its start (split_kv.cu: prefetched_states)."""
+    return 8 if head_dim == 128 else 2
+
 STATES_BATCH = 8        # states loaded at once at a block's end (merge_states_into)
 
 
@@ -145,7 +148,7 @@ class HydragenPlan:
         """The launches, each with its tensor-core rate (None: the GPU's): the prefix pass at
         `costmodel.segments.attend_rows_flops_per_s` over its blocks' tiles, then the suffixes
         (with the chunks' states: their bytes, and for a block that writes its output directly
-        one more round trip per STATES_BATCH states when there are more than PREFETCHED_STATES,
+        one more round trip per STATES_BATCH states when there are more than it prefetches,
         which it loads at its end instead of its start), or the merge."""
         s = self.shape
         spec = get_gpu(gpu)
@@ -168,14 +171,15 @@ def with_merged_states(launch: Launch, plan: SplitKVPlan, num_states: int, name:
     """A split-KV launch of `plan` whose blocks that write a row's output also read and merge
     `num_states` float32 states of every row (split_kv.cu: ExtraStates): their bytes (as `name`),
     and for a block that writes its output directly one more round trip per STATES_BATCH states
-    when there are more than PREFETCHED_STATES, which it loads at its end instead of its start."""
+    when there are more than `prefetched_states(head_dim)`, which it loads at its end instead of
+    its start."""
     if not num_states:
         return launch
     n, rows = num_states, plan.batch * plan.num_qo_heads
     bytes_by_tensor = dict(launch.bytes_by_tensor)
     bytes_by_tensor[name] = n * rows * (plan.head_dim + 1) * F32
     direct = plan.num_splits == 1
-    trips = -(-n // STATES_BATCH) if direct and n > PREFETCHED_STATES else 0
+    trips = -(-n // STATES_BATCH) if direct and n > prefetched_states(plan.head_dim) else 0
     per_block = n * (rows // max(launch.busy_blocks, 1)) * (plan.head_dim + 1) * F32 if direct else 0
     runs = tuple((b + per_block, t + trips, c) if (b or t) else (b, t, c) for b, t, c in launch.block_runs)
     return dataclasses.replace(launch, bytes_by_tensor=bytes_by_tensor, block_runs=runs)

@@ -425,9 +425,10 @@ def test_hydragen_is_the_kernels_two_launches():
         states = plan.num_chunks * b * hq
         assert prefix.bytes_by_tensor["partial_out_write"] == states * d * 4
         assert suffixes.bytes_by_tensor["prefix_states"] == states * (d + 1) * 4
-        # loaded at a block's start (one round trip fewer) up to PREFETCHED_STATES states
+        # loaded at a block's start (one round trip fewer) up to 8 states at head_dim 128, 2 at the others
         plain = split_kv.split_kv_launch(plan.suffix, [S] * b, name="suffixes")
-        extra_trips = 0 if plan.num_chunks <= shared_prefix.PREFETCHED_STATES else -(-plan.num_chunks // 8)
+        assert shared_prefix.prefetched_states(d) == (8 if d == 128 else 2)
+        extra_trips = 0 if plan.num_chunks <= shared_prefix.prefetched_states(d) else -(-plan.num_chunks // 8)
         if plan.suffix.num_splits == 1:
             assert [t for _, t, _ in suffixes.block_runs] == [t + extra_trips for _, t, _ in plain.block_runs]
         p = shared_prefix.predict(shape, gpu=H100, plan=plan)

@@ -106,28 +106,32 @@ struct ExtraStates {
 // block that writes its output directly starts, so that their latency passes behind its rows
 // (loaded at the end instead, they added one memory round trip to every block: 20 us over the 31
 // waves of short blocks of 32/32 heads x 256 sequences x 128 suffix tokens). Up to
-// PREFETCHED_STATES of them; more are loaded at the end.
-constexpr int PREFETCHED_STATES = 2;
+// prefetched_states<HEAD_DIM>() of them; more are loaded at the end. Head_dim 128 holds 8 (its two
+// blocks an SM leave the registers: 40 more a thread); the others 2.
+template <int HEAD_DIM>
+__host__ __device__ constexpr int prefetched_states() { return HEAD_DIM == 128 ? 8 : 2; }
+constexpr int PREFETCHED_STATES = 2;   // the kernels without states (their finish_block's default)
+template <int N = PREFETCHED_STATES>
 struct PrefetchedStates {
-  float lse[PREFETCHED_STATES];
-  float4 out[PREFETCHED_STATES];
+  float lse[N];
+  float4 out[N];
   int count = 0;   // loaded here (0: none, all loaded at the end)
 };
 
 template <int HEAD_DIM>
-__device__ __forceinline__ PrefetchedStates prefetch_states(const ExtraStates& extra, int b, int head0,
-                                                            int heads_here, int splits_here, int batch,
-                                                            int num_qo_heads) {
-  PrefetchedStates p;
+__device__ __forceinline__ PrefetchedStates<prefetched_states<HEAD_DIM>()> prefetch_states(
+    const ExtraStates& extra, int b, int head0, int heads_here, int splits_here, int batch, int num_qo_heads) {
+  constexpr int N = prefetched_states<HEAD_DIM>();
+  PrefetchedStates<N> p;
   const int t = threadIdx.x;
-  if (splits_here != 1 || extra.count < 1 || extra.count > PREFETCHED_STATES || t >= heads_here * (HEAD_DIM / 4)) {
+  if (splits_here != 1 || extra.count < 1 || extra.count > N || t >= heads_here * (HEAD_DIM / 4)) {
     return p;
   }
   const long long row = static_cast<long long>(b) * num_qo_heads + head0 + t / (HEAD_DIM / 4);
   const int d = (t % (HEAD_DIM / 4)) * 4;
   const long long stride = static_cast<long long>(batch) * num_qo_heads;
 #pragma unroll
-  for (int i = 0; i < PREFETCHED_STATES; ++i) {
+  for (int i = 0; i < N; ++i) {
     const bool here = i < extra.count;
     p.lse[i] = here ? __ldcg(extra.lse + i * stride + row) : neg_inf();
     p.out[i] = here ? __ldcg(reinterpret_cast<const float4*>(extra.out + (i * stride + row) * HEAD_DIM + d))
@@ -140,7 +144,7 @@ __device__ __forceinline__ PrefetchedStates prefetch_states(const ExtraStates& e
 // The end of every block: merge the warps' states (in warp order), then either write the output
 // (one split) or write a float32 partial and, in the last block to arrive, merge all the partials of
 // this (sequence, KV head, head group) in split order; the extra states, if any, are merged last.
-template <typename T, int HEAD_DIM, int GROUP>
+template <typename T, int HEAD_DIM, int GROUP, int PRE = PREFETCHED_STATES>
 __device__ __forceinline__ void finish_block(const float (&smem_o)[NUM_WARPS][GROUP][HEAD_DIM],
                                              const float (&smem_m)[NUM_WARPS][GROUP],
                                              const float (&smem_l)[NUM_WARPS][GROUP],
@@ -149,7 +153,7 @@ __device__ __forceinline__ void finish_block(const float (&smem_o)[NUM_WARPS][GR
                                              float* __restrict__ partial_lse, int* __restrict__ counters,
                                              int b, int split, int splits_here, int head0, int heads_here,
                                              int batch, int num_qo_heads, ExtraStates extra,
-                                             const PrefetchedStates& pre = PrefetchedStates{}) {
+                                             const PrefetchedStates<PRE>& pre = PrefetchedStates<PRE>{}) {
   __shared__ int smem_is_last;
 
   // Merge the warps in warp order; each thread finishes 4 adjacent dims of one head at a time.
@@ -826,7 +830,7 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     return;
   }
   const ExtraStates extra = STATES ? ExtraStates{extra_out, extra_lse, extra_count} : ExtraStates{};
-  PrefetchedStates pre;
+  PrefetchedStates<STATES ? prefetched_states<HEAD_DIM>() : PREFETCHED_STATES> pre;
   if constexpr (STATES) {
     if (!late_states) {
       pre = prefetch_states<HEAD_DIM>(extra, w.b, w.head0, w.heads_here, w.splits_here, batch, num_qo_heads);
@@ -1092,9 +1096,9 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     if (late_states) wait_for_previous_grid();   // the states are now written
   }
   __syncthreads();
-  finish_block<T, HEAD_DIM, GROUP>(smem_o, smem_m, smem_l, out, lse, partial_out, partial_lse, counters,
-                                   w.b, w.split, w.splits_here, w.head0, w.heads_here, batch,
-                                   num_qo_heads, extra, pre);
+  finish_block<T, HEAD_DIM, GROUP, STATES ? prefetched_states<HEAD_DIM>() : PREFETCHED_STATES>(
+      smem_o, smem_m, smem_l, out, lse, partial_out, partial_lse, counters, w.b, w.split, w.splits_here, w.head0,
+      w.heads_here, batch, num_qo_heads, extra, pre);
 }
 
 // ---------------------------------------------------------------------------------------------

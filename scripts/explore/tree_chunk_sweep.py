@@ -43,3 +43,21 @@ for form in ("own", "merge"):
             finally:
                 sk.STATES_OVERLAP = True
     print(f"tree {form}: " + ", ".join(f"{name}={t}" for name, t in res.items()), flush=True)
+
+# The chosen plan's two launches alone: the segments launch, and the second (the merge, or the own
+# tokens merging the states), each timed by itself with the other's outputs in place.
+tree_module = importlib.import_module("gpukernels.tree")
+runner = Tree(chosen)
+runner.run(q, k, v, out=out, lse=lse)
+tables = runner._device_tables("cupy", 0)
+part_out, part_lse = runner._states_for("cupy", 0, cp.cuda.get_current_stream().ptr)
+w = chosen.work
+segments = tree_module._segments_kernel("float16", HEAD_DIM)
+args = (q.data.ptr, k.data.ptr, v.data.ptr, tables["work"].data.ptr, tables["sharers"].data.ptr,
+        tables["first_state"].data.ptr, part_out.data.ptr, part_lse.data.ptr, NUM_QO_HEADS, TREE_KV_HEADS,
+        w.state_stride, HEAD_DIM ** -0.5 * 1.4426950408889634)
+alone = timer(lambda: segments((len(w.work), TREE_KV_HEADS), (tree_module.THREADS,), args,
+                               stream_ptr=cp.cuda.get_current_stream().ptr, device_id=0), lead_ms=0.3)
+whole = timer(lambda: runner.run(q, k, v, out=out, lse=lse), lead_ms=0.3)
+print(f"tree {chosen.form} c{chosen.chunk_size}: whole={whole * 1e3:.1f}, segments launch={alone * 1e3:.1f}, "
+      f"second launch={(whole - alone) * 1e3:.1f} (by difference)", flush=True)
