@@ -533,6 +533,38 @@ def check_tree_index(seg_indptr, path_indptr, path_segs, batch: int, total_token
     return seg_indptr, path_indptr, path_segs
 
 
+def check_tree_pages(seg_kv_indptr, seg_kv_indices, seg_kv_last_page_len, *, num_pages: int | None,
+                     page_size: int):
+    """Check the page tables of a tree's segments (segment s owns pages
+    seg_kv_indices[seg_kv_indptr[s]:seg_kv_indptr[s+1]], the last filled to
+    seg_kv_last_page_len[s], as `check_paged` checks a sequence's); `num_pages` None: the page ids
+    only non-negative (the cache is not known yet). Return host int64 (indptr, indices, seg_lens)."""
+    page_size = check_positive_int(page_size, "page_size")
+    indptr = _index_array(seg_kv_indptr, "seg_kv_indptr", [("num_segs + 1", None)])
+    if indptr.size < 1:
+        raise ValueError("seg_kv_indptr must be [num_segs + 1] with at least one entry, got (0,)")
+    num_segs = indptr.size - 1
+    indices = _index_array(seg_kv_indices, "seg_kv_indices", [("nnz_pages", None)])
+    last = _index_array(seg_kv_last_page_len, "seg_kv_last_page_len", [("num_segs", num_segs)])
+    _check_indptr(indptr, "seg_kv_indptr", indices.size, "len(seg_kv_indices)")
+    if num_pages is None:
+        i = _first(indices < 0)
+        if i is not None:
+            raise ValueError(f"seg_kv_indices must be >= 0, got seg_kv_indices[{i}] = {int(indices[i])}")
+    else:
+        _check_index_range(indices, "seg_kv_indices", num_pages, "num_pages")
+    pages = np.diff(indptr)
+    s = _first(np.where(pages > 0, (last < 1) | (last > page_size), last != 0))
+    if s is not None:
+        want = f"in [1, page_size] = [1, {page_size}]" if pages[s] > 0 else "0"
+        raise ValueError(
+            f"seg_kv_last_page_len[{s}] must be {want} for a segment with {int(pages[s])} pages, "
+            f"got {int(last[s])}"
+        )
+    seg_lens = np.where(pages > 0, (pages - 1) * page_size + last, 0).astype(np.int64)
+    return indptr, indices, seg_lens
+
+
 # --------------------------------------------------------------------------------------------
 # span
 

@@ -38,7 +38,7 @@ def _cases():
             for head_dim in (64, 128, 256):
                 yield dtype, head_dim, 32, 8, "hydragen", None
             yield dtype, 128, 16, 4, "tree", None
-            for form in ("own", "merge"):   # both forms of the tree plan
+            for form in ("own", "merge", "paged"):   # both forms of the tree plan, and segments in pages
                 yield dtype, 64, 16, 4, f"tree:{form}", None
 
 
@@ -84,7 +84,7 @@ def run_case(rng, dtype, head_dim, hq, hkv, kind, num_splits) -> float:
         import cupy as cp
 
         out, _ = gpukernels.merge_states(_to_device(outs, dtype), cp.asarray(lses))
-    elif kind in ("hydragen", "bifurcated", "tree", "tree:own", "tree:merge", "span"):
+    elif kind in ("hydragen", "bifurcated", "tree", "tree:own", "tree:merge", "tree:paged", "span"):
         return _sharing_case(rng, rounded, dtype, head_dim, hq, hkv, kind)
     elif kind == "persistent":
         # more (sequence, head) items than the GPU holds blocks, of one length: the persistent kernel
@@ -151,6 +151,16 @@ def _sharing_case(rng, rounded, dtype, head_dim, hq, hkv, kind) -> float:
         ref_out, _ = refattn.tree(q, k_segs, v_segs, *index)
         if kind == "tree":   # the one-shot call, the plan's own choice
             out, _ = tree(dev(q), dev(k_segs), dev(v_segs), *index)
+        elif kind == "tree:paged":   # each segment in shuffled pages of 16, junk in the others
+            seg_indptr, path_indptr, path_segs = index
+            lens_s = np.diff(seg_indptr)
+            padded = np.zeros((2, len(lens_s), int(lens_s.max()), hkv, head_dim))
+            for s, n in enumerate(lens_s):
+                padded[:, s, :n] = k_segs[seg_indptr[s]:seg_indptr[s] + n], v_segs[seg_indptr[s]:seg_indptr[s] + n]
+            kc, vc, indptr, indices, last = refattn.paged_from_contiguous(padded[0], padded[1], lens_s, page_size=16,
+                                                                          shuffle=1, extra_pages=2)
+            out, _ = tree(dev(q), dev(kc), dev(vc), None, path_indptr, path_segs, seg_kv_indptr=indptr,
+                          seg_kv_indices=indices, seg_kv_last_page_len=last)
         else:
             plan = plan_tree(*index, num_qo_heads=hq, num_kv_heads=hkv, head_dim=head_dim, dtype=dtype,
                              form=kind.split(":")[1], chunk_size=64, gpu="H200")

@@ -1061,7 +1061,8 @@ def run_tree_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool = False,
     """The tree of docs/benchmarks.md on one pool of segments (the root, the groups', each
     sequence's own, back to back): `tree`, the planned run (`Tree(plan_tree(...)).run`, out/lse
     given; also timed with its host work hidden, `kernel_ms`; its form and chunk in the row) and
-    the one-shot call; `tree:naive`, every sequence's path copied into a
+    the one-shot call; `tree:paged`, the planned run over the pool as pages of PAGE_SIZE (each
+    segment's pages in order, as the peers read it); `tree:naive`, every sequence's path copied into a
     contiguous cache (not timed) then split-KV; FlashInfer's cascade with three levels and with
     two, and its paged decode over whole paths, on the same pool as pages. `stream_ms`: the pool
     read once. `quick` changes nothing (one workload)."""
@@ -1108,6 +1109,23 @@ def run_tree_suite(timer: Timer, ceilings: dict, gpu, *, quick: bool = False,
         m = _measure(timer, "tree:oneshot", one_shot, failed)
         if m:
             rows.append({**base, "impl": "tree:oneshot", **m})
+        # The same pool as the peers read it, pages of PAGE_SIZE, each segment's pages in order.
+        try:
+            pages = np.diff(seg_indptr) // PAGE_SIZE
+            tables = dict(seg_kv_indptr=np.concatenate([[0], np.cumsum(pages)]),
+                          seg_kv_indices=np.arange(int(pages.sum())), seg_kv_last_page_len=np.full(len(pages), PAGE_SIZE))
+            paged_plan = plan_tree(None, path_indptr, path_segs, num_qo_heads=NUM_QO_HEADS, num_kv_heads=hkv,
+                                   head_dim=HEAD_DIM, gpu=device_gpu(cp.cuda.Device().id), page_size=PAGE_SIZE,
+                                   **tables)
+            paged_runner = Tree(paged_plan)
+            k_pages, v_pages = (x.reshape(-1, PAGE_SIZE, hkv, HEAD_DIM) for x in (k_pool, v_pool))
+            m = _measure(timer, "tree:paged", lambda: paged_runner.run(q, k_pages, v_pages, out=out, lse=lse), failed)
+            if m:
+                rows.append(_predicted({**base, "impl": "tree:paged", **m, "chunk_size": paged_plan.chunk_size,
+                                        "form": paged_plan.form, "page_size": PAGE_SIZE}, gpu))
+        except Exception as exc:  # noqa: BLE001 - the other rows stand
+            _progress(f"  tree:paged unavailable: {_error_line(exc)}")
+            failed.append("tree:paged")
 
     # Naive: every sequence's path copied into its own contiguous cache (not timed), then split-KV.
     context = base["context_len"]
@@ -1686,10 +1704,10 @@ def _format_shared_prefix(rows: list[dict], *, papers: bool = False) -> str:
 def _format_tree(rows: list[dict]) -> str:
     """One line per tree: `tree` (out/lse given) against its ceiling, FlashInfer's 3-level cascade
     (the target's peer) and the best peer; the same call with its host work hidden (kernels); the
-    one-shot call, the naive copy-then-split-KV, every FlashInfer variant, the prediction, host
-    time per call."""
+    one-shot call, the planned run with the segments in pages, the naive copy-then-split-KV, every
+    FlashInfer variant, the prediction, host time per call."""
     head = ["levels", "batch", "q/KV heads", "read-only us", "ceiling us", "tree us", "vs ceiling", "frac",
-            "kernels us", "kernels vs ceiling", "one-shot us", "naive us", "FlashInfer cascade 3 us",
+            "kernels us", "kernels vs ceiling", "one-shot us", "paged us", "naive us", "FlashInfer cascade 3 us",
             "FlashInfer cascade 2 us", "FlashInfer decode us", "best peer", "vs cascade 3", "vs best peer",
             "kernels vs cascade 3", "predicted us", "host us: tree / one-shot / cascade 3 / cascade 2 / decode"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -1697,6 +1715,7 @@ def _format_tree(rows: list[dict]) -> str:
         any_row = group[0]
         ours = _find(group, "tree")
         one = _find(group, "tree:oneshot")
+        paged = _find(group, "tree:paged")
         naive = _find(group, "tree:naive")
         c3 = _find(group, "peer:flashinfer_cascade3")
         c2 = _find(group, "peer:flashinfer_cascade2")
@@ -1708,7 +1727,7 @@ def _format_tree(rows: list[dict]) -> str:
             f"| {label} | {any_row['batch']} | {any_row['num_qo_heads']}/{any_row['num_kv_heads']} "
             f"| {any_row['stream_ms'] * 1e3:.1f} | " + (f"{ceiling * 1e3:.1f}" if ceiling else "-")
             + f" | {_t(ours)} | {_vs_ceiling(ours)} | " + (f"{ours['frac']:.3f}" if ours else "-")
-            + f" | {_t(kernels)} | {_vs_ceiling(kernels)} | {_t(one)} | {_t(naive)} | {_t(c3)} | {_t(c2)} "
+            + f" | {_t(kernels)} | {_vs_ceiling(kernels)} | {_t(one)} | {_t(paged)} | {_t(naive)} | {_t(c3)} | {_t(c2)} "
             f"| {_t(decode)} | " + (f"{_us(best)} ({_PEER_NAMES[best['impl']]})" if best else "-")
             + f" | {_x(c3, ours)} | {_x(best, ours)} | {_x(c3, kernels)} | "
             + (f"{ours['predicted_ms'] * 1e3:.1f}" if ours and "predicted_ms" in ours else "-")

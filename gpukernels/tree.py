@@ -20,6 +20,11 @@ seg_indptr[s+1] - 1). The host turns the tree into a plan (`plan_tree`), in one 
 * "merge": every segment by the segments launch, then `merge_parts_kernel` merges each sequence's
   states. For pools of more rows than windows address (2**27).
 
+The segments may lie in a paged cache instead ([num_pages, page_size, num_kv_heads, head_dim], each
+segment owning a list of pages as a sequence does in `paged_decode`): the work list then names the
+rows of the segments' pages back to back, which the segments launch finds through the page table,
+and the own tokens' windows are cut at page boundaries.
+
 The cost model picks the form and the chunk size (`costmodel.tree`), once per tree.
 
 Three ways to call it:
@@ -42,7 +47,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from decode_attention.contract import check_positive_int, check_tree, check_tree_index
+from decode_attention.contract import (check_paged_layout, check_positive_int, check_tree, check_tree_index,
+                                       check_tree_pages)
 
 from . import _runtime as rt
 from .shared_prefix import (MERGE_THREADS, PREFIX_DTYPES, QUERY_ROWS, THREADS, kv_tile, merge_blocks,
@@ -86,17 +92,42 @@ def _sharer_counts(path_segs: np.ndarray, num_segs: int) -> np.ndarray:
     return np.bincount(path_segs, minlength=num_segs).astype(np.int64)
 
 
+class Segments(NamedTuple):
+    """Where a tree's segments lie: segment s is rows start[s] .. start[s] + length[s] - 1 of the
+    rows the work list names. Contiguous (page_size 0): rows of k_segs. Paged: row r lies in page
+    table[r // page_size] of the cache, at r % page_size (each segment's pages back to back, the
+    segment starting on a page: start = its first page's place in the table times page_size)."""
+
+    start: np.ndarray          # int64 [num_segs]
+    length: np.ndarray         # int64 [num_segs]
+    page_size: int = 0
+    table: "np.ndarray | None" = None   # int64 [pages]: the cache's page of each
+
+
+def contiguous_segments(seg_indptr) -> Segments:
+    seg_indptr = np.asarray(seg_indptr, dtype=np.int64)
+    return Segments(seg_indptr[:-1], np.diff(seg_indptr))
+
+
+def paged_segments(seg_kv_indptr, seg_kv_indices, seg_lens, page_size: int) -> Segments:
+    """The segments of page tables checked by `contract.check_tree_pages`."""
+    indptr = np.asarray(seg_kv_indptr, dtype=np.int64)
+    return Segments(indptr[:-1] * page_size, np.asarray(seg_lens, dtype=np.int64), int(page_size),
+                    np.asarray(seg_kv_indices, dtype=np.int64))
+
+
 def plan_tree_work(seg_indptr, path_indptr, path_segs, *, group_size: int, chunk_size: int,
-                   shared_only: bool = False) -> TreeWork:
+                   shared_only: bool = False, segments: "Segments | None" = None) -> TreeWork:
     """Cut every segment (`shared_only`: every segment two sequences or more read, with the states
     slot-major, see TreeWork) into chunks of `chunk_size` tokens and its sharers' query rows
     (`group_size` per sharer) into tiles of QUERY_ROWS; number each sequence's states in path
-    order (segment by segment, chunk by chunk)."""
-    seg_indptr = np.asarray(seg_indptr, dtype=np.int64)
+    order (segment by segment, chunk by chunk). `segments` (then seg_indptr is ignored): where the
+    segments lie, for segments in pages."""
+    segs = segments if segments is not None else contiguous_segments(seg_indptr)
     path_indptr = np.asarray(path_indptr, dtype=np.int64)
     path_segs = np.asarray(path_segs, dtype=np.int64)
-    num_segs, batch = len(seg_indptr) - 1, len(path_indptr) - 1
-    seg_len = np.diff(seg_indptr)                                               # [num_segs]
+    num_segs, batch = len(segs.start), len(path_indptr) - 1
+    seg_len = segs.length                                                       # [num_segs]
     counts = _sharer_counts(path_segs, num_segs)
     taken = counts >= 2 if shared_only else np.ones(num_segs, dtype=bool)      # segments in the launch
     seg_chunks = np.where(taken, -(-seg_len // chunk_size), 0)                  # [num_segs]
@@ -118,8 +149,8 @@ def plan_tree_work(seg_indptr, path_indptr, path_segs, *, group_size: int, chunk
     for s in np.flatnonzero(taken & (counts > 0) & (seg_len > 0)):
         n = int(counts[s])
         for c in range(int(seg_chunks[s])):
-            begin = int(seg_indptr[s]) + c * chunk_size
-            end = min(int(seg_indptr[s + 1]), begin + chunk_size)
+            begin = int(segs.start[s]) + c * chunk_size
+            end = min(int(segs.start[s] + seg_len[s]), begin + chunk_size)
             for first_row in range(0, n * group_size, QUERY_ROWS):
                 items.append((begin, end, int(sharer_indptr[s]), n, first_row, c))
     work = np.array(items, dtype=np.int64).reshape(-1, 6)
@@ -140,28 +171,41 @@ class OwnWindows(NamedTuple):
     rows: np.ndarray        # int64 [batch]: rows of each sequence's windows (WINDOW_ROWS per window)
 
 
-def own_windows(seg_indptr, path_indptr, path_segs) -> OwnWindows:
-    """The windows of every sequence's own segments, in path order (index arrays as checked by
-    `check_tree_index`)."""
-    seg_indptr = np.asarray(seg_indptr, dtype=np.int64)
-    path_indptr = np.asarray(path_indptr, dtype=np.int64)
-    path_segs = np.asarray(path_segs, dtype=np.int64)
-    num_segs, batch = len(seg_indptr) - 1, len(path_indptr) - 1
-    if seg_indptr[-1] > MAX_WINDOW_ROWS:
-        raise ValueError(f"windows address at most {MAX_WINDOW_ROWS} rows, the segments hold {int(seg_indptr[-1])}")
-    own = _sharer_counts(path_segs, num_segs) == 1
-    seq_of_entry = np.repeat(np.arange(batch, dtype=np.int64), np.diff(path_indptr))
-    mine = own[path_segs]
-    segs, seqs = path_segs[mine], seq_of_entry[mine]
-    lengths = seg_indptr[segs + 1] - seg_indptr[segs]
-    count = -(-lengths // WINDOW_ROWS)                                         # windows per segment
+def _runs(start: np.ndarray, length: np.ndarray, size: int):
+    """Each interval [start, start + length) cut into runs of `size` (its last one shorter):
+    (interval of each run, first row, rows)."""
+    count = -(-length // size)
     total = int(count.sum())
     run_start = np.repeat(np.cumsum(count) - count, count)
     i = np.arange(total, dtype=np.int64) - run_start
-    first = np.repeat(seg_indptr[segs], count) + i * WINDOW_ROWS
-    rows = np.minimum(WINDOW_ROWS, np.repeat(lengths, count) - i * WINDOW_ROWS)
+    owner = np.repeat(np.arange(len(start), dtype=np.int64), count)
+    return owner, start[owner] + i * size, np.minimum(size, length[owner] - i * size)
+
+
+def own_windows(seg_indptr, path_indptr, path_segs, *, segments: "Segments | None" = None) -> OwnWindows:
+    """The windows of every sequence's own segments, in path order (index arrays as checked by
+    `check_tree_index`; `segments` as for `plan_tree_work`). Segments in pages: each page's rows cut
+    into windows (a window never crosses a page), which address the cache seen as rows."""
+    segs = segments if segments is not None else contiguous_segments(seg_indptr)
+    path_indptr = np.asarray(path_indptr, dtype=np.int64)
+    path_segs = np.asarray(path_segs, dtype=np.int64)
+    num_segs, batch = len(segs.start), len(path_indptr) - 1
+    own = _sharer_counts(path_segs, num_segs) == 1
+    seq_of_entry = np.repeat(np.arange(batch, dtype=np.int64), np.diff(path_indptr))
+    mine = own[path_segs]
+    chosen, seqs = path_segs[mine], seq_of_entry[mine]
+    start, length = segs.start[chosen], segs.length[chosen]
+    if segs.page_size:   # first the segments' pages (a segment starts on a page)
+        owner, start, length = _runs(start, length, segs.page_size)
+        seqs = seqs[owner]
+    owner, first, rows = _runs(start, length, WINDOW_ROWS)
+    seqs = seqs[owner]
+    if segs.page_size:   # where those rows lie in the cache
+        first = segs.table[first // segs.page_size] * segs.page_size + first % segs.page_size
+    if first.size and first.max() + WINDOW_ROWS > MAX_WINDOW_ROWS:
+        raise ValueError(f"windows address at most {MAX_WINDOW_ROWS} rows, the segments reach row {int(first.max())}")
     windows = (first << WINDOW_LEN_BITS) | (rows - 1)
-    per_seq = np.bincount(np.repeat(seqs, count), minlength=batch).astype(np.int64)
+    per_seq = np.bincount(seqs, minlength=batch).astype(np.int64)
     indptr = np.concatenate([[0], np.cumsum(per_seq)])
     return OwnWindows(indptr.astype(np.int32), windows.astype(np.int32), per_seq * WINDOW_ROWS)
 
@@ -178,18 +222,22 @@ def work_items(work: TreeWork, group_size: int) -> list:
 class TreePlan:
     """One tree's launches for one shape: the segments launch's work list (`work`), and in the
     "own" form the windows of each sequence's own tokens with their split-KV plan (`own`,
-    `split`; None in the "merge" form). See the module's docstring."""
+    `split`; None in the "merge" form). `page_size` 0: segments contiguous in k_segs
+    [total_tokens, ...]; otherwise in a paged cache [num_pages, page_size, ...] of at least
+    `total_tokens` // page_size pages (the segments' page table in `segments`). See the module's
+    docstring."""
 
     batch: int
     num_qo_heads: int
     num_kv_heads: int
     head_dim: int
     dtype: str
-    total_tokens: int
+    total_tokens: int    # contiguous: rows of k_segs; paged: rows of the pages the tables name (at least)
     work: TreeWork
     own: "OwnWindows | None"
     split: "SplitKVPlan | None"
     predicted_s: float   # the cost model's time of these launches (on the GPU planned for)
+    segments: "Segments | None" = None
 
     @property
     def form(self) -> str:
@@ -198,6 +246,10 @@ class TreePlan:
     @property
     def chunk_size(self) -> int:
         return self.work.chunk_size
+
+    @property
+    def page_size(self) -> int:
+        return self.segments.page_size if self.segments is not None else 0
 
 
 def _predicted(work: TreeWork, own: "OwnWindows | None", split, *, group_size, num_kv_heads, head_dim, dtype,
@@ -221,13 +273,18 @@ def _own_plan(own: OwnWindows, batch, num_qo_heads, num_kv_heads, head_dim, dtyp
 
 def plan_tree(seg_indptr, path_indptr, path_segs, *, num_qo_heads: int, num_kv_heads: int, head_dim: int,
               dtype: str = "float16", chunk_size: int | None = None, form: str | None = None,
-              num_sms: int | None = None, gpu=None) -> TreePlan:
+              num_sms: int | None = None, gpu=None, seg_kv_indptr=None, seg_kv_indices=None,
+              seg_kv_last_page_len=None, page_size: int | None = None) -> TreePlan:
     """The plan of a tree (index arrays on the host, checked as `refattn.tree` checks them) for
     q [batch, num_qo_heads, head_dim] and segments of `dtype` (float16, bfloat16). `form` ("own",
     "merge") and `chunk_size` (tokens of a shared segment per block, a multiple of the pipeline
     tile) None: the ones the cost model predicts fastest. Made on the host (no GPU needed); the
     plan is for `gpu` and takes its SM count (`num_sms`, if also given, must agree; neither:
-    the H100's 132)."""
+    the H100's 132).
+
+    Segments in a paged cache: seg_indptr None, and segment s owns pages
+    seg_kv_indices[seg_kv_indptr[s]:seg_kv_indptr[s+1]] of pages of `page_size` tokens, the last
+    one filled to seg_kv_last_page_len[s] (as a sequence owns its pages in `paged_decode`)."""
     for name, value in (("num_qo_heads", num_qo_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
         check_positive_int(value, name)
     if num_qo_heads % num_kv_heads:
@@ -238,18 +295,55 @@ def plan_tree(seg_indptr, path_indptr, path_segs, *, num_qo_heads: int, num_kv_h
         raise ValueError(f"head_dim must be one of {rt.HEAD_DIMS} for the GPU kernels, got {head_dim}")
     if form is not None and (not isinstance(form, str) or form not in FORMS):
         raise ValueError(f"form must be one of {', '.join(map(repr, FORMS))} or None, got {form!r}")
-    seg_h = rt.host_ints(seg_indptr, "seg_indptr")
     ind_h = rt.host_ints(path_indptr, "path_indptr")
     segs_h = rt.host_ints(path_segs, "path_segs")
-    if seg_h.ndim != 1 or seg_h.size < 1:
-        raise ValueError(f"seg_indptr must be [num_segs + 1] with at least one entry, got {seg_h.shape}")
     if ind_h.ndim != 1 or ind_h.size < 1:
         raise ValueError(f"path_indptr must be [batch + 1] with at least one entry, got {ind_h.shape}")
-    seg_h, ind_h, segs_h = check_tree_index(seg_h, ind_h, segs_h, ind_h.size - 1, int(seg_h[-1]))
-    return _plan(seg_h, ind_h, segs_h, num_qo_heads, num_kv_heads, head_dim, dtype, chunk_size, form, num_sms, gpu)
+    segments = _checked_segments(seg_indptr, (seg_kv_indptr, seg_kv_indices, seg_kv_last_page_len), page_size,
+                                 num_pages=None)
+    _check_paths(segments, ind_h, segs_h)
+    return _plan(segments, ind_h, segs_h, num_qo_heads, num_kv_heads, head_dim, dtype, chunk_size, form, num_sms,
+                 gpu)
 
 
-def _plan(seg_h, ind_h, segs_h, num_qo_heads, num_kv_heads, head_dim, dtype, chunk_size, form, num_sms, gpu):
+_PAGE_TABLE_NAMES = ("seg_kv_indptr", "seg_kv_indices", "seg_kv_last_page_len")
+
+
+def _checked_segments(seg_indptr, tables, page_size, *, num_pages) -> Segments:
+    """The Segments of seg_indptr (contiguous) or of the page tables (with page_size), checked."""
+    given = [name for name, t in zip(_PAGE_TABLE_NAMES, tables) if t is not None]
+    if not given:
+        if page_size is not None:
+            raise ValueError("page_size is for segments in pages: give seg_kv_indptr, seg_kv_indices and "
+                             "seg_kv_last_page_len too")
+        if seg_indptr is None:
+            raise ValueError("seg_indptr must be given for contiguous segments (or the segments' page tables)")
+        seg_h = rt.host_ints(seg_indptr, "seg_indptr")
+        if seg_h.ndim != 1 or seg_h.size < 1:
+            raise ValueError(f"seg_indptr must be [num_segs + 1] with at least one entry, got {seg_h.shape}")
+        return contiguous_segments(seg_h)
+    if len(given) < 3:
+        missing = [name for name in _PAGE_TABLE_NAMES if name not in given]
+        raise ValueError(f"segments in pages take {', '.join(_PAGE_TABLE_NAMES)} together; "
+                         f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing")
+    if seg_indptr is not None:
+        raise ValueError("seg_indptr must be None for segments in pages: their lengths come from seg_kv_indptr "
+                         "and seg_kv_last_page_len")
+    if page_size is None:
+        raise ValueError("page_size must be given with the segments' page tables")
+    indptr, indices, seg_lens = check_tree_pages(*(rt.host_ints(t, name) for t, name in zip(tables, _PAGE_TABLE_NAMES)),
+                                                 num_pages=num_pages, page_size=page_size)
+    return paged_segments(indptr, indices, seg_lens, int(page_size))
+
+
+def _check_paths(segments: Segments, ind_h, segs_h) -> None:
+    """The paths, checked against the segments (as `check_tree_index` checks them)."""
+    seg_indptr = np.concatenate([[0], np.cumsum(segments.length)])
+    check_tree_index(seg_indptr, ind_h, segs_h, ind_h.size - 1, int(seg_indptr[-1]))
+
+
+def _plan(segments: Segments, ind_h, segs_h, num_qo_heads, num_kv_heads, head_dim, dtype, chunk_size, form,
+          num_sms, gpu):
     """plan_tree after its checks."""
     from costmodel.gpus import plan_gpu  # noqa: PLC0415
     from costmodel.split_kv import DEFAULT_NUM_SMS  # noqa: PLC0415
@@ -262,21 +356,26 @@ def _plan(seg_h, ind_h, segs_h, num_qo_heads, num_kv_heads, head_dim, dtype, chu
             raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
         if chunk_size < tile or chunk_size % tile:
             raise ValueError(f"chunk_size must be a positive multiple of {tile}, got {chunk_size}")
-    batch, total = ind_h.size - 1, int(seg_h[-1])
+    batch = ind_h.size - 1
+    if segments.page_size:   # the pages the tables name, as rows
+        total = (int(segments.table.max(initial=-1)) + 1) * segments.page_size
+    else:
+        total = int(segments.start[-1] + segments.length[-1]) if len(segments.start) else 0
     group_size = num_qo_heads // num_kv_heads
     forms = [form] if form is not None else [f for f in FORMS if f == "merge" or total <= MAX_WINDOW_ROWS]
     chunks = [int(chunk_size)] if chunk_size is not None else chunk_candidates_of_tree(tile)
     best = None
     for f in forms:
-        own = own_windows(seg_h, ind_h, segs_h) if f == "own" else None
+        own = own_windows(None, ind_h, segs_h, segments=segments) if f == "own" else None
         split = _own_plan(own, batch, num_qo_heads, num_kv_heads, head_dim, dtype, spec, sms) if own else None
         for c in chunks:   # longest first: the longer chunk on a tie
-            work = plan_tree_work(seg_h, ind_h, segs_h, group_size=group_size, chunk_size=c,
-                                  shared_only=own is not None)
+            work = plan_tree_work(None, ind_h, segs_h, group_size=group_size, chunk_size=c,
+                                  shared_only=own is not None, segments=segments)
             t = _predicted(work, own, split, group_size=group_size, num_kv_heads=num_kv_heads, head_dim=head_dim,
                            dtype=dtype, spec=spec)
             if best is None or t < best.predicted_s:
-                best = TreePlan(batch, num_qo_heads, num_kv_heads, head_dim, dtype, total, work, own, split, t)
+                best = TreePlan(batch, num_qo_heads, num_kv_heads, head_dim, dtype, total, work, own, split, t,
+                                segments)
     return best
 
 
@@ -299,11 +398,14 @@ def choose_chunk_size(seg_indptr, path_indptr, path_segs, **kwargs) -> int:
     return choose_work(seg_indptr, path_indptr, path_segs, **kwargs).chunk_size
 
 
+def segments_name_expression(dtype: str, head_dim: int, paged: bool) -> str:
+    return (f"decode_attention::tree_segments_kernel<{rt.C_TYPES[dtype]}, {head_dim}, {pipeline_stages(head_dim)}, "
+            f"{'true' if paged else 'false'}>")
+
+
 @functools.lru_cache(maxsize=None)
-def _segments_kernel(dtype: str, head_dim: int) -> rt.Kernel:
-    expr = (f"decode_attention::tree_segments_kernel<{rt.C_TYPES[dtype]}, {head_dim}, "
-            f"{pipeline_stages(head_dim)}>")
-    return rt.Kernel("shared_prefix", expr, SEGMENTS_SIGNATURE,
+def _segments_kernel(dtype: str, head_dim: int, paged: bool = False) -> rt.Kernel:
+    return rt.Kernel("shared_prefix", segments_name_expression(dtype, head_dim, paged), SEGMENTS_SIGNATURE,
                      shared_mem=pipeline_stages(head_dim) * stage_bytes(head_dim))
 
 
@@ -315,23 +417,23 @@ def _merge_kernel(dtype: str) -> rt.Kernel:
 
 def all_name_expressions() -> list[str]:
     """Every instantiation the launcher can ask for (also compiled by the CI compile check)."""
-    return ([f"decode_attention::tree_segments_kernel<{rt.C_TYPES[dt]}, {d}, {pipeline_stages(d)}>"
-             for dt in PREFIX_DTYPES for d in rt.HEAD_DIMS]
+    return ([segments_name_expression(dt, d, paged) for dt in PREFIX_DTYPES for d in rt.HEAD_DIMS
+             for paged in (False, True)]
             + [f"decode_attention::merge_parts_kernel<{rt.C_TYPES[dt]}>" for dt in PREFIX_DTYPES])
 
 
 # q, k_segs, v_segs, work, sharers, first_state, part_out, part_lse; num_qo_heads, num_kv_heads,
-# state_stride; scale_log2.
-SEGMENTS_SIGNATURE = "pppppppp" + "iii" + "f"
+# state_stride; scale_log2; page_table, page_size (segments in pages; null and 0 otherwise).
+SEGMENTS_SIGNATURE = "pppppppp" + "iii" + "f" + "pi"
 # part_out, part_lse, part_indptr, out, lse; rows, num_qo_heads, head_dim.
 MERGE_PARTS_SIGNATURE = "ppppp" + "qii"
 
 
 class Tree:
-    """A tree plan bound to its arrays on the GPU (the work list and windows, copied once per array
-    kind and device; the states, one set per stream) and, in the "own" form, its split-KV runner;
-    `run` many times without host synchronisation, allocating nothing when `out` and `lse` are
-    given (CUDA-graph capturable).
+    """A tree plan bound to its arrays on the GPU (the work list, windows and page table, copied
+    once per array kind and device; the states, one set per stream) and, in the "own" form, its
+    split-KV runner; `run` many times without host synchronisation, allocating nothing when `out`
+    and `lse` are given (CUDA-graph capturable).
 
     >>> plan = plan_tree(seg_indptr, path_indptr, path_segs, num_qo_heads=32,  # doctest: +SKIP
     ...                  num_kv_heads=32, head_dim=128, gpu="H200")
@@ -355,6 +457,8 @@ class Tree:
             dev = lambda a, name: rt.device_int32(a if a.size else np.zeros(1, np.int32), kind, device_id,  # noqa: E731
                                                   name)
             tables = {name: dev(getattr(w, name), name) for name in ("work", "sharers", "first_state", "part_indptr")}
+            if self.plan.page_size:
+                tables["pages"] = dev(self.plan.segments.table, "seg_kv_indices")
             own = self.plan.own
             if own is not None:
                 last = np.where(np.diff(own.kv_indptr) > 0, WINDOW_ROWS, 0).astype(np.int32)
@@ -380,22 +484,32 @@ class Tree:
         return states
 
     def run(self, q, k_segs, v_segs, *, sm_scale=None, out=None, lse=None):
-        """q [batch, num_qo_heads, head_dim]; k_segs, v_segs [total_tokens, num_kv_heads, head_dim],
-        contiguous, of the planned dtype, on q's GPU. Returns (out, lse) like `split_kv`; a sequence
-        with an empty path gets out = 0, lse = -inf."""
+        """q [batch, num_qo_heads, head_dim]; k_segs, v_segs [total_tokens, num_kv_heads, head_dim]
+        (segments in pages: the caches [num_pages, page_size, num_kv_heads, head_dim], holding every
+        page the plan's tables name), contiguous, of the planned dtype, on q's GPU. Returns (out, lse)
+        like `split_kv`; a sequence with an empty path gets out = 0, lse = -inf."""
         p = self.plan
         qa, ka, va = (rt.device_array(x, name) for x, name in ((q, "q"), (k_segs, "k_segs"), (v_segs, "v_segs")))
-        expected = {"q": ((p.batch, p.num_qo_heads, p.head_dim), "[batch, num_qo_heads, head_dim]"),
-                    "k_segs": ((p.total_tokens, p.num_kv_heads, p.head_dim), "[total_tokens, num_kv_heads, head_dim]")}
-        expected["v_segs"] = expected["k_segs"]
+        if qa.shape != (p.batch, p.num_qo_heads, p.head_dim):
+            raise ValueError(f"q must be [batch, num_qo_heads, head_dim] = {[p.batch, p.num_qo_heads, p.head_dim]} "
+                             f"as planned, got {qa.shape}")
+        ps = p.page_size
+        for name, a in (("k_segs", ka), ("v_segs", va)):
+            if not ps and a.shape != (p.total_tokens, p.num_kv_heads, p.head_dim):
+                raise ValueError(f"{name} must be [total_tokens, num_kv_heads, head_dim] = "
+                                 f"{[p.total_tokens, p.num_kv_heads, p.head_dim]} as planned, got {a.shape}")
+            if ps and (len(a.shape) != 4 or a.shape[1:] != (ps, p.num_kv_heads, p.head_dim)
+                       or a.shape[0] * ps < p.total_tokens):
+                raise ValueError(f"{name} must be [num_pages, page_size, num_kv_heads, head_dim] = "
+                                 f"[>= {p.total_tokens // ps}, {ps}, {p.num_kv_heads}, {p.head_dim}] as planned (its "
+                                 f"pages holding every page of the tables), got {a.shape}")
         for name, a in (("q", qa), ("k_segs", ka), ("v_segs", va)):
-            shape, template = expected[name]
-            if a.shape != shape:
-                raise ValueError(f"{name} must be {template} = {list(shape)} as planned, got {a.shape}")
             if a.dtype != p.dtype:
                 raise TypeError(f"{name} must be {p.dtype} as planned, got {a.dtype}")
             rt.require_contiguous(a, name)
-        device_id = rt.require_same_device({"q": qa, "k_segs": ka, "v_segs": va})
+        if ka.shape != va.shape:
+            raise ValueError(f"v_segs must have the shape of k_segs {ka.shape}, got {va.shape}")
+        rt.require_same_device({"q": qa, "k_segs": ka, "v_segs": va})
         if sm_scale is None:
             sm_scale = 1.0 / float(np.sqrt(p.head_dim))
         if not (isinstance(sm_scale, (int, float, np.floating, np.integer)) and np.isfinite(sm_scale)):
@@ -414,12 +528,13 @@ class Tree:
         stream_ptr = rt.current_stream_ptr(kind, device_id)
         part_out, part_lse = self._states_for(kind, device_id, stream_ptr)
         w = p.work
+        ps = p.page_size
         if len(w.work):
-            _segments_kernel(p.dtype, p.head_dim)(
+            _segments_kernel(p.dtype, p.head_dim, bool(ps))(
                 (len(w.work), p.num_kv_heads), (THREADS,),
                 (qa.ptr, ka.ptr, va.ptr, rt.address(tables["work"]), rt.address(tables["sharers"]),
                  rt.address(tables["first_state"]), rt.address(part_out), rt.address(part_lse), p.num_qo_heads,
-                 p.num_kv_heads, w.state_stride, sm_scale * _LOG2E),
+                 p.num_kv_heads, w.state_stride, sm_scale * _LOG2E, rt.address(tables.get("pages")), ps),
                 stream_ptr=stream_ptr, device_id=device_id)
         if p.own is None:
             _merge_kernel(p.dtype)(
@@ -432,7 +547,8 @@ class Tree:
         # when there is one: its first wave reads its windows while that launch still runs).
         slots = w.num_slots
         states = StatePointers(rt.address(part_out), rt.address(part_lse), slots) if slots else None
-        rows = (p.total_tokens, p.num_kv_heads, p.head_dim)   # k_segs seen as rows: the same memory
+        # k_segs (or the caches) seen as rows: the same memory
+        rows = ((ka.shape[0] * ps if ps else ka.shape[0]), p.num_kv_heads, p.head_dim)
         return _launch(p.split, qa.obj, ka.obj, va.obj, kv_lens=None, paged=tables["own"], sm_scale=sm_scale,
                        out=out, lse=lse, workspace=self._own._workspace_for,
                        views=(qa, ka._replace(shape=rows), va._replace(shape=rows)), windows=True,
@@ -447,28 +563,34 @@ _ONE_SHOT: "collections.OrderedDict" = collections.OrderedDict()
 
 
 def tree(q, k_segs, v_segs, seg_indptr, path_indptr, path_segs, *, sm_scale=None, out=None, lse=None,
-         chunk_size=None):
+         chunk_size=None, seg_kv_indptr=None, seg_kv_indices=None, seg_kv_last_page_len=None):
     """Sequence b attends to the concatenation of its path's segments (see `refattn.tree`).
 
     q [batch, num_qo_heads, head_dim]; k_segs, v_segs [total_tokens, num_kv_heads, head_dim];
     seg_indptr [num_segs + 1], path_indptr [batch + 1], path_segs [nnz] on the host (read there
     to build the plan; arrays on the GPU are copied to the host first, which synchronises).
-    float16 and bfloat16; head_dim 64, 128, 256. `chunk_size`: tokens of a shared segment per
-    block (None: the cost model's choice). Returns (out, lse) like `split_kv`. The plan of a tree
-    is kept for the next call with the same tree and shapes (`Tree` runs one without the checks).
+    Segments in a paged cache: k_segs, v_segs the caches [num_pages, page_size, num_kv_heads,
+    head_dim], seg_indptr None, and segment s owns pages seg_kv_indices[seg_kv_indptr[s]:
+    seg_kv_indptr[s+1]], the last one filled to seg_kv_last_page_len[s] (as `paged_decode`'s
+    sequences own theirs). float16 and bfloat16; head_dim 64, 128, 256. `chunk_size`: tokens of a
+    shared segment per block (None: the cost model's choice). Returns (out, lse) like `split_kv`.
+    The plan of a tree is kept for the next call with the same tree and shapes (`Tree` runs one
+    without the checks).
     """
     qa, ka, va = rt.device_array(q, "q"), rt.device_array(k_segs, "k_segs"), rt.device_array(v_segs, "v_segs")
-    seg_h, ind_h, segs_h = (np.ascontiguousarray(rt.host_ints(x, name), dtype=np.int64) for x, name in (
-        (seg_indptr, "seg_indptr"), (path_indptr, "path_indptr"), (path_segs, "path_segs")))
+    tables = (seg_kv_indptr, seg_kv_indices, seg_kv_last_page_len)
+    index = [None if x is None else np.ascontiguousarray(rt.host_ints(x, name), dtype=np.int64) for x, name in (
+        (seg_indptr, "seg_indptr"), (path_indptr, "path_indptr"), (path_segs, "path_segs"),
+        *zip(tables, _PAGE_TABLE_NAMES))]
     cacheable = (sm_scale is None or type(sm_scale) in (float, int)) and \
         (chunk_size is None or type(chunk_size) is int)
-    key = (seg_h.shape, ind_h.shape, segs_h.shape, seg_h.tobytes(), ind_h.tobytes(), segs_h.tobytes(), qa.shape,
-           ka.shape, va.shape, qa.dtype, ka.dtype, va.dtype, qa.device_id, sm_scale, chunk_size) if cacheable else None
+    key = (*(None if a is None else (a.shape, a.tobytes()) for a in index), qa.shape, ka.shape, va.shape,
+           qa.dtype, ka.dtype, va.dtype, qa.device_id, sm_scale, chunk_size) if cacheable else None
     hit = _ONE_SHOT.get(key) if key is not None else None
     if hit is not None:
         _ONE_SHOT.move_to_end(key)
     else:
-        hit = _one_shot_plan(q, k_segs, v_segs, qa, seg_h, ind_h, segs_h, sm_scale, chunk_size)
+        hit = _one_shot_plan(q, k_segs, v_segs, qa, index, sm_scale, chunk_size)
         if key is not None:
             _ONE_SHOT[key] = hit
             while len(_ONE_SHOT) > ONE_SHOT_CACHE_SIZE:
@@ -484,9 +606,20 @@ def tree(q, k_segs, v_segs, seg_indptr, path_indptr, path_segs, *, sm_scale=None
     return runner._run((qa, ka, va), problem.sm_scale, out, lse)
 
 
-def _one_shot_plan(q, k_segs, v_segs, qa, seg_h, ind_h, segs_h, sm_scale, chunk_size):
+def _one_shot_plan(q, k_segs, v_segs, qa, index, sm_scale, chunk_size):
     """The (problem, Tree) of a one-shot call (Tree None without sequences), checked and planned."""
-    problem = check_tree(q, k_segs, v_segs, seg_h, ind_h, segs_h, sm_scale=sm_scale, dtypes=rt.KERNEL_DTYPES)
+    seg_h, ind_h, segs_h, *tables = index
+    if any(t is not None for t in tables):   # segments in pages
+        problem = check_paged_layout(q, k_segs, v_segs, sm_scale=sm_scale, dtypes=rt.KERNEL_DTYPES)
+        if ind_h is None or segs_h is None:
+            raise ValueError("path_indptr and path_segs must be given")
+        if ind_h.ndim != 1 or ind_h.size != problem.batch + 1:
+            raise ValueError(f"path_indptr must be [batch + 1] = [{problem.batch + 1}], got {ind_h.shape}")
+        segments = _checked_segments(seg_h, tables, problem.page_size, num_pages=problem.num_pages)
+        _check_paths(segments, ind_h, segs_h)
+    else:
+        problem = check_tree(q, k_segs, v_segs, seg_h, ind_h, segs_h, sm_scale=sm_scale, dtypes=rt.KERNEL_DTYPES)
+        segments = contiguous_segments(seg_h)
     if problem.dtype not in PREFIX_DTYPES:
         raise TypeError(f"q must be float16 or bfloat16 for the tree kernel, got {problem.dtype}")
     if problem.head_dim not in rt.HEAD_DIMS:
@@ -501,6 +634,6 @@ def _one_shot_plan(q, k_segs, v_segs, qa, seg_h, ind_h, segs_h, sm_scale, chunk_
         return problem, None
     device_id = qa.device_id
     gpu = device_gpu(device_id)
-    plan = _plan(seg_h, ind_h, segs_h, problem.num_qo_heads, problem.num_kv_heads, problem.head_dim, problem.dtype,
-                 chunk_size, None, None if gpu is not None else num_sms(device_id), gpu)
+    plan = _plan(segments, ind_h, segs_h, problem.num_qo_heads, problem.num_kv_heads, problem.head_dim,
+                 problem.dtype, chunk_size, None, None if gpu is not None else num_sms(device_id), gpu)
     return problem, Tree(plan)

@@ -493,6 +493,7 @@ def _tree_rows():
         {**base, "impl": "tree", "time_ms": 1.300, "kernel_ms": 0.156, "frac": 0.09, "host_us": 1250.0,
          "chunk_size": 8192, "predicted_ms": 0.168},
         {**base, "impl": "tree:oneshot", "time_ms": 1.320, "frac": 0.09, "host_us": 1270.0},
+        {**base, "impl": "tree:paged", "page_size": 16, "time_ms": 1.400, "frac": 0.08, "host_us": 30.0},
         {**base, "impl": "tree:naive", "time_ms": 0.700, "frac": 0.17, "host_us": 25.0},
         {**base, "impl": "peer:flashinfer_cascade3", "page_size": 16, "time_ms": 0.312, "frac": 0.38,
          "host_us": 90.0},
@@ -509,7 +510,7 @@ def test_tree_report_compares_the_call_and_its_kernels_with_the_ceiling_and_the_
     assert "vs cascade 3" in table[0] and "kernels us" in table[0] and "host us" in table[0]
     row = table[2]
     assert row.startswith("| 4096 + 8x2048 + 64x256 | 64 | 32/32 | 130.0 | 130.0 | 1300.0 | 10.00x | 0.090 "
-                          "| 156.0 | 1.20x | 1320.0 | 700.0 | 312.0 | 260.0 | 650.0 |")
+                          "| 156.0 | 1.20x | 1320.0 | 1400.0 | 700.0 | 312.0 | 260.0 | 650.0 |")
     assert "260.0 (FlashInfer cascade, 2 levels)" in row
     assert "| 0.24x | 0.20x | 2.00x | 168.0 |" in row
     assert row.endswith("| 1250 / 1270 / 90 / 60 / 30 |")

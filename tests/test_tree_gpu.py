@@ -178,3 +178,54 @@ def test_a_tree_plan_rejects_what_it_was_not_made_for():
         runner.run(q, k, k, sm_scale=float("nan"))
     with pytest.raises(TypeError, match="TreePlan"):
         Tree("plan")
+
+
+@given(trees(), st.sampled_from(["float16", "bfloat16"]), st.sampled_from([64, 128, 256]),
+       st.sampled_from([1, 7, 16, 64]), st.sampled_from(["own", "merge", None]))
+def test_a_tree_in_pages_matches_the_reference(case, dtype, d, page_size, form):
+    """Segments in a paged cache (pages shuffled, junk in the pages no segment owns): the one-shot
+    call (form None) and both forms of the plan."""
+    from test_tree_work import tree_pages
+
+    from gpukernels.tree import Tree, plan_tree, tree
+
+    hq, hkv, lens, paths, chunk, seed = case
+    rng = np.random.default_rng(seed)
+    q, k_segs, v_segs, seg_indptr, path_indptr, path_segs = _tree_inputs(rng, dtype, hq, hkv, d, lens, paths)
+    ref_out, ref_lse = refattn.tree(q, k_segs, v_segs, seg_indptr, path_indptr, path_segs)
+    k_cache, v_cache, indptr, indices, last = tree_pages(k_segs.astype(np.float64), v_segs.astype(np.float64),
+                                                         seg_indptr, page_size, seed)
+    tables = dict(seg_kv_indptr=indptr, seg_kv_indices=indices, seg_kv_last_page_len=last)
+    qd, kd, vd = _device(q), _device(k_cache.astype(k_segs.dtype)), _device(v_cache.astype(v_segs.dtype))
+    out = _poisoned(qd, q.shape, dtype)
+    lse = _poisoned(qd, q.shape[:2], "float32")
+    chunk = max(chunk, 32) if d >= 256 else max(chunk, 64)
+    if form is None:
+        tree(qd, kd, vd, None, path_indptr, path_segs, out=out, lse=lse, chunk_size=chunk, **tables)
+    else:
+        plan = plan_tree(None, path_indptr, path_segs, num_qo_heads=hq, num_kv_heads=hkv, head_dim=d, dtype=dtype,
+                         form=form, chunk_size=chunk, page_size=page_size, gpu="H200", **tables)
+        Tree(plan).run(qd, kd, vd, out=out, lse=lse)
+    _check_with_empty(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(seg_kv_indices=np.array([0, 1, 2, 9])), "seg_kv_indices"),          # a page past the cache
+    (dict(seg_kv_indptr=np.array([0, 3, 2])), "seg_kv_indptr"),               # decreasing
+    (dict(seg_kv_last_page_len=np.array([5, 3])), "seg_kv_last_page_len"),   # longer than a page
+    (dict(seg_kv_last_page_len=np.array([4])), "seg_kv_last_page_len"),      # one per segment
+    (dict(seg_kv_indices=None), "missing"),
+    (dict(seg_indptr=np.array([0, 10, 20])), "seg_indptr must be None"),
+    (dict(path_segs=np.array([0, 2])), "path_segs"),                          # no segment 2
+])
+def test_malformed_trees_in_pages_raise_before_launch(bad, match):
+    from gpukernels.tree import tree
+
+    q = cp.zeros((1, 8, 64), cp.float16)
+    cache = cp.zeros((4, 4, 2, 64), cp.float16)
+    args = dict(seg_indptr=None, path_indptr=np.array([0, 2]), path_segs=np.array([0, 1]),
+                seg_kv_indptr=np.array([0, 3, 4]), seg_kv_indices=np.array([0, 2, 1, 3]),
+                seg_kv_last_page_len=np.array([2, 4]))
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        tree(q, cache, cache, args.pop("seg_indptr"), args.pop("path_indptr"), args.pop("path_segs"), **args)

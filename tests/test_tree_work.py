@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import refattn
 from gpukernels.split_kv import WINDOW_LEN_BITS, WINDOW_ROWS
-from gpukernels.tree import QUERY_ROWS, choose_chunk_size, own_windows, plan_tree, plan_tree_work
+from gpukernels.tree import QUERY_ROWS, choose_chunk_size, own_windows, paged_segments, plan_tree, plan_tree_work
 
 
 def _segments(work, q, k_segs, v_segs, sm_scale):
@@ -51,13 +51,14 @@ def _execute(work, q, k_segs, v_segs, sm_scale):
     return out, lse
 
 
-def _execute_own(work, own, q, k_segs, v_segs, sm_scale):
+def _execute_own(work, own, q, k_segs, v_segs, sm_scale, rows=None):
     """The "own" form's two launches: tree_segments_kernel over the shared segments (states
     slot-major, the unwritten slots empty), then split-KV over each sequence's windows merging its
-    states."""
+    states. `rows`: (k, v) the windows address (default k_segs, v_segs)."""
     batch, hq, d = q.shape
     g = hq // k_segs.shape[1]
     part_out, part_lse, served = _segments(work, q, k_segs, v_segs, sm_scale)
+    k_rows, v_rows = rows if rows is not None else (k_segs, v_segs)
     slots = work.num_slots
     assert work.num_states == slots * batch and work.state_stride == batch
     counts = np.diff(work.part_indptr)
@@ -71,8 +72,8 @@ def _execute_own(work, own, q, k_segs, v_segs, sm_scale):
         entries = own.windows[own.kv_indptr[b]:own.kv_indptr[b + 1]]
         rows = np.concatenate([np.arange(e >> WINDOW_LEN_BITS, (e >> WINDOW_LEN_BITS) + (e & (WINDOW_ROWS - 1)) + 1)
                                for e in entries]) if len(entries) else np.zeros(0, dtype=np.int64)
-        k_b = np.repeat(k_segs[rows], g, axis=1).transpose(1, 0, 2)   # [hq, rows, d]
-        v_b = np.repeat(v_segs[rows], g, axis=1).transpose(1, 0, 2)
+        k_b = np.repeat(k_rows[rows], g, axis=1).transpose(1, 0, 2)   # [hq, rows, d]
+        v_b = np.repeat(v_rows[rows], g, axis=1).transpose(1, 0, 2)
         o, l = refattn.decode(q[b][:, None], k_b[:, :, None], v_b[:, :, None], sm_scale=sm_scale) \
             if len(rows) else (np.zeros((hq, 1, d)), np.full((hq, 1), -np.inf))
         states_o = np.concatenate([o[None, :, 0], part_out[b::batch]]) if slots else o[None, :, 0]
@@ -111,6 +112,55 @@ def test_the_work_list_computes_the_tree(case):
         else:
             own = own_windows(seg_indptr, path_indptr, path_segs)
             out, lse = _execute_own(work, own, q, k_segs, v_segs, 1 / np.sqrt(d))
+        np.testing.assert_allclose(out, ref_out, rtol=1e-10, atol=1e-10, err_msg=form)
+        np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse), err_msg=form)
+        finite = np.isfinite(ref_lse)
+        np.testing.assert_allclose(lse[finite], ref_lse[finite], rtol=1e-10, err_msg=form)
+
+
+def tree_pages(k_segs, v_segs, seg_indptr, page_size, seed):
+    """The segments of a contiguous tree in a paged cache (each segment a "sequence" of
+    refattn.paged_from_contiguous, its pages shuffled, junk in the pages no segment owns)."""
+    lens = np.diff(seg_indptr)
+    width = max(int(lens.max(initial=0)), 1)
+    padded = [np.zeros((len(lens), width) + k_segs.shape[1:]) for _ in range(2)]
+    for s, n in enumerate(lens):
+        padded[0][s, :n] = k_segs[seg_indptr[s]:seg_indptr[s] + n]
+        padded[1][s, :n] = v_segs[seg_indptr[s]:seg_indptr[s] + n]
+    return refattn.paged_from_contiguous(*padded, lens, page_size=page_size, shuffle=seed, extra_pages=2)
+
+
+@given(trees(), st.sampled_from([1, 3, 16, 64]))
+def test_the_plan_of_segments_in_pages_computes_the_tree(case, page_size):
+    """Segments in a paged cache: the work list's rows mapped through the page table (as
+    tree_segments_kernel maps them), the windows addressing the cache's rows (never across a page)."""
+    hq, hkv, lens, paths, chunk, seed = case
+    rng = np.random.default_rng(seed)
+    d = 8
+    segs_k = [rng.standard_normal((n, hkv, d)) for n in lens]
+    segs_v = [rng.standard_normal((n, hkv, d)) for n in lens]
+    k_segs, v_segs, seg_indptr, path_indptr, path_segs = refattn.tree_from_paths(segs_k, segs_v, paths)
+    q = rng.standard_normal((len(paths), hq, d))
+    ref_out, ref_lse = refattn.tree(q, k_segs, v_segs, seg_indptr, path_indptr, path_segs)
+    k_cache, v_cache, indptr, indices, last = tree_pages(k_segs, v_segs, seg_indptr, page_size, seed)
+    seg_lens = np.where(np.diff(indptr) > 0, (np.diff(indptr) - 1) * page_size + last, 0)
+    segments = paged_segments(indptr, indices, seg_lens, page_size)
+    # the rows the work list names, gathered from the pages through the table
+    virtual = np.arange(len(indices) * page_size)
+    physical = indices[virtual // page_size] * page_size + virtual % page_size
+    k_rows, v_rows = (c.reshape(-1, hkv, d) for c in (k_cache, v_cache))
+    k_virtual, v_virtual = k_rows[physical], v_rows[physical]
+    for form in ("merge", "own"):
+        work = plan_tree_work(None, path_indptr, path_segs, group_size=hq // hkv, chunk_size=chunk,
+                              shared_only=form == "own", segments=segments)
+        if form == "merge":
+            out, lse = _execute(work, q, k_virtual, v_virtual, 1 / np.sqrt(d))
+        else:
+            own = own_windows(None, path_indptr, path_segs, segments=segments)
+            firsts = own.windows >> 4
+            ends = firsts + (own.windows & 15)
+            assert np.all(firsts // page_size == ends // page_size), "a window crosses a page"
+            out, lse = _execute_own(work, own, q, k_virtual, v_virtual, 1 / np.sqrt(d), rows=(k_rows, v_rows))
         np.testing.assert_allclose(out, ref_out, rtol=1e-10, atol=1e-10, err_msg=form)
         np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse), err_msg=form)
         finite = np.isfinite(ref_lse)

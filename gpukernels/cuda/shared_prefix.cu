@@ -42,17 +42,37 @@ struct PrefixTile {
   static constexpr int SW_STAGE_BYTES = 2 * SW_TILE_BYTES;
 };
 
+// Rows of a paged cache ([pages, page_size, num_kv_heads, HEAD_DIM] seen as rows): row r of the
+// rows a work list names lies at row table[r / page_size] * page_size + r % page_size (the table
+// checked on the host: every entry a page of the cache).
+struct RowPages {
+  const int* table;
+  int size, shift;   // shift >= 0: size is 1 << shift
+  __device__ RowPages(const int* t, int s) : table(t), size(s), shift(-1) {
+    if (s > 0 && (s & (s - 1)) == 0) {
+      shift = 0;
+      while ((1 << shift) < s) ++shift;
+    }
+  }
+  __device__ __forceinline__ long long row(int r) const {
+    const int page = shift >= 0 ? r >> shift : r / size;
+    const int in_page = shift >= 0 ? r & (size - 1) : r - page * size;
+    return static_cast<long long>(__ldg(table + page)) * size + in_page;
+  }
+};
+
 // The work of one block: the (up to) 64 query rows of this block (a lane's two rows gid and
 // gid + 8 of its warp's m16 tile: sequence row_b, query head row_h, and the row of part_out /
 // part_lse its state goes to, -1 for a padding row) against rows kv_begin .. kv_end - 1 of k and v
-// ([rows, num_kv_heads, HEAD_DIM]) of KV head kh.
-template <typename T, int HEAD_DIM, int STAGES>
+// ([rows, num_kv_heads, HEAD_DIM]; PAGED: the rows `pages` maps them to) of KV head kh.
+template <typename T, int HEAD_DIM, int STAGES, bool PAGED = false>
 __device__ __forceinline__ void attend_rows(const T* __restrict__ q, const T* __restrict__ k_rows,
                                             const T* __restrict__ v_rows, float* __restrict__ part_out,
                                             float* __restrict__ part_lse, int num_qo_heads,
                                             int num_kv_heads, int kh, int kv_begin, int kv_end,
                                             const int (&row_b)[2], const int (&row_h)[2],
-                                            const long long (&row_state)[2], float scale_log2) {
+                                            const long long (&row_state)[2], float scale_log2,
+                                            const RowPages* pages = nullptr) {
   using Tile = PrefixTile<HEAD_DIM>;
   static_assert(HEAD_DIM % 32 == 0, "K fragments come four 8-dim pieces at a time");
   static_assert(STAGES >= 2, "at least double buffering");
@@ -124,7 +144,9 @@ __device__ __forceinline__ void attend_rows(const T* __restrict__ q, const T* __
       const int row = piece / Tile::PIECES, col = piece % Tile::PIECES;
       const int kv = tile_start + row;
       const bool valid = kv < kv_end;
-      const long long at = valid ? kv * row_elems + kh * HEAD_DIM + col * 8 : 0;
+      long long kv_row = kv;
+      if constexpr (PAGED) kv_row = valid ? pages->row(kv) : 0;
+      const long long at = valid ? kv_row * row_elems + kh * HEAD_DIM + col * 8 : 0;
       const unsigned dst = WG ? swizzled_offset<KV_TILE>(row, col) : row * Tile::ROW_BYTES + col * 16;
       cp_async_16_zfill(k_tile + dst, k_rows + at, valid);
       cp_async_16_zfill(v_tile + dst, v_rows + at, valid);
@@ -411,7 +433,9 @@ shared_prefix_kernel(const T* __restrict__ q,          // [batch, num_qo_heads, 
 // part_out [num_states, num_qo_heads, HEAD_DIM]. A work item is six ints: the chunk's first and
 // end token (rows of k_segs), sharer_offset, the segment's number of sharers, its first query row,
 // and c.
-template <typename T, int HEAD_DIM, int STAGES>
+// PAGED: the token rows of the work list are rows of pages (RowPages over page_table, pages of
+// page_size rows of k_segs, v_segs [pages, page_size, num_kv_heads, HEAD_DIM]).
+template <typename T, int HEAD_DIM, int STAGES, bool PAGED = false>
 __global__ void __launch_bounds__(SP_THREADS, HEAD_DIM >= 256 ? 1 : 2)
 tree_segments_kernel(const T* __restrict__ q,            // [batch, num_qo_heads, HEAD_DIM]
                      const T* __restrict__ k_segs,       // [total_tokens, num_kv_heads, HEAD_DIM]
@@ -421,7 +445,8 @@ tree_segments_kernel(const T* __restrict__ q,            // [batch, num_qo_heads
                      const int* __restrict__ first_state,  // parallel to sharers
                      float* __restrict__ part_out,       // [num_states, num_qo_heads, HEAD_DIM]
                      float* __restrict__ part_lse,       // [num_states, num_qo_heads]
-                     int num_qo_heads, int num_kv_heads, int state_stride, float scale_log2) {
+                     int num_qo_heads, int num_kv_heads, int state_stride, float scale_log2,
+                     const int* __restrict__ page_table, int page_size) {
   let_dependents_start();   // the launch after it (the sequences' own tokens) may start
   const int* item = work + 6 * static_cast<long long>(blockIdx.x);
   const int kv_begin = item[0], kv_end = item[1], sharer_offset = item[2], num_sharers = item[3];
@@ -442,8 +467,15 @@ tree_segments_kernel(const T* __restrict__ q,            // [batch, num_qo_heads
     row_state[i] = ok ? (first_state[sharer] + static_cast<long long>(c) * state_stride) * num_qo_heads + row_h[i]
                       : -1;
   }
-  attend_rows<T, HEAD_DIM, STAGES>(q, k_segs, v_segs, part_out, part_lse, num_qo_heads, num_kv_heads, kh,
-                                   kv_begin, kv_end, row_b, row_h, row_state, scale_log2);
+  if constexpr (PAGED) {
+    const RowPages pages(page_table, page_size);
+    attend_rows<T, HEAD_DIM, STAGES, true>(q, k_segs, v_segs, part_out, part_lse, num_qo_heads, num_kv_heads, kh,
+                                           kv_begin, kv_end, row_b, row_h, row_state, scale_log2, &pages);
+  } else {
+    (void)page_table, (void)page_size;
+    attend_rows<T, HEAD_DIM, STAGES>(q, k_segs, v_segs, part_out, part_lse, num_qo_heads, num_kv_heads, kh,
+                                     kv_begin, kv_end, row_b, row_h, row_state, scale_log2);
+  }
 }
 
 constexpr int MERGE_THREADS = 128;   // threads of a merge block
