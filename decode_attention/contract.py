@@ -345,6 +345,17 @@ class PagedProblem(_HeadsMixin):
     max_kv_len: int
 
 
+def _paged_lengths(indptr: np.ndarray, last: np.ndarray, page_size: int, name: str, owner: str) -> np.ndarray:
+    """Tokens of each owner of pages indptr[i] .. indptr[i+1] - 1, the last one filled to last[i]
+    (1 .. page_size with pages, 0 without), as int64."""
+    pages = np.diff(indptr)
+    i = _first(np.where(pages > 0, (last < 1) | (last > page_size), last != 0))
+    if i is not None:
+        want = f"in [1, page_size] = [1, {page_size}]" if pages[i] > 0 else "0"
+        raise ValueError(f"{name}[{i}] must be {want} for a {owner} with {int(pages[i])} pages, got {int(last[i])}")
+    return np.where(pages > 0, (pages - 1) * page_size + last, 0).astype(np.int64)
+
+
 def check_paged(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, *,
                 sm_scale=None, dtypes=FLOAT_DTYPES):
     """Check a paged-cache call; return (PagedProblem, host int64 kv_lens [batch]).
@@ -360,15 +371,7 @@ def check_paged(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, *,
     last = _index_array(kv_last_page_len, "kv_last_page_len", [("batch", batch)])
     _check_indptr(indptr, "kv_indptr", indices.size, "len(kv_indices)")
     _check_index_range(indices, "kv_indices", num_pages, "num_pages")
-    pages = np.diff(indptr)  # [batch] pages per sequence
-    b = _first(np.where(pages > 0, (last < 1) | (last > page_size), last != 0))
-    if b is not None:
-        want = f"in [1, page_size] = [1, {page_size}]" if pages[b] > 0 else "0"
-        raise ValueError(
-            f"kv_last_page_len[{b}] must be {want} for a sequence with {int(pages[b])} pages, "
-            f"got {int(last[b])}"
-        )
-    kv_lens = np.where(pages > 0, (pages - 1) * page_size + last, 0).astype(np.int64)
+    kv_lens = _paged_lengths(indptr, last, page_size, "kv_last_page_len", "sequence")
     return dataclasses.replace(layout, max_kv_len=int(kv_lens.max())), kv_lens
 
 
@@ -553,15 +556,7 @@ def check_tree_pages(seg_kv_indptr, seg_kv_indices, seg_kv_last_page_len, *, num
             raise ValueError(f"seg_kv_indices must be >= 0, got seg_kv_indices[{i}] = {int(indices[i])}")
     else:
         _check_index_range(indices, "seg_kv_indices", num_pages, "num_pages")
-    pages = np.diff(indptr)
-    s = _first(np.where(pages > 0, (last < 1) | (last > page_size), last != 0))
-    if s is not None:
-        want = f"in [1, page_size] = [1, {page_size}]" if pages[s] > 0 else "0"
-        raise ValueError(
-            f"seg_kv_last_page_len[{s}] must be {want} for a segment with {int(pages[s])} pages, "
-            f"got {int(last[s])}"
-        )
-    seg_lens = np.where(pages > 0, (pages - 1) * page_size + last, 0).astype(np.int64)
+    seg_lens = _paged_lengths(indptr, last, page_size, "seg_kv_last_page_len", "segment")
     return indptr, indices, seg_lens
 
 

@@ -321,17 +321,13 @@ def test_hydragen_suffixes_overlapping_the_prefix_pass_give_the_same_bits(paged,
         np.testing.assert_array_equal(a, b)
 
 
-def test_a_hydragen_plan_runs_in_a_cuda_graph():
-    from gpukernels.shared_prefix import SharedPrefix, plan_shared_prefix
-
-    rng = np.random.default_rng(24)
-    batch, hq, hkv, d, prefix_len, suffix_len = 16, 32, 8, 128, 2000, 90
-    runner = SharedPrefix(plan_shared_prefix(batch, hq, hkv, d, prefix_len, suffix_len, dtype="float16",
-                                             gpu="H200"))
-    q, kp, vp, ks, vs = (cp.asarray(x) for x in _inputs(rng, "float16", batch, hq, hkv, d, prefix_len, suffix_len))
-    lens = rng.integers(0, suffix_len + 1, batch)
+def _check_graph_replays(runner, rng, dtype, shape, lens, method):
+    """`runner.run` captured in a CUDA graph on a stream of its own (after one run there, which
+    makes that stream's buffers) and replayed on new queries, each replay against the reference."""
+    batch, hq, hkv, d, prefix_len, suffix_len = shape
+    q, kp, vp, ks, vs = (cp.asarray(x) for x in _inputs(rng, dtype, batch, hq, hkv, d, prefix_len, suffix_len))
     lens_d = cp.asarray(lens.astype(np.int32))
-    out = cp.full((batch, hq, d), np.nan, dtype=cp.float16)
+    out = cp.full((batch, hq, d), np.nan, dtype=q.dtype)
     lse = cp.full((batch, hq), np.nan, dtype=cp.float32)
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
@@ -341,13 +337,23 @@ def test_a_hydragen_plan_runs_in_a_cuda_graph():
         runner.run(q, kp, vp, ks, vs, lens_d, out=out, lse=lse)
         graph = stream.end_capture()
         for _ in range(2):
-            q[...] = cp.asarray(_random(rng, (batch, hq, d), "float16"))
+            q[...] = cp.asarray(_random(rng, (batch, hq, d), dtype))
             out.fill(np.nan)
             lse.fill(np.nan)
             graph.launch(stream)
             stream.synchronize()
-            ref_out, ref_lse = refattn.shared_prefix(*(cp.asnumpy(x) for x in (q, kp, vp, ks, vs)), lens)
-            _check(out, lse, ref_out, ref_lse, "float16")
+            ref_out, ref_lse = refattn.shared_prefix(*(cp.asnumpy(x) for x in (q, kp, vp, ks, vs)), lens,
+                                                     method=method)
+            _check(out, lse, ref_out, ref_lse, dtype)
+
+
+def test_a_hydragen_plan_runs_in_a_cuda_graph():
+    from gpukernels.shared_prefix import SharedPrefix, plan_shared_prefix
+
+    rng = np.random.default_rng(24)
+    shape = (16, 32, 8, 128, 2000, 90)
+    runner = SharedPrefix(plan_shared_prefix(*shape, dtype="float16", gpu="H200"))
+    _check_graph_replays(runner, rng, "float16", shape, rng.integers(0, shape[-1] + 1, shape[0]), "hydragen")
 
 
 @pytest.mark.parametrize("dtype", BIFURCATED_DTYPES)
@@ -371,27 +377,8 @@ def test_a_bifurcated_plan_runs_many_times_and_in_a_cuda_graph(dtype):
         assert res[0] is out and res[1] is lse
         _check(out, lse, ref_out, ref_lse, dtype)
     if dtype == "bfloat16":
-        return                   # CuPy's graph capture below takes CuPy arrays
-    q, kp, vp, ks, vs = (cp.asarray(x) for x in _inputs(rng, dtype, batch, hq, hkv, d, prefix_len, suffix_len))
-    lens_d = cp.asarray(lens.astype(np.int32))
-    out = cp.full((batch, hq, d), np.nan, dtype=q.dtype)
-    lse = cp.full((batch, hq), np.nan, dtype=cp.float32)
-    stream = cp.cuda.Stream(non_blocking=True)
-    with stream:
-        runner.run(q, kp, vp, ks, vs, lens_d, out=out, lse=lse)   # this stream's workspace
-        stream.synchronize()
-        stream.begin_capture()
-        runner.run(q, kp, vp, ks, vs, lens_d, out=out, lse=lse)
-        graph = stream.end_capture()
-        for _ in range(2):
-            q[...] = cp.asarray(_random(rng, (batch, hq, d), dtype))
-            out.fill(np.nan)
-            lse.fill(np.nan)
-            graph.launch(stream)
-            stream.synchronize()
-            ref_out, ref_lse = refattn.shared_prefix(*(cp.asnumpy(x) for x in (q, kp, vp, ks, vs)), lens,
-                                                     method="bifurcated")
-            _check(out, lse, ref_out, ref_lse, dtype)
+        return                   # CuPy's graph capture takes CuPy arrays
+    _check_graph_replays(runner, rng, dtype, (batch, hq, hkv, d, prefix_len, suffix_len), lens, "bifurcated")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -94,16 +94,23 @@ def trees(draw):
     return hq, hkv, lens, paths, chunk, draw(st.integers(0, 2**31 - 1))
 
 
-@given(trees())
-def test_the_work_list_computes_the_tree(case):
+def _case(case, d=8):
+    """A drawn tree's float64 inputs and its reference answer."""
     hq, hkv, lens, paths, chunk, seed = case
     rng = np.random.default_rng(seed)
-    d = 8
     segs_k = [rng.standard_normal((n, hkv, d)) for n in lens]
     segs_v = [rng.standard_normal((n, hkv, d)) for n in lens]
     k_segs, v_segs, seg_indptr, path_indptr, path_segs = refattn.tree_from_paths(segs_k, segs_v, paths)
     q = rng.standard_normal((len(paths), hq, d))
-    ref_out, ref_lse = refattn.tree(q, k_segs, v_segs, seg_indptr, path_indptr, path_segs)
+    return q, k_segs, v_segs, seg_indptr, path_indptr, path_segs, refattn.tree(q, k_segs, v_segs, seg_indptr,
+                                                                             path_indptr, path_segs)
+
+
+@given(trees())
+def test_the_work_list_computes_the_tree(case):
+    hq, hkv, _, _, chunk, _ = case
+    d = 8
+    q, k_segs, v_segs, seg_indptr, path_indptr, path_segs, (ref_out, ref_lse) = _case(case, d)
     for form in ("merge", "own"):
         work = plan_tree_work(seg_indptr, path_indptr, path_segs, group_size=hq // hkv, chunk_size=chunk,
                               shared_only=form == "own")
@@ -134,14 +141,9 @@ def tree_pages(k_segs, v_segs, seg_indptr, page_size, seed):
 def test_the_plan_of_segments_in_pages_computes_the_tree(case, page_size):
     """Segments in a paged cache: the work list's rows mapped through the page table (as
     tree_segments_kernel maps them), the windows addressing the cache's rows (never across a page)."""
-    hq, hkv, lens, paths, chunk, seed = case
-    rng = np.random.default_rng(seed)
+    hq, hkv, _, _, chunk, seed = case
     d = 8
-    segs_k = [rng.standard_normal((n, hkv, d)) for n in lens]
-    segs_v = [rng.standard_normal((n, hkv, d)) for n in lens]
-    k_segs, v_segs, seg_indptr, path_indptr, path_segs = refattn.tree_from_paths(segs_k, segs_v, paths)
-    q = rng.standard_normal((len(paths), hq, d))
-    ref_out, ref_lse = refattn.tree(q, k_segs, v_segs, seg_indptr, path_indptr, path_segs)
+    q, k_segs, v_segs, seg_indptr, path_indptr, path_segs, (ref_out, ref_lse) = _case(case, d)
     k_cache, v_cache, indptr, indices, last = tree_pages(k_segs, v_segs, seg_indptr, page_size, seed)
     seg_lens = np.where(np.diff(indptr) > 0, (np.diff(indptr) - 1) * page_size + last, 0)
     segments = paged_segments(indptr, indices, seg_lens, page_size)
