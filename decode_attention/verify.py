@@ -40,6 +40,8 @@ def _cases():
             yield dtype, 128, 16, 4, "tree", None
             for form in ("own", "merge", "paged"):   # both forms of the tree plan, and segments in pages
                 yield dtype, 64, 16, 4, f"tree:{form}", None
+        else:
+            yield dtype, 64, 16, 4, "tree", None   # the "paths" form
 
 
 def _to_device(x, dtype):

@@ -25,7 +25,10 @@ segment owning a list of pages as a sequence does in `paged_decode`): the work l
 rows of the segments' pages back to back, which the segments launch finds through the page table,
 and the own tokens' windows are cut at page boundaries.
 
-The cost model picks the form and the chunk size (`costmodel.tree`), once per tree.
+The cost model picks the form and the chunk size (`costmodel.tree`), once per tree. float32, which
+the tensor-core kernels do not take, runs a third form, "paths": each sequence's whole path as a
+page table of one-row pages for split-KV, every segment read once per sequence under it (from L2
+where they share it), not once in all.
 
 Three ways to call it:
 
@@ -57,10 +60,11 @@ from .split_kv import (WINDOW_LEN_BITS, WINDOW_ROWS, SplitKV, SplitKVPlan, State
                        device_gpu, num_sms, outputs)
 
 __all__ = ["TreeWork", "plan_tree_work", "OwnWindows", "own_windows", "TreePlan", "plan_tree", "Tree",
-           "choose_work", "choose_chunk_size", "tree", "FORMS"]
+           "choose_work", "choose_chunk_size", "tree", "FORMS", "PATHS", "PathRows", "path_rows"]
 
 _LOG2E = 1.4426950408889634
-FORMS = ("own", "merge")
+FORMS = ("own", "merge")   # the forms the cost model chooses between (float16, bfloat16)
+PATHS = "paths"            # float32 (or when asked for): each sequence's whole path by split-KV
 # Windows address rows with the bits above WINDOW_LEN_BITS of an int32.
 MAX_WINDOW_ROWS = 1 << (31 - WINDOW_LEN_BITS)
 
@@ -210,6 +214,33 @@ def own_windows(seg_indptr, path_indptr, path_segs, *, segments: "Segments | Non
     return OwnWindows(indptr.astype(np.int32), windows.astype(np.int32), per_seq * WINDOW_ROWS)
 
 
+class PathRows(NamedTuple):
+    """Each sequence's whole path as a page table of one-row pages over k_segs (or the caches) seen
+    as rows: the "paths" form, which reads every segment once for each sequence under it."""
+
+    kv_indptr: np.ndarray          # int32 [batch + 1]
+    kv_indices: np.ndarray         # int32 [nnz]: the rows, path order
+    kv_last_page_len: np.ndarray   # int32 [batch]: 1, or 0 for an empty path
+
+
+def path_rows(seg_indptr, path_indptr, path_segs, *, segments: "Segments | None" = None) -> PathRows:
+    """The rows of each sequence's path, segment by segment (`segments` as for `plan_tree_work`)."""
+    segs = segments if segments is not None else contiguous_segments(seg_indptr)
+    path_indptr = np.asarray(path_indptr, dtype=np.int64)
+    path_segs = np.asarray(path_segs, dtype=np.int64)
+    batch = len(path_indptr) - 1
+    seq_of_entry = np.repeat(np.arange(batch, dtype=np.int64), np.diff(path_indptr))
+    owner, first, count = _runs(segs.start[path_segs], segs.length[path_segs], 1)
+    rows = first
+    if segs.page_size:
+        rows = segs.table[first // segs.page_size] * segs.page_size + first % segs.page_size
+    if rows.size and rows.max() >= 2**31:
+        raise ValueError(f"the segments reach row {int(rows.max())}, more than an int32 page table addresses")
+    per_seq = np.bincount(seq_of_entry[owner], minlength=batch).astype(np.int64)
+    indptr = np.concatenate([[0], np.cumsum(per_seq)])
+    return PathRows(indptr.astype(np.int32), rows.astype(np.int32), (per_seq > 0).astype(np.int32))
+
+
 def work_items(work: TreeWork, group_size: int) -> list:
     """The work list as the cost model's WorkItems (tokens, query rows, whether a later row tile)."""
     from costmodel.segments import WorkItem  # noqa: PLC0415
@@ -238,10 +269,11 @@ class TreePlan:
     split: "SplitKVPlan | None"
     predicted_s: float   # the cost model's time of these launches (on the GPU planned for)
     segments: "Segments | None" = None
+    paths: "PathRows | None" = None   # the "paths" form: `split` reads these (work empty, own None)
 
     @property
     def form(self) -> str:
-        return "own" if self.own is not None else "merge"
+        return PATHS if self.paths is not None else "own" if self.own is not None else "merge"
 
     @property
     def chunk_size(self) -> int:
@@ -289,12 +321,11 @@ def plan_tree(seg_indptr, path_indptr, path_segs, *, num_qo_heads: int, num_kv_h
         check_positive_int(value, name)
     if num_qo_heads % num_kv_heads:
         raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    if not isinstance(dtype, str) or dtype not in PREFIX_DTYPES:
-        raise TypeError(f"dtype must be float16 or bfloat16 for the tree kernel, got {dtype!r}")
+    if not isinstance(dtype, str) or dtype not in rt.KERNEL_DTYPES:
+        raise TypeError(f"dtype must be one of {', '.join(rt.KERNEL_DTYPES)} for the tree kernels, got {dtype!r}")
     if head_dim not in rt.HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {rt.HEAD_DIMS} for the GPU kernels, got {head_dim}")
-    if form is not None and (not isinstance(form, str) or form not in FORMS):
-        raise ValueError(f"form must be one of {', '.join(map(repr, FORMS))} or None, got {form!r}")
+    _check_form(form, dtype)
     ind_h = rt.host_ints(path_indptr, "path_indptr")
     segs_h = rt.host_ints(path_segs, "path_segs")
     if ind_h.ndim != 1 or ind_h.size < 1:
@@ -307,6 +338,12 @@ def plan_tree(seg_indptr, path_indptr, path_segs, *, num_qo_heads: int, num_kv_h
 
 
 _PAGE_TABLE_NAMES = ("seg_kv_indptr", "seg_kv_indices", "seg_kv_last_page_len")
+
+
+def _check_form(form, dtype: str) -> None:
+    allowed = (*FORMS, PATHS) if dtype in PREFIX_DTYPES else (PATHS,)
+    if form is not None and (not isinstance(form, str) or form not in allowed):
+        raise ValueError(f"form must be one of {', '.join(map(repr, allowed))} or None for {dtype}, got {form!r}")
 
 
 def _checked_segments(seg_indptr, tables, page_size, *, num_pages) -> Segments:
@@ -362,6 +399,8 @@ def _plan(segments: Segments, ind_h, segs_h, num_qo_heads, num_kv_heads, head_di
     else:
         total = int(segments.start[-1] + segments.length[-1]) if len(segments.start) else 0
     group_size = num_qo_heads // num_kv_heads
+    if form == PATHS or dtype not in PREFIX_DTYPES:
+        return _paths_plan(segments, ind_h, segs_h, num_qo_heads, num_kv_heads, head_dim, dtype, total, spec, sms)
     forms = [form] if form is not None else [f for f in FORMS if f == "merge" or total <= MAX_WINDOW_ROWS]
     chunks = [int(chunk_size)] if chunk_size is not None else chunk_candidates_of_tree(tile)
     best = None
@@ -377,6 +416,23 @@ def _plan(segments: Segments, ind_h, segs_h, num_qo_heads, num_kv_heads, head_di
                 best = TreePlan(batch, num_qo_heads, num_kv_heads, head_dim, dtype, total, work, own, split, t,
                                 segments)
     return best
+
+
+def _paths_plan(segments, ind_h, segs_h, num_qo_heads, num_kv_heads, head_dim, dtype, total, spec, sms) -> TreePlan:
+    """The "paths" form: each sequence's path rows by split-KV over pages of one row."""
+    from costmodel.split_kv import plan_split_kv  # noqa: PLC0415
+    from costmodel.split_kv import predict as predict_split_kv  # noqa: PLC0415
+
+    paths = path_rows(None, ind_h, segs_h, segments=segments)
+    lens = np.diff(paths.kv_indptr).astype(np.int64)
+    batch = ind_h.size - 1
+    split = plan_split_kv(batch, num_qo_heads, num_kv_heads, head_dim, _length_bucket(max(int(lens.max(initial=0)), 1)),
+                          dtype=dtype, num_sms=sms, page_size=1, gpu=spec)
+    predicted = predict_split_kv(split, kv_lens=lens, gpu=spec).time_s if batch else 0.0
+    empty = TreeWork(0, np.zeros((0, 6), np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32),
+                     np.zeros(batch + 1, np.int32), 0)
+    return TreePlan(batch, num_qo_heads, num_kv_heads, head_dim, dtype, total, empty, None, split, predicted,
+                    segments, paths)
 
 
 def choose_work(seg_indptr, path_indptr, path_segs, *, group_size: int, num_kv_heads: int,
@@ -457,6 +513,12 @@ class Tree:
             dev = lambda a, name: rt.device_int32(a if a.size else np.zeros(1, np.int32), kind, device_id,  # noqa: E731
                                                   name)
             tables = {name: dev(getattr(w, name), name) for name in ("work", "sharers", "first_state", "part_indptr")}
+            paths = self.plan.paths
+            if paths is not None:
+                arrays = (dev(paths.kv_indptr, "kv_indptr"), dev(paths.kv_indices, "kv_indices")[: len(paths.kv_indices)],
+                          dev(paths.kv_last_page_len, "kv_last_page_len"))
+                tables["paths"] = tuple(rt.device_array(a, name) for a, name in zip(
+                    arrays, ("kv_indptr", "kv_indices", "kv_last_page_len")))
             if self.plan.page_size:
                 tables["pages"] = dev(self.plan.segments.table, "seg_kv_indices")
             own = self.plan.own
@@ -525,10 +587,15 @@ class Tree:
         if p.batch == 0:
             return out, lse
         tables = self._device_tables(kind, device_id)
+        ps = p.page_size
+        if p.paths is not None:   # every path's rows as pages of one row of k_segs (or the caches) seen as rows
+            rows = ((ka.shape[0] * ps if ps else ka.shape[0]), 1, p.num_kv_heads, p.head_dim)
+            return _launch(p.split, qa.obj, ka.obj, va.obj, kv_lens=None, paged=tables["paths"], sm_scale=sm_scale,
+                           out=out, lse=lse, workspace=self._own._workspace_for,
+                           views=(qa, ka._replace(shape=rows), va._replace(shape=rows)))
         stream_ptr = rt.current_stream_ptr(kind, device_id)
         part_out, part_lse = self._states_for(kind, device_id, stream_ptr)
         w = p.work
-        ps = p.page_size
         if len(w.work):
             _segments_kernel(p.dtype, p.head_dim, bool(ps))(
                 (len(w.work), p.num_kv_heads), (THREADS,),
@@ -572,7 +639,8 @@ def tree(q, k_segs, v_segs, seg_indptr, path_indptr, path_segs, *, sm_scale=None
     Segments in a paged cache: k_segs, v_segs the caches [num_pages, page_size, num_kv_heads,
     head_dim], seg_indptr None, and segment s owns pages seg_kv_indices[seg_kv_indptr[s]:
     seg_kv_indptr[s+1]], the last one filled to seg_kv_last_page_len[s] (as `paged_decode`'s
-    sequences own theirs). float16 and bfloat16; head_dim 64, 128, 256. `chunk_size`: tokens of a
+    sequences own theirs). float16 and bfloat16 (float32: the "paths" form); head_dim 64, 128,
+    256. `chunk_size`: tokens of a
     shared segment per block (None: the cost model's choice). Returns (out, lse) like `split_kv`.
     The plan of a tree is kept for the next call with the same tree and shapes (`Tree` runs one
     without the checks).
@@ -620,8 +688,6 @@ def _one_shot_plan(q, k_segs, v_segs, qa, index, sm_scale, chunk_size):
     else:
         problem = check_tree(q, k_segs, v_segs, seg_h, ind_h, segs_h, sm_scale=sm_scale, dtypes=rt.KERNEL_DTYPES)
         segments = contiguous_segments(seg_h)
-    if problem.dtype not in PREFIX_DTYPES:
-        raise TypeError(f"q must be float16 or bfloat16 for the tree kernel, got {problem.dtype}")
     if problem.head_dim not in rt.HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {rt.HEAD_DIMS} for the GPU kernels, got {problem.head_dim}")
     tile = kv_tile(problem.head_dim)

@@ -229,3 +229,38 @@ def test_malformed_trees_in_pages_raise_before_launch(bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         tree(q, cache, cache, args.pop("seg_indptr"), args.pop("path_indptr"), args.pop("path_segs"), **args)
+
+
+@given(trees(), st.sampled_from([64, 128, 256]), st.sampled_from([0, 16]),
+       st.sampled_from([("float32", None), ("float16", "paths")]))
+def test_the_paths_form_matches_the_reference(case, d, page_size, dtype_form):
+    """float32 trees (the "paths" form: each sequence's path as one-row pages for split-KV), and the
+    same form asked for in float16; segments contiguous or in shuffled pages."""
+    from test_tree_work import tree_pages
+
+    from gpukernels.tree import Tree, plan_tree, tree
+
+    dtype, form = dtype_form
+    hq, hkv, lens, paths, _, seed = case
+    rng = np.random.default_rng(seed)
+    q, k_segs, v_segs, seg_indptr, path_indptr, path_segs = _tree_inputs(rng, dtype, hq, hkv, d, lens, paths)
+    ref_out, ref_lse = refattn.tree(q, k_segs, v_segs, seg_indptr, path_indptr, path_segs)
+    qd = _device(q)
+    out = _poisoned(qd, q.shape, dtype)
+    lse = _poisoned(qd, q.shape[:2], "float32")
+    if page_size:
+        k_cache, v_cache, indptr, indices, last = tree_pages(k_segs.astype(np.float64), v_segs.astype(np.float64),
+                                                             seg_indptr, page_size, seed)
+        tables = dict(seg_kv_indptr=indptr, seg_kv_indices=indices, seg_kv_last_page_len=last)
+        kd, vd = _device(k_cache.astype(k_segs.dtype)), _device(v_cache.astype(v_segs.dtype))
+        index = (None, path_indptr, path_segs)
+    else:
+        tables, kd, vd, index = {}, _device(k_segs), _device(v_segs), (seg_indptr, path_indptr, path_segs)
+    if form is None:
+        tree(qd, kd, vd, *index, out=out, lse=lse, **tables)
+    else:
+        plan = plan_tree(*index, num_qo_heads=hq, num_kv_heads=hkv, head_dim=d, dtype=dtype, form=form, gpu="H200",
+                         page_size=page_size or None, **tables)
+        assert plan.form == "paths"
+        Tree(plan).run(qd, kd, vd, out=out, lse=lse)
+    _check_with_empty(out, lse, ref_out, ref_lse, dtype)

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 import refattn
 from gpukernels.split_kv import WINDOW_LEN_BITS, WINDOW_ROWS
-from gpukernels.tree import QUERY_ROWS, choose_chunk_size, own_windows, paged_segments, plan_tree, plan_tree_work
+from gpukernels.tree import (QUERY_ROWS, choose_chunk_size, own_windows, paged_segments, path_rows, plan_tree,
+                             plan_tree_work)
 
 
 def _segments(work, q, k_segs, v_segs, sm_scale):
@@ -167,6 +168,31 @@ def test_the_plan_of_segments_in_pages_computes_the_tree(case, page_size):
         np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse), err_msg=form)
         finite = np.isfinite(ref_lse)
         np.testing.assert_allclose(lse[finite], ref_lse[finite], rtol=1e-10, err_msg=form)
+
+
+@given(trees(), st.sampled_from([0, 1, 5, 16]))
+def test_the_paths_form_reads_each_path_as_a_page_table_of_rows(case, page_size):
+    """The "paths" form (float32): each sequence's path rows as one-row pages, run by paged decode,
+    give the tree's answer; segments contiguous (page_size 0) or in shuffled pages."""
+    hq, hkv, _, _, _, seed = case
+    d = 8
+    q, k_segs, v_segs, seg_indptr, path_indptr, path_segs, (ref_out, ref_lse) = _case(case, d)
+    if page_size:
+        k_cache, v_cache, indptr, indices, last = tree_pages(k_segs, v_segs, seg_indptr, page_size, seed)
+        seg_lens = np.where(np.diff(indptr) > 0, (np.diff(indptr) - 1) * page_size + last, 0)
+        rows = path_rows(None, path_indptr, path_segs, segments=paged_segments(indptr, indices, seg_lens, page_size))
+        k_rows, v_rows = (c.reshape(-1, 1, hkv, d) for c in (k_cache, v_cache))
+    else:
+        rows = path_rows(seg_indptr, path_indptr, path_segs)
+        k_rows, v_rows = k_segs[:, None], v_segs[:, None]
+    out, lse = refattn.paged_decode(q, k_rows, v_rows, *rows)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-10, atol=1e-10)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_allclose(lse[finite], ref_lse[finite], rtol=1e-10)
+    plan = plan_tree(seg_indptr, path_indptr, path_segs, num_qo_heads=hq, num_kv_heads=hkv, head_dim=64,
+                     dtype="float32")
+    assert plan.form == "paths" and plan.split.page_size == 1
 
 
 def test_each_segment_is_read_once_per_64_rows_of_its_sharers():
