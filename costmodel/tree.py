@@ -162,7 +162,7 @@ def predict_work(items: "list[WorkItem]", *, batch: int, num_qo_heads: int, num_
     return predict_kernel_launches("tree", launches, gpu=spec, calibration=calibration_for(spec, calibration))
 
 
-FORMS = ("own", "merge")   # gpukernels.tree.FORMS, in the order the plan tries them
+FORMS = ("own", "merge")   # the kernels' forms of a tree (gpukernels.tree), in the order the plans try them
 
 
 def kernels_plan(shape: TreeShape, num_sms: int, gpu: "GPUSpec | str | None" = None) -> "TreePlan":

@@ -50,6 +50,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from costmodel.tree import FORMS   # the forms the cost model chooses between (float16, bfloat16)
 from decode_attention.contract import (check_paged_layout, check_positive_int, check_tree, check_tree_index,
                                        check_tree_pages)
 
@@ -60,11 +61,11 @@ from .split_kv import (WINDOW_LEN_BITS, WINDOW_ROWS, SplitKV, SplitKVPlan, State
                        device_gpu, num_sms, outputs)
 
 __all__ = ["TreeWork", "plan_tree_work", "OwnWindows", "own_windows", "TreePlan", "plan_tree", "Tree",
-           "choose_work", "choose_chunk_size", "tree", "FORMS", "PATHS", "PathRows", "path_rows"]
+           "choose_work", "choose_chunk_size", "tree", "FORMS", "PATHS", "PathRows", "path_rows", "Segments",
+           "contiguous_segments", "paged_segments"]
 
 _LOG2E = 1.4426950408889634
-FORMS = ("own", "merge")   # the forms the cost model chooses between (float16, bfloat16)
-PATHS = "paths"            # float32 (or when asked for): each sequence's whole path by split-KV
+PATHS = "paths"   # float32 (or when asked for): each sequence's whole path by split-KV
 # Windows address rows with the bits above WINDOW_LEN_BITS of an int32.
 MAX_WINDOW_ROWS = 1 << (31 - WINDOW_LEN_BITS)
 
