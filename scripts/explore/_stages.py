@@ -12,16 +12,17 @@ _chosen = {"stages": None, "paged_only": False}
 
 
 @functools.lru_cache(None)
-def _compiled(dtype, head_dim, heads_per_block, paged, stages):
-    return rt.Kernel("split_kv", sk.name_expression(dtype, head_dim, heads_per_block, paged, stages=stages),
+def _compiled(dtype, head_dim, heads_per_block, paged, stages, states=False):
+    return rt.Kernel("split_kv", sk.name_expression(dtype, head_dim, heads_per_block, paged, stages=stages,
+                                                    states=states),
                      sk.KERNEL_SIGNATURE, shared_mem=sk.dynamic_smem_bytes(dtype, head_dim, paged, stages=stages))
 
 
-def _kernel(plan, paged):
+def _kernel(plan, paged, states=False):
     stages = _chosen["stages"]
     if stages is None or (_chosen["paged_only"] and not paged):
-        return _own_kernel(plan, paged)
-    return _compiled(plan.dtype, plan.head_dim, plan.heads_per_block, paged, stages)
+        return _own_kernel(plan, paged, states)
+    return _compiled(plan.dtype, plan.head_dim, plan.heads_per_block, paged, stages, states)
 
 
 sk._kernel = _kernel
