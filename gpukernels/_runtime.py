@@ -7,6 +7,7 @@ imports on a machine with no GPU and no CuPy.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import functools
 import pathlib
@@ -141,6 +142,30 @@ def device_array(x, name: str) -> Device:
 def require_contiguous(a: Device, name: str) -> None:
     if not a.contiguous:
         raise ValueError(f"{name} must be contiguous (row-major), got a strided view of shape {a.shape}")
+
+
+class RecentCache:
+    """The values of the most recent `size` keys (least recently used out first), for one-shot
+    calls that keep what their checks and plans made for the next call with the same key."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._items: "collections.OrderedDict" = collections.OrderedDict()
+
+    def get_or_make(self, key, make):
+        """The value kept for `key`, or `make()` kept for it (not kept when key is None)."""
+        if key is not None and key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        value = make()
+        if key is not None:
+            self._items[key] = value
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 def require_same_device(arrays: dict) -> int:

@@ -28,7 +28,6 @@ Three ways to call it:
 
 from __future__ import annotations
 
-import collections
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -275,15 +274,17 @@ class Span:
 # of q, k, v, sm_scale, num_splits and the device. A call that matches one of the most recent
 # ONE_SHOT_CACHE_SIZE skips the span checks it already passed and reuses that list's Span.
 ONE_SHOT_CACHE_SIZE = 64
-_ONE_SHOT: "collections.OrderedDict" = collections.OrderedDict()
+_ONE_SHOT = rt.RecentCache(ONE_SHOT_CACHE_SIZE)
 
 
 def _one_shot_span(key, device_id: int, q, k, v, indptr_h, spans_h, sm_scale, num_splits):
     """The (problem, Span) of a one-shot call: checked and planned once per `key`."""
-    hit = _ONE_SHOT.get(key)
-    if hit is not None:
-        _ONE_SHOT.move_to_end(key)
-        return hit
+    return _ONE_SHOT.get_or_make(key, lambda: _span_plan(device_id, q, k, v, indptr_h, spans_h, sm_scale,
+                                                         num_splits))
+
+
+def _span_plan(device_id: int, q, k, v, indptr_h, spans_h, sm_scale, num_splits):
+    """The (problem, Span) of a one-shot call, checked and planned."""
     problem = check_span(q, k, v, indptr_h, spans_h, sm_scale=sm_scale, dtypes=rt.KERNEL_DTYPES)
     check_kernel_dtype_and_head_dim(problem.dtype, problem.head_dim)
     if num_splits is not None:
@@ -292,12 +293,7 @@ def _one_shot_span(key, device_id: int, q, k, v, indptr_h, spans_h, sm_scale, nu
                      num_qo_heads=problem.num_qo_heads, num_kv_heads=problem.num_kv_heads,
                      head_dim=problem.head_dim, dtype=problem.dtype, num_splits=num_splits,
                      num_sms=num_sms(device_id), gpu=device_gpu(device_id))
-    hit = (problem, Span(plan))
-    if key is not None:
-        _ONE_SHOT[key] = hit
-        while len(_ONE_SHOT) > ONE_SHOT_CACHE_SIZE:
-            _ONE_SHOT.popitem(last=False)
-    return hit
+    return problem, Span(plan)
 
 
 def _sinks_on_device(sinks, kind: str, device_id: int, num_qo_heads: int):

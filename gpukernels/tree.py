@@ -43,7 +43,6 @@ Three ways to call it:
 
 from __future__ import annotations
 
-import collections
 import functools
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -374,6 +373,16 @@ def _checked_segments(seg_indptr, tables, page_size, *, num_pages) -> Segments:
     return paged_segments(indptr, indices, seg_lens, int(page_size))
 
 
+def _check_chunk(chunk_size, tile: int) -> None:
+    """A chunk size given: an int, a positive multiple of the pipeline tile."""
+    if chunk_size is None:
+        return
+    if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool):
+        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
+    if chunk_size < tile or chunk_size % tile:
+        raise ValueError(f"chunk_size must be a positive multiple of {tile}, got {chunk_size}")
+
+
 def _check_paths(segments: Segments, ind_h, segs_h) -> None:
     """The paths, checked against the segments (as `check_tree_index` checks them)."""
     seg_indptr = np.concatenate([[0], np.cumsum(segments.length)])
@@ -389,11 +398,7 @@ def _plan(segments: Segments, ind_h, segs_h, num_qo_heads, num_kv_heads, head_di
 
     spec, sms = plan_gpu(gpu, num_sms, default_num_sms=DEFAULT_NUM_SMS)
     tile = kv_tile(head_dim)
-    if chunk_size is not None:
-        if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool):
-            raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
-        if chunk_size < tile or chunk_size % tile:
-            raise ValueError(f"chunk_size must be a positive multiple of {tile}, got {chunk_size}")
+    _check_chunk(chunk_size, tile)
     batch = ind_h.size - 1
     if segments.page_size:   # the pages the tables name, as rows
         total = (int(segments.table.max(initial=-1)) + 1) * segments.page_size
@@ -627,7 +632,7 @@ class Tree:
 # dtypes of q, k_segs, v_segs, sm_scale, chunk_size and the device. A call that matches one of the
 # most recent ONE_SHOT_CACHE_SIZE skips the checks it already passed and reuses that tree's runner.
 ONE_SHOT_CACHE_SIZE = 64
-_ONE_SHOT: "collections.OrderedDict" = collections.OrderedDict()
+_ONE_SHOT = rt.RecentCache(ONE_SHOT_CACHE_SIZE)
 
 
 def tree(q, k_segs, v_segs, seg_indptr, path_indptr, path_segs, *, sm_scale=None, out=None, lse=None,
@@ -655,16 +660,8 @@ def tree(q, k_segs, v_segs, seg_indptr, path_indptr, path_segs, *, sm_scale=None
         (chunk_size is None or type(chunk_size) is int)
     key = (*(None if a is None else (a.shape, a.tobytes()) for a in index), qa.shape, ka.shape, va.shape,
            qa.dtype, ka.dtype, va.dtype, qa.device_id, sm_scale, chunk_size) if cacheable else None
-    hit = _ONE_SHOT.get(key) if key is not None else None
-    if hit is not None:
-        _ONE_SHOT.move_to_end(key)
-    else:
-        hit = _one_shot_plan(q, k_segs, v_segs, qa, index, sm_scale, chunk_size)
-        if key is not None:
-            _ONE_SHOT[key] = hit
-            while len(_ONE_SHOT) > ONE_SHOT_CACHE_SIZE:
-                _ONE_SHOT.popitem(last=False)
-    problem, runner = hit
+    problem, runner = _ONE_SHOT.get_or_make(key, lambda: _one_shot_plan(q, k_segs, v_segs, qa, index, sm_scale,
+                                                                         chunk_size))
     for name, a in (("q", qa), ("k_segs", ka), ("v_segs", va)):
         rt.require_contiguous(a, name)
     rt.require_same_device({"q": qa, "k_segs": ka, "v_segs": va})
@@ -691,12 +688,7 @@ def _one_shot_plan(q, k_segs, v_segs, qa, index, sm_scale, chunk_size):
         segments = contiguous_segments(seg_h)
     if problem.head_dim not in rt.HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {rt.HEAD_DIMS} for the GPU kernels, got {problem.head_dim}")
-    tile = kv_tile(problem.head_dim)
-    if chunk_size is not None:
-        if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool):
-            raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
-        if chunk_size < tile or chunk_size % tile:
-            raise ValueError(f"chunk_size must be a positive multiple of {tile}, got {chunk_size}")
+    _check_chunk(chunk_size, kv_tile(problem.head_dim))
     if problem.batch == 0:
         return problem, None
     device_id = qa.device_id
