@@ -73,18 +73,23 @@ def dynamic_smem_bytes(dtype: str, head_dim: int, paged: bool = False, stages: i
 
 
 def name_expression(dtype: str, head_dim: int, heads_per_block: int, paged: bool,
-                    stages: int | None = None, states: bool = False) -> str:
+                    stages: int | None = None, states: bool = False, windows: bool = False) -> str:
     """The kernel template instantiation for one key (also compiled by the CI compile check);
     `stages` overrides the tensor-core pipeline depth (for experiments); `states`: the tensor-core
-    kernel that merges extra states into its outputs (`SplitKV.run`'s `states`)."""
+    kernel that merges extra states into its outputs (`SplitKV.run`'s `states`); `windows`: the
+    tensor-core kernel whose page table holds windows (`SplitKV.run_windows`), compiled apart so
+    that its loop carries no page-table code (and the paged kernel's none of the windows')."""
     paged_arg = "true" if paged else "false"
+    if windows and not paged:
+        raise ValueError("windows are read through the paged kernel's table")
     if uses_tensor_cores(dtype, head_dim):
+        flags = ", true, true" if windows and states else ", false, true" if windows else ", true" if states else ""
         return (
             f"decode_attention::split_kv_mma_kernel<{rt.C_TYPES[dtype]}, {head_dim}, {heads_per_block}, "
-            f"{paged_arg}, {stages or pipeline_stages(head_dim, paged)}{', true' if states else ''}>"
+            f"{paged_arg}, {stages or pipeline_stages(head_dim, paged)}{flags}>"
         )
-    if states:
-        raise ValueError("states are merged by the tensor-core kernels only (float16, bfloat16)")
+    if states or windows:
+        raise ValueError("states and windows are read by the tensor-core kernels only (float16, bfloat16)")
     return (
         f"decode_attention::split_kv_kernel<{rt.C_TYPES[dtype]}, {head_dim}, {heads_per_block}, "
         f"{paged_arg}>"
@@ -114,6 +119,13 @@ def all_name_expressions() -> list[str]:
         for paged in (False, True)
         if uses_tensor_cores(dtype, head_dim)
     ] + [
+        name_expression(dtype, head_dim, g, True, states=states, windows=True)
+        for dtype in rt.KERNEL_DTYPES
+        for head_dim in rt.HEAD_DIMS
+        for g in HEADS_PER_BLOCK_CHOICES
+        for states in (False, True)
+        if uses_tensor_cores(dtype, head_dim)
+    ] + [
         persistent_name_expression(dtype, head_dim, g)
         for dtype in rt.KERNEL_DTYPES
         for head_dim in PERSISTENT_HEAD_DIMS
@@ -122,8 +134,8 @@ def all_name_expressions() -> list[str]:
     ]
 
 
-def _kernel(plan: SplitKVPlan, paged: bool, states: bool = False):
-    return _kernel_for(plan.dtype, plan.head_dim, plan.heads_per_block, paged, states)
+def _kernel(plan: SplitKVPlan, paged: bool, states: bool = False, windows: bool = False):
+    return _kernel_for(plan.dtype, plan.head_dim, plan.heads_per_block, paged, states, windows)
 
 
 # The kernels' arguments: q, k, v, kv_lens, kv_indptr, kv_indices, kv_last_page_len, out, lse,
@@ -138,9 +150,11 @@ WINDOW_LEN_BITS = 4  # an entry is (first row << WINDOW_LEN_BITS) | (rows - 1)
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel_for(dtype: str, head_dim: int, heads_per_block: int, paged: bool, states: bool = False) -> rt.Kernel:
+def _kernel_for(dtype: str, head_dim: int, heads_per_block: int, paged: bool, states: bool = False,
+                windows: bool = False) -> rt.Kernel:
     """The compiled kernel of one key (its shared-memory limit is raised once per device)."""
-    return rt.Kernel("split_kv", name_expression(dtype, head_dim, heads_per_block, paged, states=states),
+    return rt.Kernel("split_kv", name_expression(dtype, head_dim, heads_per_block, paged, states=states,
+                                                 windows=windows),
                      KERNEL_SIGNATURE, shared_mem=dynamic_smem_bytes(dtype, head_dim, paged))
 
 
@@ -458,7 +472,7 @@ def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace, vie
         _persistent_kernel_for(plan.dtype, D, plan.heads_per_block)(
             grid, (NUM_WARPS * 32,), args, stream_ptr=stream_ptr, device_id=device_id, programmatic=programmatic)
         return out, lse
-    kernel = _kernel(plan, paged is not None, bool(extra[2]))
+    kernel = _kernel(plan, paged is not None, bool(extra[2]), windows)
     if states_overlap and extra[2] and STATES_OVERLAP:
         # The first wave: the blocks the SMs hold at once, in launch order.
         wave = kernel.resident_blocks(device_id, NUM_WARPS * 32) * num_sms(device_id)

@@ -18,7 +18,8 @@
 // page kv_indices[kv_indptr[b] + t / page_size]. The tensor-core kernel also reads windows (spans
 // with arbitrary boundaries): each entry of kv_indices is a warp tile of 1 to 16 consecutive rows
 // starting anywhere in the cache, read as whole rows like a page; the rows past a window's count
-// are masked (instead of pages of one row, each looked up on its own).
+// are masked (instead of pages of one row, each looked up on its own). That reading is an
+// instantiation of its own (WINDOWS), so neither loop carries the other's code.
 
 #include "common.cuh"
 
@@ -789,7 +790,7 @@ __device__ __forceinline__ void store_warp_state(float (&smem_o)[NUM_WARPS][GROU
 // (the first wave) attend to their tokens while that kernel still runs and wait for it only
 // before they read the states, at their end; the later blocks wait at their start and prefetch
 // their states. Only for a launch whose q, cache and tables that kernel does not write.
-template <typename T, int HEAD_DIM, int GROUP, bool PAGED, int STAGES, bool STATES = false>
+template <typename T, int HEAD_DIM, int GROUP, bool PAGED, int STAGES, bool STATES = false, bool WINDOWS = false>
 __global__ void __launch_bounds__(NUM_THREADS, mma_min_blocks_per_sm<HEAD_DIM>())
 split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                     const int* __restrict__ kv_lens, const int* __restrict__ kv_indptr,
@@ -803,6 +804,8 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
                 "tensor-core path: head_dim 64, 128 or 256");
   static_assert(GROUP <= 8, "at most 8 query heads per block (rows 8..15 of A stay zero)");
   static_assert(STAGES >= 2, "at least double buffering");
+  static_assert(PAGED || !WINDOWS, "windows are read as pages of WARP_ROWS");
+  (void)windows;   // the instantiation says whether kv_indices holds windows (WINDOWS)
   constexpr int WARP_ROWS = 16;             // rows per warp tile: two n-tiles of 8 for the scores
   constexpr int CHUNKS = MmaSlots<HEAD_DIM>::CHUNKS;    // 16-byte loads per K row per lane
   constexpr int VCHUNKS = MmaSlots<HEAD_DIM>::VCHUNKS;  // 16-byte loads per V row per lane
@@ -906,11 +909,11 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   // rows at a fixed distance from the tile's first row (the usual page sizes, 16 and up). Measured
   // on H200 with pages of 16, two A/B rounds: 1 x 8 x 128k 146.4 -> 139.3 us, 1 x 32 x 32k 145.0 ->
   // 138.2, 8 x 8 x 32k 263.1 -> 259.9, 16 x 32 x 8k 503.5 -> 500.7.
-  // Windows (`windows` != 0, page_size WARP_ROWS): entry (start << WINDOW_LEN_BITS) | (rows - 1) is a
+  // Windows (WINDOWS, page_size WARP_ROWS): entry (start << WINDOW_LEN_BITS) | (rows - 1) is a
   // warp tile of 1..WARP_ROWS rows from `start` of the cache seen as num_pages rows, read whole.
   constexpr int WINDOW_LEN_BITS = 4;
   static_assert((1 << WINDOW_LEN_BITS) == WARP_ROWS, "a window's row count fills the low bits");
-  const bool whole_tiles = PAGED && (windows || (pdiv.pow2 && page_size >= WARP_ROWS));
+  const bool whole_tiles = PAGED && (WINDOWS || (pdiv.pow2 && page_size >= WARP_ROWS));
   // The page indices come ahead of their use through a ring of four registers per lane, each
   // loaded three registers before it is read, so a lookup is a shuffle. With whole tiles a
   // register holds the pages of 32 of the warp's tiles (lane j: the tile of ordinal base + j); with
@@ -1016,16 +1019,18 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
   };
   auto issue = [&](int tile, int stage) {
     if constexpr (PAGED) {
-      if (tile < w.end && windows) {
-        // A window: rows start .. start + rows - 1 of the cache seen as rows (num_pages of them).
-        const unsigned entry = static_cast<unsigned>(pages[0]);
-        const long long start = entry >> WINDOW_LEN_BITS;
-        const int rows = static_cast<int>(entry & (WARP_ROWS - 1)) + 1;
-        const bool window_ok = start + rows <= num_pages;
-        bad_page = bad_page || !window_ok;
-        const long long at = window_ok ? (start + copy_row) * row_elems + w.kh * HEAD_DIM + copy_piece * 8 : 0;
-        if (lane == 0) smem_tile_rows[warp][stage] = rows;
-        copy_rows(stage, k + at, v + at, window_ok, rows);
+      if constexpr (WINDOWS) {
+        if (tile < w.end) {
+          // A window: rows start .. start + rows - 1 of the cache seen as rows (num_pages of them).
+          const unsigned entry = static_cast<unsigned>(pages[0]);
+          const long long start = entry >> WINDOW_LEN_BITS;
+          const int rows = static_cast<int>(entry & (WARP_ROWS - 1)) + 1;
+          const bool window_ok = start + rows <= num_pages;
+          bad_page = bad_page || !window_ok;
+          const long long at = window_ok ? (start + copy_row) * row_elems + w.kh * HEAD_DIM + copy_piece * 8 : 0;
+          if (lane == 0) smem_tile_rows[warp][stage] = rows;
+          copy_rows(stage, k + at, v + at, window_ok, rows);
+        }
       } else if (tile < w.end && whole_tiles) {
         // The warp tile lies in one page: whole rows, as from a contiguous cache.
         const int page = pages[0];
@@ -1081,7 +1086,7 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
     __syncwarp();   // and every lane's
 
     // Rows of this tile that hold tokens: a window's own count, else up to the sequence's end.
-    const int tile_rows = PAGED && windows ? smem_tile_rows[warp][stage] : w.end - tile;
+    const int tile_rows = WINDOWS ? smem_tile_rows[warp][stage] : w.end - tile;
     mma_consume_tile<T, HEAD_DIM, ACC>(my_slots + stage * (NUM_WARPS * SLOTS * 32), q_fragment, tile_rows,
                                        scale_log2, tig, o, m, l, nonfinite);
     stage = (stage + 1) % STAGES;

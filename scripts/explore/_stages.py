@@ -12,17 +12,18 @@ _chosen = {"stages": None, "paged_only": False}
 
 
 @functools.lru_cache(None)
-def _compiled(dtype, head_dim, heads_per_block, paged, stages, states=False):
+def _compiled(dtype, head_dim, heads_per_block, paged, stages, states=False, windows=False):
+    extra = {"windows": True} if windows else {}
     return rt.Kernel("split_kv", sk.name_expression(dtype, head_dim, heads_per_block, paged, stages=stages,
-                                                    states=states),
+                                                    states=states, **extra),
                      sk.KERNEL_SIGNATURE, shared_mem=sk.dynamic_smem_bytes(dtype, head_dim, paged, stages=stages))
 
 
-def _kernel(plan, paged, states=False):
+def _kernel(plan, paged, states=False, *windows):
     stages = _chosen["stages"]
     if stages is None or (_chosen["paged_only"] and not paged):
-        return _own_kernel(plan, paged, states)
-    return _compiled(plan.dtype, plan.head_dim, plan.heads_per_block, paged, stages, states)
+        return _own_kernel(plan, paged, states, *windows)
+    return _compiled(plan.dtype, plan.head_dim, plan.heads_per_block, paged, stages, states, *windows)
 
 
 sk._kernel = _kernel

@@ -5,6 +5,7 @@ can profile them (this script times nothing and writes nothing).
              run, PyTorch SDPA (cuDNN) and the read-only kernel on the same tensors
   finish     the bifurcated method on 16 sequences x 32/8 heads, prefix 8192 + suffix 256
   summary    the span grid's summarisation row (spans read by windows)
+  packed     the same row's attended tokens packed into a contiguous cache, run by split_kv
   prefix     Hydragen on 128 sequences x 32/8 heads, prefix 32768 + suffix 256 (its prefix pass)
 
 A second argument "one" runs split_kv one block per item instead of its persistent kernel.
@@ -22,7 +23,7 @@ import torch
 
 import gpukernels
 from gpukernels.bench import (HEAD_DIM, NUM_QO_HEADS, SPAN_BATCH, SPAN_GRID, SPAN_KV_HEADS, SPAN_KV_LEN,
-                              _randn16, span_case_spans, stream_read)
+                              _randn16, span_case_spans, span_token_mask, stream_read)
 
 CALLS = 4
 
@@ -81,6 +82,21 @@ def summary() -> None:
     cp.cuda.Device().synchronize()
 
 
+def packed() -> None:
+    case = next(c for c in SPAN_GRID if "summar" in str(c))
+    indptr, spans = span_case_spans(case)
+    mask = span_token_mask(indptr, spans, SPAN_BATCH, SPAN_KV_LEN)
+    per_seq = int(mask.sum(axis=1)[0])
+    q = _randn16((SPAN_BATCH, NUM_QO_HEADS, HEAD_DIM))
+    k = _randn16((SPAN_BATCH, per_seq, SPAN_KV_HEADS, HEAD_DIM))
+    v = _randn16((SPAN_BATCH, per_seq, SPAN_KV_HEADS, HEAD_DIM))
+    plan = gpukernels.plan_split_kv(SPAN_BATCH, NUM_QO_HEADS, SPAN_KV_HEADS, HEAD_DIM, per_seq)
+    runner = gpukernels.SplitKV(plan)
+    for _ in range(CALLS):
+        runner.run(q, k, v)
+    cp.cuda.Device().synchronize()
+
+
 if len(sys.argv) > 2:   # "one": one block per item instead of the persistent kernel
     importlib.import_module("gpukernels.split_kv").PERSISTENT = sys.argv[2] != "one"
-{"coverage": coverage, "finish": finish, "summary": summary, "prefix": prefix}[sys.argv[1]]()
+{"coverage": coverage, "finish": finish, "summary": summary, "packed": packed, "prefix": prefix}[sys.argv[1]]()
