@@ -209,6 +209,7 @@ class SpeedupError:
     baseline: str
     measured: float           # baseline time / variant time, measured
     predicted: float
+    workload: tuple = ()      # (gpu slug, then the row's WORKLOAD_KEYS values present in it)
 
     @property
     def rel_error(self) -> float:
@@ -232,8 +233,9 @@ def speedup_errors(errors: list[RowError]) -> list[SpeedupError]:
             continue
         for impl, e in by_impl.items():
             if impl != base.impl:
+                workload = (e.gpu_slug, *((k, e.row[k]) for k in WORKLOAD_KEYS if e.row.get(k) is not None))
                 out.append(SpeedupError(e.suite, impl, base.impl, base.measured_s / e.measured_s,
-                                        base.predicted_s / e.predicted_s))
+                                        base.predicted_s / e.predicted_s, workload))
     return out
 
 

@@ -96,11 +96,20 @@ def name_expression(dtype: str, head_dim: int, heads_per_block: int, paged: bool
     )
 
 
+# Pipeline stages of the persistent kernel by head_dim (one block per item: pipeline_stages). Its
+# copies run on through the items, so it needs no deeper pipeline to hide a block's start: on
+# H200 (scripts/explore/persistent_items.py, logs/explore-persistent-items-stages-5-7.log) 5 stages
+# against 6: 73.1 against 74.3 us at 64 x 16/16 heads x 64, 1000 tokens (bfloat16), 75.4 against
+# 75.7 at 512 x 8/1 x 64, 2000 tokens, 147.1 against 147.4 at 96 x 40/8 x 64, 3000 tokens; 7
+# stages (two blocks an SM, the L1 left to the copies 28 KB) 84.2, 81.6 and 167.5.
+PERSISTENT_STAGES = {64: 5}
+
+
 def persistent_name_expression(dtype: str, head_dim: int, heads_per_block: int, stages: int | None = None) -> str:
     """The persistent tensor-core kernel's instantiation (contiguous caches, one split); `stages`
     overrides the pipeline depth (for experiments)."""
     return (f"decode_attention::split_kv_mma_persistent_kernel<{rt.C_TYPES[dtype]}, {head_dim}, "
-            f"{heads_per_block}, {stages or pipeline_stages(head_dim, False)}>")
+            f"{heads_per_block}, {stages or PERSISTENT_STAGES[head_dim]}>")
 
 
 def all_name_expressions() -> list[str]:
@@ -185,7 +194,7 @@ OVERLAP_WAVES = 4
 @functools.lru_cache(maxsize=None)
 def _persistent_kernel_for(dtype: str, head_dim: int, heads_per_block: int) -> rt.Kernel:
     return rt.Kernel("split_kv", persistent_name_expression(dtype, head_dim, heads_per_block), KERNEL_SIGNATURE,
-                     shared_mem=dynamic_smem_bytes(dtype, head_dim, False))
+                     shared_mem=dynamic_smem_bytes(dtype, head_dim, False, stages=PERSISTENT_STAGES[head_dim]))
 
 
 def persistent_grid(plan: SplitKVPlan, device_id: int) -> "tuple[int, int, int] | None":
