@@ -120,19 +120,12 @@ def all_name_expressions() -> list[str]:
         for head_dim in rt.HEAD_DIMS
         for g in HEADS_PER_BLOCK_CHOICES
         for paged in (False, True)
-    ] + [
-        name_expression(dtype, head_dim, g, paged, states=True)
+    ] + [   # the tensor-core kernels' other forms: (paged, states, windows)
+        name_expression(dtype, head_dim, g, paged, states=states, windows=windows)
         for dtype in rt.KERNEL_DTYPES
         for head_dim in rt.HEAD_DIMS
         for g in HEADS_PER_BLOCK_CHOICES
-        for paged in (False, True)
-        if uses_tensor_cores(dtype, head_dim)
-    ] + [
-        name_expression(dtype, head_dim, g, True, states=states, windows=True)
-        for dtype in rt.KERNEL_DTYPES
-        for head_dim in rt.HEAD_DIMS
-        for g in HEADS_PER_BLOCK_CHOICES
-        for states in (False, True)
+        for paged, states, windows in ((False, True, False), (True, True, False), (True, False, True), (True, True, True))
         if uses_tensor_cores(dtype, head_dim)
     ] + [
         persistent_name_expression(dtype, head_dim, g)
