@@ -515,36 +515,47 @@ def _gpu_run(attention, dtype, *, prompt, new_tokens, samples=4, forced=None):
 LOGITS_ATOL = {torch.float16: 5e-2, torch.bfloat16: 2.5e-1}
 
 
+_REFERENCES: dict = {}
+
+
+def _greedy_reference(dtype):
+    """The eager float32 run of the decoder's `dtype`-rounded weights (1000-token prompt, 48 new),
+    made once per dtype and process: (prompt, result, decisive [steps, samples], forced tokens)."""
+    if dtype not in _REFERENCES:
+        prompt = torch.as_tensor(np.random.default_rng(0).integers(0, GPU_SHAPE.vocab_size, 1000))
+        decoder32 = random_decoder(GPU_SHAPE, max_positions=4096, device="cuda", dtype=dtype, seed=0)
+        for w in decoder32.layers:   # the same (rounded) weights, computed in float32
+            for name in vars(w):
+                setattr(w, name, getattr(w, name).float())
+        decoder32.embed, decoder32.lm_head = decoder32.embed.float(), decoder32.lm_head.float()
+        decoder32.final_norm = decoder32.final_norm.float()
+        decoder32.cos, decoder32.sin = decoder32.cos.float(), decoder32.sin.float()
+        ref = Generation(decoder32, "split_kv", samples=4, prompt_len=1000, new_tokens=48, keep_logits=True,
+                         use_graph=False).generate(prompt)
+        top2 = np.sort(ref.logits, axis=-1)[..., -2:]
+        decisive = (top2[..., 1] - top2[..., 0]) > 2 * LOGITS_ATOL[dtype]
+        _REFERENCES[dtype] = (prompt, ref, decisive, torch.as_tensor(ref.tokens.T.copy()))
+    return _REFERENCES[dtype]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _have_gpu(), reason="needs PyTorch with CUDA, CuPy and a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_backends_give_the_same_greedy_tokens(dtype):
-    """Greedy decoding of one prompt (1000 tokens, 48 new) under CUDA graphs: every backend's
+@pytest.mark.parametrize("attention", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_gpu_backends_give_the_same_greedy_tokens(dtype, attention):
+    """Greedy decoding of one prompt (1000 tokens, 48 new) under CUDA graphs: the backend's
     logits agree with the eager float32 run of the same weights within the dtype's tolerance,
     and its tokens are the reference's, except after a step where the reference's two best
-    logits lie within that tolerance (a tie the dtype cannot decide)."""
-    prompt = torch.as_tensor(np.random.default_rng(0).integers(0, GPU_SHAPE.vocab_size, 1000))
-    decoder32 = random_decoder(GPU_SHAPE, max_positions=4096, device="cuda", dtype=dtype, seed=0)
-    for w in decoder32.layers:   # the same (rounded) weights, computed in float32
-        for name in vars(w):
-            setattr(w, name, getattr(w, name).float())
-    decoder32.embed, decoder32.lm_head = decoder32.embed.float(), decoder32.lm_head.float()
-    decoder32.final_norm = decoder32.final_norm.float()
-    decoder32.cos, decoder32.sin = decoder32.cos.float(), decoder32.sin.float()
-    ref = Generation(decoder32, "split_kv", samples=4, prompt_len=1000, new_tokens=48, keep_logits=True,
-                     use_graph=False).generate(prompt)
-    atol = LOGITS_ATOL[dtype]
-    top2 = np.sort(ref.logits, axis=-1)[..., -2:]
-    decisive = (top2[..., 1] - top2[..., 0]) > 2 * atol                       # [steps, samples]
-    forced = torch.as_tensor(ref.tokens.T.copy())
-    for attention in GPU_BACKENDS:   # span: 64 sinks + a 4096 window hold every token here
-        same_inputs = _gpu_run(attention, dtype, prompt=prompt, new_tokens=48, forced=forced)
-        assert np.abs(same_inputs.logits - ref.logits).max() <= atol, attention
-        free = _gpu_run(attention, dtype, prompt=prompt, new_tokens=48)
-        for b in range(4):
-            differ = np.flatnonzero(free.tokens[b] != ref.tokens[b])
-            if differ.size:
-                assert not decisive[: differ[0] + 1, b].all(), (attention, b, differ[0])
+    logits lie within that tolerance (a tie the dtype cannot decide). Span: 64 sinks and a
+    4096-token window hold every token here."""
+    prompt, ref, decisive, forced = _greedy_reference(dtype)
+    same_inputs = _gpu_run(attention, dtype, prompt=prompt, new_tokens=48, forced=forced)
+    assert np.abs(same_inputs.logits - ref.logits).max() <= LOGITS_ATOL[dtype]
+    free = _gpu_run(attention, dtype, prompt=prompt, new_tokens=48)
+    for b in range(4):
+        differ = np.flatnonzero(free.tokens[b] != ref.tokens[b])
+        if differ.size:
+            assert not decisive[: differ[0] + 1, b].all(), (b, differ[0])
     # Random weights give near-flat logits: the free runs' tokens are held to the reference only where
     # its two best logits lie apart by more than the tolerance (bfloat16: a few steps). The check of
     # every step is the forced run's logits above.

@@ -358,7 +358,11 @@ class FlashInferAttention(PagedAttention):
     tables in one pinned host buffer and copies them to the GPU on the stream, behind the steps
     already queued; the next plan waits for that copy (an event), else it could rewrite the buffer
     before the copy reads it (replanned each step with no wait, the suite saw an indptr of garbage
-    in one run and a step that never returned in the next, as that race would give)."""
+    in one run and a step that never returned in the next, as that race would give). The warm-up
+    step before a CUDA graph's capture is planned on the current stream too, the capture stream
+    waiting for it (`Generation._capture`): planned on the capture stream, the step read tables
+    not yet copied while other processes kept the GPU busy, and two test processes running this
+    backend at once hung or hit an illegal memory access in two runs of five."""
 
     name = "peer:flashinfer"
 

@@ -95,12 +95,15 @@ class Generation:
         self.position.add_(1)
 
     def _capture(self):
-        """The step as a CUDA graph (warmed up once on the capture stream, state restored)."""
+        """The step as a CUDA graph (warmed up once on the capture stream, state restored). The
+        host plan of the warm-up step (`before_step`) is made on the current stream, as in the
+        replays, and the capture stream waits for it: a plan's copies of its tables are queued on
+        the stream it is made on, which the capture stream does not follow by itself."""
         stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
         saved = (self.tokens_in.clone(), self.position.clone())
+        self.attention.before_step(int(saved[1].item()))
+        stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self.attention.before_step(int(saved[1].item()))
             self._step()
         torch.cuda.current_stream().wait_stream(stream)
         self.tokens_in.copy_(saved[0])
