@@ -163,7 +163,8 @@ def predict_row(row: dict, gpu: "GPUSpec | str", *,
         shape = _tree_shape(row)
         plan = None
         if row.get("chunk_size") is not None:   # the form and chunk the run took
-            plan = tree.TreePlan(shape, int(row["chunk_size"]), num_sms=gpu.num_sms, form=row.get("form", "merge"))
+            plan = tree.TreePlan(shape, int(row["chunk_size"]), num_sms=gpu.num_sms, form=row.get("form", "merge"),
+                                 page_size=int(row.get("page_size", 0)))
         return tree.predict(shape, gpu=gpu, calibration=cal, plan=plan)
     if variant == "span":
         shape = _span_shape(row)

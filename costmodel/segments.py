@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from .calibration import Calibration
 from .gpus import GPUSpec
 from .prediction import F32, Launch, Prediction, dtype_bytes, predict_launches, resolve_plan
-from .split_kv import MMA_ROWS, TILE_TOKENS, _append_run, heads_per_block_for
+from .split_kv import MMA_ROWS, TILE_TOKENS, _append_run, heads_per_block_for, page_lookups
 
 __all__ = ["SegmentGroup", "segments_launch", "QUERY_TILE_ROWS", "MMA_ROWS", "chunk_candidates", "best_chunks",
            "WorkItem", "attend_rows_launch", "attend_rows_kv_tile", "attend_rows_blocks_per_sm",
@@ -327,16 +327,18 @@ class WorkItem:
 
 
 def attend_rows_launch(name: str, items: "list[WorkItem]", *, num_kv_heads: int, head_dim: int, dtype: str,
-                       gpu: GPUSpec) -> tuple[Launch, float]:
+                       gpu: GPUSpec, page_size: int = 0) -> tuple[Launch, float]:
     """The launch of `items` (dispatch order of one KV head; the grid repeats them for every KV
     head, heads slowest) and its tensor-core rate (`attend_rows_flops_per_s` over its blocks'
     tiles). Each block reads its queries and its KV rows, writes a float32 state (out, lse) per
-    row."""
+    row. `page_size` > 0: the KV rows lie in a paged cache (each item's rows starting on a page),
+    and every block looks up the pages of its rows as split-KV does (`split_kv.page_lookups`, the
+    costs the decode suite's paged rows fit); 0: contiguous."""
     elem = dtype_bytes(dtype)
     d, hkv = head_dim, num_kv_heads
     kv_tile = attend_rows_kv_tile(d)
     kv_by_label: dict[str, int] = {}
-    reread = q_rows = matmul = useful = 0
+    reread = q_rows = matmul = useful = lookups = 0
     tensor_clocks = sm_clocks = 0.0
     runs: list = []
     wgmma = attend_rows_uses_wgmma(gpu, d, dtype)
@@ -345,6 +347,7 @@ def attend_rows_launch(name: str, items: "list[WorkItem]", *, num_kv_heads: int,
         block_kv = 2 * it.tokens * d * elem
         kv_by_label[it.label] = kv_by_label.get(it.label, 0) + block_kv
         reread += block_kv if it.rereads else 0
+        lookups += page_lookups(0, it.tokens, page_size)
         q_rows += it.rows
         matmul += 4 * warps * WARP_ROWS * it.tokens * d
         useful += 4 * it.rows * it.tokens * d
@@ -359,11 +362,13 @@ def attend_rows_launch(name: str, items: "list[WorkItem]", *, num_kv_heads: int,
         bytes_by_tensor={**{f"{kv}_{label}" if label else kv: hkv * both // 2
                             for label, both in kv_by_label.items() for kv in ("k", "v")},
                          "q": hkv * q_rows * d * elem,
-                         "partial_out_write": hkv * q_rows * d * F32, "partial_lse_write": hkv * q_rows * F32},
+                         "partial_out_write": hkv * q_rows * d * F32, "partial_lse_write": hkv * q_rows * F32,
+                         **({"page_table": hkv * lookups * 4} if page_size else {})},
         block_runs=tuple(head_runs * hkv),
         matmul_flops=hkv * matmul,
         useful_flops=hkv * useful,
         l2_hit_bytes=hkv * reread,
+        page_lookups=hkv * lookups,
         blocks_per_sm=attend_rows_blocks_per_sm(d),
     )
     # (a head_dim the kernels are not built for, below 32, counts no ldmatrix: the GPU's rate)

@@ -133,14 +133,16 @@ def own_tokens_launch(plan: SplitKVPlan, rows: "list[int]", num_states: int) -> 
 
 def work_launches(items: "list[WorkItem]", *, batch: int, num_qo_heads: int, num_kv_heads: int, head_dim: int,
                   dtype: str, parts_per_sequence: int, gpu: GPUSpec,
-                  own: "tuple[SplitKVPlan, list[int]] | None" = None) -> list[tuple[Launch, float | None]]:
-    """The segments launch of `items` (one KV head's blocks; with its tensor-core rate), then
-    with `own` (the own tokens' plan and each sequence's rows) the own tokens' launch merging
-    `parts_per_sequence` states per (sequence, query head), without it the merge of that many."""
+                  own: "tuple[SplitKVPlan, list[int]] | None" = None,
+                  page_size: int = 0) -> list[tuple[Launch, float | None]]:
+    """The segments launch of `items` (one KV head's blocks; with its tensor-core rate; `page_size`
+    > 0: the segments in a paged cache), then with `own` (the own tokens' plan and each sequence's
+    rows) the own tokens' launch merging `parts_per_sequence` states per (sequence, query head),
+    without it the merge of that many."""
     out: list[tuple[Launch, float | None]] = []
     if items:
         out.append(attend_rows_launch("segments", items, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype,
-                                      gpu=gpu))
+                                      gpu=gpu, page_size=page_size))
     if own is not None:
         out.append((own_tokens_launch(own[0], own[1], parts_per_sequence), None))
         return out
@@ -189,16 +191,21 @@ def tree_chunk_size(shape: TreeShape, num_sms: int, gpu: "GPUSpec | str | None" 
 class TreePlan:
     """The tree as `gpukernels.tree` runs it. "own" form: every shared segment in chunks of
     `chunk_size` tokens, then each sequence's own tokens by split-KV merging their states.
-    "merge" form: every segment in chunks, then the merge of each sequence's states."""
+    "merge" form: every segment in chunks, then the merge of each sequence's states.
+    `page_size` > 0: the segments lie in a paged cache of pages of that many tokens (the segments
+    launch looks up its rows' pages); 0: contiguous."""
 
     shape: TreeShape
     chunk_size: int
     num_sms: int = DEFAULT_NUM_SMS
     form: str = "own"
+    page_size: int = 0
 
     def __post_init__(self):
         if self.form not in FORMS:
             raise ValueError(f"form must be one of {', '.join(map(repr, FORMS))}, got {self.form!r}")
+        if not isinstance(self.page_size, int) or isinstance(self.page_size, bool) or self.page_size < 0:
+            raise ValueError(f"page_size must be a non-negative int (0: contiguous), got {self.page_size!r}")
 
     @property
     def parts_per_sequence(self) -> int:
@@ -224,12 +231,12 @@ class TreePlan:
         if self.form == "merge":
             return work_launches(self.items(), batch=s.batch, num_qo_heads=s.num_qo_heads,
                                  num_kv_heads=s.num_kv_heads, head_dim=s.head_dim, dtype=s.dtype,
-                                 parts_per_sequence=self.parts_per_sequence, gpu=spec)
+                                 parts_per_sequence=self.parts_per_sequence, gpu=spec, page_size=self.page_size)
         own = own_tokens_plan(s.batch, s.num_qo_heads, s.num_kv_heads, s.head_dim, self.own_rows, dtype=s.dtype,
                               gpu=spec, num_sms=self.num_sms)
         return work_launches(self.items(), batch=s.batch, num_qo_heads=s.num_qo_heads, num_kv_heads=s.num_kv_heads,
                              head_dim=s.head_dim, dtype=s.dtype, parts_per_sequence=self.parts_per_sequence,
-                             gpu=spec, own=(own, [self.own_rows] * s.batch))
+                             gpu=spec, own=(own, [self.own_rows] * s.batch), page_size=self.page_size)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from costmodel import decode, merge_states, paged_decode, shared_prefix, span, split_kv, tree
 from costmodel.calibration import DEFAULT_CALIBRATION, Calibration, load_calibration
 from costmodel.gpus import GPUSpec, get_gpu, gpu_for_num_sms, gpu_names
-from costmodel.prediction import Launch, makespan_s, predict_launches, stream_rate
+from costmodel.prediction import Launch, calibration_for, makespan_s, predict_launches, stream_rate
 from costmodel.split_kv import TILE_TOKENS, plan_split_kv
 
 H100 = get_gpu("H100")
@@ -530,6 +530,26 @@ def test_tree_levels_are_read_once_each():
     assert t.context_len == 4096 + 2048 + 256
     with pytest.raises(ValueError, match="num_segments"):
         tree.TreeShape(64, 32, 32, 128, ((3, 10),))
+
+
+def test_a_paged_tree_looks_up_the_pages_of_every_block():
+    """Segments in pages of 16: every block of the segments launch looks up each page its chunk
+    covers (a later row tile again), charged as split-KV's lookups are; contiguous, none."""
+    t = tree.TreeShape(64, 32, 32, 128, ((1, 4096), (8, 2048), (64, 256)))
+    for form in tree.FORMS:
+        flat, paged = (tree.TreePlan(t, 1024, form=form, page_size=ps) for ps in (0, 16))
+        (seg_flat, _), _ = flat.launches(H100)
+        (seg_paged, _), _ = paged.launches(H100)
+        tokens = sum(it.tokens for it in paged.items())
+        assert seg_flat.page_lookups == 0 and "page_table" not in seg_flat.bytes_by_tensor
+        assert seg_paged.page_lookups == 32 * tokens // 16
+        assert seg_paged.bytes_by_tensor["page_table"] == 4 * seg_paged.page_lookups
+        cal = calibration_for(H100, None)
+        assert (tree.predict(t, gpu=H100, plan=paged).terms["segments.hbm_s"]
+                - tree.predict(t, gpu=H100, plan=flat).terms["segments.hbm_s"]) == pytest.approx(
+            seg_paged.page_lookups * (cal.page_lookup_bytes + 4) / (cal.bw_fraction * H100.stream_bytes_per_s))
+    with pytest.raises(ValueError, match="page_size"):
+        tree.TreePlan(t, 1024, page_size=-16)
 
 
 @pytest.mark.parametrize("density, num_spans", [(0.125, 8), (0.25, 16), (0.5, 64)])
