@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import dataclasses
 
+from decode_attention.contract import check_nonnegative_int
+
 from .calibration import Calibration
 from .gpus import GPUSpec, get_gpu, plan_gpu
 from .merge_states import MergeStatesShape, merge_states_launch
@@ -204,8 +206,7 @@ class TreePlan:
     def __post_init__(self):
         if self.form not in FORMS:
             raise ValueError(f"form must be one of {', '.join(map(repr, FORMS))}, got {self.form!r}")
-        if not isinstance(self.page_size, int) or isinstance(self.page_size, bool) or self.page_size < 0:
-            raise ValueError(f"page_size must be a non-negative int (0: contiguous), got {self.page_size!r}")
+        object.__setattr__(self, "page_size", check_nonnegative_int(self.page_size, "page_size (0: contiguous)"))
 
     @property
     def parts_per_sequence(self) -> int:

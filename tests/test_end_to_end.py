@@ -5,6 +5,7 @@ every backend."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 
@@ -515,27 +516,23 @@ def _gpu_run(attention, dtype, *, prompt, new_tokens, samples=4, forced=None):
 LOGITS_ATOL = {torch.float16: 5e-2, torch.bfloat16: 2.5e-1}
 
 
-_REFERENCES: dict = {}
-
-
+@functools.cache
 def _greedy_reference(dtype):
     """The eager float32 run of the decoder's `dtype`-rounded weights (1000-token prompt, 48 new),
     made once per dtype and process: (prompt, result, decisive [steps, samples], forced tokens)."""
-    if dtype not in _REFERENCES:
-        prompt = torch.as_tensor(np.random.default_rng(0).integers(0, GPU_SHAPE.vocab_size, 1000))
-        decoder32 = random_decoder(GPU_SHAPE, max_positions=4096, device="cuda", dtype=dtype, seed=0)
-        for w in decoder32.layers:   # the same (rounded) weights, computed in float32
-            for name in vars(w):
-                setattr(w, name, getattr(w, name).float())
-        decoder32.embed, decoder32.lm_head = decoder32.embed.float(), decoder32.lm_head.float()
-        decoder32.final_norm = decoder32.final_norm.float()
-        decoder32.cos, decoder32.sin = decoder32.cos.float(), decoder32.sin.float()
-        ref = Generation(decoder32, "split_kv", samples=4, prompt_len=1000, new_tokens=48, keep_logits=True,
-                         use_graph=False).generate(prompt)
-        top2 = np.sort(ref.logits, axis=-1)[..., -2:]
-        decisive = (top2[..., 1] - top2[..., 0]) > 2 * LOGITS_ATOL[dtype]
-        _REFERENCES[dtype] = (prompt, ref, decisive, torch.as_tensor(ref.tokens.T.copy()))
-    return _REFERENCES[dtype]
+    prompt = torch.as_tensor(np.random.default_rng(0).integers(0, GPU_SHAPE.vocab_size, 1000))
+    decoder32 = random_decoder(GPU_SHAPE, max_positions=4096, device="cuda", dtype=dtype, seed=0)
+    for w in decoder32.layers:   # the same (rounded) weights, computed in float32
+        for name in vars(w):
+            setattr(w, name, getattr(w, name).float())
+    decoder32.embed, decoder32.lm_head = decoder32.embed.float(), decoder32.lm_head.float()
+    decoder32.final_norm = decoder32.final_norm.float()
+    decoder32.cos, decoder32.sin = decoder32.cos.float(), decoder32.sin.float()
+    ref = Generation(decoder32, "split_kv", samples=4, prompt_len=1000, new_tokens=48, keep_logits=True,
+                     use_graph=False).generate(prompt)
+    top2 = np.sort(ref.logits, axis=-1)[..., -2:]
+    decisive = (top2[..., 1] - top2[..., 0]) > 2 * LOGITS_ATOL[dtype]
+    return prompt, ref, decisive, torch.as_tensor(ref.tokens.T.copy())
 
 
 @pytest.mark.gpu

@@ -12,6 +12,7 @@ import cupy as cp
 import numpy as np
 
 import gpukernels
+from _span_inputs import span_grid_inputs
 from _stages import use_stages
 from gpukernels.bench import (HEAD_DIM, NUM_QO_HEADS, PAGE_SIZE, SPAN_BATCH, SPAN_GRID, SPAN_KV_HEADS,
                               SPAN_KV_LEN, Timer, _randn16, span_case_spans, stream_read)
@@ -66,11 +67,7 @@ for batch, hkv, kv_len in [(1, 8, 131072), (1, 8, 32768), (8, 8, 32768), (64, 8,
     cp.get_default_memory_pool().free_all_blocks()
 
 batch, hkv, kv_len = SPAN_BATCH, SPAN_KV_HEADS, SPAN_KV_LEN
-q = _randn16((batch, NUM_QO_HEADS, HEAD_DIM))
-k = _randn16((batch, kv_len, hkv, HEAD_DIM))
-v = _randn16((batch, kv_len, hkv, HEAD_DIM))
-out = cp.empty((batch, NUM_QO_HEADS, HEAD_DIM), dtype=cp.float16)
-lse = cp.empty((batch, NUM_QO_HEADS), dtype=cp.float32)
+q, k, v, out, lse = span_grid_inputs()
 for i, case in enumerate(SPAN_GRID):
     indptr, spans = span_case_spans(case)
     s64 = np.asarray(spans, dtype=np.int64)

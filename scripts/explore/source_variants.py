@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 import gpukernels
+from _span_inputs import span_grid_inputs
 from gpukernels.bench import (HEAD_DIM, NUM_QO_HEADS, SPAN_BATCH, SPAN_GRID, SPAN_KV_HEADS, SPAN_KV_LEN, Timer,
-                              _randn16, _sdpa_peers, span_case_spans, span_token_mask, stream_read)
+                              _sdpa_peers, span_case_spans, span_token_mask, stream_read)
 
 rt = importlib.import_module("gpukernels._runtime")
 sk = importlib.import_module("gpukernels.split_kv")
@@ -88,11 +89,7 @@ def coverage() -> None:
 
 def span() -> None:
     batch, hkv, kv_len = SPAN_BATCH, SPAN_KV_HEADS, SPAN_KV_LEN
-    q = _randn16((batch, NUM_QO_HEADS, HEAD_DIM))
-    k = _randn16((batch, kv_len, hkv, HEAD_DIM))
-    v = _randn16((batch, kv_len, hkv, HEAD_DIM))
-    out = cp.empty((batch, NUM_QO_HEADS, HEAD_DIM), dtype=cp.float16)
-    lse = cp.empty((batch, NUM_QO_HEADS), dtype=cp.float32)
+    q, k, v, out, lse = span_grid_inputs()
     for case in SPAN_GRID:
         indptr, spans = span_case_spans(case)
         plan = span_mod.plan_span(indptr, spans, batch=batch, kv_len=kv_len, num_qo_heads=NUM_QO_HEADS,

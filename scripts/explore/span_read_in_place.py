@@ -13,8 +13,9 @@ import importlib
 import cupy as cp
 import numpy as np
 
+from _span_inputs import span_grid_inputs
 from gpukernels.bench import (HEAD_DIM, NUM_QO_HEADS, SPAN_BATCH, SPAN_GRID, SPAN_KV_HEADS, SPAN_KV_LEN, ReadRows,
-                              Timer, _randn16, span_case_spans, span_token_mask, stream_read)
+                              Timer, span_case_spans, span_token_mask, stream_read)
 
 span_mod = importlib.import_module("gpukernels.span")
 sk = importlib.import_module("gpukernels.split_kv")
@@ -23,9 +24,7 @@ timer = Timer(30)
 stream = stream_read()
 sms = sk.num_sms(0)
 batch, hkv, kv_len = SPAN_BATCH, SPAN_KV_HEADS, SPAN_KV_LEN
-q = _randn16((batch, NUM_QO_HEADS, HEAD_DIM))
-k = _randn16((batch, kv_len, hkv, HEAD_DIM))
-v = _randn16((batch, kv_len, hkv, HEAD_DIM))
+q, k, v, _, _ = span_grid_inputs()
 read_rows = ReadRows(hkv * HEAD_DIM * 2)
 
 for case in SPAN_GRID:

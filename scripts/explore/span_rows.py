@@ -19,9 +19,10 @@ import torch
 
 import gpukernels
 from _profile import print_host_profile
+from _span_inputs import span_grid_inputs
 from _stages import use_stages
 from gpukernels.bench import (HEAD_DIM, NUM_QO_HEADS, SPAN_BATCH, SPAN_GRID, SPAN_KV_HEADS, SPAN_KV_LEN, Timer,
-                              _randn16, _sdpa_peers, host_us, span_case_spans, span_token_mask, stream_read)
+                              _sdpa_peers, host_us, span_case_spans, span_token_mask, stream_read)
 
 span_mod = importlib.import_module("gpukernels.span")
 sk = importlib.import_module("gpukernels.split_kv")
@@ -34,11 +35,7 @@ gpu = sk.device_gpu(0)
 batch, hkv, kv_len = SPAN_BATCH, SPAN_KV_HEADS, SPAN_KV_LEN
 chosen = [int(x) for x in sys.argv[1].split(",")] if len(sys.argv) > 1 else range(len(SPAN_GRID))
 
-q = _randn16((batch, NUM_QO_HEADS, HEAD_DIM))
-k = _randn16((batch, kv_len, hkv, HEAD_DIM))
-v = _randn16((batch, kv_len, hkv, HEAD_DIM))
-out = cp.empty((batch, NUM_QO_HEADS, HEAD_DIM), dtype=cp.float16)
-lse = cp.empty((batch, NUM_QO_HEADS), dtype=cp.float32)
+q, k, v, out, lse = span_grid_inputs()
 
 for i in chosen:
     case = SPAN_GRID[i]
