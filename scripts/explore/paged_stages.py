@@ -12,7 +12,7 @@ import cupy as cp
 import numpy as np
 
 import gpukernels
-from _span_inputs import span_grid_inputs
+from _inputs import span_grid_inputs
 from _stages import use_stages
 from gpukernels.bench import (HEAD_DIM, NUM_QO_HEADS, PAGE_SIZE, SPAN_BATCH, SPAN_GRID, SPAN_KV_HEADS,
                               SPAN_KV_LEN, Timer, _randn16, span_case_spans, stream_read)

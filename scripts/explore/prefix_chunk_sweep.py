@@ -7,20 +7,15 @@ Run: PYTHONPATH=. python3 scripts/explore/prefix_chunk_sweep.py
 """
 import importlib
 
-import cupy as cp
-
-from gpukernels.bench import SHARED_PREFIX_GRID, Timer, _randn16
+from _inputs import shared_prefix_inputs
+from gpukernels.bench import SHARED_PREFIX_GRID, Timer
 
 sp = importlib.import_module("gpukernels.shared_prefix")
 timer = Timer(30)
 HQ, D = 32, 128
 
 for hkv, B, P, S in SHARED_PREFIX_GRID:
-    q = _randn16((B, HQ, D))
-    kp, vp = _randn16((P, hkv, D)), _randn16((P, hkv, D))
-    ks, vs = _randn16((B, S, hkv, D)), _randn16((B, S, hkv, D))
-    out = cp.empty((B, HQ, D), cp.float16)
-    lse = cp.empty((B, HQ), cp.float32)
+    q, kp, vp, ks, vs, out, lse = shared_prefix_inputs(hkv, B, P, S, num_qo_heads=HQ, head_dim=D)
     chunk0 = sp.plan_shared_prefix(B, HQ, hkv, D, P, S, num_sms=132).prefix_chunk_size
     res = {}
     for chunk in sorted({chunk0 // 4, chunk0 // 2, chunk0, chunk0 * 2, chunk0 * 4}):

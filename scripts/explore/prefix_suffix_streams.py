@@ -12,7 +12,8 @@ import sys
 
 import cupy as cp
 
-from gpukernels.bench import SHARED_PREFIX_GRID, Timer, _randn16
+from _inputs import shared_prefix_inputs
+from gpukernels.bench import SHARED_PREFIX_GRID, Timer
 from gpukernels.split_kv import device_gpu
 
 sp = importlib.import_module("gpukernels.shared_prefix")
@@ -24,11 +25,7 @@ side = [cp.cuda.Stream(non_blocking=True) for _ in range(2)]
 
 rows = SHARED_PREFIX_GRID if len(sys.argv) < 2 else [SHARED_PREFIX_GRID[int(i)] for i in sys.argv[1].split(",")]
 for hkv, B, P, S in rows:
-    q = _randn16((B, HQ, D))
-    kp, vp = _randn16((P, hkv, D)), _randn16((P, hkv, D))
-    ks, vs = _randn16((B, S, hkv, D)), _randn16((B, S, hkv, D))
-    out = cp.empty((B, HQ, D), cp.float16)
-    lse = cp.empty((B, HQ), cp.float32)
+    q, kp, vp, ks, vs, out, lse = shared_prefix_inputs(hkv, B, P, S, num_qo_heads=HQ, head_dim=D)
     plan = sp.plan_shared_prefix(B, HQ, hkv, D, P, S, gpu=gpu)
     whole = sp.SharedPrefix(plan)
     res = {"call": timer(lambda: whole.run(q, kp, vp, ks, vs, out=out, lse=lse), lead_ms=0.5)}  # noqa: B023

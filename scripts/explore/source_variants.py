@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import gpukernels
-from _span_inputs import span_grid_inputs
+from _inputs import span_grid_inputs
 from gpukernels.bench import (HEAD_DIM, NUM_QO_HEADS, SPAN_BATCH, SPAN_GRID, SPAN_KV_HEADS, SPAN_KV_LEN, Timer,
                               _sdpa_peers, span_case_spans, span_token_mask, stream_read)
 

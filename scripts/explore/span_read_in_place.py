@@ -13,7 +13,7 @@ import importlib
 import cupy as cp
 import numpy as np
 
-from _span_inputs import span_grid_inputs
+from _inputs import span_grid_inputs
 from gpukernels.bench import (HEAD_DIM, NUM_QO_HEADS, SPAN_BATCH, SPAN_GRID, SPAN_KV_HEADS, SPAN_KV_LEN, ReadRows,
                               Timer, span_case_spans, span_token_mask, stream_read)
 
