@@ -135,7 +135,24 @@ __device__ __forceinline__ void attend_rows(const T* __restrict__ q, const T* __
   constexpr int TILE_BYTES = WG ? Tile::SW_TILE_BYTES : Tile::TILE_BYTES;
   const unsigned smem_raw = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const unsigned smem_base = WG ? (smem_raw + 1023u) & ~1023u : smem_raw;
-  auto issue = [&](int tile_start, int stage) {
+  // Paged rows on wgmma: the rows of the tile a step refills are looked up at the step's start, by
+  // one thread a row, and kept in smem_rows until the refill, so that the page table's latency
+  // passes behind the step's products (looked up at the refill, every copy waited for its page).
+  constexpr bool ROWS_AHEAD = PAGED && WG;
+  __shared__ int smem_rows[ROWS_AHEAD ? KV_TILE : 1];
+  int row_ahead = 0;   // ROWS_AHEAD: the cache row of row threadIdx.x of the tile to refill next
+  auto look_ahead = [&](int tile_start) {
+    if constexpr (ROWS_AHEAD) {
+      const int kv = tile_start + static_cast<int>(threadIdx.x);
+      if (threadIdx.x < KV_TILE && kv < kv_end) row_ahead = static_cast<int>(pages->row(kv));
+    }
+  };
+  auto keep_ahead = [&]() {
+    if constexpr (ROWS_AHEAD) {
+      if (threadIdx.x < KV_TILE) smem_rows[threadIdx.x] = row_ahead;
+    }
+  };
+  auto issue = [&](int tile_start, int stage, bool rows_kept = false) {
     const unsigned k_tile = smem_base + stage * STAGE_BYTES;
     const unsigned v_tile = k_tile + TILE_BYTES;
 #pragma unroll
@@ -145,7 +162,13 @@ __device__ __forceinline__ void attend_rows(const T* __restrict__ q, const T* __
       const int kv = tile_start + row;
       const bool valid = kv < kv_end;
       long long kv_row = kv;
-      if constexpr (PAGED) kv_row = valid ? pages->row(kv) : 0;
+      if constexpr (PAGED) {
+        if (ROWS_AHEAD && rows_kept) {
+          kv_row = smem_rows[row];
+        } else {
+          kv_row = valid ? pages->row(kv) : 0;
+        }
+      }
       const long long at = valid ? kv_row * row_elems + kh * HEAD_DIM + col * 8 : 0;
       const unsigned dst = WG ? swizzled_offset<KV_TILE>(row, col) : row * Tile::ROW_BYTES + col * 16;
       cp_async_16_zfill(k_tile + dst, k_rows + at, valid);
@@ -265,6 +288,7 @@ __device__ __forceinline__ void attend_rows(const T* __restrict__ q, const T* __
     };
     auto step = [&](float (&cur)[S_TILES][4], float (&next)[S_TILES][4], int t) {
       const bool more = t + 1 < num_tiles;
+      if (t + STAGES < num_tiles) look_ahead(kv_begin + (t + STAGES) * KV_TILE);
       if (more) {   // tile t + 1 landed (one later tile may still be in flight): its scores
         cp_async_wait<STAGES - 2>();
         fence_async_shared();
@@ -277,9 +301,10 @@ __device__ __forceinline__ void attend_rows(const T* __restrict__ q, const T* __
       wgmma_wait<0>();
       fence_accumulators(o);
       fence_accumulators(next);
+      if (t + STAGES < num_tiles) keep_ahead();
       __syncthreads();   // every warp's products of tile t are done: refill its stage
       if (t + STAGES < num_tiles) {
-        issue(kv_begin + (t + STAGES) * KV_TILE, t % STAGES);
+        issue(kv_begin + (t + STAGES) * KV_TILE, t % STAGES, true);
       } else {
         cp_async_commit();
       }
