@@ -61,6 +61,124 @@ struct RowPages {
   }
 };
 
+// The online softmax of a warp's two query rows (gid and gid + 8 of its m16 tile), one KV tile of
+// S_TILES * 8 scores at a time, in base 2: the running maximum m (scaled), this lane's share of the
+// running sum l, and `check`, NaN once a row has had a NaN or infinite score.
+// A tile's scores s give P (unnormalised) as the A fragments of O += P V: P's k-step kv holds S's
+// n-tiles 2kv, 2kv + 1 (the accumulator layout of S is the A layout of P). s[j][0..1] are row gid,
+// s[j][2..3] row gid + 8; columns 8j + 2 tig + {0, 1}. The scores are only read: with wgmma the
+// next tile's scores are being written meanwhile, and writes to any products' accumulators there
+// would make the compiler wait for each product. The output so far is to be scaled by alpha
+// (`rescale_rows`), once no product into it is in flight.
+// Every score, masked or not, goes into `check` as s * 0 (NaN once any is NaN or infinite: the
+// prefix rows past kv_end are zero-filled, so their scores are finite unless q is not); the
+// maximum is taken over the raw scores (the scale is positive: a negative one flipped q's sign)
+// and scaled once; exp2(s * scale - m) is one fused multiply-add.
+template <typename T, int S_TILES>
+struct RowsSoftmax {
+  static constexpr int PV_STEPS = S_TILES / 2;
+  float m[2] = {neg_inf(), neg_inf()};
+  float l[2] = {0.0f, 0.0f};
+  float check[2] = {0.0f, 0.0f};
+
+  // (PARTIAL: the last tile, rows past kv_end masked; a constant, so that the full tiles' code has
+  // no masking)
+  template <bool PARTIAL>
+  __device__ __forceinline__ void tile(const float (&s)[S_TILES][4], int tile_start, int kv_end, int tig,
+                                       float scale_log2, unsigned (&pa)[PV_STEPS][4], float (&alpha)[2]) {
+    auto outside = [&](int j, int e) { return PARTIAL && tile_start + 8 * j + 2 * tig + (e & 1) >= kv_end; };
+    float m_raw[2] = {neg_inf(), neg_inf()};
+#pragma unroll
+    for (int j = 0; j < S_TILES; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        check[e >> 1] = nan_if_nonfinite(s[j][e], check[e >> 1]);
+        m_raw[e >> 1] = fmaxf(m_raw[e >> 1], outside(j, e) ? neg_inf() : s[j][e]);
+      }
+    }
+    float m_bias[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      m_raw[i] = fmaxf(m_raw[i], __shfl_xor_sync(kFullMask, m_raw[i], 1));
+      m_raw[i] = fmaxf(m_raw[i], __shfl_xor_sync(kFullMask, m_raw[i], 2));
+      const float m_new = fmaxf(m[i], m_raw[i] * scale_log2);
+      alpha[i] = rescale(m[i], m_new);
+      m[i] = m_new;
+      m_bias[i] = m_new == neg_inf() ? 0.0f : -m_new;   // a row with no score yet: every p is 0
+      l[i] *= alpha[i];
+    }
+#pragma unroll
+    for (int kv = 0; kv < PV_STEPS; ++kv) {
+      float p[2][4];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int j = 2 * kv + h;
+          p[h][e] = outside(j, e) ? 0.0f : exp2f(fmaf(s[j][e], scale_log2, m_bias[e >> 1]));
+          l[e >> 1] += p[h][e];
+        }
+      }
+      pa[kv][0] = pack2<T>(p[0][0], p[0][1]);
+      pa[kv][1] = pack2<T>(p[0][2], p[0][3]);
+      pa[kv][2] = pack2<T>(p[1][0], p[1][1]);
+      pa[kv][3] = pack2<T>(p[1][2], p[1][3]);
+    }
+  }
+
+  // The tile of scores s whose first prefix row is tile_start.
+  __device__ __forceinline__ void operator()(const float (&s)[S_TILES][4], int tile_start, int kv_end, int tig,
+                                             float scale_log2, unsigned (&pa)[PV_STEPS][4], float (&alpha)[2]) {
+    if (tile_start + 8 * S_TILES > kv_end) {
+      tile<true>(s, tile_start, kv_end, tig, scale_log2, pa, alpha);
+    } else {
+      tile<false>(s, tile_start, kv_end, tig, scale_log2, pa, alpha);
+    }
+  }
+};
+
+// The output's rescale, skipped by the warp when no row's maximum moved (most tiles after the
+// first few).
+template <int O_TILES>
+__device__ __forceinline__ void rescale_rows(float (&o)[O_TILES][4], const float (&alpha)[2]) {
+  if (__any_sync(kFullMask, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
+#pragma unroll
+    for (int j = 0; j < O_TILES; ++j) {
+      o[j][0] *= alpha[0];
+      o[j][1] *= alpha[0];
+      o[j][2] *= alpha[1];
+      o[j][3] *= alpha[1];
+    }
+  }
+}
+
+// Finish: the row sums over the 4 lanes of a group, then each row's state for this chunk (row
+// row_state[i] of part_out [.., 8 * O_TILES] and part_lse; -1: a padding row, not written).
+template <typename T, int S_TILES, int O_TILES>
+__device__ __forceinline__ void write_row_states(RowsSoftmax<T, S_TILES>& sm, const float (&o)[O_TILES][4],
+                                                 const long long (&row_state)[2], float* __restrict__ part_out,
+                                                 float* __restrict__ part_lse, int tig) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float l = sm.l[i];
+    l += __shfl_xor_sync(kFullMask, l, 1);
+    l += __shfl_xor_sync(kFullMask, l, 2);
+    int bad = static_cast<int>(is_nan(sm.check[i]));
+    bad |= __shfl_xor_sync(kFullMask, bad, 1);
+    bad |= __shfl_xor_sync(kFullMask, bad, 2);
+    if (row_state[i] < 0) continue;
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    float* out_row = part_out + row_state[i] * (8 * O_TILES);
+#pragma unroll
+    for (int j = 0; j < O_TILES; ++j) {
+      const float x = bad ? quiet_nan() : finite_or_nan(o[j][2 * i] * inv);
+      const float y = bad ? quiet_nan() : finite_or_nan(o[j][2 * i + 1] * inv);
+      *reinterpret_cast<float2*>(out_row + 8 * j + 2 * tig) = make_float2(x, y);
+    }
+    if (tig == 0) part_lse[row_state[i]] = bad ? quiet_nan() : l > 0.0f ? (sm.m[i] + log2f(l)) * kLn2 : neg_inf();
+  }
+}
+
 // The work of one block: the (up to) 64 query rows of this block (a lane's two rows gid and
 // gid + 8 of its warp's m16 tile: sequence row_b, query head row_h, and the row of part_out /
 // part_lse its state goes to, -1 for a padding row) against rows kv_begin .. kv_end - 1 of k and v
@@ -180,80 +298,12 @@ __device__ __forceinline__ void attend_rows(const T* __restrict__ q, const T* __
   float o[O_TILES][4];
 #pragma unroll
   for (int j = 0; j < O_TILES; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
-  float m[2] = {neg_inf(), neg_inf()};   // running max of rows gid, gid + 8 (base 2)
-  float l[2] = {0.0f, 0.0f};             // this lane's share of the running sums
-  float check[2] = {0.0f, 0.0f};   // NaN once a row has had a NaN or infinite score
-
-  // The online softmax of one tile's scores s (its first prefix row tile_start) and the output's
-  // rescale, giving P (unnormalised, base 2) as the A fragments of O += P V: P's k-step kv holds
-  // S's n-tiles 2kv, 2kv + 1 (the accumulator layout of S is the A layout of P). s[j][0..1] are row
-  // gid, s[j][2..3] row gid + 8; columns 8j + 2 tig + {0, 1}. The scores are only read: with wgmma
-  // the next tile's scores are being written meanwhile, and writes to any products' accumulators
-  // there would make the compiler wait for each product.
-  // Every score, masked or not, goes into `check` as s * 0 (NaN once any is NaN or infinite: the
-  // prefix rows past kv_end are zero-filled, so their scores are finite unless q is not); the
-  // maximum is taken over the raw scores (the scale is positive: a negative one flipped q's sign)
-  // and scaled once; exp2(s * scale - m) is one fused multiply-add.
-  // (partial: the last tile, rows past kv_end masked; a constant at both calls, so that the full
-  // tiles' code has no masking)
-  auto softmax_tile = [&](bool partial, const float (&s)[S_TILES][4], int tile_start,
-                          unsigned (&pa)[PV_STEPS][4]) {
-    auto outside = [&](int j, int e) { return partial && tile_start + 8 * j + 2 * tig + (e & 1) >= kv_end; };
-    float m_raw[2] = {neg_inf(), neg_inf()};
-#pragma unroll
-    for (int j = 0; j < S_TILES; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        check[e >> 1] = nan_if_nonfinite(s[j][e], check[e >> 1]);
-        m_raw[e >> 1] = fmaxf(m_raw[e >> 1], outside(j, e) ? neg_inf() : s[j][e]);
-      }
-    }
-    float alpha[2], m_bias[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      m_raw[i] = fmaxf(m_raw[i], __shfl_xor_sync(kFullMask, m_raw[i], 1));
-      m_raw[i] = fmaxf(m_raw[i], __shfl_xor_sync(kFullMask, m_raw[i], 2));
-      const float m_new = fmaxf(m[i], m_raw[i] * scale_log2);
-      alpha[i] = rescale(m[i], m_new);
-      m[i] = m_new;
-      m_bias[i] = m_new == neg_inf() ? 0.0f : -m_new;   // a row with no score yet: every p is 0
-      l[i] *= alpha[i];
-    }
-#pragma unroll
-    for (int kv = 0; kv < PV_STEPS; ++kv) {
-      float p[2][4];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int j = 2 * kv + h;
-          p[h][e] = outside(j, e) ? 0.0f : exp2f(fmaf(s[j][e], scale_log2, m_bias[e >> 1]));
-          l[e >> 1] += p[h][e];
-        }
-      }
-      pa[kv][0] = pack2<T>(p[0][0], p[0][1]);
-      pa[kv][1] = pack2<T>(p[0][2], p[0][3]);
-      pa[kv][2] = pack2<T>(p[1][0], p[1][1]);
-      pa[kv][3] = pack2<T>(p[1][2], p[1][3]);
-    }
-    // The output's rescale, skipped by the warp when no row's maximum moved (most tiles after the
-    // first few).
-    if (__any_sync(kFullMask, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
-#pragma unroll
-      for (int j = 0; j < O_TILES; ++j) {
-        o[j][0] *= alpha[0];
-        o[j][1] *= alpha[0];
-        o[j][2] *= alpha[1];
-        o[j][3] *= alpha[1];
-      }
-    }
-  };
+  RowsSoftmax<T, S_TILES> rows_softmax;
+  // The tile's softmax and the output's rescale (RowsSoftmax), giving P as the A fragments pa.
   auto softmax = [&](const float (&s)[S_TILES][4], int tile_start, unsigned (&pa)[PV_STEPS][4]) {
-    if (tile_start + KV_TILE > kv_end) {
-      softmax_tile(true, s, tile_start, pa);
-    } else {
-      softmax_tile(false, s, tile_start, pa);
-    }
+    float alpha[2];
+    rows_softmax(s, tile_start, kv_end, tig, scale_log2, pa, alpha);
+    rescale_rows(o, alpha);
   };
 
   const int num_tiles = kv_end > kv_begin ? (kv_end - kv_begin + KV_TILE - 1) / KV_TILE : 0;
@@ -396,25 +446,217 @@ __device__ __forceinline__ void attend_rows(const T* __restrict__ q, const T* __
   }
   cp_async_wait<0>();
 
-  // Finish: the row sums over the 4 lanes of a group, then each row's state for this chunk.
+  write_row_states(rows_softmax, o, row_state, part_out, part_lse, tig);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The prefix pass on Hopper with two warpgroups a block that take turns on the tensor cores
+// (ping-pong): 128 query rows a block (PP_QUERY_ROWS), 64 a warpgroup, one block an SM. The K and
+// V tiles are copied once for both warpgroups (every thread its share, cp.async) through STAGES
+// stages, without a block-wide barrier: a stage's copies complete on its `full` mbarrier, and its
+// refill waits on its `empty` mbarrier for both warpgroups' last product from it. Each warpgroup
+// issues its products only in its turn (named barriers 1 and 2): while one runs its scores and
+// P V on the tensor cores, the other takes its softmax. Within a warpgroup, tile t's scores and
+// tile t - 1's P V are issued together, and tile t's softmax runs while that P V is in flight; the
+// output is rescaled once it has landed. Head_dim 64 and 128, 16-bit inputs (wgmma).
+constexpr int PP_WARPGROUPS = 2;
+constexpr int PP_THREADS = PP_WARPGROUPS * SP_THREADS;
+constexpr int PP_QUERY_ROWS = PP_WARPGROUPS * QUERY_ROWS;
+
+// Keeps the compiler from reusing the registers of an A operand of a product still in flight: they
+// stay live until this point (after the wgmma_wait that covers the product).
+template <int STEPS>
+__device__ __forceinline__ void keep_fragments(unsigned (&a)[STEPS][4]) {
+#pragma unroll
+  for (int k = 0; k < STEPS; ++k) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[k][e])::"memory");
+  }
+}
+
+template <typename T, int HEAD_DIM, int STAGES, bool TURNS = true>
+__device__ __forceinline__ void attend_rows_pingpong(const T* __restrict__ q, const T* __restrict__ k_rows,
+                                                     const T* __restrict__ v_rows, float* __restrict__ part_out,
+                                                     float* __restrict__ part_lse, int num_qo_heads,
+                                                     int num_kv_heads, int kh, int kv_begin, int kv_end,
+                                                     const int (&row_b)[2], const int (&row_h)[2],
+                                                     const long long (&row_state)[2], float scale_log2) {
+  using Tile = PrefixTile<HEAD_DIM>;
+  static_assert(HEAD_DIM <= 128, "the query's fragments in registers beside the output's");
+  static_assert(STAGES >= 4, "tile t + 1 issued two turns before its scores; a stage refilled two tiles after its last");
+  constexpr int K_STEPS = HEAD_DIM / 16;
+  constexpr int KV_TILE = Tile::KV_TILE;
+  constexpr int S_TILES = KV_TILE / 8;
+  constexpr int PV_STEPS = KV_TILE / 16;
+  constexpr int O_TILES = HEAD_DIM / 8;
+  constexpr int COPIES = KV_TILE * Tile::PIECES / PP_THREADS;   // 16-byte pieces a thread copies of K (and V)
+  static_assert(KV_TILE * Tile::PIECES % PP_THREADS == 0, "whole copies per thread");
+  extern __shared__ __align__(16) unsigned char smem[];   // [STAGES][K tile, V tile], swizzled
+  __shared__ __align__(8) unsigned long long bars[2 * STAGES];   // full[STAGES], empty[STAGES]
+  const int tig = threadIdx.x & 3;
+  const int wg = static_cast<int>(threadIdx.x) / SP_THREADS;
+  const long long row_elems = static_cast<long long>(num_kv_heads) * HEAD_DIM;
+
+  const unsigned q_sign = scale_log2 < 0.0f ? 0x80008000u : 0u;   // as attend_rows
+  scale_log2 = fabsf(scale_log2);
+  unsigned qa[K_STEPS][4];
+#pragma unroll
+  for (int kk = 0; kk < K_STEPS; ++kk) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const bool ok = row_state[i] >= 0;
+      const T* qr = q + (static_cast<long long>(row_b[i]) * num_qo_heads + row_h[i]) * HEAD_DIM + kk * 16 + 2 * tig;
+      qa[kk][i] = (ok ? __ldg(reinterpret_cast<const unsigned*>(qr)) : 0u) ^ q_sign;
+      qa[kk][2 + i] = (ok ? __ldg(reinterpret_cast<const unsigned*>(qr + 8)) : 0u) ^ q_sign;
+    }
+  }
+
+  const unsigned smem_base = (static_cast<unsigned>(__cvta_generic_to_shared(smem)) + 1023u) & ~1023u;
+  const unsigned full0 = static_cast<unsigned>(__cvta_generic_to_shared(bars));
+  const unsigned empty0 = full0 + 8 * STAGES;
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int st = 0; st < STAGES; ++st) {
+      mbarrier_init(full0 + 8 * st, PP_THREADS);
+      mbarrier_init(empty0 + 8 * st, PP_THREADS);
+    }
+    mbarrier_init_fence();
+  }
+  __syncthreads();
+
+  // Tile u into stage u % STAGES, once both warpgroups are done with the tile it held (u - STAGES).
+  auto issue = [&](int u) {
+    const int stage = u % STAGES;
+    if (u >= STAGES) mbarrier_wait(empty0 + 8 * stage, (u / STAGES - 1) & 1);
+    const unsigned k_tile = smem_base + stage * Tile::SW_STAGE_BYTES;
+    const unsigned v_tile = k_tile + Tile::SW_TILE_BYTES;
+    const int tile_start = kv_begin + u * KV_TILE;
+#pragma unroll
+    for (int c = 0; c < COPIES; ++c) {
+      const int piece = threadIdx.x + c * PP_THREADS;
+      const int row = piece / Tile::PIECES, col = piece % Tile::PIECES;
+      const int kv = tile_start + row;
+      const bool valid = kv < kv_end;
+      const long long at = valid ? kv * row_elems + kh * HEAD_DIM + col * 8 : 0;
+      const unsigned dst = swizzled_offset<KV_TILE>(row, col);
+      cp_async_16_zfill(k_tile + dst, k_rows + at, valid);
+      cp_async_16_zfill(v_tile + dst, v_rows + at, valid);
+    }
+    cp_async_arrive(full0 + 8 * stage);
+  };
+  // S = Q K^T and O += P V as in attend_rows.
+  auto scores = [&](float (&s)[S_TILES][4], int t) {
+    const unsigned k_tile = smem_base + (t % STAGES) * Tile::SW_STAGE_BYTES;
+    fence_accumulators(s);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < K_STEPS; ++kk) {
+      wgmma_rs<T, KV_TILE, 0>(s, qa[kk], sw128_descriptor(k_tile + (kk >> 2) * (KV_TILE * 128) + (kk & 3) * 32,
+                                                         16, 1024), kk > 0);
+    }
+    wgmma_commit();
+  };
+  float o[O_TILES][4];
+#pragma unroll
+  for (int j = 0; j < O_TILES; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+  auto values = [&](unsigned (&pa)[PV_STEPS][4], int t) {
+    const unsigned v_tile = smem_base + (t % STAGES) * Tile::SW_STAGE_BYTES + Tile::SW_TILE_BYTES;
+    fence_accumulators(o);
+    wgmma_fence();
+#pragma unroll
+    for (int kv = 0; kv < PV_STEPS; ++kv) {
+      wgmma_rs<T, HEAD_DIM, 1>(o, pa[kv], sw128_descriptor(v_tile + kv * 16 * 128, KV_TILE * 128, 1024));
+    }
+    wgmma_commit();
+  };
+
+  RowsSoftmax<T, S_TILES> rows_softmax;
+  const int num_tiles = kv_end > kv_begin ? (kv_end - kv_begin + KV_TILE - 1) / KV_TILE : 0;
+  for (int u = 0; u < STAGES - 2 && u < num_tiles; ++u) issue(u);
+  // Turns: warpgroup w waits on barrier 1 + w before issuing its products and then lets the other
+  // go (256 threads: the one that waits and the one that arrives); warpgroup 0 goes first. Both
+  // take num_tiles + 1 turns; the last arrival of warpgroup 1 would have no turn to open.
+  const int my_turn = 1 + wg, their_turn = 2 - wg;
+  auto turn_begin = [&]() {
+    if constexpr (TURNS) named_barrier_sync(my_turn, PP_THREADS);
+  };
+  auto turn_end = [&](bool last) {
+    if constexpr (TURNS) {
+      if (wg == 0 || !last) named_barrier_arrive(their_turn, PP_THREADS);
+    }
+  };
+  auto landed = [&](int t) {   // tile t's copies, visible to the tensor cores
+    mbarrier_wait(full0 + 8 * (t % STAGES), (t / STAGES) & 1);
+    fence_async_shared();
+  };
+  if (num_tiles == 0) {
+    write_row_states(rows_softmax, o, row_state, part_out, part_lse, tig);
+    return;
+  }
+  if constexpr (TURNS) {
+    if (wg == 1) named_barrier_arrive(1, PP_THREADS);
+  }
+  // In turn t (after the first): tile t - 1's P V and tile t + 1's scores are issued together, and
+  // tile t's softmax runs while they are in flight (its scores landed in the turn before: the
+  // softmax reads no accumulator of a product in flight, which would make ptxas serialise them).
+  float sa[S_TILES][4], sb[S_TILES][4];
+  unsigned pa[PV_STEPS][4];   // P of tile t - 1
+  landed(0);
+  turn_begin();
+  scores(sa, 0);
+  turn_end(false);
+  wgmma_wait<0>();
+  fence_accumulators(sa);
+  auto step = [&](float (&cur)[S_TILES][4], float (&next)[S_TILES][4], int t) {
+    if (t + STAGES - 2 < num_tiles) issue(t + STAGES - 2);
+    const bool more = t + 1 < num_tiles;
+    if (more) landed(t + 1);
+    turn_begin();
+    if (t > 0) values(pa, t - 1);
+    if (more) scores(next, t + 1);
+    turn_end(false);
+    unsigned pn[PV_STEPS][4];
+    float alpha[2];
+    rows_softmax(cur, kv_begin + t * KV_TILE, kv_end, tig, scale_log2, pn, alpha);
+    wgmma_wait<0>();
+    fence_accumulators(o);
+    fence_accumulators(next);
+    keep_fragments(pa);
+    if (t > 0) mbarrier_arrive(empty0 + 8 * ((t - 1) % STAGES));   // tile t - 1's stage read by this thread
+    rescale_rows(o, alpha);
+#pragma unroll
+    for (int kv = 0; kv < PV_STEPS; ++kv) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) pa[kv][e] = pn[kv][e];
+    }
+  };
+  for (int t = 0; t < num_tiles; t += 2) {
+    step(sa, sb, t);
+    if (t + 1 < num_tiles) step(sb, sa, t + 1);
+  }
+  turn_begin();
+  values(pa, num_tiles - 1);
+  turn_end(true);
+  wgmma_wait<0>();
+  fence_accumulators(o);
+  keep_fragments(pa);
+  write_row_states(rows_softmax, o, row_state, part_out, part_lse, tig);
+}
+
+// The query rows of a lane of the prefix pass: rows row0 and row0 + 8 of KV head blockIdx.z's
+// r = b * G + g (sequence b, query head kh * G + g), and their state rows (chunk blockIdx.x, b,
+// head) of part_out [num_chunks, batch, num_qo_heads, HEAD_DIM]; -1 past the batch's rows.
+__device__ __forceinline__ void prefix_rows(int row0, int batch, int num_qo_heads, int num_kv_heads,
+                                            int (&row_b)[2], int (&row_h)[2], long long (&row_state)[2]) {
+  const int group_size = num_qo_heads / num_kv_heads;
+  const int kh = blockIdx.z;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    l[i] += __shfl_xor_sync(kFullMask, l[i], 1);
-    l[i] += __shfl_xor_sync(kFullMask, l[i], 2);
-    int bad = static_cast<int>(is_nan(check[i]));
-    bad |= __shfl_xor_sync(kFullMask, bad, 1);
-    bad |= __shfl_xor_sync(kFullMask, bad, 2);
-    if (!row_ok[i]) continue;
-    const long long state = row_state[i];
-    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
-    float* out_row = part_out + state * HEAD_DIM;
-#pragma unroll
-    for (int j = 0; j < O_TILES; ++j) {
-      const float x = bad ? quiet_nan() : finite_or_nan(o[j][2 * i] * inv);
-      const float y = bad ? quiet_nan() : finite_or_nan(o[j][2 * i + 1] * inv);
-      *reinterpret_cast<float2*>(out_row + 8 * j + 2 * tig) = make_float2(x, y);
-    }
-    if (tig == 0) part_lse[state] = bad ? quiet_nan() : l[i] > 0.0f ? (m[i] + log2f(l[i])) * kLn2 : neg_inf();
+    const int r = row0 + 8 * i;
+    const bool ok = r < batch * group_size;
+    row_b[i] = ok ? r / group_size : 0;
+    row_h[i] = ok ? kh * group_size + r % group_size : 0;
+    row_state[i] = ok ? (static_cast<long long>(blockIdx.x) * batch + row_b[i]) * num_qo_heads + row_h[i] : -1;
   }
 }
 
@@ -431,24 +673,39 @@ shared_prefix_kernel(const T* __restrict__ q,          // [batch, num_qo_heads, 
                      int batch, int prefix_len, int num_qo_heads, int num_kv_heads, int chunk_size,
                      float scale_log2) {
   let_dependents_start();   // the suffix pass's first wave runs on the SMs this pass frees
-  const int chunk = blockIdx.x, kh = blockIdx.z;
-  const int group_size = num_qo_heads / num_kv_heads;
-  const int rows = batch * group_size;
-  const int row0 = blockIdx.y * QUERY_ROWS + (threadIdx.x >> 5) * 16 + ((threadIdx.x & 31) >> 2);
   int row_b[2], row_h[2];
   long long row_state[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int r = row0 + 8 * i;
-    const bool ok = r < rows;
-    row_b[i] = ok ? r / group_size : 0;
-    row_h[i] = ok ? kh * group_size + r % group_size : 0;
-    row_state[i] = ok ? (static_cast<long long>(chunk) * batch + row_b[i]) * num_qo_heads + row_h[i] : -1;
-  }
-  const int kv_begin = chunk * chunk_size;
+  prefix_rows(blockIdx.y * QUERY_ROWS + (threadIdx.x >> 5) * 16 + ((threadIdx.x & 31) >> 2), batch, num_qo_heads,
+              num_kv_heads, row_b, row_h, row_state);
+  const int kv_begin = blockIdx.x * chunk_size;
   attend_rows<T, HEAD_DIM, STAGES>(q, k_prefix, v_prefix, part_out, part_lse, num_qo_heads, num_kv_heads,
-                                   kh, kv_begin, min(prefix_len, kv_begin + chunk_size), row_b, row_h,
+                                   blockIdx.z, kv_begin, min(prefix_len, kv_begin + chunk_size), row_b, row_h,
                                    row_state, scale_log2);
+}
+
+// The same pass with two warpgroups a block taking turns (attend_rows_pingpong): grid y over tiles
+// of 128 query rows; Hopper (sm_90a), head_dim 64 and 128.
+template <typename T, int HEAD_DIM, int STAGES, bool TURNS = true>
+__global__ void __launch_bounds__(PP_THREADS, 1)
+shared_prefix_pingpong_kernel(const T* __restrict__ q, const T* __restrict__ k_prefix,
+                              const T* __restrict__ v_prefix, float* __restrict__ part_out,
+                              float* __restrict__ part_lse, int batch, int prefix_len, int num_qo_heads,
+                              int num_kv_heads, int chunk_size, float scale_log2) {
+  let_dependents_start();
+  if constexpr (HAS_WGMMA) {
+    const int wg_row = static_cast<int>(threadIdx.x) / SP_THREADS * QUERY_ROWS + (threadIdx.x >> 5) % SP_WARPS * 16 +
+                       ((threadIdx.x & 31) >> 2);
+    int row_b[2], row_h[2];
+    long long row_state[2];
+    prefix_rows(blockIdx.y * PP_QUERY_ROWS + wg_row, batch, num_qo_heads, num_kv_heads, row_b, row_h, row_state);
+    const int kv_begin = blockIdx.x * chunk_size;
+    attend_rows_pingpong<T, HEAD_DIM, STAGES, TURNS>(q, k_prefix, v_prefix, part_out, part_lse, num_qo_heads,
+                                              num_kv_heads, blockIdx.z, kv_begin,
+                                              min(prefix_len, kv_begin + chunk_size), row_b, row_h, row_state,
+                                              scale_log2);
+  } else {
+    __trap();   // launched only on Hopper
+  }
 }
 
 // Tree-shaped sharing in one launch: every (segment, chunk, tile of 64 query rows) is a work item

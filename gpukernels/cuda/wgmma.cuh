@@ -48,12 +48,48 @@ __device__ __forceinline__ void wgmma_wait() {
 // Shared memory written by ordinary stores or cp.async becomes visible to the tensor cores' reads
 // (the async proxy) after this fence, and a barrier.
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// Shared-memory barriers (mbarrier) at `bar` (a shared address of 8 bytes): initialised by one thread
+// for `count` arrivals a phase; a thread's cp.async copies issued so far arrive on one when they have
+// landed (noinc: that arrival is one of the count); a thread waits for the phase of the given parity
+// to complete (the first phase has parity 0).
+__device__ __forceinline__ void mbarrier_init(unsigned bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbarrier_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+__device__ __forceinline__ void mbarrier_arrive(unsigned bar) {
+  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void cp_async_arrive(unsigned bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbarrier_wait(unsigned bar, unsigned parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nwait_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n}\n" ::"r"(bar), "r"(parity) : "memory");
+}
+// Named barriers between warpgroups: `threads` threads take part in barrier `id` (0 is
+// __syncthreads'); `arrive` counts this warp without waiting, `sync` counts it and waits.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 #else
 __device__ __forceinline__ void wgmma_fence() {}
 __device__ __forceinline__ void wgmma_commit() {}
 template <int N>
 __device__ __forceinline__ void wgmma_wait() {}
 __device__ __forceinline__ void fence_async_shared() {}
+__device__ __forceinline__ void mbarrier_init(unsigned, int) {}
+__device__ __forceinline__ void mbarrier_init_fence() {}
+__device__ __forceinline__ void mbarrier_arrive(unsigned) {}
+__device__ __forceinline__ void cp_async_arrive(unsigned) {}
+__device__ __forceinline__ void mbarrier_wait(unsigned, unsigned) {}
+__device__ __forceinline__ void named_barrier_sync(int, int) {}
+__device__ __forceinline__ void named_barrier_arrive(int, int) {}
 #endif
 
 // Keeps the compiler from moving reads or writes of the accumulators across a wgmma or its wait
