@@ -24,6 +24,7 @@ from .split_kv import MMA_ROWS, TILE_TOKENS, _append_run, heads_per_block_for, p
 
 __all__ = ["SegmentGroup", "segments_launch", "QUERY_TILE_ROWS", "MMA_ROWS", "chunk_candidates", "best_chunks",
            "WorkItem", "attend_rows_launch", "attend_rows_kv_tile", "attend_rows_blocks_per_sm",
+           "PINGPONG_ROWS", "PINGPONG_KV_TILE", "prefix_block_rows", "pingpong_flops_per_s",
            "attend_rows_tile_counts", "attend_rows_flops_per_s", "tensor_flops_per_clock_per_sm",
            "attend_rows_uses_wgmma", "attend_rows_wgmma_tile_clocks", "CountedRate",
            "predict_kernel_launches"]
@@ -236,6 +237,49 @@ SOFTMAX_INSTRUCTIONS_PER_SCORE = 4.5
 COPY_INSTRUCTIONS = 4
 
 
+# Hydragen's prefix pass with more than QUERY_TILE_ROWS query rows a KV head runs on Hopper
+# (head_dim 64 and 128) as blocks of two warpgroups that take turns on the tensor cores
+# (shared_prefix.cu: attend_rows_pingpong): PINGPONG_ROWS query rows a block, one block an SM, KV
+# tiles of PINGPONG_KV_TILE rows copied once for both warpgroups. A warpgroup's softmax runs while
+# the other's products do; counted so, the tensor cores of a pair of turns run both warpgroups'
+# products and wait out one softmax (`pingpong_flops_per_s`).
+PINGPONG_ROWS = 128
+PINGPONG_KV_TILE = 128
+PINGPONG_HEAD_DIMS = (64, 128)
+
+
+def prefix_block_rows(gpu: GPUSpec, head_dim: int, dtype: str, rows: int) -> int:
+    """Query rows per block of Hydragen's prefix pass for `rows` query rows a KV head: PINGPONG_ROWS
+    on wgmma GPUs at head_dim 64 and 128 when they are more than one block of QUERY_TILE_ROWS
+    holds, QUERY_TILE_ROWS otherwise (gpukernels.shared_prefix launches the kernel of the plan's
+    block rows)."""
+    if attend_rows_uses_wgmma(gpu, head_dim, dtype) and head_dim in PINGPONG_HEAD_DIMS and rows > QUERY_TILE_ROWS:
+        return PINGPONG_ROWS
+    return QUERY_TILE_ROWS
+
+
+def pingpong_tile_clocks(gpu: GPUSpec, head_dim: int, dtype: str) -> tuple[float, float]:
+    """(tensor-core clocks, softmax clocks) of one warpgroup's turn on a KV tile in the two-warpgroup
+    pass, counted as `attend_rows_wgmma_tile_clocks` counts a tile (H200, head_dim 128: 4,194,304
+    FLOPs = 1,024 tensor clocks; 64 scores a lane: 512 SFU clocks and 288 instructions; 16 copies
+    a thread of the block's 256: 64; so 864 softmax clocks)."""
+    t, d = PINGPONG_KV_TILE, head_dim
+    rows = 4 * WARP_ROWS
+    tensor = 4 * rows * t * d / tensor_flops_per_clock_per_sm(gpu)
+    scores_per_lane = WARP_ROWS * t / 32
+    sfu = scores_per_lane * 32 / (SFU_RESULTS_PER_CLOCK / SCHEDULERS_PER_SM)
+    copies = 2 * t * d * dtype_bytes(dtype) // 16 // (2 * 4 * 32)
+    return tensor, sfu + scores_per_lane * SOFTMAX_INSTRUCTIONS_PER_SCORE + copies * COPY_INSTRUCTIONS
+
+
+def pingpong_flops_per_s(gpu: GPUSpec, head_dim: int, dtype: str) -> float:
+    """The tensor-core rate of the two-warpgroup pass: a pair of turns costs both warpgroups'
+    tensor clocks plus one softmax (H200, head_dim 128: 2,048 / 2,912, 0.70 of the matmul rate;
+    measured 475 TFLOP/s at 757, 0.63: `logs/explore-prefix-pingpong.log`)."""
+    tensor, softmax = pingpong_tile_clocks(gpu, head_dim, dtype)
+    return gpu.matmul_flops_per_s * 2 * tensor / (2 * tensor + softmax)
+
+
 class CountedRate(float):
     """A launch's tensor-core rate counted whole from its kernel, the softmax beside the products
     included (the wgmma blocks): the calibration's `matmul_fraction`, which stands for what the
@@ -327,13 +371,19 @@ class WorkItem:
 
 
 def attend_rows_launch(name: str, items: "list[WorkItem]", *, num_kv_heads: int, head_dim: int, dtype: str,
-                       gpu: GPUSpec, page_size: int = 0) -> tuple[Launch, float]:
+                       gpu: GPUSpec, page_size: int = 0, block_rows: int = QUERY_TILE_ROWS) -> tuple[Launch, float]:
     """The launch of `items` (dispatch order of one KV head; the grid repeats them for every KV
     head, heads slowest) and its tensor-core rate (`attend_rows_flops_per_s` over its blocks'
     tiles). Each block reads its queries and its KV rows, writes a float32 state (out, lse) per
     row. `page_size` > 0: the KV rows lie in a paged cache (each item's rows starting on a page),
     and every block looks up the pages of its rows as split-KV does (`split_kv.page_lookups`, the
-    costs the decode suite's paged rows fit); 0: contiguous."""
+    costs the decode suite's paged rows fit); 0: contiguous. `block_rows` PINGPONG_ROWS: the
+    blocks of the two-warpgroup pass (`prefix_block_rows`; contiguous rows only), one an SM, at
+    `pingpong_flops_per_s`."""
+    if block_rows == PINGPONG_ROWS:
+        return _pingpong_launch(name, items, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, gpu=gpu)
+    if block_rows != QUERY_TILE_ROWS:
+        raise ValueError(f"block_rows must be {QUERY_TILE_ROWS} or {PINGPONG_ROWS}, got {block_rows}")
     elem = dtype_bytes(dtype)
     d, hkv = head_dim, num_kv_heads
     kv_tile = attend_rows_kv_tile(d)
@@ -374,6 +424,36 @@ def attend_rows_launch(name: str, items: "list[WorkItem]", *, num_kv_heads: int,
     # (a head_dim the kernels are not built for, below 32, counts no ldmatrix: the GPU's rate)
     rate = gpu.matmul_flops_per_s * tensor_clocks / sm_clocks if tensor_clocks else gpu.matmul_flops_per_s
     return launch, CountedRate(rate) if wgmma else rate
+
+
+def _pingpong_launch(name: str, items: "list[WorkItem]", *, num_kv_heads: int, head_dim: int, dtype: str,
+                     gpu: GPUSpec) -> tuple[Launch, float]:
+    """`attend_rows_launch` for blocks of PINGPONG_ROWS rows (every row computes, padding too)."""
+    elem = dtype_bytes(dtype)
+    d, hkv = head_dim, num_kv_heads
+    kv = reread = q_rows = matmul = useful = 0
+    runs: list = []
+    for it in items:
+        block_kv = 2 * it.tokens * d * elem
+        kv += block_kv
+        reread += block_kv if it.rereads else 0
+        q_rows += it.rows
+        matmul += 4 * PINGPONG_ROWS * it.tokens * d
+        useful += 4 * it.rows * it.tokens * d
+        _append_run(runs, block_kv + it.rows * d * elem + it.rows * (d + 1) * F32, 1, 1)
+    label = items[0].label if items else ""
+    launch = Launch(
+        name=name,
+        bytes_by_tensor={**{f"{x}_{label}" if label else x: hkv * kv // 2 for x in ("k", "v")},
+                         "q": hkv * q_rows * d * elem,
+                         "partial_out_write": hkv * q_rows * d * F32, "partial_lse_write": hkv * q_rows * F32},
+        block_runs=tuple(tuple(r) for r in runs) * hkv,
+        matmul_flops=hkv * matmul,
+        useful_flops=hkv * useful,
+        l2_hit_bytes=hkv * reread,
+        blocks_per_sm=1,
+    )
+    return launch, CountedRate(pingpong_flops_per_s(gpu, d, dtype))
 
 
 def predict_kernel_launches(variant: str, launches: "list[tuple[Launch, float | None]]", *, gpu: GPUSpec,

@@ -35,8 +35,9 @@ from .gpus import GPUSpec, get_gpu, plan_gpu
 from .merge_states import MergeStatesShape, merge_states_launch
 from .prediction import (F32, Launch, Prediction, calibration_for, check_int_tuple, check_shape_fields,
                          check_shape_type, dtype_bytes, predict_launches)
-from .segments import (MMA_ROWS, QUERY_TILE_ROWS, SegmentGroup, WorkItem, attend_rows_blocks_per_sm,
-                       attend_rows_kv_tile, attend_rows_launch, best_chunks, predict_kernel_launches,
+from .segments import (MMA_ROWS, PINGPONG_KV_TILE, PINGPONG_ROWS, QUERY_TILE_ROWS, SegmentGroup, WorkItem,
+                       attend_rows_blocks_per_sm, attend_rows_kv_tile, attend_rows_launch, best_chunks,
+                       predict_kernel_launches, prefix_block_rows,
                        segments_launch)
 from .split_kv import DEFAULT_NUM_SMS, SplitKVPlan, plan_split_kv, split_kv_launch
 from .split_kv import predict as _predict_split_kv
@@ -106,6 +107,7 @@ class HydragenPlan:
     prefix_chunk_size: int       # tokens of the prefix per block of the prefix pass
     suffix: "SplitKVPlan | None"  # the suffixes' split-KV plan; None without suffixes
     num_sms: int = DEFAULT_NUM_SMS
+    prefix_block_rows: int = QUERY_TILE_ROWS   # query rows per prefix-pass block (`prefix_block_rows`)
 
     @property
     def num_chunks(self) -> int:
@@ -114,9 +116,9 @@ class HydragenPlan:
 
     @property
     def row_tiles(self) -> int:
-        """Tiles of QUERY_TILE_ROWS query rows per KV head (the prefix pass's grid y)."""
+        """Tiles of `prefix_block_rows` query rows per KV head (the prefix pass's grid y)."""
         s = self.shape
-        return -(-(s.batch * s.group_size) // QUERY_TILE_ROWS)
+        return -(-(s.batch * s.group_size) // self.prefix_block_rows)
 
     @property
     def prefix_blocks(self) -> int:
@@ -138,7 +140,7 @@ class HydragenPlan:
         rows = s.batch * s.group_size
         items = []
         for t in range(self.row_tiles):
-            tile_rows = min(QUERY_TILE_ROWS, rows - t * QUERY_TILE_ROWS)
+            tile_rows = min(self.prefix_block_rows, rows - t * self.prefix_block_rows)
             for c in range(self.num_chunks):
                 tokens = min(self.prefix_chunk_size, s.prefix_len - c * self.prefix_chunk_size)
                 items.append(WorkItem(tokens, tile_rows, rereads=t > 0, label="prefix"))
@@ -155,7 +157,8 @@ class HydragenPlan:
         out: list[tuple[Launch, float | None]] = []
         if self.num_chunks:
             out.append(attend_rows_launch("prefix_pass", self.prefix_items(), num_kv_heads=s.num_kv_heads,
-                                          head_dim=s.head_dim, dtype=s.dtype, gpu=spec))
+                                          head_dim=s.head_dim, dtype=s.dtype, gpu=spec,
+                                          block_rows=self.prefix_block_rows))
         if self.suffix is not None:
             launch = split_kv_launch(self.suffix, list(s.lens()), name="suffixes")
             renamed = {f"{k}_suffix" if k in ("k", "v") else k: v for k, v in launch.bytes_by_tensor.items()}
@@ -251,13 +254,14 @@ def plan_hydragen(
         return FusedHydragenPlan(shape, *(f or c for f, c in zip(fixed, chunks)), num_sms=num_sms)
     s = shape
     chunk = fixed[0] or hydragen_prefix_chunk(s, gpu=spec, num_sms=num_sms, calibration=calibration)
+    block_rows = prefix_block_rows(spec, s.head_dim, s.dtype, s.batch * s.group_size)
     suffix = None
     if s.suffix_len:
         suffix = plan_split_kv(s.batch, s.num_qo_heads, s.num_kv_heads, s.head_dim, s.suffix_len, dtype=s.dtype,
                                num_sms=num_sms, gpu=spec)
         if fixed[1] is not None and fixed[1] != suffix.chunk_size:
             suffix = dataclasses.replace(suffix, chunk_size=fixed[1], num_splits=-(-s.suffix_len // fixed[1]))
-    return HydragenPlan(shape, chunk, suffix, num_sms=num_sms)
+    return HydragenPlan(shape, chunk, suffix, num_sms=num_sms, prefix_block_rows=block_rows)
 
 
 def hydragen_prefix_chunk(shape: SharedPrefixShape, *, gpu: "GPUSpec | str", num_sms: int | None = None,
@@ -272,9 +276,12 @@ def hydragen_prefix_chunk(shape: SharedPrefixShape, *, gpu: "GPUSpec | str", num
     check_shape_type(shape, SharedPrefixShape)
     spec, num_sms = plan_gpu(gpu, num_sms, default_num_sms=DEFAULT_NUM_SMS)
     s = shape
-    tile = attend_rows_kv_tile(s.head_dim)
+    block_rows = prefix_block_rows(spec, s.head_dim, s.dtype, s.batch * s.group_size)
+    pingpong = block_rows == PINGPONG_ROWS
+    tile = PINGPONG_KV_TILE if pingpong else attend_rows_kv_tile(s.head_dim)
     one_wave = prefix_pass_chunk(max(s.prefix_len, 1), s.batch * s.group_size, s.num_kv_heads, num_sms,
-                                 attend_rows_blocks_per_sm(s.head_dim), tile)
+                                 1 if pingpong else attend_rows_blocks_per_sm(s.head_dim), tile,
+                                 block_rows=block_rows)
     longest = max(tile, -(-max(s.prefix_len, 1) // tile) * tile)
     candidates = sorted({one_wave, max(tile, one_wave // 2 // tile * tile), min(longest, 2 * one_wave),
                          min(longest, 4 * one_wave)})
@@ -290,10 +297,10 @@ def hydragen_prefix_chunk(shape: SharedPrefixShape, *, gpu: "GPUSpec | str", num
 
 
 def prefix_pass_chunk(prefix_len: int, query_rows: int, num_kv_heads: int, num_sms: int,
-                      blocks_per_sm: int, tile: int) -> int:
+                      blocks_per_sm: int, tile: int, *, block_rows: int = QUERY_TILE_ROWS) -> int:
     """The prefix chunk of the kernels' prefix pass (a launch of its own; the suffixes and the
     merge follow in two more): the shortest whole-tile chunk whose blocks (chunks x tiles of
-    QUERY_TILE_ROWS query rows x KV heads) still fit in one wave of resident blocks, the whole
+    `block_rows` query rows x KV heads) still fit in one wave of resident blocks, the whole
     prefix when the rows alone fill the wave. Fewer blocks leave SMs idle; a second wave adds its
     length. Measured on H200, float16, 32 query heads, head_dim 128 (prefix pass alone, us, chunk
     x chunks): 32/32 heads, batch 16, prefix 8192: 512x16 53.7, 1024x8 51.5, 2048x4 54.0, 4096x2
@@ -301,9 +308,10 @@ def prefix_pass_chunk(prefix_len: int, query_rows: int, num_kv_heads: int, num_s
     21.2, 512x16 19.6, 1024x8 29.5; batch 64, 16384: 1024x16 88.3, 2048x8 83.5, 4096x4 101.1;
     batch 128, 32768: 4096x8 299.6, 8192x4 298.8, 16384x2 378.4."""
     for name, value in (("prefix_len", prefix_len), ("query_rows", query_rows), ("num_kv_heads", num_kv_heads),
-                        ("num_sms", num_sms), ("blocks_per_sm", blocks_per_sm), ("tile", tile)):
+                        ("num_sms", num_sms), ("blocks_per_sm", blocks_per_sm), ("tile", tile),
+                        ("block_rows", block_rows)):
         check_positive_int(value, name)
-    row_tiles = -(-query_rows // QUERY_TILE_ROWS)
+    row_tiles = -(-query_rows // block_rows)
     chunks = max(1, num_sms * blocks_per_sm // (row_tiles * num_kv_heads))
     chunk = -(-prefix_len // chunks)
     return max(tile, -(-chunk // tile) * tile)

@@ -55,6 +55,10 @@ _LOG2E = 1.4426950408889634
 PREFIX_DTYPES = ("float16", "bfloat16")   # the prefix pass runs on the tensor cores
 QUERY_ROWS = 64                           # query rows per block (shared_prefix.cu: QUERY_ROWS)
 THREADS = 128
+PINGPONG_ROWS = 128                       # two warpgroups' rows (shared_prefix.cu: PP_QUERY_ROWS)
+PINGPONG_THREADS = 256
+PINGPONG_KV_TILE = 128                    # shared_prefix.cu: PP_KV_TILE
+PINGPONG_HEAD_DIMS = (64, 128)
 MERGE_THREADS = 128                       # merge kernels: a thread per 4 dims of a (sequence, head) row
 
 
@@ -74,6 +78,24 @@ def stage_bytes(head_dim: int) -> int:
     return 2 * kv_tile(head_dim) * (head_dim * 2 + 16)
 
 
+def pingpong_stages(head_dim: int) -> int:
+    """Stages of the two-warpgroup prefix pass: three of 64 KB at head_dim 128 (with the query
+    tiles, 225 KB of the SM's 227), four of 32 KB at 64."""
+    return 3 if head_dim == 128 else 4
+
+
+def pingpong_shared_bytes(head_dim: int) -> int:
+    """Dynamic shared memory of the two-warpgroup pass: its K and V stages, both warpgroups' query
+    tiles and 1024 bytes for the alignment of the swizzled tiles (shared_prefix.cu: PingPongTile)."""
+    stages = pingpong_stages(head_dim) * 2 * PINGPONG_KV_TILE * head_dim * 2
+    return stages + PINGPONG_ROWS * head_dim * 2 + 1024
+
+
+def pingpong_name_expression(dtype: str, head_dim: int) -> str:
+    return (f"decode_attention::shared_prefix_pingpong_kernel<{rt.C_TYPES[dtype]}, {head_dim}, "
+            f"{pingpong_stages(head_dim)}>")
+
+
 def prefix_name_expression(dtype: str, head_dim: int) -> str:
     return (f"decode_attention::shared_prefix_kernel<{rt.C_TYPES[dtype]}, {head_dim}, "
             f"{pipeline_stages(head_dim)}>")
@@ -86,6 +108,7 @@ def merge_name_expression(dtype: str) -> str:
 def instantiations() -> list[tuple[str, str]]:
     """(source in cuda/, name expression) of every kernel either method can ask for."""
     hydragen = ([prefix_name_expression(dt, d) for dt in PREFIX_DTYPES for d in rt.HEAD_DIMS]
+                + [pingpong_name_expression(dt, d) for dt in PREFIX_DTYPES for d in PINGPONG_HEAD_DIMS]
                 + [merge_name_expression(dt) for dt in PREFIX_DTYPES])
     return [("shared_prefix", e) for e in hydragen] + [("bifurcated", e) for e in bifurcated.all_name_expressions()]
 
@@ -106,6 +129,18 @@ MERGE_SIGNATURE = "pppp" + "iqi"
 def _prefix_kernel(dtype: str, head_dim: int) -> rt.Kernel:
     return rt.Kernel("shared_prefix", prefix_name_expression(dtype, head_dim), PREFIX_SIGNATURE,
                      shared_mem=pipeline_stages(head_dim) * stage_bytes(head_dim))
+
+
+@functools.lru_cache(maxsize=None)
+def _pingpong_kernel(dtype: str, head_dim: int) -> rt.Kernel:
+    return rt.Kernel("shared_prefix", pingpong_name_expression(dtype, head_dim), PREFIX_SIGNATURE,
+                     shared_mem=pingpong_shared_bytes(head_dim))
+
+
+@functools.lru_cache(maxsize=None)
+def _runs_sm90a(device_id: int) -> bool:
+    """Whether the device runs the kernels built for sm_90a (compute capability 9.0 exactly)."""
+    return str(rt.cupy().cuda.Device(device_id).compute_capability) == "90"
 
 
 @functools.lru_cache(maxsize=None)
@@ -335,6 +370,7 @@ class SharedPrefixPlan:
     method: str = "hydragen"
     page_size: int = 0
     logits_row_tiles: int = 1
+    prefix_block_rows: int = QUERY_ROWS   # Hydragen: query rows per prefix-pass block (64, or 128 on Hopper)
 
     @property
     def num_chunks(self) -> int:
@@ -356,6 +392,7 @@ def plan_shared_prefix(batch: int, num_qo_heads: int, num_kv_heads: int, head_di
     `page_size` > 0 plans for suffixes in pages of that size (`SharedPrefix.run_paged`). `num_sms`
     and `gpu` as for `plan_split_kv` (the H100's 132 SMs when neither is given)."""
     from costmodel.gpus import plan_gpu  # noqa: PLC0415
+    from costmodel.segments import prefix_block_rows  # noqa: PLC0415
     from costmodel.shared_prefix import SharedPrefixShape, hydragen_prefix_chunk, prefix_pass_chunk  # noqa: PLC0415
     from costmodel.split_kv import DEFAULT_NUM_SMS  # noqa: PLC0415
 
@@ -393,7 +430,8 @@ def plan_shared_prefix(batch: int, num_qo_heads: int, num_kv_heads: int, head_di
                                 _logits_row_tiles(int(prefix_len), rows, num_kv_heads, sms, dtype))
     suffix = plan_split_kv(batch, num_qo_heads, num_kv_heads, head_dim, max(int(suffix_len), 1), dtype=dtype,
                            num_sms=sms, page_size=int(page_size), gpu=gpu)
-    return SharedPrefixPlan(*common, chunk, suffix, "hydragen", int(page_size))
+    block_rows = prefix_block_rows(spec, head_dim, dtype, rows)
+    return SharedPrefixPlan(*common, chunk, suffix, "hydragen", int(page_size), prefix_block_rows=block_rows)
 
 
 def _logits_row_tiles(prefix_len: int, rows: int, num_kv_heads: int, sms: int, dtype: str) -> int:
@@ -538,9 +576,15 @@ class SharedPrefix:
         # starts on the SMs the prefix pass frees and waits for that pass only before the merge.
         n = p.num_chunks
         if n:
-            grid = (n, -(-(B * (Hq // Hkv)) // QUERY_ROWS), Hkv)
-            _prefix_kernel(p.dtype, D)(
-                grid, (THREADS,),
+            # Two warpgroups a block taking turns where the plan says so and the GPU runs sm_90a
+            # code (a plan made for Hopper run elsewhere falls back to blocks of 64 rows).
+            if p.prefix_block_rows == PINGPONG_ROWS and _runs_sm90a(device_id):
+                kernel, block_rows, threads = _pingpong_kernel(p.dtype, D), PINGPONG_ROWS, PINGPONG_THREADS
+            else:
+                kernel, block_rows, threads = _prefix_kernel(p.dtype, D), QUERY_ROWS, THREADS
+            grid = (n, -(-(B * (Hq // Hkv)) // block_rows), Hkv)
+            kernel(
+                grid, (threads,),
                 (qa.ptr, prefix[0].ptr, prefix[1].ptr, rt.address(part_out), rt.address(part_lse),
                  B, p.prefix_len, Hq, Hkv, p.prefix_chunk_size, sm_scale * _LOG2E),
                 stream_ptr=stream_ptr, device_id=device_id)

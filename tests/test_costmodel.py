@@ -390,8 +390,10 @@ def test_gqa_prefix_is_a_tensor_core_product():
     plan = shared_prefix.plan_hydragen(shape, gpu=H100)
     (prefix, _), _ = plan.launches(H100)
     assert prefix.matmul_flops > 0
-    # 128 sequences x 4 heads = 512 query rows per KV head: 8 tiles, the later ones read from L2
-    assert prefix.l2_hit_bytes == 7 * 2 * 32768 * 8 * 128 * 2
+    # 128 sequences x 4 heads = 512 query rows per KV head: on Hopper 4 blocks of 128 rows (two
+    # warpgroups taking turns), the later ones read from L2
+    assert plan.prefix_block_rows == 128 and plan.row_tiles == 4
+    assert prefix.l2_hit_bytes == 3 * 2 * 32768 * 8 * 128 * 2
     assert plan.parts_per_sequence == -(-32768 // plan.prefix_chunk_size) + 1
     fused = shared_prefix.plan_hydragen(shape, gpu=H100, fused=True)
     assert fused.launch().l2_hit_bytes == 7 * 2 * 32768 * 8 * 128 * 2
@@ -412,9 +414,13 @@ def test_hydragen_is_the_kernels_two_launches():
         assert plan.suffix == kernels.suffix
         (prefix, rate), (suffixes, _) = plan.launches(H100)
         assert [launch.name for launch in (prefix, suffixes)] == ["prefix_pass", "suffixes"]
-        # grid: chunks x tiles of 64 query rows x KV heads, two resident blocks (one at head_dim 256)
-        assert prefix.num_blocks == plan.prefix_blocks == kernels.num_chunks * -(-b * hq // hkv // 64) * hkv
-        assert prefix.blocks_per_sm == (1 if d >= 256 else 2)
+        # grid: chunks x tiles of 64 query rows x KV heads, two resident blocks (one at head_dim 256);
+        # more than 64 rows a KV head at head_dim 64 and 128: tiles of 128 rows, one block an SM
+        wide = b * hq // hkv > 64 and d <= 128
+        rows = 128 if wide else 64
+        assert plan.prefix_block_rows == kernels.prefix_block_rows == rows
+        assert prefix.num_blocks == plan.prefix_blocks == kernels.num_chunks * -(-b * hq // hkv // rows) * hkv
+        assert prefix.blocks_per_sm == (1 if d >= 256 or wide else 2)
         # the unique bytes (prefix once, every suffix once) plus the re-reads of later row tiles (L2)
         # and the partial states written by the prefix pass and read by the suffixes' blocks
         kv_row = hkv * d * 2                      # one of K or V of one token, float16

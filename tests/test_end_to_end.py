@@ -304,7 +304,7 @@ def test_shared_prefix_step_runs_the_two_launches_of_the_kernels():
         shape = SharedPrefixShape(batch, hq, hkv, 128, prompt, 129)
         plan = plan_shared_prefix(batch, hq, hkv, 128, prompt, 129, gpu="H200")
         prefix, suffixes = e2e_model.hydragen_launches(shape, gpu=get_gpu("H200"))
-        tiles = -(-batch * (hq // hkv) // 64)
+        tiles = -(-batch * (hq // hkv) // plan.prefix_block_rows)   # 128 rows a block past 64 on Hopper
         assert prefix.num_blocks == plan.num_chunks * tiles * hkv
         assert prefix.bytes_by_tensor["partial_lse_write"] == plan.num_chunks * batch * hq * 4
         assert prefix.bytes_by_tensor["k_prefix"] == tiles * prompt * hkv * 128 * 2

@@ -89,6 +89,9 @@ def test_the_other_methods_match_the_reference(method, dtype, ragged):
 @example(("float16", 256, 20, 4, 3, 339, 0, False, None, 3))        # no suffix
 @example(("bfloat16", 64, 8, 1, 20, 0, 130, True, None, 4))         # no prefix
 @example(("float16", 64, 8, 8, 1, 65, 1, False, 64, 5))             # a prefix chunk of one row
+@example(("float16", 128, 8, 1, 20, 4097, 130, True, None, 6))      # 160 rows: two-warpgroup blocks on Hopper
+@example(("bfloat16", 64, 32, 8, 20, 1000, 17, False, 256, 7))      # 80 rows, head_dim 64, a partial KV tile
+@example(("float16", 128, 32, 8, 64, 4097, 17, True, None, 8))      # 256 rows: two whole blocks a KV head
 def test_hydragen_matches_the_reference(case):
     dtype, d, hq, hkv, batch, prefix_len, suffix_len, ragged, chunk, seed = case
     rng = np.random.default_rng(seed)
@@ -99,6 +102,32 @@ def test_hydragen_matches_the_reference(case):
     ref_out, ref_lse = refattn.shared_prefix(q, kp, vp, ks, vs, lens)
     out, lse = _run(q, kp, vp, ks, vs, lens, dtype, prefix_chunk_size=chunk)
     _check(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_both_prefix_pass_kernels_match_the_reference(dtype, head_dim):
+    """The same call planned with blocks of two warpgroups (128 query rows, on Hopper) and of one
+    (64 rows): both match the reference, and the first is what Hopper's plan takes."""
+    import dataclasses
+
+    from gpukernels.shared_prefix import QUERY_ROWS, SharedPrefix, plan_shared_prefix
+    from gpukernels.split_kv import device_gpu
+
+    rng = np.random.default_rng(head_dim)
+    batch, hq, hkv, prefix_len, suffix_len = 37, 32, 8, 2000, 50   # 148 rows a KV head
+    q, kp, vp, ks, vs = _inputs(rng, dtype, batch, hq, hkv, head_dim, prefix_len, suffix_len)
+    ref_out, ref_lse = refattn.shared_prefix(q, kp, vp, ks, vs, None)
+    gpu = device_gpu(0)
+    plan = plan_shared_prefix(batch, hq, hkv, head_dim, prefix_len, suffix_len, dtype=dtype, gpu=gpu)
+    if gpu is not None and gpu.key in ("h100_sxm", "h100_pcie", "h200"):
+        assert plan.prefix_block_rows == 128
+    for block_rows in (plan.prefix_block_rows, QUERY_ROWS):
+        runner = SharedPrefix(dataclasses.replace(plan, prefix_block_rows=block_rows))
+        qd = _device(q)
+        out, lse = _poisoned(qd, q.shape, dtype), _poisoned(qd, q.shape[:2], "float32")
+        runner.run(qd, _device(kp), _device(vp), _device(ks), _device(vs), out=out, lse=lse)
+        _check(out, lse, ref_out, ref_lse, dtype)
 
 
 def test_suffix_lengths_on_the_gpu():

@@ -115,7 +115,7 @@ struct RowsSoftmax {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int j = 2 * kv + h;
-          p[h][e] = outside(j, e) ? 0.0f : exp2f(fmaf(s[j][e], scale_log2, m_bias[e >> 1]));
+                    p[h][e] = outside(j, e) ? 0.0f : exp2f(fmaf(s[j][e], scale_log2, m_bias[e >> 1]));
           l[e >> 1] += p[h][e];
         }
       }
@@ -451,17 +451,36 @@ __device__ __forceinline__ void attend_rows(const T* __restrict__ q, const T* __
 
 // ---------------------------------------------------------------------------------------------
 // The prefix pass on Hopper with two warpgroups a block that take turns on the tensor cores
-// (ping-pong): 128 query rows a block (PP_QUERY_ROWS), 64 a warpgroup, one block an SM. The K and
-// V tiles are copied once for both warpgroups (every thread its share, cp.async) through STAGES
-// stages, without a block-wide barrier: a stage's copies complete on its `full` mbarrier, and its
-// refill waits on its `empty` mbarrier for both warpgroups' last product from it. Each warpgroup
-// issues its products only in its turn (named barriers 1 and 2): while one runs its scores and
-// P V on the tensor cores, the other takes its softmax. Within a warpgroup, tile t's scores and
-// tile t - 1's P V are issued together, and tile t's softmax runs while that P V is in flight; the
-// output is rescaled once it has landed. Head_dim 64 and 128, 16-bit inputs (wgmma).
+// (ping-pong), for launches of more than 64 query rows a KV head: 128 query rows a block
+// (PP_QUERY_ROWS), 64 a warpgroup, one block an SM, and KV tiles of 128 rows (PP_KV_TILE: the
+// scores one m64n128 product a k-step). The query tile waits in shared memory (both products read
+// their operands from there but P, which the softmax leaves in registers). The K and V tiles are
+// copied once for both warpgroups (every thread its share, cp.async) through STAGES stages, with no
+// block-wide barrier: a stage's copies complete on its `full` mbarrier, and its refill waits on its
+// `empty` mbarrier for both warpgroups' last product from it. A warpgroup issues its products only
+// in its turn (named barriers 1 and 2): tile t's scores and tile t - 1's P V together; while they
+// run, the other warpgroup, whose turn comes next, takes its softmax. (Tiles of 64 rows, each
+// warpgroup overlapping its own next scores with its softmax, ran 426 TFLOP/s against 475 this
+// way on 32/8 x 128 sequences, 32768 prefix tokens: scripts/explore/prefix_pingpong.py.)
+// Head_dim 64 and 128, 16-bit inputs (wgmma, sm_90a).
 constexpr int PP_WARPGROUPS = 2;
 constexpr int PP_THREADS = PP_WARPGROUPS * SP_THREADS;
 constexpr int PP_QUERY_ROWS = PP_WARPGROUPS * QUERY_ROWS;
+constexpr int PP_KV_TILE = 128;
+
+// The shared memory of the two-warpgroup pass: STAGES stages of K and V tiles, then the query
+// tile, all swizzled (wgmma.cuh), from the first 1024-byte boundary (gpukernels.shared_prefix:
+// pingpong_shared_bytes adds that alignment's 1024).
+template <int HEAD_DIM>
+struct PingPongTile {
+  static constexpr int PIECES = HEAD_DIM / 8;                       // 16-byte pieces per row
+  static constexpr int TILE_BYTES = PP_KV_TILE * HEAD_DIM * 2;      // K (or V) of one stage
+  static constexpr int STAGE_BYTES = 2 * TILE_BYTES;                // K and V
+  static constexpr int Q_BYTES = QUERY_ROWS * HEAD_DIM * 2;         // one warpgroup's query rows
+  static constexpr int COPIES = PP_KV_TILE * PIECES / PP_THREADS;   // pieces a thread copies of K (and V)
+  static constexpr int Q_COPIES = QUERY_ROWS * PIECES / SP_THREADS; // pieces a thread stores of Q
+  static_assert(PP_KV_TILE * PIECES % PP_THREADS == 0 && QUERY_ROWS * PIECES % SP_THREADS == 0, "whole copies");
+};
 
 // Keeps the compiler from reusing the registers of an A operand of a product still in flight: they
 // stay live until this point (after the wgmma_wait that covers the product).
@@ -474,44 +493,55 @@ __device__ __forceinline__ void keep_fragments(unsigned (&a)[STEPS][4]) {
   }
 }
 
-template <typename T, int HEAD_DIM, int STAGES, bool TURNS = true>
+// The block's work: KV head kh's prefix rows kv_begin .. kv_end - 1 (k_rows, v_rows [rows,
+// num_kv_heads, HEAD_DIM]) against its 128 query rows; this warpgroup's 64 start at query row
+// first_row of the head (r = b * G + g, rows of them); a lane's states go to rows row_state[0..1]
+// (its m16 tile's rows gid and gid + 8), as attend_rows.
+template <typename T, int HEAD_DIM, int STAGES>
 __device__ __forceinline__ void attend_rows_pingpong(const T* __restrict__ q, const T* __restrict__ k_rows,
                                                      const T* __restrict__ v_rows, float* __restrict__ part_out,
                                                      float* __restrict__ part_lse, int num_qo_heads,
                                                      int num_kv_heads, int kh, int kv_begin, int kv_end,
-                                                     const int (&row_b)[2], const int (&row_h)[2],
-                                                     const long long (&row_state)[2], float scale_log2) {
-  using Tile = PrefixTile<HEAD_DIM>;
-  static_assert(HEAD_DIM <= 128, "the query's fragments in registers beside the output's");
-  static_assert(STAGES >= 4, "tile t + 1 issued two turns before its scores; a stage refilled two tiles after its last");
+                                                     int first_row, int rows, const long long (&row_state)[2],
+                                                     float scale_log2) {
+  using Tile = PingPongTile<HEAD_DIM>;
+  static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "one or two swizzled columns of 64 dims");
+  static_assert(STAGES >= 3, "tile t + 1 issued a turn before its scores; a stage refilled two tiles after its last");
   constexpr int K_STEPS = HEAD_DIM / 16;
-  constexpr int KV_TILE = Tile::KV_TILE;
-  constexpr int S_TILES = KV_TILE / 8;
-  constexpr int PV_STEPS = KV_TILE / 16;
+  constexpr int S_TILES = PP_KV_TILE / 8;
+  constexpr int PV_STEPS = PP_KV_TILE / 16;
   constexpr int O_TILES = HEAD_DIM / 8;
-  constexpr int COPIES = KV_TILE * Tile::PIECES / PP_THREADS;   // 16-byte pieces a thread copies of K (and V)
-  static_assert(KV_TILE * Tile::PIECES % PP_THREADS == 0, "whole copies per thread");
-  extern __shared__ __align__(16) unsigned char smem[];   // [STAGES][K tile, V tile], swizzled
+  extern __shared__ __align__(16) unsigned char smem[];   // [STAGES][K tile, V tile], [2][Q tile]
   __shared__ __align__(8) unsigned long long bars[2 * STAGES];   // full[STAGES], empty[STAGES]
   const int tig = threadIdx.x & 3;
-  const int wg = static_cast<int>(threadIdx.x) / SP_THREADS;
+  const int wg = static_cast<int>(threadIdx.x) / SP_THREADS, wt = static_cast<int>(threadIdx.x) % SP_THREADS;
   const long long row_elems = static_cast<long long>(num_kv_heads) * HEAD_DIM;
-
-  const unsigned q_sign = scale_log2 < 0.0f ? 0x80008000u : 0u;   // as attend_rows
-  scale_log2 = fabsf(scale_log2);
-  unsigned qa[K_STEPS][4];
-#pragma unroll
-  for (int kk = 0; kk < K_STEPS; ++kk) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const bool ok = row_state[i] >= 0;
-      const T* qr = q + (static_cast<long long>(row_b[i]) * num_qo_heads + row_h[i]) * HEAD_DIM + kk * 16 + 2 * tig;
-      qa[kk][i] = (ok ? __ldg(reinterpret_cast<const unsigned*>(qr)) : 0u) ^ q_sign;
-      qa[kk][2 + i] = (ok ? __ldg(reinterpret_cast<const unsigned*>(qr + 8)) : 0u) ^ q_sign;
-    }
-  }
-
   const unsigned smem_base = (static_cast<unsigned>(__cvta_generic_to_shared(smem)) + 1023u) & ~1023u;
+  const unsigned q_tile = smem_base + STAGES * Tile::STAGE_BYTES + wg * Tile::Q_BYTES;
+
+  // The warpgroup's query rows into its tile (zero past the rows). A negative scale: q's signs
+  // flipped (exact) and the scale made positive, as attend_rows.
+  {
+    const unsigned flip = scale_log2 < 0.0f ? 0x80008000u : 0u;
+    const int group_size = num_qo_heads / num_kv_heads;
+#pragma unroll
+    for (int c = 0; c < Tile::Q_COPIES; ++c) {
+      const int piece = wt + c * SP_THREADS;
+      const int row = piece / Tile::PIECES, col = piece % Tile::PIECES;
+      const int r = first_row + row;
+      uint4 x = make_uint4(0u, 0u, 0u, 0u);
+      if (r < rows) {
+        const long long at = (static_cast<long long>(r / group_size) * num_qo_heads + kh * group_size + r % group_size) *
+                             HEAD_DIM + col * 8;
+        x = __ldg(reinterpret_cast<const uint4*>(q + at));
+      }
+      x.x ^= flip, x.y ^= flip, x.z ^= flip, x.w ^= flip;
+      asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(q_tile + swizzled_offset<QUERY_ROWS>(row, col)),
+                   "r"(x.x), "r"(x.y), "r"(x.z), "r"(x.w) : "memory");
+    }
+    fence_async_shared();
+  }
+  scale_log2 = fabsf(scale_log2);
   const unsigned full0 = static_cast<unsigned>(__cvta_generic_to_shared(bars));
   const unsigned empty0 = full0 + 8 * STAGES;
   if (threadIdx.x == 0) {
@@ -522,124 +552,95 @@ __device__ __forceinline__ void attend_rows_pingpong(const T* __restrict__ q, co
     }
     mbarrier_init_fence();
   }
-  __syncthreads();
+  __syncthreads();   // the barriers and the query tiles
 
   // Tile u into stage u % STAGES, once both warpgroups are done with the tile it held (u - STAGES).
   auto issue = [&](int u) {
     const int stage = u % STAGES;
     if (u >= STAGES) mbarrier_wait(empty0 + 8 * stage, (u / STAGES - 1) & 1);
-    const unsigned k_tile = smem_base + stage * Tile::SW_STAGE_BYTES;
-    const unsigned v_tile = k_tile + Tile::SW_TILE_BYTES;
-    const int tile_start = kv_begin + u * KV_TILE;
+    const unsigned k_tile = smem_base + stage * Tile::STAGE_BYTES;
+    const unsigned v_tile = k_tile + Tile::TILE_BYTES;
+    const int tile_start = kv_begin + u * PP_KV_TILE;
 #pragma unroll
-    for (int c = 0; c < COPIES; ++c) {
+    for (int c = 0; c < Tile::COPIES; ++c) {
       const int piece = threadIdx.x + c * PP_THREADS;
       const int row = piece / Tile::PIECES, col = piece % Tile::PIECES;
       const int kv = tile_start + row;
       const bool valid = kv < kv_end;
       const long long at = valid ? kv * row_elems + kh * HEAD_DIM + col * 8 : 0;
-      const unsigned dst = swizzled_offset<KV_TILE>(row, col);
+      const unsigned dst = swizzled_offset<PP_KV_TILE>(row, col);
       cp_async_16_zfill(k_tile + dst, k_rows + at, valid);
       cp_async_16_zfill(v_tile + dst, v_rows + at, valid);
     }
     cp_async_arrive(full0 + 8 * stage);
   };
-  // S = Q K^T and O += P V as in attend_rows.
+  // Tile t's copies, visible to the tensor cores.
+  auto landed = [&](int t) {
+    mbarrier_wait(full0 + 8 * (t % STAGES), (t / STAGES) & 1);
+    fence_async_shared();
+  };
+  // S = Q K^T: one m64n128 product per k-step, Q and K read K-major from their tiles.
   auto scores = [&](float (&s)[S_TILES][4], int t) {
-    const unsigned k_tile = smem_base + (t % STAGES) * Tile::SW_STAGE_BYTES;
+    const unsigned k_tile = smem_base + (t % STAGES) * Tile::STAGE_BYTES;
     fence_accumulators(s);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < K_STEPS; ++kk) {
-      wgmma_rs<T, KV_TILE, 0>(s, qa[kk], sw128_descriptor(k_tile + (kk >> 2) * (KV_TILE * 128) + (kk & 3) * 32,
-                                                         16, 1024), kk > 0);
+      const unsigned step = (kk & 3) * 32;   // k-step kk: 32 bytes into its column of 64 dims
+      wgmma_ss_n128<T>(s, sw128_descriptor(q_tile + (kk >> 2) * (QUERY_ROWS * 128) + step, 16, 1024),
+                       sw128_descriptor(k_tile + (kk >> 2) * (PP_KV_TILE * 128) + step, 16, 1024), kk > 0);
     }
     wgmma_commit();
   };
   float o[O_TILES][4];
 #pragma unroll
   for (int j = 0; j < O_TILES; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+  // O += P V: one m64nHEAD_DIM product per k-step of 16 prefix rows, V read N-major.
   auto values = [&](unsigned (&pa)[PV_STEPS][4], int t) {
-    const unsigned v_tile = smem_base + (t % STAGES) * Tile::SW_STAGE_BYTES + Tile::SW_TILE_BYTES;
+    const unsigned v_tile = smem_base + (t % STAGES) * Tile::STAGE_BYTES + Tile::TILE_BYTES;
     fence_accumulators(o);
     wgmma_fence();
 #pragma unroll
     for (int kv = 0; kv < PV_STEPS; ++kv) {
-      wgmma_rs<T, HEAD_DIM, 1>(o, pa[kv], sw128_descriptor(v_tile + kv * 16 * 128, KV_TILE * 128, 1024));
+      wgmma_rs<T, HEAD_DIM, 1>(o, pa[kv], sw128_descriptor(v_tile + kv * 16 * 128, PP_KV_TILE * 128, 1024));
     }
     wgmma_commit();
   };
 
   RowsSoftmax<T, S_TILES> rows_softmax;
-  const int num_tiles = kv_end > kv_begin ? (kv_end - kv_begin + KV_TILE - 1) / KV_TILE : 0;
-  for (int u = 0; u < STAGES - 2 && u < num_tiles; ++u) issue(u);
-  // Turns: warpgroup w waits on barrier 1 + w before issuing its products and then lets the other
-  // go (256 threads: the one that waits and the one that arrives); warpgroup 0 goes first. Both
-  // take num_tiles + 1 turns; the last arrival of warpgroup 1 would have no turn to open.
-  const int my_turn = 1 + wg, their_turn = 2 - wg;
-  auto turn_begin = [&]() {
-    if constexpr (TURNS) named_barrier_sync(my_turn, PP_THREADS);
-  };
-  auto turn_end = [&](bool last) {
-    if constexpr (TURNS) {
-      if (wg == 0 || !last) named_barrier_arrive(their_turn, PP_THREADS);
-    }
-  };
-  auto landed = [&](int t) {   // tile t's copies, visible to the tensor cores
-    mbarrier_wait(full0 + 8 * (t % STAGES), (t / STAGES) & 1);
-    fence_async_shared();
-  };
-  if (num_tiles == 0) {
-    write_row_states(rows_softmax, o, row_state, part_out, part_lse, tig);
-    return;
-  }
-  if constexpr (TURNS) {
+  const int num_tiles = kv_end > kv_begin ? (kv_end - kv_begin + PP_KV_TILE - 1) / PP_KV_TILE : 0;
+  if (num_tiles > 0) {
+    for (int u = 0; u < STAGES - 2 && u < num_tiles; ++u) issue(u);
+    // Turns: warpgroup w waits on barrier 1 + w before issuing its products, then lets the other
+    // go (256 threads: the one that waits and the one that arrives); warpgroup 0 goes first. Both
+    // take num_tiles + 1 turns; warpgroup 1's last would open no turn, and does not arrive.
+    const int my_turn = 1 + wg, their_turn = 2 - wg;
     if (wg == 1) named_barrier_arrive(1, PP_THREADS);
-  }
-  // In turn t (after the first): tile t - 1's P V and tile t + 1's scores are issued together, and
-  // tile t's softmax runs while they are in flight (its scores landed in the turn before: the
-  // softmax reads no accumulator of a product in flight, which would make ptxas serialise them).
-  float sa[S_TILES][4], sb[S_TILES][4];
-  unsigned pa[PV_STEPS][4];   // P of tile t - 1
-  landed(0);
-  turn_begin();
-  scores(sa, 0);
-  turn_end(false);
-  wgmma_wait<0>();
-  fence_accumulators(sa);
-  auto step = [&](float (&cur)[S_TILES][4], float (&next)[S_TILES][4], int t) {
-    if (t + STAGES - 2 < num_tiles) issue(t + STAGES - 2);
-    const bool more = t + 1 < num_tiles;
-    if (more) landed(t + 1);
-    turn_begin();
-    if (t > 0) values(pa, t - 1);
-    if (more) scores(next, t + 1);
-    turn_end(false);
-    unsigned pn[PV_STEPS][4];
-    float alpha[2];
-    rows_softmax(cur, kv_begin + t * KV_TILE, kv_end, tig, scale_log2, pn, alpha);
+    float s[S_TILES][4];
+    unsigned pa[PV_STEPS][4];   // P of the tile before
+    for (int t = 0; t < num_tiles; ++t) {
+      if (t + STAGES - 2 < num_tiles) issue(t + STAGES - 2);
+      landed(t);
+      named_barrier_sync(my_turn, PP_THREADS);
+      scores(s, t);
+      if (t > 0) values(pa, t - 1);
+      named_barrier_arrive(their_turn, PP_THREADS);
+      wgmma_wait<0>();
+      fence_accumulators(s);
+      fence_accumulators(o);
+      keep_fragments(pa);
+      if (t > 0) mbarrier_arrive(empty0 + 8 * ((t - 1) % STAGES));   // this thread is done with tile t - 1
+      float alpha[2];
+      rows_softmax(s, kv_begin + t * PP_KV_TILE, kv_end, tig, scale_log2, pa, alpha);
+      rescale_rows(o, alpha);
+    }
+    named_barrier_sync(my_turn, PP_THREADS);
+    values(pa, num_tiles - 1);
+    if (wg == 0) named_barrier_arrive(their_turn, PP_THREADS);
     wgmma_wait<0>();
     fence_accumulators(o);
-    fence_accumulators(next);
     keep_fragments(pa);
-    if (t > 0) mbarrier_arrive(empty0 + 8 * ((t - 1) % STAGES));   // tile t - 1's stage read by this thread
-    rescale_rows(o, alpha);
-#pragma unroll
-    for (int kv = 0; kv < PV_STEPS; ++kv) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) pa[kv][e] = pn[kv][e];
-    }
-  };
-  for (int t = 0; t < num_tiles; t += 2) {
-    step(sa, sb, t);
-    if (t + 1 < num_tiles) step(sb, sa, t + 1);
   }
-  turn_begin();
-  values(pa, num_tiles - 1);
-  turn_end(true);
-  wgmma_wait<0>();
-  fence_accumulators(o);
-  keep_fragments(pa);
   write_row_states(rows_softmax, o, row_state, part_out, part_lse, tig);
 }
 
@@ -685,7 +686,7 @@ shared_prefix_kernel(const T* __restrict__ q,          // [batch, num_qo_heads, 
 
 // The same pass with two warpgroups a block taking turns (attend_rows_pingpong): grid y over tiles
 // of 128 query rows; Hopper (sm_90a), head_dim 64 and 128.
-template <typename T, int HEAD_DIM, int STAGES, bool TURNS = true>
+template <typename T, int HEAD_DIM, int STAGES>
 __global__ void __launch_bounds__(PP_THREADS, 1)
 shared_prefix_pingpong_kernel(const T* __restrict__ q, const T* __restrict__ k_prefix,
                               const T* __restrict__ v_prefix, float* __restrict__ part_out,
@@ -693,16 +694,15 @@ shared_prefix_pingpong_kernel(const T* __restrict__ q, const T* __restrict__ k_p
                               int num_kv_heads, int chunk_size, float scale_log2) {
   let_dependents_start();
   if constexpr (HAS_WGMMA) {
-    const int wg_row = static_cast<int>(threadIdx.x) / SP_THREADS * QUERY_ROWS + (threadIdx.x >> 5) % SP_WARPS * 16 +
-                       ((threadIdx.x & 31) >> 2);
+    const int first_row = blockIdx.y * PP_QUERY_ROWS + static_cast<int>(threadIdx.x) / SP_THREADS * QUERY_ROWS;
     int row_b[2], row_h[2];
     long long row_state[2];
-    prefix_rows(blockIdx.y * PP_QUERY_ROWS + wg_row, batch, num_qo_heads, num_kv_heads, row_b, row_h, row_state);
+    prefix_rows(first_row + (threadIdx.x >> 5) % SP_WARPS * 16 + ((threadIdx.x & 31) >> 2), batch, num_qo_heads,
+                num_kv_heads, row_b, row_h, row_state);
     const int kv_begin = blockIdx.x * chunk_size;
-    attend_rows_pingpong<T, HEAD_DIM, STAGES, TURNS>(q, k_prefix, v_prefix, part_out, part_lse, num_qo_heads,
-                                              num_kv_heads, blockIdx.z, kv_begin,
-                                              min(prefix_len, kv_begin + chunk_size), row_b, row_h, row_state,
-                                              scale_log2);
+    attend_rows_pingpong<T, HEAD_DIM, STAGES>(q, k_prefix, v_prefix, part_out, part_lse, num_qo_heads, num_kv_heads,
+                                              blockIdx.z, kv_begin, min(prefix_len, kv_begin + chunk_size), first_row,
+                                              batch * (num_qo_heads / num_kv_heads), row_state, scale_log2);
   } else {
     __trap();   // launched only on Hopper
   }
