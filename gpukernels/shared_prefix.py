@@ -7,7 +7,10 @@ Hydragen (`method="hydragen"`) runs two launches on the caller's stream:
    all query heads of its group as rows of one matrix, 64 rows a block, against chunks of the
    prefix on the tensor cores (wgmma on Hopper up to head_dim 128, the next tile's scores computed
    while the warps take this tile's softmax; mma.sync at head_dim 256 and on other GPUs); a
-   float32 partial state (out, lse) per row and chunk.
+   float32 partial state (out, lse) per row and chunk. On Hopper at head_dim 64 and 128 with more
+   than 64 rows a KV head (the plan's `prefix_block_rows`), `shared_prefix_pingpong_kernel`
+   instead: 128 rows a block in two warpgroups that take turns on the tensor cores, one block an
+   SM, KV tiles of 128 rows copied once for both.
 2. The suffixes by this project's split-KV kernel (`gpukernels.split_kv`), contiguous or paged;
    the block that writes a row's output merges the prefix chunks' states into it by LSE, in
    float32 (`SplitKV.run`'s `states`). With no suffix tokens at all, `merge_prefix_chunks_kernel`
