@@ -358,14 +358,14 @@ struct ValueTile {
   static_assert(KV_TILE * PIECES % BF_THREADS == 0, "whole copies per thread");
 };
 
-// exp2(logit - max) of workspace columns col and col + 1 (zero past `end`).
-__device__ __forceinline__ float2 probs2(const float* __restrict__ row, int col, int end, float m) {
-  float2 s;
-  if (col + 1 < end) {
-    s = __ldg(reinterpret_cast<const float2*>(row + col));
-    return make_float2(exp2f(s.x - m), exp2f(s.y - m));
-  }
-  return make_float2(col < end ? exp2f(__ldg(row + col) - m) : 0.0f, 0.0f);
+// The logits of workspace columns col and col + 1 (what lies past `end` is not read: 0), and
+// exp2(logit - max) of them (zero past `end`).
+__device__ __forceinline__ float2 logits2(const float* __restrict__ row, int col, int end) {
+  if (col + 1 < end) return __ldg(reinterpret_cast<const float2*>(row + col));
+  return make_float2(col < end ? __ldg(row + col) : 0.0f, 0.0f);
+}
+__device__ __forceinline__ float2 probs2(float2 s, int col, int end, float m) {
+  return make_float2(col < end ? exp2f(s.x - m) : 0.0f, col + 1 < end ? exp2f(s.y - m) : 0.0f);
 }
 
 // Grid: x over prefix chunks of `chunk_size` tokens, y over tiles of 64 query rows, z over KV heads.
@@ -430,6 +430,24 @@ bifurcated_prefix_values_kernel(const float* __restrict__ logits, const float2* 
     }
   }
   const float* lrow[2] = {logits + qrow[0] * logits_stride, logits + qrow[1] * logits_stride};
+  // The logits of a tile this lane needs: rows gid, gid + 8; tokens 16kv + 2 tig + {0, 1} (lo) and
+  // + 8 (hi). Up to head_dim 128 they are loaded a tile ahead, so that their latency passes behind
+  // the tile before's products (loaded at the tile itself, each tile waited for them: the pass took
+  // 3-6x its bytes' time); at 256 the registers are not there, and they are loaded at the tile.
+  constexpr bool LOGITS_AHEAD = HEAD_DIM <= 128;
+  float2 raw[PV_STEPS][2][2];
+  auto load_logits = [&](int tile_start) {
+#pragma unroll
+    for (int kv = 0; kv < PV_STEPS; ++kv) {
+      const int col = tile_start + 16 * kv + 2 * tig;
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        raw[kv][i][0] = ok[i] ? logits2(lrow[i], col, kv_end) : make_float2(0.0f, 0.0f);
+        raw[kv][i][1] = ok[i] ? logits2(lrow[i], col + 8, kv_end) : make_float2(0.0f, 0.0f);
+      }
+    }
+  };
+  if (LOGITS_AHEAD && num_tiles > 0) load_logits(kv_begin);
   for (int t = 0; t < num_tiles; ++t) {
     __syncthreads();   // the stage refilled below was read in iteration t - 1
     const int ahead = t + STAGES - 1;
@@ -439,20 +457,22 @@ bifurcated_prefix_values_kernel(const float* __restrict__ logits, const float2* 
       cp_async_commit();
     }
     const int tile_start = kv_begin + t * KV_TILE;
-    // P's A fragments for every k-step of the tile: rows gid, gid + 8; tokens 16kv + 2 tig + {0, 1}
-    // (a0, a1) and + 8 (a2, a3). Loaded before the wait, so the loads overlap the copies.
+    if (!LOGITS_AHEAD) load_logits(tile_start);
+    // P's A fragments for every k-step of the tile: rows gid, gid + 8 (a0, a1: lo; a2, a3: hi).
+    // Made before the wait, so that the work overlaps the copies.
     unsigned pa[PV_STEPS][4];
 #pragma unroll
     for (int kv = 0; kv < PV_STEPS; ++kv) {
       const int col = tile_start + 16 * kv + 2 * tig;
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        const float2 lo = ok[i] ? probs2(lrow[i], col, kv_end, m[i]) : make_float2(0.0f, 0.0f);
-        const float2 hi = ok[i] ? probs2(lrow[i], col + 8, kv_end, m[i]) : make_float2(0.0f, 0.0f);
+        const float2 lo = ok[i] ? probs2(raw[kv][i][0], col, kv_end, m[i]) : make_float2(0.0f, 0.0f);
+        const float2 hi = ok[i] ? probs2(raw[kv][i][1], col + 8, kv_end, m[i]) : make_float2(0.0f, 0.0f);
         pa[kv][i] = pack2<T>(lo.x, lo.y);
         pa[kv][2 + i] = pack2<T>(hi.x, hi.y);
       }
     }
+    if (LOGITS_AHEAD && t + 1 < num_tiles) load_logits(tile_start + KV_TILE);
     cp_async_wait<STAGES - 1>();
     __syncthreads();   // every thread's copies of tile t have landed
     if (!warp_active) continue;
