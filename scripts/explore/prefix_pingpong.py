@@ -10,7 +10,8 @@ negative scale), checked only.
 An exploration, not a benchmark: lines of text, no result file.
 Run: PYTHONPATH=. python3 scripts/explore/prefix_pingpong.py
      (with `profile`: only the 32/8 x 128, 32768 row at chunk 8192, both kernels launched a few
-     times, nothing timed: for Nsight Compute)
+     times, nothing timed: for Nsight Compute; with `head_dim64`: four shapes at head_dim 64 in
+     both dtypes, timed, then their whole planned calls against blocks of 64 rows)
 """
 import importlib
 import sys
@@ -80,6 +81,32 @@ if sys.argv[1:] == ["profile"]:
         for _ in range(3):
             launch()
     cp.cuda.Device().synchronize()
+    sys.exit(0)
+
+if sys.argv[1:] == ["head_dim64"]:   # rows off the grid: head_dim 64, both dtypes, timed
+    for hq, hkv, batch, prefix_len, chunk in ((32, 8, 256, 4096, 2048), (32, 8, 64, 16384, 2048),
+                                              (8, 1, 128, 16384, 2048), (32, 8, 20, 8192, 1024)):
+        for dtype in ("float16", "bfloat16"):
+            run_case(f"d64 {dtype} {hq}/{hkv} x {batch}, {prefix_len}", batch, hq, hkv, 64, prefix_len, chunk,
+                     dtype=dtype, time_it=True)
+    # The whole planned call (suffixes of 128 tokens): the plan as made (blocks of two warpgroups,
+    # their one-wave chunk) against blocks of 64 rows at theirs.
+    import dataclasses
+
+    from _inputs import shared_prefix_inputs
+    from costmodel.shared_prefix import prefix_pass_chunk
+    for hq, hkv, batch, prefix_len, _ in ((32, 8, 256, 4096, 0), (32, 8, 64, 16384, 0), (8, 1, 128, 16384, 0),
+                                          (32, 8, 20, 8192, 0)):
+        q, kp, vp, ks, vs, out, lse = shared_prefix_inputs(hkv, batch, prefix_len, 128, num_qo_heads=hq, head_dim=64)
+        plan = sp.plan_shared_prefix(batch, hq, hkv, 64, prefix_len, 128, num_sms=132, gpu="h200")
+        chunk64 = prefix_pass_chunk(prefix_len, batch * hq // hkv, hkv, 132, 2, 64)
+        text = []
+        for label, p in (("planned", plan),
+                         ("64-row", dataclasses.replace(plan, prefix_block_rows=64, prefix_chunk_size=chunk64))):
+            runner = sp.SharedPrefix(p)
+            t = timer(lambda: runner.run(q, kp, vp, ks, vs, out=out, lse=lse))  # noqa: B023
+            text.append(f"{label} ({p.prefix_block_rows} rows, chunk {p.prefix_chunk_size}) {t * 1e3:.1f}")
+        print(f"d64 call {hq}/{hkv} x {batch}, {prefix_len} + 128: " + "; ".join(text), flush=True)
     sys.exit(0)
 
 run_case("edge 32/8 x 20, 1000", 20, 32, 8, 128, 1000, 512)
