@@ -381,6 +381,8 @@ def attend_rows_launch(name: str, items: "list[WorkItem]", *, num_kv_heads: int,
     blocks of the two-warpgroup pass (`prefix_block_rows`; contiguous rows only), one an SM, at
     `pingpong_flops_per_s`."""
     if block_rows == PINGPONG_ROWS:
+        if page_size:
+            raise ValueError("blocks of PINGPONG_ROWS rows read contiguous rows only (page_size must be 0)")
         return _pingpong_launch(name, items, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, gpu=gpu)
     if block_rows != QUERY_TILE_ROWS:
         raise ValueError(f"block_rows must be {QUERY_TILE_ROWS} or {PINGPONG_ROWS}, got {block_rows}")

@@ -399,6 +399,35 @@ def test_gqa_prefix_is_a_tensor_core_product():
     assert fused.launch().l2_hit_bytes == 7 * 2 * 32768 * 8 * 128 * 2
 
 
+def test_the_prefix_pass_takes_blocks_of_two_warpgroups_on_hopper_past_64_rows():
+    from costmodel import segments
+
+    h200, a100 = get_gpu("H200"), get_gpu("A100")
+    assert segments.prefix_block_rows(h200, 128, "float16", 65) == 128
+    assert segments.prefix_block_rows(h200, 64, "bfloat16", 1024) == 128
+    assert segments.prefix_block_rows(h200, 128, "float16", 64) == 64      # one block of 64 holds them
+    assert segments.prefix_block_rows(h200, 256, "float16", 1024) == 64    # head_dim 256: mma.sync
+    assert segments.prefix_block_rows(a100, 128, "float16", 1024) == 64    # no wgmma
+    # a pair of turns: both warpgroups' tensor clocks (1,024 each) and one softmax (864 clocks)
+    tensor, softmax = segments.pingpong_tile_clocks(h200, 128, "float16")
+    assert (tensor, softmax) == (1024, 864)
+    assert segments.pingpong_flops_per_s(h200, 128, "float16") == pytest.approx(
+        h200.matmul_flops_per_s * 2048 / 2912)
+    items = [segments.WorkItem(1024, 128), segments.WorkItem(1024, 100, rereads=True)]
+    launch, rate = segments.attend_rows_launch("p", items, num_kv_heads=8, head_dim=128, dtype="float16", gpu=h200,
+                                               block_rows=128)
+    assert launch.blocks_per_sm == 1 and launch.num_blocks == 2 * 8
+    assert launch.matmul_flops == 8 * 2 * 4 * 128 * 1024 * 128          # padding rows computed too
+    assert launch.useful_flops == 8 * 4 * 228 * 1024 * 128
+    assert launch.l2_hit_bytes == 8 * 2 * 1024 * 128 * 2
+    assert rate == pytest.approx(segments.pingpong_flops_per_s(h200, 128, "float16"))
+    with pytest.raises(ValueError, match="block_rows"):
+        segments.attend_rows_launch("p", items, num_kv_heads=8, head_dim=128, dtype="float16", gpu=h200, block_rows=96)
+    with pytest.raises(ValueError, match="page_size"):
+        segments.attend_rows_launch("p", items, num_kv_heads=8, head_dim=128, dtype="float16", gpu=h200,
+                                    block_rows=128, page_size=16)
+
+
 def test_hydragen_is_the_kernels_two_launches():
     """The prefix pass in the kernels' chunks (one wave of resident blocks), the suffixes by the
     kernels' split-KV plan, whose blocks merge every chunk's state into their rows."""

@@ -231,6 +231,19 @@ def test_bifurcated_logits_blocks_serve_every_row_tile_unless_the_grid_starves()
     assert plan(256, 4, 1, 128, 64, 8, method="bifurcated", num_sms=132).logits_row_tiles == 1
 
 
+def test_hydragen_plans_blocks_of_two_warpgroups_for_hopper_past_64_rows():
+    gsp = _gsp()
+    assert gsp.plan_shared_prefix(20, 32, 8, 128, 1000, 70, gpu="H200").prefix_block_rows == 128   # 80 rows
+    assert gsp.plan_shared_prefix(16, 32, 8, 128, 1000, 70, gpu="H200").prefix_block_rows == 64    # 64 rows
+    assert gsp.plan_shared_prefix(20, 32, 8, 256, 1000, 70, gpu="H200").prefix_block_rows == 64    # head_dim 256
+    assert gsp.plan_shared_prefix(20, 32, 8, 128, 1000, 70, gpu="A100").prefix_block_rows == 64
+    assert gsp.plan_shared_prefix(20, 32, 8, 128, 1000, 70, method="bifurcated", gpu="H200").prefix_block_rows == 64
+    # the stages, the query tiles and the alignment fit one SM's 227 KB; both head dims are built
+    assert gsp.pingpong_shared_bytes(128) <= 227 * 1024 and gsp.pingpong_shared_bytes(64) <= 227 * 1024
+    built = gsp.all_name_expressions()
+    assert all(gsp.pingpong_name_expression(dt, d) in built for dt in gsp.PREFIX_DTYPES for d in (64, 128))
+
+
 def test_hydragen_plans_paged_suffixes_with_a_paged_split_plan():
     gsp = _gsp()
     plan = gsp.plan_shared_prefix(6, 32, 8, 128, 1000, 70, page_size=16, num_sms=132)

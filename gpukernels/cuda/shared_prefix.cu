@@ -460,7 +460,7 @@ __device__ __forceinline__ void attend_rows(const T* __restrict__ q, const T* __
 // `empty` mbarrier for both warpgroups' last product from it. A warpgroup issues its products only
 // in its turn (named barriers 1 and 2): tile t's scores and tile t - 1's P V together; while they
 // run, the other warpgroup, whose turn comes next, takes its softmax. (Tiles of 64 rows, each
-// warpgroup overlapping its own next scores with its softmax, ran 426 TFLOP/s against 475 this
+// warpgroup overlapping its own next scores with its softmax, ran 426 TFLOP/s against 480 this
 // way on 32/8 x 128 sequences, 32768 prefix tokens: scripts/explore/prefix_pingpong.py.)
 // Head_dim 64 and 128, 16-bit inputs (wgmma, sm_90a).
 constexpr int PP_WARPGROUPS = 2;
