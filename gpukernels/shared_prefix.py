@@ -142,8 +142,9 @@ def _pingpong_kernel(dtype: str, head_dim: int) -> rt.Kernel:
 
 @functools.lru_cache(maxsize=None)
 def _runs_sm90a(device_id: int) -> bool:
-    """Whether the device runs the kernels built for sm_90a (compute capability 9.0 exactly)."""
-    return str(rt.cupy().cuda.Device(device_id).compute_capability) == "90"
+    """Whether this source is built for sm_90a on the device (`rt.arch_options`: Hopper), so that
+    its wgmma kernels run there."""
+    return bool(rt.arch_options("shared_prefix", str(rt.cupy().cuda.Device(device_id).compute_capability)))
 
 
 @functools.lru_cache(maxsize=None)
