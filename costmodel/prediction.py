@@ -13,7 +13,8 @@ that into a `Prediction`. For one launch::
                  bytes at the smooth minimum (exponent contention_exponent) of block_bytes_per_s and
                  delivered_bytes_per_s / streaming_blocks, after block_round_trip_s per dependent
                  round trip; page_lookup_s per page-table lookup lowers block_bytes_per_s (in
-                 seconds per byte); delivered_bytes_per_s is the stream ceiling, or bytes /
+                 seconds per byte), and a block whose own arithmetic is slower
+                 (block_compute_bytes_per_s) streams at that; delivered_bytes_per_s is the stream ceiling, or bytes /
                  memory_s when L2 hits make the memory system faster
     time_s     = launch_s + max(memory_s, compute_s, schedule_s)
 
@@ -143,6 +144,9 @@ class Launch:
                                   # cal.paged_stream_fraction of the calibrated kernel's rate
     blocks_per_sm: int | None = None  # resident blocks per SM; None: the calibrated decode kernel's
     useful_flops: int | None = None   # FLOPs of the math (padding excluded); None: matmul + vector
+    block_compute_bytes_per_s: float | None = None  # a block's bytes over the time its own tiles'
+                                                    # arithmetic takes at its share of the SM: it
+                                                    # streams no faster; None: no such bound
 
     @property
     def flops(self) -> int:
@@ -313,6 +317,8 @@ def _launch_terms(launch: Launch, gpu: GPUSpec, cal: Calibration) -> dict[str, f
     lookup_s_per_byte = launch.page_lookups * cal.page_lookup_s / bytes_moved if bytes_moved else 0.0
     fraction = cal.paged_stream_fraction if launch.paged_pipeline else 1.0
     block_bytes_per_s = 1.0 / (1.0 / (cal.block_bytes_per_s * fraction) + lookup_s_per_byte)
+    if launch.block_compute_bytes_per_s:
+        block_bytes_per_s = min(block_bytes_per_s, launch.block_compute_bytes_per_s)
     memory_s = max(hbm_s, l2_s)
     # Blocks share the rate at which the memory system delivers all their bytes: the stream rate,
     # or faster when part of the bytes are L2 hits.

@@ -377,7 +377,8 @@ def attend_rows_launch(name: str, items: "list[WorkItem]", *, num_kv_heads: int,
     tiles). Each block reads its queries and its KV rows, writes a float32 state (out, lse) per
     row. `page_size` > 0: the KV rows lie in a paged cache (each item's rows starting on a page),
     and every block looks up the pages of its rows as split-KV does (`split_kv.page_lookups`, the
-    costs the decode suite's paged rows fit); 0: contiguous. `block_rows` PINGPONG_ROWS: the
+    costs the decode suite's paged rows fit); 0: contiguous. Each block streams no faster than its
+    tiles are computed (`_block_compute_rate`). `block_rows` PINGPONG_ROWS: the
     blocks of the two-warpgroup pass (`prefix_block_rows`; contiguous rows only), one an SM, at
     `pingpong_flops_per_s`."""
     if block_rows == PINGPONG_ROWS:
@@ -390,10 +391,11 @@ def attend_rows_launch(name: str, items: "list[WorkItem]", *, num_kv_heads: int,
     d, hkv = head_dim, num_kv_heads
     kv_tile = attend_rows_kv_tile(d)
     kv_by_label: dict[str, int] = {}
-    reread = q_rows = matmul = useful = lookups = 0
+    reread = q_rows = matmul = useful = lookups = kv_bytes = 0
     tensor_clocks = sm_clocks = 0.0
     runs: list = []
     wgmma = attend_rows_uses_wgmma(gpu, d, dtype)
+    blocks_per_sm = attend_rows_blocks_per_sm(d)
     for it in items:
         warps = 4 if wgmma and it.rows else -(-it.rows // WARP_ROWS)   # wgmma: the padding rows too
         block_kv = 2 * it.tokens * d * elem
@@ -407,6 +409,7 @@ def attend_rows_launch(name: str, items: "list[WorkItem]", *, num_kv_heads: int,
         tiles = -(-it.tokens // kv_tile)
         tensor_clocks += tiles * tensor
         sm_clocks += tiles * max(tensor, smem)
+        kv_bytes += block_kv
         _append_run(runs, block_kv + it.rows * d * elem + it.rows * (d + 1) * F32, 1, 1)
     head_runs = [tuple(r) for r in runs]
     launch = Launch(
@@ -421,7 +424,8 @@ def attend_rows_launch(name: str, items: "list[WorkItem]", *, num_kv_heads: int,
         useful_flops=hkv * useful,
         l2_hit_bytes=hkv * reread,
         page_lookups=hkv * lookups,
-        blocks_per_sm=attend_rows_blocks_per_sm(d),
+        blocks_per_sm=blocks_per_sm,
+        block_compute_bytes_per_s=_block_compute_rate(gpu, kv_bytes, sm_clocks, hkv * len(items), blocks_per_sm),
     )
     # (a head_dim the kernels are not built for, below 32, counts no ldmatrix: the GPU's rate)
     rate = gpu.matmul_flops_per_s * tensor_clocks / sm_clocks if tensor_clocks else gpu.matmul_flops_per_s
@@ -433,6 +437,7 @@ def _pingpong_launch(name: str, items: "list[WorkItem]", *, num_kv_heads: int, h
     """`attend_rows_launch` for blocks of PINGPONG_ROWS rows (every row computes, padding too)."""
     elem = dtype_bytes(dtype)
     d, hkv = head_dim, num_kv_heads
+    tensor, softmax = pingpong_tile_clocks(gpu, d, dtype)
     kv = reread = q_rows = matmul = useful = 0
     runs: list = []
     for it in items:
@@ -454,8 +459,28 @@ def _pingpong_launch(name: str, items: "list[WorkItem]", *, num_kv_heads: int, h
         useful_flops=hkv * useful,
         l2_hit_bytes=hkv * reread,
         blocks_per_sm=1,
+        block_compute_bytes_per_s=_block_compute_rate(
+            gpu, kv, sum(-(-it.tokens // PINGPONG_KV_TILE) for it in items) * (2 * tensor + softmax),
+            hkv * len(items), 1),
     )
     return launch, CountedRate(pingpong_flops_per_s(gpu, d, dtype))
+
+
+def _block_compute_rate(gpu: GPUSpec, block_bytes: int, block_clocks: float, blocks: int,
+                        blocks_per_sm: int) -> "float | None":
+    """Bytes a block streams per second of its own arithmetic: `block_bytes` over `block_clocks`
+    (both summed over the same blocks: the SM clocks of their tiles), times the blocks sharing an
+    SM (up to `blocks_per_sm`, fewer when the launch's `blocks` do not fill its slots: the GPU
+    gives each its own SM first), clocks at the rate the tensor-core counts give the measured matmul
+    rate (H200: 4,096 FLOPs a clock per SM at 768 TFLOP/s over 132 SMs, 1.42 GHz). A block computes
+    a tile while the next ones land, so it streams no faster than that (the launch's
+    `block_compute_bytes_per_s`): the tree's short, one-row segments and the prefix pass's blocks
+    are held to it where the decode kernel's calibrated per-block rate would let them run ahead."""
+    if not block_bytes or not block_clocks:
+        return None
+    sharing = min(blocks_per_sm, max(1.0, blocks / gpu.num_sms))
+    clock_s = tensor_flops_per_clock_per_sm(gpu) * gpu.num_sms / gpu.matmul_flops_per_s
+    return block_bytes / (block_clocks * sharing * clock_s)
 
 
 def predict_kernel_launches(variant: str, launches: "list[tuple[Launch, float | None]]", *, gpu: GPUSpec,
