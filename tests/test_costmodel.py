@@ -428,6 +428,28 @@ def test_the_prefix_pass_takes_blocks_of_two_warpgroups_on_hopper_past_64_rows()
                                     block_rows=128, page_size=16)
 
 
+def test_a_tensor_core_block_streams_no_faster_than_it_computes():
+    from costmodel import segments
+
+    h200 = get_gpu("H200")
+    own = [segments.WorkItem(256, 1)] * 64   # the tree's one-row segments: four 64-key tiles each
+    launch, _ = segments.attend_rows_launch("s", own, num_kv_heads=32, head_dim=128, dtype="float16", gpu=h200)
+    # 2048 blocks, two an SM: a tile's 32 KB of K and V over 2 x 976 clocks (512 tensor + 464
+    # softmax), clocks at the measured matmul rate
+    clock_s = 4096 * h200.num_sms / h200.matmul_flops_per_s
+    assert launch.block_compute_bytes_per_s == pytest.approx(32768 / (2 * 976 * clock_s))
+    # fewer blocks than SMs: each has an SM to itself
+    few, _ = segments.attend_rows_launch("s", own[:2], num_kv_heads=1, head_dim=128, dtype="float16", gpu=h200)
+    assert few.block_compute_bytes_per_s == pytest.approx(2 * launch.block_compute_bytes_per_s)
+    # below the decode kernel's calibrated per-block rate, it is what holds the launch's schedule
+    cal = calibration_for(h200, None)
+    assert launch.block_compute_bytes_per_s < cal.block_bytes_per_s
+    bound = predict_launches("s", [launch], gpu=h200, calibration=cal)
+    free = predict_launches("s", [dataclasses.replace(launch, block_compute_bytes_per_s=None)], gpu=h200,
+                            calibration=cal)
+    assert bound.terms["schedule_s"] > free.terms["schedule_s"]
+
+
 def test_hydragen_is_the_kernels_two_launches():
     """The prefix pass in the kernels' chunks (one wave of resident blocks), the suffixes by the
     kernels' split-KV plan, whose blocks merge every chunk's state into their rows."""
