@@ -24,7 +24,7 @@ from .split_kv import MMA_ROWS, TILE_TOKENS, _append_run, heads_per_block_for, p
 
 __all__ = ["SegmentGroup", "segments_launch", "QUERY_TILE_ROWS", "MMA_ROWS", "chunk_candidates", "best_chunks",
            "WorkItem", "attend_rows_launch", "attend_rows_kv_tile", "attend_rows_blocks_per_sm",
-           "PINGPONG_ROWS", "PINGPONG_KV_TILE", "prefix_block_rows", "pingpong_flops_per_s",
+           "PINGPONG_ROWS", "PINGPONG_KV_TILE", "prefix_block_rows", "pingpong_flops_per_s", "attend_rows_geometry",
            "attend_rows_tile_counts", "attend_rows_flops_per_s", "tensor_flops_per_clock_per_sm",
            "attend_rows_uses_wgmma", "attend_rows_wgmma_tile_clocks", "CountedRate",
            "predict_kernel_launches"]
@@ -370,45 +370,60 @@ class WorkItem:
     label: str = ""
 
 
+def attend_rows_geometry(block_rows: int, head_dim: int) -> tuple[int, int]:
+    """(KV rows per tile, resident blocks per SM) of the blocks of `block_rows` query rows:
+    `attend_rows`' (QUERY_TILE_ROWS) or the two-warpgroup pass's (PINGPONG_ROWS)."""
+    if block_rows == PINGPONG_ROWS:
+        return PINGPONG_KV_TILE, 1
+    if block_rows != QUERY_TILE_ROWS:
+        raise ValueError(f"block_rows must be {QUERY_TILE_ROWS} or {PINGPONG_ROWS}, got {block_rows}")
+    return attend_rows_kv_tile(head_dim), attend_rows_blocks_per_sm(head_dim)
+
+
 def attend_rows_launch(name: str, items: "list[WorkItem]", *, num_kv_heads: int, head_dim: int, dtype: str,
                        gpu: GPUSpec, page_size: int = 0, block_rows: int = QUERY_TILE_ROWS) -> tuple[Launch, float]:
     """The launch of `items` (dispatch order of one KV head; the grid repeats them for every KV
-    head, heads slowest) and its tensor-core rate (`attend_rows_flops_per_s` over its blocks'
-    tiles). Each block reads its queries and its KV rows, writes a float32 state (out, lse) per
-    row. `page_size` > 0: the KV rows lie in a paged cache (each item's rows starting on a page),
-    and every block looks up the pages of its rows as split-KV does (`split_kv.page_lookups`, the
-    costs the decode suite's paged rows fit); 0: contiguous. Each block streams no faster than its
-    tiles are computed (`_block_compute_rate`). `block_rows` PINGPONG_ROWS: the
-    blocks of the two-warpgroup pass (`prefix_block_rows`; contiguous rows only), one an SM, at
-    `pingpong_flops_per_s`."""
-    if block_rows == PINGPONG_ROWS:
-        if page_size:
-            raise ValueError("blocks of PINGPONG_ROWS rows read contiguous rows only (page_size must be 0)")
-        return _pingpong_launch(name, items, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, gpu=gpu)
-    if block_rows != QUERY_TILE_ROWS:
-        raise ValueError(f"block_rows must be {QUERY_TILE_ROWS} or {PINGPONG_ROWS}, got {block_rows}")
+    head, heads slowest) and its tensor-core rate (tensor clocks over the clocks that bound its
+    blocks' tiles: `attend_rows_flops_per_s`, `pingpong_flops_per_s`). Each block reads its
+    queries and its KV rows, writes a float32 state (out, lse) per row. `page_size` > 0: the KV
+    rows lie in a paged cache (each item's rows starting on a page), and every block looks up the
+    pages of its rows as split-KV does (`split_kv.page_lookups`, the costs the decode suite's paged
+    rows fit); 0: contiguous. Each block streams no faster than its tiles are computed
+    (`_block_compute_rate`). `block_rows` PINGPONG_ROWS: the blocks of the two-warpgroup pass
+    (`prefix_block_rows`; contiguous rows only), one an SM, every row computed (padding too)."""
+    kv_tile, blocks_per_sm = attend_rows_geometry(block_rows, head_dim)
+    pingpong = block_rows == PINGPONG_ROWS
+    if pingpong and page_size:
+        raise ValueError("blocks of PINGPONG_ROWS rows read contiguous rows only (page_size must be 0)")
     elem = dtype_bytes(dtype)
     d, hkv = head_dim, num_kv_heads
-    kv_tile = attend_rows_kv_tile(d)
     kv_by_label: dict[str, int] = {}
     reread = q_rows = matmul = useful = lookups = kv_bytes = 0
     tensor_clocks = sm_clocks = 0.0
     runs: list = []
-    wgmma = attend_rows_uses_wgmma(gpu, d, dtype)
-    blocks_per_sm = attend_rows_blocks_per_sm(d)
+    wgmma = pingpong or attend_rows_uses_wgmma(gpu, d, dtype)
+    if pingpong:   # a pair of turns: both warpgroups' products and one softmax
+        tensor, softmax = pingpong_tile_clocks(gpu, d, dtype)
+        pair = (2 * tensor, 2 * tensor + softmax)
     for it in items:
-        warps = 4 if wgmma and it.rows else -(-it.rows // WARP_ROWS)   # wgmma: the padding rows too
+        if pingpong:
+            computed = PINGPONG_ROWS
+            tensor, bound = pair
+        else:
+            warps = 4 if wgmma and it.rows else -(-it.rows // WARP_ROWS)   # wgmma: the padding rows too
+            computed = warps * WARP_ROWS
+            tensor, smem = _tile_clocks(gpu, d, warps, dtype) if warps else (0.0, 0.0)
+            bound = max(tensor, smem)
         block_kv = 2 * it.tokens * d * elem
         kv_by_label[it.label] = kv_by_label.get(it.label, 0) + block_kv
         reread += block_kv if it.rereads else 0
         lookups += page_lookups(0, it.tokens, page_size)
         q_rows += it.rows
-        matmul += 4 * warps * WARP_ROWS * it.tokens * d
+        matmul += 4 * computed * it.tokens * d
         useful += 4 * it.rows * it.tokens * d
-        tensor, smem = _tile_clocks(gpu, d, warps, dtype) if warps else (0.0, 0.0)
         tiles = -(-it.tokens // kv_tile)
         tensor_clocks += tiles * tensor
-        sm_clocks += tiles * max(tensor, smem)
+        sm_clocks += tiles * bound
         kv_bytes += block_kv
         _append_run(runs, block_kv + it.rows * d * elem + it.rows * (d + 1) * F32, 1, 1)
     head_runs = [tuple(r) for r in runs]
@@ -430,40 +445,6 @@ def attend_rows_launch(name: str, items: "list[WorkItem]", *, num_kv_heads: int,
     # (a head_dim the kernels are not built for, below 32, counts no ldmatrix: the GPU's rate)
     rate = gpu.matmul_flops_per_s * tensor_clocks / sm_clocks if tensor_clocks else gpu.matmul_flops_per_s
     return launch, CountedRate(rate) if wgmma else rate
-
-
-def _pingpong_launch(name: str, items: "list[WorkItem]", *, num_kv_heads: int, head_dim: int, dtype: str,
-                     gpu: GPUSpec) -> tuple[Launch, float]:
-    """`attend_rows_launch` for blocks of PINGPONG_ROWS rows (every row computes, padding too)."""
-    elem = dtype_bytes(dtype)
-    d, hkv = head_dim, num_kv_heads
-    tensor, softmax = pingpong_tile_clocks(gpu, d, dtype)
-    kv = reread = q_rows = matmul = useful = 0
-    runs: list = []
-    for it in items:
-        block_kv = 2 * it.tokens * d * elem
-        kv += block_kv
-        reread += block_kv if it.rereads else 0
-        q_rows += it.rows
-        matmul += 4 * PINGPONG_ROWS * it.tokens * d
-        useful += 4 * it.rows * it.tokens * d
-        _append_run(runs, block_kv + it.rows * d * elem + it.rows * (d + 1) * F32, 1, 1)
-    label = items[0].label if items else ""
-    launch = Launch(
-        name=name,
-        bytes_by_tensor={**{f"{x}_{label}" if label else x: hkv * kv // 2 for x in ("k", "v")},
-                         "q": hkv * q_rows * d * elem,
-                         "partial_out_write": hkv * q_rows * d * F32, "partial_lse_write": hkv * q_rows * F32},
-        block_runs=tuple(tuple(r) for r in runs) * hkv,
-        matmul_flops=hkv * matmul,
-        useful_flops=hkv * useful,
-        l2_hit_bytes=hkv * reread,
-        blocks_per_sm=1,
-        block_compute_bytes_per_s=_block_compute_rate(
-            gpu, kv, sum(-(-it.tokens // PINGPONG_KV_TILE) for it in items) * (2 * tensor + softmax),
-            hkv * len(items), 1),
-    )
-    return launch, CountedRate(pingpong_flops_per_s(gpu, d, dtype))
 
 
 def _block_compute_rate(gpu: GPUSpec, block_bytes: int, block_clocks: float, blocks: int,

@@ -37,9 +37,8 @@ from .gpus import GPUSpec, get_gpu, plan_gpu
 from .merge_states import MergeStatesShape, merge_states_launch
 from .prediction import (F32, Launch, Prediction, calibration_for, check_int_tuple, check_shape_fields,
                          check_shape_type, dtype_bytes, predict_launches)
-from .segments import (MMA_ROWS, PINGPONG_KV_TILE, PINGPONG_ROWS, QUERY_TILE_ROWS, SegmentGroup, WorkItem,
-                       attend_rows_blocks_per_sm, attend_rows_kv_tile, attend_rows_launch, best_chunks,
-                       predict_kernel_launches, prefix_block_rows,
+from .segments import (MMA_ROWS, QUERY_TILE_ROWS, SegmentGroup, WorkItem, attend_rows_geometry,
+                       attend_rows_launch, best_chunks, predict_kernel_launches, prefix_block_rows,
                        segments_launch)
 from .split_kv import DEFAULT_NUM_SMS, SplitKVPlan, plan_split_kv, split_kv_launch
 from .split_kv import predict as _predict_split_kv
@@ -279,11 +278,9 @@ def hydragen_prefix_chunk(shape: SharedPrefixShape, *, gpu: "GPUSpec | str", num
     spec, num_sms = plan_gpu(gpu, num_sms, default_num_sms=DEFAULT_NUM_SMS)
     s = shape
     block_rows = prefix_block_rows(spec, s.head_dim, s.dtype, s.batch * s.group_size)
-    pingpong = block_rows == PINGPONG_ROWS
-    tile = PINGPONG_KV_TILE if pingpong else attend_rows_kv_tile(s.head_dim)
+    tile, blocks_per_sm = attend_rows_geometry(block_rows, s.head_dim)
     one_wave = prefix_pass_chunk(max(s.prefix_len, 1), s.batch * s.group_size, s.num_kv_heads, num_sms,
-                                 1 if pingpong else attend_rows_blocks_per_sm(s.head_dim), tile,
-                                 block_rows=block_rows)
+                                 blocks_per_sm, tile, block_rows=block_rows)
     longest = max(tile, -(-max(s.prefix_len, 1) // tile) * tile)
     candidates = sorted({one_wave, max(tile, one_wave // 2 // tile * tile), min(longest, 2 * one_wave),
                          min(longest, 4 * one_wave)})

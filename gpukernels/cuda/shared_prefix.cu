@@ -179,6 +179,21 @@ __device__ __forceinline__ void write_row_states(RowsSoftmax<T, S_TILES>& sm, co
   }
 }
 
+// O += P V on wgmma for one swizzled V tile of KV rows at v_tile: one m64nHEAD_DIM product per
+// k-step of 16 rows, P as the A fragments pa, V read N-major (8-row groups 1024 bytes apart,
+// columns of 64 dims KV * 128 bytes apart); committed as one group.
+template <typename T, int HEAD_DIM, int KV>
+__device__ __forceinline__ void values_product(float (&o)[HEAD_DIM / 8][4], const unsigned (&pa)[KV / 16][4],
+                                               unsigned v_tile) {
+  fence_accumulators(o);
+  wgmma_fence();
+#pragma unroll
+  for (int kv = 0; kv < KV / 16; ++kv) {
+    wgmma_rs<T, HEAD_DIM, 1>(o, pa[kv], sw128_descriptor(v_tile + kv * 16 * 128, KV * 128, 1024));
+  }
+  wgmma_commit();
+}
+
 // The work of one block: the (up to) 64 query rows of this block (a lane's two rows gid and
 // gid + 8 of its warp's m16 tile: sequence row_b, query head row_h, and the row of part_out /
 // part_lse its state goes to, -1 for a padding row) against rows kv_begin .. kv_end - 1 of k and v
@@ -324,17 +339,8 @@ __device__ __forceinline__ void attend_rows(const T* __restrict__ q, const T* __
       }
       wgmma_commit();
     };
-    // O += P V: one m64nHEAD_DIM product per k-step of 16 prefix rows, V read N-major (8-row groups
-    // 1024 bytes apart, columns of 64 dims KV_TILE * 128 bytes apart).
     auto values = [&](const unsigned (&pa)[PV_STEPS][4], int t) {
-      const unsigned v_tile = smem_base + (t % STAGES) * STAGE_BYTES + TILE_BYTES;
-      fence_accumulators(o);
-      wgmma_fence();
-#pragma unroll
-      for (int kv = 0; kv < PV_STEPS; ++kv) {
-        wgmma_rs<T, HEAD_DIM, 1>(o, pa[kv], sw128_descriptor(v_tile + kv * 16 * 128, KV_TILE * 128, 1024));
-      }
-      wgmma_commit();
+      values_product<T, HEAD_DIM, KV_TILE>(o, pa, smem_base + (t % STAGES) * STAGE_BYTES + TILE_BYTES);
     };
     auto step = [&](float (&cur)[S_TILES][4], float (&next)[S_TILES][4], int t) {
       const bool more = t + 1 < num_tiles;
@@ -595,16 +601,8 @@ __device__ __forceinline__ void attend_rows_pingpong(const T* __restrict__ q, co
   float o[O_TILES][4];
 #pragma unroll
   for (int j = 0; j < O_TILES; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
-  // O += P V: one m64nHEAD_DIM product per k-step of 16 prefix rows, V read N-major.
-  auto values = [&](unsigned (&pa)[PV_STEPS][4], int t) {
-    const unsigned v_tile = smem_base + (t % STAGES) * Tile::STAGE_BYTES + Tile::TILE_BYTES;
-    fence_accumulators(o);
-    wgmma_fence();
-#pragma unroll
-    for (int kv = 0; kv < PV_STEPS; ++kv) {
-      wgmma_rs<T, HEAD_DIM, 1>(o, pa[kv], sw128_descriptor(v_tile + kv * 16 * 128, PP_KV_TILE * 128, 1024));
-    }
-    wgmma_commit();
+  auto values = [&](const unsigned (&pa)[PV_STEPS][4], int t) {
+    values_product<T, HEAD_DIM, PP_KV_TILE>(o, pa, smem_base + (t % STAGES) * Tile::STAGE_BYTES + Tile::TILE_BYTES);
   };
 
   RowsSoftmax<T, S_TILES> rows_softmax;
