@@ -156,8 +156,8 @@ def _predictions(w: Workload, gpu: GPUSpec, cal: Calibration) -> list[tuple[str,
         hp = shared_prefix.plan_hydragen(shape, gpu=gpu, calibration=cal)
         out.append(("shared_prefix:hydragen",
                     shared_prefix.predict(shape, method="hydragen", gpu=gpu, calibration=cal, plan=hp),
-                    f"3 launches: prefix pass in chunks of {hp.prefix_chunk_size}, suffixes in chunks of "
-                    f"{hp.suffix_chunk_size}, merge"))
+                    f"prefix pass in chunks of {hp.prefix_chunk_size}, suffixes in chunks of {hp.suffix_chunk_size}"
+                    + (", then a merge launch" if hp.merge_launch else " merging the prefix's states")))
         out.append(("shared_prefix:bifurcated",
                     shared_prefix.predict(shape, method="bifurcated", gpu=gpu, calibration=cal),
                     "the paper's form: 5 launches, float32 logits in memory"))

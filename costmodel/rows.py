@@ -9,7 +9,7 @@ A row (docs/benchmarks.md, "Result files") names the variant in `impl` and carri
 | `split_kv` | `kv_len`; `num_splits` and `chunk_size` as run (else the plan's own choice); optional `kv_lens` |
 | `paged_decode` | `kv_len`, `page_size`; `num_splits`, `chunk_size` as run; optional `kv_lens` |
 | `merge_states` | `num_states` (`num_qo_heads` heads) |
-| `shared_prefix:<method>` | `prefix_len`, `suffix_len`; optional `suffix_lens`, `fused`, `prefix_chunk_size`, `suffix_chunk_size` |
+| `shared_prefix:<method>` | `prefix_len`, `suffix_len`; optional `suffix_lens`, `fused`, `prefix_chunk_size`, `merge_launch`, `suffix_chunk_size` |
 | `tree` | `levels` ([[num_segments, seg_len], ...] from the root), or `prefix_len`, `num_groups`, `group_len`, `suffix_len` |
 | `span[:<kind>]` | `kv_len` and one of: `span_lens` (list); `density` and `num_spans`; `num_sinks` and `window` |
 | `sharded` | `kv_len`, `num_gpus`; optional `placement_block`, `graph` (the `distributed` suite: `costmodel.sharded`) |
@@ -150,10 +150,12 @@ def predict_row(row: dict, gpu: "GPUSpec | str", *,
         plan = None
         if method == "hydragen" or row.get("fused"):
             given = (row.get("prefix_chunk_size"), row.get("suffix_chunk_size"))
+            # A row that names its prefix chunk ran the launches it names (two without "merge_launch").
+            merge = None if given[0] is None else bool(row.get("merge_launch", False))
             plan = shared_prefix.plan_hydragen(
                 shape, num_sms=gpu.num_sms, gpu=gpu, calibration=cal,
                 prefix_chunk_size=None if given[0] is None else int(given[0]),
-                suffix_chunk_size=None if given[1] is None else int(given[1]))
+                suffix_chunk_size=None if given[1] is None else int(given[1]), merge_launch=merge)
         return shared_prefix.predict(shape, method=method, gpu=gpu, calibration=cal, plan=plan,
                                      fused=bool(row.get("fused", False)))
     if variant == "tree":

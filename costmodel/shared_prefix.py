@@ -34,7 +34,6 @@ from decode_attention.contract import check_positive_int
 
 from .calibration import Calibration
 from .gpus import GPUSpec, get_gpu, plan_gpu
-from .merge_states import MergeStatesShape, merge_states_launch
 from .prediction import (F32, Launch, Prediction, calibration_for, check_int_tuple, check_shape_fields,
                          check_shape_type, dtype_bytes, predict_launches)
 from .segments import (MMA_ROWS, QUERY_TILE_ROWS, SegmentGroup, WorkItem, attend_rows_geometry,
@@ -102,13 +101,16 @@ class HydragenPlan:
     `costmodel.split_kv.plan_split_kv` for the longest suffix), whose blocks that write a row's
     output also read and merge every prefix chunk's state (split_kv.cu: ExtraStates). Without
     suffixes the merge of the chunks' states is a launch of its own
-    (`merge_prefix_chunks_kernel`)."""
+    (`merge_prefix_chunks_kernel`). `merge_launch`: three launches instead, the suffixes' merging
+    no states and starting on the SMs the prefix pass leaves free (`predict` overlaps the two:
+    `merge_launch_time_s`), then the merge of the chunks' states and the suffixes' in place."""
 
     shape: SharedPrefixShape
     prefix_chunk_size: int       # tokens of the prefix per block of the prefix pass
     suffix: "SplitKVPlan | None"  # the suffixes' split-KV plan; None without suffixes
     num_sms: int = DEFAULT_NUM_SMS
     prefix_block_rows: int = QUERY_TILE_ROWS   # query rows per prefix-pass block (`prefix_block_rows`)
+    merge_launch: bool = False   # the suffixes merge no states; a merge launch after them does
 
     @property
     def num_chunks(self) -> int:
@@ -164,11 +166,64 @@ class HydragenPlan:
             launch = split_kv_launch(self.suffix, list(s.lens()), name="suffixes")
             renamed = {f"{k}_suffix" if k in ("k", "v") else k: v for k, v in launch.bytes_by_tensor.items()}
             launch = dataclasses.replace(launch, bytes_by_tensor=renamed)
-            out.append((with_merged_states(launch, self.suffix, self.num_chunks, "prefix_states"), None))
+            if self.merge_launch and self.num_chunks:
+                out.append((launch, None))
+                out.append((merge_chunks_launch(self.num_chunks, s.batch * s.num_qo_heads, s.head_dim, s.dtype,
+                                                suffix=True), None))
+            else:
+                out.append((with_merged_states(launch, self.suffix, self.num_chunks, "prefix_states"), None))
         else:
-            merge = MergeStatesShape(max(self.num_chunks, 1), s.batch, s.num_qo_heads, s.head_dim, "float32")
-            out.append((dataclasses.replace(merge_states_launch(merge), name="merge"), None))
+            out.append((merge_chunks_launch(max(self.num_chunks, 1), s.batch * s.num_qo_heads, s.head_dim, s.dtype,
+                                            suffix=False), None))
         return out
+
+
+MERGE_THREADS = 128           # merge_prefix_chunks_kernel: a thread per 4 dims of a row
+MERGE_BLOCKS_PER_SM = 16      # its 128-thread blocks without shared memory: the thread limit decides
+
+
+def merge_chunks_launch(num_chunks: int, rows: int, head_dim: int, dtype: str, *, suffix: bool) -> Launch:
+    """`merge_prefix_chunks_kernel`: per (sequence, query head) row, `num_chunks` float32 states
+    read STATES_BATCH at a time (a round trip each batch) and, with `suffix`, the suffixes' state
+    in out and lse first (one more); the merged row written in `dtype`. A thread per 4 dims,
+    MERGE_THREADS a block."""
+    elem = dtype_bytes(dtype)
+    blocks = max(1, -(-rows * (head_dim // 4) // MERGE_THREADS))
+    bytes_by_tensor = {"prefix_states": num_chunks * rows * (head_dim + 1) * F32,
+                       "out": rows * (head_dim * elem + F32)}
+    if suffix:
+        bytes_by_tensor["suffix_state"] = rows * (head_dim * elem + F32)
+    trips = -(-num_chunks // STATES_BATCH) + (1 if suffix else 0)
+    return Launch(name="merge", bytes_by_tensor=bytes_by_tensor,
+                  block_runs=((sum(bytes_by_tensor.values()) / blocks, trips, blocks),),
+                  vector_flops=3 * (num_chunks + suffix) * rows * head_dim, blocks_per_sm=MERGE_BLOCKS_PER_SM)
+
+
+def merge_launch_time_s(plan: HydragenPlan, gpu: GPUSpec, calibration: Calibration) -> dict[str, float]:
+    """The three launches of `plan.merge_launch` overlapped as they run: the prefix pass, in fewer
+    blocks than SMs at one block an SM (the two-warpgroup pass), leaves the other SMs to the
+    suffixes' blocks, which start with it and stream on the free SMs (their launch timed on a GPU of
+    that many SMs and the whole memory system) until the pass ends, then on all; the merge after
+    both. Otherwise (a pass that fills the GPU) the three one after another. Returns the terms
+    'prefix_s', 'suffixes_s', 'merge_s' (each launch alone, launch included), 'overlap_s' (what
+    the overlap saves) and 'time_s'."""
+    prefix, suffixes, merge = plan.launches(gpu)
+    t_prefix, t_suffixes, t_merge = (
+        predict_kernel_launches(launch.name, [(launch, rate)], gpu=gpu, calibration=calibration).time_s
+        for launch, rate in (prefix, suffixes, merge))
+    launch_s = calibration.launch_s
+    sequential = t_prefix + t_suffixes + t_merge
+    _, blocks_per_sm = attend_rows_geometry(plan.prefix_block_rows, plan.shape.head_dim)
+    free = gpu.num_sms - prefix[0].num_blocks
+    time_s = sequential
+    if blocks_per_sm == 1 and free > 0:
+        on_free = predict_kernel_launches("suffixes", [suffixes], gpu=dataclasses.replace(gpu, num_sms=free),
+                                          calibration=calibration).time_s - launch_s
+        body, rest = t_prefix - launch_s, t_suffixes - launch_s
+        done = min(1.0, body / on_free)   # the suffixes' share done on the free SMs while the pass runs
+        time_s = min(sequential, launch_s + max(body, done * on_free) + (1.0 - done) * rest + t_merge)
+    return {"prefix_s": t_prefix, "suffixes_s": t_suffixes, "merge_s": t_merge, "overlap_s": sequential - time_s,
+            "time_s": time_s}
 
 
 def with_merged_states(launch: Launch, plan: SplitKVPlan, num_states: int, name: str) -> Launch:
@@ -233,13 +288,15 @@ def plan_hydragen(
     prefix_chunk_size: int | None = None,
     suffix_chunk_size: int | None = None,
     fused: bool = False,
+    merge_launch: bool | None = None,
 ) -> "HydragenPlan | FusedHydragenPlan":
     """The plan the kernels make (`gpukernels.shared_prefix.plan_shared_prefix`): the prefix chunk
-    of `prefix_pass_chunk`, the suffixes' split-KV plan; given sizes are kept (a given
-    `suffix_chunk_size` replaces the split plan's chunk). `fused=True`: the single fused launch's
-    plan instead, its chunk sizes those the model predicts fastest (`calibration` is only used
-    there). The plan is for `gpu` and takes its SM count; `num_sms`, if also given, must agree
-    (see `plan_split_kv`)."""
+    and whether a merge launch follows the suffixes (`hydragen_schedule`: the model's fastest), the
+    suffixes' split-KV plan; given sizes and `merge_launch` are kept (a given `suffix_chunk_size`
+    replaces the split plan's chunk; with a given prefix chunk, `merge_launch` None is the model's
+    choice at that chunk). `fused=True`: the single fused launch's plan instead, its chunk sizes
+    those the model predicts fastest. The plan is for `gpu` and takes its SM count; `num_sms`, if
+    also given, must agree (see `plan_split_kv`)."""
     check_shape_type(shape, SharedPrefixShape)
     spec, num_sms = plan_gpu(gpu, num_sms, default_num_sms=DEFAULT_NUM_SMS)
     fixed = [check_positive_int(prefix_chunk_size, "prefix_chunk_size", allow_none=True),
@@ -253,8 +310,15 @@ def plan_hydragen(
 
         chunks = best_chunks([shape.prefix_len, shape.suffix_len], time_of)
         return FusedHydragenPlan(shape, *(f or c for f, c in zip(fixed, chunks)), num_sms=num_sms)
+    if merge_launch is not None and not isinstance(merge_launch, bool):
+        raise TypeError(f"merge_launch must be a bool or None, got {type(merge_launch).__name__}")
     s = shape
-    chunk = fixed[0] or hydragen_prefix_chunk(s, gpu=spec, num_sms=num_sms, calibration=calibration)
+    if fixed[0] is None or merge_launch is None:
+        chunk, chosen = hydragen_schedule(s, gpu=spec, num_sms=num_sms, calibration=calibration,
+                                          prefix_chunk_size=fixed[0], suffix_chunk_size=fixed[1],
+                                          merge_launch=merge_launch)
+        return plan_hydragen(s, gpu=spec, num_sms=num_sms, prefix_chunk_size=chunk, suffix_chunk_size=fixed[1],
+                             merge_launch=chosen)
     block_rows = prefix_block_rows(spec, s.head_dim, s.dtype, s.batch * s.group_size)
     suffix = None
     if s.suffix_len:
@@ -262,18 +326,29 @@ def plan_hydragen(
                                num_sms=num_sms, gpu=spec)
         if fixed[1] is not None and fixed[1] != suffix.chunk_size:
             suffix = dataclasses.replace(suffix, chunk_size=fixed[1], num_splits=-(-s.suffix_len // fixed[1]))
-    return HydragenPlan(shape, chunk, suffix, num_sms=num_sms, prefix_block_rows=block_rows)
+    return HydragenPlan(shape, fixed[0], suffix, num_sms=num_sms, prefix_block_rows=block_rows,
+                        merge_launch=merge_launch and suffix is not None and s.prefix_len > 0)
 
 
-def hydragen_prefix_chunk(shape: SharedPrefixShape, *, gpu: "GPUSpec | str", num_sms: int | None = None,
-                          calibration: Calibration | None = None) -> int:
-    """The prefix chunk of Hydragen's prefix pass (the kernels' plan): of the one-wave chunk
-    (`prefix_pass_chunk`), its half and its doublings (x2, x4), the one whose whole call the model
-    predicts fastest, the one-wave chunk on a tie. Fewer, longer chunks leave SMs idle in the
-    prefix pass but shorten the suffix launch's merge of one state per chunk. Measured on H200
-    (whole call, us; `logs/explore-prefix-chunk-sweep.log`): 32/8 heads, batch 16, 8192 + 256:
-    c256 33.3, c512 31.3, c1024 35.4 (the model: 35.1, 32.1, 34.2); on the grid's other seven rows
-    the one-wave chunk was within 1.5% of the fastest."""
+# A merge launch is planned only where the model predicts it this much faster than the best two-
+# launch plan: its overlap of the prefix pass with the suffixes is the model's least-measured part.
+MERGE_LAUNCH_MARGIN = 0.03
+
+
+def hydragen_schedule(shape: SharedPrefixShape, *, gpu: "GPUSpec | str", num_sms: int | None = None,
+                      calibration: Calibration | None = None, prefix_chunk_size: int | None = None,
+                      suffix_chunk_size: int | None = None,
+                      merge_launch: bool | None = None) -> tuple[int, bool]:
+    """(prefix chunk, merge launch) of Hydragen's kernels' plan: of the one-wave chunk
+    (`prefix_pass_chunk`), its half and its doublings (x2, x4) (or the given chunk), each in two
+    launches and, with suffixes, in three (`HydragenPlan.merge_launch`; or as given), the one whose
+    whole call the model predicts fastest: in two launches the one-wave chunk on a tie, in three
+    only when MERGE_LAUNCH_MARGIN faster than the best in two. Fewer, longer chunks leave SMs idle
+    in the prefix pass but shorten the merge of one state per chunk; in three launches the idle SMs
+    run the suffixes meanwhile. Measured on H200 (whole call, us; `logs/explore-prefix-chunk-sweep.log`):
+    32/8 heads, batch 16, 8192 + 256: c256 33.3, c512 31.3, c1024 35.4 (the model: 35.1, 32.1,
+    34.2); three launches (`logs/explore-prefix-merge-launch.log`): 32/8 heads, batch 256, 4096 +
+    128: c2048 in two 96.6, c4096 in three 88.7 (the model: 100.8, 91.2)."""
     check_shape_type(shape, SharedPrefixShape)
     spec, num_sms = plan_gpu(gpu, num_sms, default_num_sms=DEFAULT_NUM_SMS)
     s = shape
@@ -282,17 +357,30 @@ def hydragen_prefix_chunk(shape: SharedPrefixShape, *, gpu: "GPUSpec | str", num
     one_wave = prefix_pass_chunk(max(s.prefix_len, 1), s.batch * s.group_size, s.num_kv_heads, num_sms,
                                  blocks_per_sm, tile, block_rows=block_rows)
     longest = max(tile, -(-max(s.prefix_len, 1) // tile) * tile)
-    candidates = sorted({one_wave, max(tile, one_wave // 2 // tile * tile), min(longest, 2 * one_wave),
-                         min(longest, 4 * one_wave)})
-    if len(candidates) == 1:
-        return one_wave
+    if prefix_chunk_size is not None:
+        candidates = [prefix_chunk_size]
+    else:
+        candidates = sorted({one_wave, max(tile, one_wave // 2 // tile * tile), min(longest, 2 * one_wave),
+                             min(longest, 4 * one_wave)})
+    modes = [merge_launch] if merge_launch is not None else [False, True] if s.suffix_len and s.prefix_len else [False]
 
-    def time_of(chunk: int) -> float:
-        plan = plan_hydragen(s, gpu=spec, num_sms=num_sms, prefix_chunk_size=chunk)
+    def time_of(chunk: int, mode: bool) -> float:
+        plan = plan_hydragen(s, gpu=spec, num_sms=num_sms, prefix_chunk_size=chunk, suffix_chunk_size=suffix_chunk_size,
+                             merge_launch=mode)
         return predict(s, method="hydragen", gpu=spec, calibration=calibration, plan=plan).time_s
 
-    times = {c: time_of(c) for c in candidates}
-    return min(candidates, key=lambda c: (times[c], c != one_wave))
+    times = {(c, m): time_of(c, m) for c in candidates for m in modes}
+    best = {m: min((c for c in candidates if (c, m) in times), key=lambda c: (times[c, m], c != one_wave))
+            for m in modes}
+    if len(modes) == 2 and times[best[True], True] < times[best[False], False] * (1.0 - MERGE_LAUNCH_MARGIN):
+        return best[True], True
+    return best[modes[0]], modes[0]
+
+
+def hydragen_prefix_chunk(shape: SharedPrefixShape, *, gpu: "GPUSpec | str", num_sms: int | None = None,
+                          calibration: Calibration | None = None) -> int:
+    """The prefix chunk of Hydragen's kernels' plan (`hydragen_schedule`)."""
+    return hydragen_schedule(shape, gpu=gpu, num_sms=num_sms, calibration=calibration)[0]
 
 
 def prefix_pass_chunk(prefix_len: int, query_rows: int, num_kv_heads: int, num_sms: int,
@@ -476,5 +564,11 @@ def predict(
         raise ValueError("a FusedHydragenPlan is predicted with fused=True; the kernels' launches take a "
                          "HydragenPlan")
     if plan is None:
-        plan = plan_hydragen(shape, num_sms=spec.num_sms, gpu=spec)
-    return predict_kernel_launches(variant, plan.launches(spec), gpu=spec, calibration=cal)
+        plan = plan_hydragen(shape, num_sms=spec.num_sms, gpu=spec, calibration=cal)
+    prediction = predict_kernel_launches(variant, plan.launches(spec), gpu=spec, calibration=cal)
+    if plan.merge_launch and plan.suffix is not None and plan.num_chunks:
+        overlapped = merge_launch_time_s(plan, spec, cal)
+        prediction = dataclasses.replace(prediction, time_s=overlapped["time_s"],
+                                         terms={**prediction.terms, "overlap_s": overlapped["overlap_s"],
+                                                "time_s": overlapped["time_s"]})
+    return prediction

@@ -853,7 +853,7 @@ def _shared_prefix_workload_rows(timer: Timer, ceilings: dict, gpu, base: dict, 
     m = _measure(timer, "shared_prefix:hydragen", planned, failed)
     if m:
         rows.append(_predicted({**base, "impl": "shared_prefix:hydragen", "prefix_chunk_size": plan.prefix_chunk_size,
-                                **m}, gpu))
+                                "merge_launch": plan.merge_launch, **m}, gpu))
     one_shot = lambda: shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix)  # noqa: E731
     m = _measure(timer, "shared_prefix:hydragen:oneshot", one_shot, failed)
     if m:

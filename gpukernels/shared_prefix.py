@@ -16,11 +16,17 @@ Hydragen (`method="hydragen"`) runs two launches on the caller's stream:
    float32 (`SplitKV.run`'s `states`). With no suffix tokens at all, `merge_prefix_chunks_kernel`
    merges the chunks instead.
 
-Hydragen's prefix chunk is the one, of the chunk that fills one wave of resident blocks and its half
-and doublings, whose whole call the cost model predicts fastest
-(`costmodel.shared_prefix.hydragen_prefix_chunk`); the bifurcated method's fills one wave
-(`costmodel.shared_prefix.prefix_pass_chunk`).
-The cost model predicts these two launches (`costmodel.shared_prefix.predict`), and, with
+Where the plan says so (`SharedPrefixPlan.merge_launch`), three launches instead: the suffixes'
+launch merges no states, so its blocks start on the SMs the prefix pass leaves free without
+waiting for it (a pass of fewer blocks than SMs runs beside them), writing their own state into
+out and lse; then `merge_prefix_chunks_kernel` merges the chunks' states and that one in place, in
+float32 (the suffixes' out read back in q's dtype).
+
+Hydragen's prefix chunk, and whether a merge launch follows, are those of the chunk that fills one
+wave of resident blocks, its half and doublings, in two launches or three, whose whole call the
+cost model predicts fastest (`costmodel.shared_prefix.hydragen_schedule`); the bifurcated
+method's chunk fills one wave (`costmodel.shared_prefix.prefix_pass_chunk`).
+The cost model predicts these launches (`costmodel.shared_prefix.predict`), and, with
 `fused=True`, the single launch they are not yet (results/h200/NOTES.md).
 float16 and bfloat16; head_dim 64, 128 and 256.
 
@@ -104,15 +110,16 @@ def prefix_name_expression(dtype: str, head_dim: int) -> str:
             f"{pipeline_stages(head_dim)}>")
 
 
-def merge_name_expression(dtype: str) -> str:
-    return f"decode_attention::merge_prefix_chunks_kernel<{rt.C_TYPES[dtype]}>"
+def merge_name_expression(dtype: str, suffix: bool = False) -> str:
+    """The merge of the prefix chunks' states; `suffix`: with the suffixes' state in out and lse."""
+    return f"decode_attention::merge_prefix_chunks_kernel<{rt.C_TYPES[dtype]}, {'true' if suffix else 'false'}>"
 
 
 def instantiations() -> list[tuple[str, str]]:
     """(source in cuda/, name expression) of every kernel either method can ask for."""
     hydragen = ([prefix_name_expression(dt, d) for dt in PREFIX_DTYPES for d in rt.HEAD_DIMS]
                 + [pingpong_name_expression(dt, d) for dt in PREFIX_DTYPES for d in PINGPONG_HEAD_DIMS]
-                + [merge_name_expression(dt) for dt in PREFIX_DTYPES])
+                + [merge_name_expression(dt, suffix) for dt in PREFIX_DTYPES for suffix in (False, True)])
     return [("shared_prefix", e) for e in hydragen] + [("bifurcated", e) for e in bifurcated.all_name_expressions()]
 
 
@@ -148,8 +155,8 @@ def _runs_sm90a(device_id: int) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _merge_kernel(dtype: str) -> rt.Kernel:
-    return rt.Kernel("shared_prefix", merge_name_expression(dtype), MERGE_SIGNATURE)
+def _merge_kernel(dtype: str, suffix: bool = False) -> rt.Kernel:
+    return rt.Kernel("shared_prefix", merge_name_expression(dtype, suffix), MERGE_SIGNATURE)
 
 
 def merge_blocks(rows: int, head_dim: int) -> int:
@@ -356,6 +363,7 @@ def _cached_runner(method, batch, num_qo_heads, num_kv_heads, head_dim, prefix_l
 class SharedPrefixPlan:
     """One shared-prefix call's launches for one shape. Hydragen: the prefix in `num_chunks`
     chunks of `prefix_chunk_size` tokens, the suffixes by `suffix` (a split-KV plan), the merge.
+    `merge_launch`: the suffixes merge no states and a merge launch follows (see the module).
     Bifurcated: the prefix logits by blocks of `logits_row_tiles` tiles of 64 query rows, the
     values pass in chunks of `prefix_chunk_size` tokens, a logits workspace of `logits_stride`
     floats per query row (`suffix` None). `page_size` 0: contiguous suffixes; otherwise paged,
@@ -375,6 +383,7 @@ class SharedPrefixPlan:
     page_size: int = 0
     logits_row_tiles: int = 1
     prefix_block_rows: int = QUERY_ROWS   # Hydragen: query rows per prefix-pass block (64, or 128 on Hopper)
+    merge_launch: bool = False            # Hydragen: a merge launch after the suffixes (three launches)
 
     @property
     def num_chunks(self) -> int:
@@ -391,13 +400,14 @@ def plan_shared_prefix(batch: int, num_qo_heads: int, num_kv_heads: int, head_di
                        prefix_chunk_size: int | None = None, page_size: int = 0, num_sms: int | None = None,
                        gpu=None) -> SharedPrefixPlan:
     """The plan of a shared-prefix call (made on the host, no GPU needed): the prefix chunk (for
-    Hydragen the one the cost model predicts fastest, for the bifurcated method the one that fills
-    one wave of resident blocks); for Hydragen the suffixes' split plan from the cost model.
+    Hydragen the one the cost model predicts fastest, with a merge launch or not, at a given
+    `prefix_chunk_size` too; for the bifurcated method the one that fills one wave of resident
+    blocks); for Hydragen the suffixes' split plan from the cost model.
     `page_size` > 0 plans for suffixes in pages of that size (`SharedPrefix.run_paged`). `num_sms`
     and `gpu` as for `plan_split_kv` (the H100's 132 SMs when neither is given)."""
     from costmodel.gpus import plan_gpu  # noqa: PLC0415
     from costmodel.segments import prefix_block_rows  # noqa: PLC0415
-    from costmodel.shared_prefix import SharedPrefixShape, hydragen_prefix_chunk, prefix_pass_chunk  # noqa: PLC0415
+    from costmodel.shared_prefix import SharedPrefixShape, hydragen_schedule, prefix_pass_chunk  # noqa: PLC0415
     from costmodel.split_kv import DEFAULT_NUM_SMS  # noqa: PLC0415
 
     _check_method(method, allow_auto=False)
@@ -418,24 +428,28 @@ def plan_shared_prefix(batch: int, num_qo_heads: int, num_kv_heads: int, head_di
     tile = _chunk_tile(method, dtype, head_dim)
     rows = batch * (num_qo_heads // num_kv_heads)   # query rows per KV head
     common = (batch, num_qo_heads, num_kv_heads, head_dim, int(prefix_len), int(suffix_len), dtype)
-    if prefix_chunk_size is not None:
+    merge_launch = False
+    if method == "hydragen":   # the chunk (or the given one) and the launches the cost model predicts fastest
+        given = None if prefix_chunk_size is None else _checked_chunk(prefix_chunk_size, tile)
+        chunk, merge_launch = hydragen_schedule(
+            SharedPrefixShape(batch, num_qo_heads, num_kv_heads, head_dim, int(prefix_len), int(suffix_len),
+                              dtype=dtype), gpu=spec, num_sms=sms, prefix_chunk_size=given)
+    elif prefix_chunk_size is not None:
         chunk = _checked_chunk(prefix_chunk_size, tile)
     elif method == "bifurcated" and dtype not in bifurcated.TENSOR_CORE_DTYPES:
         # The CUDA-core values pass serves tiles of SIMT_ROWS rows: counted as row tiles of 64.
         chunk = prefix_pass_chunk(max(int(prefix_len), 1), rows * (QUERY_ROWS // bifurcated.SIMT_ROWS),
                                   num_kv_heads, sms, 2, tile)
-    elif method == "bifurcated":
+    else:
         chunk = prefix_pass_chunk(max(int(prefix_len), 1), rows, num_kv_heads, sms, blocks_per_sm(head_dim), tile)
-    else:   # the chunk whose whole call the cost model predicts fastest
-        chunk = hydragen_prefix_chunk(SharedPrefixShape(batch, num_qo_heads, num_kv_heads, head_dim, int(prefix_len),
-                                                        int(suffix_len), dtype=dtype), gpu=spec, num_sms=sms)
     if method == "bifurcated":
         return SharedPrefixPlan(*common, chunk, None, "bifurcated", int(page_size),
                                 _logits_row_tiles(int(prefix_len), rows, num_kv_heads, sms, dtype))
     suffix = plan_split_kv(batch, num_qo_heads, num_kv_heads, head_dim, max(int(suffix_len), 1), dtype=dtype,
                            num_sms=sms, page_size=int(page_size), gpu=gpu)
     block_rows = prefix_block_rows(spec, head_dim, dtype, rows)
-    return SharedPrefixPlan(*common, chunk, suffix, "hydragen", int(page_size), prefix_block_rows=block_rows)
+    return SharedPrefixPlan(*common, chunk, suffix, "hydragen", int(page_size), prefix_block_rows=block_rows,
+                            merge_launch=merge_launch)
 
 
 def _logits_row_tiles(prefix_len: int, rows: int, num_kv_heads: int, sms: int, dtype: str) -> int:
@@ -578,6 +592,7 @@ class SharedPrefix:
         # 1. The prefix, once for every sequence. 2. Each sequence's own tokens, by split-KV, whose
         # blocks that write a row's output merge the prefix chunks' states into it; its first wave
         # starts on the SMs the prefix pass frees and waits for that pass only before the merge.
+        # With a merge launch, 2. merges nothing and 3. merges both.
         n = p.num_chunks
         if n:
             # Two warpgroups a block taking turns where the plan says so and the GPU runs sm_90a
@@ -592,7 +607,18 @@ class SharedPrefix:
                 (qa.ptr, prefix[0].ptr, prefix[1].ptr, rt.address(part_out), rt.address(part_lse),
                  B, p.prefix_len, Hq, Hkv, p.prefix_chunk_size, sm_scale * _LOG2E),
                 stream_ptr=stream_ptr, device_id=device_id)
-        if paged is not None or p.suffix_len:
+        has_suffix = paged is not None or p.suffix_len
+        if n and has_suffix and p.merge_launch:
+            # The suffixes into out and lse, their blocks starting on the SMs the prefix pass frees
+            # without waiting for it (but the last); then the merge of both passes' states, in place.
+            q_, k_, v_, *lens = suffix_args
+            split_launch(self._suffix.plan, q_, k_, v_, kv_lens=lens[0] if lens else None, paged=paged,
+                         sm_scale=sm_scale, out=out, lse=lse, workspace=self._suffix._workspace_for, beside=True)
+            _merge_kernel(p.dtype, True)(
+                (merge_blocks(B * Hq, D),), (MERGE_THREADS,),
+                (rt.address(part_out), rt.address(part_lse), out_ptr, lse_ptr, n, B * Hq, D),
+                stream_ptr=stream_ptr, device_id=device_id)
+        elif has_suffix:
             q_, k_, v_, *lens = suffix_args
             split_launch(self._suffix.plan, q_, k_, v_, kv_lens=lens[0] if lens else None, paged=paged,
                          sm_scale=sm_scale, out=out, lse=lse, workspace=self._suffix._workspace_for,

@@ -144,8 +144,8 @@ def _kernel(plan: SplitKVPlan, paged: bool, states: bool = False, windows: bool 
 # partial_out, partial_lse, counters; batch, kv_len, num_pages, page_size, num_qo_heads,
 # num_kv_heads, head_groups, chunk_size; scale_log2; windows (kv_indices holds windows, see run_windows);
 # extra_out, extra_lse, extra_count (states merged into each row's output, see `SplitKV.run`);
-# late_states_blocks (the first blocks, which wait for the states' kernel only at their end: see
-# `_launch`).
+# late_states_blocks (with states, the first blocks, which wait for the states' kernel only at
+# their end; without, the blocks that never wait for the kernel before: see `_launch`).
 KERNEL_SIGNATURE = "p" * 12 + "i" * 8 + "f" + "i" + "ppi" + "i"
 WINDOW_ROWS = ROWS_PER_WARP_TILE   # rows of a window at most (a warp tile of the tensor-core kernel)
 WINDOW_LEN_BITS = 4  # an entry is (first row << WINDOW_LEN_BITS) | (rows - 1)
@@ -405,14 +405,18 @@ def outputs(out, lse, kind: str, shape: tuple, dtype: str, device_id: int):
 
 
 def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace, views=None, windows=False,
-            programmatic=False, states=None, states_overlap=False):
+            programmatic=False, states=None, states_overlap=False, beside=False):
     """Check shapes against the plan (metadata only: no synchronisation) and launch. `views`: the
     device views of q, k, v when the caller already made them; `programmatic`, `states`: see
     `SplitKV.run`. `states_overlap` (with `states`, for a launch right after the kernel that writes
     them, which lets it start early: Hydragen's prefix pass, the tree's segments): launched
     dependent on that kernel, the blocks of the first wave attend to their tokens while it runs and
     wait for it only before they merge its states; q, the cache and the tables must not be its
-    outputs."""
+    outputs. `beside` (without `states`, for a launch right after a kernel whose outputs it does not
+    read, which lets it start early: Hydragen's prefix pass before a merge launch): launched
+    dependent on that kernel, every block but the last starts on the SMs it leaves free without
+    waiting for it, the last waits for it (the persistent kernel's blocks all wait), so that the
+    launch ends after it and the launch after this one sees its outputs."""
     if views is None:
         qa, ka, va = rt.device_array(q, "q"), rt.device_array(k, "k"), rt.device_array(v, "v")
     else:
@@ -470,12 +474,16 @@ def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace, vie
         sm_scale * _LOG2E, int(windows), *extra, 0,
     )
     grid = persistent_grid(plan, device_id) if paged is None and kv_lens is None and not extra[2] else None
-    if grid is not None:
+    if grid is not None:   # its blocks wait for the kernel before at their start
         _persistent_kernel_for(plan.dtype, D, plan.heads_per_block)(
-            grid, (NUM_WARPS * 32,), args, stream_ptr=stream_ptr, device_id=device_id, programmatic=programmatic)
+            grid, (NUM_WARPS * 32,), args, stream_ptr=stream_ptr, device_id=device_id,
+            programmatic=programmatic or beside)
         return out, lse
     kernel = _kernel(plan, paged is not None, bool(extra[2]), windows)
-    if states_overlap and extra[2] and STATES_OVERLAP:
+    if beside and not extra[2]:
+        args = args[:-1] + (math.prod(plan.grid) - 1,)   # all but the last block never wait
+        programmatic = True
+    elif states_overlap and extra[2] and STATES_OVERLAP:
         # The first wave: the blocks the SMs hold at once, in launch order.
         wave = kernel.resident_blocks(device_id, NUM_WARPS * 32) * num_sms(device_id)
         if math.prod(plan.grid) <= OVERLAP_WAVES * wave:

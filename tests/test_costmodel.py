@@ -388,7 +388,7 @@ def test_shared_prefix_checks_its_shape():
 def test_gqa_prefix_is_a_tensor_core_product():
     shape = shared_prefix.SharedPrefixShape(128, 32, 8, 128, 32768, 256)
     plan = shared_prefix.plan_hydragen(shape, gpu=H100)
-    (prefix, _), _ = plan.launches(H100)
+    (prefix, _), *_ = plan.launches(H100)
     assert prefix.matmul_flops > 0
     # 128 sequences x 4 heads = 512 query rows per KV head: on Hopper 4 blocks of 128 rows (two
     # warpgroups taking turns), the later ones read from L2
@@ -452,7 +452,8 @@ def test_a_tensor_core_block_streams_no_faster_than_it_computes():
 
 def test_hydragen_is_the_kernels_two_launches():
     """The prefix pass in the kernels' chunks (one wave of resident blocks), the suffixes by the
-    kernels' split-KV plan, whose blocks merge every chunk's state into their rows."""
+    kernels' split-KV plan, whose blocks merge every chunk's state into their rows (the plans of
+    model and kernels agree on the chunk and on a merge launch)."""
     from gpukernels.shared_prefix import plan_shared_prefix
 
     for b, hq, hkv, d, P, S in [(64, 32, 8, 128, 16384, 256), (16, 32, 32, 128, 8192, 256),
@@ -463,6 +464,8 @@ def test_hydragen_is_the_kernels_two_launches():
         assert plan.prefix_chunk_size == kernels.prefix_chunk_size
         assert plan.num_chunks == kernels.num_chunks
         assert plan.suffix == kernels.suffix
+        assert plan.merge_launch == kernels.merge_launch
+        plan = dataclasses.replace(plan, merge_launch=False)   # the two launches (the plan's or not)
         (prefix, rate), (suffixes, _) = plan.launches(H100)
         assert [launch.name for launch in (prefix, suffixes)] == ["prefix_pass", "suffixes"]
         # grid: chunks x tiles of 64 query rows x KV heads, two resident blocks (one at head_dim 256);
@@ -495,6 +498,40 @@ def test_hydragen_is_the_kernels_two_launches():
                                                                  ("prefix_pass", "suffixes")))
         # the prefix pass's tensor cores wait on shared memory: never faster than the GPU's rate
         assert rate <= H100.matmul_flops_per_s
+
+
+def test_hydragen_with_a_merge_launch_overlaps_the_suffixes_with_the_prefix_pass():
+    """Three launches: the suffixes merge nothing, a merge launch reads every chunk's state and the
+    suffixes' (out in the dtype, lse) and writes out. When the two-warpgroup pass (one block an SM)
+    leaves SMs free, the suffixes run there meanwhile: faster than the three one after another,
+    never faster than the longer of pass and suffixes; a pass that fills the GPU gets no overlap.
+    The plan takes three launches only where the model predicts them MERGE_LAUNCH_MARGIN faster."""
+    b, hq, hkv, d, P, S = 256, 32, 8, 128, 4096, 128
+    shape = shared_prefix.SharedPrefixShape(b, hq, hkv, d, P, S)
+    for chunk, overlaps in ((4096, True), (1024, False)):   # 64 blocks of 128 rows, or 256
+        plan = shared_prefix.plan_hydragen(shape, gpu="H200", prefix_chunk_size=chunk, merge_launch=True)
+        (prefix, _), (suffixes, _), (merge, _) = plan.launches("H200")
+        assert [x.name for x in (prefix, suffixes, merge)] == ["prefix_pass", "suffixes", "merge"]
+        assert "prefix_states" not in suffixes.bytes_by_tensor
+        rows = b * hq
+        assert merge.bytes_by_tensor == {"prefix_states": plan.num_chunks * rows * (d + 1) * 4,
+                                         "suffix_state": rows * (d * 2 + 4), "out": rows * (d * 2 + 4)}
+        parts = shared_prefix.merge_launch_time_s(plan, get_gpu("H200"), calibration_for(get_gpu("H200"), None))
+        sequential = parts["prefix_s"] + parts["suffixes_s"] + parts["merge_s"]
+        p = shared_prefix.predict(shape, gpu="H200", plan=plan)
+        assert p.launches == 3 and p.time_s == parts["time_s"] and p.terms["overlap_s"] == parts["overlap_s"]
+        if overlaps:
+            assert prefix.num_blocks == 64
+            assert max(parts["prefix_s"], parts["suffixes_s"]) < p.time_s < sequential
+        else:
+            assert prefix.num_blocks == 256 and p.time_s == pytest.approx(sequential)
+    best = shared_prefix.plan_hydragen(shape, gpu="H200")
+    two = shared_prefix.plan_hydragen(shape, gpu="H200", merge_launch=False)
+    t_best, t_two = (shared_prefix.predict(shape, gpu="H200", plan=x).time_s for x in (best, two))
+    assert best.merge_launch and t_best < t_two * (1 - shared_prefix.MERGE_LAUNCH_MARGIN)
+    # no suffixes: the merge launch of the chunks alone, whatever is asked
+    none = shared_prefix.SharedPrefixShape(b, hq, hkv, d, P, 0)
+    assert not shared_prefix.plan_hydragen(none, gpu="H200", merge_launch=True).merge_launch
 
 
 def test_prefix_pass_rate_is_shared_memory_bound_on_mma_sync():

@@ -350,6 +350,59 @@ def test_hydragen_suffixes_overlapping_the_prefix_pass_give_the_same_bits(paged,
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("paged", [False, True])
+def test_the_suffixes_with_a_merge_launch_match_the_reference(dtype, head_dim, paged, monkeypatch):
+    """Hydragen in three launches (`merge_launch`): the prefix pass, the suffixes merging no states
+    (launched dependent on the pass: all their blocks but the last start without waiting for it),
+    then the merge of both in place. Ragged suffixes, lengths (or page tables) on the GPU with one
+    out of range: that sequence NaN, the others right; 64 and 164 query rows a KV head (both
+    prefix-pass kernels on Hopper)."""
+    import dataclasses
+
+    import gpukernels._runtime as rt
+    from gpukernels.shared_prefix import SharedPrefix, plan_shared_prefix
+
+    launches = []
+    call = rt.Kernel.__call__
+
+    def spy(self, grid, block, args, **kwargs):
+        launches.append((self.name.split("<")[0].split("::")[-1], kwargs.get("programmatic", False)))
+        return call(self, grid, block, args, **kwargs)
+
+    monkeypatch.setattr(rt.Kernel, "__call__", spy)
+    rng = np.random.default_rng(head_dim + paged)
+    for batch in (16, 41):
+        hq, hkv, prefix_len, suffix_len, page_size = 32, 8, 1500, 60, 16
+        q, kp, vp, ks, vs, lens, caches, tables = _paged_inputs(rng, dtype, batch, hq, hkv, head_dim, prefix_len,
+                                                                 suffix_len, page_size)
+        ref_out, ref_lse = refattn.shared_prefix(q, kp, vp, ks, vs, lens)
+        plan = plan_shared_prefix(batch, hq, hkv, head_dim, prefix_len, suffix_len, dtype=dtype, num_sms=132,
+                                  prefix_chunk_size=512, page_size=page_size if paged else 0)
+        runner = SharedPrefix(dataclasses.replace(plan, merge_launch=True))
+        qd = _device(q)
+        bad = 0   # a whole suffix (_paged_inputs), given a length past it / its last page past the page size
+        out, lse = _poisoned(qd, q.shape, dtype), _poisoned(qd, q.shape[:2], "float32")
+        launches.clear()
+        if paged:
+            last = tables[2].copy()
+            last[bad] = page_size + 1
+            runner.run_paged(qd, _device(kp), _device(vp), *(_device(c) for c in caches),
+                             *(_lens_on_device(t, qd) for t in (tables[0], tables[1], last)), out=out, lse=lse)
+        else:
+            bad_lens = lens.copy()
+            bad_lens[bad] = suffix_len + 1
+            runner.run(qd, _device(kp), _device(vp), _device(ks), _device(vs), _lens_on_device(bad_lens, qd),
+                       out=out, lse=lse)
+        o, l = _host(out), _host(lse)
+        good = np.arange(batch) != bad
+        assert np.all(np.isnan(o[bad])) and np.all(np.isnan(l[bad]))
+        _check(o[good], l[good], ref_out[good], ref_lse[good], dtype)
+        assert [name for name, _ in launches][1:] == ["split_kv_mma_kernel", "merge_prefix_chunks_kernel"], launches
+        assert [p for _, p in launches][1:] == [True, False], launches
+
+
 def _check_graph_replays(runner, rng, dtype, shape, lens, method):
     """`runner.run` captured in a CUDA graph on a stream of its own (after one run there, which
     makes that stream's buffers) and replayed on new queries, each replay against the reference."""

@@ -794,8 +794,9 @@ merge_parts_kernel(const float* __restrict__ part_out, const float* __restrict__
 }
 
 // Merge, per (sequence, query head), the prefix chunks' float32 states (Hydragen with no suffix
-// tokens). Grid: rows * head_dim / 4 threads.
-template <typename T>
+// tokens). SUFFIX: with the state already in out and lse (the suffixes', written by a launch of
+// their own), merged in place. Grid: rows * head_dim / 4 threads.
+template <typename T, bool SUFFIX = false>
 __global__ void __launch_bounds__(MERGE_THREADS)
 merge_prefix_chunks_kernel(const float* __restrict__ part_out,   // [num_chunks, rows, head_dim]
                            const float* __restrict__ part_lse,   // [num_chunks, rows]
@@ -806,6 +807,13 @@ merge_prefix_chunks_kernel(const float* __restrict__ part_out,   // [num_chunks,
   int d;
   if (!merge_thread(rows, head_dim, row, d)) return;
   RunningMerge r;
+  if constexpr (SUFFIX) {
+    const T* o = out + row * head_dim + d;
+    const float ls[1] = {lse[row]};
+    const float4 os[1] = {make_float4(static_cast<float>(o[0]), static_cast<float>(o[1]), static_cast<float>(o[2]),
+                                      static_cast<float>(o[3]))};
+    fold_states<1>(r, ls, os);
+  }
   merge_states_into(r, part_out, part_lse, num_chunks, rows, row, d, head_dim);
   write_merged<T>(r, out + row * head_dim + d, lse + row, d);
 }

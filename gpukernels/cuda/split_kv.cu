@@ -782,14 +782,17 @@ __device__ __forceinline__ void store_warp_state(float (&smem_o)[NUM_WARPS][GROU
 }
 
 // STATES: the launch merges extra states into its outputs (ExtraStates; Hydragen's suffixes). Without
-// it the kernel ignores extra_out, extra_lse, extra_count and late_states_blocks and carries no code
-// for them (holding prefetched states through the loop measured 4-7% slower on few-block decode
-// rows).
+// it the kernel ignores extra_out, extra_lse and extra_count and carries no code for them (holding
+// prefetched states through the loop measured 4-7% slower on few-block decode rows).
 // late_states_blocks: with STATES, launched dependent on the kernel that writes the states (its
 // blocks having let this launch start: `let_dependents_start`), blocks of linear index below it
 // (the first wave) attend to their tokens while that kernel still runs and wait for it only
 // before they read the states, at their end; the later blocks wait at their start and prefetch
-// their states. Only for a launch whose q, cache and tables that kernel does not write.
+// their states. Only for a launch whose q, cache and tables that kernel does not write. Without
+// STATES, the blocks below it never wait for the kernel before (they read none of its outputs) and
+// the others wait at their start: with all but the last block below it, the launch runs beside
+// that kernel and still ends after it (Hydragen's suffixes beside a prefix pass of fewer blocks
+// than SMs).
 template <typename T, int HEAD_DIM, int GROUP, bool PAGED, int STAGES, bool STATES = false, bool WINDOWS = false>
 __global__ void __launch_bounds__(NUM_THREADS, mma_min_blocks_per_sm<HEAD_DIM>())
 split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
@@ -821,15 +824,14 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
 
   BlockWork w;
   // STATES: blocks of the first wave wait at their end (late_states_blocks), the others here.
+  // Without STATES, blocks below late_states_blocks read nothing the kernel before writes and never
+  // wait for it; the others wait here (a launch beside Hydragen's prefix pass: all but its last block).
   const bool late_states =
-      STATES && static_cast<long long>(blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x <
-                    late_states_blocks;
-  if constexpr (STATES) {
-    if (!late_states) wait_for_previous_grid();
-  }
-  if (!block_work<T, HEAD_DIM, GROUP, PAGED, !STATES>(w, out, lse, kv_lens, kv_indptr, kv_last_page_len, batch,
-                                                      kv_len, page_size, num_qo_heads, num_kv_heads,
-                                                      head_groups, chunk_size)) {
+      static_cast<long long>(blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x < late_states_blocks;
+  if (!late_states) wait_for_previous_grid();
+  if (!block_work<T, HEAD_DIM, GROUP, PAGED, false>(w, out, lse, kv_lens, kv_indptr, kv_last_page_len, batch,
+                                                    kv_len, page_size, num_qo_heads, num_kv_heads,
+                                                    head_groups, chunk_size)) {
     return;
   }
   const ExtraStates extra = STATES ? ExtraStates{extra_out, extra_lse, extra_count} : ExtraStates{};
