@@ -6,7 +6,8 @@ holding a full copy of gpukernels/cuda with one change; each row's planned run i
 kernels compiled from the library's sources and from the variant's (the median of 30 calls after
 the benchmark's L2 flush, each round), beside the read-only time of its bytes and PyTorch SDPA's
 best backend. Rows: "coverage" (the head_dim-64 rows of many short items the persistent kernel
-serves), "span" (the span grid's rows read by windows).
+serves), "span" (the span grid's rows read by windows), "shared_prefix" (the shared-prefix grid's
+Hydragen calls as planned, and their prefix pass alone; no SDPA there).
 Run: VARIANT=/path/to/cuda PYTHONPATH=. python3 scripts/explore/source_variants.py coverage,span
 """
 import importlib
@@ -25,6 +26,7 @@ from gpukernels.bench import (HEAD_DIM, NUM_QO_HEADS, SPAN_BATCH, SPAN_GRID, SPA
 
 rt = importlib.import_module("gpukernels._runtime")
 sk = importlib.import_module("gpukernels.split_kv")
+sp = importlib.import_module("gpukernels.shared_prefix")
 span_mod = importlib.import_module("gpukernels.span")
 LIBRARY = rt.CUDA_DIR
 VARIANT = pathlib.Path(os.environ["VARIANT"]).resolve()
@@ -36,7 +38,8 @@ stream = stream_read()
 def use(sources: pathlib.Path) -> None:
     """Compile (or load from CuPy's cache) every kernel from `sources` from now on."""
     rt.CUDA_DIR = sources
-    for cached in (rt.module, sk._kernel_for, sk._persistent_kernel_for, sk._persistent_grid):
+    for cached in (rt.module, sk._kernel_for, sk._persistent_kernel_for, sk._persistent_grid, sp._prefix_kernel,
+                   sp._pingpong_kernel, sp._merge_kernel):
         cached.cache_clear()
 
 
@@ -110,5 +113,41 @@ def span() -> None:
             line(f"span {case} s{s}{mark}", read, lib, var, tl, tv)
 
 
+def shared_prefix() -> None:
+    from _inputs import shared_prefix_inputs
+
+    from gpukernels.bench import SHARED_PREFIX_GRID
+
+    for hkv, batch, prefix_len, suffix_len in SHARED_PREFIX_GRID:
+        q, kp, vp, ks, vs, out, lse = shared_prefix_inputs(hkv, batch, prefix_len, suffix_len,
+                                                           num_qo_heads=NUM_QO_HEADS, head_dim=HEAD_DIM)
+        plan = sp.plan_shared_prefix(batch, NUM_QO_HEADS, hkv, HEAD_DIM, prefix_len, suffix_len,
+                                     num_sms=sk.num_sms(0), gpu=sk.device_gpu(0))
+        runner = sp.SharedPrefix(plan)
+        read = timer(lambda: (stream(kp, vp), stream(ks, vs))) * 1e3  # noqa: B023   (two launches)
+        label = (f"{NUM_QO_HEADS}/{hkv} x {batch} x {prefix_len}+{suffix_len} (c{plan.prefix_chunk_size}, "
+                 f"{plan.prefix_block_rows} rows{', merge launch' if plan.merge_launch else ''})")
+        lib, var, tl, tv = alternate(lambda: runner.run(q, kp, vp, ks, vs, out=out, lse=lse))  # noqa: B023
+        line(label, read, lib, var, tl, tv)
+        # the prefix pass alone, the plan's kernel and grid
+        runner.run(q, kp, vp, ks, vs, out=out, lse=lse)
+        part_out, part_lse, _ = next(iter(runner._buffers.values()))
+        pingpong = plan.prefix_block_rows == sp.PINGPONG_ROWS
+        rows = -(-batch * (NUM_QO_HEADS // hkv) // plan.prefix_block_rows)
+        args = (q.data.ptr, kp.data.ptr, vp.data.ptr, part_out.data.ptr, part_lse.data.ptr, batch, prefix_len,
+                NUM_QO_HEADS, hkv, plan.prefix_chunk_size, 0.088)
+        grid = (plan.num_chunks, rows, hkv)
+
+        def prefix_pass():
+            kernel = (sp._pingpong_kernel if pingpong else sp._prefix_kernel)("float16", HEAD_DIM)
+            kernel(grid, (sp.PINGPONG_THREADS if pingpong else sp.THREADS,), args,  # noqa: B023
+                   stream_ptr=cp.cuda.get_current_stream().ptr, device_id=0)
+
+        lib, var, tl, tv = alternate(prefix_pass)
+        flops = 4 * batch * NUM_QO_HEADS * prefix_len * HEAD_DIM
+        line(f"   its prefix pass", read, lib, var, tl, tv,
+             f", {flops / lib / 1e6:.0f} / {flops / var / 1e6:.0f} TFLOP/s")
+
+
 for name in sys.argv[1].split(","):
-    {"coverage": coverage, "span": span}[name]()
+    {"coverage": coverage, "span": span, "shared_prefix": shared_prefix}[name]()
