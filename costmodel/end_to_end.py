@@ -34,7 +34,7 @@ The attention variants, as the decoder's backends run them:
 |---|---|
 | `split_kv` | `costmodel.split_kv` over a contiguous cache, the prompt copied into every sequence |
 | `paged_decode` | `costmodel.paged_decode`, pages of `page_size`, the prompt's full pages in every table: the sequences whose blocks are resident together read them from HBM once, the others from L2 (`shared_page_l2_hits`) |
-| `shared_prefix` | Hydragen as `gpukernels.shared_prefix` runs it, two launches (`costmodel.shared_prefix.predict`, `hydragen_launches`): the prefix pass on the tensor cores (chunks of `costmodel.shared_prefix.prefix_pass_chunk`), then the suffixes by `costmodel.split_kv`, whose blocks merge the prefix chunks' states |
+| `shared_prefix` | Hydragen as `gpukernels.shared_prefix` runs it (`costmodel.shared_prefix.predict`, `hydragen_launches`): the prefix pass on the tensor cores (the chunk of `costmodel.shared_prefix.hydragen_schedule`), then the suffixes by `costmodel.split_kv`, whose blocks merge the prefix chunks' states; or, where the plan takes a merge launch, the suffixes beside the prefix pass and a merge after both |
 | `span` | the backend's page table of the sinks, fixed spans and window in pages of `span_backend_page` tokens, by the paged split-KV model with the plan the backend makes |
 | `none` | nothing, not even the KV write: the ceiling a faster attention approaches |
 
