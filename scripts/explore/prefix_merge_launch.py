@@ -6,7 +6,7 @@ with 2 to 4 stages). Also the suffixes alone both ways. Each call's output is co
 plan's.
 
 An exploration, not a benchmark: lines of text (us), no result file.
-Run: PYTHONPATH=. python3 scripts/explore/prefix_merge_launch.py [rows ...]   (indices into the grid)
+Run: PYTHONPATH=. python3 scripts/explore/prefix_merge_launch.py [short] [rows ...]   (indices into the grid)
 """
 import dataclasses
 import importlib
@@ -32,7 +32,11 @@ def persistent(stages):
     sk._persistent_kernel_for.cache_clear()
 
 
-rows = [int(a) for a in sys.argv[1:]] or range(len(SHARED_PREFIX_GRID))
+args = [a for a in sys.argv[1:] if a != "short"]
+rows = [int(a) for a in args] or range(len(SHARED_PREFIX_GRID))
+# `short`: the suffixes one block per item only, and chunks down to a quarter of the plan's
+STAGES = (None,) if "short" in sys.argv else (None, 2, 3, 4)
+CHUNK_DIVISORS = (4, 2, 1) if "short" in sys.argv else (2, 1, 0.5)
 for i in rows:
     hkv, B, P, S = SHARED_PREFIX_GRID[i]
     q, kp, vp, ks, vs, out, lse = shared_prefix_inputs(hkv, B, P, S, num_qo_heads=HQ, head_dim=D)
@@ -43,11 +47,11 @@ for i in rows:
     ref = out.astype(cp.float32).copy()
     suffix = sp.SplitKV(plan.suffix)
     errs = []
-    for stages in (None, 2, 3, 4):
+    for stages in STAGES:
         name = "item" if stages is None else f"pers{stages}"
         persistent(stages)
         res[f"suffixes/{name}"] = timer(lambda: suffix.run(q, ks, vs))  # noqa: B023
-        for chunk in (plan.prefix_chunk_size // 2, plan.prefix_chunk_size, plan.prefix_chunk_size * 2):
+        for chunk in sorted({int(plan.prefix_chunk_size / c) for c in CHUNK_DIVISORS}):
             if chunk < 64 or chunk > P:
                 continue
             r = sp.SharedPrefix(dataclasses.replace(plan, merge_launch=True, prefix_chunk_size=chunk))
