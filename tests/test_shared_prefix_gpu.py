@@ -104,6 +104,33 @@ def test_hydragen_matches_the_reference(case):
     _check(out, lse, ref_out, ref_lse, dtype)
 
 
+@given(cases())
+@example(("float16", 128, 32, 8, 64, 4097, 17, True, None, 8))      # 256 rows: two-warpgroup blocks on Hopper
+@example(("bfloat16", 64, 8, 1, 20, 1000, 130, False, 64, 3))       # MQA, many chunks
+@example(("float16", 256, 20, 4, 3, 339, 0, False, None, 4))        # no suffix: the chunks' merge alone
+def test_hydragen_with_a_merge_launch_matches_the_reference(case):
+    """The cases of test_hydragen_matches_the_reference planned with a merge launch (three
+    launches: the suffixes merging no states, then the merge of both), lengths on the GPU."""
+    import dataclasses
+
+    from gpukernels.shared_prefix import SharedPrefix, plan_shared_prefix
+
+    dtype, d, hq, hkv, batch, prefix_len, suffix_len, ragged, chunk, seed = case
+    rng = np.random.default_rng(seed)
+    q, kp, vp, ks, vs = _inputs(rng, dtype, batch, hq, hkv, d, prefix_len, suffix_len)
+    lens = rng.integers(0, suffix_len + 1, size=batch) if ragged else np.full(batch, suffix_len)
+    if chunk is not None and d >= 256:
+        chunk = max(chunk, 32)
+    ref_out, ref_lse = refattn.shared_prefix(q, kp, vp, ks, vs, lens)
+    plan = plan_shared_prefix(batch, hq, hkv, d, prefix_len, suffix_len, dtype=dtype, prefix_chunk_size=chunk,
+                              num_sms=132)
+    runner = SharedPrefix(dataclasses.replace(plan, merge_launch=True))
+    qd = _device(q)
+    out, lse = _poisoned(qd, q.shape, dtype), _poisoned(qd, q.shape[:2], "float32")
+    runner.run(qd, _device(kp), _device(vp), _device(ks), _device(vs), _lens_on_device(lens, qd), out=out, lse=lse)
+    _check(out, lse, ref_out, ref_lse, dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_both_prefix_pass_kernels_match_the_reference(dtype, head_dim):
