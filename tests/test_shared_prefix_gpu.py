@@ -456,12 +456,19 @@ def _check_graph_replays(runner, rng, dtype, shape, lens, method):
             _check(out, lse, ref_out, ref_lse, dtype)
 
 
-def test_a_hydragen_plan_runs_in_a_cuda_graph():
+# 64 query rows a KV head, and 160 (two-warpgroup blocks on Hopper) in two launches and in three
+@pytest.mark.parametrize("batch, merge_launch", [(16, False), (40, False), (40, True)])
+def test_a_hydragen_plan_runs_in_a_cuda_graph(batch, merge_launch):
+    """Captured and replayed, in two launches and in three (the suffixes' launch dependent on the
+    prefix pass, then the merge)."""
+    import dataclasses
+
     from gpukernels.shared_prefix import SharedPrefix, plan_shared_prefix
 
     rng = np.random.default_rng(24)
-    shape = (16, 32, 8, 128, 2000, 90)
-    runner = SharedPrefix(plan_shared_prefix(*shape, dtype="float16", gpu="H200"))
+    shape = (batch, 32, 8, 128, 2000, 90)
+    plan = plan_shared_prefix(*shape, dtype="float16", gpu="H200")
+    runner = SharedPrefix(dataclasses.replace(plan, merge_launch=merge_launch))
     _check_graph_replays(runner, rng, "float16", shape, rng.integers(0, shape[-1] + 1, shape[0]), "hydragen")
 
 
