@@ -128,6 +128,11 @@ class HydragenPlan:
         return self.num_chunks * self.row_tiles * self.shape.num_kv_heads
 
     @property
+    def three_launches(self) -> bool:
+        """Whether the plan runs the merge launch: asked for, with suffixes and prefix chunks."""
+        return self.merge_launch and self.suffix is not None and self.num_chunks > 0
+
+    @property
     def suffix_chunk_size(self) -> int:
         """Tokens of a suffix per split-KV block (0 without suffixes)."""
         return self.suffix.chunk_size if self.suffix is not None else 0
@@ -166,7 +171,7 @@ class HydragenPlan:
             launch = split_kv_launch(self.suffix, list(s.lens()), name="suffixes")
             renamed = {f"{k}_suffix" if k in ("k", "v") else k: v for k, v in launch.bytes_by_tensor.items()}
             launch = dataclasses.replace(launch, bytes_by_tensor=renamed)
-            if self.merge_launch and self.num_chunks:
+            if self.three_launches:
                 out.append((launch, None))
                 out.append((merge_chunks_launch(self.num_chunks, s.batch * s.num_qo_heads, s.head_dim, s.dtype,
                                                 suffix=True), None))
@@ -199,16 +204,18 @@ def merge_chunks_launch(num_chunks: int, rows: int, head_dim: int, dtype: str, *
                   vector_flops=3 * (num_chunks + suffix) * rows * head_dim, blocks_per_sm=MERGE_BLOCKS_PER_SM)
 
 
-def merge_launch_time_s(plan: HydragenPlan, gpu: GPUSpec, calibration: Calibration) -> dict[str, float]:
+def merge_launch_time_s(plan: HydragenPlan, gpu: GPUSpec, calibration: Calibration, *,
+                        alone: "tuple[float, float, float] | None" = None) -> dict[str, float]:
     """The three launches of `plan.merge_launch` overlapped as they run: the prefix pass, in fewer
     blocks than SMs at one block an SM (the two-warpgroup pass), leaves the other SMs to the
     suffixes' blocks, which start with it and stream on the free SMs (their launch timed on a GPU of
     that many SMs and the whole memory system) until the pass ends, then on all; the merge after
     both. Otherwise (a pass that fills the GPU) the three one after another. Returns the terms
     'prefix_s', 'suffixes_s', 'merge_s' (each launch alone, launch included), 'overlap_s' (what
-    the overlap saves) and 'time_s'."""
+    the overlap saves) and 'time_s'. `alone`: those three launches' times where the caller has them
+    (`predict`'s per-launch terms)."""
     prefix, suffixes, merge = plan.launches(gpu)
-    t_prefix, t_suffixes, t_merge = (
+    t_prefix, t_suffixes, t_merge = alone or tuple(
         predict_kernel_launches(launch.name, [(launch, rate)], gpu=gpu, calibration=calibration).time_s
         for launch, rate in (prefix, suffixes, merge))
     launch_s = calibration.launch_s
@@ -370,8 +377,7 @@ def hydragen_schedule(shape: SharedPrefixShape, *, gpu: "GPUSpec | str", num_sms
         return predict(s, method="hydragen", gpu=spec, calibration=calibration, plan=plan).time_s
 
     times = {(c, m): time_of(c, m) for c in candidates for m in modes}
-    best = {m: min((c for c in candidates if (c, m) in times), key=lambda c: (times[c, m], c != one_wave))
-            for m in modes}
+    best = {m: min(candidates, key=lambda c: (times[c, m], c != one_wave)) for m in modes}
     if len(modes) == 2 and times[best[True], True] < times[best[False], False] * (1.0 - MERGE_LAUNCH_MARGIN):
         return best[True], True
     return best[modes[0]], modes[0]
@@ -565,9 +571,11 @@ def predict(
                          "HydragenPlan")
     if plan is None:
         plan = plan_hydragen(shape, num_sms=spec.num_sms, gpu=spec, calibration=cal)
-    prediction = predict_kernel_launches(variant, plan.launches(spec), gpu=spec, calibration=cal)
-    if plan.merge_launch and plan.suffix is not None and plan.num_chunks:
-        overlapped = merge_launch_time_s(plan, spec, cal)
+    launches = plan.launches(spec)
+    prediction = predict_kernel_launches(variant, launches, gpu=spec, calibration=cal)
+    if plan.three_launches:
+        overlapped = merge_launch_time_s(plan, spec, cal,
+                                         alone=tuple(prediction.terms[f"{l.name}.time_s"] for l, _ in launches))
         prediction = dataclasses.replace(prediction, time_s=overlapped["time_s"],
                                          terms={**prediction.terms, "overlap_s": overlapped["overlap_s"],
                                                 "time_s": overlapped["time_s"]})
