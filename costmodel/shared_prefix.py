@@ -39,7 +39,8 @@ from .prediction import (F32, Launch, Prediction, calibration_for, check_int_tup
 from .segments import (MMA_ROWS, QUERY_TILE_ROWS, SegmentGroup, WorkItem, attend_rows_geometry,
                        attend_rows_launch, best_chunks, predict_kernel_launches, prefix_block_rows,
                        segments_launch)
-from .split_kv import DEFAULT_NUM_SMS, SplitKVPlan, plan_split_kv, split_kv_launch
+from .split_kv import (DEFAULT_NUM_SMS, SplitKVPlan, persistent_launch, plan_split_kv, runs_persistent,
+                       split_kv_launch)
 from .split_kv import predict as _predict_split_kv
 
 __all__ = ["SharedPrefixShape", "HydragenPlan", "FusedHydragenPlan", "plan_hydragen", "hydragen_launches",
@@ -111,6 +112,9 @@ class HydragenPlan:
     num_sms: int = DEFAULT_NUM_SMS
     prefix_block_rows: int = QUERY_TILE_ROWS   # query rows per prefix-pass block (`prefix_block_rows`)
     merge_launch: bool = False   # the suffixes merge no states; a merge launch after them does
+    # In three launches, the suffixes by the persistent kernel (`costmodel.split_kv.runs_persistent`)
+    # instead of one block per item: where the model predicts it faster (`plan_hydragen`).
+    suffix_persistent: bool = False
 
     @property
     def num_chunks(self) -> int:
@@ -131,6 +135,13 @@ class HydragenPlan:
     def three_launches(self) -> bool:
         """Whether the plan runs the merge launch: asked for, with suffixes and prefix chunks."""
         return self.merge_launch and self.suffix is not None and self.num_chunks > 0
+
+    @property
+    def suffix_runs_persistent(self) -> bool:
+        """Whether the suffixes' launch runs the persistent kernel: asked for, in three launches, where
+        that kernel runs (one split, suffixes of one length, `runs_persistent`)."""
+        return (self.suffix_persistent and self.three_launches
+                and runs_persistent(self.suffix, lengths=self.shape.suffix_lens is not None))
 
     @property
     def suffix_chunk_size(self) -> int:
@@ -172,6 +183,8 @@ class HydragenPlan:
             renamed = {f"{k}_suffix" if k in ("k", "v") else k: v for k, v in launch.bytes_by_tensor.items()}
             launch = dataclasses.replace(launch, bytes_by_tensor=renamed)
             if self.three_launches:
+                if self.suffix_runs_persistent:
+                    launch = persistent_launch(launch, self.suffix)
                 out.append((launch, None))
                 out.append((merge_chunks_launch(self.num_chunks, s.batch * s.num_qo_heads, s.head_dim, s.dtype,
                                                 suffix=True), None))
@@ -224,7 +237,12 @@ def merge_launch_time_s(plan: HydragenPlan, gpu: GPUSpec, calibration: Calibrati
     free = gpu.num_sms - prefix[0].num_blocks
     time_s = sequential
     if blocks_per_sm == 1 and free > 0:
-        on_free = predict_kernel_launches("suffixes", [suffixes], gpu=dataclasses.replace(gpu, num_sms=free),
+        # Beside the pass, the suffixes stream at the rate of one block per item whichever kernel
+        # runs them (measured: the persistent kernel's faster streaming there slows the pass as
+        # much as it gains); the persistent kernel gains on the rest, after the pass.
+        beside = (dataclasses.replace(plan, suffix_persistent=False).launches(gpu)[1]
+                  if plan.suffix_runs_persistent else suffixes)
+        on_free = predict_kernel_launches("suffixes", [beside], gpu=dataclasses.replace(gpu, num_sms=free),
                                           calibration=calibration).time_s - launch_s
         body, rest = t_prefix - launch_s, t_suffixes - launch_s
         done = min(1.0, body / on_free)   # the suffixes' share done on the free SMs while the pass runs
@@ -296,6 +314,7 @@ def plan_hydragen(
     suffix_chunk_size: int | None = None,
     fused: bool = False,
     merge_launch: bool | None = None,
+    suffix_persistent: bool = True,
 ) -> "HydragenPlan | FusedHydragenPlan":
     """The plan the kernels make (`gpukernels.shared_prefix.plan_shared_prefix`): the prefix chunk
     and whether a merge launch follows the suffixes (`hydragen_schedule`: the model's fastest), the
@@ -303,7 +322,9 @@ def plan_hydragen(
     replaces the split plan's chunk; with a given prefix chunk, `merge_launch` None is the model's
     choice at that chunk). `fused=True`: the single fused launch's plan instead, its chunk sizes
     those the model predicts fastest. The plan is for `gpu` and takes its SM count; `num_sms`, if
-    also given, must agree (see `plan_split_kv`)."""
+    also given, must agree (see `plan_split_kv`). `suffix_persistent`: in three launches, the
+    suffixes by the persistent kernel where the model predicts the call faster so (chosen after the
+    chunk and the launches, which are chosen without it); False: one block per item."""
     check_shape_type(shape, SharedPrefixShape)
     spec, num_sms = plan_gpu(gpu, num_sms, default_num_sms=DEFAULT_NUM_SMS)
     fixed = [check_positive_int(prefix_chunk_size, "prefix_chunk_size", allow_none=True),
@@ -325,7 +346,7 @@ def plan_hydragen(
                                           prefix_chunk_size=fixed[0], suffix_chunk_size=fixed[1],
                                           merge_launch=merge_launch)
         return plan_hydragen(s, gpu=spec, num_sms=num_sms, prefix_chunk_size=chunk, suffix_chunk_size=fixed[1],
-                             merge_launch=chosen)
+                             merge_launch=chosen, suffix_persistent=suffix_persistent)
     block_rows = prefix_block_rows(spec, s.head_dim, s.dtype, s.batch * s.group_size)
     suffix = None
     if s.suffix_len:
@@ -333,13 +354,32 @@ def plan_hydragen(
                                num_sms=num_sms, gpu=spec)
         if fixed[1] is not None and fixed[1] != suffix.chunk_size:
             suffix = dataclasses.replace(suffix, chunk_size=fixed[1], num_splits=-(-s.suffix_len // fixed[1]))
-    return HydragenPlan(shape, fixed[0], suffix, num_sms=num_sms, prefix_block_rows=block_rows,
+    plan = HydragenPlan(shape, fixed[0], suffix, num_sms=num_sms, prefix_block_rows=block_rows,
                         merge_launch=merge_launch and suffix is not None and s.prefix_len > 0)
+    persistent = dataclasses.replace(plan, suffix_persistent=True)
+    if suffix_persistent and persistent.suffix_runs_persistent:
+        # The persistent kernel streams the suffixes faster, but beside the prefix pass it also
+        # takes more of the memory system from it: only where the suffixes outlast the pass (the
+        # model then predicts it faster, on the rest after the pass; where they end within it, the
+        # two tie and one block per item stays). Measured on H200 in three launches at the chunk
+        # of 4096: 32/32 heads x 256 x 4096 + 128 199.2 -> 183.2 us, 32/8 89.2 -> 92.4
+        # (logs/explore-prefix-merge-launch-persistent.log). The chunk and the launches are chosen
+        # without it (the model puts its gain at the chunk of 2048 too, where it measured 199.9
+        # and 98.4: the pass then leaves no SMs free, and the model's persistent launch alone is
+        # 10-20% too fast, counting no ramp of the memory system).
+        times = [predict(s, method="hydragen", gpu=spec, calibration=calibration, plan=p).time_s
+                 for p in (plan, persistent)]
+        if times[1] < times[0] * (1.0 - PERSISTENT_SUFFIX_MARGIN):
+            return persistent
+    return plan
 
 
 # A merge launch is planned only where the model predicts it this much faster than the best two-
 # launch plan: its overlap of the prefix pass with the suffixes is the model's least-measured part.
 MERGE_LAUNCH_MARGIN = 0.03
+# The suffixes of a three-launch plan run the persistent kernel only where the model predicts the
+# call this much faster with it (on a tie, one block per item).
+PERSISTENT_SUFFIX_MARGIN = 0.01
 
 
 def hydragen_schedule(shape: SharedPrefixShape, *, gpu: "GPUSpec | str", num_sms: int | None = None,
@@ -373,7 +413,7 @@ def hydragen_schedule(shape: SharedPrefixShape, *, gpu: "GPUSpec | str", num_sms
 
     def time_of(chunk: int, mode: bool) -> float:
         plan = plan_hydragen(s, gpu=spec, num_sms=num_sms, prefix_chunk_size=chunk, suffix_chunk_size=suffix_chunk_size,
-                             merge_launch=mode)
+                             merge_launch=mode, suffix_persistent=False)
         return predict(s, method="hydragen", gpu=spec, calibration=calibration, plan=plan).time_s
 
     times = {(c, m): time_of(c, m) for c in candidates for m in modes}

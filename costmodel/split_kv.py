@@ -20,6 +20,7 @@ merging block's extra work) and takes the fastest. `predict` is the prediction f
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -484,6 +485,40 @@ def split_kv_launch(plan: SplitKVPlan, kv_lens=None, *, name: str = "split_kv") 
     )
 
 
+# The persistent form of the tensor-core kernel (split_kv.cu: split_kv_mma_persistent_kernel; the
+# kernels' switches in gpukernels.split_kv, which must agree): a grid of the resident blocks taking
+# the (sequence, KV head, head group) items from a counter, its copies running on from item to item,
+# for a contiguous cache of one length (no lengths given), one split, no merged states, more items
+# than the GPU holds blocks. At head_dim 128 only for sequences of at most 128 tokens, with 2
+# stages (3 blocks an SM by its registers): measured on H200 (scripts/explore/suffix_launch.py)
+# 137.2 against 151.2 us at 256 x 32/32 heads x 128 tokens, 48.2 against 49.8 at 256 x 32/8; at 256
+# tokens 2 stages ran 1-17% slower than one block per item and 3 stages within 3% of it.
+PERSISTENT_HEAD_DIMS = (64, 128)
+PERSISTENT_STAGES = {64: 5, 128: 2}
+PERSISTENT_MAX_KV_LEN = {128: 128}
+PERSISTENT_BLOCKS_PER_SM = {64: 2, 128: 3}
+
+
+def runs_persistent(plan: SplitKVPlan, *, lengths: bool = False, paged: bool = False, states: bool = False) -> bool:
+    """Whether a launch of `plan` runs the persistent kernel (`lengths`: per-sequence lengths given;
+    `paged`: a paged cache; `states`: states merged into its outputs)."""
+    d = plan.head_dim
+    return (not (lengths or paged or states or plan.page_size) and plan.num_splits == 1
+            and d in PERSISTENT_HEAD_DIMS and uses_tensor_cores(plan.dtype, d)
+            and plan.max_kv_len <= PERSISTENT_MAX_KV_LEN.get(d, plan.max_kv_len)
+            and plan.seq_heads > PERSISTENT_BLOCKS_PER_SM[d] * plan.num_sms)
+
+
+def persistent_launch(launch: Launch, plan: SplitKVPlan) -> Launch:
+    """`launch` (of `plan`, one block per item) as the persistent kernel runs it: its resident
+    blocks, each streaming an equal share of the items' bytes after one round trip (the copies run on
+    from item to item, so no item starts or ends without reads in flight)."""
+    blocks = min(plan.seq_heads, PERSISTENT_BLOCKS_PER_SM[plan.head_dim] * plan.num_sms)
+    total = sum(b * n for b, _, n in launch.block_runs)
+    return dataclasses.replace(launch, block_runs=((-(-total // blocks), 1, blocks),),
+                               blocks_per_sm=PERSISTENT_BLOCKS_PER_SM[plan.head_dim])
+
+
 def predict(
     plan: SplitKVPlan,
     *,
@@ -500,5 +535,7 @@ def predict(
     """
     if not isinstance(plan, SplitKVPlan):
         raise TypeError(f"plan must be a SplitKVPlan, got {type(plan).__name__}")
-    return predict_launches(variant, [split_kv_launch(plan, kv_lens, name=variant)], gpu=gpu,
-                            calibration=calibration)
+    launch = split_kv_launch(plan, kv_lens, name=variant)
+    if runs_persistent(plan, lengths=kv_lens is not None):
+        launch = persistent_launch(launch, plan)
+    return predict_launches(variant, [launch], gpu=gpu, calibration=calibration)

@@ -35,11 +35,13 @@ def _cases():
         yield dtype, 128, 32, 8, "bifurcated", None
         if dtype != "float32":
             yield dtype, 64, 16, 16, "persistent", 1
+            yield dtype, 128, 32, 32, "persistent", 1   # sequences of at most 128 tokens there
             for head_dim in (64, 128, 256):
                 yield dtype, head_dim, 32, 8, "hydragen", None
             for head_dim in (64, 128):   # 160 query rows a KV head: blocks of two warpgroups on Hopper
                 yield dtype, head_dim, 32, 8, "hydragen:wide", None
             yield dtype, 128, 32, 8, "hydragen:merge", None   # three launches (a merge launch)
+            yield dtype, 128, 32, 32, "hydragen:persistent", None   # its suffixes by the persistent kernel
             yield dtype, 128, 16, 4, "tree", None
             for form in ("own", "merge", "paged"):   # both forms of the tree plan, and segments in pages
                 yield dtype, 64, 16, 4, f"tree:{form}", None
@@ -89,14 +91,15 @@ def run_case(rng, dtype, head_dim, hq, hkv, kind, num_splits) -> float:
         import cupy as cp
 
         out, _ = gpukernels.merge_states(_to_device(outs, dtype), cp.asarray(lses))
-    elif kind in ("hydragen", "hydragen:wide", "hydragen:merge", "bifurcated", "tree", "tree:own", "tree:merge",
-                  "tree:paged", "span"):
+    elif kind in ("hydragen", "hydragen:wide", "hydragen:merge", "hydragen:persistent", "bifurcated", "tree",
+                  "tree:own", "tree:merge", "tree:paged", "span"):
         return _sharing_case(rng, rounded, dtype, head_dim, hq, hkv, kind)
     elif kind == "persistent":
         # more (sequence, head) items than the GPU holds blocks, of one length: the persistent kernel
         q = rounded(rng.standard_normal((24, hq, head_dim)))
-        k = rounded(rng.standard_normal((24, 200, hkv, head_dim)))
-        v = rounded(rng.standard_normal((24, 200, hkv, head_dim)))
+        n = 200 if head_dim == 64 else 100
+        k = rounded(rng.standard_normal((24, n, hkv, head_dim)))
+        v = rounded(rng.standard_normal((24, n, hkv, head_dim)))
         ref_out, _ = refattn.decode(q, k, v)
         out, _ = gpukernels.split_kv(_to_device(q, dtype), _to_device(k, dtype), _to_device(v, dtype),
                                      num_splits=num_splits)
@@ -141,21 +144,23 @@ def _sharing_case(rng, rounded, dtype, head_dim, hq, hkv, kind) -> float:
     from gpukernels.tree import Tree, plan_tree, tree
 
     dev = lambda a: _to_device(a, dtype)  # noqa: E731
-    batch = 40 if kind in ("hydragen:wide", "hydragen:merge") else 5
+    batch = {"hydragen:wide": 40, "hydragen:merge": 40, "hydragen:persistent": 24}.get(kind, 5)
     q = rounded(rng.standard_normal((batch, hq, head_dim)))
-    if kind in ("hydragen", "hydragen:wide", "hydragen:merge", "bifurcated"):
+    if kind in ("hydragen", "hydragen:wide", "hydragen:merge", "hydragen:persistent", "bifurcated"):
         kp, vp = (rounded(rng.standard_normal((700, hkv, head_dim))) for _ in range(2))
         ks, vs = (rounded(rng.standard_normal((batch, 40, hkv, head_dim))) for _ in range(2))
-        lens = np.resize([40, 0, 13, 40, 1], batch)
+        # the persistent suffixes: one length, none given (768 items)
+        lens = None if kind == "hydragen:persistent" else np.resize([40, 0, 13, 40, 1], batch)
         ref_out, _ = refattn.shared_prefix(q, kp, vp, ks, vs, lens)
-        if kind == "hydragen:merge":   # the suffixes merging no states, then a merge launch
+        if kind in ("hydragen:merge", "hydragen:persistent"):   # the suffixes merging no states, then a merge launch
             import dataclasses
 
             from gpukernels.shared_prefix import SharedPrefix, plan_shared_prefix
 
             plan = plan_shared_prefix(batch, hq, hkv, head_dim, 700, 40, dtype=dtype, gpu="H200")
-            out, _ = SharedPrefix(dataclasses.replace(plan, merge_launch=True)).run(
-                dev(q), dev(kp), dev(vp), dev(ks), dev(vs), _ints_to_device(lens, dtype))
+            plan = dataclasses.replace(plan, merge_launch=True, suffix_persistent=kind == "hydragen:persistent")
+            out, _ = SharedPrefix(plan).run(dev(q), dev(kp), dev(vp), dev(ks), dev(vs),
+                                            None if lens is None else _ints_to_device(lens, dtype))
         else:
             out, _ = shared_prefix(dev(q), dev(kp), dev(vp), dev(ks), dev(vs), lens, method=kind.split(":")[0])
     elif kind.startswith("tree"):

@@ -384,6 +384,8 @@ class SharedPrefixPlan:
     logits_row_tiles: int = 1
     prefix_block_rows: int = QUERY_ROWS   # Hydragen: query rows per prefix-pass block (64, or 128 on Hopper)
     merge_launch: bool = False            # Hydragen: a merge launch after the suffixes (three launches)
+    suffix_persistent: bool = False       # Hydragen in three launches: the suffixes by the persistent
+                                          # kernel where it runs (`costmodel.shared_prefix.plan_hydragen`)
 
     @property
     def num_chunks(self) -> int:
@@ -407,7 +409,8 @@ def plan_shared_prefix(batch: int, num_qo_heads: int, num_kv_heads: int, head_di
     and `gpu` as for `plan_split_kv` (the H100's 132 SMs when neither is given)."""
     from costmodel.gpus import plan_gpu  # noqa: PLC0415
     from costmodel.segments import prefix_block_rows  # noqa: PLC0415
-    from costmodel.shared_prefix import SharedPrefixShape, hydragen_schedule, prefix_pass_chunk  # noqa: PLC0415
+    from costmodel.shared_prefix import (SharedPrefixShape, hydragen_schedule, plan_hydragen,  # noqa: PLC0415
+                                         prefix_pass_chunk)
     from costmodel.split_kv import DEFAULT_NUM_SMS  # noqa: PLC0415
 
     _check_method(method, allow_auto=False)
@@ -428,12 +431,14 @@ def plan_shared_prefix(batch: int, num_qo_heads: int, num_kv_heads: int, head_di
     tile = _chunk_tile(method, dtype, head_dim)
     rows = batch * (num_qo_heads // num_kv_heads)   # query rows per KV head
     common = (batch, num_qo_heads, num_kv_heads, head_dim, int(prefix_len), int(suffix_len), dtype)
-    merge_launch = False
+    merge_launch = persistent = False
     if method == "hydragen":   # the chunk (or the given one) and the launches the cost model predicts fastest
         given = None if prefix_chunk_size is None else _checked_chunk(prefix_chunk_size, tile)
-        chunk, merge_launch = hydragen_schedule(
-            SharedPrefixShape(batch, num_qo_heads, num_kv_heads, head_dim, int(prefix_len), int(suffix_len),
-                              dtype=dtype), gpu=spec, num_sms=sms, prefix_chunk_size=given)
+        shape = SharedPrefixShape(batch, num_qo_heads, num_kv_heads, head_dim, int(prefix_len), int(suffix_len),
+                                  dtype=dtype)
+        chunk, merge_launch = hydragen_schedule(shape, gpu=spec, num_sms=sms, prefix_chunk_size=given)
+        persistent = merge_launch and not page_size and plan_hydragen(
+            shape, gpu=spec, num_sms=sms, prefix_chunk_size=chunk, merge_launch=True).suffix_persistent
     elif prefix_chunk_size is not None:
         chunk = _checked_chunk(prefix_chunk_size, tile)
     elif method == "bifurcated" and dtype not in bifurcated.TENSOR_CORE_DTYPES:
@@ -449,7 +454,7 @@ def plan_shared_prefix(batch: int, num_qo_heads: int, num_kv_heads: int, head_di
                            num_sms=sms, page_size=int(page_size), gpu=gpu)
     block_rows = prefix_block_rows(spec, head_dim, dtype, rows)
     return SharedPrefixPlan(*common, chunk, suffix, "hydragen", int(page_size), prefix_block_rows=block_rows,
-                            merge_launch=merge_launch)
+                            merge_launch=merge_launch, suffix_persistent=persistent)
 
 
 def _logits_row_tiles(prefix_len: int, rows: int, num_kv_heads: int, sms: int, dtype: str) -> int:
@@ -613,7 +618,8 @@ class SharedPrefix:
             # without waiting for it (but the last); then the merge of both passes' states, in place.
             q_, k_, v_, *lens = suffix_args
             split_launch(self._suffix.plan, q_, k_, v_, kv_lens=lens[0] if lens else None, paged=paged,
-                         sm_scale=sm_scale, out=out, lse=lse, workspace=self._suffix._workspace_for, beside=True)
+                         sm_scale=sm_scale, out=out, lse=lse, workspace=self._suffix._workspace_for, beside=True,
+                         persistent=p.suffix_persistent)
             _merge_kernel(p.dtype, True)(
                 (merge_blocks(B * Hq, D),), (MERGE_THREADS,),
                 (rt.address(part_out), rt.address(part_lse), out_ptr, lse_ptr, n, B * Hq, D),

@@ -102,7 +102,7 @@ def name_expression(dtype: str, head_dim: int, heads_per_block: int, paged: bool
 # against 6: 73.1 against 74.3 us at 64 x 16/16 heads x 64, 1000 tokens (bfloat16), 75.4 against
 # 75.7 at 512 x 8/1 x 64, 2000 tokens, 147.1 against 147.4 at 96 x 40/8 x 64, 3000 tokens; 7
 # stages (two blocks an SM, the L1 left to the copies 28 KB) 84.2, 81.6 and 167.5.
-PERSISTENT_STAGES = {64: 5}
+PERSISTENT_STAGES = {64: 5, 128: 2}
 
 
 def persistent_name_expression(dtype: str, head_dim: int, heads_per_block: int, stages: int | None = None) -> str:
@@ -163,14 +163,18 @@ def _kernel_for(dtype: str, head_dim: int, heads_per_block: int, paged: bool, st
 # The persistent kernel (split_kv_mma_persistent_kernel) runs a plan of one split over a contiguous
 # cache whose sequences all hold kv_len tokens (no lengths given) when its items (sequence, KV
 # head, head group) outnumber the blocks the GPU holds at once: a grid of the resident blocks, each
-# taking every G-th item with its copies running on into the next item. Items of equal length
-# make the static share balanced; with lengths given, the hardware's scheduling of one block per
-# item balances ragged sequences instead. At head_dim 64 only: measured on H200 against one block
-# per item (scripts/explore/persistent_items.py), 1.039x as fast at 64 x 16/16 heads x 1000 tokens,
-# 1.007-1.009x on two other shapes; at head_dim 128, 0.981-1.004x on six shapes. PERSISTENT: False
-# runs every call one block per item (for comparisons).
+# taking its next item from a counter of the workspace with its copies running on into the next
+# item (a block that starts late, beside Hydragen's prefix pass, takes fewer). With lengths given,
+# the hardware's scheduling of one block per item balances ragged sequences instead. At head_dim 64: measured on H200 against one block per
+# item (scripts/explore/persistent_items.py), 1.039x as fast at 64 x 16/16 heads x 1000 tokens,
+# 1.007-1.009x on two other shapes; at head_dim 128, 0.981-1.004x on six shapes of 256 tokens and
+# more at 3-5 stages, so there only for sequences of at most 128 tokens, at 2 stages (three blocks
+# an SM; costmodel.split_kv.PERSISTENT_*, which the model uses and these must match). PERSISTENT:
+# False runs every call one block per item (for comparisons).
 PERSISTENT = True
-PERSISTENT_HEAD_DIMS = (64,)
+PERSISTENT_HEAD_DIMS = (64, 128)
+# The longest sequences the persistent kernel runs at a head_dim (none: any).
+PERSISTENT_MAX_KV_LEN = {128: 128}
 # Launches that merge states written by the kernel just before them (Hydragen's suffixes, the
 # tree's own tokens) start their first wave while that kernel runs (`_launch`'s states_overlap).
 # False: they wait for it at their start (for comparisons). Only launches of at most OVERLAP_WAVES
@@ -201,6 +205,7 @@ def persistent_grid(plan: SplitKVPlan, device_id: int) -> "tuple[int, int, int] 
 def _persistent_grid(plan: SplitKVPlan, device_id: int) -> "tuple[int, int, int] | None":
     """persistent_grid's answer, once per plan and device (it sits on every launch's path)."""
     if not (plan.num_splits == 1 and plan.head_dim in PERSISTENT_HEAD_DIMS
+            and plan.max_kv_len <= PERSISTENT_MAX_KV_LEN.get(plan.head_dim, plan.max_kv_len)
             and uses_tensor_cores(plan.dtype, plan.head_dim)):
         return None
     per_sm = _persistent_kernel_for(plan.dtype, plan.head_dim, plan.heads_per_block).resident_blocks(
@@ -252,6 +257,9 @@ class _Workspace:
         self.device_id = device_id
         self.floats = None
         self.counters = None
+        # The persistent kernel's item counter (zero between launches, like the arrival counters).
+        self.items = rt.empty(kind, (1,), "int32", device_id, zero=True)
+        self.items_ptr = rt.address(self.items)
         self._pointers = (None, None)   # (partial_out_elems, kernel arguments) of the last plan
 
     def ensure(self, plan: SplitKVPlan):
@@ -405,7 +413,7 @@ def outputs(out, lse, kind: str, shape: tuple, dtype: str, device_id: int):
 
 
 def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace, views=None, windows=False,
-            programmatic=False, states=None, states_overlap=False, beside=False):
+            programmatic=False, states=None, states_overlap=False, beside=False, persistent=True):
     """Check shapes against the plan (metadata only: no synchronisation) and launch. `views`: the
     device views of q, k, v when the caller already made them; `programmatic`, `states`: see
     `SplitKV.run`. `states_overlap` (with `states`, for a launch right after the kernel that writes
@@ -415,8 +423,9 @@ def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace, vie
     outputs. `beside` (without `states`, for a launch right after a kernel whose outputs it does not
     read, which lets it start early: Hydragen's prefix pass before a merge launch): launched
     dependent on that kernel, every block but the last starts on the SMs it leaves free without
-    waiting for it, the last waits for it (the persistent kernel's blocks all wait), so that the
-    launch ends after it and the launch after this one sees its outputs."""
+    waiting for it, the last waits for it (the persistent kernel's blocks: each at its end), so that
+    the launch ends after it and the launch after this one sees its outputs. `persistent` False: one
+    block per item even where the persistent kernel runs (`persistent_grid`)."""
     if views is None:
         qa, ka, va = rt.device_array(q, "q"), rt.device_array(k, "k"), rt.device_array(v, "v")
     else:
@@ -473,8 +482,13 @@ def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace, vie
         B, kv_len, num_pages, page_size, Hq, Hkv, plan.head_groups, plan.chunk_size,
         sm_scale * _LOG2E, int(windows), *extra, 0,
     )
-    grid = persistent_grid(plan, device_id) if paged is None and kv_lens is None and not extra[2] else None
-    if grid is not None:   # its blocks wait for the kernel before at their start
+    grid = (persistent_grid(plan, device_id) if persistent and paged is None and kv_lens is None and not extra[2]
+            else None)
+    if grid is not None:
+        # Its blocks take their items from a counter of the workspace; beside the kernel before,
+        # none waits for it at its start and each at its end.
+        items_ptr = (ws or workspace(kind, device_id, stream_ptr)).items_ptr
+        args = args[:11] + (items_ptr,) + args[12:-1] + (1 if beside else 0,)
         _persistent_kernel_for(plan.dtype, D, plan.heads_per_block)(
             grid, (NUM_WARPS * 32,), args, stream_ptr=stream_ptr, device_id=device_id,
             programmatic=programmatic or beside)

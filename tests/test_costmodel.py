@@ -709,3 +709,43 @@ def test_split_kv_flops_land_on_the_units_that_run_them(dtype, head_dim, on_tens
         assert (launch.matmul_flops, launch.vector_flops) == (4 * useful, 0)
     else:                 # float32 (and head dims without an mma kernel) run on the CUDA cores
         assert (launch.matmul_flops, launch.vector_flops) == (0, useful)
+
+
+def test_the_persistent_kernel_runs_where_the_model_says():
+    """The kernels' switches of the persistent split-KV kernel (gpukernels.split_kv) and the model's
+    (costmodel.split_kv) agree, and the model counts its launch as its resident blocks."""
+    import importlib
+
+    sk = importlib.import_module("gpukernels.split_kv")
+    from costmodel import split_kv as model
+
+    assert sk.PERSISTENT_HEAD_DIMS == model.PERSISTENT_HEAD_DIMS
+    assert sk.PERSISTENT_STAGES == model.PERSISTENT_STAGES
+    assert sk.PERSISTENT_MAX_KV_LEN == model.PERSISTENT_MAX_KV_LEN
+    short = model.plan_split_kv(256, 32, 32, 128, 128, gpu="H200")
+    assert model.runs_persistent(short)
+    assert not model.runs_persistent(short, lengths=True) and not model.runs_persistent(short, states=True)
+    assert not model.runs_persistent(model.plan_split_kv(256, 32, 32, 128, 129, gpu="H200"))
+    assert not model.runs_persistent(model.plan_split_kv(2, 32, 32, 128, 128, gpu="H200"))   # 64 items
+    launch = model.persistent_launch(model.split_kv_launch(short), short)
+    assert launch.num_blocks == 3 * 132 and launch.blocks_per_sm == 3
+    # one round trip a block instead of one an item: predicted faster than one block per item
+    one = model.predict(short, kv_lens=[128] * 256, gpu="H200").time_s
+    assert model.predict(short, gpu="H200").time_s < one
+
+
+def test_hydragen_runs_persistent_suffixes_only_where_they_outlast_the_prefix_pass():
+    """In three launches the suffixes run the persistent kernel where the model has them outlast the
+    prefix pass (32/32 heads x 256 x 4096 + 128), not where they end within it (32/8 heads), and never
+    in two launches (their blocks merge the prefix states)."""
+    from costmodel import shared_prefix
+
+    mha = shared_prefix.plan_hydragen(shared_prefix.SharedPrefixShape(256, 32, 32, 128, 4096, 128), gpu="H200")
+    gqa = shared_prefix.plan_hydragen(shared_prefix.SharedPrefixShape(256, 32, 8, 128, 4096, 128), gpu="H200")
+    assert mha.three_launches and mha.suffix_runs_persistent
+    assert gqa.three_launches and not gqa.suffix_persistent
+    two = shared_prefix.plan_hydragen(shared_prefix.SharedPrefixShape(256, 32, 32, 128, 4096, 128), gpu="H200",
+                                      merge_launch=False)
+    assert not two.suffix_runs_persistent
+    ragged = shared_prefix.SharedPrefixShape(256, 32, 32, 128, 4096, 128, suffix_lens=(128,) * 255 + (5,))
+    assert not shared_prefix.plan_hydragen(ragged, gpu="H200").suffix_runs_persistent

@@ -829,6 +829,41 @@ def test_persistent_items_match_reference_and_one_block_per_item(monkeypatch, dt
     np.testing.assert_array_equal(_host(lse), _host(one_lse))
 
 
+# Head_dim 128: the persistent kernel for sequences of at most 128 tokens (more items than the
+# 3 x 132 blocks the H200 holds).
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("hq, hkv, batch", [(32, 32, 16), (32, 8, 64), (8, 1, 500)])
+@pytest.mark.parametrize("kv_len", [1, 77, 128])
+def test_persistent_items_at_head_dim_128_run_after_run(monkeypatch, dtype, hq, hkv, batch, kv_len):
+    """Against the reference and bit for bit as one block per item, three runs in a row (the items
+    come from a counter that each launch leaves at zero for the next)."""
+    import importlib
+
+    import gpukernels
+
+    head_dim = 128
+    rng = np.random.default_rng(kv_len + hq + batch)
+    q, k, v = _random_qkv(rng, dtype, batch, hq, hkv, kv_len, head_dim)
+    ref_out, ref_lse = refattn.decode(q, k, v)
+    qd, kd, vd = _device(q), _device(k), _device(v)
+    plan = gpukernels.plan_split_kv(batch, hq, hkv, head_dim, kv_len, dtype=dtype, num_splits=1)
+    one_out, one_lse = _persistent_run(monkeypatch, False, plan, qd, kd, vd, dtype)
+    sk = importlib.import_module("gpukernels.split_kv")
+    monkeypatch.setattr(sk, "PERSISTENT", True)
+    assert sk.persistent_grid(plan, cp.cuda.Device().id) is not None
+    runner = gpukernels.SplitKV(plan)
+    for run in range(4):   # the plan's runner three times, then the one-shot call (its stream's workspace)
+        out = _poisoned(qd, (batch, hq, head_dim), dtype)
+        lse = _poisoned(qd, (batch, hq), "float32")
+        if run < 3:
+            runner.run(qd, kd, vd, out=out, lse=lse)
+        else:
+            out, lse = gpukernels.split_kv(qd, kd, vd, num_splits=1)
+        _check(out, lse, ref_out, ref_lse, dtype)
+        np.testing.assert_array_equal(_host(out), _host(one_out))
+        np.testing.assert_array_equal(_host(lse), _host(one_lse))
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("head_dim", [64])
 def test_persistent_items_let_non_finite_inputs_through(monkeypatch, dtype, head_dim):

@@ -435,7 +435,7 @@ def _check_graph_replays(runner, rng, dtype, shape, lens, method):
     makes that stream's buffers) and replayed on new queries, each replay against the reference."""
     batch, hq, hkv, d, prefix_len, suffix_len = shape
     q, kp, vp, ks, vs = (cp.asarray(x) for x in _inputs(rng, dtype, batch, hq, hkv, d, prefix_len, suffix_len))
-    lens_d = cp.asarray(lens.astype(np.int32))
+    lens_d = None if lens is None else cp.asarray(lens.astype(np.int32))
     out = cp.full((batch, hq, d), np.nan, dtype=q.dtype)
     lse = cp.full((batch, hq), np.nan, dtype=cp.float32)
     stream = cp.cuda.Stream(non_blocking=True)
@@ -470,6 +470,40 @@ def test_a_hydragen_plan_runs_in_a_cuda_graph(batch, merge_launch):
     plan = plan_shared_prefix(*shape, dtype="float16", gpu="H200")
     runner = SharedPrefix(dataclasses.replace(plan, merge_launch=merge_launch))
     _check_graph_replays(runner, rng, "float16", shape, rng.integers(0, shape[-1] + 1, shape[0]), "hydragen")
+
+
+# Suffixes of one length, no lengths given, more (sequence, KV head) items than the GPU holds
+# blocks: the three launches' suffixes by the persistent kernel, beside the prefix pass.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim, hq, hkv, batch, suffix_len", [
+    (128, 32, 32, 24, 128),    # MHA: 768 items of the longest suffix it runs at head_dim 128
+    (128, 32, 8, 100, 77),     # GQA 4: 800 items
+    (64, 16, 16, 40, 300),     # head_dim 64: 640 items
+])
+def test_hydragen_three_launches_with_persistent_suffixes(dtype, head_dim, hq, hkv, batch, suffix_len):
+    """Against the reference, run after run (the kernel's item counter is left at zero for the
+    next), and captured in a CUDA graph and replayed."""
+    import dataclasses
+
+    from gpukernels.shared_prefix import SharedPrefix, plan_shared_prefix
+    from gpukernels.split_kv import persistent_grid
+
+    rng = np.random.default_rng(batch + suffix_len)
+    prefix_len = 1500
+    plan = plan_shared_prefix(batch, hq, hkv, head_dim, prefix_len, suffix_len, dtype=dtype, num_sms=132)
+    plan = dataclasses.replace(plan, merge_launch=True, suffix_persistent=True)
+    assert persistent_grid(plan.suffix, cp.cuda.Device().id) is not None
+    runner = SharedPrefix(plan)
+    for _ in range(3):
+        q, kp, vp, ks, vs = _inputs(rng, dtype, batch, hq, hkv, head_dim, prefix_len, suffix_len)
+        ref_out, ref_lse = refattn.shared_prefix(q, kp, vp, ks, vs, None)
+        qd = _device(q)
+        out, lse = _poisoned(qd, q.shape, dtype), _poisoned(qd, q.shape[:2], "float32")
+        runner.run(qd, _device(kp), _device(vp), _device(ks), _device(vs), out=out, lse=lse)
+        _check(out, lse, ref_out, ref_lse, dtype)
+    if dtype == "float16":   # CuPy's graph capture takes CuPy arrays
+        _check_graph_replays(runner, rng, dtype, (batch, hq, hkv, head_dim, prefix_len, suffix_len), None,
+                             "hydragen")
 
 
 @pytest.mark.parametrize("dtype", BIFURCATED_DTYPES)

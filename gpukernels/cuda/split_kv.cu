@@ -1120,6 +1120,15 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
 // stage the warps read last (the others already hold the next item's rows); shared memory of its
 // own would raise the SM's shared-memory carve-out and shrink the L1 the copies pass through
 // (measured: 8-14% slower).
+// Items past the first come from a counter (counters[0], zero before the launch and left at zero
+// after it: the block that makes the launch's last take resets it) when one is given: a block
+// takes its next item when it starts an item and learns it at that item's end, a ring of STAGES + 1
+// items in shared memory holding those its copies reach ahead. Blocks that start late (the launch
+// beside Hydragen's prefix pass, whose blocks hold some SMs for a while) then take fewer items
+// instead of holding up the launch's end with a share as large as the others'.
+// late_states_blocks > 0: the launch runs beside the kernel before it (reading none of its
+// outputs): no block waits for that kernel at its start, each waits at its end, so the launch
+// still ends after it.
 template <typename T, int HEAD_DIM, int GROUP, int STAGES>
 __global__ void __launch_bounds__(NUM_THREADS, mma_min_blocks_per_sm<HEAD_DIM>())
 split_kv_mma_persistent_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
@@ -1133,7 +1142,7 @@ split_kv_mma_persistent_kernel(const T* __restrict__ q, const T* __restrict__ k,
                                int extra_count, int late_states_blocks) {
   static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "persistent form: head_dim 64 or 128");
   // launches with states run one block per item
-  (void)extra_out, (void)extra_lse, (void)extra_count, (void)late_states_blocks;
+  (void)extra_out, (void)extra_lse, (void)extra_count;
   static_assert(GROUP <= 8, "at most 8 query heads per block (rows 8..15 of A stay zero)");
   static_assert(STAGES >= 2, "at least double buffering");
   static_assert(NUM_WARPS * GROUP * HEAD_DIM * 4 <= NUM_WARPS * MmaSlots<HEAD_DIM>::TOTAL * 32 * 16,
@@ -1147,8 +1156,11 @@ split_kv_mma_persistent_kernel(const T* __restrict__ q, const T* __restrict__ k,
   extern __shared__ uint4 smem_stage[];     // [STAGES][NUM_WARPS][SLOTS][32]
   __shared__ float smem_m[NUM_WARPS][GROUP];
   __shared__ float smem_l[NUM_WARPS][GROUP];
+  constexpr int RING = STAGES + 1;
+  __shared__ int ring[RING];   // the block's items by ordinal o at ring[o % RING]
 
-  wait_for_previous_grid();
+  const bool beside = late_states_blocks > 0;
+  if (!beside) wait_for_previous_grid();
   const int items = batch * num_kv_heads * head_groups;
   const int item_step = gridDim.y * gridDim.z;
   const int lane = threadIdx.x & 31;
@@ -1182,6 +1194,36 @@ split_kv_mma_persistent_kernel(const T* __restrict__ q, const T* __restrict__ k,
   // runtime values) every shape ran 1-3% slower still.
   const int tiles = (len + TILE_TOKENS - 1) / TILE_TOKENS;   // per warp and item
   const int item_end = warp * WARP_ROWS + tiles * TILE_TOKENS;
+
+  // The block's items: ordinal 0 is its index in the grid; then, from a counter, the grid's size
+  // plus each take, or with no counter every item_step-th. The copies run `ahead` items ahead of
+  // the item being consumed at most, so the item of ordinal o + ahead + 1 is taken when item o
+  // starts and written to the ring at its end (thread 0; the take's latency passes behind the item).
+  // A take at or past `items` ends the block's takes: `items` takes in all (one for each item past
+  // the grid's first, one failure a block), the last of which resets the counter.
+  const bool dynamic = counters != nullptr && items > item_step;
+  const int ahead = (STAGES - 1 + max(tiles, 1) - 1) / max(tiles, 1);
+  bool taking = threadIdx.x == 0;   // thread 0 takes until a take fails
+  auto resolve = [&](int taken, int ordinal) -> int {   // thread 0: the item of a take
+    if (!dynamic) {
+      const long long it = seq_head_index() + static_cast<long long>(ordinal) * item_step;
+      return it < items ? static_cast<int>(it) : items;
+    }
+    if (taken < 0) return items;
+    const int it = item_step + taken;
+    if (it >= items) {
+      taking = false;
+      if (taken == items - 1) atomicExch(counters, 0);   // the last take of the launch
+      return items;
+    }
+    return it;
+  };
+  auto take = [&]() -> int { return dynamic && taking ? atomicAdd(counters, 1) : -1; };
+  if (threadIdx.x == 0) {
+    ring[0] = seq_head_index() < items ? seq_head_index() : items;
+    for (int o = 1; o <= ahead; ++o) ring[o % RING] = resolve(take(), o);
+  }
+  __syncthreads();
   const long long tile_step = static_cast<long long>(TILE_TOKENS) * row_elems;
   auto item_at = [&](int it) -> long long {
     const int b = it / (head_groups * num_kv_heads);
@@ -1189,12 +1231,14 @@ split_kv_mma_persistent_kernel(const T* __restrict__ q, const T* __restrict__ k,
     return (static_cast<long long>(b) * kv_len + warp * WARP_ROWS + copy_row) * row_elems + kh * HEAD_DIM +
            copy_piece * 8;
   };
-  int p_item = tiles > 0 ? seq_head_index() : items;
+  int p_ord = 0;
+  int p_item = tiles > 0 ? ring[0] : items;
   int p_row = warp * WARP_ROWS;
   long long p_at = p_item < items ? item_at(p_item) : 0;
   auto issue_next = [&](int stage) {
-    if (p_row >= item_end) {   // the item's last tile was issued: on to the next item
-      p_item += item_step;
+    if (p_row >= item_end && p_item < items) {   // the item's last tile was issued: on to the next item
+      ++p_ord;
+      p_item = ring[p_ord % RING];
       p_row = warp * WARP_ROWS;
       if (p_item < items) p_at = item_at(p_item);
     }
@@ -1215,7 +1259,10 @@ split_kv_mma_persistent_kernel(const T* __restrict__ q, const T* __restrict__ k,
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) issue_next(st);
   int stage = 0;
-  for (int item = seq_head_index(); item < items; item += item_step) {
+  for (int ordinal = 0;; ++ordinal) {
+    const int item = ring[ordinal % RING];
+    if (item >= items) break;
+    const int taken = take();   // the item of ordinal + ahead + 1, learnt at this item's end
     const int hg = item % head_groups;
     const int kh = (item / head_groups) % num_kv_heads;
     const int b = item / (head_groups * num_kv_heads);
@@ -1258,9 +1305,11 @@ split_kv_mma_persistent_kernel(const T* __restrict__ q, const T* __restrict__ k,
     finish_block<T, HEAD_DIM, GROUP>(smem_o, smem_m, smem_l, out, lse, partial_out, partial_lse, counters, b, 0,
                                      1, head0, heads_here, batch, num_qo_heads,
                                      ExtraStates{});
-    __syncthreads();   // the epilogue's state is free for the next item
+    if (threadIdx.x == 0) ring[(ordinal + ahead + 1) % RING] = resolve(taken, ordinal + ahead + 1);
+    __syncthreads();   // the epilogue's state is free for the next item; the ring holds the next
   }
   cp_async_wait<0>();
+  if (beside) wait_for_previous_grid();   // the launch ends after the kernel before it
 }
 
 }  // namespace decode_attention
