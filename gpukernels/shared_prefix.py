@@ -623,7 +623,7 @@ class SharedPrefix:
             _merge_kernel(p.dtype, True)(
                 (merge_blocks(B * Hq, D),), (MERGE_THREADS,),
                 (rt.address(part_out), rt.address(part_lse), out_ptr, lse_ptr, n, B * Hq, D),
-                stream_ptr=stream_ptr, device_id=device_id)
+                stream_ptr=stream_ptr, device_id=device_id, programmatic=True)
         elif has_suffix:
             q_, k_, v_, *lens = suffix_args
             split_launch(self._suffix.plan, q_, k_, v_, kv_lens=lens[0] if lens else None, paged=paged,

@@ -795,7 +795,9 @@ merge_parts_kernel(const float* __restrict__ part_out, const float* __restrict__
 
 // Merge, per (sequence, query head), the prefix chunks' float32 states (Hydragen with no suffix
 // tokens). SUFFIX: with the state already in out and lse (the suffixes', written by a launch of
-// their own), merged in place. Grid: rows * head_dim / 4 threads.
+// their own), merged in place; that launch launched dependent on the suffixes' (whose blocks end
+// after the prefix pass), so that its own start passes behind their end. Grid: rows * head_dim / 4
+// threads.
 template <typename T, bool SUFFIX = false>
 __global__ void __launch_bounds__(MERGE_THREADS)
 merge_prefix_chunks_kernel(const float* __restrict__ part_out,   // [num_chunks, rows, head_dim]
@@ -806,6 +808,7 @@ merge_prefix_chunks_kernel(const float* __restrict__ part_out,   // [num_chunks,
   long long row;
   int d;
   if (!merge_thread(rows, head_dim, row, d)) return;
+  wait_for_previous_grid();   // launched dependent (SUFFIX): the states are now written
   RunningMerge r;
   if constexpr (SUFFIX) {
     const T* o = out + row * head_dim + d;
