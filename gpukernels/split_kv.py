@@ -105,11 +105,13 @@ def name_expression(dtype: str, head_dim: int, heads_per_block: int, paged: bool
 PERSISTENT_STAGES = {64: 5, 128: 2}
 
 
-def persistent_name_expression(dtype: str, head_dim: int, heads_per_block: int, stages: int | None = None) -> str:
+def persistent_name_expression(dtype: str, head_dim: int, heads_per_block: int, stages: int | None = None,
+                               take: bool = False) -> str:
     """The persistent tensor-core kernel's instantiation (contiguous caches, one split); `stages`
-    overrides the pipeline depth (for experiments)."""
+    overrides the pipeline depth (for experiments); `take`: its blocks take their items from a
+    counter (the launch beside a kernel)."""
     return (f"decode_attention::split_kv_mma_persistent_kernel<{rt.C_TYPES[dtype]}, {head_dim}, "
-            f"{heads_per_block}, {stages or PERSISTENT_STAGES[head_dim]}>")
+            f"{heads_per_block}, {stages or PERSISTENT_STAGES[head_dim]}{', true' if take else ''}>")
 
 
 def all_name_expressions() -> list[str]:
@@ -128,10 +130,11 @@ def all_name_expressions() -> list[str]:
         for paged, states, windows in ((False, True, False), (True, True, False), (True, False, True), (True, True, True))
         if uses_tensor_cores(dtype, head_dim)
     ] + [
-        persistent_name_expression(dtype, head_dim, g)
+        persistent_name_expression(dtype, head_dim, g, take=take)
         for dtype in rt.KERNEL_DTYPES
         for head_dim in PERSISTENT_HEAD_DIMS
         for g in HEADS_PER_BLOCK_CHOICES
+        for take in (False, True)
         if uses_tensor_cores(dtype, head_dim)
     ]
 
@@ -163,8 +166,8 @@ def _kernel_for(dtype: str, head_dim: int, heads_per_block: int, paged: bool, st
 # The persistent kernel (split_kv_mma_persistent_kernel) runs a plan of one split over a contiguous
 # cache whose sequences all hold kv_len tokens (no lengths given) when its items (sequence, KV
 # head, head group) outnumber the blocks the GPU holds at once: a grid of the resident blocks, each
-# taking its next item from a counter of the workspace with its copies running on into the next
-# item (a block that starts late, beside Hydragen's prefix pass, takes fewer). With lengths given,
+# taking every G-th item (beside Hydragen's prefix pass: its next item from a counter, so that a
+# block that starts late takes fewer) with its copies running on into the next item. With lengths given,
 # the hardware's scheduling of one block per item balances ragged sequences instead. At head_dim 64: measured on H200 against one block per
 # item (scripts/explore/persistent_items.py), 1.039x as fast at 64 x 16/16 heads x 1000 tokens,
 # 1.007-1.009x on two other shapes; at head_dim 128, 0.981-1.004x on six shapes of 256 tokens and
@@ -189,8 +192,9 @@ OVERLAP_WAVES = 4
 
 
 @functools.lru_cache(maxsize=None)
-def _persistent_kernel_for(dtype: str, head_dim: int, heads_per_block: int) -> rt.Kernel:
-    return rt.Kernel("split_kv", persistent_name_expression(dtype, head_dim, heads_per_block), KERNEL_SIGNATURE,
+def _persistent_kernel_for(dtype: str, head_dim: int, heads_per_block: int, take: bool = False) -> rt.Kernel:
+    return rt.Kernel("split_kv", persistent_name_expression(dtype, head_dim, heads_per_block, take=take),
+                     KERNEL_SIGNATURE,
                      shared_mem=dynamic_smem_bytes(dtype, head_dim, False, stages=PERSISTENT_STAGES[head_dim]))
 
 
@@ -485,11 +489,12 @@ def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace, vie
     grid = (persistent_grid(plan, device_id) if persistent and paged is None and kv_lens is None and not extra[2]
             else None)
     if grid is not None:
-        # Its blocks take their items from a counter of the workspace; beside the kernel before,
-        # none waits for it at its start and each at its end.
-        items_ptr = (ws or workspace(kind, device_id, stream_ptr)).items_ptr
+        # Beside the kernel before, none of its blocks waits for it at its start (each at its end)
+        # and they take their items from a counter of the workspace (blocks that start late take
+        # fewer: the kernel's TAKE form); otherwise every grid-th item.
+        items_ptr = (ws or workspace(kind, device_id, stream_ptr)).items_ptr if beside else 0
         args = args[:11] + (items_ptr,) + args[12:-1] + (1 if beside else 0,)
-        _persistent_kernel_for(plan.dtype, D, plan.heads_per_block)(
+        _persistent_kernel_for(plan.dtype, D, plan.heads_per_block, beside)(
             grid, (NUM_WARPS * 32,), args, stream_ptr=stream_ptr, device_id=device_id,
             programmatic=programmatic or beside)
         return out, lse

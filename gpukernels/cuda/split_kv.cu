@@ -1120,8 +1120,10 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
 // stage the warps read last (the others already hold the next item's rows); shared memory of its
 // own would raise the SM's shared-memory carve-out and shrink the L1 the copies pass through
 // (measured: 8-14% slower).
-// Items past the first come from a counter (counters[0], zero before the launch and left at zero
-// after it: the block that makes the launch's last take resets it) when one is given: a block
+// TAKE: items past the first come from a counter (counters[0], zero before the launch and left at
+// zero after it: the block that makes the launch's last take resets it; the launch beside a kernel.
+// Otherwise block i takes items i, i + G, ...: with the ring below that form measured 2-3% slower
+// at 64 x 16/16 heads x 64, 1000 tokens): a block
 // takes its next item when it starts an item and learns it at that item's end, a ring of STAGES + 1
 // items in shared memory holding those its copies reach ahead. Blocks that start late (the launch
 // beside Hydragen's prefix pass, whose blocks hold some SMs for a while) then take fewer items
@@ -1129,7 +1131,7 @@ split_kv_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* _
 // late_states_blocks > 0: the launch runs beside the kernel before it (reading none of its
 // outputs): no block waits for that kernel at its start, each waits at its end, so the launch
 // still ends after it.
-template <typename T, int HEAD_DIM, int GROUP, int STAGES>
+template <typename T, int HEAD_DIM, int GROUP, int STAGES, bool TAKE = false>
 __global__ void __launch_bounds__(NUM_THREADS, mma_min_blocks_per_sm<HEAD_DIM>())
 split_kv_mma_persistent_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                const int* __restrict__ kv_lens, const int* __restrict__ kv_indptr,
@@ -1201,7 +1203,7 @@ split_kv_mma_persistent_kernel(const T* __restrict__ q, const T* __restrict__ k,
   // starts and written to the ring at its end (thread 0; the take's latency passes behind the item).
   // A take at or past `items` ends the block's takes: `items` takes in all (one for each item past
   // the grid's first, one failure a block), the last of which resets the counter.
-  const bool dynamic = counters != nullptr && items > item_step;
+  const bool dynamic = TAKE && counters != nullptr && items > item_step;
   const int ahead = (STAGES - 1 + max(tiles, 1) - 1) / max(tiles, 1);
   bool taking = threadIdx.x == 0;   // thread 0 takes until a take fails
   auto resolve = [&](int taken, int ordinal) -> int {   // thread 0: the item of a take
@@ -1219,11 +1221,13 @@ split_kv_mma_persistent_kernel(const T* __restrict__ q, const T* __restrict__ k,
     return it;
   };
   auto take = [&]() -> int { return dynamic && taking ? atomicAdd(counters, 1) : -1; };
-  if (threadIdx.x == 0) {
-    ring[0] = seq_head_index() < items ? seq_head_index() : items;
-    for (int o = 1; o <= ahead; ++o) ring[o % RING] = resolve(take(), o);
+  if constexpr (TAKE) {
+    if (threadIdx.x == 0) {
+      ring[0] = seq_head_index() < items ? seq_head_index() : items;
+      for (int o = 1; o <= ahead; ++o) ring[o % RING] = resolve(take(), o);
+    }
+    __syncthreads();
   }
-  __syncthreads();
   const long long tile_step = static_cast<long long>(TILE_TOKENS) * row_elems;
   auto item_at = [&](int it) -> long long {
     const int b = it / (head_groups * num_kv_heads);
@@ -1232,13 +1236,17 @@ split_kv_mma_persistent_kernel(const T* __restrict__ q, const T* __restrict__ k,
            copy_piece * 8;
   };
   int p_ord = 0;
-  int p_item = tiles > 0 ? ring[0] : items;
+  int p_item = tiles > 0 ? (TAKE ? ring[0] : seq_head_index()) : items;
   int p_row = warp * WARP_ROWS;
   long long p_at = p_item < items ? item_at(p_item) : 0;
   auto issue_next = [&](int stage) {
-    if (p_row >= item_end && p_item < items) {   // the item's last tile was issued: on to the next item
-      ++p_ord;
-      p_item = ring[p_ord % RING];
+    if (p_row >= item_end && (!TAKE || p_item < items)) {   // the item's last tile was issued: the next item
+      if constexpr (TAKE) {
+        ++p_ord;
+        p_item = ring[p_ord % RING];
+      } else {
+        p_item += item_step;
+      }
       p_row = warp * WARP_ROWS;
       if (p_item < items) p_at = item_at(p_item);
     }
@@ -1259,10 +1267,17 @@ split_kv_mma_persistent_kernel(const T* __restrict__ q, const T* __restrict__ k,
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) issue_next(st);
   int stage = 0;
+  int next_item = seq_head_index();   // without TAKE
   for (int ordinal = 0;; ++ordinal) {
-    const int item = ring[ordinal % RING];
+    int item;
+    if constexpr (TAKE) {
+      item = ring[ordinal % RING];
+    } else {
+      item = next_item;
+      next_item += item_step;
+    }
     if (item >= items) break;
-    const int taken = take();   // the item of ordinal + ahead + 1, learnt at this item's end
+    const int taken = TAKE ? take() : -1;   // the item of ordinal + ahead + 1, learnt at this item's end
     const int hg = item % head_groups;
     const int kh = (item / head_groups) % num_kv_heads;
     const int b = item / (head_groups * num_kv_heads);
@@ -1302,10 +1317,12 @@ split_kv_mma_persistent_kernel(const T* __restrict__ q, const T* __restrict__ k,
         smem_stage + ((stage + STAGES - 1) % STAGES) * (NUM_WARPS * SLOTS * 32));
     store_warp_state<HEAD_DIM, GROUP, ACC, false>(smem_o, smem_m, smem_l, o, m, l, nonfinite, false, warp, gid, tig);
     __syncthreads();
-    finish_block<T, HEAD_DIM, GROUP>(smem_o, smem_m, smem_l, out, lse, partial_out, partial_lse, counters, b, 0,
+    finish_block<T, HEAD_DIM, GROUP>(smem_o, smem_m, smem_l, out, lse, partial_out, partial_lse, nullptr, b, 0,
                                      1, head0, heads_here, batch, num_qo_heads,
                                      ExtraStates{});
-    if (threadIdx.x == 0) ring[(ordinal + ahead + 1) % RING] = resolve(taken, ordinal + ahead + 1);
+    if constexpr (TAKE) {
+      if (threadIdx.x == 0) ring[(ordinal + ahead + 1) % RING] = resolve(taken, ordinal + ahead + 1);
+    }
     __syncthreads();   // the epilogue's state is free for the next item; the ring holds the next
   }
   cp_async_wait<0>();

@@ -34,9 +34,9 @@ def _persistent_at(dtype, head_dim, heads_per_block, stages):
                      sk.KERNEL_SIGNATURE, shared_mem=sk.dynamic_smem_bytes(dtype, head_dim, False, stages=stages))
 
 
-def _persistent_kernel_for(dtype, head_dim, heads_per_block):
-    if _depth["stages"] is None:
-        return _own_persistent(dtype, head_dim, heads_per_block)
+def _persistent_kernel_for(dtype, head_dim, heads_per_block, take=False):
+    if _depth["stages"] is None or take:
+        return _own_persistent(dtype, head_dim, heads_per_block, take)
     return _persistent_at(dtype, head_dim, heads_per_block, _depth["stages"])
 
 

@@ -48,9 +48,9 @@ def _kernel_for(dtype, head_dim, g, paged, states=False, windows=False):
     return _kernel_at(dtype, head_dim, g, paged, states, windows, _depth["stages"])
 
 
-def _persistent_kernel_for(dtype, head_dim, g):
-    if _depth["persistent"] is None:
-        return _own_persistent_for(dtype, head_dim, g)
+def _persistent_kernel_for(dtype, head_dim, g, take=False):
+    if _depth["persistent"] is None or take:
+        return _own_persistent_for(dtype, head_dim, g, take)
     return _persistent_at(dtype, head_dim, g, _depth["persistent"])
 
 
