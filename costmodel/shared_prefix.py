@@ -165,6 +165,12 @@ class HydragenPlan:
                 items.append(WorkItem(tokens, tile_rows, rereads=t > 0, label="prefix"))
         return items
 
+    def suffix_launch(self) -> Launch:
+        """The suffixes' split-KV launch, one block per item, their K and V named as the suffixes'."""
+        launch = split_kv_launch(self.suffix, list(self.shape.lens()), name="suffixes")
+        renamed = {f"{k}_suffix" if k in ("k", "v") else k: v for k, v in launch.bytes_by_tensor.items()}
+        return dataclasses.replace(launch, bytes_by_tensor=renamed)
+
     def launches(self, gpu: "GPUSpec | str") -> list[tuple[Launch, float | None]]:
         """The launches, each with its tensor-core rate (None: the GPU's): the prefix pass at
         `costmodel.segments.attend_rows_flops_per_s` over its blocks' tiles, then the suffixes
@@ -179,9 +185,7 @@ class HydragenPlan:
                                           head_dim=s.head_dim, dtype=s.dtype, gpu=spec,
                                           block_rows=self.prefix_block_rows))
         if self.suffix is not None:
-            launch = split_kv_launch(self.suffix, list(s.lens()), name="suffixes")
-            renamed = {f"{k}_suffix" if k in ("k", "v") else k: v for k, v in launch.bytes_by_tensor.items()}
-            launch = dataclasses.replace(launch, bytes_by_tensor=renamed)
+            launch = self.suffix_launch()
             if self.three_launches:
                 if self.suffix_runs_persistent:
                     launch = persistent_launch(launch, self.suffix)
@@ -240,8 +244,7 @@ def merge_launch_time_s(plan: HydragenPlan, gpu: GPUSpec, calibration: Calibrati
         # Beside the pass, the suffixes stream at the rate of one block per item whichever kernel
         # runs them (measured: the persistent kernel's faster streaming there slows the pass as
         # much as it gains); the persistent kernel gains on the rest, after the pass.
-        beside = (dataclasses.replace(plan, suffix_persistent=False).launches(gpu)[1]
-                  if plan.suffix_runs_persistent else suffixes)
+        beside = (plan.suffix_launch(), None) if plan.suffix_runs_persistent else suffixes
         on_free = predict_kernel_launches("suffixes", [beside], gpu=dataclasses.replace(gpu, num_sms=free),
                                           calibration=calibration).time_s - launch_s
         body, rest = t_prefix - launch_s, t_suffixes - launch_s

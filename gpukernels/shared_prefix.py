@@ -409,8 +409,7 @@ def plan_shared_prefix(batch: int, num_qo_heads: int, num_kv_heads: int, head_di
     and `gpu` as for `plan_split_kv` (the H100's 132 SMs when neither is given)."""
     from costmodel.gpus import plan_gpu  # noqa: PLC0415
     from costmodel.segments import prefix_block_rows  # noqa: PLC0415
-    from costmodel.shared_prefix import (SharedPrefixShape, hydragen_schedule, plan_hydragen,  # noqa: PLC0415
-                                         prefix_pass_chunk)
+    from costmodel.shared_prefix import SharedPrefixShape, plan_hydragen, prefix_pass_chunk  # noqa: PLC0415
     from costmodel.split_kv import DEFAULT_NUM_SMS  # noqa: PLC0415
 
     _check_method(method, allow_auto=False)
@@ -432,13 +431,14 @@ def plan_shared_prefix(batch: int, num_qo_heads: int, num_kv_heads: int, head_di
     rows = batch * (num_qo_heads // num_kv_heads)   # query rows per KV head
     common = (batch, num_qo_heads, num_kv_heads, head_dim, int(prefix_len), int(suffix_len), dtype)
     merge_launch = persistent = False
-    if method == "hydragen":   # the chunk (or the given one) and the launches the cost model predicts fastest
+    if method == "hydragen":   # the chunk (or the given one), the launches and the suffixes' kernel the
+        # cost model predicts fastest (`costmodel.shared_prefix.hydragen_schedule`, `plan_hydragen`)
         given = None if prefix_chunk_size is None else _checked_chunk(prefix_chunk_size, tile)
-        shape = SharedPrefixShape(batch, num_qo_heads, num_kv_heads, head_dim, int(prefix_len), int(suffix_len),
-                                  dtype=dtype)
-        chunk, merge_launch = hydragen_schedule(shape, gpu=spec, num_sms=sms, prefix_chunk_size=given)
-        persistent = merge_launch and not page_size and plan_hydragen(
-            shape, gpu=spec, num_sms=sms, prefix_chunk_size=chunk, merge_launch=True).suffix_persistent
+        model_plan = plan_hydragen(SharedPrefixShape(batch, num_qo_heads, num_kv_heads, head_dim, int(prefix_len),
+                                                     int(suffix_len), dtype=dtype),
+                                   gpu=spec, num_sms=sms, prefix_chunk_size=given)
+        chunk, merge_launch = model_plan.prefix_chunk_size, model_plan.merge_launch
+        persistent = model_plan.suffix_persistent and not page_size
     elif prefix_chunk_size is not None:
         chunk = _checked_chunk(prefix_chunk_size, tile)
     elif method == "bifurcated" and dtype not in bifurcated.TENSOR_CORE_DTYPES:
