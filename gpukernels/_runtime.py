@@ -246,19 +246,23 @@ def current_stream_ptr(kind: str, device_id: int) -> int:
     return int(cupy().cuda.get_current_stream().ptr)
 
 
-# Argument kinds of `Kernel` signatures: each argument fills one 8-byte slot.
-_SLOTS = {"p": "Q", "q": "q", "i": "i4x", "f": "f4x"}
+# Argument kinds of `Kernel` signatures: each argument fills one 8-byte slot, but a tensor map
+# ("m": the 128 bytes of a CUtensorMap, passed by value), which fills 128.
+_SLOTS = {"p": "Q", "q": "q", "i": "i4x", "f": "f4x", "m": "128s"}
+_SLOT_BYTES = {"p": 8, "q": 8, "i": 8, "f": 8, "m": 128}
 
 
 class _ArgBuffer:
-    """One 8-byte slot per kernel argument, and the array of the slots' addresses that
-    cuLaunchKernel reads; it copies the values during the call, so one buffer per thread serves
-    every launch."""
+    """One slot per kernel argument (`signature`'s kinds), and the array of the slots' addresses
+    that cuLaunchKernel reads; it copies the values during the call, so one buffer per thread and
+    signature serves every launch."""
 
-    def __init__(self, n: int):
-        self.values = ctypes.create_string_buffer(8 * n)
-        base = ctypes.addressof(self.values)
-        self.addresses = (ctypes.c_uint64 * n)(*(base + 8 * i for i in range(n)))
+    def __init__(self, signature: str):
+        offsets = np.cumsum([0] + [_SLOT_BYTES[c] for c in signature])
+        self.values = ctypes.create_string_buffer(int(offsets[-1]) + 64)
+        base = (ctypes.addressof(self.values) + 63) & ~63   # a tensor map's slot 64-byte aligned
+        self.offset = base - ctypes.addressof(self.values)
+        self.addresses = (ctypes.c_uint64 * len(signature))(*(base + int(o) for o in offsets[:-1]))
         self.argv = ctypes.addressof(self.addresses)
 
 
@@ -326,13 +330,14 @@ def launch_programmatic(function: int, grid, block, shared_mem: int, stream_ptr:
         raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {status}")
 
 
-def _arg_buffer(n: int) -> _ArgBuffer:
+def _arg_buffer(signature: str) -> _ArgBuffer:
     buffers = getattr(_THREAD, "buffers", None)
     if buffers is None:
         buffers = _THREAD.buffers = {}
-    buf = buffers.get(n)
+    key = signature if "m" in signature else len(signature)   # 8-byte slots only: one layout per count
+    buf = buffers.get(key)
     if buf is None:
-        buf = buffers[n] = _ArgBuffer(n)
+        buf = buffers[key] = _ArgBuffer(signature)
     return buf
 
 
@@ -348,6 +353,7 @@ class Kernel:
         self.raw = kernel(source, name_expression)
         self.name = name_expression
         self.nargs = len(signature)
+        self.signature = signature
         self.format = "<" + "".join(_SLOTS[c] for c in signature)
         self.shared_mem = shared_mem
         self._functions: dict = {}   # device id -> CUfunction handle; ("resident", ...) -> blocks per SM
@@ -389,8 +395,8 @@ class Kernel:
             raise TypeError(f"{self.name} takes {self.nargs} arguments, got {len(args)}")
         cp = cupy()
         f = self.function(device_id)
-        buf = _arg_buffer(self.nargs)
-        struct.pack_into(self.format, buf.values, 0, *args)
+        buf = _arg_buffer(self.signature)
+        struct.pack_into(self.format, buf.values, buf.offset, *args)
         gx, gy, gz = (tuple(grid) + (1, 1))[:3]
         bx, by, bz = (tuple(block) + (1, 1))[:3]
         if programmatic and _programmatic_launches(device_id):
@@ -414,3 +420,33 @@ def address(x) -> int:
     if _is_torch(x):
         return x.data_ptr()
     return x.data.ptr
+
+
+# Tensor maps for the TMA (sm_90): cuTensorMapEncodeTiled's enums (cuda.h).
+_TENSOR_MAP_DTYPES = {"float16": 6, "bfloat16": 9}
+CU_TENSOR_MAP_SWIZZLE_128B = 3
+CU_TENSOR_MAP_L2_PROMOTION_256B = 3
+
+
+@functools.lru_cache(maxsize=256)
+def tensor_map_3d(ptr: int, dtype: str, dims: tuple, box: tuple) -> bytes:
+    """The 128 bytes of a CUtensorMap over the contiguous 16-bit array at `ptr` of shape
+    reversed(dims) (dims innermost first), read in boxes of `box` elements stored with the 128-byte
+    swizzle; elements past the array's end read as zeros. Made on the host (no GPU work), so a map
+    is cached by its arguments."""
+    if ptr % 16:
+        raise ValueError(f"a tensor map needs a 16-byte aligned address, got {ptr:#x}")
+    encode = _driver_function("cuTensorMapEncodeTiled", ctypes.c_void_p, ctypes.c_int, ctypes.c_uint,
+                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                              ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int)
+    out = ctypes.create_string_buffer(128 + 64)
+    at = (ctypes.addressof(out) + 63) & ~63
+    size = (ctypes.c_uint64 * 3)(*dims)
+    strides = (ctypes.c_uint64 * 2)(2 * dims[0], 2 * dims[0] * dims[1])
+    boxes = (ctypes.c_uint32 * 3)(*box)
+    steps = (ctypes.c_uint32 * 3)(1, 1, 1)
+    status = encode(at, _TENSOR_MAP_DTYPES[dtype], 3, ptr, size, strides, boxes, steps, 0,
+                    CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_256B, 0)
+    if status != 0:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {status} (dims {dims}, box {box})")
+    return ctypes.string_at(at, 128)

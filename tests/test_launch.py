@@ -58,10 +58,11 @@ def test_arguments_fill_one_8_byte_slot_each_at_the_listed_addresses():
     signature = "ppiqf"
     fmt = "<" + "".join(rt._SLOTS[c] for c in signature)
     assert struct.calcsize(fmt) == 8 * len(signature)
-    buf = rt._arg_buffer(len(signature))
-    assert rt._arg_buffer(len(signature)) is buf        # one per thread and size
-    struct.pack_into(fmt, buf.values, 0, 0xDEADBEEF0000, 0, -7, 1 << 40, 0.5)
+    buf = rt._arg_buffer(signature)
+    assert rt._arg_buffer(signature) is buf        # one per thread and layout
+    struct.pack_into(fmt, buf.values, buf.offset, 0xDEADBEEF0000, 0, -7, 1 << 40, 0.5)
     slot = list(buf.addresses)
+    assert [b - a for a, b in zip(slot, slot[1:])] == [8] * 4
     assert ctypes.c_uint64.from_address(slot[0]).value == 0xDEADBEEF0000
     assert ctypes.c_uint64.from_address(slot[1]).value == 0
     assert ctypes.c_int32.from_address(slot[2]).value == -7
@@ -70,10 +71,24 @@ def test_arguments_fill_one_8_byte_slot_each_at_the_listed_addresses():
     assert ctypes.c_uint64.from_address(buf.argv).value == slot[0]
 
 
+def test_a_tensor_map_fills_128_bytes_at_a_64_byte_aligned_slot():
+    signature = "mmpi"
+    fmt = "<" + "".join(rt._SLOTS[c] for c in signature)
+    buf = rt._arg_buffer(signature)
+    maps = (bytes(range(128)), bytes(range(128, 256)))
+    struct.pack_into(fmt, buf.values, buf.offset, *maps, 0x1234, 9)
+    slot = list(buf.addresses)
+    assert [b - a for a, b in zip(slot, slot[1:])] == [128, 128, 8]
+    assert slot[0] % 64 == 0 and slot[1] % 64 == 0
+    assert ctypes.string_at(slot[0], 128) == maps[0] and ctypes.string_at(slot[1], 128) == maps[1]
+    assert ctypes.c_uint64.from_address(slot[2]).value == 0x1234
+    assert ctypes.c_int32.from_address(slot[3]).value == 9
+
+
 def test_a_value_out_of_its_c_type_is_refused():
     fmt = "<" + "".join(rt._SLOTS[c] for c in "pi")
-    buf = rt._arg_buffer(2)
+    buf = rt._arg_buffer("pi")
     with pytest.raises(struct.error):
-        struct.pack_into(fmt, buf.values, 0, 0, 1 << 31)      # int32 overflow
+        struct.pack_into(fmt, buf.values, buf.offset, 0, 1 << 31)      # int32 overflow
     with pytest.raises(struct.error):
-        struct.pack_into(fmt, buf.values, 0, -1, 0)           # a negative address
+        struct.pack_into(fmt, buf.values, buf.offset, -1, 0)           # a negative address
