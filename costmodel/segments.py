@@ -238,10 +238,11 @@ COPY_INSTRUCTIONS = 4
 
 
 # Hydragen's prefix pass with more than QUERY_TILE_ROWS query rows a KV head runs on Hopper
-# (head_dim 64 and 128) as blocks of two warpgroups that take turns on the tensor cores
-# (shared_prefix.cu: attend_rows_pingpong): PINGPONG_ROWS query rows a block, one block an SM, KV
-# tiles of PINGPONG_KV_TILE rows copied once for both warpgroups. A warpgroup's softmax runs while
-# the other's products do; counted so, the tensor cores of a pair of turns run both warpgroups'
+# (head_dim 64 and 128) as blocks of two consumer warpgroups that take turns on the tensor cores and
+# a producer warpgroup whose one thread copies the KV tiles by TMA (shared_prefix.cu:
+# attend_rows_specialized): PINGPONG_ROWS query rows a block, one block an SM, KV tiles of
+# PINGPONG_KV_TILE rows copied once for both consumers. A warpgroup's softmax runs while the
+# other's products do; counted so, the tensor cores of a pair of turns run both warpgroups'
 # products and wait out one softmax (`pingpong_flops_per_s`).
 PINGPONG_ROWS = 128
 PINGPONG_KV_TILE = 128
@@ -259,23 +260,22 @@ def prefix_block_rows(gpu: GPUSpec, head_dim: int, dtype: str, rows: int) -> int
 
 
 def pingpong_tile_clocks(gpu: GPUSpec, head_dim: int, dtype: str) -> tuple[float, float]:
-    """(tensor-core clocks, softmax clocks) of one warpgroup's turn on a KV tile in the two-warpgroup
-    pass, counted as `attend_rows_wgmma_tile_clocks` counts a tile (H200, head_dim 128: 4,194,304
-    FLOPs = 1,024 tensor clocks; 64 scores a lane: 512 SFU clocks and 288 instructions; 16 copies
-    a thread of the block's 256: 64; so 864 softmax clocks)."""
+    """(tensor-core clocks, softmax clocks) of one consumer warpgroup's turn on a KV tile in the
+    two-warpgroup pass, counted as `attend_rows_wgmma_tile_clocks` counts a tile but with no copies
+    (the producer's TMA makes them) (H200, head_dim 128: 4,194,304 FLOPs = 1,024 tensor clocks;
+    64 scores a lane: 512 SFU clocks and 288 instructions; so 800 softmax clocks)."""
     t, d = PINGPONG_KV_TILE, head_dim
     rows = 4 * WARP_ROWS
     tensor = 4 * rows * t * d / tensor_flops_per_clock_per_sm(gpu)
     scores_per_lane = WARP_ROWS * t / 32
     sfu = scores_per_lane * 32 / (SFU_RESULTS_PER_CLOCK / SCHEDULERS_PER_SM)
-    copies = 2 * t * d * dtype_bytes(dtype) // 16 // (2 * 4 * 32)
-    return tensor, sfu + scores_per_lane * SOFTMAX_INSTRUCTIONS_PER_SCORE + copies * COPY_INSTRUCTIONS
+    return tensor, sfu + scores_per_lane * SOFTMAX_INSTRUCTIONS_PER_SCORE
 
 
 def pingpong_flops_per_s(gpu: GPUSpec, head_dim: int, dtype: str) -> float:
     """The tensor-core rate of the two-warpgroup pass: a pair of turns costs both warpgroups'
-    tensor clocks plus one softmax (H200, head_dim 128: 2,048 / 2,912, 0.70 of the matmul rate;
-    measured 475 TFLOP/s at 757, 0.63: `logs/explore-prefix-pingpong.log`)."""
+    tensor clocks plus one softmax (H200, head_dim 128: 2,048 / 2,848, 0.72 of the matmul rate;
+    measured 578 TFLOP/s at 755, 0.77: `logs/explore-prefix-specialized.log`)."""
     tensor, softmax = pingpong_tile_clocks(gpu, head_dim, dtype)
     return gpu.matmul_flops_per_s * 2 * tensor / (2 * tensor + softmax)
 

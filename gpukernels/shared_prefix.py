@@ -8,9 +8,10 @@ Hydragen (`method="hydragen"`) runs two launches on the caller's stream:
    prefix on the tensor cores (wgmma on Hopper up to head_dim 128, the next tile's scores computed
    while the warps take this tile's softmax; mma.sync at head_dim 256 and on other GPUs); a
    float32 partial state (out, lse) per row and chunk. On Hopper at head_dim 64 and 128 with more
-   than 64 rows a KV head (the plan's `prefix_block_rows`), `shared_prefix_pingpong_kernel`
+   than 64 rows a KV head (the plan's `prefix_block_rows`), `shared_prefix_specialized_kernel`
    instead: 128 rows a block in two warpgroups that take turns on the tensor cores, one block an
-   SM, KV tiles of 128 rows copied once for both.
+   SM, KV tiles of 128 rows copied once for both by a third warpgroup through the TMA (tensor maps
+   over the prefix made here on the host, `prefix_tensor_map`).
 2. The suffixes by this project's split-KV kernel (`gpukernels.split_kv`), contiguous or paged;
    the block that writes a row's output merges the prefix chunks' states into it by LSE, in
    float32 (`SplitKV.run`'s `states`). With no suffix tokens at all, `merge_prefix_chunks_kernel`
@@ -65,7 +66,7 @@ PREFIX_DTYPES = ("float16", "bfloat16")   # the prefix pass runs on the tensor c
 QUERY_ROWS = 64                           # query rows per block (shared_prefix.cu: QUERY_ROWS)
 THREADS = 128
 PINGPONG_ROWS = 128                       # two warpgroups' rows (shared_prefix.cu: PP_QUERY_ROWS)
-PINGPONG_THREADS = 256
+SPECIALIZED_THREADS = 384                 # and a producer warpgroup (shared_prefix.cu: WS_THREADS)
 PINGPONG_KV_TILE = 128                    # shared_prefix.cu: PP_KV_TILE
 PINGPONG_HEAD_DIMS = (64, 128)
 MERGE_THREADS = 128                       # merge kernels: a thread per 4 dims of a (sequence, head) row
@@ -88,20 +89,21 @@ def stage_bytes(head_dim: int) -> int:
 
 
 def pingpong_stages(head_dim: int) -> int:
-    """Stages of the two-warpgroup prefix pass: three of 64 KB at head_dim 128 (with the query
-    tiles, 225 KB of the SM's 227), four of 32 KB at 64."""
+    """Stages of the prefix pass in blocks of two warpgroups: three of 64 KB at head_dim 128 (with
+    the query tiles, 225 KB of the SM's 227), four of 32 KB at 64."""
     return 3 if head_dim == 128 else 4
 
 
 def pingpong_shared_bytes(head_dim: int) -> int:
-    """Dynamic shared memory of the two-warpgroup pass: its K and V stages, both warpgroups' query
-    tiles and 1024 bytes for the alignment of the swizzled tiles (shared_prefix.cu: PingPongTile)."""
+    """Dynamic shared memory of the pass in blocks of two warpgroups: its K and V stages, both
+    warpgroups' query tiles and 1024 bytes for the alignment of the swizzled tiles
+    (shared_prefix.cu: PingPongTile)."""
     stages = pingpong_stages(head_dim) * 2 * PINGPONG_KV_TILE * head_dim * 2
     return stages + PINGPONG_ROWS * head_dim * 2 + 1024
 
 
-def pingpong_name_expression(dtype: str, head_dim: int) -> str:
-    return (f"decode_attention::shared_prefix_pingpong_kernel<{rt.C_TYPES[dtype]}, {head_dim}, "
+def specialized_name_expression(dtype: str, head_dim: int) -> str:
+    return (f"decode_attention::shared_prefix_specialized_kernel<{rt.C_TYPES[dtype]}, {head_dim}, "
             f"{pingpong_stages(head_dim)}>")
 
 
@@ -118,7 +120,7 @@ def merge_name_expression(dtype: str, suffix: bool = False) -> str:
 def instantiations() -> list[tuple[str, str]]:
     """(source in cuda/, name expression) of every kernel either method can ask for."""
     hydragen = ([prefix_name_expression(dt, d) for dt in PREFIX_DTYPES for d in rt.HEAD_DIMS]
-                + [pingpong_name_expression(dt, d) for dt in PREFIX_DTYPES for d in PINGPONG_HEAD_DIMS]
+                + [specialized_name_expression(dt, d) for dt in PREFIX_DTYPES for d in PINGPONG_HEAD_DIMS]
                 + [merge_name_expression(dt, suffix) for dt in PREFIX_DTYPES for suffix in (False, True)])
     return [("shared_prefix", e) for e in hydragen] + [("bifurcated", e) for e in bifurcated.all_name_expressions()]
 
@@ -141,10 +143,21 @@ def _prefix_kernel(dtype: str, head_dim: int) -> rt.Kernel:
                      shared_mem=pipeline_stages(head_dim) * stage_bytes(head_dim))
 
 
+# k_map, v_map (tensor maps over k_prefix and v_prefix); q, part_out, part_lse; batch, prefix_len,
+# num_qo_heads, num_kv_heads, chunk_size; scale_log2.
+SPECIALIZED_SIGNATURE = "mm" + "ppp" + "iiiii" + "f"
+
+
 @functools.lru_cache(maxsize=None)
-def _pingpong_kernel(dtype: str, head_dim: int) -> rt.Kernel:
-    return rt.Kernel("shared_prefix", pingpong_name_expression(dtype, head_dim), PREFIX_SIGNATURE,
+def _specialized_kernel(dtype: str, head_dim: int) -> rt.Kernel:
+    return rt.Kernel("shared_prefix", specialized_name_expression(dtype, head_dim), SPECIALIZED_SIGNATURE,
                      shared_mem=pingpong_shared_bytes(head_dim))
+
+
+def prefix_tensor_map(ptr: int, dtype: str, prefix_len: int, num_kv_heads: int, head_dim: int) -> bytes:
+    """The tensor map the specialised pass reads k_prefix (or v_prefix) through: [prefix_len,
+    num_kv_heads, head_dim] in boxes of 64 dims x 1 head x 128 rows (shared_prefix.cu)."""
+    return rt.tensor_map_3d(ptr, dtype, (head_dim, num_kv_heads, prefix_len), (64, 1, PINGPONG_KV_TILE))
 
 
 @functools.lru_cache(maxsize=None)
@@ -467,6 +480,13 @@ def _logits_row_tiles(prefix_len: int, rows: int, num_kv_heads: int, sms: int, d
     return max(1, min(row_tiles, key_tiles * num_kv_heads * row_tiles // (2 * sms)))
 
 
+def _require_aligned(a: rt.Device, name: str) -> None:
+    """The kernels read rows in 16-byte pieces (and the prefix by TMA, which needs that alignment)."""
+    if a.ptr % 16:
+        raise ValueError(f"{name} must start at a 16-byte aligned address (its data is at {a.ptr:#x}: "
+                         "an array viewed from an offset into another); copy it to a new array")
+
+
 def _checked_chunk(prefix_chunk_size, tile: int) -> int:
     if not isinstance(prefix_chunk_size, (int, np.integer)) or isinstance(prefix_chunk_size, bool):
         raise TypeError(f"prefix_chunk_size must be an int, got {type(prefix_chunk_size).__name__}")
@@ -562,6 +582,7 @@ class SharedPrefix:
         if qa.dtype != p.dtype:
             raise TypeError(f"q must be {p.dtype} as planned, got {qa.dtype}")
         rt.require_contiguous(qa, "q")
+        _require_aligned(qa, "q")
         prefix = [rt.device_array(x, name) for x, name in ((k_prefix, "k_prefix"), (v_prefix, "v_prefix"))]
         for a, name in zip(prefix, ("k_prefix", "v_prefix")):
             _expect_shape(a, name, "[prefix_len, num_kv_heads, head_dim]", (p.prefix_len, p.num_kv_heads, p.head_dim))
@@ -572,6 +593,7 @@ class SharedPrefix:
         if a.dtype != self.plan.dtype:
             raise TypeError(f"{name} must be {self.plan.dtype} as planned, got {a.dtype}")
         rt.require_contiguous(a, name)
+        _require_aligned(a, name)
         if a.device_id != device_id:
             raise ValueError(f"{name} must be on GPU {device_id} like q, got GPU {a.device_id}")
 
@@ -602,16 +624,20 @@ class SharedPrefix:
         if n:
             # Two warpgroups a block taking turns where the plan says so and the GPU runs sm_90a
             # code (a plan made for Hopper run elsewhere falls back to blocks of 64 rows).
+            # Blocks of 128 rows, their warps specialised, where the plan says so and the GPU runs
+            # sm_90a code (a plan made for Hopper run elsewhere falls back to blocks of 64 rows).
+            grid_rows = B * (Hq // Hkv)
+            tail = (rt.address(part_out), rt.address(part_lse), B, p.prefix_len, Hq, Hkv, p.prefix_chunk_size,
+                    sm_scale * _LOG2E)
             if p.prefix_block_rows == PINGPONG_ROWS and _runs_sm90a(device_id):
-                kernel, block_rows, threads = _pingpong_kernel(p.dtype, D), PINGPONG_ROWS, PINGPONG_THREADS
+                maps = tuple(prefix_tensor_map(x.ptr, p.dtype, p.prefix_len, Hkv, D) for x in prefix)
+                _specialized_kernel(p.dtype, D)(
+                    (n, -(-grid_rows // PINGPONG_ROWS), Hkv), (SPECIALIZED_THREADS,), maps + (qa.ptr,) + tail,
+                    stream_ptr=stream_ptr, device_id=device_id)
             else:
-                kernel, block_rows, threads = _prefix_kernel(p.dtype, D), QUERY_ROWS, THREADS
-            grid = (n, -(-(B * (Hq // Hkv)) // block_rows), Hkv)
-            kernel(
-                grid, (threads,),
-                (qa.ptr, prefix[0].ptr, prefix[1].ptr, rt.address(part_out), rt.address(part_lse),
-                 B, p.prefix_len, Hq, Hkv, p.prefix_chunk_size, sm_scale * _LOG2E),
-                stream_ptr=stream_ptr, device_id=device_id)
+                _prefix_kernel(p.dtype, D)(
+                    (n, -(-grid_rows // QUERY_ROWS), Hkv), (THREADS,), (qa.ptr, prefix[0].ptr, prefix[1].ptr) + tail,
+                    stream_ptr=stream_ptr, device_id=device_id)
         has_suffix = paged is not None or p.suffix_len
         if n and has_suffix and p.merge_launch:
             # The suffixes into out and lse, their blocks starting on the SMs the prefix pass frees

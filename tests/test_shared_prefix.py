@@ -241,7 +241,7 @@ def test_hydragen_plans_blocks_of_two_warpgroups_for_hopper_past_64_rows():
     # the stages, the query tiles and the alignment fit one SM's 227 KB; both head dims are built
     assert gsp.pingpong_shared_bytes(128) <= 227 * 1024 and gsp.pingpong_shared_bytes(64) <= 227 * 1024
     built = gsp.all_name_expressions()
-    assert all(gsp.pingpong_name_expression(dt, d) in built for dt in gsp.PREFIX_DTYPES for d in (64, 128))
+    assert all(gsp.specialized_name_expression(dt, d) in built for dt in gsp.PREFIX_DTYPES for d in (64, 128))
 
 
 def test_hydragen_plans_paged_suffixes_with_a_paged_split_plan():

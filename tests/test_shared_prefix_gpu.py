@@ -157,6 +157,49 @@ def test_both_prefix_pass_kernels_match_the_reference(dtype, head_dim):
         _check(out, lse, ref_out, ref_lse, dtype)
 
 
+@pytest.mark.parametrize("chunk", [64, 192, 320, 2048])
+def test_blocks_of_two_warpgroups_mask_the_rows_past_their_chunk(chunk):
+    """The two-warpgroup pass copies whole tiles of 128 prefix rows, so with a chunk that is not a
+    multiple of 128 a chunk's last tile holds the next chunk's first rows (and the prefix's last
+    tile rows past its end, read as zeros): the softmax must leave them out, or the merged output
+    counts them twice."""
+    import dataclasses
+
+    from gpukernels.shared_prefix import SharedPrefix, plan_shared_prefix
+
+    rng = np.random.default_rng(chunk)
+    batch, hq, hkv, d, prefix_len, suffix_len = 40, 32, 8, 128, 1000, 24   # 160 rows a KV head
+    q, kp, vp, ks, vs = _inputs(rng, "float16", batch, hq, hkv, d, prefix_len, suffix_len)
+    ref_out, ref_lse = refattn.shared_prefix(q, kp, vp, ks, vs, None)
+    plan = plan_shared_prefix(batch, hq, hkv, d, prefix_len, suffix_len, prefix_chunk_size=chunk, num_sms=132,
+                              gpu="H200")
+    assert plan.prefix_block_rows == 128
+    for merge_launch in (False, True):
+        runner = SharedPrefix(dataclasses.replace(plan, merge_launch=merge_launch))
+        qd = _device(q)
+        out, lse = _poisoned(qd, q.shape, "float16"), _poisoned(qd, q.shape[:2], "float32")
+        runner.run(qd, _device(kp), _device(vp), _device(ks), _device(vs), out=out, lse=lse)
+        _check(out, lse, ref_out, ref_lse, "float16")
+
+
+@pytest.mark.parametrize("name", ["q", "k_prefix", "v_prefix", "k_suffix"])
+def test_an_array_off_a_16_byte_boundary_is_refused_before_launch(name):
+    from gpukernels.shared_prefix import shared_prefix
+
+    rng = np.random.default_rng(11)
+    arrays = dict(zip(("q", "k_prefix", "v_prefix", "k_suffix", "v_suffix"),
+                      (_device(x) for x in _inputs(rng, "float16", 40, 32, 8, 128, 500, 20))))
+    a = arrays[name]
+    shifted = cp.empty(a.size + 1, dtype=a.dtype)[1:].reshape(a.shape)   # contiguous, 2 bytes off
+    shifted[...] = a
+    arrays[name] = shifted
+    out = cp.full((40, 32, 128), 7.0, dtype=cp.float16)
+    with pytest.raises(ValueError, match=f"{name} must start at a 16-byte aligned address"):
+        shared_prefix(*arrays.values(), out=out)
+    cp.cuda.Device().synchronize()
+    assert bool((out == 7.0).all())                                      # nothing launched
+
+
 def test_suffix_lengths_on_the_gpu():
     rng = np.random.default_rng(6)
     q, kp, vp, ks, vs = _inputs(rng, "float16", 5, 32, 8, 128, 700, 40)

@@ -126,6 +126,60 @@ struct RowsSoftmax {
     }
   }
 
+  // The same tile's softmax in two steps, for a product still reading the P before: `exps`
+  // turns the scores s into their unnormalised probabilities in place (their product retired, s is
+  // free), `pack` then writes them as P's fragments once that product is done with them.
+  template <bool PARTIAL>
+  __device__ __forceinline__ void exps_tile(float (&s)[S_TILES][4], int tile_start, int kv_end, int tig,
+                                            float scale_log2, float (&alpha)[2]) {
+    auto outside = [&](int j, int e) { return PARTIAL && tile_start + 8 * j + 2 * tig + (e & 1) >= kv_end; };
+    float m_raw[2] = {neg_inf(), neg_inf()};
+#pragma unroll
+    for (int j = 0; j < S_TILES; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        check[e >> 1] = nan_if_nonfinite(s[j][e], check[e >> 1]);
+        m_raw[e >> 1] = fmaxf(m_raw[e >> 1], outside(j, e) ? neg_inf() : s[j][e]);
+      }
+    }
+    float m_bias[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      m_raw[i] = fmaxf(m_raw[i], __shfl_xor_sync(kFullMask, m_raw[i], 1));
+      m_raw[i] = fmaxf(m_raw[i], __shfl_xor_sync(kFullMask, m_raw[i], 2));
+      const float m_new = fmaxf(m[i], m_raw[i] * scale_log2);
+      alpha[i] = rescale(m[i], m_new);
+      m[i] = m_new;
+      m_bias[i] = m_new == neg_inf() ? 0.0f : -m_new;
+      l[i] *= alpha[i];
+    }
+#pragma unroll
+    for (int j = 0; j < S_TILES; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[j][e] = outside(j, e) ? 0.0f : exp2f(fmaf(s[j][e], scale_log2, m_bias[e >> 1]));
+        l[e >> 1] += s[j][e];
+      }
+    }
+  }
+  __device__ __forceinline__ void exps(float (&s)[S_TILES][4], int tile_start, int kv_end, int tig, float scale_log2,
+                                       float (&alpha)[2]) {
+    if (tile_start + 8 * S_TILES > kv_end) {
+      exps_tile<true>(s, tile_start, kv_end, tig, scale_log2, alpha);
+    } else {
+      exps_tile<false>(s, tile_start, kv_end, tig, scale_log2, alpha);
+    }
+  }
+  static __device__ __forceinline__ void pack(const float (&p)[S_TILES][4], unsigned (&pa)[PV_STEPS][4]) {
+#pragma unroll
+    for (int kv = 0; kv < PV_STEPS; ++kv) {
+      pa[kv][0] = pack2<T>(p[2 * kv][0], p[2 * kv][1]);
+      pa[kv][1] = pack2<T>(p[2 * kv][2], p[2 * kv][3]);
+      pa[kv][2] = pack2<T>(p[2 * kv + 1][0], p[2 * kv + 1][1]);
+      pa[kv][3] = pack2<T>(p[2 * kv + 1][2], p[2 * kv + 1][3]);
+    }
+  }
+
   // The tile of scores s whose first prefix row is tile_start.
   __device__ __forceinline__ void operator()(const float (&s)[S_TILES][4], int tile_start, int kv_end, int tig,
                                              float scale_log2, unsigned (&pa)[PV_STEPS][4], float (&alpha)[2]) {
@@ -456,26 +510,33 @@ __device__ __forceinline__ void attend_rows(const T* __restrict__ q, const T* __
 }
 
 // ---------------------------------------------------------------------------------------------
-// The prefix pass on Hopper with two warpgroups a block that take turns on the tensor cores
-// (ping-pong), for launches of more than 64 query rows a KV head: 128 query rows a block
-// (PP_QUERY_ROWS), 64 a warpgroup, one block an SM, and KV tiles of 128 rows (PP_KV_TILE: the
-// scores one m64n128 product a k-step). The query tile waits in shared memory (both products read
-// their operands from there but P, which the softmax leaves in registers). The K and V tiles are
-// copied once for both warpgroups (every thread its share, cp.async) through STAGES stages, with no
-// block-wide barrier: a stage's copies complete on its `full` mbarrier, and its refill waits on its
-// `empty` mbarrier for both warpgroups' last product from it. A warpgroup issues its products only
-// in its turn (named barriers 1 and 2): tile t's scores and tile t - 1's P V together; while they
-// run, the other warpgroup, whose turn comes next, takes its softmax. (Tiles of 64 rows, each
-// warpgroup overlapping its own next scores with its softmax, ran 426 TFLOP/s against 480 this
-// way on 32/8 x 128 sequences, 32768 prefix tokens: scripts/explore/prefix_pingpong.py.)
+// The prefix pass on Hopper for launches of more than 64 query rows a KV head, its warps
+// specialised: 128 query rows a block (PP_QUERY_ROWS) in two consumer warpgroups of 64, one block
+// an SM, KV tiles of 128 rows (PP_KV_TILE: the scores one m64n128 product a k-step) copied once
+// for both consumers by a producer warpgroup's one thread (TMA) through STAGES stages: a stage's
+// copies complete on its `full` mbarrier, its refill waits on its `empty` mbarrier for both
+// consumers' last product from it. The query tiles wait in shared memory (both products read
+// their operands from there but P, which the softmax leaves in registers). The consumers take
+// turns on the tensor cores (named barriers 1 and 2): in its turn a consumer issues tile t's
+// scores and then tile t - 1's P V; it waits for the scores alone and takes their softmax while
+// its P V and the other consumer's products run, then waits for the P V, rescales the output and
+// packs this tile's P. The producer gives up registers (setmaxnreg) so that each consumer thread
+// has 240. The tiles arrive with the 128-byte swizzle the products read (tensor maps over
+// k_prefix and v_prefix as [rows, num_kv_heads, HEAD_DIM] in boxes of 64 dims x 1 head x 128 rows:
+// gpukernels.shared_prefix); rows past the prefix arrive as zeros, and rows past the chunk's end
+// (the next chunk's) are masked by the softmax. Against blocks of two warpgroups that copied their
+// tiles themselves (cp.async) and took their softmax after both products: 32/8 x 128 sequences,
+// 32768 prefix tokens 142.7 -> 119.0 us (482 -> 578 TFLOP/s; scripts/explore/prefix_specialized.py).
 // Head_dim 64 and 128, 16-bit inputs (wgmma, sm_90a).
 constexpr int PP_WARPGROUPS = 2;
-constexpr int PP_THREADS = PP_WARPGROUPS * SP_THREADS;
 constexpr int PP_QUERY_ROWS = PP_WARPGROUPS * QUERY_ROWS;
 constexpr int PP_KV_TILE = 128;
+constexpr int WS_THREADS = (PP_WARPGROUPS + 1) * SP_THREADS;
+constexpr int WS_CONSUMER_REGISTERS = 240;
+constexpr int WS_PRODUCER_REGISTERS = 24;
 
-// The shared memory of the two-warpgroup pass: STAGES stages of K and V tiles, then the query
-// tile, all swizzled (wgmma.cuh), from the first 1024-byte boundary (gpukernels.shared_prefix:
+// The shared memory of the pass: STAGES stages of K and V tiles, then the query tiles, all
+// swizzled (wgmma.cuh), from the first 1024-byte boundary (gpukernels.shared_prefix:
 // pingpong_shared_bytes adds that alignment's 1024).
 template <int HEAD_DIM>
 struct PingPongTile {
@@ -483,9 +544,8 @@ struct PingPongTile {
   static constexpr int TILE_BYTES = PP_KV_TILE * HEAD_DIM * 2;      // K (or V) of one stage
   static constexpr int STAGE_BYTES = 2 * TILE_BYTES;                // K and V
   static constexpr int Q_BYTES = QUERY_ROWS * HEAD_DIM * 2;         // one warpgroup's query rows
-  static constexpr int COPIES = PP_KV_TILE * PIECES / PP_THREADS;   // pieces a thread copies of K (and V)
   static constexpr int Q_COPIES = QUERY_ROWS * PIECES / SP_THREADS; // pieces a thread stores of Q
-  static_assert(PP_KV_TILE * PIECES % PP_THREADS == 0 && QUERY_ROWS * PIECES % SP_THREADS == 0, "whole copies");
+  static_assert(QUERY_ROWS * PIECES % SP_THREADS == 0, "whole copies");
 };
 
 // Keeps the compiler from reusing the registers of an A operand of a product still in flight: they
@@ -497,149 +557,6 @@ __device__ __forceinline__ void keep_fragments(unsigned (&a)[STEPS][4]) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[k][e])::"memory");
   }
-}
-
-// The block's work: KV head kh's prefix rows kv_begin .. kv_end - 1 (k_rows, v_rows [rows,
-// num_kv_heads, HEAD_DIM]) against its 128 query rows; this warpgroup's 64 start at query row
-// first_row of the head (r = b * G + g, rows of them); a lane's states go to rows row_state[0..1]
-// (its m16 tile's rows gid and gid + 8), as attend_rows.
-template <typename T, int HEAD_DIM, int STAGES>
-__device__ __forceinline__ void attend_rows_pingpong(const T* __restrict__ q, const T* __restrict__ k_rows,
-                                                     const T* __restrict__ v_rows, float* __restrict__ part_out,
-                                                     float* __restrict__ part_lse, int num_qo_heads,
-                                                     int num_kv_heads, int kh, int kv_begin, int kv_end,
-                                                     int first_row, int rows, const long long (&row_state)[2],
-                                                     float scale_log2) {
-  using Tile = PingPongTile<HEAD_DIM>;
-  static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "one or two swizzled columns of 64 dims");
-  static_assert(STAGES >= 3, "tile t + 1 issued a turn before its scores; a stage refilled two tiles after its last");
-  constexpr int K_STEPS = HEAD_DIM / 16;
-  constexpr int S_TILES = PP_KV_TILE / 8;
-  constexpr int PV_STEPS = PP_KV_TILE / 16;
-  constexpr int O_TILES = HEAD_DIM / 8;
-  extern __shared__ __align__(16) unsigned char smem[];   // [STAGES][K tile, V tile], [2][Q tile]
-  __shared__ __align__(8) unsigned long long bars[2 * STAGES];   // full[STAGES], empty[STAGES]
-  const int tig = threadIdx.x & 3;
-  const int wg = static_cast<int>(threadIdx.x) / SP_THREADS, wt = static_cast<int>(threadIdx.x) % SP_THREADS;
-  const long long row_elems = static_cast<long long>(num_kv_heads) * HEAD_DIM;
-  const unsigned smem_base = (static_cast<unsigned>(__cvta_generic_to_shared(smem)) + 1023u) & ~1023u;
-  const unsigned q_tile = smem_base + STAGES * Tile::STAGE_BYTES + wg * Tile::Q_BYTES;
-
-  // The warpgroup's query rows into its tile (zero past the rows). A negative scale: q's signs
-  // flipped (exact) and the scale made positive, as attend_rows.
-  {
-    const unsigned flip = scale_log2 < 0.0f ? 0x80008000u : 0u;
-    const int group_size = num_qo_heads / num_kv_heads;
-#pragma unroll
-    for (int c = 0; c < Tile::Q_COPIES; ++c) {
-      const int piece = wt + c * SP_THREADS;
-      const int row = piece / Tile::PIECES, col = piece % Tile::PIECES;
-      const int r = first_row + row;
-      uint4 x = make_uint4(0u, 0u, 0u, 0u);
-      if (r < rows) {
-        const long long at = (static_cast<long long>(r / group_size) * num_qo_heads + kh * group_size + r % group_size) *
-                             HEAD_DIM + col * 8;
-        x = __ldg(reinterpret_cast<const uint4*>(q + at));
-      }
-      x.x ^= flip, x.y ^= flip, x.z ^= flip, x.w ^= flip;
-      asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(q_tile + swizzled_offset<QUERY_ROWS>(row, col)),
-                   "r"(x.x), "r"(x.y), "r"(x.z), "r"(x.w) : "memory");
-    }
-    fence_async_shared();
-  }
-  scale_log2 = fabsf(scale_log2);
-  const unsigned full0 = static_cast<unsigned>(__cvta_generic_to_shared(bars));
-  const unsigned empty0 = full0 + 8 * STAGES;
-  if (threadIdx.x == 0) {
-#pragma unroll
-    for (int st = 0; st < STAGES; ++st) {
-      mbarrier_init(full0 + 8 * st, PP_THREADS);
-      mbarrier_init(empty0 + 8 * st, PP_THREADS);
-    }
-    mbarrier_init_fence();
-  }
-  __syncthreads();   // the barriers and the query tiles
-
-  // Tile u into stage u % STAGES, once both warpgroups are done with the tile it held (u - STAGES).
-  auto issue = [&](int u) {
-    const int stage = u % STAGES;
-    if (u >= STAGES) mbarrier_wait(empty0 + 8 * stage, (u / STAGES - 1) & 1);
-    const unsigned k_tile = smem_base + stage * Tile::STAGE_BYTES;
-    const unsigned v_tile = k_tile + Tile::TILE_BYTES;
-    const int tile_start = kv_begin + u * PP_KV_TILE;
-#pragma unroll
-    for (int c = 0; c < Tile::COPIES; ++c) {
-      const int piece = threadIdx.x + c * PP_THREADS;
-      const int row = piece / Tile::PIECES, col = piece % Tile::PIECES;
-      const int kv = tile_start + row;
-      const bool valid = kv < kv_end;
-      const long long at = valid ? kv * row_elems + kh * HEAD_DIM + col * 8 : 0;
-      const unsigned dst = swizzled_offset<PP_KV_TILE>(row, col);
-      cp_async_16_zfill(k_tile + dst, k_rows + at, valid);
-      cp_async_16_zfill(v_tile + dst, v_rows + at, valid);
-    }
-    cp_async_arrive(full0 + 8 * stage);
-  };
-  // Tile t's copies, visible to the tensor cores.
-  auto landed = [&](int t) {
-    mbarrier_wait(full0 + 8 * (t % STAGES), (t / STAGES) & 1);
-    fence_async_shared();
-  };
-  // S = Q K^T: one m64n128 product per k-step, Q and K read K-major from their tiles.
-  auto scores = [&](float (&s)[S_TILES][4], int t) {
-    const unsigned k_tile = smem_base + (t % STAGES) * Tile::STAGE_BYTES;
-    fence_accumulators(s);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < K_STEPS; ++kk) {
-      const unsigned step = (kk & 3) * 32;   // k-step kk: 32 bytes into its column of 64 dims
-      wgmma_ss_n128<T>(s, sw128_descriptor(q_tile + (kk >> 2) * (QUERY_ROWS * 128) + step, 16, 1024),
-                       sw128_descriptor(k_tile + (kk >> 2) * (PP_KV_TILE * 128) + step, 16, 1024), kk > 0);
-    }
-    wgmma_commit();
-  };
-  float o[O_TILES][4];
-#pragma unroll
-  for (int j = 0; j < O_TILES; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
-  auto values = [&](const unsigned (&pa)[PV_STEPS][4], int t) {
-    values_product<T, HEAD_DIM, PP_KV_TILE>(o, pa, smem_base + (t % STAGES) * Tile::STAGE_BYTES + Tile::TILE_BYTES);
-  };
-
-  RowsSoftmax<T, S_TILES> rows_softmax;
-  const int num_tiles = kv_end > kv_begin ? (kv_end - kv_begin + PP_KV_TILE - 1) / PP_KV_TILE : 0;
-  if (num_tiles > 0) {
-    for (int u = 0; u < STAGES - 2 && u < num_tiles; ++u) issue(u);
-    // Turns: warpgroup w waits on barrier 1 + w before issuing its products, then lets the other
-    // go (256 threads: the one that waits and the one that arrives); warpgroup 0 goes first. Both
-    // take num_tiles + 1 turns; warpgroup 1's last would open no turn, and does not arrive.
-    const int my_turn = 1 + wg, their_turn = 2 - wg;
-    if (wg == 1) named_barrier_arrive(1, PP_THREADS);
-    float s[S_TILES][4];
-    unsigned pa[PV_STEPS][4];   // P of the tile before
-    for (int t = 0; t < num_tiles; ++t) {
-      if (t + STAGES - 2 < num_tiles) issue(t + STAGES - 2);
-      landed(t);
-      named_barrier_sync(my_turn, PP_THREADS);
-      scores(s, t);
-      if (t > 0) values(pa, t - 1);
-      named_barrier_arrive(their_turn, PP_THREADS);
-      wgmma_wait<0>();
-      fence_accumulators(s);
-      fence_accumulators(o);
-      keep_fragments(pa);
-      if (t > 0) mbarrier_arrive(empty0 + 8 * ((t - 1) % STAGES));   // this thread is done with tile t - 1
-      float alpha[2];
-      rows_softmax(s, kv_begin + t * PP_KV_TILE, kv_end, tig, scale_log2, pa, alpha);
-      rescale_rows(o, alpha);
-    }
-    named_barrier_sync(my_turn, PP_THREADS);
-    values(pa, num_tiles - 1);
-    if (wg == 0) named_barrier_arrive(their_turn, PP_THREADS);
-    wgmma_wait<0>();
-    fence_accumulators(o);
-    keep_fragments(pa);
-  }
-  write_row_states(rows_softmax, o, row_state, part_out, part_lse, tig);
 }
 
 // The query rows of a lane of the prefix pass: rows row0 and row0 + 8 of KV head blockIdx.z's
@@ -682,25 +599,175 @@ shared_prefix_kernel(const T* __restrict__ q,          // [batch, num_qo_heads, 
                                    row_state, scale_log2);
 }
 
-// The same pass with two warpgroups a block taking turns (attend_rows_pingpong): grid y over tiles
-// of 128 query rows; Hopper (sm_90a), head_dim 64 and 128.
+// The block's work: KV head kh's prefix rows kv_begin .. kv_end - 1 (through k_map, v_map) against
+// its 128 query rows from row block_row of the head (r = b * G + g); each consumer's 64 rows a
+// state each (prefix_rows).
 template <typename T, int HEAD_DIM, int STAGES>
-__global__ void __launch_bounds__(PP_THREADS, 1)
-shared_prefix_pingpong_kernel(const T* __restrict__ q, const T* __restrict__ k_prefix,
-                              const T* __restrict__ v_prefix, float* __restrict__ part_out,
-                              float* __restrict__ part_lse, int batch, int prefix_len, int num_qo_heads,
-                              int num_kv_heads, int chunk_size, float scale_log2) {
+__device__ __forceinline__ void attend_rows_specialized(const TensorMap& k_map, const TensorMap& v_map,
+                                                        const T* __restrict__ q, float* __restrict__ part_out,
+                                                        float* __restrict__ part_lse, int batch, int num_qo_heads,
+                                                        int num_kv_heads, int kh, int kv_begin, int kv_end,
+                                                        int block_row, float scale_log2) {
+  using Tile = PingPongTile<HEAD_DIM>;
+  static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "one or two swizzled columns of 64 dims");
+  static_assert(STAGES >= 2, "a tile in flight while one is read");
+  constexpr int K_STEPS = HEAD_DIM / 16;
+  constexpr int S_TILES = PP_KV_TILE / 8;
+  constexpr int PV_STEPS = PP_KV_TILE / 16;
+  constexpr int O_TILES = HEAD_DIM / 8;
+  constexpr int COLUMNS = HEAD_DIM / 64;                        // boxes of 64 dims a tile
+  constexpr unsigned COLUMN_BYTES = PP_KV_TILE * 128;           // one box: 128 rows of 128 bytes
+  extern __shared__ __align__(16) unsigned char smem[];   // [STAGES][K tile, V tile], [2][Q tile]
+  __shared__ __align__(8) unsigned long long bars[2 * STAGES];   // full[STAGES], empty[STAGES]
+  const int wg = static_cast<int>(threadIdx.x) / SP_THREADS;     // 0: the producer; 1, 2: consumers
+  const int cw = wg - 1, wt = static_cast<int>(threadIdx.x) % SP_THREADS;
+  const int tig = threadIdx.x & 3;
+  const int group_size = num_qo_heads / num_kv_heads;
+  const int rows = batch * group_size;
+  const unsigned smem_base = (static_cast<unsigned>(__cvta_generic_to_shared(smem)) + 1023u) & ~1023u;
+  const unsigned full0 = static_cast<unsigned>(__cvta_generic_to_shared(bars));
+  const unsigned empty0 = full0 + 8 * STAGES;
+  const int first_row = block_row + cw * QUERY_ROWS;   // a consumer's first query row of the head
+  const unsigned q_tile = smem_base + STAGES * Tile::STAGE_BYTES + cw * Tile::Q_BYTES;
+
+  if (wg > 0) {
+    // The warpgroup's query rows into its tile (zero past the rows); a negative scale: q's signs
+    // flipped (exact) and the scale made positive, as attend_rows.
+    const unsigned flip = scale_log2 < 0.0f ? 0x80008000u : 0u;
+#pragma unroll
+    for (int c = 0; c < Tile::Q_COPIES; ++c) {
+      const int piece = wt + c * SP_THREADS;
+      const int row = piece / Tile::PIECES, col = piece % Tile::PIECES;
+      const int r = first_row + row;
+      uint4 x = make_uint4(0u, 0u, 0u, 0u);
+      if (r < rows) {
+        const long long at = (static_cast<long long>(r / group_size) * num_qo_heads + kh * group_size + r % group_size) *
+                             HEAD_DIM + col * 8;
+        x = __ldg(reinterpret_cast<const uint4*>(q + at));
+      }
+      x.x ^= flip, x.y ^= flip, x.z ^= flip, x.w ^= flip;
+      asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(q_tile + swizzled_offset<QUERY_ROWS>(row, col)),
+                   "r"(x.x), "r"(x.y), "r"(x.z), "r"(x.w) : "memory");
+    }
+    fence_async_shared();
+  } else if (threadIdx.x == 0) {
+#pragma unroll
+    for (int st = 0; st < STAGES; ++st) {
+      mbarrier_init(full0 + 8 * st, 1);
+      mbarrier_init(empty0 + 8 * st, 2 * SP_THREADS);
+    }
+    mbarrier_init_fence();
+  }
+  __syncthreads();   // the barriers and the query tiles
+  const int num_tiles = kv_end > kv_begin ? (kv_end - kv_begin + PP_KV_TILE - 1) / PP_KV_TILE : 0;
+
+  if (wg == 0) {
+    registers_lower<WS_PRODUCER_REGISTERS>();
+    if (threadIdx.x == 0) {
+      // Tile u into stage u % STAGES once both consumers are done with the tile it held.
+      for (int u = 0; u < num_tiles; ++u) {
+        const int stage = u % STAGES;
+        if (u >= STAGES) mbarrier_wait(empty0 + 8 * stage, (u / STAGES - 1) & 1);
+        const unsigned full = full0 + 8 * stage;
+        mbarrier_expect_bytes(full, Tile::STAGE_BYTES);
+        const unsigned k_tile = smem_base + stage * Tile::STAGE_BYTES;
+        const int row = kv_begin + u * PP_KV_TILE;
+#pragma unroll
+        for (int c = 0; c < COLUMNS; ++c) {
+          tma_load_3d(k_tile + c * COLUMN_BYTES, &k_map, full, 64 * c, kh, row);
+          tma_load_3d(k_tile + Tile::TILE_BYTES + c * COLUMN_BYTES, &v_map, full, 64 * c, kh, row);
+        }
+      }
+    }
+    return;
+  }
+  registers_raise<WS_CONSUMER_REGISTERS>();
+  scale_log2 = fabsf(scale_log2);
+  int row_b[2], row_h[2];
+  long long row_state[2];
+  prefix_rows(first_row + (wt >> 5) * 16 + ((wt & 31) >> 2), batch, num_qo_heads, num_kv_heads, row_b, row_h,
+              row_state);
+
+  auto scores = [&](float (&s)[S_TILES][4], int t) {
+    const unsigned k_tile = smem_base + (t % STAGES) * Tile::STAGE_BYTES;
+    fence_accumulators(s);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < K_STEPS; ++kk) {
+      const unsigned step = (kk & 3) * 32;   // k-step kk: 32 bytes into its column of 64 dims
+      wgmma_ss_n128<T>(s, sw128_descriptor(q_tile + (kk >> 2) * (QUERY_ROWS * 128) + step, 16, 1024),
+                       sw128_descriptor(k_tile + (kk >> 2) * COLUMN_BYTES + step, 16, 1024), kk > 0);
+    }
+    wgmma_commit();
+  };
+  float o[O_TILES][4];
+#pragma unroll
+  for (int j = 0; j < O_TILES; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+  auto values = [&](const unsigned (&pa)[PV_STEPS][4], int t) {
+    values_product<T, HEAD_DIM, PP_KV_TILE>(o, pa, smem_base + (t % STAGES) * Tile::STAGE_BYTES + Tile::TILE_BYTES);
+  };
+
+  RowsSoftmax<T, S_TILES> rows_softmax;
+  if (num_tiles > 0) {
+    // Turns: consumer w waits on barrier 1 + w before issuing its products, then lets the other go
+    // (256 threads: the one that waits and the one that arrives); consumer 0 goes first. Both take
+    // num_tiles + 1 turns; consumer 1's last would open no turn, and does not arrive.
+    const int my_turn = 1 + cw, their_turn = 2 - cw;
+    if (cw == 1) named_barrier_arrive(1, 2 * SP_THREADS);
+    float s[S_TILES][4];
+    unsigned pa[PV_STEPS][4];   // P of the tile before, read by its P V in flight
+    float alpha[2];
+    // Tile 0: its scores alone (the loop below has the same groups in flight at every tile).
+    mbarrier_wait(full0, 0);
+    named_barrier_sync(my_turn, 2 * SP_THREADS);
+    scores(s, 0);
+    named_barrier_arrive(their_turn, 2 * SP_THREADS);
+    wgmma_wait<0>();
+    fence_accumulators(s);
+    rows_softmax.exps(s, kv_begin, kv_end, tig, scale_log2, alpha);
+    RowsSoftmax<T, S_TILES>::pack(s, pa);
+    for (int t = 1; t < num_tiles; ++t) {
+      mbarrier_wait(full0 + 8 * (t % STAGES), (t / STAGES) & 1);
+      named_barrier_sync(my_turn, 2 * SP_THREADS);
+      scores(s, t);
+      values(pa, t - 1);
+      named_barrier_arrive(their_turn, 2 * SP_THREADS);
+      wgmma_wait<1>();   // the scores (the older group)
+      fence_accumulators(s);
+      rows_softmax.exps(s, kv_begin + t * PP_KV_TILE, kv_end, tig, scale_log2, alpha);
+      wgmma_wait<0>();
+      fence_accumulators(o);
+      keep_fragments(pa);
+      mbarrier_arrive(empty0 + 8 * ((t - 1) % STAGES));   // this thread is done with tile t - 1
+      rescale_rows(o, alpha);
+      RowsSoftmax<T, S_TILES>::pack(s, pa);
+    }
+    named_barrier_sync(my_turn, 2 * SP_THREADS);
+    values(pa, num_tiles - 1);
+    if (cw == 0) named_barrier_arrive(their_turn, 2 * SP_THREADS);
+    wgmma_wait<0>();
+    fence_accumulators(o);
+    keep_fragments(pa);
+  }
+  write_row_states(rows_softmax, o, row_state, part_out, part_lse, tig);
+}
+
+// Hydragen's prefix pass in blocks of 128 query rows (attend_rows_specialized): grid as
+// shared_prefix_kernel's but y over tiles of 128 rows; 384 threads; k_map and v_map over k_prefix
+// and v_prefix. Hopper (sm_90a), head_dim 64 and 128.
+template <typename T, int HEAD_DIM, int STAGES>
+__global__ void __launch_bounds__(WS_THREADS, 1)
+shared_prefix_specialized_kernel(const __grid_constant__ TensorMap k_map, const __grid_constant__ TensorMap v_map,
+                                 const T* __restrict__ q, float* __restrict__ part_out, float* __restrict__ part_lse,
+                                 int batch, int prefix_len, int num_qo_heads, int num_kv_heads, int chunk_size,
+                                 float scale_log2) {
   let_dependents_start();
   if constexpr (HAS_WGMMA) {
-    const int first_row = blockIdx.y * PP_QUERY_ROWS + static_cast<int>(threadIdx.x) / SP_THREADS * QUERY_ROWS;
-    int row_b[2], row_h[2];
-    long long row_state[2];
-    prefix_rows(first_row + (threadIdx.x >> 5) % SP_WARPS * 16 + ((threadIdx.x & 31) >> 2), batch, num_qo_heads,
-                num_kv_heads, row_b, row_h, row_state);
     const int kv_begin = blockIdx.x * chunk_size;
-    attend_rows_pingpong<T, HEAD_DIM, STAGES>(q, k_prefix, v_prefix, part_out, part_lse, num_qo_heads, num_kv_heads,
-                                              blockIdx.z, kv_begin, min(prefix_len, kv_begin + chunk_size), first_row,
-                                              batch * (num_qo_heads / num_kv_heads), row_state, scale_log2);
+    attend_rows_specialized<T, HEAD_DIM, STAGES>(k_map, v_map, q, part_out, part_lse, batch, num_qo_heads,
+                                                 num_kv_heads, blockIdx.z, kv_begin,
+                                                 min(prefix_len, kv_begin + chunk_size), blockIdx.y * PP_QUERY_ROWS,
+                                                 scale_log2);
   } else {
     __trap();   // launched only on Hopper
   }

@@ -77,6 +77,27 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
 __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+// The tensor memory accelerator (TMA): one thread copies a box of a tensor (described by a tensor
+// map made on the host, a kernel parameter) into shared memory, stored with the map's swizzle; the
+// copy's bytes complete the transaction count of the mbarrier `bar`, whose phase the thread expects
+// with `mbarrier_expect_bytes` (its one arrival). Rows past the tensor's end arrive as zeros.
+__device__ __forceinline__ void mbarrier_expect_bytes(unsigned bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void tma_load_3d(unsigned dst, const void* map, unsigned bar, int c0, int c1, int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];\n"
+      ::"r"(dst), "l"(reinterpret_cast<unsigned long long>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2) : "memory");
+}
+// A warpgroup's share of the SM's registers, raised or lowered (every warp of the warpgroup runs it).
+template <int REGISTERS>
+__device__ __forceinline__ void registers_raise() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGISTERS));
+}
+template <int REGISTERS>
+__device__ __forceinline__ void registers_lower() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGISTERS));
+}
 #else
 __device__ __forceinline__ void wgmma_fence() {}
 __device__ __forceinline__ void wgmma_commit() {}
@@ -90,7 +111,18 @@ __device__ __forceinline__ void cp_async_arrive(unsigned) {}
 __device__ __forceinline__ void mbarrier_wait(unsigned, unsigned) {}
 __device__ __forceinline__ void named_barrier_sync(int, int) {}
 __device__ __forceinline__ void named_barrier_arrive(int, int) {}
+__device__ __forceinline__ void mbarrier_expect_bytes(unsigned, unsigned) {}
+__device__ __forceinline__ void tma_load_3d(unsigned, const void*, unsigned, int, int, int) {}
+template <int REGISTERS>
+__device__ __forceinline__ void registers_raise() {}
+template <int REGISTERS>
+__device__ __forceinline__ void registers_lower() {}
 #endif
+
+// A CUtensorMap (cuda.h), made on the host by cuTensorMapEncodeTiled and passed by value.
+struct alignas(64) TensorMap {
+  unsigned long long bits[16];
+};
 
 // Keeps the compiler from moving reads or writes of the accumulators across a wgmma or its wait
 // (the instruction is asynchronous: its registers are only final after wgmma_wait).

@@ -1,6 +1,8 @@
 """Hydragen's prefix pass alone: the kernel of 64 query rows a block (two blocks an SM) against the
 kernel of two warpgroups taking turns on the tensor cores (128 rows a block, one block an SM, KV
-tiles of 128 rows: shared_prefix.cu, attend_rows_pingpong), at the planned chunk, its half and its
+tiles of 128 rows; since the commit after 2626971 the warp-specialised kernel, a producer
+warpgroup copying the tiles by TMA: shared_prefix.cu, attend_rows_specialized; the logs before it
+are of the kernel whose warpgroups copied their own tiles), at the planned chunk, its half and its
 double. Prints each one's time (us) and rate on the useful rows (TFLOP/s), and the largest
 difference of the two-warpgroup kernel's states from the other's (out relative to the largest
 |out|, lse absolute; the outputs are poisoned with NaN first, so a state not written shows as
@@ -25,7 +27,7 @@ sp = importlib.import_module("gpukernels.shared_prefix")
 timer = Timer(30)
 HQ = 32
 KERNELS = {"64-row": (sp._prefix_kernel, sp.QUERY_ROWS, sp.THREADS),
-           "two warpgroups": (sp._pingpong_kernel, sp.PINGPONG_ROWS, sp.PINGPONG_THREADS)}
+           "two warpgroups": (sp._specialized_kernel, sp.PINGPONG_ROWS, sp.SPECIALIZED_THREADS)}
 
 
 def states(name, dtype, q, kp, vp, batch, hq, hkv, d, prefix_len, chunk, scale):
@@ -36,8 +38,11 @@ def states(name, dtype, q, kp, vp, batch, hq, hkv, d, prefix_len, chunk, scale):
     part_out = cp.full((n, batch, hq, d), np.nan, dtype=cp.float32)
     part_lse = cp.full((n, batch, hq), np.nan, dtype=cp.float32)
     grid = (n, -(-(batch * (hq // hkv)) // rows_per_block), hkv)
-    args = (q.data.ptr, kp.data.ptr, vp.data.ptr, part_out.data.ptr, part_lse.data.ptr, batch, prefix_len, hq, hkv,
-            chunk, scale * 1.4426950408889634)
+    tail = (part_out.data.ptr, part_lse.data.ptr, batch, prefix_len, hq, hkv, chunk, scale * 1.4426950408889634)
+    if name == "64-row":
+        args = (q.data.ptr, kp.data.ptr, vp.data.ptr) + tail
+    else:   # the prefix through tensor maps
+        args = tuple(sp.prefix_tensor_map(x.data.ptr, dtype, prefix_len, hkv, d) for x in (kp, vp)) + (q.data.ptr,) + tail
 
     def launch():
         kernel(grid, (threads,), args, stream_ptr=cp.cuda.get_current_stream().ptr, device_id=0)

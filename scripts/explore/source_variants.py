@@ -39,7 +39,7 @@ def use(sources: pathlib.Path) -> None:
     """Compile (or load from CuPy's cache) every kernel from `sources` from now on."""
     rt.CUDA_DIR = sources
     for cached in (rt.module, sk._kernel_for, sk._persistent_kernel_for, sk._persistent_grid, sp._prefix_kernel,
-                   sp._pingpong_kernel, sp._merge_kernel):
+                   sp._specialized_kernel, sp._merge_kernel):
         cached.cache_clear()
 
 
@@ -132,15 +132,20 @@ def shared_prefix() -> None:
         # the prefix pass alone, the plan's kernel and grid
         runner.run(q, kp, vp, ks, vs, out=out, lse=lse)
         part_out, part_lse, _ = next(iter(runner._buffers.values()))
-        pingpong = plan.prefix_block_rows == sp.PINGPONG_ROWS
+        wide = plan.prefix_block_rows == sp.PINGPONG_ROWS
         rows = -(-batch * (NUM_QO_HEADS // hkv) // plan.prefix_block_rows)
-        args = (q.data.ptr, kp.data.ptr, vp.data.ptr, part_out.data.ptr, part_lse.data.ptr, batch, prefix_len,
-                NUM_QO_HEADS, hkv, plan.prefix_chunk_size, 0.088)
+        tail = (part_out.data.ptr, part_lse.data.ptr, batch, prefix_len, NUM_QO_HEADS, hkv, plan.prefix_chunk_size,
+                0.088)
+        if wide:   # blocks of two warpgroups and a producer: the prefix through tensor maps
+            maps = tuple(sp.prefix_tensor_map(x.data.ptr, "float16", prefix_len, hkv, HEAD_DIM) for x in (kp, vp))
+            args = maps + (q.data.ptr,) + tail
+        else:
+            args = (q.data.ptr, kp.data.ptr, vp.data.ptr) + tail
         grid = (plan.num_chunks, rows, hkv)
 
         def prefix_pass():
-            kernel = (sp._pingpong_kernel if pingpong else sp._prefix_kernel)("float16", HEAD_DIM)
-            kernel(grid, (sp.PINGPONG_THREADS if pingpong else sp.THREADS,), args,  # noqa: B023
+            kernel = (sp._specialized_kernel if wide else sp._prefix_kernel)("float16", HEAD_DIM)  # noqa: B023
+            kernel(grid, (sp.SPECIALIZED_THREADS if wide else sp.THREADS,), args,  # noqa: B023
                    stream_ptr=cp.cuda.get_current_stream().ptr, device_id=0)
 
         lib, var, tl, tv = alternate(prefix_pass)
