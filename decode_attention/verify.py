@@ -200,6 +200,9 @@ def _parser() -> argparse.ArgumentParser:
                                             "not, 2 without CuPy and a CUDA GPU.")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the random inputs of every case (default: %(default)s)")
+    parser.add_argument("--only", metavar="KIND", action="append", default=None,
+                        help="run only the cases whose kernel column starts with KIND (repeatable; e.g. "
+                             "hydragen, tree): a sanitizer run of what a change touched (default: every case)")
     return parser
 
 
@@ -226,7 +229,11 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed)
     failures = 0
     print(f"{'dtype':<9} {'D':>4} {'Hq/Hkv':>7} {'kernel':<13} {'rel err':>9}  ")
-    for dtype, head_dim, hq, hkv, kind, num_splits in _cases():
+    cases = [c for c in _cases() if args.only is None or any(c[4].startswith(k) for k in args.only)]
+    if not cases:
+        print(f"decode-attention verify: no case's kernel starts with {' or '.join(args.only)}", file=sys.stderr)
+        return 2
+    for dtype, head_dim, hq, hkv, kind, num_splits in cases:
         err = run_case(rng, dtype, head_dim, hq, hkv, kind, num_splits)
         ok = err <= OUT_RTOL[dtype]
         failures += not ok

@@ -14,6 +14,8 @@
 # `python -m decode_attention.verify`), decode, coverage, shared_prefix, shared_prefix_papers, span
 # and tree (`decode-attention bench --suite ...`), end_to_end (`python -m decode_attention.e2e.bench`);
 # each writes bench-<suite>.log and the <gpu>/<suite>.json it wrote, nothing else. SKIP_BENCH=1 drops the benchmark steps from the default list.
+# VERIFY_ONLY=hydragen (a kind of case, see `decode-attention verify --only`) sanitizes only those
+# cases; GPU_TESTS=tests/test_x.py (pytest arguments) runs only those GPU tests.
 set -uo pipefail
 OUT=${OUT:-gpu-check-out}
 mkdir -p "$OUT"
@@ -53,14 +55,14 @@ for s in "${steps[@]}"; do
     # Four test processes share the GPU where pytest-xdist is installed (the tests are small).
     python3 -c "import xdist" 2>/dev/null && limit+=(-n "${GPU_TEST_PROCESSES:-4}")
     HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-gpu} python3 -m pytest -q -rfs -p no:cacheprovider -m gpu \
-      "${limit[@]}" tests/ 2>&1 | tee "$OUT/gpu-tests.log" | tail -n 25
+      "${limit[@]}" ${GPU_TESTS:-tests/} 2>&1 | tee "$OUT/gpu-tests.log" | tail -n 25
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
     ;;
   sanitizer)
     step "compute-sanitizer (memcheck, racecheck) on the verification set"
     for tool in memcheck racecheck; do
       compute-sanitizer --tool $tool --error-exitcode 3 python3 -m decode_attention.verify \
-        >"$OUT/sanitizer-$tool.log" 2>&1
+        ${VERIFY_ONLY:+--only $VERIFY_ONLY} >"$OUT/sanitizer-$tool.log" 2>&1
       rc=$?
       echo "$tool: exit $rc; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|verify:' "$OUT/sanitizer-$tool.log" | tr '\n' ' ')"
       [ $rc -eq 0 ] || status=1

@@ -225,6 +225,20 @@ def test_verify_help_through_the_command(capsys):
     assert "usage: decode-attention verify" in out and "--seed SEED" in out and "(default: 0)" in out
 
 
+def test_verify_runs_only_the_kinds_asked_for(monkeypatch, capsys):
+    import gpukernels
+    from decode_attention import verify
+
+    monkeypatch.setattr(gpukernels, "gpu_available", lambda: True)   # the machine, not the code
+    ran = []
+    monkeypatch.setattr(verify, "run_case", lambda rng, dtype, d, hq, hkv, kind, splits: ran.append(kind) or 0.0)
+    assert cli.main(["verify", "--only", "hydragen", "--only", "tree"]) == 0
+    assert ran and all(k.startswith(("hydragen", "tree")) for k in ran)
+    assert {"hydragen", "hydragen:wide", "tree"} <= set(ran)
+    assert cli.main(["verify", "--only", "nothing"]) == 2
+    assert "no case's kernel starts with nothing" in capsys.readouterr().err
+
+
 def test_verify_without_a_gpu_says_so_in_one_line(monkeypatch, capsys):
     import gpukernels
 
