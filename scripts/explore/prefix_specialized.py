@@ -12,6 +12,8 @@ work (each chunk a batch entry, the head's query rows its sequence) for comparis
 
 An exploration, not a benchmark: lines of text, no result file.
 Run: PYTHONPATH=. python3 scripts/explore/prefix_specialized.py
+     (with `variants`: the pass at head_dim 128 on 3 stages and on 2, on five rows; with `check`: the
+     edge shapes only)
 """
 import importlib
 import sys
@@ -106,6 +108,43 @@ def run_case(label, batch, hq, hkv, d, prefix_len, chunk, dtype="float16", scale
 
 
 print(f"GPU: {cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}", flush=True)
+if sys.argv[1:] == ["variants"]:   # the pass at head_dim 128: the library's 3 stages against 2
+    # (2 free 64 KB of shared memory). logs/explore-prefix-specialized-variants.log also has a third
+    # variant from a build not kept: the query's A fragments in registers (the scores an RS product),
+    # a template flag of the kernel then.
+    VARIANTS = ((3, False), (2, False))
+
+    def variant(stages, q_registers):
+        name = f"decode_attention::shared_prefix_specialized_kernel<__half, 128, {stages}>"
+        smem = stages * 2 * sp.PINGPONG_KV_TILE * 128 * 2 + sp.PINGPONG_ROWS * 128 * 2 + 1024
+        return rt.Kernel("shared_prefix", name, sp.SPECIALIZED_SIGNATURE, shared_mem=smem)
+    for hkv, B, P in ((8, 128, 32768), (8, 256, 16384), (8, 64, 16384), (8, 256, 4096), (32, 256, 4096)):
+        chunk = sp.plan_shared_prefix(B, HQ, hkv, 128, P, 128, num_sms=132, gpu="h200").prefix_chunk_size
+        q, kp, vp = inputs(B, HQ, hkv, 128, P, "float16")
+        flops = 4 * B * HQ * P * 128
+        n = -(-P // chunk)
+        maps = tuple(sp.prefix_tensor_map(x.data.ptr, "float16", P, hkv, 128) for x in (kp, vp))
+        text, first = [], None
+        for stages, q_registers in VARIANTS:
+            part_out = cp.full((n, B, HQ, 128), np.nan, dtype=cp.float32)
+            part_lse = cp.full((n, B, HQ), np.nan, dtype=cp.float32)
+            kernel = variant(stages, q_registers)
+            args = maps + (q.data.ptr, part_out.data.ptr, part_lse.data.ptr, B, P, HQ, hkv, chunk, -0.127)
+            grid = (n, -(-(B * (HQ // hkv)) // sp.PINGPONG_ROWS), hkv)
+
+            def launch():
+                kernel(grid, (sp.SPECIALIZED_THREADS,), args, stream_ptr=cp.cuda.get_current_stream().ptr,  # noqa: B023
+                       device_id=0)
+            launch()
+            label = f"{stages} stages{', q in registers' if q_registers else ''}"
+            if first is None:
+                first = (part_out, part_lse)
+            else:
+                label += " (difference {:.1e} / {:.1e})".format(*difference(first, (part_out, part_lse)))
+            t = timer(launch)
+            text.append(f"{label} {t * 1e3:.1f} ({flops / t / 1e9:.0f})")
+        print(f"{HQ}/{hkv} x {B}, {P} chunk {chunk}: " + "; ".join(text), flush=True)
+    sys.exit(0)
 run_case("edge 32/8 x 20, 1000", 20, 32, 8, 128, 1000, 512)
 run_case("edge 32/8 x 20, 1000, one chunk", 20, 32, 8, 128, 1000, 1024)
 run_case("edge 32/8 x 20, 1000, chunk 200", 20, 32, 8, 128, 1000, 200)

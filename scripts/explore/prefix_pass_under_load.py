@@ -1,0 +1,91 @@
+"""Does Hydragen's prefix pass slow down while the suffixes stream beside it? On four shared-prefix
+rows, at the plan's chunk: the prefix pass alone; a kernel that only reads the suffixes' K and V
+alone (its blocks fill the SMs the pass leaves free and wait for the rest); both at once on two
+streams, the pass launched first (its blocks take an SM each), with the pass's own time and the
+pair's; and the planned call. Medians of 20 (us), the L2 flushed before each.
+(logs/explore-prefix-pass-under-load-forms.log adds forms of the pass from a build not kept: tiles
+prefetched into L2 4 or 8 tiles ahead of the copies, and the copies with an evict_last L2 policy;
+its "STATES DIFFER" compared them with the planned call's states, made at another scale.)
+
+An exploration, not a benchmark: lines of text, no result file.
+Run: PYTHONPATH=. python3 scripts/explore/prefix_pass_under_load.py
+"""
+import importlib
+
+import cupy as cp
+import numpy as np
+
+from _inputs import shared_prefix_inputs
+from gpukernels.bench import FLUSH_BYTES, Timer, stream_read
+
+sp = importlib.import_module("gpukernels.shared_prefix")
+sk = importlib.import_module("gpukernels.split_kv")
+HQ, D, REPS = 32, 128, 20
+timer = Timer(REPS)
+stream = stream_read()
+flush = cp.empty(FLUSH_BYTES, dtype=cp.uint8)
+
+
+def prefix_pass(plan, q, kp, vp, part_out, part_lse, batch, hkv, prefix_len):
+    """A function launching the plan's prefix pass on the current stream."""
+    wide = plan.prefix_block_rows == sp.PINGPONG_ROWS
+    tail = (part_out.data.ptr, part_lse.data.ptr, batch, prefix_len, HQ, hkv, plan.prefix_chunk_size, 0.127)
+    if wide:
+        args = tuple(sp.prefix_tensor_map(x.data.ptr, "float16", prefix_len, hkv, D) for x in (kp, vp))
+        args += (q.data.ptr,) + tail
+    else:
+        args = (q.data.ptr, kp.data.ptr, vp.data.ptr) + tail
+    kernel = (sp._specialized_kernel if wide else sp._prefix_kernel)("float16", D)
+    grid = (plan.num_chunks, -(-batch * (HQ // hkv) // plan.prefix_block_rows), hkv)
+    threads = sp.SPECIALIZED_THREADS if wide else sp.THREADS
+
+    def launch():
+        kernel(grid, (threads,), args, stream_ptr=cp.cuda.get_current_stream().ptr, device_id=0)
+    return launch, grid[0] * grid[1] * grid[2]
+
+
+def side_by_side(first, second):
+    """Median (first's time, both's time) with first on one stream and second on another, started
+    together after a flush."""
+    a, b = cp.cuda.Stream(non_blocking=True), cp.cuda.Stream(non_blocking=True)
+    firsts, boths = [], []
+    for rep in range(REPS + 3):
+        with a:
+            flush.fill(1)
+            start = cp.cuda.Event()
+            start.record(a)
+        b.wait_event(start)
+        with a:
+            first()
+            end_a = cp.cuda.Event()
+            end_a.record(a)
+        with b:
+            second()
+            end_b = cp.cuda.Event()
+            end_b.record(b)
+        end_a.synchronize()
+        end_b.synchronize()
+        if rep >= 3:
+            firsts.append(cp.cuda.get_elapsed_time(start, end_a))
+            boths.append(max(firsts[-1], cp.cuda.get_elapsed_time(start, end_b)))
+    return float(np.median(firsts)), float(np.median(boths))
+
+
+print(f"GPU: {cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}", flush=True)
+for hkv, batch, prefix_len, suffix_len in ((8, 256, 4096, 128), (8, 64, 16384, 256), (8, 128, 32768, 256),
+                                           (32, 256, 4096, 128), (32, 64, 16384, 256)):
+    q, kp, vp, ks, vs, out, lse = shared_prefix_inputs(hkv, batch, prefix_len, suffix_len)
+    plan = sp.plan_shared_prefix(batch, HQ, hkv, D, prefix_len, suffix_len, num_sms=sk.num_sms(0),
+                                 gpu=sk.device_gpu(0))
+    runner = sp.SharedPrefix(plan)
+    runner.run(q, kp, vp, ks, vs, out=out, lse=lse)
+    part_out, part_lse, _ = next(iter(runner._buffers.values()))
+    launch, blocks = prefix_pass(plan, q, kp, vp, part_out, part_lse, batch, hkv, prefix_len)
+    alone = timer(launch) * 1e3
+    read = timer(lambda: stream(ks, vs)) * 1e3  # noqa: B023
+    pass_beside, both = side_by_side(launch, lambda: stream(ks, vs))  # noqa: B023
+    call = timer(lambda: runner.run(q, kp, vp, ks, vs, out=out, lse=lse)) * 1e3  # noqa: B023
+    print(f"{HQ}/{hkv} x {batch} x {prefix_len}+{suffix_len} (chunk {plan.prefix_chunk_size}, {blocks} blocks of "
+          f"{plan.prefix_block_rows} rows{', merge launch' if plan.merge_launch else ''}): pass alone {alone:.1f}; "
+          f"suffix read alone {read:.1f}; side by side: pass {pass_beside * 1e3:.1f}, both {both * 1e3:.1f}; "
+          f"the planned call {call:.1f}", flush=True)
