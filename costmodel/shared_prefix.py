@@ -5,7 +5,8 @@ Three ways to run it, all predicted here (`METHODS`):
 * `"hydragen"` (Juravsky et al., 2024), as `gpukernels.shared_prefix` runs it: two launches
   (`HydragenPlan`). The prefix pass reads the prefix once: the queries of all sequences and all
   heads of a GQA group form one matrix per KV head, 64 rows a block (on Hopper past 64 rows, 128
-  rows a block in two warpgroups taking turns: `costmodel.segments.prefix_block_rows`), multiplied
+  rows a block in two warpgroups taking turns, fed by a third through the TMA:
+  `costmodel.segments.prefix_block_rows`), multiplied
   with each prefix chunk on the tensor cores (chunks of `prefix_pass_chunk`), at the rate its
   kernel's counted clocks give (`costmodel.segments.attend_rows_flops_per_s`,
   `pingpong_flops_per_s`); the suffixes by split-KV with the kernels'
@@ -443,7 +444,8 @@ def prefix_pass_chunk(prefix_len: int, query_rows: int, num_kv_heads: int, num_s
     98.2; batch 64, 16384: 2048x8 96.2, 4096x4 106.3, 8192x2 192.5; 32/8, batch 16, 8192: 256x32
     21.2, 512x16 19.6, 1024x8 29.5; batch 64, 16384: 1024x16 88.3, 2048x8 83.5, 4096x4 101.1;
     batch 128, 32768: 4096x8 299.6, 8192x4 298.8, 16384x2 378.4. Blocks of two warpgroups (128
-    rows, one an SM; `logs/explore-prefix-pingpong.log`): 32/8, batch 128, 32768: 2048x16 161.0,
+    rows, one an SM, copying their own tiles, before the producer warpgroup;
+    `logs/explore-prefix-pingpong.log`): 32/8, batch 128, 32768: 2048x16 161.0,
     4096x8 148.9, 8192x4 143.1; batch 256, 4096: 1024x4 48.1, 2048x2 42.5, 4096x1 72.5."""
     for name, value in (("prefix_len", prefix_len), ("query_rows", query_rows), ("num_kv_heads", num_kv_heads),
                         ("num_sms", num_sms), ("blocks_per_sm", blocks_per_sm), ("tile", tile),

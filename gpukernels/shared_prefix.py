@@ -622,8 +622,6 @@ class SharedPrefix:
         # With a merge launch, 2. merges nothing and 3. merges both.
         n = p.num_chunks
         if n:
-            # Two warpgroups a block taking turns where the plan says so and the GPU runs sm_90a
-            # code (a plan made for Hopper run elsewhere falls back to blocks of 64 rows).
             # Blocks of 128 rows, their warps specialised, where the plan says so and the GPU runs
             # sm_90a code (a plan made for Hopper run elsewhere falls back to blocks of 64 rows).
             grid_rows = B * (Hq // Hkv)
