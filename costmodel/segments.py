@@ -260,22 +260,26 @@ def prefix_block_rows(gpu: GPUSpec, head_dim: int, dtype: str, rows: int) -> int
 
 
 def pingpong_tile_clocks(gpu: GPUSpec, head_dim: int, dtype: str) -> tuple[float, float]:
-    """(tensor-core clocks, softmax clocks) of one consumer warpgroup's turn on a KV tile in the
-    two-warpgroup pass, counted as `attend_rows_wgmma_tile_clocks` counts a tile but with no copies
-    (the producer's TMA makes them) (H200, head_dim 128: 4,194,304 FLOPs = 1,024 tensor clocks;
-    64 scores a lane: 512 SFU clocks and 288 instructions; so 800 softmax clocks)."""
+    """(tensor-core clocks of one consumer warpgroup's turn on a KV tile, softmax clocks a pair of
+    turns leaves exposed) in the two-warpgroup pass. A consumer takes its softmax while its own
+    P V and the other's products run, so of its softmax only the exponentials stay exposed: the
+    SFU's clocks, counted as `attend_rows_wgmma_tile_clocks` counts them (H200, head_dim 128:
+    4,194,304 FLOPs = 1,024 tensor clocks; 64 scores a lane: 512 SFU clocks). Counting the whole
+    softmax (its 288 other instructions too, and 64 clocks of copies), as for the kernel before
+    whose consumers copied their own tiles and took their softmax after both products, put the
+    pass at 0.70 of the matmul rate against 0.63 measured."""
     t, d = PINGPONG_KV_TILE, head_dim
     rows = 4 * WARP_ROWS
     tensor = 4 * rows * t * d / tensor_flops_per_clock_per_sm(gpu)
     scores_per_lane = WARP_ROWS * t / 32
-    sfu = scores_per_lane * 32 / (SFU_RESULTS_PER_CLOCK / SCHEDULERS_PER_SM)
-    return tensor, sfu + scores_per_lane * SOFTMAX_INSTRUCTIONS_PER_SCORE
+    return tensor, scores_per_lane * 32 / (SFU_RESULTS_PER_CLOCK / SCHEDULERS_PER_SM)
 
 
 def pingpong_flops_per_s(gpu: GPUSpec, head_dim: int, dtype: str) -> float:
     """The tensor-core rate of the two-warpgroup pass: a pair of turns costs both warpgroups'
-    tensor clocks plus one softmax (H200, head_dim 128: 2,048 / 2,848, 0.72 of the matmul rate;
-    measured 578 TFLOP/s at 755, 0.77: `logs/explore-prefix-specialized.log`)."""
+    tensor clocks plus one softmax's exposed clocks (H200, head_dim 128: 2,048 / 2,560, 0.80 of
+    the matmul rate, 604 TFLOP/s at 755; measured 566-609 on the grid's long chunks:
+    `logs/explore-prefix-specialized.log`)."""
     tensor, softmax = pingpong_tile_clocks(gpu, head_dim, dtype)
     return gpu.matmul_flops_per_s * 2 * tensor / (2 * tensor + softmax)
 
@@ -402,7 +406,7 @@ def attend_rows_launch(name: str, items: "list[WorkItem]", *, num_kv_heads: int,
     tensor_clocks = sm_clocks = 0.0
     runs: list = []
     wgmma = pingpong or attend_rows_uses_wgmma(gpu, d, dtype)
-    if pingpong:   # a pair of turns: both warpgroups' products and one softmax
+    if pingpong:   # a pair of turns: both warpgroups' products and one softmax's exposed clocks
         tensor, softmax = pingpong_tile_clocks(gpu, d, dtype)
         pair = (2 * tensor, 2 * tensor + softmax)
     for it in items:
