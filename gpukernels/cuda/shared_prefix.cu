@@ -81,22 +81,30 @@ struct RowsSoftmax {
   float l[2] = {0.0f, 0.0f};
   float check[2] = {0.0f, 0.0f};
 
-  // (PARTIAL: the last tile, rows past kv_end masked; a constant, so that the full tiles' code has
-  // no masking)
+  // Score e of n-tile j of a tile whose first prefix row is tile_start lies past kv_end (PARTIAL:
+  // the last tile, rows past kv_end masked; a constant, so that the full tiles' code has no
+  // masking).
   template <bool PARTIAL>
-  __device__ __forceinline__ void tile(const float (&s)[S_TILES][4], int tile_start, int kv_end, int tig,
-                                       float scale_log2, unsigned (&pa)[PV_STEPS][4], float (&alpha)[2]) {
-    auto outside = [&](int j, int e) { return PARTIAL && tile_start + 8 * j + 2 * tig + (e & 1) >= kv_end; };
+  static __device__ __forceinline__ bool outside_rows(int tile_start, int kv_end, int tig, int j, int e) {
+    return PARTIAL && tile_start + 8 * j + 2 * tig + (e & 1) >= kv_end;
+  }
+
+  // The tile's new running maxima: each row's m, the bias -m of its exponentials (0 for a row
+  // with no score yet: every p is 0) and alpha, the factor of the output and sum so far (l
+  // scaled here); the scores into `check`.
+  template <bool PARTIAL>
+  __device__ __forceinline__ void maxima(const float (&s)[S_TILES][4], int tile_start, int kv_end, int tig,
+                                         float scale_log2, float (&m_bias)[2], float (&alpha)[2]) {
     float m_raw[2] = {neg_inf(), neg_inf()};
 #pragma unroll
     for (int j = 0; j < S_TILES; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         check[e >> 1] = nan_if_nonfinite(s[j][e], check[e >> 1]);
-        m_raw[e >> 1] = fmaxf(m_raw[e >> 1], outside(j, e) ? neg_inf() : s[j][e]);
+        const bool out = outside_rows<PARTIAL>(tile_start, kv_end, tig, j, e);
+        m_raw[e >> 1] = fmaxf(m_raw[e >> 1], out ? neg_inf() : s[j][e]);
       }
     }
-    float m_bias[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       m_raw[i] = fmaxf(m_raw[i], __shfl_xor_sync(kFullMask, m_raw[i], 1));
@@ -104,9 +112,17 @@ struct RowsSoftmax {
       const float m_new = fmaxf(m[i], m_raw[i] * scale_log2);
       alpha[i] = rescale(m[i], m_new);
       m[i] = m_new;
-      m_bias[i] = m_new == neg_inf() ? 0.0f : -m_new;   // a row with no score yet: every p is 0
+      m_bias[i] = m_new == neg_inf() ? 0.0f : -m_new;
       l[i] *= alpha[i];
     }
+  }
+
+  template <bool PARTIAL>
+  __device__ __forceinline__ void tile(const float (&s)[S_TILES][4], int tile_start, int kv_end, int tig,
+                                       float scale_log2, unsigned (&pa)[PV_STEPS][4], float (&alpha)[2]) {
+    auto outside = [&](int j, int e) { return outside_rows<PARTIAL>(tile_start, kv_end, tig, j, e); };
+    float m_bias[2];
+    maxima<PARTIAL>(s, tile_start, kv_end, tig, scale_log2, m_bias, alpha);
 #pragma unroll
     for (int kv = 0; kv < PV_STEPS; ++kv) {
       float p[2][4];
@@ -115,7 +131,7 @@ struct RowsSoftmax {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int j = 2 * kv + h;
-                    p[h][e] = outside(j, e) ? 0.0f : exp2f(fmaf(s[j][e], scale_log2, m_bias[e >> 1]));
+          p[h][e] = outside(j, e) ? 0.0f : exp2f(fmaf(s[j][e], scale_log2, m_bias[e >> 1]));
           l[e >> 1] += p[h][e];
         }
       }
@@ -132,27 +148,9 @@ struct RowsSoftmax {
   template <bool PARTIAL>
   __device__ __forceinline__ void exps_tile(float (&s)[S_TILES][4], int tile_start, int kv_end, int tig,
                                             float scale_log2, float (&alpha)[2]) {
-    auto outside = [&](int j, int e) { return PARTIAL && tile_start + 8 * j + 2 * tig + (e & 1) >= kv_end; };
-    float m_raw[2] = {neg_inf(), neg_inf()};
-#pragma unroll
-    for (int j = 0; j < S_TILES; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        check[e >> 1] = nan_if_nonfinite(s[j][e], check[e >> 1]);
-        m_raw[e >> 1] = fmaxf(m_raw[e >> 1], outside(j, e) ? neg_inf() : s[j][e]);
-      }
-    }
+    auto outside = [&](int j, int e) { return outside_rows<PARTIAL>(tile_start, kv_end, tig, j, e); };
     float m_bias[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      m_raw[i] = fmaxf(m_raw[i], __shfl_xor_sync(kFullMask, m_raw[i], 1));
-      m_raw[i] = fmaxf(m_raw[i], __shfl_xor_sync(kFullMask, m_raw[i], 2));
-      const float m_new = fmaxf(m[i], m_raw[i] * scale_log2);
-      alpha[i] = rescale(m[i], m_new);
-      m[i] = m_new;
-      m_bias[i] = m_new == neg_inf() ? 0.0f : -m_new;
-      l[i] *= alpha[i];
-    }
+    maxima<PARTIAL>(s, tile_start, kv_end, tig, scale_log2, m_bias, alpha);
 #pragma unroll
     for (int j = 0; j < S_TILES; ++j) {
 #pragma unroll

@@ -20,6 +20,7 @@ import sys
 
 import cupy as cp
 import numpy as np
+from _inputs import PREFIX_PASS_EDGES, prefix_pass_inputs, states_difference
 
 from gpukernels.bench import SHARED_PREFIX_GRID, Timer
 
@@ -50,18 +51,7 @@ def states(name, dtype, q, kp, vp, batch, hq, hkv, d, prefix_len, chunk, scale):
     return part_out, part_lse, launch
 
 
-def difference(a, b):
-    (oa, la), (ob, lb) = a, b
-    if any(bool(cp.isnan(x).any()) for x in (oa, la, ob, lb)):
-        return float("nan"), float("nan")
-    return float(cp.abs(oa - ob).max() / cp.abs(oa).max()), float(cp.abs(la - lb).max())
-
-
-def inputs(batch, hq, hkv, d, prefix_len, dtype):
-    def draw(shape):
-        x = cp.random.standard_normal(shape, dtype=cp.float32)
-        return x.astype(cp.float16) if dtype == "float16" else (x.view(cp.uint32) >> 16).astype(cp.uint16)
-    return draw((batch, hq, d)), draw((prefix_len, hkv, d)), draw((prefix_len, hkv, d))
+difference, inputs = states_difference, prefix_pass_inputs
 
 
 def run_case(label, batch, hq, hkv, d, prefix_len, chunk, dtype="float16", scale=None, time_it=False):
@@ -114,13 +104,8 @@ if sys.argv[1:] == ["head_dim64"]:   # rows off the grid: head_dim 64, both dtyp
         print(f"d64 call {hq}/{hkv} x {batch}, {prefix_len} + 128: " + "; ".join(text), flush=True)
     sys.exit(0)
 
-run_case("edge 32/8 x 20, 1000", 20, 32, 8, 128, 1000, 512)
-run_case("edge 32/8 x 20, 1000, one chunk", 20, 32, 8, 128, 1000, 1024)
-run_case("edge 8/2 x 3, 4100, d64", 3, 8, 2, 64, 4100, 1024)
-run_case("edge 8/2 x 70, 3000, d64", 70, 8, 2, 64, 3000, 512)
-run_case("edge 32/8 x 40, 777, bf16", 40, 32, 8, 128, 777, 256, dtype="bfloat16")
-run_case("edge 32/4 x 33, 3000, negative scale", 33, 32, 4, 128, 3000, 1024, scale=-0.09)
-run_case("edge 32/32 x 256, 64", 256, 32, 32, 128, 64, 64)
+for label, *shape, options in PREFIX_PASS_EDGES:
+    run_case(label, *shape, **options)
 
 for hkv, B, P, S in SHARED_PREFIX_GRID:
     rows = B * (HQ // hkv)

@@ -20,6 +20,7 @@ import sys
 
 import cupy as cp
 import numpy as np
+from _inputs import PREFIX_PASS_EDGES, prefix_pass_inputs, states_difference
 
 from gpukernels import _runtime as rt
 from gpukernels.bench import SHARED_PREFIX_GRID, Timer
@@ -50,18 +51,7 @@ def states(name, dtype, q, kp, vp, batch, hq, hkv, d, prefix_len, chunk, scale):
     return part_out, part_lse, launch
 
 
-def difference(a, b):
-    (oa, la), (ob, lb) = a, b
-    if any(bool(cp.isnan(x).any()) for x in (oa, la, ob, lb)):
-        return float("nan"), float("nan")
-    return float(cp.abs(oa - ob).max() / cp.abs(oa).max()), float(cp.abs(la - lb).max())
-
-
-def inputs(batch, hq, hkv, d, prefix_len, dtype):
-    def draw(shape):
-        x = cp.random.standard_normal(shape, dtype=cp.float32)
-        return x.astype(cp.float16) if dtype == "float16" else (x.view(cp.uint32) >> 16).astype(cp.uint16)
-    return draw((batch, hq, d)), draw((prefix_len, hkv, d)), draw((prefix_len, hkv, d))
+difference, inputs = states_difference, prefix_pass_inputs
 
 
 def torch_rates(batch, hq, hkv, d, prefix_len, chunk, flops):
@@ -112,9 +102,7 @@ if sys.argv[1:] == ["variants"]:   # the pass at head_dim 128: the library's 3 s
     # (2 free 64 KB of shared memory). logs/explore-prefix-specialized-variants.log also has a third
     # variant from a build not kept: the query's A fragments in registers (the scores an RS product),
     # a template flag of the kernel then.
-    VARIANTS = ((3, False), (2, False))
-
-    def variant(stages, q_registers):
+    def variant(stages):
         name = f"decode_attention::shared_prefix_specialized_kernel<__half, 128, {stages}>"
         smem = stages * 2 * sp.PINGPONG_KV_TILE * 128 * 2 + sp.PINGPONG_ROWS * 128 * 2 + 1024
         return rt.Kernel("shared_prefix", name, sp.SPECIALIZED_SIGNATURE, shared_mem=smem)
@@ -125,10 +113,10 @@ if sys.argv[1:] == ["variants"]:   # the pass at head_dim 128: the library's 3 s
         n = -(-P // chunk)
         maps = tuple(sp.prefix_tensor_map(x.data.ptr, "float16", P, hkv, 128) for x in (kp, vp))
         text, first = [], None
-        for stages, q_registers in VARIANTS:
+        for stages in (3, 2):
             part_out = cp.full((n, B, HQ, 128), np.nan, dtype=cp.float32)
             part_lse = cp.full((n, B, HQ), np.nan, dtype=cp.float32)
-            kernel = variant(stages, q_registers)
+            kernel = variant(stages)
             args = maps + (q.data.ptr, part_out.data.ptr, part_lse.data.ptr, B, P, HQ, hkv, chunk, -0.127)
             grid = (n, -(-(B * (HQ // hkv)) // sp.PINGPONG_ROWS), hkv)
 
@@ -136,7 +124,7 @@ if sys.argv[1:] == ["variants"]:   # the pass at head_dim 128: the library's 3 s
                 kernel(grid, (sp.SPECIALIZED_THREADS,), args, stream_ptr=cp.cuda.get_current_stream().ptr,  # noqa: B023
                        device_id=0)
             launch()
-            label = f"{stages} stages{', q in registers' if q_registers else ''}"
+            label = f"{stages} stages"
             if first is None:
                 first = (part_out, part_lse)
             else:
@@ -145,15 +133,10 @@ if sys.argv[1:] == ["variants"]:   # the pass at head_dim 128: the library's 3 s
             text.append(f"{label} {t * 1e3:.1f} ({flops / t / 1e9:.0f})")
         print(f"{HQ}/{hkv} x {B}, {P} chunk {chunk}: " + "; ".join(text), flush=True)
     sys.exit(0)
-run_case("edge 32/8 x 20, 1000", 20, 32, 8, 128, 1000, 512)
-run_case("edge 32/8 x 20, 1000, one chunk", 20, 32, 8, 128, 1000, 1024)
-run_case("edge 32/8 x 20, 1000, chunk 200", 20, 32, 8, 128, 1000, 200)
-run_case("edge 8/2 x 3, 4100, d64", 3, 8, 2, 64, 4100, 1024)
-run_case("edge 8/2 x 70, 3000, d64", 70, 8, 2, 64, 3000, 512)
-run_case("edge 32/8 x 40, 777, bf16", 40, 32, 8, 128, 777, 256, dtype="bfloat16")
-run_case("edge 32/4 x 33, 3000, negative scale", 33, 32, 4, 128, 3000, 1024, scale=-0.09)
-run_case("edge 32/32 x 256, 64", 256, 32, 32, 128, 64, 64)
-run_case("edge 32/8 x 64, 100, chunk 16", 64, 32, 8, 128, 100, 16)
+# and two chunks that are not multiples of the 128-row tile (a chunk's last tile holds the next's rows)
+for label, *shape, options in PREFIX_PASS_EDGES + (("edge 32/8 x 20, 1000, chunk 200", 20, 32, 8, 128, 1000, 200, {}),
+                                                   ("edge 32/8 x 64, 100, chunk 16", 64, 32, 8, 128, 100, 16, {})):
+    run_case(label, *shape, **options)
 if sys.argv[1:] == ["check"]:
     sys.exit(0)
 
