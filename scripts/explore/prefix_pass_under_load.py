@@ -9,8 +9,11 @@ its "STATES DIFFER" compared them with the planned call's states, made at anothe
 
 An exploration, not a benchmark: lines of text, no result file.
 Run: PYTHONPATH=. python3 scripts/explore/prefix_pass_under_load.py
+     (with `clocks`: the SM clock and the power drawn while one row's pass runs alone, beside the
+     read, and the read alone)
 """
 import importlib
+import sys
 
 import cupy as cp
 import numpy as np
@@ -72,8 +75,8 @@ def side_by_side(first, second):
 
 
 print(f"GPU: {cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}", flush=True)
-for hkv, batch, prefix_len, suffix_len in ((8, 256, 4096, 128), (8, 64, 16384, 256), (8, 128, 32768, 256),
-                                           (32, 256, 4096, 128), (32, 64, 16384, 256)):
+ROWS = ((8, 256, 4096, 128), (8, 64, 16384, 256), (8, 128, 32768, 256), (32, 256, 4096, 128), (32, 64, 16384, 256))
+for hkv, batch, prefix_len, suffix_len in ([] if sys.argv[1:] else ROWS):
     q, kp, vp, ks, vs, out, lse = shared_prefix_inputs(hkv, batch, prefix_len, suffix_len)
     plan = sp.plan_shared_prefix(batch, HQ, hkv, D, prefix_len, suffix_len, num_sms=sk.num_sms(0),
                                  gpu=sk.device_gpu(0))
@@ -89,3 +92,50 @@ for hkv, batch, prefix_len, suffix_len in ((8, 256, 4096, 128), (8, 64, 16384, 2
           f"{plan.prefix_block_rows} rows{', merge launch' if plan.merge_launch else ''}): pass alone {alone:.1f}; "
           f"suffix read alone {read:.1f}; side by side: pass {pass_beside * 1e3:.1f}, both {both * 1e3:.1f}; "
           f"the planned call {call:.1f}", flush=True)
+
+
+if sys.argv[1:] == ["clocks"]:
+    # The SM clock and the power drawn (nvidia-smi, sampled every 100 ms) while the 32/8 x 256 x
+    # 4096 row's prefix pass runs alone, beside the suffixes' read, and the read alone, each for 3 s.
+    import subprocess
+    import threading
+    import time
+
+    hkv, batch, prefix_len, suffix_len = 8, 256, 4096, 128
+    q, kp, vp, ks, vs, out, lse = shared_prefix_inputs(hkv, batch, prefix_len, suffix_len)
+    plan = sp.plan_shared_prefix(batch, HQ, hkv, D, prefix_len, suffix_len, num_sms=sk.num_sms(0),
+                                 gpu=sk.device_gpu(0))
+    runner = sp.SharedPrefix(plan)
+    runner.run(q, kp, vp, ks, vs, out=out, lse=lse)
+    part_out, part_lse, _ = next(iter(runner._buffers.values()))
+    launch, _ = prefix_pass(plan, q, kp, vp, part_out, part_lse, batch, hkv, prefix_len)
+    a, b = cp.cuda.Stream(non_blocking=True), cp.cuda.Stream(non_blocking=True)
+
+    def sample(stop, into):
+        while not stop.is_set():
+            into.append(subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits"],
+                                       capture_output=True, text=True).stdout.strip())
+            time.sleep(0.1)
+
+    for label, on_a, on_b in (("pass alone", launch, None), ("pass beside the read", launch, lambda: stream(ks, vs)),
+                              ("read alone", None, lambda: stream(ks, vs))):
+        stop, samples = threading.Event(), []
+        sampler = threading.Thread(target=sample, args=(stop, samples))
+        sampler.start()
+        end, n = time.time() + 3.0, 0
+        while time.time() < end:
+            for _ in range(50):
+                if on_a:
+                    with a:
+                        on_a()
+                if on_b:
+                    with b:
+                        on_b()
+                n += 1
+            a.synchronize()
+            b.synchronize()
+        stop.set()
+        sampler.join()
+        values = np.array([[float(x) for x in s.split(",")] for s in samples[3:] if s])
+        print(f"{label}: {n} rounds; SM clock median {np.median(values[:, 0]):.0f} MHz (min {values[:, 0].min():.0f}), "
+              f"power median {np.median(values[:, 1]):.0f} W", flush=True)
