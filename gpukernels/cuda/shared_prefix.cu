@@ -536,10 +536,10 @@ constexpr int WS_PRODUCER_REGISTERS = 24;
 // The shared memory of the pass: STAGES stages of K and V tiles, then the query tiles, all
 // swizzled (wgmma.cuh), from the first 1024-byte boundary (gpukernels.shared_prefix:
 // pingpong_shared_bytes adds that alignment's 1024).
-template <int HEAD_DIM>
+template <int HEAD_DIM, int KV = PP_KV_TILE>
 struct PingPongTile {
   static constexpr int PIECES = HEAD_DIM / 8;                       // 16-byte pieces per row
-  static constexpr int TILE_BYTES = PP_KV_TILE * HEAD_DIM * 2;      // K (or V) of one stage
+  static constexpr int TILE_BYTES = KV * HEAD_DIM * 2;              // K (or V) of one stage
   static constexpr int STAGE_BYTES = 2 * TILE_BYTES;                // K and V
   static constexpr int Q_BYTES = QUERY_ROWS * HEAD_DIM * 2;         // one warpgroup's query rows
   static constexpr int Q_COPIES = QUERY_ROWS * PIECES / SP_THREADS; // pieces a thread stores of Q
@@ -600,21 +600,21 @@ shared_prefix_kernel(const T* __restrict__ q,          // [batch, num_qo_heads, 
 // The block's work: KV head kh's prefix rows kv_begin .. kv_end - 1 (through k_map, v_map) against
 // its 128 query rows from row block_row of the head (r = b * G + g); each consumer's 64 rows a
 // state each (prefix_rows).
-template <typename T, int HEAD_DIM, int STAGES>
+template <typename T, int HEAD_DIM, int STAGES, int KV = PP_KV_TILE>
 __device__ __forceinline__ void attend_rows_specialized(const TensorMap& k_map, const TensorMap& v_map,
                                                         const T* __restrict__ q, float* __restrict__ part_out,
                                                         float* __restrict__ part_lse, int batch, int num_qo_heads,
                                                         int num_kv_heads, int kh, int kv_begin, int kv_end,
                                                         int block_row, float scale_log2) {
-  using Tile = PingPongTile<HEAD_DIM>;
+  using Tile = PingPongTile<HEAD_DIM, KV>;
   static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "one or two swizzled columns of 64 dims");
   static_assert(STAGES >= 2, "a tile in flight while one is read");
   constexpr int K_STEPS = HEAD_DIM / 16;
-  constexpr int S_TILES = PP_KV_TILE / 8;
-  constexpr int PV_STEPS = PP_KV_TILE / 16;
+  constexpr int S_TILES = KV / 8;
+  constexpr int PV_STEPS = KV / 16;
   constexpr int O_TILES = HEAD_DIM / 8;
   constexpr int COLUMNS = HEAD_DIM / 64;                        // boxes of 64 dims a tile
-  constexpr unsigned COLUMN_BYTES = PP_KV_TILE * 128;           // one box: 128 rows of 128 bytes
+  constexpr unsigned COLUMN_BYTES = KV * 128;           // one box: KV rows of 128 bytes
   extern __shared__ __align__(16) unsigned char smem[];   // [STAGES][K tile, V tile], [2][Q tile]
   __shared__ __align__(8) unsigned long long bars[2 * STAGES];   // full[STAGES], empty[STAGES]
   const int wg = static_cast<int>(threadIdx.x) / SP_THREADS;     // 0: the producer; 1, 2: consumers
@@ -657,7 +657,7 @@ __device__ __forceinline__ void attend_rows_specialized(const TensorMap& k_map, 
     mbarrier_init_fence();
   }
   __syncthreads();   // the barriers and the query tiles
-  const int num_tiles = kv_end > kv_begin ? (kv_end - kv_begin + PP_KV_TILE - 1) / PP_KV_TILE : 0;
+  const int num_tiles = kv_end > kv_begin ? (kv_end - kv_begin + KV - 1) / KV : 0;
 
   if (wg == 0) {
     registers_lower<WS_PRODUCER_REGISTERS>();
@@ -669,7 +669,7 @@ __device__ __forceinline__ void attend_rows_specialized(const TensorMap& k_map, 
         const unsigned full = full0 + 8 * stage;
         mbarrier_expect_bytes(full, Tile::STAGE_BYTES);
         const unsigned k_tile = smem_base + stage * Tile::STAGE_BYTES;
-        const int row = kv_begin + u * PP_KV_TILE;
+        const int row = kv_begin + u * KV;
 #pragma unroll
         for (int c = 0; c < COLUMNS; ++c) {
           tma_load_3d(k_tile + c * COLUMN_BYTES, &k_map, full, 64 * c, kh, row);
@@ -693,8 +693,8 @@ __device__ __forceinline__ void attend_rows_specialized(const TensorMap& k_map, 
 #pragma unroll
     for (int kk = 0; kk < K_STEPS; ++kk) {
       const unsigned step = (kk & 3) * 32;   // k-step kk: 32 bytes into its column of 64 dims
-      wgmma_ss_n128<T>(s, sw128_descriptor(q_tile + (kk >> 2) * (QUERY_ROWS * 128) + step, 16, 1024),
-                       sw128_descriptor(k_tile + (kk >> 2) * COLUMN_BYTES + step, 16, 1024), kk > 0);
+      wgmma_ss<T, KV>(s, sw128_descriptor(q_tile + (kk >> 2) * (QUERY_ROWS * 128) + step, 16, 1024),
+                      sw128_descriptor(k_tile + (kk >> 2) * COLUMN_BYTES + step, 16, 1024), kk > 0);
     }
     wgmma_commit();
   };
@@ -702,7 +702,7 @@ __device__ __forceinline__ void attend_rows_specialized(const TensorMap& k_map, 
 #pragma unroll
   for (int j = 0; j < O_TILES; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
   auto values = [&](const unsigned (&pa)[PV_STEPS][4], int t) {
-    values_product<T, HEAD_DIM, PP_KV_TILE>(o, pa, smem_base + (t % STAGES) * Tile::STAGE_BYTES + Tile::TILE_BYTES);
+    values_product<T, HEAD_DIM, KV>(o, pa, smem_base + (t % STAGES) * Tile::STAGE_BYTES + Tile::TILE_BYTES);
   };
 
   RowsSoftmax<T, S_TILES> rows_softmax;
@@ -732,7 +732,7 @@ __device__ __forceinline__ void attend_rows_specialized(const TensorMap& k_map, 
       named_barrier_arrive(their_turn, 2 * SP_THREADS);
       wgmma_wait<1>();   // the scores (the older group)
       fence_accumulators(s);
-      rows_softmax.exps(s, kv_begin + t * PP_KV_TILE, kv_end, tig, scale_log2, alpha);
+      rows_softmax.exps(s, kv_begin + t * KV, kv_end, tig, scale_log2, alpha);
       wgmma_wait<0>();
       fence_accumulators(o);
       keep_fragments(pa);
@@ -753,7 +753,7 @@ __device__ __forceinline__ void attend_rows_specialized(const TensorMap& k_map, 
 // Hydragen's prefix pass in blocks of 128 query rows (attend_rows_specialized): grid as
 // shared_prefix_kernel's but y over tiles of 128 rows; 384 threads; k_map and v_map over k_prefix
 // and v_prefix. Hopper (sm_90a), head_dim 64 and 128.
-template <typename T, int HEAD_DIM, int STAGES>
+template <typename T, int HEAD_DIM, int STAGES, int KV = PP_KV_TILE>
 __global__ void __launch_bounds__(WS_THREADS, 1)
 shared_prefix_specialized_kernel(const __grid_constant__ TensorMap k_map, const __grid_constant__ TensorMap v_map,
                                  const T* __restrict__ q, float* __restrict__ part_out, float* __restrict__ part_lse,
@@ -762,7 +762,7 @@ shared_prefix_specialized_kernel(const __grid_constant__ TensorMap k_map, const 
   let_dependents_start();
   if constexpr (HAS_WGMMA) {
     const int kv_begin = blockIdx.x * chunk_size;
-    attend_rows_specialized<T, HEAD_DIM, STAGES>(k_map, v_map, q, part_out, part_lse, batch, num_qo_heads,
+    attend_rows_specialized<T, HEAD_DIM, STAGES, KV>(k_map, v_map, q, part_out, part_lse, batch, num_qo_heads,
                                                  num_kv_heads, blockIdx.z, kv_begin,
                                                  min(prefix_len, kv_begin + chunk_size), blockIdx.y * PP_QUERY_ROWS,
                                                  scale_log2);

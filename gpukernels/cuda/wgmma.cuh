@@ -229,6 +229,15 @@ __device__ __forceinline__ void fence_accumulators(float (&d)[TILES][4]) {
       : DECODE_ATTENTION_D128_OPERANDS \
       : "l"(a), "l"(b), "r"(scale_d))
 
+// The m64n64k16 product with A read from shared memory too.
+#define DECODE_ATTENTION_WGMMA_SS_N64(TYPE)                                                        \
+  asm volatile(                                                                                  \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " {" DECODE_ATTENTION_D64_PLACES  \
+      "}, %32, %33, p, 1, 1, 0, 0;\n}\n"                         \
+      : DECODE_ATTENTION_D64_OPERANDS \
+      : "l"(a), "l"(b), "r"(scale_d))
+
 template <typename T>
 struct IsBf16 {
   static constexpr bool value = false;
@@ -257,14 +266,19 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const unsigned (&
 #endif
 }
 
-// D (64 x 128) += A B with A (64 x 16, K-major) and B (16 x 128, K-major) both read from shared
-// memory through descriptors.
-template <typename T>
-__device__ __forceinline__ void wgmma_ss_n128(float (&d)[16][4], unsigned long long a, unsigned long long b,
-                                              int scale_d = 1) {
+// D (64 x N, N 64 or 128) += A B with A (64 x 16, K-major) and B (16 x N, K-major) both read from
+// shared memory through descriptors.
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], unsigned long long a, unsigned long long b,
+                                         int scale_d = 1) {
 #if DECODE_ATTENTION_HAS_WGMMA
   static_assert(sizeof(T) == 2, "16-bit inputs");
-  if constexpr (IsBf16<T>::value) DECODE_ATTENTION_WGMMA_SS_N128("bf16"); else DECODE_ATTENTION_WGMMA_SS_N128("f16");
+  if constexpr (N == 64) {
+    if constexpr (IsBf16<T>::value) DECODE_ATTENTION_WGMMA_SS_N64("bf16"); else DECODE_ATTENTION_WGMMA_SS_N64("f16");
+  } else {
+    static_assert(N == 128, "N of 64 or 128");
+    if constexpr (IsBf16<T>::value) DECODE_ATTENTION_WGMMA_SS_N128("bf16"); else DECODE_ATTENTION_WGMMA_SS_N128("f16");
+  }
 #endif
 }
 

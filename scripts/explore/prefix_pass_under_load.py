@@ -10,7 +10,8 @@ its "STATES DIFFER" compared them with the planned call's states, made at anothe
 An exploration, not a benchmark: lines of text, no result file.
 Run: PYTHONPATH=. python3 scripts/explore/prefix_pass_under_load.py
      (with `clocks`: the SM clock and the power drawn while one row's pass runs alone, beside the
-     read, and the read alone)
+     read, and the read alone; with `tiles`: the pass with KV tiles of 64 rows on 6 stages against
+     128 on 3, alone and beside the read)
 """
 import importlib
 import sys
@@ -18,7 +19,7 @@ import sys
 import cupy as cp
 import numpy as np
 
-from _inputs import shared_prefix_inputs
+from _inputs import shared_prefix_inputs, states_difference
 from gpukernels.bench import FLUSH_BYTES, Timer, stream_read
 
 sp = importlib.import_module("gpukernels.shared_prefix")
@@ -139,3 +140,45 @@ if sys.argv[1:] == ["clocks"]:
         values = np.array([[float(x) for x in s.split(",")] for s in samples[3:] if s])
         print(f"{label}: {n} rounds; SM clock median {np.median(values[:, 0]):.0f} MHz (min {values[:, 0].min():.0f}), "
               f"power median {np.median(values[:, 1]):.0f} W", flush=True)
+
+
+if sys.argv[1:] == ["tiles"]:
+    # The pass in blocks of 128 rows with KV tiles of 64 rows on 6 stages (twice the tiles in
+    # flight, the same bytes) against the library's 128 on 3: alone and beside the read.
+    from gpukernels import _runtime as rt
+
+    def tiles_pass(plan, q, kp, vp, part_out, part_lse, batch, hkv, prefix_len, kv, stages):
+        name = f"decode_attention::shared_prefix_specialized_kernel<__half, {D}, {stages}, {kv}>"
+        smem = stages * 2 * kv * D * 2 + sp.PINGPONG_ROWS * D * 2 + 1024
+        kernel = rt.Kernel("shared_prefix", name, sp.SPECIALIZED_SIGNATURE, shared_mem=smem)
+        maps = tuple(rt.tensor_map_3d(x.data.ptr, "float16", (D, hkv, prefix_len), (64, 1, kv)) for x in (kp, vp))
+        args = maps + (q.data.ptr, part_out.data.ptr, part_lse.data.ptr, batch, prefix_len, HQ, hkv,
+                       plan.prefix_chunk_size, 0.127)
+        grid = (plan.num_chunks, -(-batch * (HQ // hkv) // plan.prefix_block_rows), hkv)
+
+        def launch():
+            kernel(grid, (sp.SPECIALIZED_THREADS,), args, stream_ptr=cp.cuda.get_current_stream().ptr, device_id=0)
+        return launch
+
+    for hkv, batch, prefix_len, suffix_len in ROWS[:4]:
+        q, kp, vp, ks, vs, out, lse = shared_prefix_inputs(hkv, batch, prefix_len, suffix_len)
+        plan = sp.plan_shared_prefix(batch, HQ, hkv, D, prefix_len, suffix_len, num_sms=sk.num_sms(0),
+                                     gpu=sk.device_gpu(0))
+        n = plan.num_chunks
+        text, first = [], None
+        for kv, stages in ((128, 3), (64, 6)):
+            part_out = cp.full((n, batch, HQ, D), np.nan, dtype=cp.float32)
+            part_lse = cp.full((n, batch, HQ), np.nan, dtype=cp.float32)
+            launch = tiles_pass(plan, q, kp, vp, part_out, part_lse, batch, hkv, prefix_len, kv, stages)
+            launch()
+            same = ""
+            if first is None:
+                first = (part_out, part_lse)
+            else:
+                same = " (difference {:.1e} / {:.1e})".format(*states_difference(first, (part_out, part_lse)))
+            alone = timer(launch) * 1e3
+            beside, both = side_by_side(launch, lambda: stream(ks, vs))  # noqa: B023
+            text.append(f"tiles of {kv} on {stages} stages{same}: alone {alone:.1f}, beside {beside * 1e3:.1f}, "
+                        f"both {both * 1e3:.1f}")
+        print(f"{HQ}/{hkv} x {batch} x {prefix_len}+{suffix_len} (chunk {plan.prefix_chunk_size}): " + "; ".join(text),
+              flush=True)
