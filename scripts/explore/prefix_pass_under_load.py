@@ -75,9 +75,9 @@ def side_by_side(first, second):
     return float(np.median(firsts)), float(np.median(boths))
 
 
-print(f"GPU: {cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}", flush=True)
-ROWS = ((8, 256, 4096, 128), (8, 64, 16384, 256), (8, 128, 32768, 256), (32, 256, 4096, 128), (32, 64, 16384, 256))
-for hkv, batch, prefix_len, suffix_len in ([] if sys.argv[1:] else ROWS):
+def planned_row(hkv, batch, prefix_len, suffix_len):
+    """A row's inputs, its planned runner (run once) and a function launching its prefix pass
+    alone on the current stream, with the pass's number of blocks."""
     q, kp, vp, ks, vs, out, lse = shared_prefix_inputs(hkv, batch, prefix_len, suffix_len)
     plan = sp.plan_shared_prefix(batch, HQ, hkv, D, prefix_len, suffix_len, num_sms=sk.num_sms(0),
                                  gpu=sk.device_gpu(0))
@@ -85,6 +85,13 @@ for hkv, batch, prefix_len, suffix_len in ([] if sys.argv[1:] else ROWS):
     runner.run(q, kp, vp, ks, vs, out=out, lse=lse)
     part_out, part_lse, _ = next(iter(runner._buffers.values()))
     launch, blocks = prefix_pass(plan, q, kp, vp, part_out, part_lse, batch, hkv, prefix_len)
+    return (q, kp, vp, ks, vs, out, lse), plan, runner, launch, blocks
+
+
+print(f"GPU: {cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}", flush=True)
+ROWS = ((8, 256, 4096, 128), (8, 64, 16384, 256), (8, 128, 32768, 256), (32, 256, 4096, 128), (32, 64, 16384, 256))
+for hkv, batch, prefix_len, suffix_len in ([] if sys.argv[1:] else ROWS):
+    (q, kp, vp, ks, vs, out, lse), plan, runner, launch, blocks = planned_row(hkv, batch, prefix_len, suffix_len)
     alone = timer(launch) * 1e3
     read = timer(lambda: stream(ks, vs)) * 1e3  # noqa: B023
     pass_beside, both = side_by_side(launch, lambda: stream(ks, vs))  # noqa: B023
@@ -102,14 +109,7 @@ if sys.argv[1:] == ["clocks"]:
     import threading
     import time
 
-    hkv, batch, prefix_len, suffix_len = 8, 256, 4096, 128
-    q, kp, vp, ks, vs, out, lse = shared_prefix_inputs(hkv, batch, prefix_len, suffix_len)
-    plan = sp.plan_shared_prefix(batch, HQ, hkv, D, prefix_len, suffix_len, num_sms=sk.num_sms(0),
-                                 gpu=sk.device_gpu(0))
-    runner = sp.SharedPrefix(plan)
-    runner.run(q, kp, vp, ks, vs, out=out, lse=lse)
-    part_out, part_lse, _ = next(iter(runner._buffers.values()))
-    launch, _ = prefix_pass(plan, q, kp, vp, part_out, part_lse, batch, hkv, prefix_len)
+    (_, _, _, ks, vs, _, _), _, _, launch, _ = planned_row(8, 256, 4096, 128)
     a, b = cp.cuda.Stream(non_blocking=True), cp.cuda.Stream(non_blocking=True)
 
     def sample(stop, into):
