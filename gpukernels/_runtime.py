@@ -144,6 +144,14 @@ def require_contiguous(a: Device, name: str) -> None:
         raise ValueError(f"{name} must be contiguous (row-major), got a strided view of shape {a.shape}")
 
 
+def require_aligned(a: Device, name: str) -> None:
+    """Kernels that read rows in 16-byte pieces (cp.async, the TMA) need them to start on a 16-byte
+    boundary."""
+    if a.ptr % 16:
+        raise ValueError(f"{name} must start at a 16-byte aligned address (its data is at {a.ptr:#x}: "
+                         "an array viewed from an offset into another); copy it to a new array")
+
+
 class RecentCache:
     """The values of the most recent `size` keys (least recently used out first), for one-shot
     calls that keep what their checks and plans made for the next call with the same key."""
@@ -334,10 +342,9 @@ def _arg_buffer(signature: str) -> _ArgBuffer:
     buffers = getattr(_THREAD, "buffers", None)
     if buffers is None:
         buffers = _THREAD.buffers = {}
-    key = signature if "m" in signature else len(signature)   # 8-byte slots only: one layout per count
-    buf = buffers.get(key)
+    buf = buffers.get(signature)
     if buf is None:
-        buf = buffers[key] = _ArgBuffer(signature)
+        buf = buffers[signature] = _ArgBuffer(signature)
     return buf
 
 

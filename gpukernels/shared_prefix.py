@@ -480,13 +480,6 @@ def _logits_row_tiles(prefix_len: int, rows: int, num_kv_heads: int, sms: int, d
     return max(1, min(row_tiles, key_tiles * num_kv_heads * row_tiles // (2 * sms)))
 
 
-def _require_aligned(a: rt.Device, name: str) -> None:
-    """The kernels read rows in 16-byte pieces (and the prefix by TMA, which needs that alignment)."""
-    if a.ptr % 16:
-        raise ValueError(f"{name} must start at a 16-byte aligned address (its data is at {a.ptr:#x}: "
-                         "an array viewed from an offset into another); copy it to a new array")
-
-
 def _checked_chunk(prefix_chunk_size, tile: int) -> int:
     if not isinstance(prefix_chunk_size, (int, np.integer)) or isinstance(prefix_chunk_size, bool):
         raise TypeError(f"prefix_chunk_size must be an int, got {type(prefix_chunk_size).__name__}")
@@ -582,7 +575,7 @@ class SharedPrefix:
         if qa.dtype != p.dtype:
             raise TypeError(f"q must be {p.dtype} as planned, got {qa.dtype}")
         rt.require_contiguous(qa, "q")
-        _require_aligned(qa, "q")
+        rt.require_aligned(qa, "q")
         prefix = [rt.device_array(x, name) for x, name in ((k_prefix, "k_prefix"), (v_prefix, "v_prefix"))]
         for a, name in zip(prefix, ("k_prefix", "v_prefix")):
             _expect_shape(a, name, "[prefix_len, num_kv_heads, head_dim]", (p.prefix_len, p.num_kv_heads, p.head_dim))
@@ -593,7 +586,7 @@ class SharedPrefix:
         if a.dtype != self.plan.dtype:
             raise TypeError(f"{name} must be {self.plan.dtype} as planned, got {a.dtype}")
         rt.require_contiguous(a, name)
-        _require_aligned(a, name)
+        rt.require_aligned(a, name)
         if a.device_id != device_id:
             raise ValueError(f"{name} must be on GPU {device_id} like q, got GPU {a.device_id}")
 

@@ -50,18 +50,14 @@ __device__ __forceinline__ void wgmma_wait() {
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // Shared-memory barriers (mbarrier) at `bar` (a shared address of 8 bytes): initialised by one thread
-// for `count` arrivals a phase; a thread's cp.async copies issued so far arrive on one when they have
-// landed (noinc: that arrival is one of the count); a thread waits for the phase of the given parity
-// to complete (the first phase has parity 0).
+// for `count` arrivals a phase; a thread waits for the phase of the given parity to complete (the
+// first phase has parity 0).
 __device__ __forceinline__ void mbarrier_init(unsigned bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
 __device__ __forceinline__ void mbarrier_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
 __device__ __forceinline__ void mbarrier_arrive(unsigned bar) {
   asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void cp_async_arrive(unsigned bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
 __device__ __forceinline__ void mbarrier_wait(unsigned bar, unsigned parity) {
   asm volatile(
@@ -107,7 +103,6 @@ __device__ __forceinline__ void fence_async_shared() {}
 __device__ __forceinline__ void mbarrier_init(unsigned, int) {}
 __device__ __forceinline__ void mbarrier_init_fence() {}
 __device__ __forceinline__ void mbarrier_arrive(unsigned) {}
-__device__ __forceinline__ void cp_async_arrive(unsigned) {}
 __device__ __forceinline__ void mbarrier_wait(unsigned, unsigned) {}
 __device__ __forceinline__ void named_barrier_sync(int, int) {}
 __device__ __forceinline__ void named_barrier_arrive(int, int) {}

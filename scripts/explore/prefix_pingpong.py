@@ -51,16 +51,13 @@ def states(name, dtype, q, kp, vp, batch, hq, hkv, d, prefix_len, chunk, scale):
     return part_out, part_lse, launch
 
 
-difference, inputs = states_difference, prefix_pass_inputs
-
-
 def run_case(label, batch, hq, hkv, d, prefix_len, chunk, dtype="float16", scale=None, time_it=False):
     scale = 1.0 / np.sqrt(d) if scale is None else scale
-    q, kp, vp = inputs(batch, hq, hkv, d, prefix_len, dtype)
+    q, kp, vp = prefix_pass_inputs(batch, hq, hkv, d, prefix_len, dtype)
     flops = 4 * batch * hq * prefix_len * d
     ref = states("64-row", dtype, q, kp, vp, batch, hq, hkv, d, prefix_len, chunk, scale)
     got = states("two warpgroups", dtype, q, kp, vp, batch, hq, hkv, d, prefix_len, chunk, scale)
-    err = difference(ref[:2], got[:2])
+    err = states_difference(ref[:2], got[:2])
     text = f"{label} chunk {chunk}: difference {err[0]:.1e} / {err[1]:.1e}"
     if time_it:
         for name, result in (("64-row", ref), ("two warpgroups", got)):
@@ -70,7 +67,7 @@ def run_case(label, batch, hq, hkv, d, prefix_len, chunk, dtype="float16", scale
 
 
 if sys.argv[1:] == ["profile"]:
-    q, kp, vp = inputs(128, HQ, 8, 128, 32768, "float16")
+    q, kp, vp = prefix_pass_inputs(128, HQ, 8, 128, 32768, "float16")
     for name in KERNELS:
         launch = states(name, "float16", q, kp, vp, 128, HQ, 8, 128, 32768, 8192, 1 / np.sqrt(128))[2]
         for _ in range(3):

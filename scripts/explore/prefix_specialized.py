@@ -51,9 +51,6 @@ def states(name, dtype, q, kp, vp, batch, hq, hkv, d, prefix_len, chunk, scale):
     return part_out, part_lse, launch
 
 
-difference, inputs = states_difference, prefix_pass_inputs
-
-
 def torch_rates(batch, hq, hkv, d, prefix_len, chunk, flops):
     """scaled_dot_product_attention's time on the pass's work, per back end (us), or why not."""
     try:
@@ -80,13 +77,13 @@ def torch_rates(batch, hq, hkv, d, prefix_len, chunk, flops):
 
 def run_case(label, batch, hq, hkv, d, prefix_len, chunk, dtype="float16", scale=None, time_it=False, peers=False):
     scale = 1.0 / np.sqrt(d) if scale is None else scale
-    q, kp, vp = inputs(batch, hq, hkv, d, prefix_len, dtype)
+    q, kp, vp = prefix_pass_inputs(batch, hq, hkv, d, prefix_len, dtype)
     flops = 4 * batch * hq * prefix_len * d
     results = {name: states(name, dtype, q, kp, vp, batch, hq, hkv, d, prefix_len, chunk, scale)
                for name in ("64-row", "specialized")}
     text = f"{label} chunk {chunk}:"
     for name in ("specialized",):
-        err = difference(results["64-row"][:2], results[name][:2])
+        err = states_difference(results["64-row"][:2], results[name][:2])
         text += f" {name} difference {err[0]:.1e} / {err[1]:.1e};"
     if time_it:
         for name, result in results.items():
@@ -108,7 +105,7 @@ if sys.argv[1:] == ["variants"]:   # the pass at head_dim 128: the library's 3 s
         return rt.Kernel("shared_prefix", name, sp.SPECIALIZED_SIGNATURE, shared_mem=smem)
     for hkv, B, P in ((8, 128, 32768), (8, 256, 16384), (8, 64, 16384), (8, 256, 4096), (32, 256, 4096)):
         chunk = sp.plan_shared_prefix(B, HQ, hkv, 128, P, 128, num_sms=132, gpu="h200").prefix_chunk_size
-        q, kp, vp = inputs(B, HQ, hkv, 128, P, "float16")
+        q, kp, vp = prefix_pass_inputs(B, HQ, hkv, 128, P, "float16")
         flops = 4 * B * HQ * P * 128
         n = -(-P // chunk)
         maps = tuple(sp.prefix_tensor_map(x.data.ptr, "float16", P, hkv, 128) for x in (kp, vp))
@@ -128,7 +125,7 @@ if sys.argv[1:] == ["variants"]:   # the pass at head_dim 128: the library's 3 s
             if first is None:
                 first = (part_out, part_lse)
             else:
-                label += " (difference {:.1e} / {:.1e})".format(*difference(first, (part_out, part_lse)))
+                label += " (difference {:.1e} / {:.1e})".format(*states_difference(first, (part_out, part_lse)))
             t = timer(launch)
             text.append(f"{label} {t * 1e3:.1f} ({flops / t / 1e9:.0f})")
         print(f"{HQ}/{hkv} x {B}, {P} chunk {chunk}: " + "; ".join(text), flush=True)
