@@ -447,10 +447,12 @@ def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace, vie
         _expect_shape(ka, "k_cache", "[num_pages, page_size, num_kv_heads, head_dim]",
                       (None, plan.page_size, Hkv, D))
     _expect_shape(va, "v" if paged is None else "v_cache", "the shape of k", ka.shape)
-    for name, a in (("q", qa), ("k", ka), ("v", va)):
+    cache = "" if paged is None else "_rows" if windows else "_cache"
+    for name, a in (("q", qa), (f"k{cache}", ka), (f"v{cache}", va)):
         if a.dtype != plan.dtype:
             raise TypeError(f"{name} must be {plan.dtype} as planned, got {a.dtype}")
         rt.require_contiguous(a, name)
+        rt.require_aligned(a, name)
     device_id = qa.device_id
     if not device_id == ka.device_id == va.device_id:
         rt.require_same_device({"q": qa, "k": ka, "v": va})
@@ -541,6 +543,7 @@ def _extra_states(states, plan: SplitKVPlan, device_id: int) -> tuple:
         if a.dtype != "float32":
             raise TypeError(f"{name} must be float32, got {a.dtype}")
         rt.require_contiguous(a, name)
+        rt.require_aligned(a, name)   # read as float4
         if a.device_id != device_id:
             raise ValueError(f"{name} must be on GPU {device_id} like q, got GPU {a.device_id}")
     if so.shape[0] >= 2**31:

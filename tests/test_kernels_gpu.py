@@ -382,6 +382,68 @@ def test_malformed_inputs_raise_before_launch(call, exc, name):
     assert name in str(info.value)
 
 
+def _off_boundary(a):
+    """A contiguous copy of `a` whose data starts one element past a 16-byte boundary."""
+    shifted = cp.empty(a.size + 1, dtype=a.dtype)[1:].reshape(a.shape)
+    shifted[...] = a
+    assert shifted.data.ptr % 16
+    return shifted
+
+
+def _state_call(g, arrays):
+    """SplitKV.run merging one float32 state (states_out, states_lse) into its output."""
+    q, k, v = arrays["q"], arrays["k"], arrays["v"]
+    plan = g.plan_split_kv(2, 8, 4, 64, 10, dtype="float16")
+    states = (arrays["states_out"], cp.zeros((1, 2, 8), dtype=cp.float32))
+    return g.SplitKV(plan).run(q, k, v, states=states, out=arrays["out"])
+
+
+_TABLES = (np.array([0, 2, 3]), np.array([0, 1, 2]), np.array([4, 4]))   # pages of 4: 8 and 4 tokens
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda g, a: g.split_kv(a["q"], a["k"], a["v"], out=a["out"]), "q"),
+    (lambda g, a: g.split_kv(a["q"], a["k"], a["v"], out=a["out"]), "k"),
+    (lambda g, a: g.split_kv(a["q"], a["k"], a["v"], out=a["out"]), "v"),
+    (lambda g, a: g.decode(a["q"], a["k"], a["v"], out=a["out"]), "k"),
+    (lambda g, a: g.paged_decode(a["q"], a["k_cache"], a["v_cache"], *_TABLES, out=a["out"]), "k_cache"),
+    (lambda g, a: g.paged_decode(a["q"], a["k_cache"], a["v_cache"], *_TABLES, out=a["out"]), "v_cache"),
+    (lambda g, a: g.span(a["q"], a["k"], a["v"], [0, 1, 2], [[0, 7], [2, 9]], out=a["out"]), "k"),
+    (lambda g, a: g.span(a["q"], a["k"], a["v"], [0, 1, 2], [[0, 7], [2, 9]], out=a["out"]), "q"),
+    (lambda g, a: g.tree(a["q"], a["k_segs"], a["v_segs"], [0, 6, 10, 13], [0, 2, 4], [0, 1, 0, 2],
+                         out=a["out"]), "k_segs"),
+    (lambda g, a: g.tree(a["q"], a["k_segs"], a["v_segs"], [0, 6, 10, 13], [0, 2, 4], [0, 1, 0, 2],
+                         out=a["out"]), "q"),
+    (_state_call, "states_out"),
+])
+def test_an_array_off_a_16_byte_boundary_is_refused_before_launch(call, name):
+    """Every launcher reads q, the caches and the states in 16-byte pieces: a contiguous view that
+    does not start on a 16-byte boundary is a ValueError naming it, before any launch (never a
+    misaligned access on the GPU)."""
+    import gpukernels
+
+    rng = np.random.default_rng(5)
+    arrays = {
+        "q": cp.asarray(_random(rng, (2, 8, 64), "float16")),
+        "k": cp.asarray(_random(rng, (2, 10, 4, 64), "float16")),
+        "v": cp.asarray(_random(rng, (2, 10, 4, 64), "float16")),
+        "k_cache": cp.asarray(_random(rng, (3, 4, 4, 64), "float16")),
+        "v_cache": cp.asarray(_random(rng, (3, 4, 4, 64), "float16")),
+        "k_segs": cp.asarray(_random(rng, (13, 4, 64), "float16")),
+        "v_segs": cp.asarray(_random(rng, (13, 4, 64), "float16")),
+        "states_out": cp.zeros((1, 2, 8, 64), dtype=cp.float32),
+        "out": cp.full((2, 8, 64), 7.0, dtype=cp.float16),
+    }
+    call(gpukernels, arrays)   # aligned: runs
+    cp.cuda.Device().synchronize()
+    arrays["out"].fill(7.0)
+    arrays[name] = _off_boundary(arrays[name])
+    with pytest.raises(ValueError, match=f"{name} must start at a 16-byte aligned address"):
+        call(gpukernels, arrays)
+    cp.cuda.Device().synchronize()
+    assert bool((arrays["out"] == 7.0).all())   # nothing launched
+
+
 # --------------------------------------------------------------------------------------------
 # The one-shot call: index values on the GPU are checked by the kernel, not copied to the host.
 
