@@ -152,6 +152,13 @@ def require_aligned(a: Device, name: str) -> None:
                          "an array viewed from an offset into another); copy it to a new array")
 
 
+def require_rows(a: Device, name: str) -> None:
+    """An array the kernels read in 16-byte pieces (q, caches, segments, float32 states):
+    contiguous and on a 16-byte boundary."""
+    require_contiguous(a, name)
+    require_aligned(a, name)
+
+
 class RecentCache:
     """The values of the most recent `size` keys (least recently used out first), for one-shot
     calls that keep what their checks and plans made for the next call with the same key."""

@@ -574,8 +574,7 @@ class SharedPrefix:
         _expect_shape(qa, "q", "[batch, num_qo_heads, head_dim]", (p.batch, p.num_qo_heads, p.head_dim))
         if qa.dtype != p.dtype:
             raise TypeError(f"q must be {p.dtype} as planned, got {qa.dtype}")
-        rt.require_contiguous(qa, "q")
-        rt.require_aligned(qa, "q")
+        rt.require_rows(qa, "q")
         prefix = [rt.device_array(x, name) for x, name in ((k_prefix, "k_prefix"), (v_prefix, "v_prefix"))]
         for a, name in zip(prefix, ("k_prefix", "v_prefix")):
             _expect_shape(a, name, "[prefix_len, num_kv_heads, head_dim]", (p.prefix_len, p.num_kv_heads, p.head_dim))
@@ -585,8 +584,7 @@ class SharedPrefix:
     def _check_kv(self, a: rt.Device, name: str, device_id: int) -> None:
         if a.dtype != self.plan.dtype:
             raise TypeError(f"{name} must be {self.plan.dtype} as planned, got {a.dtype}")
-        rt.require_contiguous(a, name)
-        rt.require_aligned(a, name)
+        rt.require_rows(a, name)
         if a.device_id != device_id:
             raise ValueError(f"{name} must be on GPU {device_id} like q, got GPU {a.device_id}")
 

@@ -252,8 +252,7 @@ class Span:
             if a.shape != expected:
                 raise ValueError(f"{name} must be [batch, kv_len, num_kv_heads, head_dim] = {list(expected)} "
                                  f"as planned, got {a.shape}")
-            rt.require_contiguous(a, name)
-            rt.require_aligned(a, name)
+            rt.require_rows(a, name)
         tables = self._device_tables(qa.kind, qa.device_id)
         # the cache seen as rows (windows) or pages: views of the same memory, by shape alone
         if p.windows is not None:

@@ -451,8 +451,7 @@ def _launch(plan, q, k, v, *, kv_lens, paged, sm_scale, out, lse, workspace, vie
     for name, a in (("q", qa), (f"k{cache}", ka), (f"v{cache}", va)):
         if a.dtype != plan.dtype:
             raise TypeError(f"{name} must be {plan.dtype} as planned, got {a.dtype}")
-        rt.require_contiguous(a, name)
-        rt.require_aligned(a, name)
+        rt.require_rows(a, name)
     device_id = qa.device_id
     if not device_id == ka.device_id == va.device_id:
         rt.require_same_device({"q": qa, "k": ka, "v": va})
@@ -539,11 +538,11 @@ def _extra_states(states, plan: SplitKVPlan, device_id: int) -> tuple:
     B, Hq, D = plan.batch, plan.num_qo_heads, plan.head_dim
     _expect_shape(so, "states_out", "[n, batch, num_qo_heads, head_dim]", (None, B, Hq, D))
     _expect_shape(sl, "states_lse", "[n, batch, num_qo_heads] like states_out", (so.shape[0], B, Hq))
-    for a, name in ((so, "states_out"), (sl, "states_lse")):
+    for a, name, require in ((so, "states_out", rt.require_rows),              # read as float4
+                             (sl, "states_lse", rt.require_contiguous)):
         if a.dtype != "float32":
             raise TypeError(f"{name} must be float32, got {a.dtype}")
-        rt.require_contiguous(a, name)
-        rt.require_aligned(a, name)   # read as float4
+        require(a, name)
         if a.device_id != device_id:
             raise ValueError(f"{name} must be on GPU {device_id} like q, got GPU {a.device_id}")
     if so.shape[0] >= 2**31:

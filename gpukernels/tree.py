@@ -576,8 +576,7 @@ class Tree:
         for name, a in (("q", qa), ("k_segs", ka), ("v_segs", va)):
             if a.dtype != p.dtype:
                 raise TypeError(f"{name} must be {p.dtype} as planned, got {a.dtype}")
-            rt.require_contiguous(a, name)
-            rt.require_aligned(a, name)
+            rt.require_rows(a, name)
         if ka.shape != va.shape:
             raise ValueError(f"v_segs must have the shape of k_segs {ka.shape}, got {va.shape}")
         rt.require_same_device({"q": qa, "k_segs": ka, "v_segs": va})
@@ -666,8 +665,7 @@ def tree(q, k_segs, v_segs, seg_indptr, path_indptr, path_segs, *, sm_scale=None
     problem, runner = _ONE_SHOT.get_or_make(key, lambda: _one_shot_plan(q, k_segs, v_segs, qa, index, sm_scale,
                                                                          chunk_size))
     for name, a in (("q", qa), ("k_segs", ka), ("v_segs", va)):
-        rt.require_contiguous(a, name)
-        rt.require_aligned(a, name)
+        rt.require_rows(a, name)
     rt.require_same_device({"q": qa, "k_segs": ka, "v_segs": va})
     if runner is None:   # no sequences
         out, lse, _, _ = outputs(out, lse, qa.kind, (0, problem.num_qo_heads, problem.head_dim), problem.dtype,
