@@ -42,6 +42,8 @@ def _cases():
                 yield dtype, head_dim, 32, 8, "hydragen:wide", None
             yield dtype, 128, 32, 8, "hydragen:merge", None   # three launches (a merge launch)
             yield dtype, 128, 32, 32, "hydragen:persistent", None   # its suffixes by the persistent kernel
+            for head_dim in (64, 128):   # the suffixes inside the prefix pass (Hopper)
+                yield dtype, head_dim, 32, 8, "hydragen:fused", None
             yield dtype, 128, 16, 4, "tree", None
             for form in ("own", "merge", "paged"):   # both forms of the tree plan, and segments in pages
                 yield dtype, 64, 16, 4, f"tree:{form}", None
@@ -91,7 +93,8 @@ def run_case(rng, dtype, head_dim, hq, hkv, kind, num_splits) -> float:
         import cupy as cp
 
         out, _ = gpukernels.merge_states(_to_device(outs, dtype), cp.asarray(lses))
-    elif kind in ("hydragen", "hydragen:wide", "hydragen:merge", "hydragen:persistent", "bifurcated", "tree",
+    elif kind in ("hydragen", "hydragen:wide", "hydragen:merge", "hydragen:persistent", "hydragen:fused",
+                  "bifurcated", "tree",
                   "tree:own", "tree:merge", "tree:paged", "span"):
         return _sharing_case(rng, rounded, dtype, head_dim, hq, hkv, kind)
     elif kind == "persistent":
@@ -144,21 +147,25 @@ def _sharing_case(rng, rounded, dtype, head_dim, hq, hkv, kind) -> float:
     from gpukernels.tree import Tree, plan_tree, tree
 
     dev = lambda a: _to_device(a, dtype)  # noqa: E731
-    batch = {"hydragen:wide": 40, "hydragen:merge": 40, "hydragen:persistent": 24}.get(kind, 5)
+    batch = {"hydragen:wide": 40, "hydragen:merge": 40, "hydragen:persistent": 24, "hydragen:fused": 40}.get(kind, 5)
     q = rounded(rng.standard_normal((batch, hq, head_dim)))
-    if kind in ("hydragen", "hydragen:wide", "hydragen:merge", "hydragen:persistent", "bifurcated"):
+    if kind in ("hydragen", "hydragen:wide", "hydragen:merge", "hydragen:persistent", "hydragen:fused", "bifurcated"):
         kp, vp = (rounded(rng.standard_normal((700, hkv, head_dim))) for _ in range(2))
         ks, vs = (rounded(rng.standard_normal((batch, 40, hkv, head_dim))) for _ in range(2))
         # the persistent suffixes: one length, none given (768 items)
         lens = None if kind == "hydragen:persistent" else np.resize([40, 0, 13, 40, 1], batch)
         ref_out, _ = refattn.shared_prefix(q, kp, vp, ks, vs, lens)
-        if kind in ("hydragen:merge", "hydragen:persistent"):   # the suffixes merging no states, then a merge launch
+        if kind in ("hydragen:merge", "hydragen:persistent", "hydragen:fused"):
+            # the suffixes merging no states, then a merge launch; or inside the prefix pass
             import dataclasses
 
             from gpukernels.shared_prefix import SharedPrefix, plan_shared_prefix
 
-            plan = plan_shared_prefix(batch, hq, hkv, head_dim, 700, 40, dtype=dtype, gpu="H200")
-            plan = dataclasses.replace(plan, merge_launch=True, suffix_persistent=kind == "hydragen:persistent")
+            plan = plan_shared_prefix(batch, hq, hkv, head_dim, 700, 40, dtype=dtype, gpu="H200",
+                                      fused=kind == "hydragen:fused", prefix_chunk_size=256 if kind == "hydragen:fused"
+                                      else None)
+            if kind != "hydragen:fused":
+                plan = dataclasses.replace(plan, merge_launch=True, suffix_persistent=kind == "hydragen:persistent")
             out, _ = SharedPrefix(plan).run(dev(q), dev(kp), dev(vp), dev(ks), dev(vs),
                                             None if lens is None else _ints_to_device(lens, dtype))
         else:

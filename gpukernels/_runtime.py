@@ -443,24 +443,38 @@ CU_TENSOR_MAP_L2_PROMOTION_256B = 3
 
 
 @functools.lru_cache(maxsize=256)
-def tensor_map_3d(ptr: int, dtype: str, dims: tuple, box: tuple) -> bytes:
+def tensor_map(ptr: int, dtype: str, dims: tuple, box: tuple) -> bytes:
     """The 128 bytes of a CUtensorMap over the contiguous 16-bit array at `ptr` of shape
-    reversed(dims) (dims innermost first), read in boxes of `box` elements stored with the 128-byte
-    swizzle; elements past the array's end read as zeros. Made on the host (no GPU work), so a map
-    is cached by its arguments."""
+    reversed(dims) (dims innermost first; 3 to 5 of them), read in boxes of `box` elements stored
+    with the 128-byte swizzle; elements past the array's end in any dim read as zeros. Made on the
+    host (no GPU work), so a map is cached by its arguments."""
     if ptr % 16:
         raise ValueError(f"a tensor map needs a 16-byte aligned address, got {ptr:#x}")
+    rank = len(dims)
+    if not 3 <= rank <= 5 or len(box) != rank:
+        raise ValueError(f"a tensor map of 3 to 5 dims with a box of as many, got dims {dims}, box {box}")
     encode = _driver_function("cuTensorMapEncodeTiled", ctypes.c_void_p, ctypes.c_int, ctypes.c_uint,
                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                               ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int)
     out = ctypes.create_string_buffer(128 + 64)
     at = (ctypes.addressof(out) + 63) & ~63
-    size = (ctypes.c_uint64 * 3)(*dims)
-    strides = (ctypes.c_uint64 * 2)(2 * dims[0], 2 * dims[0] * dims[1])
-    boxes = (ctypes.c_uint32 * 3)(*box)
-    steps = (ctypes.c_uint32 * 3)(1, 1, 1)
-    status = encode(at, _TENSOR_MAP_DTYPES[dtype], 3, ptr, size, strides, boxes, steps, 0,
+    size = (ctypes.c_uint64 * rank)(*dims)
+    pitches, pitch = [], 2
+    for d in dims[:-1]:
+        pitch *= d
+        pitches.append(pitch)
+    strides = (ctypes.c_uint64 * (rank - 1))(*pitches)
+    boxes = (ctypes.c_uint32 * rank)(*box)
+    steps = (ctypes.c_uint32 * rank)(*([1] * rank))
+    status = encode(at, _TENSOR_MAP_DTYPES[dtype], rank, ptr, size, strides, boxes, steps, 0,
                     CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_256B, 0)
     if status != 0:
         raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {status} (dims {dims}, box {box})")
     return ctypes.string_at(at, 128)
+
+
+def tensor_map_3d(ptr: int, dtype: str, dims: tuple, box: tuple) -> bytes:
+    """`tensor_map` of a 3-dim array."""
+    if len(dims) != 3:
+        raise ValueError(f"tensor_map_3d takes 3 dims, got {dims}")
+    return tensor_map(ptr, dtype, dims, box)

@@ -23,6 +23,13 @@ waiting for it (a pass of fewer blocks than SMs runs beside them), writing their
 out and lse; then `merge_prefix_chunks_kernel` merges the chunks' states and that one in place, in
 float32 (the suffixes' out read back in q's dtype).
 
+With `plan_shared_prefix(..., fused=True)` (contiguous suffixes, the two-warpgroup pass) the
+suffixes are attended inside the prefix pass instead (`shared_prefix_fused_kernel`): each consumer
+warpgroup also takes the suffix tokens of its own sequences, 64 a half tile, spread over the
+prefix chunks and interleaved with the prefix tiles so that their reads run beside the prefix's
+arithmetic; a merge launch follows. It is correct everywhere it runs and slower than the launches
+above on the grid's rows (results/h200/NOTES.md), so no plan takes it unasked.
+
 Hydragen's prefix chunk, and whether a merge launch follows, are those of the chunk that fills one
 wave of resident blocks, its half and doublings, in two launches or three, whose whole call the
 cost model predicts fastest (`costmodel.shared_prefix.hydragen_schedule`); the bifurcated
@@ -43,6 +50,7 @@ optional `suffix_lens`) or in a paged cache (`k_suffix`, `v_suffix` are then `k_
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -107,6 +115,11 @@ def specialized_name_expression(dtype: str, head_dim: int) -> str:
             f"{pingpong_stages(head_dim)}>")
 
 
+def fused_name_expression(dtype: str, head_dim: int) -> str:
+    return (f"decode_attention::shared_prefix_fused_kernel<{rt.C_TYPES[dtype]}, {head_dim}, "
+            f"{pingpong_stages(head_dim)}>")
+
+
 def prefix_name_expression(dtype: str, head_dim: int) -> str:
     return (f"decode_attention::shared_prefix_kernel<{rt.C_TYPES[dtype]}, {head_dim}, "
             f"{pipeline_stages(head_dim)}>")
@@ -121,6 +134,7 @@ def instantiations() -> list[tuple[str, str]]:
     """(source in cuda/, name expression) of every kernel either method can ask for."""
     hydragen = ([prefix_name_expression(dt, d) for dt in PREFIX_DTYPES for d in rt.HEAD_DIMS]
                 + [specialized_name_expression(dt, d) for dt in PREFIX_DTYPES for d in PINGPONG_HEAD_DIMS]
+                + [fused_name_expression(dt, d) for dt in PREFIX_DTYPES for d in PINGPONG_HEAD_DIMS]
                 + [merge_name_expression(dt, suffix) for dt in PREFIX_DTYPES for suffix in (False, True)])
     return [("shared_prefix", e) for e in hydragen] + [("bifurcated", e) for e in bifurcated.all_name_expressions()]
 
@@ -152,6 +166,34 @@ SPECIALIZED_SIGNATURE = "mm" + "ppp" + "iiiii" + "f"
 def _specialized_kernel(dtype: str, head_dim: int) -> rt.Kernel:
     return rt.Kernel("shared_prefix", specialized_name_expression(dtype, head_dim), SPECIALIZED_SIGNATURE,
                      shared_mem=pingpong_shared_bytes(head_dim))
+
+
+# k_map, v_map, ks_map, vs_map (tensor maps over the prefix and the suffixes); q, part_out, part_lse,
+# suffix_lens; batch, prefix_len, suffix_len, num_qo_heads, num_kv_heads, chunk_size; scale_log2.
+FUSED_SIGNATURE = "mmmm" + "pppp" + "iiiiii" + "f"
+SUFFIX_ROWS = 64   # suffix tokens a consumer's half of a tile of the fused pass (shared_prefix.cu)
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_kernel(dtype: str, head_dim: int) -> rt.Kernel:
+    return rt.Kernel("shared_prefix", fused_name_expression(dtype, head_dim), FUSED_SIGNATURE,
+                     shared_mem=pingpong_shared_bytes(head_dim))
+
+
+def suffix_tensor_map(ptr: int, dtype: str, batch: int, suffix_len: int, num_kv_heads: int, head_dim: int) -> bytes:
+    """The tensor map the fused pass reads k_suffix (or v_suffix) through: [batch, suffix_len,
+    num_kv_heads, head_dim] in boxes of 64 dims x 1 head x SUFFIX_ROWS rows x 1 sequence (rows past
+    suffix_len arrive as zeros)."""
+    return rt.tensor_map(ptr, dtype, (head_dim, num_kv_heads, suffix_len, batch), (64, 1, SUFFIX_ROWS, 1))
+
+
+def fused_tiles(plan) -> int:
+    """The most tiles a block of the fused pass runs (its prefix chunk's and its share of the
+    suffix slots): the kernel's schedule keeps tiles x suffix tiles below 2**31."""
+    group = plan.num_qo_heads // plan.num_kv_heads
+    seqs = -(-QUERY_ROWS // group) + 1   # sequences a consumer's 64 rows touch, at most
+    slots = seqs * -(-plan.suffix_len // SUFFIX_ROWS)
+    return -(-plan.prefix_chunk_size // PINGPONG_KV_TILE) + -(-slots // max(plan.num_chunks, 1))
 
 
 def prefix_tensor_map(ptr: int, dtype: str, prefix_len: int, num_kv_heads: int, head_dim: int) -> bytes:
@@ -399,6 +441,7 @@ class SharedPrefixPlan:
     merge_launch: bool = False            # Hydragen: a merge launch after the suffixes (three launches)
     suffix_persistent: bool = False       # Hydragen in three launches: the suffixes by the persistent
                                           # kernel where it runs (`costmodel.shared_prefix.plan_hydragen`)
+    fused: bool = False                   # Hydragen: the suffixes inside the prefix pass, then the merge
 
     @property
     def num_chunks(self) -> int:
@@ -413,19 +456,27 @@ class SharedPrefixPlan:
 def plan_shared_prefix(batch: int, num_qo_heads: int, num_kv_heads: int, head_dim: int, prefix_len: int,
                        suffix_len: int, *, method: str = "hydragen", dtype: str = "float16",
                        prefix_chunk_size: int | None = None, page_size: int = 0, num_sms: int | None = None,
-                       gpu=None) -> SharedPrefixPlan:
+                       gpu=None, fused: bool = False) -> SharedPrefixPlan:
     """The plan of a shared-prefix call (made on the host, no GPU needed): the prefix chunk (for
     Hydragen the one the cost model predicts fastest, with a merge launch or not, at a given
     `prefix_chunk_size` too; for the bifurcated method the one that fills one wave of resident
     blocks); for Hydragen the suffixes' split plan from the cost model.
     `page_size` > 0 plans for suffixes in pages of that size (`SharedPrefix.run_paged`). `num_sms`
-    and `gpu` as for `plan_split_kv` (the H100's 132 SMs when neither is given)."""
+    and `gpu` as for `plan_split_kv` (the H100's 132 SMs when neither is given). `fused=True`
+    (Hydragen, contiguous suffixes, blocks of 128 query rows: `fused_ineligible` says why not
+    elsewhere): the suffixes attended inside the prefix pass, then the merge; the chunk, where none
+    is given, the one that gives every SM one block. Not the default: on the grid's GQA rows it
+    measured 1.07-1.15x the planned launches (results/h200/NOTES.md)."""
     from costmodel.gpus import plan_gpu  # noqa: PLC0415
     from costmodel.segments import prefix_block_rows  # noqa: PLC0415
     from costmodel.shared_prefix import SharedPrefixShape, plan_hydragen, prefix_pass_chunk  # noqa: PLC0415
     from costmodel.split_kv import DEFAULT_NUM_SMS  # noqa: PLC0415
 
     _check_method(method, allow_auto=False)
+    if not isinstance(fused, bool):
+        raise TypeError(f"fused must be True or False, got {fused!r}")
+    if fused and method != "hydragen":
+        raise ValueError(f"fused=True: only Hydragen attends the suffixes in its prefix pass, not method={method!r}")
     for name, value in (("batch", batch), ("num_qo_heads", num_qo_heads), ("num_kv_heads", num_kv_heads),
                         ("head_dim", head_dim)):
         check_positive_int(value, name)
@@ -466,8 +517,40 @@ def plan_shared_prefix(batch: int, num_qo_heads: int, num_kv_heads: int, head_di
     suffix = plan_split_kv(batch, num_qo_heads, num_kv_heads, head_dim, max(int(suffix_len), 1), dtype=dtype,
                            num_sms=sms, page_size=int(page_size), gpu=gpu)
     block_rows = prefix_block_rows(spec, head_dim, dtype, rows)
-    return SharedPrefixPlan(*common, chunk, suffix, "hydragen", int(page_size), prefix_block_rows=block_rows,
+    plan = SharedPrefixPlan(*common, chunk, suffix, "hydragen", int(page_size), prefix_block_rows=block_rows,
                             merge_launch=merge_launch, suffix_persistent=persistent)
+    if not fused:
+        return plan
+    why_not = fused_ineligible(plan)
+    if why_not:
+        raise ValueError(f"fused=True: {why_not}")
+    chunk = given or fused_pass_chunk(int(prefix_len), rows, num_kv_heads, sms, tile)
+    plan = dataclasses.replace(plan, prefix_chunk_size=chunk, fused=True, merge_launch=False, suffix_persistent=False)
+    if fused_tiles(plan) ** 2 >= 2**31:
+        raise ValueError(f"fused=True: {fused_tiles(plan)} tiles a block is beyond the fused pass's schedule "
+                         f"(a shorter prefix_chunk_size)")
+    return plan
+
+
+def fused_ineligible(plan: SharedPrefixPlan) -> str:
+    """Why the plan's suffixes cannot be attended inside the prefix pass ('' where they can)."""
+    if plan.method != "hydragen":
+        return "only Hydragen attends the suffixes in its prefix pass"
+    if plan.page_size:
+        return "the fused pass reads contiguous suffixes (paged ones run as their own launch)"
+    if plan.prefix_block_rows != PINGPONG_ROWS or plan.head_dim not in PINGPONG_HEAD_DIMS:
+        return ("the fused pass is the prefix pass in blocks of 128 query rows (Hopper, head_dim 64 or 128, more "
+                "than 64 query rows a KV head)")
+    if not plan.prefix_len or not plan.suffix_len:
+        return "the fused pass needs prefix and suffix tokens"
+    return ""
+
+
+def fused_pass_chunk(prefix_len: int, rows: int, num_kv_heads: int, sms: int, tile: int) -> int:
+    """The fused pass's prefix chunk where none is given: the one that gives every SM one block."""
+    from costmodel.shared_prefix import prefix_pass_chunk  # noqa: PLC0415
+
+    return prefix_pass_chunk(max(prefix_len, 1), rows, num_kv_heads, sms, 1, tile, block_rows=PINGPONG_ROWS)
 
 
 def _logits_row_tiles(prefix_len: int, rows: int, num_kv_heads: int, sms: int, dtype: str) -> int:
@@ -612,6 +695,20 @@ class SharedPrefix:
         # starts on the SMs the prefix pass frees and waits for that pass only before the merge.
         # With a merge launch, 2. merges nothing and 3. merges both.
         n = p.num_chunks
+        if p.fused and paged is None and _runs_sm90a(device_id):
+            # The suffixes inside the prefix pass, then the merge of each row's chunk states.
+            maps = tuple(prefix_tensor_map(x.ptr, p.dtype, p.prefix_len, Hkv, D) for x in prefix)
+            maps += tuple(suffix_tensor_map(x.ptr, p.dtype, B, p.suffix_len, Hkv, D) for x in suffix)
+            _fused_kernel(p.dtype, D)(
+                (n, -(-B * (Hq // Hkv) // PINGPONG_ROWS), Hkv), (SPECIALIZED_THREADS,),
+                maps + (qa.ptr, rt.address(part_out), rt.address(part_lse), tables[0], B, p.prefix_len, p.suffix_len,
+                        Hq, Hkv, p.prefix_chunk_size, sm_scale * _LOG2E),
+                stream_ptr=stream_ptr, device_id=device_id)
+            _merge_kernel(p.dtype)(
+                (merge_blocks(B * Hq, D),), (MERGE_THREADS,),
+                (rt.address(part_out), rt.address(part_lse), out_ptr, lse_ptr, n, B * Hq, D),
+                stream_ptr=stream_ptr, device_id=device_id, programmatic=True)
+            return out, lse
         if n:
             # Blocks of 128 rows, their warps specialised, where the plan says so and the GPU runs
             # sm_90a code (a plan made for Hopper run elsewhere falls back to blocks of 64 rows).

@@ -244,6 +244,38 @@ def test_hydragen_plans_blocks_of_two_warpgroups_for_hopper_past_64_rows():
     assert all(gsp.specialized_name_expression(dt, d) in built for dt in gsp.PREFIX_DTYPES for d in (64, 128))
 
 
+def test_a_fused_plan_attends_the_suffixes_in_the_prefix_pass_only_where_asked_and_possible():
+    gsp = _gsp()
+    assert not gsp.plan_shared_prefix(128, 32, 8, 128, 32768, 256, gpu="H200").fused   # not the default
+    plan = gsp.plan_shared_prefix(128, 32, 8, 128, 32768, 256, gpu="H200", fused=True)
+    # 4 tiles of 128 rows x 8 KV heads x 4 chunks: one block an SM of the H200's 132
+    assert plan.fused and plan.num_chunks == 4 and not plan.merge_launch and not plan.suffix_persistent
+    assert gsp.plan_shared_prefix(128, 32, 8, 128, 32768, 256, gpu="H200", fused=True,
+                                  prefix_chunk_size=2048).num_chunks == 16
+    built = gsp.all_name_expressions()
+    assert all(gsp.fused_name_expression(dt, d) in built for dt in gsp.PREFIX_DTYPES for d in (64, 128))
+    # a consumer's 64 rows touch at most 17 sequences of group 4, 5 slots of 64 tokens each (257)
+    assert gsp.fused_tiles(gsp.plan_shared_prefix(40, 32, 8, 128, 700, 257, gpu="H200", fused=True,
+                                                  prefix_chunk_size=256)) == 2 + -(-17 * 5 // 3)
+
+
+@pytest.mark.parametrize("kwargs, exc, words", [
+    (dict(page_size=16), ValueError, "contiguous suffixes"),
+    (dict(method="bifurcated"), ValueError, "only Hydragen"),
+    (dict(batch=16), ValueError, "blocks of 128 query rows"),   # 64 query rows a KV head
+    (dict(head_dim=256), ValueError, "blocks of 128 query rows"),
+    (dict(gpu="A100"), ValueError, "blocks of 128 query rows"),
+    (dict(suffix_len=0), ValueError, "prefix and suffix tokens"),
+    (dict(prefix_len=0), ValueError, "prefix and suffix tokens"),
+    (dict(fused=1), TypeError, "True or False"),
+])
+def test_a_fused_plan_is_refused_where_the_fused_pass_cannot_run(kwargs, exc, words):
+    args = dict(batch=40, num_qo_heads=32, num_kv_heads=8, head_dim=128, prefix_len=1000, suffix_len=70, gpu="H200",
+                fused=True) | kwargs
+    with pytest.raises(exc, match=words):
+        _gsp().plan_shared_prefix(**args)
+
+
 def test_hydragen_plans_paged_suffixes_with_a_paged_split_plan():
     gsp = _gsp()
     plan = gsp.plan_shared_prefix(6, 32, 8, 128, 1000, 70, page_size=16, num_sms=132)

@@ -709,3 +709,115 @@ def test_malformed_paged_calls_raise_before_launch(method, change, exc, name):
         shared_prefix(q, kp, vp, kc, vc, method=method, kv_indptr=indptr, kv_indices=indices,
                       kv_last_page_len=last)
     assert name in str(info.value)
+
+
+# The suffixes attended inside the prefix pass (`plan_shared_prefix(..., fused=True)`): blocks of
+# 128 query rows (more than 64 query rows a KV head), head_dim 64 and 128, on Hopper.
+@st.composite
+def fused_cases(draw):
+    dtype = draw(st.sampled_from(DTYPES))
+    head_dim = draw(st.sampled_from((64, 128)))
+    hq, hkv = draw(st.sampled_from(((32, 8), (20, 4), (8, 1), (16, 16))))
+    group = hq // hkv
+    batch = draw(st.integers(64 // group + 1, 64 // group + 48))
+    prefix_len = draw(st.sampled_from((1, 65, 339, 1000, 4097)))
+    suffix_len = draw(st.sampled_from((1, 17, 64, 130)))
+    lens = draw(st.sampled_from(("none", "host", "gpu")))
+    chunk = draw(st.sampled_from((None, 128, 256, 1024)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return dtype, head_dim, hq, hkv, batch, prefix_len, suffix_len, lens, chunk, seed
+
+
+def _fused_runner(batch, hq, hkv, d, prefix_len, suffix_len, dtype, chunk=None):
+    from gpukernels.shared_prefix import SharedPrefix, plan_shared_prefix
+
+    plan = plan_shared_prefix(batch, hq, hkv, d, prefix_len, suffix_len, dtype=dtype, prefix_chunk_size=chunk,
+                              gpu="H200", fused=True)
+    assert plan.fused
+    return SharedPrefix(plan)
+
+
+def _run_fused(runner, q, kp, vp, ks, vs, lens):
+    qd = _device(q)
+    out, lse = _poisoned(qd, q.shape, runner.plan.dtype), _poisoned(qd, q.shape[:2], "float32")
+    lens_d = None if lens is None else _lens_on_device(lens, qd)
+    runner.run(qd, _device(kp), _device(vp), _device(ks), _device(vs), lens_d, out=out, lse=lse)
+    return out, lse
+
+
+@given(fused_cases())
+@example(("float16", 128, 32, 8, 128, 4097, 130, "gpu", None, 1))    # 512 rows: four blocks of rows a head
+@example(("bfloat16", 64, 20, 4, 13, 1000, 17, "none", 128, 2))     # group 5: sequences across both consumers
+@example(("float16", 128, 8, 1, 9, 65, 64, "host", 128, 3))         # MQA: 72 rows, one chunk
+@example(("bfloat16", 128, 16, 16, 70, 339, 130, "gpu", 256, 4))    # MHA: a consumer's 64 sequences
+def test_the_suffixes_inside_the_prefix_pass_match_the_reference(case):
+    dtype, d, hq, hkv, batch, prefix_len, suffix_len, lens_kind, chunk, seed = case
+    if not _is_hopper():
+        pytest.skip("the fused pass runs on Hopper (sm_90a)")
+    rng = np.random.default_rng(seed)
+    q, kp, vp, ks, vs = _inputs(rng, dtype, batch, hq, hkv, d, prefix_len, suffix_len)
+    lens = None if lens_kind == "none" else rng.integers(0, suffix_len + 1, size=batch)
+    ref_out, ref_lse = refattn.shared_prefix(q, kp, vp, ks, vs, lens)
+    runner = _fused_runner(batch, hq, hkv, d, prefix_len, suffix_len, dtype, chunk)
+    if lens_kind == "host":
+        out, lse = _run(q, kp, vp, ks, vs, lens, dtype, prefix_chunk_size=chunk)   # the one-shot call
+        _check(out, lse, ref_out, ref_lse, dtype)
+    out, lse = _run_fused(runner, q, kp, vp, ks, vs, lens)
+    _check(out, lse, ref_out, ref_lse, dtype)
+
+
+def _is_hopper() -> bool:
+    return cp.cuda.Device().compute_capability == "90"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_fused_pass_keeps_non_finite_values_to_their_sequence(dtype):
+    """A non-finite suffix value is zeroed out of the pass's product (which would carry it to
+    every row of the block through their zero probabilities) and its dim made NaN for its own
+    sequence's rows only; non-finite keys of a suffix, and values past a suffix's length, stay out
+    of the other sequences' rows too."""
+    if not _is_hopper():
+        pytest.skip("the fused pass runs on Hopper (sm_90a)")
+    rng = np.random.default_rng(31)
+    batch, hq, hkv, d, prefix_len, suffix_len = 40, 32, 8, 128, 700, 90
+    q, kp, vp, ks, vs = _inputs(rng, dtype, batch, hq, hkv, d, prefix_len, suffix_len)
+    q[0, 3, 5] = np.nan           # one query head
+    kp[100, 2, 0] = np.inf        # a prefix key: every sequence's heads of KV head 2
+    vs[4, 7, 1, 9] = np.nan       # a suffix value of sequence 4: dim 9 of its KV head 1's heads
+    vs[17, 70, 5, 100] = -np.inf  # sequence 17, past its first 64 tokens
+    ks[3, 2, 0, 0] = -np.inf      # a suffix key of sequence 3
+    lens = np.full(batch, suffix_len)
+    lens[5] = 10
+    vs[5, 10:, 0, :] = np.nan     # past suffix_lens[5]: never read
+    ks[5, 12, 3, :] = np.inf
+    ref_out, ref_lse = refattn.shared_prefix(q, kp, vp, ks, vs, lens)
+    runner = _fused_runner(batch, hq, hkv, d, prefix_len, suffix_len, dtype, 256)
+    out, lse = _run_fused(runner, q, kp, vp, ks, vs, lens)
+    _compare_nonfinite(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_fused_pass_poisons_a_sequence_whose_length_is_out_of_range(dtype):
+    if not _is_hopper():
+        pytest.skip("the fused pass runs on Hopper (sm_90a)")
+    rng = np.random.default_rng(32)
+    batch, hq, hkv, d, prefix_len, suffix_len = 24, 32, 8, 64, 500, 40
+    q, kp, vp, ks, vs = _inputs(rng, dtype, batch, hq, hkv, d, prefix_len, suffix_len)
+    lens = rng.integers(0, suffix_len + 1, size=batch)
+    lens[1], lens[2] = -1, suffix_len + 1
+    runner = _fused_runner(batch, hq, hkv, d, prefix_len, suffix_len, dtype, 128)
+    out, lse = _run_fused(runner, q, kp, vp, ks, vs, lens)
+    o, l = _host(out).astype(np.float64), _host(lse).astype(np.float64)
+    assert np.isnan(o[1:3]).all() and np.isnan(l[1:3]).all()
+    good = [b for b in range(batch) if b not in (1, 2)]
+    ref_out, ref_lse = refattn.shared_prefix(q[good], kp, vp, ks[good], vs[good], lens[good])
+    _check(out[good], lse[good], ref_out, ref_lse, dtype)
+
+
+def test_a_fused_plan_runs_in_a_cuda_graph():
+    if not _is_hopper():
+        pytest.skip("the fused pass runs on Hopper (sm_90a)")
+    rng = np.random.default_rng(33)
+    shape = (40, 32, 8, 128, 2000, 90)
+    runner = _fused_runner(*shape, "float16")
+    _check_graph_replays(runner, rng, "float16", shape, rng.integers(0, shape[-1] + 1, shape[0]), "hydragen")

@@ -105,6 +105,11 @@ struct RowsSoftmax {
         m_raw[e >> 1] = fmaxf(m_raw[e >> 1], out ? neg_inf() : s[j][e]);
       }
     }
+    update(m_raw, scale_log2, m_bias, alpha);
+  }
+
+  // The rows' new maxima from this lane's raw maxima of a tile (the group's 4 lanes reduced here).
+  __device__ __forceinline__ void update(float (&m_raw)[2], float scale_log2, float (&m_bias)[2], float (&alpha)[2]) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       m_raw[i] = fmaxf(m_raw[i], __shfl_xor_sync(kFullMask, m_raw[i], 1));
@@ -114,6 +119,34 @@ struct RowsSoftmax {
       m[i] = m_new;
       m_bias[i] = m_new == neg_inf() ? 0.0f : -m_new;
       l[i] *= alpha[i];
+    }
+  }
+
+  // `exps` for a tile of N n-tiles (N <= S_TILES) whose scores `outside(i, j, e)` masks per row
+  // (i: the lane's row gid or gid + 8) as well as per column: a masked score counts neither in the
+  // maxima nor in `check` (a suffix tile of another sequence: its non-finite scores are not this
+  // row's).
+  template <int N, typename Outside>
+  __device__ __forceinline__ void exps_masked(float (&s)[N][4], Outside outside, float scale_log2, float (&alpha)[2]) {
+    static_assert(N <= S_TILES, "a tile within the scores' registers");
+    float m_raw[2] = {neg_inf(), neg_inf()}, m_bias[2];
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool out = outside(e >> 1, j, e);
+        check[e >> 1] = out ? check[e >> 1] : nan_if_nonfinite(s[j][e], check[e >> 1]);
+        m_raw[e >> 1] = fmaxf(m_raw[e >> 1], out ? neg_inf() : s[j][e]);
+      }
+    }
+    update(m_raw, scale_log2, m_bias, alpha);
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[j][e] = outside(e >> 1, j, e) ? 0.0f : exp2f(fmaf(s[j][e], scale_log2, m_bias[e >> 1]));
+        l[e >> 1] += s[j][e];
+      }
     }
   }
 
@@ -168,9 +201,10 @@ struct RowsSoftmax {
       exps_tile<false>(s, tile_start, kv_end, tig, scale_log2, alpha);
     }
   }
-  static __device__ __forceinline__ void pack(const float (&p)[S_TILES][4], unsigned (&pa)[PV_STEPS][4]) {
+  template <int N = S_TILES>
+  static __device__ __forceinline__ void pack(const float (&p)[N][4], unsigned (&pa)[PV_STEPS][4]) {
 #pragma unroll
-    for (int kv = 0; kv < PV_STEPS; ++kv) {
+    for (int kv = 0; kv < N / 2; ++kv) {
       pa[kv][0] = pack2<T>(p[2 * kv][0], p[2 * kv][1]);
       pa[kv][1] = pack2<T>(p[2 * kv][2], p[2 * kv][3]);
       pa[kv][2] = pack2<T>(p[2 * kv + 1][0], p[2 * kv + 1][1]);
@@ -233,15 +267,16 @@ __device__ __forceinline__ void write_row_states(RowsSoftmax<T, S_TILES>& sm, co
 
 // O += P V on wgmma for one swizzled V tile of KV rows at v_tile: one m64nHEAD_DIM product per
 // k-step of 16 rows, P as the A fragments pa, V read N-major (8-row groups 1024 bytes apart,
-// columns of 64 dims KV * 128 bytes apart); committed as one group.
-template <typename T, int HEAD_DIM, int KV>
+// columns of 64 dims COLUMN_ROWS * 128 bytes apart: the first KV rows of a larger tile); committed
+// as one group.
+template <typename T, int HEAD_DIM, int KV, int COLUMN_ROWS = KV>
 __device__ __forceinline__ void values_product(float (&o)[HEAD_DIM / 8][4], const unsigned (&pa)[KV / 16][4],
                                                unsigned v_tile) {
   fence_accumulators(o);
   wgmma_fence();
 #pragma unroll
   for (int kv = 0; kv < KV / 16; ++kv) {
-    wgmma_rs<T, HEAD_DIM, 1>(o, pa[kv], sw128_descriptor(v_tile + kv * 16 * 128, KV * 128, 1024));
+    wgmma_rs<T, HEAD_DIM, 1>(o, pa[kv], sw128_descriptor(v_tile + kv * 16 * 128, COLUMN_ROWS * 128, 1024));
   }
   wgmma_commit();
 }
@@ -597,26 +632,112 @@ shared_prefix_kernel(const T* __restrict__ q,          // [batch, num_qo_heads, 
                                    row_state, scale_log2);
 }
 
+// The suffixes in the prefix pass (attend_rows_specialized with SUFFIX): each consumer also attends
+// the suffix tokens of the sequences its 64 query rows belong to, in slots of SUFFIX_ROWS tokens
+// (slots_per_seq a sequence), those slots spread evenly over the prefix chunks of the block's rows
+// (chunk c of N takes slots [c n / N, (c + 1) n / N) of a consumer's n). Suffix tile k of a block
+// holds both consumers' k-th slots, one half of the stage's 128 rows each (a consumer's S is then a
+// 64 x 64 product of which only its sequence's rows count: the rest are masked); the block's P
+// prefix tiles and U suffix tiles are interleaved evenly (tile i of L = P + U is a suffix tile when
+// floor((i + 1) U / L) > floor(i U / L)), so that the suffixes' reads from memory run beside the
+// prefix's arithmetic. The suffixes arrive through tensor maps over k_suffix and v_suffix [batch,
+// suffix_len, num_kv_heads, HEAD_DIM] in boxes of 64 dims x 1 head x SUFFIX_ROWS rows x 1 sequence
+// (rows past suffix_len arrive as zeros).
+constexpr int SUFFIX_ROWS = 64;
+
+struct SuffixArgs {
+  const TensorMap* k_map;
+  const TensorMap* v_map;
+  const int* lens;   // [batch]; nullptr: every suffix suffix_len long
+  int suffix_len;
+};
+
+// A consumer's suffix slots in this block: first_slot .. first_slot + count - 1 of the sequences
+// from first_seq on.
+struct SuffixSlots {
+  int first_seq = 0, first_slot = 0, count = 0;
+};
+
+struct SuffixSchedule {
+  const int* lens = nullptr;
+  int suffix_len = 0, slots_per_seq = 0, suffix_tiles = 0, total = 0;
+
+  SuffixSchedule() = default;
+  // The block's tiles; `slots` of consumer w (w 0 and 1 for the producer, which loads both).
+  __device__ __forceinline__ SuffixSchedule(const SuffixArgs& a, int block_row, int rows, int group_size,
+                                            int prefix_tiles, SuffixSlots (&slots)[2])
+      : lens(a.lens), suffix_len(a.suffix_len), slots_per_seq((a.suffix_len + SUFFIX_ROWS - 1) / SUFFIX_ROWS) {
+#pragma unroll
+    for (int w = 0; w < 2; ++w) {
+      const int r0 = block_row + w * QUERY_ROWS;
+      slots[w] = SuffixSlots{};
+      if (r0 >= rows) continue;
+      const int r1 = min(r0 + QUERY_ROWS, rows) - 1;
+      slots[w].first_seq = r0 / group_size;
+      const long long n = static_cast<long long>(r1 / group_size - slots[w].first_seq + 1) * slots_per_seq;
+      const long long lo = n * blockIdx.x / gridDim.x, hi = n * (blockIdx.x + 1) / gridDim.x;
+      slots[w].first_slot = static_cast<int>(lo);
+      slots[w].count = static_cast<int>(hi - lo);
+    }
+    suffix_tiles = max(slots[0].count, slots[1].count);
+    total = prefix_tiles + suffix_tiles;
+  }
+  // Suffix tiles among the block's first i tiles (total * suffix_tiles < 2^31: the plan's limit).
+  __device__ __forceinline__ int suffixes_before(int i) const {
+    return static_cast<int>(static_cast<unsigned>(i) * static_cast<unsigned>(suffix_tiles) /
+                            static_cast<unsigned>(max(total, 1)));
+  }
+  __device__ __forceinline__ bool is_suffix(int i) const { return suffixes_before(i + 1) > suffixes_before(i); }
+  // A length outside [0, suffix_len] reads nothing (and gives the sequence NaN: `bad_length`).
+  __device__ __forceinline__ int length(int b) const {
+    if (lens == nullptr) return suffix_len;
+    const int n = __ldg(lens + b);
+    return n < 0 || n > suffix_len ? 0 : n;
+  }
+  __device__ __forceinline__ bool bad_length(int b) const {
+    if (lens == nullptr) return false;
+    const int n = __ldg(lens + b);
+    return n < 0 || n > suffix_len;
+  }
+  // A consumer's half of suffix tile k: its sequence b, first token and the sequence's length;
+  // false for a half with no tokens.
+  __device__ __forceinline__ bool half(const SuffixSlots& sl, int k, int& b, int& start, int& len) const {
+    b = start = len = 0;
+    if (k >= sl.count) return false;
+    const int slot = sl.first_slot + k;
+    b = sl.first_seq + slot / slots_per_seq;
+    start = (slot % slots_per_seq) * SUFFIX_ROWS;
+    len = length(b);
+    return start < len;
+  }
+};
+
 // The block's work: KV head kh's prefix rows kv_begin .. kv_end - 1 (through k_map, v_map) against
 // its 128 query rows from row block_row of the head (r = b * G + g); each consumer's 64 rows a
-// state each (prefix_rows).
-template <typename T, int HEAD_DIM, int STAGES, int KV = PP_KV_TILE>
+// state each (prefix_rows). SUFFIX: and the block's share of the suffixes (SuffixSchedule).
+template <typename T, int HEAD_DIM, int STAGES, int KV = PP_KV_TILE, bool SUFFIX = false>
 __device__ __forceinline__ void attend_rows_specialized(const TensorMap& k_map, const TensorMap& v_map,
                                                         const T* __restrict__ q, float* __restrict__ part_out,
                                                         float* __restrict__ part_lse, int batch, int num_qo_heads,
                                                         int num_kv_heads, int kh, int kv_begin, int kv_end,
-                                                        int block_row, float scale_log2) {
+                                                        int block_row, float scale_log2,
+                                                        const SuffixArgs* suffix_args = nullptr) {
   using Tile = PingPongTile<HEAD_DIM, KV>;
   static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "one or two swizzled columns of 64 dims");
   static_assert(STAGES >= 2, "a tile in flight while one is read");
+  static_assert(!SUFFIX || KV == 2 * SUFFIX_ROWS, "a suffix tile: both consumers' halves");
   constexpr int K_STEPS = HEAD_DIM / 16;
   constexpr int S_TILES = KV / 8;
   constexpr int PV_STEPS = KV / 16;
   constexpr int O_TILES = HEAD_DIM / 8;
   constexpr int COLUMNS = HEAD_DIM / 64;                        // boxes of 64 dims a tile
   constexpr unsigned COLUMN_BYTES = KV * 128;           // one box: KV rows of 128 bytes
+  constexpr unsigned HALF_OFFSET = SUFFIX_ROWS * 128;   // a consumer's half of a suffix tile, in a column
+  constexpr unsigned HALF_BYTES = 2 * SUFFIX_ROWS * HEAD_DIM * 2;   // its K and V
   extern __shared__ __align__(16) unsigned char smem[];   // [STAGES][K tile, V tile], [2][Q tile]
   __shared__ __align__(8) unsigned long long bars[2 * STAGES];   // full[STAGES], empty[STAGES]
+  // SUFFIX: per consumer, the dims of a suffix tile's V with a non-finite value (a bit a dim).
+  __shared__ unsigned suffix_poison[SUFFIX ? 2 : 1][SUFFIX ? HEAD_DIM / 32 : 1];
   const int wg = static_cast<int>(threadIdx.x) / SP_THREADS;     // 0: the producer; 1, 2: consumers
   const int cw = wg - 1, wt = static_cast<int>(threadIdx.x) % SP_THREADS;
   const int tig = threadIdx.x & 3;
@@ -647,6 +768,9 @@ __device__ __forceinline__ void attend_rows_specialized(const TensorMap& k_map, 
       asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(q_tile + swizzled_offset<QUERY_ROWS>(row, col)),
                    "r"(x.x), "r"(x.y), "r"(x.z), "r"(x.w) : "memory");
     }
+    if constexpr (SUFFIX) {
+      if (wt < HEAD_DIM / 32) suffix_poison[cw][wt] = 0u;
+    }
     fence_async_shared();
   } else if (threadIdx.x == 0) {
 #pragma unroll
@@ -657,7 +781,15 @@ __device__ __forceinline__ void attend_rows_specialized(const TensorMap& k_map, 
     mbarrier_init_fence();
   }
   __syncthreads();   // the barriers and the query tiles
-  const int num_tiles = kv_end > kv_begin ? (kv_end - kv_begin + KV - 1) / KV : 0;
+  const int num_prefix_tiles = kv_end > kv_begin ? (kv_end - kv_begin + KV - 1) / KV : 0;
+  // Without suffixes every tile is a prefix tile (the schedule's methods are not called).
+  SuffixSlots slots[2];
+  const SuffixSchedule sched = SUFFIX ? SuffixSchedule(*suffix_args, block_row, rows, group_size, num_prefix_tiles,
+                                                       slots)
+                                      : SuffixSchedule{};
+  const int num_tiles = SUFFIX ? sched.total : num_prefix_tiles;
+  auto suffix_tile = [&](int t) { return SUFFIX && sched.is_suffix(t); };
+  auto prefix_index = [&](int t) { return SUFFIX ? t - sched.suffixes_before(t) : t; };
 
   if (wg == 0) {
     registers_lower<WS_PRODUCER_REGISTERS>();
@@ -667,9 +799,32 @@ __device__ __forceinline__ void attend_rows_specialized(const TensorMap& k_map, 
         const int stage = u % STAGES;
         if (u >= STAGES) mbarrier_wait(empty0 + 8 * stage, (u / STAGES - 1) & 1);
         const unsigned full = full0 + 8 * stage;
-        mbarrier_expect_bytes(full, Tile::STAGE_BYTES);
         const unsigned k_tile = smem_base + stage * Tile::STAGE_BYTES;
-        const int row = kv_begin + u * KV;
+        if (suffix_tile(u)) {
+          if constexpr (SUFFIX) {
+            const int k = sched.suffixes_before(u);
+            int b[2], start[2], len[2];
+            const bool on0 = sched.half(slots[0], k, b[0], start[0], len[0]);
+            const bool on1 = sched.half(slots[1], k, b[1], start[1], len[1]);
+            // A half with no tokens gets zeros (a box past suffix_len: no reads), so that the
+            // consumer's products, made whether or not its half has tokens, read no stale values.
+            mbarrier_expect_bytes(full, 2 * HALF_BYTES);
+#pragma unroll
+            for (int w = 0; w < 2; ++w) {
+              const bool on = w == 0 ? on0 : on1;
+              const int row = on ? start[w] : sched.suffix_len, seq = on ? b[w] : 0;
+#pragma unroll
+              for (int c = 0; c < COLUMNS; ++c) {
+                const unsigned at = k_tile + c * COLUMN_BYTES + w * HALF_OFFSET;
+                tma_load_4d(at, suffix_args->k_map, full, 64 * c, kh, row, seq);
+                tma_load_4d(at + Tile::TILE_BYTES, suffix_args->v_map, full, 64 * c, kh, row, seq);
+              }
+            }
+          }
+          continue;
+        }
+        mbarrier_expect_bytes(full, Tile::STAGE_BYTES);
+        const int row = kv_begin + prefix_index(u) * KV;
 #pragma unroll
         for (int c = 0; c < COLUMNS; ++c) {
           tma_load_3d(k_tile + c * COLUMN_BYTES, &k_map, full, 64 * c, kh, row);
@@ -681,13 +836,10 @@ __device__ __forceinline__ void attend_rows_specialized(const TensorMap& k_map, 
   }
   registers_raise<WS_CONSUMER_REGISTERS>();
   scale_log2 = fabsf(scale_log2);
-  int row_b[2], row_h[2];
-  long long row_state[2];
-  prefix_rows(first_row + (wt >> 5) * 16 + ((wt & 31) >> 2), batch, num_qo_heads, num_kv_heads, row_b, row_h,
-              row_state);
+  const int row0 = first_row + (wt >> 5) * 16 + ((wt & 31) >> 2);   // this lane's rows row0, row0 + 8
 
-  auto scores = [&](float (&s)[S_TILES][4], int t) {
-    const unsigned k_tile = smem_base + (t % STAGES) * Tile::STAGE_BYTES;
+  auto scores = [&](float (&s)[S_TILES][4], int t, unsigned first_row_offset = 0) {
+    const unsigned k_tile = smem_base + (t % STAGES) * Tile::STAGE_BYTES + first_row_offset;
     fence_accumulators(s);
     wgmma_fence();
 #pragma unroll
@@ -706,6 +858,133 @@ __device__ __forceinline__ void attend_rows_specialized(const TensorMap& k_map, 
   };
 
   RowsSoftmax<T, S_TILES> rows_softmax;
+  // SUFFIX: the sequence of each of this lane's rows (-1: padding), and this consumer's half of a
+  // suffix tile: its sequence b and its tokens `end` (none: end <= 0). The rows of a sequence
+  // whose length cannot be read are NaN in the first chunk's states (the merge makes the whole
+  // row NaN).
+  struct Half {
+    bool suffix = false;   // a suffix tile
+    int end = 0;           // its tokens in this consumer's half
+    unsigned own = 0u;     // bit i: the lane's row i is of the half's sequence
+  };
+  int seq[2] = {-1, -1};
+  if constexpr (SUFFIX) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      seq[i] = row0 + 8 * i < rows ? (row0 + 8 * i) / group_size : -1;
+      if (blockIdx.x == 0 && seq[i] >= 0 && sched.bad_length(seq[i])) rows_softmax.check[i] = quiet_nan();
+    }
+  }
+  const SuffixSlots mine = cw == 0 ? slots[0] : slots[1];
+  auto half_of = [&](int t) {
+    Half h;
+    if constexpr (SUFFIX) {
+      h.suffix = suffix_tile(t);
+      int b, start, len;
+      if (h.suffix && sched.half(mine, sched.suffixes_before(t), b, start, len)) {
+        h.end = len - start;
+        h.own = static_cast<unsigned>(seq[0] == b) | static_cast<unsigned>(seq[1] == b) << 1;
+      }
+    }
+    return h;
+  };
+  // The scores of tile t. A suffix tile: the tile's rows from this consumer's half on, of which
+  // the first SUFFIX_ROWS (its half) are used (the product of 64 columns alone left the compiler
+  // short of registers for the products in flight); zeros if the half has no tokens.
+  auto tile_scores = [&](float (&s)[S_TILES][4], int t, const Half& h) {
+    scores(s, t, h.suffix ? cw * HALF_OFFSET : 0u);
+  };
+  auto tile_values = [&](const unsigned (&pa)[PV_STEPS][4], int t, const Half& h) {
+    if (!h.suffix) {
+      values(pa, t);
+      return;
+    }
+    if constexpr (SUFFIX) {
+      const unsigned v_half = smem_base + (t % STAGES) * Tile::STAGE_BYTES + Tile::TILE_BYTES + cw * HALF_OFFSET;
+      values_product<T, HEAD_DIM, SUFFIX_ROWS, KV>(o, reinterpret_cast<const unsigned (&)[PV_STEPS / 2][4]>(pa),
+                                                   v_half);
+    }
+  };
+  // The softmax of tile t's scores, in place (a suffix tile: only this consumer's sequence's rows,
+  // up to its length).
+  auto tile_exps = [&](float (&s)[S_TILES][4], int t, const Half& h, float (&alpha)[2]) {
+    if (!h.suffix) {
+      rows_softmax.exps(s, kv_begin + prefix_index(t) * KV, kv_end, tig, scale_log2, alpha);
+      return;
+    }
+    if constexpr (SUFFIX) {
+      const int limit[2] = {h.own & 1u ? h.end - 2 * tig : 0, h.own & 2u ? h.end - 2 * tig : 0};
+      rows_softmax.exps_masked(reinterpret_cast<float (&)[S_TILES / 2][4]>(s),
+                               [&](int i, int j, int e) { return 8 * j + (e & 1) >= limit[i]; }, scale_log2, alpha);
+    }
+  };
+  auto tile_pack = [&](const float (&s)[S_TILES][4], const Half& h, unsigned (&pa)[PV_STEPS][4]) {
+    if (h.suffix) {
+      RowsSoftmax<T, S_TILES>::template pack<S_TILES / 2>(reinterpret_cast<const float (&)[S_TILES / 2][4]>(s), pa);
+    } else {
+      RowsSoftmax<T, S_TILES>::pack(s, pa);
+    }
+  };
+  // Before its P V, with no product into o in flight: this consumer's half of suffix tile t with
+  // its rows past the sequence's length zeroed (whatever lies there), and any non-finite V value
+  // of the sequence zeroed too, its dim made NaN in the output of the sequence's rows instead (in
+  // the product it would reach the other sequences' rows through their zero probabilities).
+  auto clean_values = [&](int t, const Half& h) {
+    if constexpr (SUFFIX) {
+      if (h.end <= 0) return;
+      const unsigned v_half = smem_base + (t % STAGES) * Tile::STAGE_BYTES + Tile::TILE_BYTES + cw * HALF_OFFSET;
+      constexpr unsigned EXP = IsBf16<T>::value ? 0x7f80u : 0x7c00u;   // the exponent's bits
+      bool found = false, wrote = false;
+#pragma unroll
+      for (int c = 0; c < SUFFIX_ROWS * Tile::PIECES / SP_THREADS; ++c) {
+        const int piece = wt + c * SP_THREADS;
+        const int row = piece / Tile::PIECES, col = piece % Tile::PIECES;
+        const unsigned at = v_half + swizzled_offset<KV>(row, col);
+        unsigned x[4];
+        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3]) : "r"(at) : "memory");
+        if (row >= h.end) {
+          asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(at), "r"(0u) : "memory");
+          wrote = true;
+          continue;
+        }
+        // Non-finite halves: all exponent bits set (two halves a word at once).
+        constexpr unsigned EXP2 = EXP | EXP << 16;
+        const unsigned bad = __vcmpeq2(x[0] & EXP2, EXP2) | __vcmpeq2(x[1] & EXP2, EXP2) |
+                             __vcmpeq2(x[2] & EXP2, EXP2) | __vcmpeq2(x[3] & EXP2, EXP2);
+        if (bad == 0u) continue;
+        for (int e = 0; e < 8; ++e) {
+          const unsigned bits = (x[e >> 1] >> (16 * (e & 1))) & 0xffffu;
+          if ((bits & EXP) == EXP) {
+            atomicOr(&suffix_poison[cw][(col * 8 + e) >> 5], 1u << ((col * 8 + e) & 31));
+            x[e >> 1] &= ~(0xffffu << (16 * (e & 1)));
+          }
+        }
+        asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(at), "r"(x[0]), "r"(x[1]), "r"(x[2]),
+                     "r"(x[3]) : "memory");
+        found = wrote = true;
+      }
+      if (wrote) fence_async_shared();   // only a writer's stores need it (and it is not free)
+      const int barrier = 3 + cw;
+      if (named_barrier_or(barrier, SP_THREADS, found)) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          if (!(h.own >> i & 1u)) continue;
+#pragma unroll
+          for (int j = 0; j < O_TILES; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int d = 8 * j + 2 * tig + e;
+              if (suffix_poison[cw][d >> 5] >> (d & 31) & 1u) o[j][2 * i + e] = quiet_nan();
+            }
+          }
+        }
+        named_barrier_sync(barrier, SP_THREADS);
+        if (wt < HEAD_DIM / 32) suffix_poison[cw][wt] = 0u;
+      }
+    }
+  };
+
   if (num_tiles > 0) {
     // Turns: consumer w waits on barrier 1 + w before issuing its products, then lets the other go
     // (256 threads: the one that waits and the one that arrives); consumer 0 goes first. Both take
@@ -716,37 +995,45 @@ __device__ __forceinline__ void attend_rows_specialized(const TensorMap& k_map, 
     unsigned pa[PV_STEPS][4];   // P of the tile before, read by its P V in flight
     float alpha[2];
     // Tile 0: its scores alone (the loop below has the same groups in flight at every tile).
+    Half cur = half_of(0);
     mbarrier_wait(full0, 0);
     named_barrier_sync(my_turn, 2 * SP_THREADS);
-    scores(s, 0);
+    tile_scores(s, 0, cur);
     named_barrier_arrive(their_turn, 2 * SP_THREADS);
     wgmma_wait<0>();
     fence_accumulators(s);
-    rows_softmax.exps(s, kv_begin, kv_end, tig, scale_log2, alpha);
-    RowsSoftmax<T, S_TILES>::pack(s, pa);
+    tile_exps(s, 0, cur, alpha);
+    clean_values(0, cur);
+    tile_pack(s, cur, pa);
     for (int t = 1; t < num_tiles; ++t) {
+      const Half prev = cur;
+      cur = half_of(t);
       mbarrier_wait(full0 + 8 * (t % STAGES), (t / STAGES) & 1);
       named_barrier_sync(my_turn, 2 * SP_THREADS);
-      scores(s, t);
-      values(pa, t - 1);
+      tile_scores(s, t, cur);
+      tile_values(pa, t - 1, prev);
       named_barrier_arrive(their_turn, 2 * SP_THREADS);
       wgmma_wait<1>();   // the scores (the older group)
       fence_accumulators(s);
-      rows_softmax.exps(s, kv_begin + t * KV, kv_end, tig, scale_log2, alpha);
+      tile_exps(s, t, cur, alpha);
       wgmma_wait<0>();
       fence_accumulators(o);
       keep_fragments(pa);
       mbarrier_arrive(empty0 + 8 * ((t - 1) % STAGES));   // this thread is done with tile t - 1
+      clean_values(t, cur);
       rescale_rows(o, alpha);
-      RowsSoftmax<T, S_TILES>::pack(s, pa);
+      tile_pack(s, cur, pa);
     }
     named_barrier_sync(my_turn, 2 * SP_THREADS);
-    values(pa, num_tiles - 1);
+    tile_values(pa, num_tiles - 1, cur);
     if (cw == 0) named_barrier_arrive(their_turn, 2 * SP_THREADS);
     wgmma_wait<0>();
     fence_accumulators(o);
     keep_fragments(pa);
   }
+  int row_b[2], row_h[2];
+  long long row_state[2];
+  prefix_rows(row0, batch, num_qo_heads, num_kv_heads, row_b, row_h, row_state);
   write_row_states(rows_softmax, o, row_state, part_out, part_lse, tig);
 }
 
@@ -766,6 +1053,32 @@ shared_prefix_specialized_kernel(const __grid_constant__ TensorMap k_map, const 
                                                  num_kv_heads, blockIdx.z, kv_begin,
                                                  min(prefix_len, kv_begin + chunk_size), blockIdx.y * PP_QUERY_ROWS,
                                                  scale_log2);
+  } else {
+    __trap();   // launched only on Hopper
+  }
+}
+
+// Hydragen in one pass: the prefix pass in blocks of 128 query rows (attend_rows_specialized) with
+// every sequence's suffix attended in it too (SuffixSchedule); each state row (chunk, b, head) of
+// part_out then holds the chunk's prefix tokens and the suffix slots that chunk took, and
+// `merge_prefix_chunks_kernel` merges them. Grid and k_map, v_map as
+// shared_prefix_specialized_kernel's; ks_map, vs_map over k_suffix, v_suffix [batch, suffix_len,
+// num_kv_heads, HEAD_DIM] (boxes of 64 dims x 1 head x SUFFIX_ROWS rows x 1 sequence).
+template <typename T, int HEAD_DIM, int STAGES>
+__global__ void __launch_bounds__(WS_THREADS, 1)
+shared_prefix_fused_kernel(const __grid_constant__ TensorMap k_map, const __grid_constant__ TensorMap v_map,
+                           const __grid_constant__ TensorMap ks_map, const __grid_constant__ TensorMap vs_map,
+                           const T* __restrict__ q, float* __restrict__ part_out, float* __restrict__ part_lse,
+                           const int* __restrict__ suffix_lens,   // [batch] or nullptr
+                           int batch, int prefix_len, int suffix_len, int num_qo_heads, int num_kv_heads,
+                           int chunk_size, float scale_log2) {
+  let_dependents_start();   // the merge's blocks wait for this pass's end
+  if constexpr (HAS_WGMMA) {
+    const SuffixArgs suffix{&ks_map, &vs_map, suffix_lens, suffix_len};
+    const int kv_begin = blockIdx.x * chunk_size;
+    attend_rows_specialized<T, HEAD_DIM, STAGES, PP_KV_TILE, true>(
+        k_map, v_map, q, part_out, part_lse, batch, num_qo_heads, num_kv_heads, blockIdx.z, kv_begin,
+        min(prefix_len, kv_begin + chunk_size), blockIdx.y * PP_QUERY_ROWS, scale_log2, &suffix);
   } else {
     __trap();   // launched only on Hopper
   }

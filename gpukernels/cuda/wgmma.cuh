@@ -73,6 +73,13 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
 __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+// A named barrier that also tells every thread whether `pred` held for any of them.
+__device__ __forceinline__ bool named_barrier_or(int id, int threads, bool pred) {
+  unsigned r;
+  asm volatile("{\n.reg .pred p, q;\nsetp.ne.u32 p, %1, 0;\nbar.red.or.pred q, %2, %3, p;\nselp.u32 %0, 1, 0, q;\n}\n"
+               : "=r"(r) : "r"(static_cast<unsigned>(pred)), "r"(id), "r"(threads) : "memory");
+  return r != 0;
+}
 // The tensor memory accelerator (TMA): one thread copies a box of a tensor (described by a tensor
 // map made on the host, a kernel parameter) into shared memory, stored with the map's swizzle; the
 // copy's bytes complete the transaction count of the mbarrier `bar`, whose phase the thread expects
@@ -84,6 +91,13 @@ __device__ __forceinline__ void tma_load_3d(unsigned dst, const void* map, unsig
   asm volatile(
       "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];\n"
       ::"r"(dst), "l"(reinterpret_cast<unsigned long long>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2) : "memory");
+}
+__device__ __forceinline__ void tma_load_4d(unsigned dst, const void* map, unsigned bar, int c0, int c1, int c2,
+                                            int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6}], [%2];\n"
+      ::"r"(dst), "l"(reinterpret_cast<unsigned long long>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
 }
 // A warpgroup's share of the SM's registers, raised or lowered (every warp of the warpgroup runs it).
 template <int REGISTERS>
@@ -106,8 +120,10 @@ __device__ __forceinline__ void mbarrier_arrive(unsigned) {}
 __device__ __forceinline__ void mbarrier_wait(unsigned, unsigned) {}
 __device__ __forceinline__ void named_barrier_sync(int, int) {}
 __device__ __forceinline__ void named_barrier_arrive(int, int) {}
+__device__ __forceinline__ bool named_barrier_or(int, int, bool pred) { return pred; }
 __device__ __forceinline__ void mbarrier_expect_bytes(unsigned, unsigned) {}
 __device__ __forceinline__ void tma_load_3d(unsigned, const void*, unsigned, int, int, int) {}
+__device__ __forceinline__ void tma_load_4d(unsigned, const void*, unsigned, int, int, int, int) {}
 template <int REGISTERS>
 __device__ __forceinline__ void registers_raise() {}
 template <int REGISTERS>
