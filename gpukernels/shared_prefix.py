@@ -466,7 +466,7 @@ def plan_shared_prefix(batch: int, num_qo_heads: int, num_kv_heads: int, head_di
     (Hydragen, contiguous suffixes, blocks of 128 query rows: `fused_ineligible` says why not
     elsewhere): the suffixes attended inside the prefix pass, then the merge; the chunk, where none
     is given, the one that gives every SM one block. Not the default: on the grid's GQA rows it
-    measured 1.07-1.15x the planned launches (results/h200/NOTES.md)."""
+    measured 1.07-1.25x the planned launches (results/h200/NOTES.md)."""
     from costmodel.gpus import plan_gpu  # noqa: PLC0415
     from costmodel.segments import prefix_block_rows  # noqa: PLC0415
     from costmodel.shared_prefix import SharedPrefixShape, plan_hydragen, prefix_pass_chunk  # noqa: PLC0415
