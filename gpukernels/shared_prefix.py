@@ -695,6 +695,14 @@ class SharedPrefix:
         # starts on the SMs the prefix pass frees and waits for that pass only before the merge.
         # With a merge launch, 2. merges nothing and 3. merges both.
         n = p.num_chunks
+
+        def merge_chunks(*, with_suffixes=False, programmatic=False):
+            """The merge of each row's chunk states (with the suffixes' state already in out, lse)."""
+            _merge_kernel(p.dtype, with_suffixes)(
+                (merge_blocks(B * Hq, D),), (MERGE_THREADS,),
+                (rt.address(part_out), rt.address(part_lse), out_ptr, lse_ptr, n, B * Hq, D),
+                stream_ptr=stream_ptr, device_id=device_id, programmatic=programmatic)
+
         if p.fused and paged is None and _runs_sm90a(device_id):
             # The suffixes inside the prefix pass, then the merge of each row's chunk states.
             maps = tuple(prefix_tensor_map(x.ptr, p.dtype, p.prefix_len, Hkv, D) for x in prefix)
@@ -704,10 +712,7 @@ class SharedPrefix:
                 maps + (qa.ptr, rt.address(part_out), rt.address(part_lse), tables[0], B, p.prefix_len, p.suffix_len,
                         Hq, Hkv, p.prefix_chunk_size, sm_scale * _LOG2E),
                 stream_ptr=stream_ptr, device_id=device_id)
-            _merge_kernel(p.dtype)(
-                (merge_blocks(B * Hq, D),), (MERGE_THREADS,),
-                (rt.address(part_out), rt.address(part_lse), out_ptr, lse_ptr, n, B * Hq, D),
-                stream_ptr=stream_ptr, device_id=device_id, programmatic=True)
+            merge_chunks(programmatic=True)
             return out, lse
         if n:
             # Blocks of 128 rows, their warps specialised, where the plan says so and the GPU runs
@@ -732,18 +737,12 @@ class SharedPrefix:
             split_launch(self._suffix.plan, q_, k_, v_, kv_lens=lens[0] if lens else None, paged=paged,
                          sm_scale=sm_scale, out=out, lse=lse, workspace=self._suffix._workspace_for, beside=True,
                          persistent=p.suffix_persistent)
-            _merge_kernel(p.dtype, True)(
-                (merge_blocks(B * Hq, D),), (MERGE_THREADS,),
-                (rt.address(part_out), rt.address(part_lse), out_ptr, lse_ptr, n, B * Hq, D),
-                stream_ptr=stream_ptr, device_id=device_id, programmatic=True)
+            merge_chunks(with_suffixes=True, programmatic=True)
         elif has_suffix:
             q_, k_, v_, *lens = suffix_args
             split_launch(self._suffix.plan, q_, k_, v_, kv_lens=lens[0] if lens else None, paged=paged,
                          sm_scale=sm_scale, out=out, lse=lse, workspace=self._suffix._workspace_for,
                          states=states, states_overlap=True)
         else:   # no suffix tokens: the merge of the prefix chunks alone
-            _merge_kernel(p.dtype)(
-                (merge_blocks(B * Hq, D),), (MERGE_THREADS,),
-                (rt.address(part_out), rt.address(part_lse), out_ptr, lse_ptr, n, B * Hq, D),
-                stream_ptr=stream_ptr, device_id=device_id)
+            merge_chunks()
         return out, lse
