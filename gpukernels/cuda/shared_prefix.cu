@@ -935,7 +935,7 @@ __device__ __forceinline__ void attend_rows_specialized(const TensorMap& k_map, 
       const unsigned v_half = smem_base + (t % STAGES) * Tile::STAGE_BYTES + Tile::TILE_BYTES + cw * HALF_OFFSET;
       constexpr unsigned EXP = IsBf16<T>::value ? 0x7f80u : 0x7c00u;   // the exponent's bits
       bool found = false, wrote = false;
-#pragma unroll
+#pragma unroll 2
       for (int c = 0; c < SUFFIX_ROWS * Tile::PIECES / SP_THREADS; ++c) {
         const int piece = wt + c * SP_THREADS;
         const int row = piece / Tile::PIECES, col = piece % Tile::PIECES;

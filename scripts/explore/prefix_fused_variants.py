@@ -2,7 +2,8 @@
 shared-prefix row, with the kernels compiled from the library's sources and from variants of
 them, each with one part of the suffix tiles taken out (so their outputs are wrong, and not
 checked): no suffix tiles at all (the prefix pass alone at that chunk), no cleaning of the
-suffixes' values before their product, no products on the suffix tiles, no copies into them.
+suffixes' values before their product, no products on the suffix tiles, no copies into them; and
+the suffix tiles' scores as a 64-column product (ptxas serialises the products then), correct.
 
 An exploration, not a benchmark: lines of text (us), no result file.
 Run: PYTHONPATH=. python3 scripts/explore/prefix_fused_variants.py [ROW,ROW...]   (indices into the grid)
@@ -33,6 +34,25 @@ VARIANTS = {
                            "    if (h.suffix) { wgmma_commit(); return; }\n"),
     "no suffix copies": ("            mbarrier_expect_bytes(full, 2 * HALF_BYTES);",
                          "            mbarrier_expect_bytes(full, 0); continue;"),
+    "suffix scores 64 wide": (
+        "  auto tile_scores = [&](float (&s)[S_TILES][4], int t, const Half& h) {\n"
+        "    scores(s, t, h.suffix ? cw * HALF_OFFSET : 0u);\n"
+        "  };",
+        "  auto tile_scores = [&](float (&s)[S_TILES][4], int t, const Half& h) {\n"
+        "    if (!h.suffix) { scores(s, t); return; }\n"
+        "    if constexpr (SUFFIX) {\n"
+        "      auto& s_half = reinterpret_cast<float (&)[S_TILES / 2][4]>(s);\n"
+        "      const unsigned k_half = smem_base + (t % STAGES) * Tile::STAGE_BYTES + cw * HALF_OFFSET;\n"
+        "      fence_accumulators(s_half);\n"
+        "      wgmma_fence();\n"
+        "      for (int kk = 0; kk < K_STEPS; ++kk) {\n"
+        "        const unsigned step = (kk & 3) * 32;\n"
+        "        wgmma_ss<T, SUFFIX_ROWS>(s_half, sw128_descriptor(q_tile + (kk >> 2) * (QUERY_ROWS * 128) + step, 16,"
+        " 1024), sw128_descriptor(k_half + (kk >> 2) * COLUMN_BYTES + step, 16, 1024), kk > 0);\n"
+        "      }\n"
+        "      wgmma_commit();\n"
+        "    }\n"
+        "  };"),
 }
 
 
