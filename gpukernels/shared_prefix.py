@@ -63,7 +63,7 @@ from . import bifurcated
 from .split_kv import _launch as split_launch
 from .split_kv import (SplitKV, SplitKVPlan, StatePointers, _expect_index, _expect_shape, _index_on_device,
                        _length_bucket, _numel, _on_device, checked_once, device_gpu, num_sms, outputs,
-                       plan_split_kv)
+                       plan_split_kv, planning_gpu)
 
 __all__ = ["shared_prefix", "SharedPrefixPlan", "plan_shared_prefix", "SharedPrefix", "PREFIX_DTYPES", "METHODS"]
 
@@ -462,11 +462,11 @@ def plan_shared_prefix(batch: int, num_qo_heads: int, num_kv_heads: int, head_di
     `prefix_chunk_size` too; for the bifurcated method the one that fills one wave of resident
     blocks); for Hydragen the suffixes' split plan from the cost model.
     `page_size` > 0 plans for suffixes in pages of that size (`SharedPrefix.run_paged`). `num_sms`
-    and `gpu` as for `plan_split_kv` (the H100's 132 SMs when neither is given). `fused=True`
+    and `gpu` as for `plan_split_kv` (neither: the GPU this process runs on, `planning_gpu`). `fused=True`
     (Hydragen, contiguous suffixes, blocks of 128 query rows: `fused_ineligible` says why not
     elsewhere): the suffixes attended inside the prefix pass, then the merge; the chunk, where none
     is given, the one that gives every SM one block. Not the default: on the grid's GQA rows it
-    measured 1.07-1.25x the planned launches (results/h200/NOTES.md)."""
+    measured 1.05-1.25x the planned launches (results/h200/NOTES.md)."""
     from costmodel.gpus import plan_gpu  # noqa: PLC0415
     from costmodel.segments import prefix_block_rows  # noqa: PLC0415
     from costmodel.shared_prefix import SharedPrefixShape, plan_hydragen, prefix_pass_chunk  # noqa: PLC0415
@@ -490,6 +490,7 @@ def plan_shared_prefix(batch: int, num_qo_heads: int, num_kv_heads: int, head_di
     _check_kernel_support(method, dtype, head_dim)
     if prefix_len + suffix_len >= 2**31:
         raise ValueError(f"prefix_len + suffix_len must stay below 2**31, got {prefix_len + suffix_len}")
+    gpu = planning_gpu(gpu, num_sms)
     spec, sms = plan_gpu(gpu, num_sms, default_num_sms=DEFAULT_NUM_SMS)
     tile = _chunk_tile(method, dtype, head_dim)
     rows = batch * (num_qo_heads // num_kv_heads)   # query rows per KV head

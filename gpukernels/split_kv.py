@@ -39,7 +39,8 @@ from typing import NamedTuple
 import numpy as np
 
 from costmodel.split_kv import (HEADS_PER_BLOCK_CHOICES, NUM_WARPS, ROWS_PER_WARP_TILE, SplitKVPlan,
-                                 pipeline_stage_bytes, pipeline_stages, plan_split_kv, uses_tensor_cores)
+                                 pipeline_stage_bytes, pipeline_stages, uses_tensor_cores)
+from costmodel.split_kv import plan_split_kv as _model_plan_split_kv
 from decode_attention.contract import check_decode, check_kv_lens, check_paged, check_paged_layout
 
 from . import _runtime as rt
@@ -238,6 +239,29 @@ def device_gpu(device_id: int):
         return get_gpu(name)
     except (KeyError, ValueError):
         return None
+
+
+@functools.lru_cache(maxsize=None)
+def _device_gpu_cached(device_id: int):
+    return device_gpu(device_id)
+
+
+def planning_gpu(gpu, num_sms):
+    """The GPU a plan made without `gpu` or `num_sms` is for: the one this process runs on (its
+    current device) where the cost model knows it, else None (the model's default, the H100: the
+    H200 has as many SMs but not its memory, and a plan for one is slower on the other). Given
+    either, `gpu` as given."""
+    if gpu is not None or num_sms is not None or not rt.gpu_available():
+        return gpu
+    return _device_gpu_cached(rt.cupy().cuda.runtime.getDevice())
+
+
+def plan_split_kv(batch: int, num_qo_heads: int, num_kv_heads: int, head_dim: int, max_kv_len: int, *,
+                  num_sms: int | None = None, gpu=None, **options) -> SplitKVPlan:
+    """`costmodel.split_kv.plan_split_kv` (the same arguments; made on the host), for the GPU this
+    process runs on when neither `gpu` nor `num_sms` is given (`planning_gpu`)."""
+    return _model_plan_split_kv(batch, num_qo_heads, num_kv_heads, head_dim, max_kv_len, num_sms=num_sms,
+                                gpu=planning_gpu(gpu, num_sms), **options)
 
 
 def check_kernel_dtype_and_head_dim(dtype: str, head_dim: int) -> None:

@@ -57,7 +57,7 @@ from . import _runtime as rt
 from .shared_prefix import (MERGE_THREADS, PREFIX_DTYPES, QUERY_ROWS, THREADS, kv_tile, merge_blocks,
                             pipeline_stages, stage_bytes)
 from .split_kv import (WINDOW_LEN_BITS, WINDOW_ROWS, SplitKV, SplitKVPlan, StatePointers, _launch, _length_bucket,
-                       device_gpu, num_sms, outputs)
+                       device_gpu, num_sms, outputs, planning_gpu)
 
 __all__ = ["TreeWork", "plan_tree_work", "OwnWindows", "own_windows", "TreePlan", "plan_tree", "Tree",
            "choose_work", "choose_chunk_size", "tree", "FORMS", "PATHS", "PathRows", "path_rows", "Segments",
@@ -314,7 +314,7 @@ def plan_tree(seg_indptr, path_indptr, path_segs, *, num_qo_heads: int, num_kv_h
     "merge") and `chunk_size` (tokens of a shared segment per block, a multiple of the pipeline
     tile) None: the ones the cost model predicts fastest. Made on the host (no GPU needed); the
     plan is for `gpu` and takes its SM count (`num_sms`, if also given, must agree; neither:
-    the H100's 132).
+    the GPU this process runs on, `gpukernels.split_kv.planning_gpu`).
 
     Segments in a paged cache: seg_indptr None, and segment s owns pages
     seg_kv_indices[seg_kv_indptr[s]:seg_kv_indptr[s+1]] of pages of `page_size` tokens, the last
@@ -336,7 +336,7 @@ def plan_tree(seg_indptr, path_indptr, path_segs, *, num_qo_heads: int, num_kv_h
                                  num_pages=None)
     _check_paths(segments, ind_h, segs_h)
     return _plan(segments, ind_h, segs_h, num_qo_heads, num_kv_heads, head_dim, dtype, chunk_size, form, num_sms,
-                 gpu)
+                 planning_gpu(gpu, num_sms))
 
 
 _PAGE_TABLE_NAMES = ("seg_kv_indptr", "seg_kv_indices", "seg_kv_last_page_len")

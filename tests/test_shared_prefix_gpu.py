@@ -821,3 +821,22 @@ def test_a_fused_plan_runs_in_a_cuda_graph():
     shape = (40, 32, 8, 128, 2000, 90)
     runner = _fused_runner(*shape, "float16")
     _check_graph_replays(runner, rng, "float16", shape, rng.integers(0, shape[-1] + 1, shape[0]), "hydragen")
+
+
+def test_a_plan_made_without_a_gpu_named_is_for_the_gpu_this_process_runs_on():
+    """On an H200, a plan without `gpu` or `num_sms` is the H200's (the H100's has as many SMs and
+    took a chunk twice as long for this row, 16% slower there), not the cost model's default."""
+    import gpukernels
+    from costmodel.gpus import get_gpu
+    from gpukernels.shared_prefix import plan_shared_prefix
+    from gpukernels.split_kv import device_gpu
+
+    here = device_gpu(cp.cuda.runtime.getDevice())
+    if here is None:
+        pytest.skip("a GPU the cost model does not know: plans keep its default")
+    shape = (16, 32, 8, 128, 8192, 256)
+    assert plan_shared_prefix(*shape) == plan_shared_prefix(*shape, gpu=here)
+    assert gpukernels.plan_split_kv(1, 32, 8, 128, 32768) == gpukernels.plan_split_kv(1, 32, 8, 128, 32768, gpu=here)
+    if here == get_gpu("H200"):   # the H100's plan differs, and an SM count alone still gives it
+        assert plan_shared_prefix(*shape).prefix_chunk_size != plan_shared_prefix(*shape, gpu="H100").prefix_chunk_size
+        assert plan_shared_prefix(*shape, num_sms=132) == plan_shared_prefix(*shape, gpu="H100")
