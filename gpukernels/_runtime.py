@@ -472,9 +472,3 @@ def tensor_map(ptr: int, dtype: str, dims: tuple, box: tuple) -> bytes:
         raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {status} (dims {dims}, box {box})")
     return ctypes.string_at(at, 128)
 
-
-def tensor_map_3d(ptr: int, dtype: str, dims: tuple, box: tuple) -> bytes:
-    """`tensor_map` of a 3-dim array."""
-    if len(dims) != 3:
-        raise ValueError(f"tensor_map_3d takes 3 dims, got {dims}")
-    return tensor_map(ptr, dtype, dims, box)

@@ -199,7 +199,7 @@ def fused_tiles(plan) -> int:
 def prefix_tensor_map(ptr: int, dtype: str, prefix_len: int, num_kv_heads: int, head_dim: int) -> bytes:
     """The tensor map the specialised pass reads k_prefix (or v_prefix) through: [prefix_len,
     num_kv_heads, head_dim] in boxes of 64 dims x 1 head x 128 rows (shared_prefix.cu)."""
-    return rt.tensor_map_3d(ptr, dtype, (head_dim, num_kv_heads, prefix_len), (64, 1, PINGPONG_KV_TILE))
+    return rt.tensor_map(ptr, dtype, (head_dim, num_kv_heads, prefix_len), (64, 1, PINGPONG_KV_TILE))
 
 
 @functools.lru_cache(maxsize=None)

@@ -229,8 +229,10 @@ def num_sms(device_id: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
 def device_gpu(device_id: int):
-    """The cost model's spec of this GPU (by name), or None when the model does not know it."""
+    """The cost model's spec of this GPU (by name), or None when the model does not know it (asked
+    of the driver once per device: the one-shot calls ask it)."""
     from costmodel.gpus import get_gpu  # noqa: PLC0415
 
     name = rt.cupy().cuda.runtime.getDeviceProperties(device_id)["name"]
@@ -241,11 +243,6 @@ def device_gpu(device_id: int):
         return None
 
 
-@functools.lru_cache(maxsize=None)
-def _device_gpu_cached(device_id: int):
-    return device_gpu(device_id)
-
-
 def planning_gpu(gpu, num_sms):
     """The GPU a plan made without `gpu` or `num_sms` is for: the one this process runs on (its
     current device) where the cost model knows it, else None (the model's default, the H100: the
@@ -253,7 +250,7 @@ def planning_gpu(gpu, num_sms):
     either, `gpu` as given."""
     if gpu is not None or num_sms is not None or not rt.gpu_available():
         return gpu
-    return _device_gpu_cached(rt.cupy().cuda.runtime.getDevice())
+    return device_gpu(rt.cupy().cuda.runtime.getDevice())
 
 
 def plan_split_kv(batch: int, num_qo_heads: int, num_kv_heads: int, head_dim: int, max_kv_len: int, *,

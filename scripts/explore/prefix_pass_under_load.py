@@ -151,7 +151,7 @@ if sys.argv[1:] == ["tiles"]:
         name = f"decode_attention::shared_prefix_specialized_kernel<__half, {D}, {stages}, {kv}>"
         smem = stages * 2 * kv * D * 2 + sp.PINGPONG_ROWS * D * 2 + 1024
         kernel = rt.Kernel("shared_prefix", name, sp.SPECIALIZED_SIGNATURE, shared_mem=smem)
-        maps = tuple(rt.tensor_map_3d(x.data.ptr, "float16", (D, hkv, prefix_len), (64, 1, kv)) for x in (kp, vp))
+        maps = tuple(rt.tensor_map(x.data.ptr, "float16", (D, hkv, prefix_len), (64, 1, kv)) for x in (kp, vp))
         args = maps + (q.data.ptr, part_out.data.ptr, part_lse.data.ptr, batch, prefix_len, HQ, hkv,
                        plan.prefix_chunk_size, 0.127)
         grid = (plan.num_chunks, -(-batch * (HQ // hkv) // plan.prefix_block_rows), hkv)
